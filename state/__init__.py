@@ -1,0 +1,4 @@
+"""Durable state of ckptd: job specs, the SQLite job store, run directories, atomic file writes.
+
+Daemon side: never imports TensorFlow.
+"""

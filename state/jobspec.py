@@ -1,0 +1,256 @@
+"""The job file schema and its loader.
+
+`load_job_file` is the single entry for every command that reads a job file: strict YAML
+(ckptd.state.yamlstrict), then a strict pydantic schema (no coercions, unknown keys rejected, ranges
+checked), then path resolution against the job file's directory. Every problem becomes one message
+naming the field path; nothing is recorded for a rejected file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ckptd.state.yamlstrict import JobFileError, load_mapping
+
+NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+ENTRY_RE = re.compile(r"^(?P<target>[^:\s]+):(?P<func>[A-Za-z_][A-Za-z0-9_]*)$")
+FORMAT_FIELD_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::[^{}]*)?\}")
+WEIGHT_SUFFIXES = (".hdf5", ".h5", ".keras")
+_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9,
+          "GB": 10**9, "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
+          "TIB": 2**40}
+
+PosSeconds = Annotated[float, Field(gt=0, le=7 * 86400)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
+
+
+class Train(_Strict):
+    epochs: int = Field(10, ge=1, le=1_000_000)
+    batch_size: int = Field(32, ge=1, le=1_000_000)
+    validation_split: float = Field(0.0, ge=0.0, lt=1.0)
+    shuffle: bool = True
+    shuffle_buffer: int = Field(10_000, ge=1, le=100_000_000)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    deterministic: bool = True
+
+
+class Checkpoint(_Strict):
+    dir: str = Field("checkpoints", min_length=1, max_length=4096)
+    every_steps: int | None = Field(100, ge=1, le=10**9)
+    every_seconds: PosSeconds | None = 60.0
+    max_to_keep: int = Field(3, ge=1, le=10_000)
+    keep_every_n_hours: Annotated[float, Field(gt=0, le=10**6)] | None = None
+
+    @model_validator(mode="after")
+    def _some_trigger(self) -> Checkpoint:
+        if self.every_steps is None and self.every_seconds is None:
+            raise ValueError("set every_steps and/or every_seconds, or the run is only "
+                             "checkpointed at the end")
+        return self
+
+
+class Best(_Strict):
+    monitor: str = Field("val_loss", min_length=1, max_length=200)
+    mode: Literal["auto", "min", "max"] = "auto"
+    save_best_only: bool = True
+    filepath: str = Field("weights.best.hdf5", min_length=1, max_length=4096)
+
+    @field_validator("filepath")
+    @classmethod
+    def _weights_file(cls, v: str) -> str:
+        if not v.endswith(WEIGHT_SUFFIXES):
+            raise ValueError("must end in .hdf5 or .h5 (Keras-2 HDF5 weights), .weights.h5 "
+                             "(Keras 3 weights) or .keras (whole model)")
+        return v
+
+
+class EarlyStopping(_Strict):
+    monitor: str = Field("val_loss", min_length=1, max_length=200)
+    mode: Literal["auto", "min", "max"] = "auto"
+    patience: int = Field(0, ge=0, le=10**6)
+    min_delta: float = Field(0.0, ge=0.0)
+    baseline: float | None = None
+    start_from_epoch: int = Field(0, ge=0, le=10**6)
+    restore_best_weights: bool = False
+
+
+class Restart(_Strict):
+    max_restarts: int = Field(10, ge=0, le=10_000)
+    backoff_initial_seconds: PosSeconds = 1.0
+    backoff_max_seconds: PosSeconds = 60.0
+    heartbeat_timeout_seconds: Annotated[float, Field(ge=1, le=7 * 86400)] = 120.0
+    startup_grace_seconds: Annotated[float, Field(ge=1, le=7 * 86400)] = 300.0
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Restart:
+        if self.backoff_max_seconds < self.backoff_initial_seconds:
+            raise ValueError("backoff_max_seconds must be >= backoff_initial_seconds")
+        return self
+
+
+def parse_bytes(value: int | str) -> int:
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", value)
+    unit = m.group(2).upper() if m else ""
+    if not m or unit not in _UNITS:
+        raise ValueError("must be a size such as 512MiB, 8GiB or a number of bytes")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+class Resources(_Strict):
+    gpus: int = Field(0, ge=0, le=64)
+    memory_limit: int | str | None = None
+
+    @field_validator("memory_limit")
+    @classmethod
+    def _size(cls, v: int | str | None) -> int | None:
+        if v is None:
+            return None
+        n = parse_bytes(v)
+        if n < 64 * 2**20 or n > 2**50:
+            raise ValueError("must be between 64MiB and 1PiB")
+        return n
+
+
+class JobSpec(_Strict):
+    name: str = Field(pattern=NAME_RE)
+    description: str | None = Field(None, max_length=4096)
+    model: str = Field(min_length=3, max_length=4096)
+    params: dict[str, Any] = Field(default_factory=dict)
+    train: Train = Field(default_factory=Train)  # type: ignore[arg-type]
+    checkpoint: Checkpoint = Field(default_factory=Checkpoint)  # type: ignore[arg-type]
+    best: Best | None = None
+    early_stopping: EarlyStopping | None = None
+    restart: Restart = Field(default_factory=Restart)  # type: ignore[arg-type]
+    resources: Resources = Field(default_factory=Resources)  # type: ignore[arg-type]
+
+    @field_validator("model")
+    @classmethod
+    def _entrypoint(cls, v: str) -> str:
+        if not ENTRY_RE.match(v):
+            raise ValueError("must be FILE.py:function (relative to the job file) or "
+                             "package.module:function")
+        return v
+
+    @field_validator("params")
+    @classmethod
+    def _finite(cls, v: dict[str, Any]) -> dict[str, Any]:
+        _check_plain(v, "params")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_fields(self) -> JobSpec:
+        if self.best and self.best.monitor.startswith("val_") and self.train.validation_split == 0:
+            # Not fatal: build() may return its own validation data. The worker checks at run time.
+            pass
+        if self.best:
+            for key in FORMAT_FIELD_RE.findall(self.best.filepath):
+                if key != "epoch" and not re.fullmatch(r"(val_)?[A-Za-z_][A-Za-z0-9_]*", key):
+                    raise ValueError(f"best.filepath: bad template field {{{key}}}")
+        return self
+
+
+def _check_plain(value: Any, path: str) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{path}: NaN and infinity are not allowed")
+    if isinstance(value, str) and len(value) > 65536:
+        raise ValueError(f"{path}: string longer than 65536 characters")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_plain(v, f"{path}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{path}[{i}]")
+
+
+def _format_validation(source: str, err: ValidationError) -> list[str]:
+    out = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; see the job file reference in README.md)"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        given = e.get("input")
+        if e["type"] not in ("missing", "extra_forbidden") and isinstance(given, str | int | float):
+            msg += f" (got {given!r})"
+        out.append(f"{source}: {loc}: {msg}")
+    return out
+
+
+def _resolve_params(value: Any, base: Path) -> Any:
+    """Relative path strings in params that name an existing file or directory beside the job file
+    become absolute, so a job keeps working from its run directory and after the caller cd's away."""
+    if isinstance(value, dict):
+        return {k: _resolve_params(v, base) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolve_params(v, base) for v in value]
+    if (isinstance(value, str) and value and not value.startswith("/") and "://" not in value
+            and "\n" not in value and len(value) < 4096):
+        try:
+            candidate = base / value
+            if candidate.exists():
+                return str(candidate.resolve())
+        except (OSError, ValueError):
+            return value
+    return value
+
+
+def resolve_spec(spec: JobSpec, job_dir: Path, source: str) -> JobSpec:
+    m = ENTRY_RE.match(spec.model)
+    assert m is not None  # checked by the schema
+    target, func = m.group("target"), m.group("func")
+    model = spec.model
+    if target.endswith(".py"):
+        path = (job_dir / target).resolve()
+        if not path.is_file():
+            raise JobFileError([f"{source}: model: file {path} does not exist"])
+        model = f"{path}:{func}"
+    params = _resolve_params(spec.params, job_dir)
+    return spec.model_copy(update={"model": model, "params": params})
+
+
+def parse_job(data: bytes, source: str, job_dir: Path) -> JobSpec:
+    raw = load_mapping(data, source)
+    try:
+        spec = JobSpec.model_validate(raw)
+    except ValidationError as e:
+        raise JobFileError(_format_validation(source, e)) from e
+    return resolve_spec(spec, job_dir, source)
+
+
+def load_job_file(path: str | Path) -> tuple[JobSpec, bytes]:
+    """Read, parse and validate a job file. Returns the resolved spec and the raw bytes."""
+    p = Path(path)
+    try:
+        if not p.is_file():
+            raise JobFileError([f"{p}: no such job file"])
+        with open(p, "rb") as f:
+            data = f.read(1024 * 1024 + 1)
+    except OSError as e:
+        raise JobFileError([f"{p}: cannot read: {e.strerror}"]) from e
+    return parse_job(data, str(p), p.resolve().parent), data
+
+
+def spec_json(spec: JobSpec) -> str:
+    return json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+
+def spec_digest(spec: JobSpec) -> str:
+    return hashlib.sha256(spec_json(spec).encode()).hexdigest()
+
+
+def spec_from_json(text: str) -> JobSpec:
+    return JobSpec.model_validate_json(text, strict=False)

@@ -1,0 +1,56 @@
+"""Where ckptd keeps things: the state directory and each job's run directory."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def state_dir() -> Path:
+    """`$CKPTD_HOME`, else `$STATE_DIRECTORY` (systemd's StateDirectory=), else ~/.local/state/ckptd."""
+    env = os.environ.get("CKPTD_HOME") or os.environ.get("STATE_DIRECTORY")
+    if env:
+        return Path(env.split(":")[0]).absolute()
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "ckptd"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The layout of `<state>/jobs/<job-id>/`. Workers and the supervisor agree on it here only."""
+
+    root: Path
+
+    @property
+    def job_file(self) -> Path:
+        return self.root / "job.yaml"
+
+    @property
+    def spec_file(self) -> Path:
+        return self.root / "spec.json"
+
+    @property
+    def history(self) -> Path:
+        return self.root / "history.csv"
+
+    @property
+    def heartbeat(self) -> Path:
+        return self.root / "heartbeat.json"
+
+    @property
+    def best_state(self) -> Path:
+        # The best monitored value reached so far, written durably beside each best file, so a
+        # restart from an older checkpoint never overwrites a better best file with a worse one.
+        return self.root / "best_state.json"
+
+    def attempt_dir(self, n: int) -> Path:
+        return self.root / "attempts" / f"{n:04d}"
+
+    def checkpoint_dir(self, configured: str) -> Path:
+        p = Path(configured)
+        return p if p.is_absolute() else self.root / p
+
+    def output_path(self, configured: str) -> Path:
+        p = Path(configured)
+        return p if p.is_absolute() else self.root / p

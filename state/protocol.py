@@ -1,0 +1,90 @@
+"""What a worker and its supervisor agree on: exit codes, the heartbeat file, the event stream.
+
+Kept free of TensorFlow so both sides import it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Exit codes (sysexits-style where one fits). Anything else, or death by a signal, is classified
+# by ckptd.supervisor.policy from the evidence.
+EXIT_OK = 0
+EXIT_CRASH = 1
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved a checkpoint on SIGTERM/SIGINT and stopped as asked
+EXIT_NO_VALID_CHECKPOINT = 76  # committed checkpoints exist but none is restorable
+EXIT_LOCKED = 77  # another worker holds the checkpoint directory
+EXIT_CONFIG = 78  # EX_CONFIG: entrypoint missing, import error, bad params or data
+
+ERROR_FILE = "error.json"  # per attempt, torchelastic-style: type, message, traceback
+EVENTS_FILE = "events.jsonl"  # per job, appended by workers: epoch ends, commits, best files
+
+
+@dataclass
+class Heartbeat:
+    """Sent from the training step loop (never from a side thread): it proves progress."""
+
+    pid: int
+    attempt: int
+    seq: int
+    phase: str  # starting | restoring | training | validating | saving | done
+    time: float
+    step: int = 0
+    epoch: int = 0
+    epochs: int = 0
+    steps_per_epoch: int | None = None
+    loss: float | None = None
+    logs: dict[str, float] = field(default_factory=dict)
+    examples_per_sec: float | None = None
+    rss_bytes: int | None = None
+    committed_step: int | None = None
+    restored_step: int | None = None
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.__dict__, separators=(",", ":")).encode()
+
+    @classmethod
+    def read(cls, path: Path) -> Heartbeat | None:
+        try:
+            data = json.loads(path.read_bytes())
+            return cls(**data)
+        except (OSError, ValueError, TypeError):
+            return None
+
+
+def append_event(path: Path, kind: str, /, **data: Any) -> None:
+    """Append one JSON line. O_APPEND with one write() keeps lines whole between processes."""
+    line = json.dumps({"event": kind, **data}, separators=(",", ":"), default=str) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+class EventTail:
+    """Reads complete new lines from an events file, remembering the offset."""
+
+    def __init__(self, path: Path, offset: int = 0) -> None:
+        self.path, self.offset = path, offset
+
+    def read(self) -> list[dict[str, Any]]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return []
+        end = chunk.rfind(b"\n") + 1
+        self.offset += end
+        out = []
+        for line in chunk[:end].splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out

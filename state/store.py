@@ -1,0 +1,288 @@
+"""The durable job store: SQLite in WAL mode with synchronous=FULL.
+
+WAL + FULL makes every committed transaction survive power loss; writes use BEGIN IMMEDIATE so two
+writers serialise on the lock instead of failing mid-transaction. The store records state
+transitions, attempts, committed checkpoints and events; heartbeats never come here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ckptd.state.states import AttemptClass, IllegalTransition, JobState, is_legal
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    state TEXT NOT NULL,
+    spec_json TEXT NOT NULL,
+    spec_digest TEXT NOT NULL,
+    job_file TEXT NOT NULL,
+    run_dir TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    last_committed_step INTEGER,
+    reason TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_name ON jobs(name, created_at);
+CREATE TABLE IF NOT EXISTS attempts (
+    job_id TEXT NOT NULL REFERENCES jobs(id),
+    n INTEGER NOT NULL,
+    pid INTEGER,
+    started_at REAL NOT NULL,
+    ended_at REAL,
+    exit_code INTEGER,
+    signal INTEGER,
+    class TEXT,
+    evidence TEXT,
+    error_summary TEXT,
+    restored_step INTEGER,
+    last_step INTEGER,
+    PRIMARY KEY (job_id, n)
+);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    job_id TEXT NOT NULL REFERENCES jobs(id),
+    step INTEGER NOT NULL,
+    epoch INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    committed_at REAL NOT NULL,
+    metrics_json TEXT,
+    digest TEXT,
+    PRIMARY KEY (job_id, step)
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT,
+    ts REAL NOT NULL,
+    kind TEXT NOT NULL,
+    data_json TEXT
+);
+"""
+
+
+class StoreError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    name: str
+    state: JobState
+    spec_json: str
+    spec_digest: str
+    job_file: str
+    run_dir: str
+    created_at: float
+    updated_at: float
+    last_committed_step: int | None
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class Attempt:
+    job_id: str
+    n: int
+    pid: int | None
+    started_at: float
+    ended_at: float | None
+    exit_code: int | None
+    signal: int | None
+    klass: AttemptClass | None
+    evidence: str | None
+    error_summary: str | None
+    restored_step: int | None
+    last_step: int | None
+
+
+def _job(row: sqlite3.Row) -> Job:
+    d = dict(row)
+    d["state"] = JobState(d["state"])
+    return Job(**d)
+
+
+def _attempt(row: sqlite3.Row) -> Attempt:
+    d = dict(row)
+    k = d.pop("class")
+    return Attempt(klass=AttemptClass(k) if k else None, **d)
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(path, timeout=10.0, isolation_level=None)
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open job store {path}: {e}") from e
+        # sqlite3 opens with O_CLOEXEC on Linux, so workers never inherit the store's descriptors.
+        self._db.row_factory = sqlite3.Row
+        try:
+            self._configure()
+        except sqlite3.DatabaseError as e:
+            self._db.close()
+            raise StoreError(f"job store {path} is unreadable ({e}); it was left untouched — "
+                             "restore it from a backup or move it aside") from e
+
+    def _configure(self) -> None:
+        db = self._db
+        db.execute("PRAGMA busy_timeout = 10000")
+        check = db.execute("PRAGMA integrity_check").fetchall()
+        if [tuple(r) for r in check] != [("ok",)]:
+            detail = "; ".join(str(r[0]) for r in check[:5])
+            raise sqlite3.DatabaseError(f"integrity_check failed: {detail}")
+        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode != "wal":
+            raise sqlite3.DatabaseError(f"cannot enable WAL (journal_mode={mode})")
+        db.execute("PRAGMA synchronous = FULL")
+        db.execute("PRAGMA foreign_keys = ON")
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise sqlite3.DatabaseError(f"store schema {version} is newer than this ckptd "
+                                        f"({SCHEMA_VERSION})")
+        with self.write():
+            # executescript() would COMMIT first; run the statements inside our transaction.
+            for stmt in filter(str.strip, SCHEMA.split(";")):
+                db.execute(stmt)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @classmethod
+    def open(cls, state: Path) -> Store:
+        return cls(state / "ckptd.db")
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: BEGIN IMMEDIATE … COMMIT, rolled back on any exception."""
+        if self._db.in_transaction:
+            yield self._db
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _event(self, db: sqlite3.Connection, job_id: str | None, kind: str,
+               data: dict[str, Any] | None = None) -> None:
+        db.execute("INSERT INTO events (job_id, ts, kind, data_json) VALUES (?, ?, ?, ?)",
+                   (job_id, time.time(), kind, json.dumps(data or {}, sort_keys=True)))
+
+    # -- jobs ---------------------------------------------------------------------------------
+
+    def create_job(self, job_id: str, name: str, spec_json: str, spec_digest: str, job_file: str,
+                   run_dir: str, state: JobState = JobState.QUEUED) -> Job:
+        now = time.time()
+        with self.write() as db:
+            db.execute(
+                "INSERT INTO jobs (id, name, state, spec_json, spec_digest, job_file, run_dir,"
+                " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, name, str(state), spec_json, spec_digest, job_file, run_dir, now, now))
+            self._event(db, job_id, "job.created", {"state": str(state)})
+        return self.job(job_id)
+
+    def transition(self, job_id: str, new: JobState, reason: str | None = None) -> Job:
+        """Change a job's state; the transition table is checked inside the write transaction."""
+        with self.write() as db:
+            row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise StoreError(f"no job {job_id}")
+            old = JobState(row["state"])
+            if not is_legal(old, new):
+                raise IllegalTransition(job_id, old, new)
+            db.execute("UPDATE jobs SET state = ?, updated_at = ?, reason = ? WHERE id = ?",
+                       (str(new), time.time(), reason, job_id))
+            self._event(db, job_id, "job.state", {"from": str(old), "to": str(new),
+                                                   "reason": reason})
+        return self.job(job_id)
+
+    def job(self, job_id: str) -> Job:
+        row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"no job {job_id!r} (see `ckptd status` for the list)")
+        return _job(row)
+
+    def jobs(self) -> list[Job]:
+        return [_job(r) for r in self._db.execute("SELECT * FROM jobs ORDER BY created_at")]
+
+    def latest_by_name(self, name: str) -> Job | None:
+        row = self._db.execute("SELECT * FROM jobs WHERE name = ? ORDER BY created_at DESC LIMIT 1",
+                               (name,)).fetchone()
+        return _job(row) if row else None
+
+    # -- attempts -----------------------------------------------------------------------------
+
+    def start_attempt(self, job_id: str, pid: int) -> int:
+        with self.write() as db:
+            n = db.execute("SELECT COALESCE(MAX(n), 0) + 1 FROM attempts WHERE job_id = ?",
+                           (job_id,)).fetchone()[0]
+            db.execute("INSERT INTO attempts (job_id, n, pid, started_at) VALUES (?, ?, ?, ?)",
+                       (job_id, n, pid, time.time()))
+            self._event(db, job_id, "attempt.started", {"attempt": n, "pid": pid})
+        return int(n)
+
+    def end_attempt(self, job_id: str, n: int, *, exit_code: int | None, signal: int | None,
+                    klass: AttemptClass, evidence: str, error_summary: str | None,
+                    restored_step: int | None, last_step: int | None) -> None:
+        with self.write() as db:
+            db.execute(
+                "UPDATE attempts SET ended_at = ?, exit_code = ?, signal = ?, class = ?,"
+                " evidence = ?, error_summary = ?, restored_step = ?, last_step = ?"
+                " WHERE job_id = ? AND n = ?",
+                (time.time(), exit_code, signal, str(klass), evidence, error_summary,
+                 restored_step, last_step, job_id, n))
+            self._event(db, job_id, "attempt.ended", {"attempt": n, "class": str(klass),
+                                                       "evidence": evidence})
+
+    def attempts(self, job_id: str) -> list[Attempt]:
+        rows = self._db.execute("SELECT * FROM attempts WHERE job_id = ? ORDER BY n", (job_id,))
+        return [_attempt(r) for r in rows]
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def record_checkpoint(self, job_id: str, step: int, epoch: int, path: str,
+                          metrics: dict[str, Any], digest: str) -> bool:
+        """Record a committed checkpoint (idempotent). Returns True if it was new."""
+        with self.write() as db:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO checkpoints (job_id, step, epoch, path, committed_at,"
+                " metrics_json, digest) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (job_id, step, epoch, path, time.time(), json.dumps(metrics, sort_keys=True),
+                 digest))
+            if cur.rowcount == 0:
+                return False
+            db.execute("UPDATE jobs SET last_committed_step = MAX(COALESCE(last_committed_step,"
+                       " -1), ?), updated_at = ? WHERE id = ?", (step, time.time(), job_id))
+            self._event(db, job_id, "checkpoint.committed", {"step": step, "epoch": epoch})
+        return True
+
+    def checkpoints(self, job_id: str) -> list[dict[str, Any]]:
+        rows = self._db.execute("SELECT * FROM checkpoints WHERE job_id = ? ORDER BY step",
+                                (job_id,))
+        return [dict(r) for r in rows]
+
+    def events(self, job_id: str) -> list[dict[str, Any]]:
+        rows = self._db.execute("SELECT * FROM events WHERE job_id = ? ORDER BY id", (job_id,))
+        return [dict(r) for r in rows]
+
+    def add_event(self, job_id: str | None, kind: str, data: dict[str, Any] | None = None) -> None:
+        with self.write() as db:
+            self._event(db, job_id, kind, data)
+
+
+def new_job_id(name: str) -> str:
+    return f"{name}-{time.strftime('%Y%m%d')}-{os.urandom(3).hex()}"

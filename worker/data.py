@@ -1,0 +1,126 @@
+"""Batching, shuffling and the validation split, owned by ckptd so the data position checkpoints.
+
+The batches of an epoch are a pure function of (seed, epoch): arrays are permuted with a generator
+seeded by both, datasets are shuffled with a per-epoch seed. Resuming at (epoch, step) therefore
+replays exactly the batches an uninterrupted run would have seen, with no iterator state to save.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from ckptd.state.jobspec import Train
+from ckptd.worker.entry import ConfigError
+
+ArrayPair = tuple[Any, Any]
+
+
+def _num_rows(x: Any) -> int:
+    if isinstance(x, dict):
+        return len(next(iter(x.values())))
+    return len(x)
+
+
+def _take(x: Any, idx: np.ndarray) -> Any:
+    if isinstance(x, dict):
+        return {k: np.asarray(v)[idx] for k, v in x.items()}
+    return np.asarray(x)[idx]
+
+
+def _as_arrays(pair: Any, what: str) -> ArrayPair:
+    if not (isinstance(pair, tuple | list) and len(pair) == 2):
+        raise ConfigError(f"{what} must be (x, y) arrays or an unbatched tf.data.Dataset")
+    x, y = pair
+    x = {k: np.asarray(v) for k, v in x.items()} if isinstance(x, dict) else np.asarray(x)
+    y = np.asarray(y)
+    if _num_rows(x) != len(y):
+        raise ConfigError(f"{what}: x has {_num_rows(x)} rows but y has {len(y)}")
+    if len(y) == 0:
+        raise ConfigError(f"{what}: no examples")
+    return x, y
+
+
+def _split_at(n: int, validation_split: float) -> int:
+    # Keras's validation_split semantics: the *last* fraction, split at floor(n * (1 - split)).
+    split_at = int(math.floor(n * (1.0 - validation_split)))
+    if split_at in (0, n):
+        raise ConfigError(f"train.validation_split={validation_split} leaves an empty training or "
+                          f"validation set with {n} examples")
+    return split_at
+
+
+class Batches:
+    def __init__(self, train: Any, validation: Any | None, cfg: Train) -> None:
+        self.cfg = cfg
+        self.dataset_mode = isinstance(train, tf.data.Dataset)
+        if self.dataset_mode:
+            self._init_dataset(train, validation)
+        else:
+            self._init_arrays(train, validation)
+
+    def _init_arrays(self, train: Any, validation: Any | None) -> None:
+        x, y = _as_arrays(train, "train")
+        if validation is None and self.cfg.validation_split > 0:
+            at = _split_at(len(y), self.cfg.validation_split)
+            validation = (_take(x, np.arange(at, len(y))), y[at:])
+            x, y = _take(x, np.arange(at)), y[:at]
+        elif validation is not None:
+            validation = _as_arrays(validation, "validation")
+        self.x, self.y = x, y
+        self.n = len(y)
+        self.validation = validation
+        self.steps_per_epoch: int | None = math.ceil(self.n / self.cfg.batch_size)
+
+    def _init_dataset(self, train: tf.data.Dataset, validation: Any | None) -> None:
+        n = int(train.cardinality())
+        if validation is None and self.cfg.validation_split > 0:
+            if n < 0:
+                raise ConfigError("train.validation_split needs a dataset of known size; return "
+                                  "validation data from build() instead")
+            at = _split_at(n, self.cfg.validation_split)
+            validation, train, n = train.skip(at), train.take(at), at
+        self.ds = train
+        self.n = n
+        self.validation = validation
+        self.steps_per_epoch = math.ceil(n / self.cfg.batch_size) if n >= 0 else None
+
+    def first_batch(self) -> ArrayPair:
+        for batch in self.epoch(0, 0):
+            return batch
+        raise ConfigError("train: no examples")
+
+    def epoch(self, epoch: int, start_step: int) -> Iterator[ArrayPair]:
+        """Yield the batches of `epoch` from batch index `start_step` on."""
+        if self.dataset_mode:
+            yield from self._dataset_epoch(epoch, start_step)
+            return
+        bs = self.cfg.batch_size
+        if self.cfg.shuffle:
+            rng = np.random.Generator(np.random.PCG64([self.cfg.seed, epoch]))
+            order = rng.permutation(self.n)
+        else:
+            order = np.arange(self.n)
+        assert self.steps_per_epoch is not None
+        for i in range(start_step, self.steps_per_epoch):
+            idx = order[i * bs:(i + 1) * bs]
+            yield _take(self.x, idx), self.y[idx]
+
+    def _dataset_epoch(self, epoch: int, start_step: int) -> Iterator[ArrayPair]:
+        ds = self.ds
+        if self.cfg.shuffle:
+            ds = ds.shuffle(self.cfg.shuffle_buffer, seed=self.cfg.seed * 1_000_003 + epoch,
+                            reshuffle_each_iteration=False)
+        ds = ds.batch(self.cfg.batch_size).skip(start_step).prefetch(2)
+        yield from ds
+
+    def validation_data(self) -> Any | None:
+        if self.validation is None:
+            return None
+        if isinstance(self.validation, tf.data.Dataset):
+            return self.validation.batch(self.cfg.batch_size)
+        return self.validation

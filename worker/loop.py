@@ -1,0 +1,290 @@
+"""The training loop: restore → train steps → checkpoint → epoch end (validation, history, best
+file, early stopping) → final save. Everything that affects the result lives in the checkpoint."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from ckptd.state.durable import atomic_write_text
+from ckptd.state.jobspec import JobSpec
+from ckptd.state.paths import RunDir
+from ckptd.state.protocol import EVENTS_FILE, append_event
+from ckptd.worker.data import Batches
+from ckptd.worker.entry import Built
+from ckptd.worker.h5export import save_weights_file
+from ckptd.worker.hoststate import HostState, decode_array, encode_array
+from ckptd.worker.keeper import Keeper, Manifest
+from ckptd.worker.runtime import Beater, StopFlag
+from ckptd.worker.tracking import BestTracker, EarlyStopper, better_of, resolve_mode
+
+
+class Preempted(Exception):
+    """Stopped on SIGTERM/SIGINT after saving: 0 steps lost."""
+
+
+@dataclass
+class Counters:
+    """Tensor-valued position of the run, tracked by the checkpoint."""
+
+    step: tf.Variable
+    epoch: tf.Variable
+    step_in_epoch: tf.Variable
+    host: tf.Variable
+
+    @classmethod
+    def new(cls) -> Counters:
+        i64 = tf.int64
+        return cls(tf.Variable(0, dtype=i64), tf.Variable(0, dtype=i64), tf.Variable(0, dtype=i64),
+                   tf.Variable("", dtype=tf.string))
+
+
+def make_trackers(spec: JobSpec) -> tuple[BestTracker | None, EarlyStopper | None]:
+    best = None
+    if spec.best:
+        b = spec.best
+        best = BestTracker(b.monitor, resolve_mode(b.mode, b.monitor), b.save_best_only, b.filepath)
+    early = None
+    if spec.early_stopping:
+        e = spec.early_stopping
+        early = EarlyStopper(e.monitor, resolve_mode(e.mode, e.monitor), e.patience, e.min_delta,
+                             e.baseline, e.start_from_epoch, e.restore_best_weights)
+    return best, early
+
+
+def prime(model: Any, batches: Batches) -> None:
+    """Create every variable before restoring: Keras 3 builds optimizer slots and compiled metrics
+    lazily, and a restore into variables that do not exist yet is silently skipped."""
+    x, y = batches.first_batch()
+    if not model.built:
+        model(x)
+    if not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+    model.test_on_batch(x, y)  # builds the loss tracker and compiled metrics; changes no weight
+    model.reset_metrics()
+    model.make_train_function()
+
+
+def history_csv(history: list[dict[str, float]]) -> str:
+    """Keras CSVLogger columns: `epoch`, then the metric names sorted."""
+    keys = sorted({k for row in history for k in row} - {"epoch"})
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["epoch", *keys])
+    for row in history:
+        w.writerow([int(row["epoch"]), *(row.get(k, "") for k in keys)])
+    return buf.getvalue()
+
+
+def _floats(logs: dict[str, Any]) -> dict[str, float]:
+    return {k: float(np.asarray(v)) for k, v in logs.items()}
+
+
+class Loop:
+    def __init__(self, spec: JobSpec, run: RunDir, built: Built, batches: Batches,
+                 beater: Beater, stop: StopFlag) -> None:
+        self.spec, self.run, self.model, self.batches = spec, run, built.model, batches
+        self.beater, self.stop = beater, stop
+        self.c = Counters.new()
+        best, early = make_trackers(spec)
+        self.host = HostState(best=best, early=early)
+        self.best_weights: list[tf.Variable] = []
+        if early and early.restore_best_weights:
+            self.best_weights = [tf.Variable(w, trainable=False) for w in self.model.get_weights()]
+        self.rng = tf.random.Generator.from_seed(spec.train.seed)
+        tf.random.set_global_generator(self.rng)
+        ckpt = tf.train.Checkpoint(model=self.model, optimizer=self.model.optimizer,
+                                   step=self.c.step, epoch=self.c.epoch,
+                                   step_in_epoch=self.c.step_in_epoch, host_state=self.c.host,
+                                   rng=self.rng, best_weights=self.best_weights)
+        ckdir = run.checkpoint_dir(spec.checkpoint.dir)
+        self.keeper = Keeper(ckdir, ckpt, spec.checkpoint.max_to_keep,
+                             spec.checkpoint.keep_every_n_hours)
+        self.committed_step: int | None = None
+        self.dirty = False
+        self.last_logs: dict[str, float] = {}
+
+    def event(self, kind: str, **data: Any) -> None:
+        append_event(self.run.root / EVENTS_FILE, kind, attempt=self.beater.hb.attempt, **data)
+
+    # -- restore ------------------------------------------------------------------------------
+
+    def restore(self) -> Manifest | None:
+        self.beater.beat("restoring")
+        removed = self.keeper.collect_garbage()
+        if removed:
+            self.event("checkpoint.gc", removed=removed)
+        manifest = self.keeper.restore(self.event)
+        if manifest is None:
+            self.event("restore.fresh", reason="no committed checkpoint")
+            return None
+        self.host = HostState.loads(self.c.host.numpy().decode(), self.host.best, self.host.early)
+        for var, item in zip(self.model.metrics_variables, self.host.metric_values, strict=False):
+            var.assign(decode_array(item))
+        self._merge_best_sidecar()
+        self.committed_step = manifest.step
+        self.event("restore.done", number=manifest.number, step=manifest.step,
+                   epoch=manifest.epoch)
+        self.beater.beat(restored_step=manifest.step, committed_step=manifest.step,
+                         step=manifest.step, epoch=manifest.epoch)
+        self.write_history()
+        return manifest
+
+    def _merge_best_sidecar(self) -> None:
+        """A best file may have been written after the checkpoint we restored: never let a
+        worse value overwrite it."""
+        best = self.host.best
+        if best is None or not self.run.best_state.exists():
+            return
+        try:
+            side = json.loads(self.run.best_state.read_text())
+        except (OSError, ValueError):
+            return
+        if side.get("monitor") == best.monitor and side.get("mode") == best.mode:
+            merged = better_of(best.mode, best.best, side.get("best"))
+            if merged != best.best:
+                best.best, best.best_epoch = merged, side.get("epoch")
+
+    # -- saving -------------------------------------------------------------------------------
+
+    def save(self, reason: str) -> None:
+        self.beater.beat("saving", force=True)
+        self.host.metric_values = [encode_array(np.asarray(v.numpy()))
+                                   for v in self.model.metrics_variables]
+        self.c.host.assign(self.host.dumps())
+        step, epoch = int(self.c.step.numpy()), int(self.c.epoch.numpy())
+        t0 = time.monotonic()
+        m = self.keeper.save(step, epoch, int(self.c.step_in_epoch.numpy()), self.last_logs)
+        self.committed_step = step
+        self.dirty = False
+        self.event("checkpoint.committed", number=m.number, step=step, epoch=epoch,
+                   path=str(self.keeper.dir / m.prefix), digest=m.digest, metrics=m.metrics,
+                   reason=reason, seconds=round(time.monotonic() - t0, 4))
+        self.beater.beat("training", force=True, committed_step=step)
+
+    def write_history(self) -> None:
+        atomic_write_text(self.run.history, history_csv(self.host.history))
+
+    # -- training -----------------------------------------------------------------------------
+
+    def train(self) -> None:
+        cfg, ck = self.spec.train, self.spec.checkpoint
+        last_save = time.monotonic()
+        self.beater.beat("training", force=True, epochs=cfg.epochs,
+                         steps_per_epoch=self.batches.steps_per_epoch)
+        while int(self.c.epoch.numpy()) < cfg.epochs and not self.host.stopped_early:
+            epoch = int(self.c.epoch.numpy())
+            start = int(self.c.step_in_epoch.numpy())
+            if start == 0:
+                self.model.reset_metrics()
+            t_epoch = time.monotonic()
+            for x, y in self.batches.epoch(epoch, start):
+                logs = self._train_step(x, y)
+                self.c.step.assign_add(1)
+                self.c.step_in_epoch.assign_add(1)
+                self.dirty = True
+                self.last_logs = _floats(logs)
+                self._beat_step(epoch, len(y), t_epoch, start)
+                if self.stop.requested:
+                    self._preempt()
+                step = int(self.c.step.numpy())
+                if (ck.every_steps and step % ck.every_steps == 0) or (
+                        ck.every_seconds and time.monotonic() - last_save >= ck.every_seconds):
+                    self.save("interval")
+                    last_save = time.monotonic()
+            self.host.train_seconds += time.monotonic() - t_epoch
+            self.epoch_end(epoch)
+            if self.stop.requested:
+                self._preempt()
+        self.finish()
+
+    def _train_step(self, x: Any, y: Any) -> dict[str, Any]:
+        # Keras 3's train_on_batch resets the metrics on every call; fit() does not. Call the
+        # compiled train function the way fit() does so epoch metrics accumulate as in fit().
+        logs: dict[str, Any] = self.model.train_function(iter([(x, y, None)]))
+        return logs
+
+    def _beat_step(self, epoch: int, batch_len: int, t_epoch: float, start: int) -> None:
+        done = int(self.c.step_in_epoch.numpy()) - start
+        elapsed = time.monotonic() - t_epoch
+        rate = done * self.spec.train.batch_size / elapsed if elapsed > 0 else None
+        self.beater.beat("training", step=int(self.c.step.numpy()), epoch=epoch,
+                         loss=self.last_logs.get("loss"), logs=self.last_logs,
+                         examples_per_sec=rate)
+
+    def _preempt(self) -> None:
+        if self.dirty:
+            self.save("preempted")
+        self.event("worker.preempted", signal=self.stop.signum, step=int(self.c.step.numpy()))
+        raise Preempted()
+
+    def epoch_end(self, epoch: int) -> None:
+        self.beater.beat("validating", force=True)
+        logs = dict(self.last_logs)
+        val = self.batches.validation_data()
+        if val is not None:
+            if isinstance(val, tf.data.Dataset):
+                res = self.model.evaluate(val, verbose=0, return_dict=True)
+            else:
+                res = self.model.evaluate(val[0], val[1], batch_size=self.spec.train.batch_size,
+                                          verbose=0, return_dict=True)
+            logs.update({f"val_{k}": v for k, v in _floats(res).items()})
+        self.host.history.append({"epoch": epoch, **logs})
+        self.write_history()
+        self.event("epoch.end", epoch=epoch, step=int(self.c.step.numpy()), logs=logs)
+        self._best_file(epoch, logs)
+        self._early_stopping(epoch, logs)
+        self.c.epoch.assign_add(1)
+        self.c.step_in_epoch.assign(0)
+        self.dirty = True
+        self.beater.beat("training", force=True, epoch=epoch + 1, logs=logs)
+
+    def _best_file(self, epoch: int, logs: dict[str, float]) -> None:
+        best = self.host.best
+        if best is None:
+            return
+        if best.monitor not in logs:
+            self.event("best.monitor_missing", monitor=best.monitor, available=sorted(logs))
+            return
+        name = best.decide(epoch, logs)
+        if name is None:
+            return
+        path = self.run.output_path(name)
+        save_weights_file(self.model, path)
+        atomic_write_text(self.run.best_state, json.dumps({
+            "monitor": best.monitor, "mode": best.mode, "best": best.best,
+            "epoch": best.best_epoch, "path": str(path)}))
+        self.event("best.saved", epoch=epoch, path=str(path), monitor=best.monitor,
+                   value=logs[best.monitor])
+
+    def _early_stopping(self, epoch: int, logs: dict[str, float]) -> None:
+        early = self.host.early
+        if early is None:
+            return
+        snapshot, stop = early.update(epoch, logs)
+        if snapshot:
+            for var, w in zip(self.best_weights, self.model.get_weights(), strict=True):
+                var.assign(w)
+        if stop:
+            self.host.stopped_early = True
+            self.event("early_stopping.stopped", epoch=epoch, best=early.best,
+                       best_epoch=early.best_epoch)
+
+    def finish(self) -> None:
+        early = self.host.early
+        if early and early.restore_best_weights and self.host.stopped_early and self.dirty:
+            self.model.set_weights([v.numpy() for v in self.best_weights])
+        if self.dirty:
+            self.save("final")
+        self.beater.beat("done", force=True)
+        self.event("training.done", step=int(self.c.step.numpy()),
+                   epochs=len(self.host.history), stopped_early=self.host.stopped_early)

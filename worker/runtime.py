@@ -1,0 +1,103 @@
+"""Process plumbing of a worker: stop signals, the directory lock, heartbeats, the error file."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import time
+import traceback
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from ckptd.state.durable import atomic_write_text, write_nondurable
+from ckptd.state.protocol import ERROR_FILE, Heartbeat
+
+
+class StopFlag:
+    """SIGTERM/SIGINT only record the request; the step loop saves at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def install(self) -> None:
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self._record)
+
+    def _record(self, signum: int, _frame: FrameType | None) -> None:
+        self.signum = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+
+class DirLocked(Exception):
+    pass
+
+
+def lock_dir(directory: Path) -> int:
+    """Take the exclusive single-writer lock of a checkpoint directory; held until exit."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as e:
+        os.close(fd)
+        raise DirLocked(f"{directory} is in use by another ckptd worker (only one writer per "
+                        "checkpoint directory); stop it or give this job another checkpoint.dir") from e
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def _rss() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class Beater:
+    """Writes the heartbeat file from the training loop, at most every `interval` seconds
+    (phase changes always go out at once)."""
+
+    def __init__(self, path: Path, attempt: int, interval: float = 0.25) -> None:
+        self.path, self.interval = path, interval
+        self.hb = Heartbeat(pid=os.getpid(), attempt=attempt, seq=0, phase="starting",
+                            time=time.time())
+        self._last = 0.0
+
+    def beat(self, phase: str | None = None, force: bool = False, **fields: Any) -> None:
+        for k, v in fields.items():
+            setattr(self.hb, k, v)
+        now = time.monotonic()
+        changed = phase is not None and phase != self.hb.phase
+        if phase is not None:
+            self.hb.phase = phase
+        if not (force or changed or now - self._last >= self.interval):
+            return
+        self._last = now
+        self.hb.seq += 1
+        self.hb.time = time.time()
+        self.hb.rss_bytes = _rss()
+        write_nondurable(self.path, self.hb.to_json())
+
+
+def write_error_file(attempt_dir: Path, exc: BaseException, **context: Any) -> None:
+    """torchelastic-style error record: the supervisor shows it instead of a bare exit code."""
+    record = {
+        "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+        "message": str(exc),
+        "traceback": "".join(traceback.format_exception(exc)),
+        "time": time.time(),
+        "pid": os.getpid(),
+        **context,
+    }
+    try:
+        atomic_write_text(attempt_dir / ERROR_FILE, json.dumps(record, indent=1, default=str))
+    except OSError:
+        pass  # a full disk must not hide the original error: it is on stderr too
