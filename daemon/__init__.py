@@ -1,0 +1,1 @@
+"""The ckptd command line and (later) service. Daemon side: never imports TensorFlow."""

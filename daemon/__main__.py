@@ -1,0 +1,3 @@
+from ckptd.daemon.cli import main
+
+main()

@@ -1,0 +1,198 @@
+"""`ckptd` command line. Exit codes: 0 ok, 1 job failed or runtime error, 2 bad input, 130 stopped."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Any, NoReturn
+
+import click
+
+from ckptd.daemon import jobs, logs
+from ckptd.daemon.report import job_report, print_outputs, print_status
+from ckptd.state.jobspec import JobSpec, load_job_file
+from ckptd.state.paths import RunDir, state_dir
+from ckptd.state.states import RESUMABLE, JobState
+from ckptd.state.store import Job, Store, StoreError
+from ckptd.state.yamlstrict import JobFileError
+from ckptd.supervisor.display import BarDisplay, LogDisplay
+from ckptd.supervisor.process import RealProcessOps
+from ckptd.supervisor.runner import JobRunner, StopRequests
+
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+
+
+def _die(message: str, code: int = EXIT_FAILED) -> NoReturn:
+    click.echo(f"ckptd: {message}", err=True)
+    sys.exit(code)
+
+
+def _load(path: str) -> tuple[JobSpec, bytes]:
+    try:
+        return load_job_file(path)
+    except JobFileError as e:
+        for problem in e.problems:
+            click.echo(problem, err=True)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def _open_store(home: Path) -> Store:
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        return Store.open(home)
+    except (OSError, StoreError) as e:
+        _die(f"cannot use state directory {home}: {e}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--home", type=click.Path(file_okay=False, path_type=Path), envvar="CKPTD_HOME",
+              help="State directory (default: $CKPTD_HOME or ~/.local/state/ckptd).")
+@click.pass_context
+def cli(ctx: click.Context, home: Path | None) -> None:
+    """ckptd: fault-tolerant training for TensorFlow/Keras."""
+    ctx.obj = (home or state_dir()).absolute()
+
+
+@cli.command()
+@click.argument("job_files", nargs=-1, required=True, type=click.Path(path_type=Path))
+def validate(job_files: tuple[Path, ...]) -> None:
+    """Check job files; print every problem with its field path. Records nothing."""
+    bad = False
+    for path in job_files:
+        try:
+            spec, _ = load_job_file(path)
+            click.echo(f"{path}: ok (job {spec.name}, {spec.train.epochs} epochs)")
+        except JobFileError as e:
+            bad = True
+            for problem in e.problems:
+                click.echo(problem, err=True)
+    if bad:
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def _pick_job(store: Store, home: Path, job_file: Path | None, resume: str | None,
+              new: bool) -> tuple[Job, JobSpec, bool]:
+    if resume:
+        try:
+            job = store.job(resume)
+        except StoreError as e:
+            _die(str(e), EXIT_BAD_INPUT)
+        if job.state not in RESUMABLE:
+            _die(f"job {job.id} is {job.state}; only {', '.join(sorted(RESUMABLE))} jobs resume",
+                 EXIT_BAD_INPUT)
+        return job, jobs.spec_of(job), True
+    assert job_file is not None
+    spec, raw = _load(str(job_file))
+    found = None if new else jobs.find_resumable(store, spec)
+    if found is not None:
+        return found, spec, True
+    try:
+        return jobs.create_job(store, home, spec, raw, job_file), spec, False
+    except (OSError, StoreError) as e:
+        _die(f"cannot create the job: {e}")
+
+
+def _install_stop_handlers(stops: StopRequests) -> None:
+    def record(signum: int, _frame: FrameType | None) -> None:
+        stops.signals.append(signum)  # only record; the supervisor loop acts on it
+
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, record)
+
+
+@cli.command()
+@click.argument("job_file", required=False, type=click.Path(path_type=Path))
+@click.option("--resume", "resume", metavar="JOB-ID", help="Resume this interrupted or failed job.")
+@click.option("--new", is_flag=True, help="Start a fresh job even if an identical one can resume.")
+@click.option("--progress", type=click.Choice(["auto", "bar", "json"]), default="auto",
+              show_default=True, help="Progress bar on a terminal, JSON log lines otherwise.")
+@click.pass_obj
+def run(home: Path, job_file: Path | None, resume: str | None, new: bool, progress: str) -> None:
+    """Run JOB_FILE in the foreground under supervision until it succeeds or fails.
+
+    Run it again after Ctrl-C (same job file, same name) to continue from the last checkpoint.
+    """
+    if (job_file is None) == (resume is None):
+        raise click.UsageError("give either JOB_FILE or --resume JOB-ID")
+    store = _open_store(home)
+    job, spec, resuming = _pick_job(store, home, job_file, resume, new)
+    run_dir = RunDir(Path(job.run_dir))
+    try:
+        jobs.lock_job(run_dir)
+    except jobs.JobBusy as e:
+        _die(str(e))
+    use_bar = progress == "bar" or (progress == "auto" and sys.stderr.isatty())
+    logs.configure(json_lines=not use_bar)
+    log = logs.get(job_id=job.id)
+    log.info("job.resumed" if resuming else "job.started", run_dir=str(run_dir.root),
+             last_committed_step=job.last_committed_step)
+    store.transition(job.id, JobState.RUNNING, "resumed" if resuming else "started")
+    stops = StopRequests()
+    _install_stop_handlers(stops)
+    if use_bar:
+        with BarDisplay() as bar:
+            end = JobRunner(store, job.id, spec, run_dir, RealProcessOps(), bar, stops).run_job()
+    else:
+        end = JobRunner(store, job.id, spec, run_dir, RealProcessOps(), LogDisplay(log),
+                        stops).run_job()
+    final = store.job(job.id)
+    log.info("job.finished", state=str(end), reason=final.reason,
+             last_committed_step=final.last_committed_step)
+    print_outputs(final, spec)
+    if end == JobState.INTERRUPTED:
+        click.echo(f"ckptd: stopped; continue with: ckptd run --resume {job.id}", err=True)
+    sys.exit({JobState.SUCCEEDED: 0, JobState.INTERRUPTED: EXIT_INTERRUPTED}.get(end, EXIT_FAILED))
+
+
+@cli.command()
+@click.argument("job_id", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def status(home: Path, job_id: str | None, as_json: bool) -> None:
+    """Show all jobs, or one job with its attempts."""
+    store = _open_store(home)
+    try:
+        selected = [store.job(job_id)] if job_id else store.jobs()
+    except StoreError as e:
+        _die(str(e), EXIT_BAD_INPUT)
+    reports: list[dict[str, Any]] = [job_report(store, j, detail=job_id is not None)
+                                     for j in selected]
+    if as_json:
+        click.echo(json.dumps(reports[0] if job_id else reports, indent=2))
+    else:
+        print_status(reports, detail=job_id is not None)
+
+
+@cli.command()
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def checkpoints(home: Path, job_id: str, as_json: bool) -> None:
+    """List a job's committed checkpoints (newest last)."""
+    store = _open_store(home)
+    try:
+        store.job(job_id)
+    except StoreError as e:
+        _die(str(e), EXIT_BAD_INPUT)
+    rows = store.checkpoints(job_id)
+    for r in rows:
+        r["metrics"] = json.loads(r.pop("metrics_json") or "{}")
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo(f"{job_id}: no committed checkpoint yet")
+    for r in rows:
+        metrics = " ".join(f"{k}={v:.4f}" for k, v in sorted(r["metrics"].items()))
+        click.echo(f"step {r['step']:>8}  epoch {r['epoch']:>5}  {r['path']}  {metrics}")
+
+
+def main() -> None:
+    cli(prog_name="ckptd")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Create a job (run directory + store row) or pick the one to resume."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from pathlib import Path
+
+from ckptd.state.durable import atomic_write_bytes, atomic_write_text, fsync_dir
+from ckptd.state.jobspec import JobSpec, spec_digest, spec_from_json, spec_json
+from ckptd.state.paths import RunDir
+from ckptd.state.states import RESUMABLE, JobState
+from ckptd.state.store import Job, Store, new_job_id
+
+
+class JobBusy(Exception):
+    pass
+
+
+def create_job(store: Store, state: Path, spec: JobSpec, raw: bytes, job_file: Path) -> Job:
+    job_id = new_job_id(spec.name)
+    run = RunDir(state / "jobs" / job_id)
+    run.root.mkdir(parents=True, exist_ok=False)
+    try:
+        atomic_write_bytes(run.job_file, raw)
+        atomic_write_text(run.spec_file, spec_json(spec))
+        fsync_dir(run.root.parent)
+        return store.create_job(job_id, spec.name, spec_json(spec), spec_digest(spec),
+                                str(job_file.resolve()), str(run.root))
+    except BaseException:
+        shutil.rmtree(run.root, ignore_errors=True)
+        raise
+
+
+def find_resumable(store: Store, spec: JobSpec) -> Job | None:
+    """The newest job with this name, if it is resumable and its spec is identical."""
+    job = store.latest_by_name(spec.name)
+    if job and job.state in RESUMABLE and job.spec_digest == spec_digest(spec):
+        return job
+    return None
+
+
+def spec_of(job: Job) -> JobSpec:
+    return spec_from_json(job.spec_json)
+
+
+def lock_job(run: RunDir) -> int:
+    """One supervisor per job: `ckptd run` twice on the same job must not start two workers."""
+    fd = os.open(run.root / ".supervisor.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as e:
+        os.close(fd)
+        raise JobBusy(f"job in {run.root} is already being supervised by another ckptd") from e
+    return fd
+

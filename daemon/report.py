@@ -1,0 +1,86 @@
+"""What `ckptd status` and `ckptd run` print about a job."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ckptd.state.jobspec import JobSpec
+from ckptd.state.paths import RunDir
+from ckptd.state.store import Job, Store
+
+
+def _ts(t: float | None) -> str | None:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t)) if t else None
+
+
+def job_report(store: Store, job: Job, detail: bool) -> dict[str, Any]:
+    report: dict[str, Any] = {
+        "id": job.id, "name": job.name, "state": str(job.state), "reason": job.reason,
+        "created_at": _ts(job.created_at), "updated_at": _ts(job.updated_at),
+        "last_committed_step": job.last_committed_step, "run_dir": job.run_dir,
+        "job_file": job.job_file,
+    }
+    attempts = store.attempts(job.id)
+    report["attempts"] = len(attempts)
+    if detail:
+        report["attempt_list"] = [{
+            "n": a.n, "pid": a.pid, "started_at": _ts(a.started_at), "ended_at": _ts(a.ended_at),
+            "class": str(a.klass) if a.klass else None, "evidence": a.evidence,
+            "exit_code": a.exit_code, "signal": a.signal, "error": a.error_summary,
+            "restored_step": a.restored_step, "last_step": a.last_step,
+        } for a in attempts]
+        report["outputs"] = outputs(job, JobSpec.model_validate_json(job.spec_json, strict=False))
+    return report
+
+
+def print_status(reports: list[dict[str, Any]], detail: bool) -> None:
+    if not reports:
+        click.echo("no jobs")
+    for r in reports:
+        step = r["last_committed_step"]
+        click.echo(f"{r['id']:<40} {r['state']:<12} attempts={r['attempts']:<3} "
+                   f"committed_step={'-' if step is None else step}"
+                   + (f"  ({r['reason']})" if r["reason"] else ""))
+        if not detail:
+            continue
+        for a in r["attempt_list"]:
+            click.echo(f"  attempt {a['n']}: pid {a['pid']} {a['class'] or 'running'}"
+                       f" restored_step={a['restored_step']} last_step={a['last_step']}"
+                       f" — {a['evidence'] or ''}")
+            if a["error"]:
+                click.echo(f"    error: {a['error']}")
+        click.echo(json.dumps(r["outputs"], indent=2))
+
+
+def outputs(job: Job, spec: JobSpec) -> dict[str, Any]:
+    run = RunDir(Path(job.run_dir))
+    best_files: list[str] = []
+    if spec.best:
+        template = run.output_path(spec.best.filepath)
+        stem = template.name.split("{", 1)[0]
+        if template.parent.is_dir():
+            found = [p for p in template.parent.iterdir()
+                     if (p.name.startswith(stem) if "{" in template.name else p == template)]
+            best_files = [str(p) for p in sorted(found, key=lambda p: p.stat().st_mtime_ns)]
+    return {
+        "run_dir": str(run.root), "checkpoints": str(run.checkpoint_dir(spec.checkpoint.dir)),
+        "history": str(run.history), "best_files": best_files,
+        "logs": str(run.root / "attempts"), "events": str(run.root / "events.jsonl"),
+    }
+
+
+def print_outputs(job: Job, spec: JobSpec) -> None:
+    out = outputs(job, spec)
+    click.echo(f"job {job.id}: {job.state}" + (f" ({job.reason})" if job.reason else ""), err=True)
+    click.echo(f"  run dir:     {out['run_dir']}", err=True)
+    click.echo(f"  checkpoints: {out['checkpoints']}", err=True)
+    click.echo(f"  history:     {out['history']}", err=True)
+    if out["best_files"]:
+        click.echo(f"  best:        {out['best_files'][-1]}"
+                   + (f" (+{len(out['best_files']) - 1} earlier)"
+                      if len(out["best_files"]) > 1 else ""), err=True)

@@ -1,0 +1,156 @@
+"""Decisions, as pure functions: how did an attempt end, and what happens next.
+
+The supervisor loop observes (exit status, error file, heartbeats, memory), calls these, and acts.
+Nothing here touches the OS or the clock, so every rule is a row in a table-driven test.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+from dataclasses import dataclass
+from enum import StrEnum
+
+from ckptd.state import protocol as p
+from ckptd.state.jobspec import Restart
+from ckptd.state.states import AttemptClass as C
+
+CRASH_LOOP_REPEATS = 3
+_GPU_FAULT = re.compile(
+    r"CUDA_ERROR_(?!OUT_OF_MEMORY)\w+|illegal memory access|fallen off the bus|ECC|Xid|"
+    r"CUBLAS_STATUS_EXECUTION_FAILED|cudaErrorLaunchFailure|GPU is lost|NVML_ERROR", re.I)
+
+
+@dataclass(frozen=True)
+class ExitObservation:
+    exit_code: int | None  # None when killed by a signal
+    signal: int | None
+    error_type: str | None = None  # from the worker's error file
+    error_message: str | None = None
+    hang: str | None = None  # why the supervisor declared a hang, if it did
+    oom_evidence: str | None = None  # memory limit reached, cgroup oom_kill, kernel log
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _classify_error(o: ExitObservation) -> tuple[C, str]:
+    etype, msg = o.error_type or "", o.error_message or ""
+    where = f"{etype.rsplit('.', 1)[-1]}: {msg}"[:500]
+    if etype.endswith("ResourceExhaustedError"):
+        return C.GPU_OOM, where
+    if _GPU_FAULT.search(msg) or _GPU_FAULT.search(etype):
+        return C.GPU_FAULT, where
+    if etype.endswith("MemoryError"):
+        return C.HOST_OOM, where
+    if etype:
+        return C.CRASH, where
+    return C.CRASH, f"exit code {o.exit_code} without an error file"
+
+
+def classify_exit(o: ExitObservation) -> tuple[C, str]:
+    """One class per attempt, with the evidence that chose it."""
+    if o.hang:
+        return C.HANG, o.hang
+    if o.signal is not None:
+        name = _signal_name(o.signal)
+        if o.signal == signal.SIGKILL:
+            if o.oom_evidence:
+                return C.HOST_OOM, f"SIGKILL; {o.oom_evidence}"
+            return C.KILLED, "SIGKILL without evidence of an out-of-memory kill"
+        if o.signal in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            return C.KILLED, f"{name} before the worker could save"
+        return C.CRASH, f"died of {name}"
+    codes = {
+        p.EXIT_OK: (C.SUCCEEDED, "training finished"),
+        p.EXIT_PREEMPTED: (C.PREEMPTED, "saved a checkpoint on request and stopped"),
+        p.EXIT_CONFIG: (C.CONFIG_ERROR, o.error_message or "configuration error"),
+        p.EXIT_LOCKED: (C.CONFIG_ERROR, o.error_message or "checkpoint directory in use"),
+        p.EXIT_NO_VALID_CHECKPOINT: (C.CONFIG_ERROR, o.error_message or "no valid checkpoint"),
+    }
+    if o.exit_code in codes:
+        return codes[o.exit_code]  # type: ignore[index]
+    return _classify_error(o)
+
+
+class Action(StrEnum):
+    DONE = "done"
+    RESTART = "restart"
+    FAIL = "fail"
+
+
+@dataclass(frozen=True)
+class AttemptOutcome:
+    klass: C
+    restored_step: int | None  # the checkpoint step it started from (None: from scratch)
+    committed_step: int | None  # the newest committed step when it ended
+    last_step: int | None  # the last step its heartbeat reported
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    delay: float = 0.0
+    reason: str = ""
+    counts_against_budget: bool = False
+
+
+NEVER_RETRY = frozenset({C.CONFIG_ERROR})
+FREE_RESTART = frozenset({C.PREEMPTED, C.LOST})
+
+
+def _made_progress(a: AttemptOutcome) -> bool:
+    if a.committed_step is None:
+        return False
+    return a.restored_step is None or a.committed_step > a.restored_step
+
+
+def failures_without_progress(history: list[AttemptOutcome]) -> int:
+    """Trailing failed attempts since the last one that committed beyond what it restored."""
+    n = 0
+    for a in reversed(history):
+        if _made_progress(a):
+            break
+        if a.klass not in FREE_RESTART:
+            n += 1
+    return n
+
+
+def backoff(failures: int, policy: Restart, jitter: float) -> float:
+    """Exponential backoff with 'equal jitter' (half fixed, half random), within the bounds."""
+    base = min(policy.backoff_max_seconds,
+               policy.backoff_initial_seconds * 2 ** max(0, failures - 1))
+    delay = base / 2 + base / 2 * min(max(jitter, 0.0), 1.0)
+    return max(policy.backoff_initial_seconds, min(policy.backoff_max_seconds, delay))
+
+
+def _crash_loop(history: list[AttemptOutcome]) -> bool:
+    tail = history[-CRASH_LOOP_REPEATS:]
+    if len(tail) < CRASH_LOOP_REPEATS or any(_made_progress(a) for a in tail):
+        return False
+    first = tail[0]
+    return all(a.klass == first.klass and a.last_step == first.last_step for a in tail)
+
+
+def decide_restart(history: list[AttemptOutcome], policy: Restart, jitter: float) -> Decision:
+    """What to do after the last attempt in `history` ended. `jitter` is uniform in [0, 1)."""
+    last = history[-1]
+    if last.klass == C.SUCCEEDED:
+        return Decision(Action.DONE, reason="training finished")
+    if last.klass in NEVER_RETRY:
+        return Decision(Action.FAIL, reason=f"{last.klass}: not retried")
+    if last.klass in FREE_RESTART:
+        return Decision(Action.RESTART, 0.0, f"{last.klass}: resuming without spending budget")
+    if _crash_loop(history):
+        return Decision(Action.FAIL, reason=f"crash loop: {last.klass} at step {last.last_step} "
+                        f"{CRASH_LOOP_REPEATS} times in a row")
+    failures = failures_without_progress(history)
+    if failures > policy.max_restarts:
+        return Decision(Action.FAIL, reason=f"{failures} failures without progress; "
+                        f"max_restarts={policy.max_restarts}")
+    return Decision(Action.RESTART, backoff(failures, policy, jitter),
+                    f"{last.klass}: restart {failures}/{policy.max_restarts}", True)

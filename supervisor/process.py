@@ -1,0 +1,88 @@
+"""The one OS seam of the supervisor: start a worker, poll it, signal its process group.
+
+Supervisor tests replace `ProcessOps` with a fake; everything else in the loop is plain logic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import psutil
+
+# Never hand these to a worker: systemd's notify socket and watchdog belong to the daemon.
+_STRIP_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    exit_code: int | None
+    signal: int | None
+
+
+class ProcessOps(Protocol):
+    def spawn(self, argv: list[str], cwd: Path, stdout: Path, stderr: Path) -> int: ...
+    def poll(self, pid: int) -> ExitStatus | None: ...
+    def signal_group(self, pid: int, sig: int) -> None: ...
+    def rss(self, pid: int) -> int | None: ...
+    def monotonic(self) -> float: ...
+    def sleep(self, seconds: float) -> None: ...
+
+
+def worker_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _STRIP_ENV}
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def worker_argv(run_dir: Path, attempt: int) -> list[str]:
+    return [sys.executable, "-m", "ckptd.worker", str(run_dir), str(attempt)]
+
+
+class RealProcessOps:
+    def __init__(self) -> None:
+        self._procs: dict[int, subprocess.Popen[bytes]] = {}
+
+    def spawn(self, argv: list[str], cwd: Path, stdout: Path, stderr: Path) -> int:
+        stdout.parent.mkdir(parents=True, exist_ok=True)
+        with open(stdout, "ab") as out, open(stderr, "ab") as err:
+            # Own session and process group: a terminal's Ctrl-C reaches only the supervisor,
+            # which asks the worker to save; and killing the group leaves no orphan behind.
+            proc = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=err, env=worker_env(), close_fds=True,
+                                    start_new_session=True)
+        self._procs[proc.pid] = proc
+        return proc.pid
+
+    def poll(self, pid: int) -> ExitStatus | None:
+        proc = self._procs[pid]
+        rc = proc.poll()
+        if rc is None:
+            return None
+        del self._procs[pid]
+        self.signal_group(pid, signal.SIGKILL)  # reap anything the worker left in its group
+        return ExitStatus(rc, None) if rc >= 0 else ExitStatus(None, -rc)
+
+    def signal_group(self, pid: int, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, sig)
+
+    def rss(self, pid: int) -> int | None:
+        try:
+            return int(psutil.Process(pid).memory_info().rss)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            return None
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)

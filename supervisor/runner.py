@@ -1,0 +1,213 @@
+"""Supervise one job: start a worker per attempt, watch it, classify its end, restart or stop.
+
+The loop only observes → decides (ckptd.supervisor.policy) → acts (ProcessOps, the store).
+Signal handlers elsewhere only append to `StopRequests`; this loop dispatches them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ckptd.state import protocol as p
+from ckptd.state.jobspec import JobSpec
+from ckptd.state.paths import RunDir
+from ckptd.state.states import AttemptClass, JobState
+from ckptd.state.store import Store
+from ckptd.supervisor.policy import (
+    Action,
+    AttemptOutcome,
+    ExitObservation,
+    classify_exit,
+    decide_restart,
+)
+from ckptd.supervisor.process import ExitStatus, ProcessOps, worker_argv
+
+POLL_SECONDS = 0.05
+STOP_GRACE_SECONDS = 60.0  # a polite stop waits this long for the final save before SIGKILL
+HANG_GRACE_SECONDS = 10.0
+
+
+class Display(Protocol):
+    def heartbeat(self, hb: p.Heartbeat) -> None: ...
+    def event(self, ev: dict[str, Any]) -> None: ...
+    def attempt_started(self, n: int, pid: int) -> None: ...
+    def attempt_ended(self, n: int, klass: AttemptClass, evidence: str) -> None: ...
+    def restarting(self, delay: float, reason: str) -> None: ...
+
+
+@dataclass
+class StopRequests:
+    """Appended to by signal handlers (nothing else happens in a handler)."""
+
+    signals: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Watch:
+    n: int
+    pid: int
+    started: float
+    last_change: float
+    last_seq: int = -1
+    phase: str = "starting"
+    restored_step: int | None = None
+    committed_step: int | None = None
+    last_step: int | None = None
+    term_sent: float | None = None
+    kill_sent: bool = False
+    hang: str | None = None
+    oom: str | None = None
+    stops_seen: int = 0
+
+
+class JobRunner:
+    def __init__(self, store: Store, job_id: str, spec: JobSpec, run: RunDir, ops: ProcessOps,
+                 display: Display, stops: StopRequests,
+                 jitter: Callable[[], float] = random.random) -> None:
+        self.store, self.job_id, self.spec, self.run = store, job_id, spec, run
+        self.ops, self.display, self.stops, self.jitter = ops, display, stops, jitter
+        self.history: list[AttemptOutcome] = []
+        self.committed_step: int | None = store.job(job_id).last_committed_step
+        self.events = p.EventTail(run.root / p.EVENTS_FILE)
+
+    def run_job(self) -> JobState:
+        """Run attempts until the job succeeds, fails or is interrupted. Returns the end state."""
+        while True:
+            outcome = self._attempt()
+            if self.stops.signals:
+                self.store.transition(self.job_id, JobState.INTERRUPTED,
+                                      f"stopped by {signal.Signals(self.stops.signals[0]).name}")
+                return JobState.INTERRUPTED
+            decision = decide_restart(self.history, self.spec.restart, self.jitter())
+            if decision.action == Action.DONE:
+                self.store.transition(self.job_id, JobState.SUCCEEDED, decision.reason)
+                return JobState.SUCCEEDED
+            if decision.action == Action.FAIL:
+                self.store.transition(self.job_id, JobState.FAILED, decision.reason)
+                return JobState.FAILED
+            self.store.transition(self.job_id, JobState.BACKOFF, decision.reason)
+            self.display.restarting(decision.delay, decision.reason)
+            if not self._sleep(decision.delay):
+                self.store.transition(self.job_id, JobState.INTERRUPTED, "stopped during backoff")
+                return JobState.INTERRUPTED
+            self.store.transition(self.job_id, JobState.RUNNING, f"attempt after {outcome.klass}")
+
+    def _sleep(self, delay: float) -> bool:
+        end = self.ops.monotonic() + delay
+        while self.ops.monotonic() < end:
+            if self.stops.signals:
+                return False
+            self.ops.sleep(min(POLL_SECONDS * 2, end - self.ops.monotonic()))
+        return True
+
+    # -- one attempt ------------------------------------------------------------------------
+
+    def _attempt(self) -> AttemptOutcome:
+        n = len(self.store.attempts(self.job_id)) + 1
+        adir = self.run.attempt_dir(n)
+        self.events.offset = _size(self.run.root / p.EVENTS_FILE)
+        pid = self.ops.spawn(worker_argv(self.run.root, n), self.run.root,
+                             adir / "stdout.log", adir / "stderr.log")
+        self.store.start_attempt(self.job_id, pid)
+        self.display.attempt_started(n, pid)
+        now = self.ops.monotonic()
+        w = Watch(n=n, pid=pid, started=now, last_change=now)
+        status = self._watch(w)
+        self._drain_events(w)
+        err = _read_error(adir / p.ERROR_FILE)
+        obs = ExitObservation(status.exit_code, status.signal, err.get("type"), err.get("message"),
+                              w.hang, w.oom)
+        klass, evidence = classify_exit(obs)
+        self.store.end_attempt(self.job_id, n, exit_code=status.exit_code, signal=status.signal,
+                               klass=klass, evidence=evidence,
+                               error_summary=_summary(err), restored_step=w.restored_step,
+                               last_step=w.last_step)
+        self.display.attempt_ended(n, klass, evidence)
+        outcome = AttemptOutcome(klass, w.restored_step, w.committed_step, w.last_step)
+        self.history.append(outcome)
+        return outcome
+
+    def _watch(self, w: Watch) -> ExitStatus:
+        while True:
+            status = self.ops.poll(w.pid)
+            if status is not None:
+                return status
+            self._observe(w)
+            self._enforce(w)
+            self.ops.sleep(POLL_SECONDS)
+
+    def _observe(self, w: Watch) -> None:
+        hb = p.Heartbeat.read(self.run.heartbeat)
+        if hb is not None and hb.attempt == w.n and hb.seq != w.last_seq:
+            w.last_seq, w.phase = hb.seq, hb.phase
+            w.last_change = self.ops.monotonic()
+            w.last_step = hb.step
+            if hb.restored_step is not None:
+                w.restored_step = hb.restored_step
+            self.display.heartbeat(hb)
+        self._drain_events(w)
+        limit = self.spec.resources.memory_limit
+        if limit and w.oom is None:
+            rss = self.ops.rss(w.pid)
+            if rss is not None and rss > limit:
+                w.oom = f"RSS {rss} bytes exceeded resources.memory_limit {limit}"
+                self.ops.signal_group(w.pid, signal.SIGKILL)
+
+    def _drain_events(self, w: Watch) -> None:
+        for ev in self.events.read():
+            if ev.get("event") == "checkpoint.committed":
+                self.store.record_checkpoint(self.job_id, ev["step"], ev["epoch"], ev["path"],
+                                             ev.get("metrics") or {}, ev.get("digest", ""))
+                w.committed_step = self.committed_step = ev["step"]
+            elif ev.get("event") == "restore.done":
+                w.restored_step = w.committed_step = ev["step"]
+            self.display.event(ev)
+
+    def _enforce(self, w: Watch) -> None:
+        now = self.ops.monotonic()
+        if len(self.stops.signals) > w.stops_seen:
+            w.stops_seen = len(self.stops.signals)
+            if w.term_sent is None:
+                self.ops.signal_group(w.pid, signal.SIGTERM)
+                w.term_sent = now
+            else:  # asked twice: stop now
+                self.ops.signal_group(w.pid, signal.SIGKILL)
+                w.kill_sent = True
+        if w.term_sent is None and w.hang is None:
+            limit = (self.spec.restart.startup_grace_seconds
+                     if w.phase in ("starting", "restoring")
+                     else self.spec.restart.heartbeat_timeout_seconds)
+            if now - w.last_change > limit:
+                w.hang = f"no progress heartbeat for {now - w.last_change:.1f}s in phase {w.phase}"
+                self.ops.signal_group(w.pid, signal.SIGTERM)
+                w.term_sent = now
+        grace = HANG_GRACE_SECONDS if w.hang else STOP_GRACE_SECONDS
+        if w.term_sent is not None and not w.kill_sent and now - w.term_sent > grace:
+            self.ops.signal_group(w.pid, signal.SIGKILL)
+            w.kill_sent = True
+
+
+def _size(path: Any) -> int:
+    try:
+        return int(path.stat().st_size)
+    except OSError:
+        return 0
+
+
+def _read_error(path: Any) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _summary(err: dict[str, Any]) -> str | None:
+    if not err:
+        return None
+    return f"{str(err.get('type', '')).rsplit('.', 1)[-1]}: {err.get('message', '')}"[:1000]
