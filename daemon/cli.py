@@ -80,7 +80,7 @@ def _pick_job(store: Store, home: Path, job_file: Path | None, resume: str | Non
             job = store.job(resume)
         except StoreError as e:
             _die(str(e), EXIT_BAD_INPUT)
-        if job.state not in RESUMABLE:
+        if job.state not in RESUMABLE | jobs.STALE:
             _die(f"job {job.id} is {job.state}; only {', '.join(sorted(RESUMABLE))} jobs resume",
                  EXIT_BAD_INPUT)
         return job, jobs.spec_of(job), True
@@ -124,6 +124,7 @@ def run(home: Path, job_file: Path | None, resume: str | None, new: bool, progre
         jobs.lock_job(run_dir)
     except jobs.JobBusy as e:
         _die(str(e))
+    job = jobs.reconcile_lost(store, job)
     use_bar = progress == "bar" or (progress == "auto" and sys.stderr.isatty())
     logs.configure(json_lines=not use_bar)
     log = logs.get(job_id=job.id)
@@ -169,15 +170,17 @@ def status(home: Path, job_id: str | None, as_json: bool) -> None:
 @cli.command()
 @click.argument("job_id")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--all", "include_retired", is_flag=True,
+              help="Include checkpoints already deleted by retention (max_to_keep).")
 @click.pass_obj
-def checkpoints(home: Path, job_id: str, as_json: bool) -> None:
+def checkpoints(home: Path, job_id: str, as_json: bool, include_retired: bool) -> None:
     """List a job's committed checkpoints (newest last)."""
     store = _open_store(home)
     try:
         store.job(job_id)
     except StoreError as e:
         _die(str(e), EXIT_BAD_INPUT)
-    rows = store.checkpoints(job_id)
+    rows = store.checkpoints(job_id, include_retired)
     for r in rows:
         r["metrics"] = json.loads(r.pop("metrics_json") or "{}")
     if as_json:
@@ -187,7 +190,8 @@ def checkpoints(home: Path, job_id: str, as_json: bool) -> None:
         click.echo(f"{job_id}: no committed checkpoint yet")
     for r in rows:
         metrics = " ".join(f"{k}={v:.4f}" for k, v in sorted(r["metrics"].items()))
-        click.echo(f"step {r['step']:>8}  epoch {r['epoch']:>5}  {r['path']}  {metrics}")
+        retired = "  (retired)" if r["retired_at"] else ""
+        click.echo(f"step {r['step']:>8}  epoch {r['epoch']:>5}  {r['path']}  {metrics}{retired}")
 
 
 def main() -> None:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
+import signal
 from pathlib import Path
+
+import psutil
 
 from ckptd.state.durable import atomic_write_bytes, atomic_write_text, fsync_dir
 from ckptd.state.jobspec import JobSpec, spec_digest, spec_from_json, spec_json
 from ckptd.state.paths import RunDir
-from ckptd.state.states import RESUMABLE, JobState
+from ckptd.state.states import RESUMABLE, AttemptClass, JobState
 from ckptd.state.store import Job, Store, new_job_id
 
 
@@ -36,7 +40,7 @@ def create_job(store: Store, state: Path, spec: JobSpec, raw: bytes, job_file: P
 def find_resumable(store: Store, spec: JobSpec) -> Job | None:
     """The newest job with this name, if it is resumable and its spec is identical."""
     job = store.latest_by_name(spec.name)
-    if job and job.state in RESUMABLE and job.spec_digest == spec_digest(spec):
+    if job and job.state in RESUMABLE | STALE and job.spec_digest == spec_digest(spec):
         return job
     return None
 
@@ -56,3 +60,41 @@ def lock_job(run: RunDir) -> int:
         raise JobBusy(f"job in {run.root} is already being supervised by another ckptd") from e
     return fd
 
+
+
+STALE = frozenset({JobState.RUNNING, JobState.BACKOFF})
+
+
+def _stop_orphan(pid: int, run: RunDir, timeout: float = 60.0) -> str:
+    """A worker of a lost supervisor may still run (own session): ask it to save, then kill."""
+    try:
+        proc = psutil.Process(pid)
+        cmd = " ".join(proc.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return "worker gone"
+    if "ckptd.worker" not in cmd or str(run.root) not in cmd:
+        return "worker gone (pid reused)"
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+        return "orphan worker stopped with SIGTERM (saved on the way out)"
+    except psutil.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+        return "orphan worker killed with SIGKILL"
+
+
+def reconcile_lost(store: Store, job: Job) -> Job:
+    """With the job lock held: a job the store says is running, but that no supervisor holds, lost
+    its supervisor (crash, SIGKILL, power cut). Close its open attempts as `lost`."""
+    if job.state not in STALE:
+        return job
+    run = RunDir(Path(job.run_dir))
+    for a in store.attempts(job.id):
+        if a.ended_at is None:
+            what = _stop_orphan(a.pid, run) if a.pid else "no worker"
+            store.end_attempt(job.id, a.n, exit_code=None, signal=None, klass=AttemptClass.LOST,
+                              evidence=f"supervisor lost; {what}", error_summary=None,
+                              restored_step=a.restored_step, last_step=a.last_step)
+    return store.transition(job.id, JobState.INTERRUPTED, "supervisor was lost")

@@ -58,6 +58,7 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     committed_at REAL NOT NULL,
     metrics_json TEXT,
     digest TEXT,
+    retired_at REAL,
     PRIMARY KEY (job_id, step)
 );
 CREATE TABLE IF NOT EXISTS events (
@@ -270,8 +271,15 @@ class Store:
             self._event(db, job_id, "checkpoint.committed", {"step": step, "epoch": epoch})
         return True
 
-    def checkpoints(self, job_id: str) -> list[dict[str, Any]]:
-        rows = self._db.execute("SELECT * FROM checkpoints WHERE job_id = ? ORDER BY step",
+    def retire_checkpoints(self, job_id: str, steps: list[int]) -> None:
+        """Mark checkpoints deleted by retention (kept as history, no longer restorable)."""
+        with self.write() as db:
+            db.executemany("UPDATE checkpoints SET retired_at = ? WHERE job_id = ? AND step = ?",
+                           [(time.time(), job_id, s) for s in steps])
+
+    def checkpoints(self, job_id: str, include_retired: bool = False) -> list[dict[str, Any]]:
+        where = "" if include_retired else " AND retired_at IS NULL"
+        rows = self._db.execute(f"SELECT * FROM checkpoints WHERE job_id = ?{where} ORDER BY step",
                                 (job_id,))
         return [dict(r) for r in rows]
 

@@ -105,7 +105,7 @@ def _format_yaml_error(source: str, exc: yaml.YAMLError) -> str:
     if isinstance(exc, yaml.MarkedYAMLError):
         mark = exc.problem_mark or exc.context_mark
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
-        problem = exc.problem or exc.context or "invalid YAML"
+        problem = "; ".join(filter(None, (exc.context, exc.problem))) or "invalid YAML"
         return f"{where}: {problem}"
     return f"{source}: {exc}"
 

@@ -164,6 +164,8 @@ class JobRunner:
                 self.store.record_checkpoint(self.job_id, ev["step"], ev["epoch"], ev["path"],
                                              ev.get("metrics") or {}, ev.get("digest", ""))
                 w.committed_step = self.committed_step = ev["step"]
+            elif ev.get("event") == "checkpoint.retired":
+                self.store.retire_checkpoints(self.job_id, ev["steps"])
             elif ev.get("event") == "restore.done":
                 w.restored_step = w.committed_step = ev["step"]
             self.display.event(ev)

@@ -71,6 +71,7 @@ class Keeper:
         self.ckpt = ckpt
         self.max_to_keep = max_to_keep
         self.keep_every_n_hours = keep_every_n_hours
+        self.retired: list[Manifest] = []
         # max_to_keep=None: TF must never delete anything; retention happens after our commit.
         self.manager = tf.train.CheckpointManager(ckpt, str(directory), max_to_keep=None,
                                                   checkpoint_name=PREFIX)
@@ -160,10 +161,11 @@ class Keeper:
                             digest=digest.hexdigest())
         atomic_write_text(self.dir / f"{manifest.prefix}.manifest.json",
                           json.dumps(manifest.__dict__, sort_keys=True))
-        self._rotate()
+        self.retired = self._rotate()
         return manifest
 
-    def _rotate(self) -> None:
+    def _rotate(self) -> list[Manifest]:
+        """Apply retention after a commit; returns the manifests of deleted checkpoints."""
         committed = self.committed()
         doomed = to_delete([Committed(m.number, m.wall_time) for m in committed],
                            self.max_to_keep, self.keep_every_n_hours)
@@ -174,3 +176,4 @@ class Keeper:
         if doomed:
             fsync_dir(self.dir)
             self.collect_garbage()
+        return [m for m in committed if m.number in doomed]

@@ -169,6 +169,9 @@ class Loop:
         self.event("checkpoint.committed", number=m.number, step=step, epoch=epoch,
                    path=str(self.keeper.dir / m.prefix), digest=m.digest, metrics=m.metrics,
                    reason=reason, seconds=round(time.monotonic() - t0, 4))
+        if self.keeper.retired:
+            self.event("checkpoint.retired", steps=[r.step for r in self.keeper.retired],
+                       numbers=[r.number for r in self.keeper.retired])
         self.beater.beat("training", force=True, committed_step=step)
 
     def write_history(self) -> None:

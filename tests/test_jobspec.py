@@ -1,0 +1,130 @@
+"""Job files: strict YAML + schema, one message per problem naming the field."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ckptd.state.jobspec import load_job_file, parse_job
+from ckptd.state.yamlstrict import JobFileError
+
+from .conftest import EXAMPLE, ckptd_cmd, env_with
+
+GOOD = "name: ok\nmodel: pkg.mod:build\n"
+
+BAD = [
+    # (document, expected fragment of the message)
+    (GOOD + "train: {epochs: NO}\n", "train.epochs"),
+    (GOOD + "train: {shuffle: off}\n", "train.shuffle"),
+    (GOOD + "train: {shuffle: yes}\n", "train.shuffle"),
+    (GOOD + "train: {seed: 0755}\n", "train.seed"),
+    (GOOD + "train: {epochs: 1e3}\n", "train.epochs"),
+    (GOOD + "train: {epochs: 0}\n", "train.epochs"),
+    (GOOD + "train: {epochs: 99999999999999999999999}\n", "train.epochs"),
+    (GOOD + "train: {validation_split: 1.0}\n", "train.validation_split"),
+    (GOOD + "train: {validation_split: .nan}\n", "train.validation_split"),
+    (GOOD + "checkpoint: {max_to_kep: 3}\n", "checkpoint.max_to_kep: unknown field"),
+    (GOOD + "checkpoint: {max_to_keep: 0}\n", "checkpoint.max_to_keep"),
+    (GOOD + "checkpoint: {every_steps: 0}\n", "checkpoint.every_steps"),
+    (GOOD + "checkpoint: {keep_every_n_hours: -1}\n", "checkpoint.keep_every_n_hours"),
+    (GOOD + "restart: {max_restarts: -1}\n", "restart.max_restarts"),
+    (GOOD + "restart: {heartbeat_timeout_seconds: 0}\n", "restart.heartbeat_timeout_seconds"),
+    (GOOD + "restart: {backoff_initial_seconds: 10, backoff_max_seconds: 1}\n", "restart"),
+    (GOOD + "resources: {gpus: -1}\n", "resources.gpus"),
+    (GOOD + "resources: {memory_limit: lots}\n", "resources.memory_limit"),
+    (GOOD + "best: {filepath: weights.txt}\n", "best.filepath"),
+    (GOOD + "best: {mode: biggest}\n", "best.mode"),
+    (GOOD + "early_stopping: {patience: -3}\n", "early_stopping.patience"),
+    ("name: ok\n", "model: required field is missing"),
+    ("name: ../evil\nmodel: a.b:c\n", "name"),
+    ("name: \"x\\e[31m\"\nmodel: a.b:c\n", "name"),
+    ("name: ok\nmodel: not-an-entrypoint\n", "model"),
+    ("name: 1.10\nmodel: a.b:c\n", "name"),
+    ("name: a\nname: b\nmodel: a.b:c\n", "duplicate key 'name'"),
+    ("a: &x [1]\nb: *x\n", "anchors"),
+    ("base: {x: 1}\nother:\n  <<: {y: 1}\n", "merge keys"),
+    ("name: !!python/object:os.system x\n", "explicit YAML tags"),
+    ("name: !env HOME\n", "explicit YAML tags"),
+    ("name: !!binary aGVsbG8=\nmodel: a.b:c\n", "explicit YAML tags"),
+    ("- 1\n- 2\n", "top level is a list"),
+    ("# only a comment\n", "empty"),
+    ("null\n", "top level is a null"),
+    ("name: a\n---\nname: b\n", "single document"),
+    ("name: [unclosed\n", "job.yaml:"),
+    ("x: " + "[" * 100 + "]" * 100 + "\n", "nesting"),
+    (GOOD + "params: {lr: .inf}\n", "params"),
+]
+
+
+@pytest.mark.parametrize(("doc", "fragment"), BAD)
+def test_bad_job_is_rejected_naming_the_field(doc: str, fragment: str) -> None:
+    with pytest.raises(JobFileError) as e:
+        parse_job(doc.encode(), "job.yaml", Path("."))
+    assert any(fragment in p for p in e.value.problems), e.value.problems
+    assert all(p.startswith("job.yaml") for p in e.value.problems)
+
+
+@pytest.mark.parametrize(("data", "fragment"), [
+    (b"\xff\xfename: x\n", "UTF-8"),
+    (b"\xef\xbb\xbfname: x\n", "byte-order mark"),
+    (b"name: x\x00\n", "NUL"),
+    (b"name: x\n" + b"#" * 300_000, "cap"),
+])
+def test_bad_bytes_are_rejected(data: bytes, fragment: str) -> None:
+    with pytest.raises(JobFileError) as e:
+        parse_job(data, "job.yaml", Path("."))
+    assert fragment in e.value.problems[0]
+
+
+def test_every_problem_is_reported_once() -> None:
+    doc = GOOD + "train: {epochs: NO, batch_size: 0, shuffle: on}\ncheckpoint: {max_to_kep: 1}\n"
+    with pytest.raises(JobFileError) as e:
+        parse_job(doc.encode(), "job.yaml", Path("."))
+    assert len(e.value.problems) == 4
+
+
+def test_alias_bomb_is_rejected_fast() -> None:
+    bomb = "a: &a [x,x,x,x,x,x,x,x,x]\n" + "".join(
+        f"{c}: &{c} [*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p}]\n"
+        for p, c in zip("abcdefgh", "bcdefghi", strict=True))
+    with pytest.raises(JobFileError, match="anchors"):
+        parse_job(bomb.encode(), "job.yaml", Path("."))
+
+
+def test_example_jobs_validate_and_resolve_paths() -> None:
+    for name in ("job.yaml", "job-best.yaml"):
+        spec, _ = load_job_file(EXAMPLE / name)
+        assert spec.model == f"{EXAMPLE / 'model.py'}:build"
+        assert spec.params["csv"] == str(EXAMPLE / "pima-indians-diabetes.csv")
+        assert spec.train.epochs == 150 and spec.train.batch_size == 10
+        assert spec.best is not None and spec.best.monitor == "val_accuracy"
+
+
+def test_missing_model_file_names_the_field(tmp_path: Path) -> None:
+    job = tmp_path / "j.yaml"
+    job.write_text("name: x\nmodel: nothere.py:build\n")
+    with pytest.raises(JobFileError, match="model: file .*nothere.py does not exist"):
+        load_job_file(job)
+
+
+def test_cli_validate_exit_2_and_records_nothing(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    job = tmp_path / "bad.yaml"
+    job.write_text(GOOD + "train: {epochs: NO}\n")
+    for cmd in (["validate", str(job)], ["run", str(job)]):
+        r = subprocess.run(ckptd_cmd(*cmd), env=env_with(home), capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 2, r.stderr
+        assert "train.epochs" in r.stderr
+    assert not (home / "jobs").exists() or not any((home / "jobs").iterdir())
+    r = subprocess.run(ckptd_cmd("status", "--json"), env=env_with(home), capture_output=True,
+                       text=True, timeout=60)
+    assert r.stdout.strip() == "[]"
+
+
+def test_cli_validate_ok() -> None:
+    r = subprocess.run(ckptd_cmd("validate", str(EXAMPLE / "job.yaml")), capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and "ok" in r.stdout

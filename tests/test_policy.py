@@ -1,0 +1,106 @@
+"""Pure decisions: exit classification and restart policy, table-driven."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from ckptd.state import protocol as p
+from ckptd.state.jobspec import Restart
+from ckptd.state.states import AttemptClass as C
+from ckptd.supervisor.policy import (
+    Action,
+    AttemptOutcome,
+    ExitObservation,
+    backoff,
+    classify_exit,
+    decide_restart,
+    failures_without_progress,
+)
+
+CLASSIFY = [
+    (ExitObservation(0, None), C.SUCCEEDED),
+    (ExitObservation(p.EXIT_PREEMPTED, None), C.PREEMPTED),
+    (ExitObservation(p.EXIT_CONFIG, None, "ConfigError", "model: no build"), C.CONFIG_ERROR),
+    (ExitObservation(p.EXIT_LOCKED, None), C.CONFIG_ERROR),
+    (ExitObservation(p.EXIT_NO_VALID_CHECKPOINT, None), C.CONFIG_ERROR),
+    (ExitObservation(1, None, "builtins.ValueError", "boom"), C.CRASH),
+    (ExitObservation(1, None), C.CRASH),
+    (ExitObservation(3, None), C.CRASH),
+    (ExitObservation(1, None, "tensorflow.python.framework.errors_impl.ResourceExhaustedError",
+                     "OOM when allocating tensor"), C.GPU_OOM),
+    (ExitObservation(1, None, "tensorflow.python.framework.errors_impl.InternalError",
+                     "CUDA_ERROR_ECC_UNCORRECTABLE: uncorrectable ECC error"), C.GPU_FAULT),
+    (ExitObservation(1, None, "InternalError", "an illegal memory access was encountered"),
+     C.GPU_FAULT),
+    (ExitObservation(1, None, "builtins.MemoryError", ""), C.HOST_OOM),
+    (ExitObservation(None, signal.SIGKILL), C.KILLED),
+    (ExitObservation(None, signal.SIGKILL, oom_evidence="RSS over limit"), C.HOST_OOM),
+    (ExitObservation(None, signal.SIGSEGV), C.CRASH),
+    (ExitObservation(None, signal.SIGABRT), C.CRASH),
+    (ExitObservation(None, signal.SIGTERM), C.KILLED),
+    (ExitObservation(None, signal.SIGKILL, hang="no heartbeat for 121s"), C.HANG),
+    (ExitObservation(p.EXIT_PREEMPTED, None, hang="no heartbeat"), C.HANG),
+]
+
+
+@pytest.mark.parametrize(("obs", "expected"), CLASSIFY)
+def test_classify_exit(obs: ExitObservation, expected: C) -> None:
+    klass, evidence = classify_exit(obs)
+    assert klass == expected
+    assert evidence
+
+
+POLICY = Restart(max_restarts=2, backoff_initial_seconds=1, backoff_max_seconds=8)
+
+
+def A(klass: C, restored: int | None = None, committed: int | None = None,  # noqa: N802
+      last: int | None = None) -> AttemptOutcome:
+    return AttemptOutcome(klass, restored, committed, last)
+
+
+DECIDE = [
+    ([A(C.SUCCEEDED)], Action.DONE),
+    ([A(C.CONFIG_ERROR)], Action.FAIL),
+    ([A(C.CRASH, last=5)], Action.RESTART),
+    ([A(C.CRASH, last=5), A(C.CRASH, last=6)], Action.RESTART),
+    ([A(C.CRASH, last=5), A(C.CRASH, last=6), A(C.CRASH, last=7)], Action.FAIL),  # budget 2
+    # progress (committed beyond restored) resets the budget
+    ([A(C.CRASH, last=5), A(C.CRASH, last=6), A(C.KILLED, 0, 100, 150)], Action.RESTART),
+    ([A(C.KILLED, None, 20, 30)] * 5, Action.RESTART),
+    # preempted and lost never spend budget
+    ([A(C.CRASH, last=1), A(C.CRASH, last=2), A(C.PREEMPTED), A(C.LOST)], Action.RESTART),
+    # same class at the same step three times: crash loop, even inside a bigger budget
+    ([A(C.CRASH, 100, 100, 120)] * 3, Action.FAIL),
+    ([A(C.GPU_FAULT, last=9)], Action.RESTART),
+    ([A(C.HANG, last=9)], Action.RESTART),
+    ([A(C.HOST_OOM, last=9)], Action.RESTART),
+]
+
+
+@pytest.mark.parametrize(("history", "action"), DECIDE)
+def test_decide_restart(history: list[AttemptOutcome], action: Action) -> None:
+    big = Restart(max_restarts=2 if len(history) < 9 else 50, backoff_initial_seconds=1,
+                  backoff_max_seconds=8)
+    assert decide_restart(history, big, jitter=0.5).action == action
+
+
+def test_crash_loop_needs_same_step() -> None:
+    history = [A(C.CRASH, 100, 100, 120), A(C.CRASH, 100, 100, 121), A(C.CRASH, 100, 100, 120)]
+    wide = Restart(max_restarts=10)
+    assert decide_restart(history, wide, 0.0).action == Action.RESTART
+    assert decide_restart([A(C.CRASH, 100, 100, 120)] * 3, wide, 0.0).reason.startswith("crash loop")
+
+
+def test_failures_without_progress() -> None:
+    assert failures_without_progress([A(C.CRASH), A(C.KILLED, 0, 10), A(C.CRASH), A(C.HANG)]) == 2
+    assert failures_without_progress([A(C.CRASH), A(C.LOST), A(C.PREEMPTED)]) == 1
+
+
+@pytest.mark.parametrize(("failures", "jitter", "expected"), [
+    (1, 0.0, 1.0), (1, 1.0, 1.0), (2, 0.0, 1.0), (2, 1.0, 2.0), (3, 0.5, 3.0),
+    (4, 1.0, 8.0), (10, 1.0, 8.0), (10, 0.0, 4.0),
+])
+def test_backoff_bounds(failures: int, jitter: float, expected: float) -> None:
+    assert backoff(failures, POLICY, jitter) == pytest.approx(expected)
