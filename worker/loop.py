@@ -21,6 +21,7 @@ from ckptd.state.paths import RunDir
 from ckptd.state.protocol import EVENTS_FILE, append_event
 from ckptd.worker.data import Batches
 from ckptd.worker.entry import Built
+from ckptd.worker.faults import Faults
 from ckptd.worker.h5export import save_weights_file
 from ckptd.worker.hoststate import HostState, decode_array, encode_array
 from ckptd.worker.keeper import Keeper, Manifest
@@ -112,6 +113,7 @@ class Loop:
         self.committed_step: int | None = None
         self.dirty = False
         self.last_logs: dict[str, float] = {}
+        self.faults = Faults.from_env()
 
     def event(self, kind: str, **data: Any) -> None:
         append_event(self.run.root / EVENTS_FILE, kind, attempt=self.beater.hb.attempt, **data)
@@ -204,6 +206,7 @@ class Loop:
                         ck.every_seconds and time.monotonic() - last_save >= ck.every_seconds):
                     self.save("interval")
                     last_save = time.monotonic()
+                self.faults.after_step(step, self.beater.hb.attempt)
             self.host.train_seconds += time.monotonic() - t_epoch
             self.epoch_end(epoch)
             if self.stop.requested:

@@ -1,0 +1,152 @@
+"""Real-process tests: `ckptd run` trains the Pima example in a worker; faults are real signals."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import CSV, EXAMPLE, ckptd_cmd, env_with, write_job
+from .procs import (
+    events,
+    final_state_hash,
+    finish,
+    heartbeat_when,
+    run_dir,
+    start_run,
+    status,
+)
+
+pytestmark = pytest.mark.tf
+EPOCHS = 4  # 52 steps an epoch: 208 steps, a checkpoint every 20
+
+
+@pytest.fixture(scope="module")
+def golden(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """An uninterrupted run of the test job: the oracle for exact resume."""
+    tmp = tmp_path_factory.mktemp("golden")
+    home = tmp / "home"
+    rc, out = finish(start_run(home, str(write_job(tmp, epochs=EPOCHS))))
+    assert rc == 0, out
+    return final_state_hash(run_dir(home))
+
+
+def _history_epochs(run: Path) -> list[int]:
+    with open(run / "history.csv") as f:
+        return [int(row["epoch"]) for row in csv.DictReader(f)]
+
+
+def test_uninterrupted_run_succeeds_with_outputs(tmp_path: Path, golden: dict[str, str]) -> None:
+    home = tmp_path / "home"
+    rc, out = finish(start_run(home, str(write_job(tmp_path, epochs=EPOCHS))))
+    assert rc == 0, out
+    run = run_dir(home)
+    st = status(home, run.name)
+    assert st["state"] == "succeeded" and st["attempts"] == 1
+    assert st["last_committed_step"] == EPOCHS * 52
+    assert _history_epochs(run) == list(range(EPOCHS))
+    assert (run / "weights.best.hdf5").is_file()
+    assert (run / "job.yaml").is_file() and (run / "attempts" / "0001" / "stderr.log").is_file()
+    kept = sorted((run / "checkpoints").glob("*.manifest.json"))
+    assert len(kept) == 3  # max_to_keep
+    assert final_state_hash(run) == golden  # deterministic: two clean runs agree bit for bit
+
+
+def test_sigkill_of_worker_resumes_from_checkpoint_bit_identical(
+        tmp_path: Path, golden: dict[str, str]) -> None:
+    home = tmp_path / "home"
+    proc = start_run(home, str(write_job(tmp_path, epochs=EPOCHS)), faults="step_delay=0.02")
+    run = run_dir(home)
+    # Mid-interval, after at least three commits.
+    hb = heartbeat_when(run, lambda h: h.attempt == 1 and (h.committed_step or 0) >= 60
+                        and h.step > (h.committed_step or 0))
+    os.kill(hb.pid, signal.SIGKILL)
+    rc, out = finish(proc)
+    assert rc == 0, out
+    st = status(home, run.name)
+    a1, a2 = st["attempt_list"]
+    assert a1["class"] == "killed" and a1["signal"] == signal.SIGKILL
+    assert a2["class"] == "succeeded"
+    assert a2["restored_step"] is not None and a2["restored_step"] >= 60  # not from step 0
+    assert a2["restored_step"] >= (hb.committed_step or 0)
+    assert _history_epochs(run) == list(range(EPOCHS))  # each epoch once
+    assert final_state_hash(run) == golden
+
+
+def test_ctrl_c_saves_then_same_job_file_resumes_with_zero_lost_steps(
+        tmp_path: Path, golden: dict[str, str]) -> None:
+    home = tmp_path / "home"
+    job = write_job(tmp_path, epochs=EPOCHS, every_steps=1000)  # no interval save: only SIGINT's
+    proc = start_run(home, str(job), faults="step_delay=0.02")
+    run = run_dir(home)
+    heartbeat_when(run, lambda h: h.step >= 75)
+    proc.send_signal(signal.SIGINT)
+    rc, out = finish(proc)
+    assert rc == 130, out
+    st = status(home, run.name)
+    assert st["state"] == "interrupted"
+    assert st["attempt_list"][-1]["class"] == "preempted"
+    preempted = next(e for e in events(run) if e["event"] == "worker.preempted")
+    assert st["last_committed_step"] == preempted["step"] >= 75  # 0 steps lost
+
+    rc, out = finish(start_run(home, str(job)))
+    assert rc == 0, out
+    assert len(list((home / "jobs").iterdir())) == 1  # the same job continued
+    st = status(home, run.name)
+    assert st["state"] == "succeeded"
+    assert st["attempt_list"][-1]["restored_step"] == preempted["step"]
+    assert _history_epochs(run) == list(range(EPOCHS))
+    assert final_state_hash(run) == golden
+
+
+def test_config_error_is_not_retried(tmp_path: Path) -> None:
+    model = tmp_path / "broken.py"
+    model.write_text("def build(params):\n    raise KeyError('csv')\n")
+    home = tmp_path / "home"
+    rc, out = finish(start_run(home, str(write_job(tmp_path, model=f"{model}:build"))))
+    assert rc == 1, out
+    st = status(home, run_dir(home).name)
+    assert st["state"] == "failed" and st["attempts"] == 1
+    (a,) = st["attempt_list"]
+    assert a["class"] == "config_error"
+    assert "KeyError" in a["error"] and "csv" in a["error"]
+
+
+def test_example_best_weights_load_and_reach_70_percent(tmp_path: Path) -> None:
+    """The tutorial's fixed-name variant, full length: `model.load_weights` reads the HDF5 file."""
+    home = tmp_path / "home"
+    r = subprocess.run(ckptd_cmd("run", "--progress", "json", str(EXAMPLE / "job-best.yaml")),
+                       env=env_with(home), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    best = run_dir(home) / "weights.best.hdf5"
+    code = (f"import sys; sys.path.insert(0, {str(EXAMPLE)!r})\n"
+            "from model import build\n"
+            f"m, (x, y) = build({{'csv': {str(CSV)!r}}})\n"
+            f"m.load_weights({str(best)!r})\n"
+            "print(m.evaluate(x, y, verbose=0, return_dict=True)['accuracy'])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         check=True).stdout
+    assert float(out.strip().splitlines()[-1]) >= 0.70
+
+
+@pytest.mark.parametrize("kill_at", [1, 60, 61, 104, 208])
+def test_sigkill_at_edge_points_resumes_bit_identical(tmp_path: Path, golden: dict[str, str],
+                                                      kill_at: int) -> None:
+    """Before the first checkpoint, right after a commit (60), just after (61), at an epoch
+    boundary (104), at the last step (208): the worker SIGKILLs itself there (test-only hook)."""
+    home = tmp_path / "home"
+    rc, out = finish(start_run(home, str(write_job(tmp_path, epochs=EPOCHS)),
+                               faults=f"sigkill_at_step={kill_at},attempt=1"))
+    assert rc == 0, out
+    run = run_dir(home)
+    a1, a2 = status(home, run.name)["attempt_list"]
+    assert a1["class"] == "killed"
+    expected_restore = (kill_at // 20) * 20 or None
+    assert a2["restored_step"] == expected_restore
+    assert _history_epochs(run) == list(range(EPOCHS))
+    assert final_state_hash(run) == golden
