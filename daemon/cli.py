@@ -10,7 +10,6 @@ from types import FrameType
 from typing import Any, NoReturn
 
 import click
-
 from ckptd.daemon import jobs, logs
 from ckptd.daemon.report import job_report, print_outputs, print_status
 from ckptd.state.jobspec import JobSpec, load_job_file

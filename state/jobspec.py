@@ -15,9 +15,8 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
 from ckptd.state.yamlstrict import JobFileError, load_mapping
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 ENTRY_RE = re.compile(r"^(?P<target>[^:\s]+):(?P<func>[A-Za-z_][A-Za-z0-9_]*)$")
@@ -110,13 +109,15 @@ def parse_bytes(value: int | str) -> int:
 
 class Resources(_Strict):
     gpus: int = Field(0, ge=0, le=64)
-    memory_limit: int | str | None = None
+    memory_limit: int | None = None  # bytes; the job file may say "8GiB"
 
-    @field_validator("memory_limit")
+    @field_validator("memory_limit", mode="before")
     @classmethod
-    def _size(cls, v: int | str | None) -> int | None:
+    def _size(cls, v: Any) -> int | None:
         if v is None:
             return None
+        if isinstance(v, bool) or not isinstance(v, int | str):
+            raise ValueError("must be a size such as 512MiB, 8GiB or a number of bytes")
         n = parse_bytes(v)
         if n < 64 * 2**20 or n > 2**50:
             raise ValueError("must be between 64MiB and 1PiB")

@@ -64,24 +64,24 @@ class _StrictLoader(yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser
         self._depth = 0
 
     def compose_node(self, parent: Node | None, index: Any) -> Node | None:
-        event = self.peek_event()
+        event = self.peek_event()  # type: ignore[no-untyped-call]
         if isinstance(event, AliasEvent):
             raise yaml.MarkedYAMLError(None, None, "aliases (*name) are not allowed in job files",
-                                       event.start_mark)
+                                       _mark(event))
         if isinstance(event, ScalarEvent | CollectionStartEvent):
             if event.anchor is not None:
                 raise yaml.MarkedYAMLError(None, None, "anchors (&name) are not allowed in job "
-                                           "files", event.start_mark)
+                                           "files", _mark(event))
             implicit_scalar = isinstance(event, ScalarEvent) and event.tag in (None, "!")
             if event.tag is not None and not implicit_scalar and event.tag != "!":
                 raise yaml.MarkedYAMLError(None, None, f"explicit YAML tags ({event.tag}) are not "
-                                           "allowed in job files", event.start_mark)
+                                           "allowed in job files", _mark(event))
         self._depth += 1
         if self._depth > MAX_DEPTH:
             raise yaml.MarkedYAMLError(None, None, f"nesting deeper than {MAX_DEPTH} levels",
-                                       event.start_mark)
+                                       _mark(event))
         try:
-            return super().compose_node(parent, index)  # type: ignore[no-any-return]
+            return super().compose_node(parent, index)
         finally:
             self._depth -= 1
 
@@ -98,7 +98,11 @@ class _StrictLoader(yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser
             if key in seen:
                 raise yaml.MarkedYAMLError(None, None, f"duplicate key '{key}'", key_node.start_mark)
             seen.add(key)
-        return super().construct_mapping(node, deep=True)  # type: ignore[no-any-return]
+        return super().construct_mapping(node, deep=True)
+
+
+def _mark(event: Any) -> Any:
+    return event.start_mark
 
 
 def _format_yaml_error(source: str, exc: yaml.YAMLError) -> str:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
-
 from ckptd.state import protocol as p
 from ckptd.state.states import AttemptClass
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
 _QUIET_EVENTS = {"epoch.end"}
 
@@ -67,8 +66,9 @@ class BarDisplay:
 
     def heartbeat(self, hb: p.Heartbeat) -> None:
         total = (hb.steps_per_epoch or 0) * hb.epochs or None
-        fields = {"epoch": min(hb.epoch + 1, hb.epochs or hb.epoch + 1), "epochs": hb.epochs or "?",
-                  "metrics": _fmt_logs(hb.logs)}
+        epoch = min(hb.epoch + 1, hb.epochs or hb.epoch + 1)
+        fields: dict[str, Any] = {"epoch": epoch, "epochs": hb.epochs or "?",
+                                  "metrics": _fmt_logs(hb.logs)}
         if self.task is None:
             self.task = self.progress.add_task("train", total=total, completed=hb.step, **fields)
         self.progress.update(self.task, total=total, completed=hb.step, **fields)

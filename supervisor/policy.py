@@ -73,7 +73,7 @@ def classify_exit(o: ExitObservation) -> tuple[C, str]:
         p.EXIT_NO_VALID_CHECKPOINT: (C.CONFIG_ERROR, o.error_message or "no valid checkpoint"),
     }
     if o.exit_code in codes:
-        return codes[o.exit_code]  # type: ignore[index]
+        return codes[o.exit_code]
     return _classify_error(o)
 
 
@@ -125,7 +125,7 @@ def backoff(failures: int, policy: Restart, jitter: float) -> float:
     base = min(policy.backoff_max_seconds,
                policy.backoff_initial_seconds * 2 ** max(0, failures - 1))
     delay = base / 2 + base / 2 * min(max(jitter, 0.0), 1.0)
-    return max(policy.backoff_initial_seconds, min(policy.backoff_max_seconds, delay))
+    return float(max(policy.backoff_initial_seconds, min(policy.backoff_max_seconds, delay)))
 
 
 def _crash_loop(history: list[AttemptOutcome]) -> bool:

@@ -6,7 +6,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from ckptd.state.jobspec import load_job_file, parse_job
 from ckptd.state.yamlstrict import JobFileError
 
@@ -105,7 +104,7 @@ def test_example_jobs_validate_and_resolve_paths() -> None:
 def test_missing_model_file_names_the_field(tmp_path: Path) -> None:
     job = tmp_path / "j.yaml"
     job.write_text("name: x\nmodel: nothere.py:build\n")
-    with pytest.raises(JobFileError, match="model: file .*nothere.py does not exist"):
+    with pytest.raises(JobFileError, match=r"model: file .*nothere\.py does not exist"):
         load_job_file(job)
 
 

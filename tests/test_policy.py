@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 
 import pytest
-
 from ckptd.state import protocol as p
 from ckptd.state.jobspec import Restart
 from ckptd.state.states import AttemptClass as C
@@ -55,7 +54,7 @@ def test_classify_exit(obs: ExitObservation, expected: C) -> None:
 POLICY = Restart(max_restarts=2, backoff_initial_seconds=1, backoff_max_seconds=8)
 
 
-def A(klass: C, restored: int | None = None, committed: int | None = None,  # noqa: N802
+def A(klass: C, restored: int | None = None, committed: int | None = None,
       last: int | None = None) -> AttemptOutcome:
     return AttemptOutcome(klass, restored, committed, last)
 

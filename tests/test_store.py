@@ -6,7 +6,6 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-
 from ckptd.state.states import TRANSITIONS, AttemptClass, IllegalTransition, JobState, is_legal
 from ckptd.state.store import Store, StoreError
 
@@ -51,7 +50,7 @@ def test_terminal_states_have_no_way_out() -> None:
 
 
 def test_states_are_stored_verbatim(tmp_path: Path) -> None:
-    s = _store_at(tmp_path, JobState.INTERRUPTED)
+    _store_at(tmp_path, JobState.INTERRUPTED)
     raw = sqlite3.connect(tmp_path / "ckptd.db").execute("SELECT state FROM jobs").fetchone()[0]
     assert raw == "interrupted"
 

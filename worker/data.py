@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import tensorflow as tf
-
 from ckptd.state.jobspec import Train
 from ckptd.worker.entry import ConfigError
 
@@ -47,7 +46,7 @@ def _as_arrays(pair: Any, what: str) -> ArrayPair:
 
 def _split_at(n: int, validation_split: float) -> int:
     # Keras's validation_split semantics: the *last* fraction, split at floor(n * (1 - split)).
-    split_at = int(math.floor(n * (1.0 - validation_split)))
+    split_at = math.floor(n * (1.0 - validation_split))
     if split_at in (0, n):
         raise ConfigError(f"train.validation_split={validation_split} leaves an empty training or "
                           f"validation set with {n} examples")

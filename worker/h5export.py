@@ -16,7 +16,6 @@ from typing import Any
 import h5py
 import keras
 import numpy as np
-
 from ckptd.state.durable import atomic_write_with
 
 
@@ -34,7 +33,7 @@ def _write_keras2_layout(path: Path, model: Any) -> None:
         for layer in layers:
             group = f.create_group(layer.name)
             weights = _legacy_weights(layer)
-            names = [f"{layer.name}/{w.name}:{i}".encode("utf8") for i, w in enumerate(weights)]
+            names = [f"{layer.name}/{w.name}:{i}".encode() for i, w in enumerate(weights)]
             group.attrs["weight_names"] = np.array(names, dtype="S") if names else np.array(
                 [], dtype="S1")
             for name, w in zip(names, weights, strict=True):

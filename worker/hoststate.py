@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
 from ckptd.worker.tracking import BestTracker, EarlyStopper
 
 

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import tensorflow as tf
-
 from ckptd.state.durable import atomic_write_text, fsync_dir, fsync_file
 from ckptd.state.retention import Committed, to_delete
 

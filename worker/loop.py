@@ -8,13 +8,10 @@ import io
 import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import keras
 import numpy as np
 import tensorflow as tf
-
 from ckptd.state.durable import atomic_write_text
 from ckptd.state.jobspec import JobSpec
 from ckptd.state.paths import RunDir

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -97,7 +98,6 @@ def write_error_file(attempt_dir: Path, exc: BaseException, **context: Any) -> N
         "pid": os.getpid(),
         **context,
     }
-    try:
+    # A full disk must not hide the original error: it is on stderr too.
+    with contextlib.suppress(OSError):
         atomic_write_text(attempt_dir / ERROR_FILE, json.dumps(record, indent=1, default=str))
-    except OSError:
-        pass  # a full disk must not hide the original error: it is on stderr too
