@@ -46,11 +46,11 @@ class BarDisplay:
     """A progress bar (epoch, step, loss, metrics, ETA) with notable events printed above it."""
 
     def __init__(self, console: Console | None = None) -> None:
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, log_path=False)
         self.progress = Progress(
             TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"),
             BarColumn(),
-            TextColumn("step {task.completed:.0f}/{task.total:.0f}"),
+            TextColumn("step {task.fields[steps]}"),
             TextColumn("{task.fields[metrics]}"),
             TimeRemainingColumn(),
             console=self.console, transient=False,
@@ -68,6 +68,7 @@ class BarDisplay:
         total = (hb.steps_per_epoch or 0) * hb.epochs or None
         epoch = min(hb.epoch + 1, hb.epochs or hb.epoch + 1)
         fields: dict[str, Any] = {"epoch": epoch, "epochs": hb.epochs or "?",
+                                  "steps": f"{hb.step}/{total or '?'}",
                                   "metrics": _fmt_logs(hb.logs)}
         if self.task is None:
             self.task = self.progress.add_task("train", total=total, completed=hb.step, **fields)
