@@ -150,3 +150,27 @@ def test_sigkill_at_edge_points_resumes_bit_identical(tmp_path: Path, golden: di
     assert a2["restored_step"] == expected_restore
     assert _history_epochs(run) == list(range(EPOCHS))
     assert final_state_hash(run) == golden
+
+
+def test_killed_supervisor_leaves_no_second_writer_and_job_resumes(
+        tmp_path: Path, golden: dict[str, str]) -> None:
+    """`ckptd run` itself SIGKILLed: its worker lives on (own session). The next `ckptd run` of the
+    same job file stops that orphan (it saves on SIGTERM), records the attempt as lost, resumes."""
+    import psutil
+
+    home = tmp_path / "home"
+    job = write_job(tmp_path, epochs=EPOCHS)
+    proc = start_run(home, str(job), faults="step_delay=0.02")
+    run = run_dir(home)
+    hb = heartbeat_when(run, lambda h: (h.committed_step or 0) >= 40)
+    proc.kill()
+    proc.wait(timeout=30)
+    assert psutil.pid_exists(hb.pid)  # the orphan is still training
+    rc, out = finish(start_run(home, str(job)))
+    assert rc == 0, out
+    assert not psutil.pid_exists(hb.pid) or psutil.Process(hb.pid).status() == "zombie"
+    st = status(home, run.name)
+    assert st["attempt_list"][0]["class"] == "lost"
+    assert "orphan worker stopped" in st["attempt_list"][0]["evidence"]
+    assert st["attempt_list"][-1]["restored_step"] >= 40
+    assert final_state_hash(run) == golden
