@@ -26,6 +26,11 @@ def job_report(store: Store, job: Job, detail: bool) -> dict[str, Any]:
     }
     attempts = store.attempts(job.id)
     report["attempts"] = len(attempts)
+    problems = [e for e in store.events(job.id)
+                if e["kind"] in ("checkpoint.failed", "checkpoint.quarantined")]
+    report["checkpoint_problems"] = [
+        {"time": _ts(e["ts"]), "kind": e["kind"], **json.loads(e["data_json"] or "{}")}
+        for e in problems[-5:]]
     if detail:
         report["attempt_list"] = [{
             "n": a.n, "pid": a.pid, "started_at": _ts(a.started_at), "ended_at": _ts(a.ended_at),
@@ -45,6 +50,9 @@ def print_status(reports: list[dict[str, Any]], detail: bool) -> None:
         click.echo(f"{r['id']:<40} {r['state']:<12} attempts={r['attempts']:<3} "
                    f"committed_step={'-' if step is None else step}"
                    + (f"  ({r['reason']})" if r["reason"] else ""))
+        for prob in r["checkpoint_problems"]:
+            click.echo(f"  {prob['kind']} at step {prob.get('step')}: "
+                       f"{prob.get('error') or prob.get('reason')}")
         if not detail:
             continue
         for a in r["attempt_list"]:

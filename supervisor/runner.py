@@ -166,6 +166,10 @@ class JobRunner:
                 w.committed_step = self.committed_step = ev["step"]
             elif ev.get("event") == "checkpoint.retired":
                 self.store.retire_checkpoints(self.job_id, ev["steps"])
+            elif ev.get("event") in ("checkpoint.quarantined", "checkpoint.failed"):
+                if ev.get("event") == "checkpoint.quarantined" and ev.get("step") is not None:
+                    self.store.retire_checkpoints(self.job_id, [ev["step"]])
+                self.store.add_event(self.job_id, ev["event"], ev)
             elif ev.get("event") == "restore.done":
                 w.restored_step = w.committed_step = ev["step"]
             self.display.event(ev)

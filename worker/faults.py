@@ -2,12 +2,15 @@
 
 Format: comma-separated `key=value`: `step_delay=SECONDS` (sleep after every step, to make a tiny
 model slow enough to hit mid-interval), `sigkill_at_step=N` and `raise_at_step=N` (SIGKILL itself,
-or raise RuntimeError, once step N is done), `attempt=K` (apply the kill/raise only in attempt K).
+or raise RuntimeError, once step N is done), `sigkill_in_save=N` / `enospc_in_save=N` (inside the
+save at step N, after TF wrote its files and before ckptd's commit), `sigkill_in_restore=A-B` (while
+restoring in attempts A..B; not limited by `attempt`), `attempt=K` (apply kills and errors only in attempt K).
 Never set it in production: it exists so every failure class is testable on a machine without a GPU.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import time
@@ -19,16 +22,38 @@ class Faults:
     step_delay: float = 0.0
     sigkill_at_step: int | None = None
     raise_at_step: int | None = None
+    sigkill_in_save: int | None = None  # kill after TF wrote the save at this step, before commit
+    enospc_in_save: int | None = None  # raise ENOSPC there instead
+    sigkill_in_restore: str = ""  # "A-B": kill while restoring in attempts A..B
     attempt: int | None = None
 
     @classmethod
     def from_env(cls) -> Faults:
         spec = os.environ.get("CKPTD_FAULTS", "")
-        kw: dict[str, float | int] = {}
+        kw: dict[str, float | int | str] = {}
         for item in filter(None, spec.split(",")):
             key, _, value = item.partition("=")
-            kw[key.strip()] = float(value) if key.strip() == "step_delay" else int(value)
+            key = key.strip()
+            kw[key] = (float(value) if key == "step_delay" else value if key == "sigkill_in_restore"
+                       else int(value))
         return cls(**kw)  # type: ignore[arg-type]
+
+    def _armed(self, attempt: int) -> bool:
+        return self.attempt is None or attempt == self.attempt
+
+    def in_save(self, step: int, attempt: int) -> None:
+        if not self._armed(attempt):
+            return
+        if step == self.sigkill_in_save:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if step == self.enospc_in_save:
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+    def in_restore(self, attempt: int) -> None:
+        if self.sigkill_in_restore:
+            low, _, high = self.sigkill_in_restore.partition("-")
+            if int(low) <= attempt <= int(high or low):
+                os.kill(os.getpid(), signal.SIGKILL)
 
     def after_step(self, step: int, attempt: int) -> None:
         if self.step_delay:

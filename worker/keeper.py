@@ -1,169 +1,148 @@
-"""Checkpoint commit protocol on top of tf.train.CheckpointManager.
+"""Checkpoint commit protocol and verified restore, on top of tf.train.CheckpointManager.
 
 save:    TF writes ckpt-N (atomic against a process kill, never fsynced) → ckptd fsyncs every file
-         of N and the directory → writes the manifest ckpt-N.manifest.json durably (sizes, SHA-256,
-         step, epoch, metrics). The manifest is the commit record: without it, N does not exist.
-         Only then are older checkpoints deleted (manifest first, then files).
-restore: newest committed checkpoint whose files match its manifest; a damaged one falls back to
-         the previous. TF's `checkpoint` state file is never trusted (tensorflow#35148).
+         of N and the directory → verifies N (its index opens and lists every variable) → writes
+         the manifest ckpt-N.manifest.json durably (sizes, SHA-256, step, epoch, metrics). The
+         manifest is the commit record. Only then are older checkpoints deleted (manifest first).
+         Any error (ENOSPC, EIO from fsync, …) before the manifest: N is removed, never committed,
+         never retried with a second fsync; the previous commit stays.
+restore: newest committed checkpoint whose files match its manifest (sizes and SHA-256) and that
+         TF restores; a damaged one is quarantined with the reason and the previous one is tried.
+         TF's `checkpoint` state file is never trusted (tensorflow#35148); it is rewritten.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
-import os
-import re
-import shutil
-import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import tensorflow as tf
+from ckptd.state import ckptfiles as cf
 from ckptd.state.durable import atomic_write_text, fsync_dir, fsync_file
 from ckptd.state.retention import Committed, to_delete
 
-PREFIX = "ckpt"
-_MANIFEST_RE = re.compile(rf"^{PREFIX}-(\d+)\.manifest\.json$")
-_FILE_RE = re.compile(rf"^{PREFIX}-(\d+)\.(index|data-\d+-of-\d+)$")
-
-
-@dataclass
-class Manifest:
-    number: int
-    step: int
-    epoch: int
-    step_in_epoch: int
-    wall_time: float
-    files: dict[str, dict[str, Any]]
-    metrics: dict[str, float]
-    digest: str
-
-    @property
-    def prefix(self) -> str:
-        return f"{PREFIX}-{self.number}"
+Log = Callable[..., None]
 
 
 class NoValidCheckpoint(Exception):
     pass
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _files_of(directory: Path, number: int) -> list[Path]:
-    return sorted(p for p in directory.iterdir()
-                  if (m := _FILE_RE.match(p.name)) and int(m.group(1)) == number)
+class SaveFailed(Exception):
+    """A checkpoint could not be committed; the previous commit is intact."""
 
 
 class Keeper:
     def __init__(self, directory: Path, ckpt: tf.train.Checkpoint, max_to_keep: int,
-                 keep_every_n_hours: float | None) -> None:
+                 keep_every_n_hours: float | None, log: Log,
+                 before_commit: Callable[[int], None] | None = None,
+                 during_restore: Callable[[], None] | None = None) -> None:
         self.dir = directory
         self.ckpt = ckpt
         self.max_to_keep = max_to_keep
         self.keep_every_n_hours = keep_every_n_hours
-        self.retired: list[Manifest] = []
-        # max_to_keep=None: TF must never delete anything; retention happens after our commit.
+        self.log = log
+        self.before_commit = before_commit  # test-only fault hooks
+        self.during_restore = during_restore
+        self.retired: list[cf.Manifest] = []
+        self.expected_keys: set[str] | None = None
+        # An empty state file makes CheckpointManager raise; a garbage one makes TF forget valid
+        # checkpoints. ckptd's manifests decide, so TF's file is dropped and rewritten later.
+        with contextlib.suppress(FileNotFoundError):
+            (directory / "checkpoint").unlink()
+        # max_to_keep=None: TF never deletes anything; retention runs after ckptd's commit.
         self.manager = tf.train.CheckpointManager(ckpt, str(directory), max_to_keep=None,
-                                                  checkpoint_name=PREFIX)
+                                                  checkpoint_name=cf.PREFIX)
 
-    # -- reading --------------------------------------------------------------------------
-
-    def committed(self) -> list[Manifest]:
-        out = []
-        for p in self.dir.iterdir():
-            if _MANIFEST_RE.match(p.name):
-                try:
-                    out.append(Manifest(**json.loads(p.read_text())))
-                except (OSError, ValueError, TypeError):
-                    continue  # unreadable manifest: not a commit record we can trust
-        return sorted(out, key=lambda m: m.number)
-
-    def _intact(self, m: Manifest) -> str | None:
-        """Why `m` cannot be restored, or None. Cheap check: every file present with its size."""
-        for name, meta in m.files.items():
-            p = self.dir / name
-            try:
-                size = p.stat().st_size
-            except FileNotFoundError:
-                return f"{name} is missing"
-            if size != meta["size"]:
-                return f"{name} is {size} bytes, manifest says {meta['size']}"
-        return None
+    def committed(self) -> list[cf.Manifest]:
+        return cf.read_manifests(self.dir)[0]
 
     def collect_garbage(self) -> list[str]:
-        """Remove leftovers of interrupted saves: uncommitted ckpt-N files, *_temp dirs,
-        checkpoint.tmp* files. Only names ckptd or TF create, only inside this directory."""
-        committed = {m.number for m in self.committed()}
-        removed = []
-        for p in self.dir.iterdir():
-            m = _FILE_RE.match(p.name)
-            stray = (m and int(m.group(1)) not in committed) or p.name.startswith("checkpoint.tmp")
-            temp_dir = p.name.startswith(f"{PREFIX}-") and p.name.endswith("_temp")
-            if p.is_symlink():
-                if stray or temp_dir:
-                    p.unlink()
-                    removed.append(p.name)
-            elif temp_dir and p.is_dir():
-                shutil.rmtree(p)
-                removed.append(p.name)
-            elif stray and p.is_file():
-                p.unlink()
-                removed.append(p.name)
-        if removed:
-            fsync_dir(self.dir)
-        return removed
+        return cf.collect_garbage(self.dir, {m.number for m in self.committed()})
 
-    def restore(self, log: Any) -> Manifest | None:
-        """Restore the newest intact committed checkpoint; None if there never was one."""
-        committed = self.committed()
-        for m in reversed(committed):
-            problem = self._intact(m)
+    def _quarantine(self, number: int, step: int | None, reason: str) -> None:
+        dest = cf.quarantine(self.dir, number, reason)
+        self.log("checkpoint.quarantined", number=number, step=step, reason=reason, to=str(dest))
+
+    # -- restore --------------------------------------------------------------------------
+
+    def restore(self) -> cf.Manifest | None:
+        """Restore the newest valid committed checkpoint; None if none was ever committed."""
+        manifests, bad = cf.read_manifests(self.dir)
+        for number, reason in bad.items():
+            self._quarantine(number, None, reason)
+        marker = cf.read_restore_marker(self.dir)
+        for m in reversed(manifests):
+            if marker.get("number") == m.number and marker["count"] >= 2:
+                self._quarantine(m.number, m.step, "restoring it killed the worker twice")
+                continue
+            problem = cf.verify_files(self.dir, m) or self._restore_one(m, marker)
             if problem is None:
-                try:
-                    self.ckpt.restore(str(self.dir / m.prefix)).assert_existing_objects_matched()
-                    return m
-                except Exception as e:  # TF raises OpError, IndexError, ValueError, ...
-                    problem = f"restore failed: {type(e).__name__}: {e}"
-            log("checkpoint.unusable", number=m.number, step=m.step, reason=problem)
-        if committed:
-            raise NoValidCheckpoint(f"{len(committed)} committed checkpoint(s) in {self.dir}, "
-                                    "none restorable")
+                cf.clear_restore_marker(self.dir)
+                cf.write_state_file(self.dir, self.committed())
+                return m
+            self._quarantine(m.number, m.step, problem)
+        cf.clear_restore_marker(self.dir)
+        if manifests or bad:
+            raise NoValidCheckpoint(
+                f"{len(manifests) + len(bad)} committed checkpoint(s) in {self.dir}, none valid "
+                f"(see {self.dir / cf.QUARANTINE}); refusing to restart from step 0")
+        cf.write_state_file(self.dir, [])
         return None
 
-    # -- writing --------------------------------------------------------------------------
+    def _restore_one(self, m: cf.Manifest, marker: dict[str, int]) -> str | None:
+        count = marker["count"] + 1 if marker.get("number") == m.number else 1
+        cf.write_restore_marker(self.dir, m.number, count)
+        self.log("restore.begin", number=m.number, step=m.step, attempt_of_this_restore=count)
+        if self.during_restore:
+            self.during_restore()
+        try:
+            self.ckpt.restore(str(self.dir / m.prefix)).assert_existing_objects_matched()
+        except Exception as e:  # TF raises OpError, IndexError, ValueError, AssertionError, …
+            return f"restore failed: {type(e).__name__}: {str(e)[:300]}"
+        return None
+
+    # -- save -----------------------------------------------------------------------------
 
     def save(self, step: int, epoch: int, step_in_epoch: int,
-             metrics: dict[str, float]) -> Manifest:
+             metrics: dict[str, float]) -> cf.Manifest:
+        self.retired = []
+        try:
+            return self._commit(step, epoch, step_in_epoch, metrics)
+        except (OSError, tf.errors.OpError, ValueError) as e:
+            with contextlib.suppress(OSError):
+                self.collect_garbage()  # remove the uncommitted files of this attempt
+            errno = getattr(e, "errno", None)
+            raise SaveFailed(f"{type(e).__name__}: {e}" + (f" (errno {errno})" if errno else "")
+                             ) from e
+
+    def _commit(self, step: int, epoch: int, step_in_epoch: int,
+                metrics: dict[str, float]) -> cf.Manifest:
         path = Path(self.manager.save())
         number = int(path.name.rsplit("-", 1)[1])
-        files = _files_of(self.dir, number)
-        for f in files:
+        for f in cf.files_of(self.dir, number):
             fsync_file(f)
         fsync_dir(self.dir)
-        digest = hashlib.sha256()
-        meta: dict[str, dict[str, Any]] = {}
-        for f in files:
-            sha = _sha256(f)
-            meta[f.name] = {"size": f.stat().st_size, "sha256": sha}
-            digest.update(f"{f.name}:{sha}\n".encode())
-        manifest = Manifest(number=number, step=step, epoch=epoch, step_in_epoch=step_in_epoch,
-                            wall_time=time.time(), files=meta, metrics=metrics,
-                            digest=digest.hexdigest())
-        atomic_write_text(self.dir / f"{manifest.prefix}.manifest.json",
-                          json.dumps(manifest.__dict__, sort_keys=True))
+        self._verify_written(path)
+        if self.before_commit:
+            self.before_commit(step)
+        manifest = cf.build_manifest(self.dir, number, step, epoch, step_in_epoch, metrics)
+        atomic_write_text(self.dir / f"{manifest.prefix}.manifest.json", manifest.to_json())
         self.retired = self._rotate()
+        cf.write_state_file(self.dir, self.committed())
         return manifest
 
-    def _rotate(self) -> list[Manifest]:
+    def _verify_written(self, prefix: Path) -> None:
+        """The new index must open and list the same variables as every save before it."""
+        keys = set(tf.train.load_checkpoint(str(prefix)).get_variable_to_shape_map())
+        if self.expected_keys is None:
+            self.expected_keys = keys
+        elif keys != self.expected_keys:
+            raise ValueError(f"{prefix.name}: written checkpoint lists {len(keys)} variables, "
+                             f"expected {len(self.expected_keys)}")
+
+    def _rotate(self) -> list[cf.Manifest]:
         """Apply retention after a commit; returns the manifests of deleted checkpoints."""
         committed = self.committed()
         doomed = to_delete([Committed(m.number, m.wall_time) for m in committed],
@@ -171,7 +150,7 @@ class Keeper:
         for number in doomed:
             # Manifest first: a crash midway leaves uncommitted files, which GC removes.
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.dir / f"{PREFIX}-{number}.manifest.json")
+                (self.dir / f"{cf.PREFIX}-{number}.manifest.json").unlink()
         if doomed:
             fsync_dir(self.dir)
             self.collect_garbage()

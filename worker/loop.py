@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import tensorflow as tf
+from ckptd.state.ckptfiles import Manifest
 from ckptd.state.durable import atomic_write_text
 from ckptd.state.jobspec import JobSpec
 from ckptd.state.paths import RunDir
@@ -21,7 +22,7 @@ from ckptd.worker.entry import Built
 from ckptd.worker.faults import Faults
 from ckptd.worker.h5export import save_weights_file
 from ckptd.worker.hoststate import HostState, decode_array, encode_array
-from ckptd.worker.keeper import Keeper, Manifest
+from ckptd.worker.keeper import Keeper, SaveFailed
 from ckptd.worker.runtime import Beater, StopFlag
 from ckptd.worker.tracking import BestTracker, EarlyStopper, better_of, resolve_mode
 
@@ -104,13 +105,18 @@ class Loop:
                                    step=self.c.step, epoch=self.c.epoch,
                                    step_in_epoch=self.c.step_in_epoch, host_state=self.c.host,
                                    rng=self.rng, best_weights=self.best_weights)
+        self.faults = Faults.from_env()
         ckdir = run.checkpoint_dir(spec.checkpoint.dir)
         self.keeper = Keeper(ckdir, ckpt, spec.checkpoint.max_to_keep,
-                             spec.checkpoint.keep_every_n_hours)
+                             spec.checkpoint.keep_every_n_hours, self.event,
+                             before_commit=self._fault_in_save,
+                             during_restore=lambda: self.faults.in_restore(self.beater.hb.attempt))
         self.committed_step: int | None = None
         self.dirty = False
         self.last_logs: dict[str, float] = {}
-        self.faults = Faults.from_env()
+
+    def _fault_in_save(self, step: int) -> None:
+        self.faults.in_save(step, self.beater.hb.attempt)
 
     def event(self, kind: str, **data: Any) -> None:
         append_event(self.run.root / EVENTS_FILE, kind, attempt=self.beater.hb.attempt, **data)
@@ -119,10 +125,10 @@ class Loop:
 
     def restore(self) -> Manifest | None:
         self.beater.beat("restoring")
+        manifest = self.keeper.restore()  # quarantines damaged commits before GC sees them
         removed = self.keeper.collect_garbage()
         if removed:
             self.event("checkpoint.gc", removed=removed)
-        manifest = self.keeper.restore(self.event)
         if manifest is None:
             self.event("restore.fresh", reason="no committed checkpoint")
             return None
@@ -155,7 +161,21 @@ class Loop:
 
     # -- saving -------------------------------------------------------------------------------
 
-    def save(self, reason: str) -> None:
+    def save(self, reason: str) -> bool:
+        """Commit a checkpoint. An interval save that fails (disk full, EIO) is reported and
+        training carries on from the previous commit; final and preemption saves must succeed."""
+        try:
+            self._save(reason)
+            return True
+        except SaveFailed as e:
+            self.event("checkpoint.failed", step=int(self.c.step.numpy()), reason=reason,
+                       error=str(e), committed_step=self.committed_step)
+            self.beater.beat("training", force=True)
+            if reason != "interval":
+                raise
+            return False
+
+    def _save(self, reason: str) -> None:
         self.beater.beat("saving", force=True)
         self.host.metric_values = [encode_array(np.asarray(v.numpy()))
                                    for v in self.model.metrics_variables]

@@ -1,0 +1,98 @@
+"""Checkpoint files without TensorFlow: manifests, verification, quarantine, GC, symlink safety."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from ckptd.state import ckptfiles as cf
+
+
+def _fake_ckpt(d: Path, n: int, step: int) -> cf.Manifest:
+    (d / f"ckpt-{n}.index").write_bytes(b"index" * 10 + bytes([n]))
+    (d / f"ckpt-{n}.data-00000-of-00001").write_bytes(b"data" * 100 + bytes([n]))
+    m = cf.build_manifest(d, n, step, 0, step, {"loss": 1.0})
+    (d / f"ckpt-{n}.manifest.json").write_text(m.to_json())
+    return m
+
+
+@pytest.fixture
+def ckdir(tmp_path: Path) -> Path:
+    d = tmp_path / "checkpoints"
+    d.mkdir()
+    for n in (1, 2, 3):
+        _fake_ckpt(d, n, n * 20)
+    return d
+
+
+DAMAGE = {
+    "index truncated": lambda d: (d / "ckpt-3.index").write_bytes(b"index"),
+    "index empty": lambda d: (d / "ckpt-3.index").write_bytes(b""),
+    "data bit flip": lambda d: (d / "ckpt-3.data-00000-of-00001").write_bytes(
+        b"dbta" + b"data" * 99 + bytes([3])),
+    "data missing": lambda d: (d / "ckpt-3.data-00000-of-00001").unlink(),
+    "data is a symlink": lambda d: ((d / "ckpt-3.data-00000-of-00001").unlink(),
+                                    (d / "ckpt-3.data-00000-of-00001").symlink_to("/etc/hostname")),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(DAMAGE))
+def test_verify_detects_damage(ckdir: Path, kind: str) -> None:
+    good, bad = cf.read_manifests(ckdir)
+    assert [m.number for m in good] == [1, 2, 3] and not bad
+    DAMAGE[kind](ckdir)
+    assert cf.verify_files(ckdir, good[-1]) is not None
+    assert cf.verify_files(ckdir, good[-2]) is None
+
+
+def test_garbage_manifest_is_reported(ckdir: Path) -> None:
+    (ckdir / "ckpt-3.manifest.json").write_text("{not json")
+    good, bad = cf.read_manifests(ckdir)
+    assert [m.number for m in good] == [1, 2] and list(bad) == [3]
+
+
+def test_quarantine_moves_never_deletes(ckdir: Path) -> None:
+    before = {p.name: p.read_bytes() for p in ckdir.glob("ckpt-3*")}
+    dest = cf.quarantine(ckdir, 3, "bit flip")
+    assert not list(ckdir.glob("ckpt-3*"))
+    assert {p.name: p.read_bytes() for p in dest.glob("ckpt-3*")} == before
+    assert (dest / "reason.txt").read_text() == "bit flip\n"
+    assert [m.number for m in cf.read_manifests(ckdir)[0]] == [1, 2]
+
+
+def test_gc_removes_debris_only_and_never_follows_symlinks(ckdir: Path, tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    victim_dir = tmp_path / "victim_dir"
+    victim_dir.mkdir()
+    (victim_dir / "f").write_text("precious")
+    (ckdir / "ckpt-9.index").symlink_to(victim)
+    (ckdir / "ckpt-7_temp").symlink_to(victim_dir)
+    (ckdir / "ckpt-4.data-00000-of-00001").write_bytes(b"x")  # .data without .index
+    (ckdir / "ckpt-5_temp_abc").mkdir()
+    (ckdir / "ckpt-5_temp_abc" / "part").write_bytes(b"x")
+    (ckdir / "checkpoint.tmp1234").write_text("x")
+    (ckdir / "ckpt-6.index.tempstate123").write_text("x")
+    (ckdir / "notes.txt").write_text("user file")
+    removed = cf.collect_garbage(ckdir, {1, 2, 3})
+    assert sorted(removed) == sorted(["ckpt-9.index", "ckpt-7_temp", "ckpt-4.data-00000-of-00001",
+                                      "ckpt-5_temp_abc", "checkpoint.tmp1234",
+                                      "ckpt-6.index.tempstate123"])
+    assert victim.read_text() == "precious" and (victim_dir / "f").read_text() == "precious"
+    assert (ckdir / "notes.txt").exists()
+    assert [m.number for m in cf.read_manifests(ckdir)[0]] == [1, 2, 3]
+
+
+def test_state_file_matches_commits(ckdir: Path) -> None:
+    cf.write_state_file(ckdir, cf.read_manifests(ckdir)[0])
+    text = (ckdir / "checkpoint").read_text()
+    assert text.startswith('model_checkpoint_path: "ckpt-3"')
+    assert text.count("all_model_checkpoint_paths") == 3
+
+
+def test_restore_marker_round_trip(ckdir: Path) -> None:
+    assert cf.read_restore_marker(ckdir) == {}
+    cf.write_restore_marker(ckdir, 3, 2)
+    assert cf.read_restore_marker(ckdir) == {"number": 3, "count": 2}
+    cf.clear_restore_marker(ckdir)
+    assert cf.read_restore_marker(ckdir) == {}
