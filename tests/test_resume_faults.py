@@ -101,7 +101,9 @@ def test_state_file_is_never_trusted(tmp_path: Path, finished: tuple[Path, dict[
     assert r.returncode == 0, r.stderr[-3000:]
     done = next(e for e in events(run) if e.get("attempt") == 9 and e["event"] == "restore.done")
     assert done["step"] == 156
-    assert (ck / "checkpoint").read_text().startswith(f'model_checkpoint_path: "ckpt-{done["number"]}"')
+    assert (ck / "checkpoint").read_text().startswith(
+        f'model_checkpoint_path: "ckpt-{done["number"]}"')
+    assert final_state_hash(run) == golden
 
 
 def test_no_valid_checkpoint_fails_never_restarts_from_zero(
