@@ -49,6 +49,8 @@ class Checkpoint(_Strict):
     every_seconds: PosSeconds | None = 60.0
     max_to_keep: int = Field(3, ge=1, le=10_000)
     keep_every_n_hours: Annotated[float, Field(gt=0, le=10**6)] | None = None
+    # async: the step loop only takes an in-memory snapshot; a writer process writes and fsyncs.
+    mode: Literal["sync", "async"] = "sync"
 
     @model_validator(mode="after")
     def _some_trigger(self) -> Checkpoint:

@@ -112,6 +112,8 @@ class Loop:
                              before_commit=self._fault_in_save,
                              during_restore=lambda: self.faults.in_restore(self.beater.hb.attempt))
         self.committed_step: int | None = None
+        # Per attempt: time in the step loops, and how long saves stalled them (benchmarks).
+        self.stats = {"saves": 0, "stall_seconds": 0.0, "loop_seconds": 0.0, "steps": 0}
         self.dirty = False
         self.last_logs: dict[str, float] = {}
 
@@ -221,10 +223,15 @@ class Loop:
                 step = int(self.c.step.numpy())
                 if (ck.every_steps and step % ck.every_steps == 0) or (
                         ck.every_seconds and time.monotonic() - last_save >= ck.every_seconds):
+                    t_save = time.monotonic()
                     self.save("interval")
                     last_save = time.monotonic()
+                    self.stats["saves"] += 1
+                    self.stats["stall_seconds"] += last_save - t_save
                 self.faults.after_step(step, self.beater.hb.attempt)
             self.host.train_seconds += time.monotonic() - t_epoch
+            self.stats["loop_seconds"] += time.monotonic() - t_epoch
+            self.stats["steps"] += int(self.c.step_in_epoch.numpy()) - start
             self.epoch_end(epoch)
             if self.stop.requested:
                 self._preempt()
@@ -310,4 +317,5 @@ class Loop:
             self.save("final")
         self.beater.beat("done", force=True)
         self.event("training.done", step=int(self.c.step.numpy()),
-                   epochs=len(self.host.history), stopped_early=self.host.stopped_early)
+                   epochs=len(self.host.history), stopped_early=self.host.stopped_early,
+                   **{k: round(v, 6) for k, v in self.stats.items()})
