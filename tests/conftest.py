@@ -19,7 +19,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def write_job(directory: Path, name: str = "pima-test", epochs: int = 3, every_steps: int = 20,
-              extra: str = "", model: str | None = None) -> Path:
+              extra: str = "", model: str | None = None, mode: str = "sync") -> Path:
     """A small Pima job: few epochs, frequent checkpoints."""
     directory.mkdir(parents=True, exist_ok=True)
     job = directory / f"{name}.yaml"
@@ -28,7 +28,8 @@ def write_job(directory: Path, name: str = "pima-test", epochs: int = 3, every_s
         f"model: {model or str(EXAMPLE / 'model.py') + ':build'}\n"
         f"params: {{csv: {CSV}}}\n"
         f"train: {{epochs: {epochs}, batch_size: 10, validation_split: 0.33, seed: 7}}\n"
-        f"checkpoint: {{every_steps: {every_steps}, every_seconds: 600, max_to_keep: 3}}\n"
+        f"checkpoint: {{every_steps: {every_steps}, every_seconds: 600, max_to_keep: 3, "
+        f"mode: {mode}}}\n"
         "best: {monitor: val_accuracy, mode: max, filepath: weights.best.hdf5}\n"
         "restart: {max_restarts: 3, backoff_initial_seconds: 0.1, backoff_max_seconds: 0.5}\n"
         + extra)

@@ -174,3 +174,24 @@ def test_killed_supervisor_leaves_no_second_writer_and_job_resumes(
     assert "orphan worker stopped" in st["attempt_list"][0]["evidence"]
     assert st["attempt_list"][-1]["restored_step"] >= 40
     assert final_state_hash(run) == golden
+
+
+@pytest.mark.parametrize("kill_at", [150, 190])
+def test_async_saves_resume_bit_identical(tmp_path: Path, golden: dict[str, str],
+                                          kill_at: int) -> None:
+    """checkpoint.mode: async — a writer process commits snapshots; SIGKILL of the worker (and
+    with it the writer) mid-run resumes from the newest async commit, bit-identical to sync."""
+    home = tmp_path / "home"
+    rc, out = finish(start_run(home, str(write_job(tmp_path, epochs=EPOCHS, mode="async")),
+                               faults=f"step_delay=0.04,sigkill_at_step={kill_at},attempt=1"))
+    assert rc == 0, out
+    run = run_dir(home)
+    a1, a2 = status(home, run.name)["attempt_list"]
+    assert a1["class"] == "killed"
+    assert a2["restored_step"] is not None and a2["restored_step"] >= 60  # async commits landed
+    assert _history_epochs(run) == list(range(EPOCHS))
+    assert final_state_hash(run) == golden
+    import hashlib
+
+    name = "ckptd-" + hashlib.sha256(str((run / "checkpoints").resolve()).encode()).hexdigest()[:20]
+    assert not Path("/dev/shm", name).exists()  # the stale segment of the killed worker is gone

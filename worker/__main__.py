@@ -37,11 +37,13 @@ def _run(run: RunDir, attempt: int, beater_path: Path) -> int:
     batches = Batches(built.train, built.validation, spec.train)
     prime(built.model, batches)
     loop = Loop(spec, run, built, batches, beater, stop)
-    loop.restore()
     try:
+        loop.restore()
         loop.train()
     except Preempted:
         return p.EXIT_PREEMPTED
+    finally:
+        loop.close()
     return p.EXIT_OK
 
 

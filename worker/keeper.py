@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import tensorflow as tf
@@ -120,38 +121,58 @@ class Keeper:
     def _commit(self, step: int, epoch: int, step_in_epoch: int,
                 metrics: dict[str, float]) -> cf.Manifest:
         path = Path(self.manager.save())
-        number = int(path.name.rsplit("-", 1)[1])
-        for f in cf.files_of(self.dir, number):
-            fsync_file(f)
-        fsync_dir(self.dir)
-        self._verify_written(path)
-        if self.before_commit:
-            self.before_commit(step)
-        manifest = cf.build_manifest(self.dir, number, step, epoch, step_in_epoch, metrics)
-        atomic_write_text(self.dir / f"{manifest.prefix}.manifest.json", manifest.to_json())
-        self.retired = self._rotate()
-        cf.write_state_file(self.dir, self.committed())
+        point = CommitPoint(int(path.name.rsplit("-", 1)[1]), step, epoch, step_in_epoch, metrics)
+        manifest, self.retired, self.expected_keys = commit_written(
+            self.dir, point, self.expected_keys, self.max_to_keep, self.keep_every_n_hours,
+            self.before_commit)
         return manifest
 
-    def _verify_written(self, prefix: Path) -> None:
-        """The new index must open and list the same variables as every save before it."""
-        keys = set(tf.train.load_checkpoint(str(prefix)).get_variable_to_shape_map())
-        if self.expected_keys is None:
-            self.expected_keys = keys
-        elif keys != self.expected_keys:
-            raise ValueError(f"{prefix.name}: written checkpoint lists {len(keys)} variables, "
-                             f"expected {len(self.expected_keys)}")
 
-    def _rotate(self) -> list[cf.Manifest]:
-        """Apply retention after a commit; returns the manifests of deleted checkpoints."""
-        committed = self.committed()
-        doomed = to_delete([Committed(m.number, m.wall_time) for m in committed],
-                           self.max_to_keep, self.keep_every_n_hours)
-        for number in doomed:
-            # Manifest first: a crash midway leaves uncommitted files, which GC removes.
-            with contextlib.suppress(FileNotFoundError):
-                (self.dir / f"{cf.PREFIX}-{number}.manifest.json").unlink()
-        if doomed:
-            fsync_dir(self.dir)
-            self.collect_garbage()
-        return [m for m in committed if m.number in doomed]
+@dataclass(frozen=True)
+class CommitPoint:
+    number: int
+    step: int
+    epoch: int
+    step_in_epoch: int
+    metrics: dict[str, float]
+
+
+def commit_written(directory: Path, point: CommitPoint, expected_keys: set[str] | None,
+                   max_to_keep: int, keep_every_n_hours: float | None,
+                   before_commit: Callable[[int], None] | None = None,
+                   ) -> tuple[cf.Manifest, list[cf.Manifest], set[str]]:
+    """Turn the files TF just wrote for ckpt-N into a commit: fsync them and the directory,
+    verify the index lists the expected variables, write the manifest durably, then apply
+    retention. Shared by synchronous saves and the asynchronous writer process."""
+    prefix = directory / f"{cf.PREFIX}-{point.number}"
+    for f in cf.files_of(directory, point.number):
+        fsync_file(f)
+    fsync_dir(directory)
+    keys = set(tf.train.load_checkpoint(str(prefix)).get_variable_to_shape_map())
+    if expected_keys is not None and keys != expected_keys:
+        raise ValueError(f"{prefix.name}: written checkpoint lists {len(keys)} variables, "
+                         f"expected {len(expected_keys)}")
+    if before_commit:
+        before_commit(point.step)
+    manifest = cf.build_manifest(directory, point.number, point.step, point.epoch,
+                                 point.step_in_epoch, point.metrics)
+    atomic_write_text(directory / f"{manifest.prefix}.manifest.json", manifest.to_json())
+    retired = _rotate(directory, max_to_keep, keep_every_n_hours)
+    cf.write_state_file(directory, cf.read_manifests(directory)[0])
+    return manifest, retired, keys
+
+
+def _rotate(directory: Path, max_to_keep: int, keep_every_n_hours: float | None,
+            ) -> list[cf.Manifest]:
+    """Apply retention after a commit; returns the manifests of deleted checkpoints."""
+    committed = cf.read_manifests(directory)[0]
+    doomed = to_delete([Committed(m.number, m.wall_time) for m in committed],
+                       max_to_keep, keep_every_n_hours)
+    for number in doomed:
+        # Manifest first: a crash midway leaves uncommitted files, which GC removes.
+        with contextlib.suppress(FileNotFoundError):
+            (directory / f"{cf.PREFIX}-{number}.manifest.json").unlink()
+    if doomed:
+        fsync_dir(directory)
+        cf.collect_garbage(directory, {m.number for m in committed if m.number not in doomed})
+    return [m for m in committed if m.number in doomed]

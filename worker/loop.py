@@ -17,6 +17,7 @@ from ckptd.state.durable import atomic_write_text
 from ckptd.state.jobspec import JobSpec
 from ckptd.state.paths import RunDir
 from ckptd.state.protocol import EVENTS_FILE, append_event
+from ckptd.worker.asyncsave import AsyncSaver
 from ckptd.worker.data import Batches
 from ckptd.worker.entry import Built
 from ckptd.worker.faults import Faults
@@ -111,6 +112,10 @@ class Loop:
                              spec.checkpoint.keep_every_n_hours, self.event,
                              before_commit=self._fault_in_save,
                              during_restore=lambda: self.faults.in_restore(self.beater.hb.attempt))
+        self.async_saver = (AsyncSaver(ckpt, ckdir, spec.checkpoint.max_to_keep,
+                                       spec.checkpoint.keep_every_n_hours)
+                            if spec.checkpoint.mode == "async" else None)
+        self.save_pending = False
         self.committed_step: int | None = None
         # Per attempt: time in the step loops, and how long saves stalled them (benchmarks).
         self.stats = {"saves": 0, "stall_seconds": 0.0, "loop_seconds": 0.0, "steps": 0}
@@ -131,6 +136,8 @@ class Loop:
         removed = self.keeper.collect_garbage()
         if removed:
             self.event("checkpoint.gc", removed=removed)
+        if self.async_saver is not None:
+            self.async_saver.prepare(manifest)
         if manifest is None:
             self.event("restore.fresh", reason="no committed checkpoint")
             return None
@@ -167,6 +174,8 @@ class Loop:
         """Commit a checkpoint. An interval save that fails (disk full, EIO) is reported and
         training carries on from the previous commit; final and preemption saves must succeed."""
         try:
+            if self.async_saver is not None:
+                return self._save_async(reason)
             self._save(reason)
             return True
         except SaveFailed as e:
@@ -177,23 +186,65 @@ class Loop:
                 raise
             return False
 
-    def _save(self, reason: str) -> None:
-        self.beater.beat("saving", force=True)
+    def _prepare_host_state(self) -> None:
         self.host.metric_values = [encode_array(np.asarray(v.numpy()))
                                    for v in self.model.metrics_variables]
         self.c.host.assign(self.host.dumps())
+
+    def _save(self, reason: str) -> None:
+        self.beater.beat("saving", force=True)
+        self._prepare_host_state()
         step, epoch = int(self.c.step.numpy()), int(self.c.epoch.numpy())
         t0 = time.monotonic()
         m = self.keeper.save(step, epoch, int(self.c.step_in_epoch.numpy()), self.last_logs)
-        self.committed_step = step
         self.dirty = False
-        self.event("checkpoint.committed", number=m.number, step=step, epoch=epoch,
+        self._committed(m, reason, time.monotonic() - t0, self.keeper.retired)
+        self.beater.beat("training", force=True)
+
+    def _committed(self, m: Manifest, reason: str, seconds: float,
+                   retired: list[Manifest]) -> None:
+        self.committed_step = m.step
+        self.event("checkpoint.committed", number=m.number, step=m.step, epoch=m.epoch,
                    path=str(self.keeper.dir / m.prefix), digest=m.digest, metrics=m.metrics,
-                   reason=reason, seconds=round(time.monotonic() - t0, 4))
-        if self.keeper.retired:
-            self.event("checkpoint.retired", steps=[r.step for r in self.keeper.retired],
-                       numbers=[r.number for r in self.keeper.retired])
-        self.beater.beat("training", force=True, committed_step=step)
+                   reason=reason, seconds=round(seconds, 4))
+        if retired:
+            self.event("checkpoint.retired", steps=[r.step for r in retired],
+                       numbers=[r.number for r in retired])
+        self.beater.beat(None, force=True, committed_step=m.step)
+
+    # -- asynchronous saving ------------------------------------------------------------------
+
+    def _save_async(self, reason: str) -> bool:
+        saver = self.async_saver
+        assert saver is not None
+        if reason == "interval" and saver.busy():
+            self.save_pending = True  # at most one in flight: save as soon as it is done
+            return False
+        self.drain_async(block=True)
+        self._prepare_host_state()
+        saver.submit(int(self.c.step.numpy()), int(self.c.epoch.numpy()),
+                     int(self.c.step_in_epoch.numpy()), self.last_logs, reason)
+        self.save_pending = self.dirty = False
+        if reason != "interval" and not self.drain_async(block=True):
+            raise SaveFailed(f"the {reason} checkpoint was not committed")
+        return True
+
+    def drain_async(self, block: bool) -> bool:
+        """Collect the writer's reply, if any; False if the save in flight failed."""
+        if self.async_saver is None:
+            return True
+        reply = self.async_saver.poll(block)
+        if reply is None:
+            return True
+        if reply["ok"]:
+            m = Manifest(**reply["manifest"])
+            self._committed(m, reply["reason"], reply["seconds"],
+                            [Manifest(**r) for r in reply["retired"]])
+            return True
+        self.dirty = True
+        self.event("checkpoint.failed", step=reply["step"], reason=reply["reason"],
+                   error=reply["error"], committed_step=self.committed_step)
+        return False
 
     def write_history(self) -> None:
         atomic_write_text(self.run.history, history_csv(self.host.history))
@@ -218,6 +269,8 @@ class Loop:
                 self.dirty = True
                 self.last_logs = _floats(logs)
                 self._beat_step(epoch, len(y), t_epoch, start)
+                if self.async_saver is not None:
+                    self._step_async()
                 if self.stop.requested:
                     self._preempt()
                 step = int(self.c.step.numpy())
@@ -243,6 +296,11 @@ class Loop:
         logs: dict[str, Any] = self.model.train_function(iter([(x, y, None)]))
         return logs
 
+    def _step_async(self) -> None:
+        self.drain_async(block=False)
+        if self.save_pending and self.async_saver is not None and not self.async_saver.busy():
+            self.save("interval")
+
     def _beat_step(self, epoch: int, batch_len: int, t_epoch: float, start: int) -> None:
         done = int(self.c.step_in_epoch.numpy()) - start
         elapsed = time.monotonic() - t_epoch
@@ -254,6 +312,7 @@ class Loop:
     def _preempt(self) -> None:
         if self.dirty:
             self.save("preempted")
+        self.drain_async(block=True)
         self.event("worker.preempted", signal=self.stop.signum, step=int(self.c.step.numpy()))
         raise Preempted()
 
@@ -309,12 +368,17 @@ class Loop:
             self.event("early_stopping.stopped", epoch=epoch, best=early.best,
                        best_epoch=early.best_epoch)
 
+    def close(self) -> None:
+        if self.async_saver is not None:
+            self.async_saver.close()
+
     def finish(self) -> None:
         early = self.host.early
         if early and early.restore_best_weights and self.host.stopped_early and self.dirty:
             self.model.set_weights([v.numpy() for v in self.best_weights])
         if self.dirty:
             self.save("final")
+        self.drain_async(block=True)
         self.beater.beat("done", force=True)
         self.event("training.done", step=int(self.c.step.numpy()),
                    epochs=len(self.host.history), stopped_early=self.host.stopped_early,

@@ -1,0 +1,96 @@
+"""In-memory snapshots of a tf.train.Checkpoint, for writing it from another process.
+
+TF's own async checkpointing breaks with Keras 3 models on the second save, and a writer *thread*
+competes with training for the GIL. Here the training loop stalls only to copy every checkpointed
+value into shared memory; a writer process (ckptd.worker.writer) writes the very same tensor bundle
+with SaveV2 under the same keys and object graph, so `Checkpoint.restore` reads it like any other.
+
+Keys and values come from the checkpoint's object graph (the `_CHECKPOINTABLE_OBJECT_GRAPH` proto of
+a checkpoint written by TF): node i of the proto is the i-th object of the breadth-first traversal
+`tf.train.TrackableView(ckpt).descendants()`, and each attribute names one serialised tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from multiprocessing import shared_memory
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.protobuf import trackable_object_graph_pb2
+
+OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
+
+
+class PlanMismatch(Exception):
+    """The live object graph does not match the checkpoint's: async saving is not possible."""
+
+
+def object_graph_of(prefix: str) -> bytes:
+    value = tf.train.load_checkpoint(prefix).get_tensor(OBJECT_GRAPH_KEY)
+    return value if isinstance(value, bytes) else bytes(value)
+
+
+@dataclass(frozen=True)
+class Slot:
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+def _value(t: Any) -> Any:
+    """A numeric value as an ndarray; a string tensor's value as bytes (or an object array)."""
+    tensor = t if hasattr(t, "numpy") else t.tensor  # tensor_callable.Callable for variables
+    value = tensor.numpy()
+    return value if tensor.dtype == tf.string else np.asarray(value)
+
+
+class SnapshotPlan:
+    def __init__(self, ckpt: tf.train.Checkpoint, object_graph: bytes) -> None:
+        proto = trackable_object_graph_pb2.TrackableObjectGraph()
+        proto.ParseFromString(object_graph)
+        nodes = tf.train.TrackableView(ckpt).descendants()
+        if len(nodes) != len(proto.nodes):
+            raise PlanMismatch(f"{len(nodes)} live objects, {len(proto.nodes)} in the checkpoint")
+        self.object_graph = object_graph
+        self.entries: list[tuple[Any, list[tuple[str, str]]]] = [
+            (obj, [(a.name, a.checkpoint_key) for a in node.attributes])
+            for obj, node in zip(nodes, proto.nodes, strict=True) if node.attributes]
+        self.slots: list[Slot] = []
+        self.strings: list[str] = []
+        offset = 0
+        for key, value in self._values():
+            if not isinstance(value, np.ndarray) or value.dtype == object:
+                self.strings.append(key)
+                continue
+            self.slots.append(Slot(key, value.dtype.str, value.shape, offset, value.nbytes))
+            offset += -(-value.nbytes // 64) * 64  # 64-byte aligned
+        self.nbytes = max(offset, 1)
+
+    def _values(self) -> list[tuple[str, Any]]:
+        out = []
+        for obj, attrs in self.entries:
+            tensors = obj._serialize_to_tensors()
+            for name, key in attrs:
+                if name not in tensors:
+                    raise PlanMismatch(f"{key}: not produced by the live object")
+                out.append((key, _value(tensors[name])))
+        return out
+
+    def take(self, shm: shared_memory.SharedMemory) -> dict[str, Any]:
+        """Copy every numeric value into `shm`; return the string values (small) by key."""
+        strings: dict[str, Any] = {}
+        slots = {s.key: s for s in self.slots}
+        for key, value in self._values():
+            slot = slots.get(key)
+            if slot is None:
+                strings[key] = value
+                continue
+            if value.dtype.str != slot.dtype or value.shape != slot.shape:
+                raise PlanMismatch(f"{key}: shape or dtype changed since the plan was made")
+            dst = np.ndarray(slot.shape, dtype=slot.dtype, buffer=shm.buf, offset=slot.offset)
+            np.copyto(dst, value)
+        return strings

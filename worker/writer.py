@@ -1,0 +1,95 @@
+"""The asynchronous checkpoint writer: a separate process that writes snapshots taken by the
+training process (ckptd.worker.snapshot) and commits them with the same protocol as synchronous
+saves (fsync files and directory, verify, durable manifest, retention after commit).
+
+At most one snapshot is in flight. If the worker dies, the writer sees EOF and exits; a write
+interrupted by a crash leaves only uncommitted files, which garbage collection removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import time
+from dataclasses import asdict
+from multiprocessing import shared_memory
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from ckptd.state import ckptfiles as cf
+
+
+def _write(msg: dict[str, Any], shm: shared_memory.SharedMemory, directory: Path,
+           expected: set[str] | None) -> tuple[dict[str, Any], set[str]]:
+    import numpy as np
+    import tensorflow as tf
+    from ckptd.worker.keeper import CommitPoint, commit_written
+    from ckptd.worker.snapshot import OBJECT_GRAPH_KEY
+
+    names, tensors = [], []
+    for key, dtype, shape, offset in msg["slots"]:
+        names.append(key)
+        tensors.append(tf.constant(np.ndarray(shape, dtype=dtype, buffer=shm.buf, offset=offset)))
+    for key, value in msg["strings"].items():
+        names.append(key)
+        tensors.append(tf.constant(value, dtype=tf.string))
+    names.append(OBJECT_GRAPH_KEY)
+    tensors.append(tf.constant(msg["object_graph"], dtype=tf.string))
+    prefix = directory / f"{cf.PREFIX}-{msg['number']}"
+    tf.raw_ops.SaveV2(prefix=str(prefix), tensor_names=names, shape_and_slices=[""] * len(names),
+                      tensors=tensors)
+    point = CommitPoint(msg["number"], msg["step"], msg["epoch"], msg["step_in_epoch"],
+                        msg["metrics"])
+    manifest, retired, keys = commit_written(directory, point, expected, msg["max_to_keep"],
+                                             msg["keep_every_n_hours"])
+    return {"ok": True, "manifest": asdict(manifest),
+            "retired": [asdict(r) for r in retired]}, keys
+
+
+def writer_main(conn: Connection, directory: str) -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # Writing must not slow training down more than it has to: lowest CPU priority.
+    with contextlib.suppress(OSError):
+        os.nice(10)
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    shm: shared_memory.SharedMemory | None = None
+    expected: set[str] | None = None
+    conn.send({"ready": True})
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return  # the training process is gone
+        if msg.get("op") == "stop":
+            return
+        if shm is None or shm.name != msg["shm"]:
+            # A spawned child shares its parent's resource tracker: attaching registers nothing
+            # new, and the training process, which created the segment, unlinks it.
+            shm = shared_memory.SharedMemory(name=msg["shm"])
+        t0 = time.monotonic()
+        try:
+            reply, expected = _write(msg, shm, Path(directory), expected)
+        except Exception as e:  # reported to the training loop as a failed save
+            with contextlib.suppress(OSError):
+                committed = {m.number for m in cf.read_manifests(Path(directory))[0]}
+                cf.collect_garbage(Path(directory), committed)
+            errno = getattr(e, "errno", None)
+            reply = {"ok": False, "error": f"{type(e).__name__}: {e}"
+                     + (f" (errno {errno})" if errno else "")}
+        reply["seconds"] = time.monotonic() - t0
+        reply["number"] = msg["number"]
+        conn.send(reply)
+
+
+def start_writer(directory: Path) -> tuple[multiprocessing.process.BaseProcess, Connection]:
+    ctx = multiprocessing.get_context("spawn")  # never fork a process that runs TensorFlow
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=writer_main, args=(child, str(directory)), daemon=True,
+                       name="ckptd-writer")
+    proc.start()
+    child.close()
+    return proc, parent
