@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -195,3 +196,82 @@ def test_async_saves_resume_bit_identical(tmp_path: Path, golden: dict[str, str]
 
     name = "ckptd-" + hashlib.sha256(str((run / "checkpoints").resolve()).encode()).hexdigest()[:20]
     assert not Path("/dev/shm", name).exists()  # the stale segment of the killed worker is gone
+
+
+@pytest.mark.parametrize("seed", [2026, 7])
+def test_sigkill_at_random_points_resumes_bit_identical(tmp_path: Path, golden: dict[str, str],
+                                                        seed: int) -> None:
+    """Two kills per run at seeded random steps (attempt 1 and attempt 2)."""
+    import random
+
+    rng = random.Random(seed)
+    first = rng.randrange(1, EPOCHS * 52)
+    home = tmp_path / "home"
+    job = write_job(tmp_path, epochs=EPOCHS)
+    rc, out = finish(start_run(home, str(job), faults=f"sigkill_at_step={first},attempt=1"))
+    assert rc == 0, out
+    run = run_dir(home)
+    attempts = status(home, run.name)["attempt_list"]
+    assert [a["class"] for a in attempts] == ["killed", "succeeded"], (seed, first)
+    assert attempts[1]["restored_step"] == ((first // 20) * 20 or None)
+    assert _history_epochs(run) == list(range(EPOCHS))
+    assert final_state_hash(run) == golden, (seed, first)
+
+
+def test_early_stopping_patience_survives_a_restart(tmp_path: Path) -> None:
+    """loss never improves by min_delta=100: the first epoch sets the reference, then patience 2
+    stops training after epoch 2. A kill in epoch 2 must not reset the wait counter."""
+    extra = "early_stopping: {monitor: loss, patience: 2, min_delta: 100.0}\n"
+    hashes, histories = [], []
+    for i, faults in enumerate(("", "sigkill_at_step=125,attempt=1")):
+        home = tmp_path / f"home{i}"
+        rc, out = finish(start_run(home, str(write_job(tmp_path / f"j{i}", epochs=6,
+                                                       extra=extra)), faults=faults))
+        assert rc == 0, out
+        run = run_dir(home)
+        histories.append(_history_epochs(run))
+        hashes.append(final_state_hash(run))
+        assert any(e["event"] == "early_stopping.stopped" and e["epoch"] == 2 for e in events(run))
+    assert histories == [[0, 1, 2], [0, 1, 2]]
+    assert hashes[0] == hashes[1]
+
+
+def test_best_file_is_not_overwritten_by_a_worse_value_after_restart(tmp_path: Path) -> None:
+    """A best file written after the restored checkpoint (recorded in best_state.json) wins over
+    the checkpoint's older best value: the resumed run does not replace it with a worse model."""
+    home = tmp_path / "home"
+    job = write_job(tmp_path, epochs=EPOCHS, every_steps=1000)
+    job.write_text(job.read_text().replace(
+        "best: {monitor: val_accuracy, mode: max, filepath: weights.best.hdf5}",
+        "best: {monitor: val_loss, mode: min, filepath: weights.best.hdf5}"))
+    proc = start_run(home, str(job), faults="step_delay=0.02")
+    run = run_dir(home)
+    heartbeat_when(run, lambda h: h.step >= 60)  # epoch 0 ended: a best file exists
+    proc.send_signal(signal.SIGINT)
+    assert finish(proc)[0] == 130
+    side = json.loads((run / "best_state.json").read_text())
+    side["best"] = 1e-6  # pretend an earlier attempt reached a far better val_loss
+    (run / "best_state.json").write_text(json.dumps(side))
+    before = (run / "weights.best.hdf5").read_bytes()
+    rc, out = finish(start_run(home, str(job)))
+    assert rc == 0, out
+    resumed = [e for e in events(run) if e.get("attempt") == 2]
+    assert resumed and not any(e["event"] == "best.saved" for e in resumed)
+    assert (run / "weights.best.hdf5").read_bytes() == before
+
+
+def test_control_best_file_improves_without_the_sidecar(tmp_path: Path) -> None:
+    """Control for the test above: val_loss improves every early epoch, so without the recorded
+    better value the resumed run does write the best file."""
+    home = tmp_path / "home"
+    job = write_job(tmp_path, epochs=EPOCHS, every_steps=1000)
+    job.write_text(job.read_text().replace("mode: max, filepath", "mode: max, filepath").replace(
+        "monitor: val_accuracy, mode: max", "monitor: val_loss, mode: min"))
+    proc = start_run(home, str(job), faults="step_delay=0.02")
+    run = run_dir(home)
+    heartbeat_when(run, lambda h: h.step >= 60)
+    proc.send_signal(signal.SIGINT)
+    assert finish(proc)[0] == 130
+    rc, out = finish(start_run(home, str(job)))
+    assert rc == 0, out
+    assert any(e["event"] == "best.saved" for e in events(run) if e.get("attempt") == 2)
