@@ -1,0 +1,67 @@
+"""T04: the system-call order of real saves, traced with strace, follows the commit protocol;
+TF's stock CheckpointManager, traced the same way, does not (negative control)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from ckptd.state.jobspec import load_job_file, spec_json
+
+from .conftest import EXAMPLE
+from .straceaudit import audit, manifest_commits, parse, state_file_commits
+
+pytestmark = [pytest.mark.tf,
+              pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")]
+TRACED = "openat,write,pwrite64,fsync,fdatasync,rename,renameat,renameat2,unlink,unlinkat"
+
+
+def _strace(tmp_path: Path, argv: list[str]) -> str:
+    log = tmp_path / "strace.log"
+    subprocess.run(["strace", "-f", "-qq", "-y", "-e", f"trace={TRACED}", "-o", str(log), *argv],
+                   check=True, timeout=300, capture_output=True)
+    return log.read_text()
+
+
+def test_ckptd_commits_follow_the_protocol(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    spec, _ = load_job_file(EXAMPLE / "job.yaml")
+    spec = spec.model_copy(update={
+        "train": spec.train.model_copy(update={"epochs": 1}),
+        "checkpoint": spec.checkpoint.model_copy(update={"every_steps": 20, "max_to_keep": 1})})
+    (run / "spec.json").write_text(spec_json(spec))
+    log = _strace(tmp_path, [sys.executable, "-m", "ckptd.worker", str(run), "1"])
+    ops = parse(log)
+    ckdir = str(run / "checkpoints")
+    commits = manifest_commits(ops)
+    assert len(commits) == 3  # steps 20, 40 and the final 52
+    assert audit(ops, ckdir, commits) == []
+
+
+STOCK = """
+import sys, keras, numpy as np, tensorflow as tf
+m = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4), keras.layers.Dense(1)])
+m.compile(optimizer="adam", loss="mse")
+x, y = np.zeros((20, 8), "float32"), np.zeros((20,), "float32")
+ck = tf.train.Checkpoint(model=m, optimizer=m.optimizer)
+mgr = tf.train.CheckpointManager(ck, sys.argv[1], max_to_keep=1)
+for _ in range(3):
+    m.train_on_batch(x, y)
+    mgr.save()
+"""
+
+
+def test_negative_control_stock_checkpoint_manager_fails_the_audit(tmp_path: Path) -> None:
+    ckdir = tmp_path / "stock"
+    script = tmp_path / "stock.py"
+    script.write_text(STOCK)
+    ops = parse(_strace(tmp_path, [sys.executable, str(script), str(ckdir)]))
+    commits = state_file_commits(ops)  # TF's marker: its `checkpoint` state file
+    assert len(commits) == 3
+    problems = audit(ops, str(ckdir), commits)
+    assert any("not fsynced" in p for p in problems), problems
+    assert any("unlinked before" in p or "not fsynced" in p for p in problems)
