@@ -1,0 +1,56 @@
+"""T08 on a real filesystem: the checkpoint directory is a tiny tmpfs (private mount namespace,
+needs root); the test fills it mid-run, a save fails with ENOSPC, training carries on from the
+previous commit, and once space is back the job finishes with the uninterrupted result."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import env_with, write_job
+from .procs import events, finish, heartbeat_when, run_dir, status, wait_for
+
+pytestmark = [pytest.mark.tf,
+              pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                                 reason="needs root and unshare for a private tmpfs")]
+
+
+def test_enospc_on_a_full_tmpfs(tmp_path: Path) -> None:
+    ck = tmp_path / "tinyfs"
+    ck.mkdir()
+    job = write_job(tmp_path, name="diskfull", epochs=3)
+    job.write_text(job.read_text().replace("checkpoint: {", f"checkpoint: {{dir: {ck}, "))
+    home = tmp_path / "home"
+    env = env_with(home)
+    env["CKPTD_FAULTS"] = "step_delay=0.03"
+    script = (f"mount -t tmpfs -o size=1m tmpfs {ck} && exec {sys.executable} -m ckptd.daemon "
+              f"run --progress json {job}")
+    proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run = run_dir(home)
+    hb = heartbeat_when(run, lambda h: (h.committed_step or 0) >= 20)
+    inside = Path(f"/proc/{hb.pid}/root") / str(ck).lstrip("/")  # the worker's view of tinyfs
+    filler = inside / "filler"
+    with open(filler, "wb", buffering=0) as f:  # fill the tmpfs to the last byte
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    wait_for("a failed save", lambda: any(e["event"] == "checkpoint.failed"
+                                          for e in events(run)), timeout=120)
+    filler.unlink()
+    rc, out = finish(proc)
+    assert rc == 0, out
+    failed = [e for e in events(run) if e["event"] == "checkpoint.failed"]
+    assert failed and failed[0]["committed_step"] is not None
+    assert "No space left" in failed[0]["error"] or "errno 28" in failed[0]["error"]
+    assert status(home, run.name)["attempts"] == 1  # no restart: training carried on
+    committed = [e for e in events(run) if e["event"] == "checkpoint.committed"]
+    assert committed[-1]["step"] == 156  # space came back: later saves committed again
+    assert failed[0]["step"] > failed[0]["committed_step"]  # the previous commit stayed
