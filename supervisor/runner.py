@@ -189,7 +189,11 @@ class JobRunner:
                      if w.phase in ("starting", "restoring")
                      else self.spec.restart.heartbeat_timeout_seconds)
             if now - w.last_change > limit:
-                w.hang = f"no progress heartbeat for {now - w.last_change:.1f}s in phase {w.phase}"
+                w.hang = (f"no progress heartbeat for {now - w.last_change:.1f}s in phase "
+                          f"{w.phase} (last step {w.last_step}); Python stacks in "
+                          f"{self.run.attempt_dir(w.n) / 'stderr.log'}")
+                self.ops.signal_pid(w.pid, signal.SIGUSR1)  # faulthandler dumps every stack
+                self.ops.signal_group(w.pid, signal.SIGCONT)  # a stopped worker must see TERM
                 self.ops.signal_group(w.pid, signal.SIGTERM)
                 w.term_sent = now
         grace = HANG_GRACE_SECONDS if w.hang else STOP_GRACE_SECONDS

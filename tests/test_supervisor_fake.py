@@ -51,6 +51,9 @@ class FakeOps:
     def signal_group(self, pid: int, sig: int) -> None:
         self.sent.append((pid, sig))
 
+    def signal_pid(self, pid: int, sig: int) -> None:
+        self.sent.append((pid, sig))
+
     def rss(self, pid: int) -> int | None:
         return self.live[pid][0].rss if pid in self.live else None
 
@@ -129,8 +132,10 @@ def test_hang_is_detected_and_killed(tmp_path: Path) -> None:
     assert runner.run_job() == JobState.SUCCEEDED
     first = store.attempts("j")[0]
     assert first.klass == AttemptClass.HANG
-    kinds = [s for _, s in ops.sent if s in (signal.SIGTERM, signal.SIGKILL)]
-    assert kinds[:2] == [signal.SIGTERM, signal.SIGKILL]  # escalation after the grace period
+    sigs = [s for _, s in ops.sent]
+    # stacks first, wake a stopped worker, ask politely, then kill after the grace period
+    assert sigs[:4] == [signal.SIGUSR1, signal.SIGCONT, signal.SIGTERM, signal.SIGKILL]
+    assert "stacks" in (first.evidence or "")
 
 
 def test_memory_limit_kills_as_host_oom(tmp_path: Path) -> None:

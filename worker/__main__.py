@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -52,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 2:
         print("usage: python -m ckptd.worker RUN_DIR ATTEMPT", file=sys.stderr)
         return p.EXIT_CONFIG
+    # Fatal signals print every thread's Python stack; the supervisor sends SIGUSR1 before it
+    # kills a hung worker, so the attempt's stderr log shows where it was stuck.
+    faulthandler.enable(file=sys.stderr, all_threads=True)
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
     run, attempt = RunDir(Path(args[0])), int(args[1])
     attempt_dir = run.attempt_dir(attempt)
     attempt_dir.mkdir(parents=True, exist_ok=True)

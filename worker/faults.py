@@ -4,7 +4,9 @@ Format: comma-separated `key=value`: `step_delay=SECONDS` (sleep after every ste
 model slow enough to hit mid-interval), `sigkill_at_step=N` and `raise_at_step=N` (SIGKILL itself,
 or raise RuntimeError, once step N is done), `sigkill_in_save=N` / `enospc_in_save=N` (inside the
 save at step N, after TF wrote its files and before ckptd's commit), `sigkill_in_restore=A-B` (while
-restoring in attempts A..B; not limited by `attempt`), `attempt=K` (apply kills and errors only in attempt K).
+restoring in attempts A..B; not limited by `attempt`), `hang_at_step`, `gpu_fault_at_step`, `gpu_oom_at_step`, `hog_at_step` (a deadlock, a CUDA-like
+error, a GPU out-of-memory error, unbounded host allocation), `attempt=K` (apply kills and errors
+only in attempt K).
 Never set it in production: it exists so every failure class is testable on a machine without a GPU.
 """
 
@@ -25,6 +27,10 @@ class Faults:
     sigkill_in_save: int | None = None  # kill after TF wrote the save at this step, before commit
     enospc_in_save: int | None = None  # raise ENOSPC there instead
     sigkill_in_restore: str = ""  # "A-B": kill while restoring in attempts A..B
+    hang_at_step: int | None = None  # stop making progress (alive, no heartbeat)
+    gpu_fault_at_step: int | None = None  # raise a CUDA-like InternalError
+    gpu_oom_at_step: int | None = None  # raise ResourceExhaustedError
+    hog_at_step: int | None = None  # allocate host memory without bound
     attempt: int | None = None
 
     @classmethod
@@ -64,3 +70,24 @@ class Faults:
             os.kill(os.getpid(), signal.SIGKILL)
         if step == self.raise_at_step:
             raise RuntimeError(f"injected fault at step {step}")
+        self._device_faults(step)
+        if step == self.hang_at_step:
+            while True:  # a deadlock: the process lives, the step loop never beats again
+                time.sleep(3600)
+        if step == self.hog_at_step:
+            hog = []
+            while True:
+                hog.append(bytearray(64 * 2**20))
+                hog[-1][:: 4096] = b"x" * len(hog[-1][:: 4096])  # touch every page
+                time.sleep(0.01)
+
+    def _device_faults(self, step: int) -> None:
+        import tensorflow as tf
+
+        if step == self.gpu_fault_at_step:
+            raise tf.errors.InternalError(
+                None, None, "CUDA_ERROR_ECC_UNCORRECTABLE: uncorrectable ECC error encountered "
+                "(injected)")
+        if step == self.gpu_oom_at_step:
+            raise tf.errors.ResourceExhaustedError(
+                None, None, "OOM when allocating tensor with shape[4096,4096] (injected)")

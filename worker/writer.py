@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import signal
 import time
 from dataclasses import asdict
 from multiprocessing import shared_memory
@@ -50,6 +51,10 @@ def _write(msg: dict[str, Any], shm: shared_memory.SharedMemory, directory: Path
 
 def writer_main(conn: Connection, directory: str) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # SIGINT/SIGTERM reach the whole process group: the training process decides when to stop
+    # (it waits for the save in flight); SIGUSR1 asks the worker for stacks, not the writer.
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
     # Writing must not slow training down more than it has to: lowest CPU priority.
     with contextlib.suppress(OSError):
         os.nice(10)

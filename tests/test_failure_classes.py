@@ -1,0 +1,90 @@
+"""Every failure class from a real worker, injected with the test-only CKPTD_FAULTS hooks."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from .conftest import write_job
+from .procs import finish, heartbeat_when, run_dir, start_run, status
+
+pytestmark = pytest.mark.tf
+FAST_HANG = ("restart: {max_restarts: 3, backoff_initial_seconds: 0.1, backoff_max_seconds: 0.5, "
+             "heartbeat_timeout_seconds: 3, startup_grace_seconds: 120}\n")
+
+
+def _job(tmp_path: Path, extra: str = "") -> Path:
+    job = write_job(tmp_path, epochs=2, extra=extra)
+    if "restart:" in extra:  # replace the default restart section
+        text = job.read_text()
+        lines = [ln for ln in text.splitlines() if not ln.startswith("restart: {max_restarts: 3,")]
+        job.write_text("\n".join(lines) + "\n")
+    return job
+
+
+def _classes(home: Path) -> tuple[list[str], dict[str, object]]:
+    st = status(home, run_dir(home).name)
+    return [a["class"] for a in st["attempt_list"]], st
+
+
+@pytest.mark.parametrize(("faults", "klass", "evidence"), [
+    ("raise_at_step=30,attempt=1", "crash", "RuntimeError: injected fault at step 30"),
+    ("gpu_fault_at_step=30,attempt=1", "gpu_fault", "CUDA_ERROR_ECC_UNCORRECTABLE"),
+    ("gpu_oom_at_step=30,attempt=1", "gpu_oom", "ResourceExhaustedError"),
+])
+def test_error_classes_then_recovery(tmp_path: Path, faults: str, klass: str,
+                                     evidence: str) -> None:
+    home = tmp_path / "home"
+    rc, out = finish(start_run(home, str(_job(tmp_path)), faults=faults))
+    assert rc == 0, out
+    classes, st = _classes(home)
+    assert classes == [klass, "succeeded"]
+    first = st["attempt_list"][0]  # type: ignore[index]
+    assert evidence in first["evidence"] and evidence in (first["error"] or "")
+    assert first["last_step"] >= 20 and st["attempt_list"][1]["restored_step"] == 20  # type: ignore[index]
+
+
+def test_deadlocked_step_loop_is_a_hang_with_stacks(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    rc, out = finish(start_run(home, str(_job(tmp_path, FAST_HANG)),
+                               faults="hang_at_step=30,attempt=1"))
+    assert rc == 0, out
+    classes, st = _classes(home)
+    assert classes == ["hang", "succeeded"]
+    stderr = (run_dir(home) / "attempts" / "0001" / "stderr.log").read_text()
+    assert "faults.py" in stderr and "after_step" in stderr  # the stack of the stuck loop
+
+
+def test_sigstop_is_a_hang(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    proc = start_run(home, str(_job(tmp_path, FAST_HANG)), faults="step_delay=0.02")
+    hb = heartbeat_when(run_dir(home), lambda h: h.attempt == 1 and (h.committed_step or 0) >= 20)
+    os.kill(hb.pid, signal.SIGSTOP)
+    rc, out = finish(proc)
+    assert rc == 0, out
+    assert _classes(home)[0] == ["hang", "succeeded"]
+
+
+def test_memory_limit_is_host_oom(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    extra = "resources: {memory_limit: 1500MiB}\n"
+    rc, out = finish(start_run(home, str(_job(tmp_path, extra)), faults="hog_at_step=30,attempt=1"))
+    assert rc == 0, out
+    classes, st = _classes(home)
+    assert classes == ["host_oom", "succeeded"]
+    assert "memory_limit" in st["attempt_list"][0]["evidence"]  # type: ignore[index]
+
+
+def test_crash_loop_at_the_same_step_fails_the_job(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    job = _job(tmp_path, "restart: {max_restarts: 10, backoff_initial_seconds: 0.1, "
+                         "backoff_max_seconds: 0.2}\n")
+    rc, out = finish(start_run(home, str(job), faults="raise_at_step=30"))
+    assert rc == 1, out
+    classes, st = _classes(home)
+    # the first attempt made progress (committed step 20); three more die at step 30 from 20
+    assert classes == ["crash"] * 4
+    assert "crash loop" in str(st["reason"])
