@@ -1,12 +1,14 @@
 """Test-only fault injection, read from the environment variable CKPTD_FAULTS.
 
-Format: comma-separated `key=value`: `step_delay=SECONDS` (sleep after every step, to make a tiny
-model slow enough to hit mid-interval), `sigkill_at_step=N` and `raise_at_step=N` (SIGKILL itself,
-or raise RuntimeError, once step N is done), `sigkill_in_save=N` / `enospc_in_save=N` (inside the
-save at step N, after TF wrote its files and before ckptd's commit), `sigkill_in_restore=A-B` (while
-restoring in attempts A..B; not limited by `attempt`), `hang_at_step`, `gpu_fault_at_step`, `gpu_oom_at_step`, `hog_at_step` (a deadlock, a CUDA-like
-error, a GPU out-of-memory error, unbounded host allocation), `attempt=K` (apply kills and errors
-only in attempt K).
+Format: comma-separated `key=value`:
+- `step_delay=SECONDS`: sleep after every step (a tiny model made slow enough to hit mid-interval);
+- `sigkill_at_step=N`, `raise_at_step=N`: SIGKILL itself, or raise RuntimeError, after step N;
+- `sigkill_in_save=N`, `enospc_in_save=N`: inside the save at step N, after TF wrote its files and
+  before ckptd's commit;
+- `sigkill_in_restore=A-B`: while restoring, in attempts A..B (not limited by `attempt`);
+- `hang_at_step`, `gpu_fault_at_step`, `gpu_oom_at_step`, `hog_at_step`: a deadlock, a CUDA-like
+  error, a GPU out-of-memory error, unbounded host allocation;
+- `attempt=K`: apply kills and errors only in attempt K.
 Never set it in production: it exists so every failure class is testable on a machine without a GPU.
 """
 
