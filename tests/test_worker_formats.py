@@ -81,3 +81,19 @@ def test_tf_data_input_resumes_exactly(tmp_path: Path) -> None:
         hashes.append(final_state_hash(run))
     assert status(home, run.name)["attempt_list"][1]["restored_step"] == 60
     assert hashes[0] == hashes[1]
+
+
+def test_corrupt_hdf5_is_reported_not_hung(tmp_path: Path) -> None:
+    from ckptd.worker.h5export import check_readable, save_weights_file
+
+    good = tmp_path / "w.hdf5"
+    save_weights_file(_model(), good)
+    assert check_readable(good) is None
+    data = good.read_bytes()
+    for name, damaged in {"truncated": data[: len(data) // 2], "empty": b"",
+                          "garbage": b"\x89HDF\r\n\x1a\n" + b"\xff" * 4000}.items():
+        bad = tmp_path / f"{name}.hdf5"
+        bad.write_bytes(damaged)
+        problem = check_readable(bad, timeout=20)
+        assert problem is not None and str(bad) in problem
+    assert check_readable(tmp_path / "missing.hdf5") is not None

@@ -57,3 +57,30 @@ def save_weights_file(model: Any, target: Path) -> None:
         atomic_write_with(target, lambda tmp: _write_keras2_layout(tmp, model))
     else:
         raise ValueError(f"{target}: unsupported weights file suffix")
+
+
+_READ_ALL = """
+import sys, h5py
+def visit(name, obj):
+    if isinstance(obj, h5py.Dataset):
+        obj[()]
+with h5py.File(sys.argv[1], "r") as f:
+    f.visititems(visit)
+"""
+
+
+def check_readable(path: Path, timeout: float = 30.0) -> str | None:
+    """Read every dataset of an HDF5 file in a subprocess with a timeout: reading a corrupt
+    HDF5 file can spin forever (HDFGroup/hdf5#1707). Returns why it is unreadable, or None."""
+    import subprocess
+    import sys
+
+    try:
+        r = subprocess.run([sys.executable, "-c", _READ_ALL, str(path)], capture_output=True,
+                           text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"{path}: reading it did not finish within {timeout:.0f}s"
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["unknown error"])[-1]
+        return f"{path}: unreadable: {last[:300]}"
+    return None

@@ -8,6 +8,7 @@ import io
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ from ckptd.worker.asyncsave import AsyncSaver
 from ckptd.worker.data import Batches
 from ckptd.worker.entry import Built
 from ckptd.worker.faults import Faults
-from ckptd.worker.h5export import save_weights_file
+from ckptd.worker.h5export import check_readable, save_weights_file
 from ckptd.worker.hoststate import HostState, decode_array, encode_array
 from ckptd.worker.keeper import Keeper, SaveFailed
 from ckptd.worker.runtime import Beater, StopFlag
@@ -162,6 +163,11 @@ class Loop:
         try:
             side = json.loads(self.run.best_state.read_text())
         except (OSError, ValueError):
+            return
+        path = Path(str(side.get("path", "")))
+        if path.suffix in (".h5", ".hdf5") and (problem := check_readable(path)):
+            # The recorded best file is gone or damaged: its value protects nothing.
+            self.event("best.unreadable", path=str(path), reason=problem)
             return
         if side.get("monitor") == best.monitor and side.get("mode") == best.mode:
             merged = better_of(best.mode, best.best, side.get("best"))
