@@ -134,10 +134,11 @@ def run(home: Path, job_file: Path | None, resume: str | None, new: bool, progre
     _install_stop_handlers(stops)
     if use_bar:
         with BarDisplay() as bar:
-            end = JobRunner(store, job.id, spec, run_dir, RealProcessOps(), bar, stops).run_job()
+            end = JobRunner(store, job.id, spec, run_dir, RealProcessOps(), bar, stops,
+                            hot_spare=spec.restart.hot_spare).run_job()
     else:
         end = JobRunner(store, job.id, spec, run_dir, RealProcessOps(), LogDisplay(log),
-                        stops).run_job()
+                        stops, hot_spare=spec.restart.hot_spare).run_job()
     final = store.job(job.id)
     log.info("job.finished", state=str(end), reason=final.reason,
              last_committed_step=final.last_committed_step)

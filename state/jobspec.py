@@ -91,6 +91,9 @@ class Restart(_Strict):
     backoff_max_seconds: PosSeconds = 60.0
     heartbeat_timeout_seconds: Annotated[float, Field(ge=1, le=7 * 86400)] = 120.0
     startup_grace_seconds: Annotated[float, Field(ge=1, le=7 * 86400)] = 300.0
+    # Keep one worker with TensorFlow imported and the model built waiting, so recovery after a
+    # failure skips both (costs that worker's memory, ~0.5 GB + the model, while it waits).
+    hot_spare: bool = False
 
     @model_validator(mode="after")
     def _ordered(self) -> Restart:

@@ -28,7 +28,9 @@ class ExitStatus:
 
 
 class ProcessOps(Protocol):
-    def spawn(self, argv: list[str], cwd: Path, stdout: Path, stderr: Path) -> int: ...
+    def spawn(self, argv: list[str], cwd: Path, stdout: Path, stderr: Path,
+              spare: bool = False) -> int: ...
+    def assign(self, pid: int, attempt: int) -> bool: ...
     def poll(self, pid: int) -> ExitStatus | None: ...
     def signal_group(self, pid: int, sig: int) -> None: ...
     def signal_pid(self, pid: int, sig: int) -> None: ...
@@ -44,24 +46,40 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-def worker_argv(run_dir: Path, attempt: int) -> list[str]:
-    return [sys.executable, "-m", "ckptd.worker", str(run_dir), str(attempt)]
+def worker_argv(run_dir: Path, attempt: int | None) -> list[str]:
+    """A worker for `attempt`, or a hot spare (None) that waits on stdin for its attempt."""
+    return [sys.executable, "-m", "ckptd.worker", str(run_dir),
+            "--spare" if attempt is None else str(attempt)]
 
 
 class RealProcessOps:
     def __init__(self) -> None:
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
 
-    def spawn(self, argv: list[str], cwd: Path, stdout: Path, stderr: Path) -> int:
+    def spawn(self, argv: list[str], cwd: Path, stdout: Path, stderr: Path,
+              spare: bool = False) -> int:
         stdout.parent.mkdir(parents=True, exist_ok=True)
         with open(stdout, "ab") as out, open(stderr, "ab") as err:
             # Own session and process group: a terminal's Ctrl-C reaches only the supervisor,
             # which asks the worker to save; and killing the group leaves no orphan behind.
-            proc = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=err, env=worker_env(), close_fds=True,
+            proc = subprocess.Popen(argv, cwd=cwd,
+                                    stdin=subprocess.PIPE if spare else subprocess.DEVNULL,
+                                    stdout=out, stderr=err, env=worker_env(), close_fds=True,
                                     start_new_session=True)
         self._procs[proc.pid] = proc
         return proc.pid
+
+    def assign(self, pid: int, attempt: int) -> bool:
+        """Hand attempt `attempt` to the hot spare `pid`; False if it is gone."""
+        proc = self._procs.get(pid)
+        if proc is None or proc.stdin is None or proc.poll() is not None:
+            return False
+        try:
+            proc.stdin.write(f"{attempt}\n".encode())
+            proc.stdin.close()
+        except (BrokenPipeError, OSError):
+            return False
+        return True
 
     def poll(self, pid: int) -> ExitStatus | None:
         proc = self._procs[pid]

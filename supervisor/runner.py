@@ -68,15 +68,23 @@ class Watch:
 class JobRunner:
     def __init__(self, store: Store, job_id: str, spec: JobSpec, run: RunDir, ops: ProcessOps,
                  display: Display, stops: StopRequests,
-                 jitter: Callable[[], float] = random.random) -> None:
+                 jitter: Callable[[], float] = random.random, hot_spare: bool = False) -> None:
         self.store, self.job_id, self.spec, self.run = store, job_id, spec, run
         self.ops, self.display, self.stops, self.jitter = ops, display, stops, jitter
         self.history: list[AttemptOutcome] = []
         self.committed_step: int | None = store.job(job_id).last_committed_step
         self.events = p.EventTail(run.root / p.EVENTS_FILE)
+        self.hot_spare = hot_spare
+        self.spare_pid: int | None = None
 
     def run_job(self) -> JobState:
         """Run attempts until the job succeeds, fails or is interrupted. Returns the end state."""
+        try:
+            return self._run_attempts()
+        finally:
+            self._drop_spare()
+
+    def _run_attempts(self) -> JobState:
         while True:
             outcome = self._attempt()
             if self.stops.signals:
@@ -107,14 +115,52 @@ class JobRunner:
 
     # -- one attempt ------------------------------------------------------------------------
 
+    # -- hot spare: a worker with TensorFlow imported and the model built, waiting on stdin ------
+
+    def _start_spare(self) -> None:
+        sdir = self.run.root / "attempts" / "spare"
+        self.spare_pid = self.ops.spawn(worker_argv(self.run.root, None), self.run.root,
+                                        sdir / "stdout.log", sdir / "stderr.log", spare=True)
+
+    def _take_spare(self, n: int) -> int | None:
+        pid, self.spare_pid = self.spare_pid, None
+        if pid is not None and self.ops.assign(pid, n):
+            return pid
+        if pid is not None:
+            self.spare_pid = pid
+            self._drop_spare()
+        return None
+
+    def _drop_spare(self) -> None:
+        if self.spare_pid is None:
+            return
+        self.ops.signal_group(self.spare_pid, signal.SIGKILL)
+        for _ in range(100):  # reap it: no zombie, no orphan
+            if self.ops.poll(self.spare_pid) is not None:
+                break
+            self.ops.sleep(POLL_SECONDS / 5)
+        self.spare_pid = None
+
+    def _launch(self, n: int) -> tuple[int, bool]:
+        adir = self.run.attempt_dir(n)
+        pid = self._take_spare(n)
+        warm = pid is not None
+        if pid is None:
+            pid = self.ops.spawn(worker_argv(self.run.root, n), self.run.root,
+                                 adir / "stdout.log", adir / "stderr.log")
+        if self.hot_spare:
+            self._start_spare()
+        return pid, warm
+
     def _attempt(self) -> AttemptOutcome:
         n = len(self.store.attempts(self.job_id)) + 1
         adir = self.run.attempt_dir(n)
         self.events.offset = _size(self.run.root / p.EVENTS_FILE)
-        pid = self.ops.spawn(worker_argv(self.run.root, n), self.run.root,
-                             adir / "stdout.log", adir / "stderr.log")
+        pid, warm = self._launch(n)
         self.store.start_attempt(self.job_id, pid)
         self.display.attempt_started(n, pid)
+        if warm:
+            self.display.event({"event": "worker.spare_assigned", "attempt": n, "pid": pid})
         now = self.ops.monotonic()
         w = Watch(n=n, pid=pid, started=now, last_change=now)
         status = self._watch(w)

@@ -275,3 +275,25 @@ def test_control_best_file_improves_without_the_sidecar(tmp_path: Path) -> None:
     rc, out = finish(start_run(home, str(job)))
     assert rc == 0, out
     assert any(e["event"] == "best.saved" for e in events(run) if e.get("attempt") == 2)
+
+
+def test_hot_spare_takes_over_bit_identical(tmp_path: Path, golden: dict[str, str]) -> None:
+    """restart.hot_spare: a second worker waits with TensorFlow imported and the model built;
+    after the SIGKILL it takes over the job, and no spare outlives the job."""
+    import psutil
+
+    home = tmp_path / "home"
+    job = write_job(tmp_path, epochs=EPOCHS)
+    job.write_text(job.read_text().replace("restart: {", "restart: {hot_spare: true, "))
+    proc = start_run(home, str(job), faults="step_delay=0.02,sigkill_at_step=90,attempt=1")
+    run = run_dir(home)
+    rc, out = finish(proc)
+    assert rc == 0, out
+    a1, a2 = status(home, run.name)["attempt_list"]
+    assert a1["class"] == "killed" and a2["restored_step"] == 80
+    (took,) = [e for e in events(run) if e["event"] == "worker.spare_assigned"]
+    assert took["attempt"] == 2 and took["pid"] == a2["pid"]
+    assert final_state_hash(run) == golden
+    leftovers = [p for p in psutil.process_iter(["cmdline"])
+                 if str(run) in " ".join(p.info["cmdline"] or [])]
+    assert leftovers == []

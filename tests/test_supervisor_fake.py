@@ -34,12 +34,34 @@ class FakeOps:
     sleeps: list[float] = field(default_factory=list)
     live: dict[int, tuple[Script, float]] = field(default_factory=dict)
 
-    def spawn(self, argv: list[str], cwd: Path, stdout: Path, stderr: Path) -> int:
-        pid = 1000 + len(self.sent) + len(self.live) + len(self.sleeps)
+    spares: list[int] = field(default_factory=list)
+    assigned: list[int] = field(default_factory=list)
+    next_pid: int = 1000
+
+    def assign(self, pid: int, attempt: int) -> bool:
+        if pid not in self.spares:
+            return False
+        self.spares.remove(pid)
+        self.assigned.append(pid)
         self.live[pid] = (self.scripts.pop(0), self.now)
-        return pid
+        return True
+
+    def spawn(self, argv: list[str], cwd: Path, stdout: Path, stderr: Path,
+              spare: bool = False) -> int:
+        self.next_pid += 1
+        if spare:
+            assert argv[-1] == "--spare"
+            self.spares.append(self.next_pid)
+        else:
+            self.live[self.next_pid] = (self.scripts.pop(0), self.now)
+        return self.next_pid
 
     def poll(self, pid: int) -> ExitStatus | None:
+        if pid in self.spares:  # an idle spare only dies when killed
+            if (pid, signal.SIGKILL) in self.sent:
+                self.spares.remove(pid)
+                return ExitStatus(None, signal.SIGKILL)
+            return None
         script, started = self.live[pid]
         status = script.tick(self, self.now - started)
         if status is None and any(p == pid and s == signal.SIGKILL for p, s in self.sent):
@@ -168,3 +190,15 @@ def test_config_errors_are_not_retried(tmp_path: Path, code: int) -> None:
     runner, _, store = _runner(tmp_path, [exits_after(0.1, code)])
     assert runner.run_job() == JobState.FAILED
     assert [a.klass for a in store.attempts("j")] == [AttemptClass.CONFIG_ERROR]
+
+
+def test_hot_spare_takes_over_after_a_failure_and_is_reaped(tmp_path: Path) -> None:
+    store, run, spec = _setup(tmp_path)
+    ops = FakeOps(run, [exits_after(1, 1), exits_after(1, 0)])
+    runner = JobRunner(store, "j", spec, run, ops, _NullDisplay(), StopRequests(),
+                       jitter=lambda: 0.0, hot_spare=True)
+    assert runner.run_job() == JobState.SUCCEEDED
+    first, second = store.attempts("j")
+    assert ops.assigned == [second.pid]  # the second attempt ran in the spare
+    assert first.pid not in ops.assigned
+    assert ops.spares == []  # the spare started for a third attempt was killed and reaped

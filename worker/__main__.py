@@ -1,4 +1,10 @@
-"""Worker entry: `python -m ckptd.worker RUN_DIR ATTEMPT`. Exit codes: ckptd.state.protocol."""
+"""Worker entry. Exit codes: ckptd.state.protocol.
+
+`python -m ckptd.worker RUN_DIR ATTEMPT` trains attempt ATTEMPT of the job in RUN_DIR.
+`python -m ckptd.worker RUN_DIR --spare` is a hot spare: it imports TensorFlow, builds and primes
+the model, then waits for one line on stdin naming the attempt to take over; recovery after a
+failure then skips the import and the build (EOF on stdin: exit quietly).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from ckptd.state import protocol as p
 from ckptd.state.jobspec import JobSpec, spec_from_json
@@ -22,23 +29,31 @@ def _configure_tf(spec: JobSpec) -> None:
     keras.utils.set_random_seed(spec.train.seed)
 
 
-def _run(run: RunDir, attempt: int, beater_path: Path) -> int:
+def _prepare(run: RunDir, attempt: int) -> Any:
+    """Everything before the checkpoint directory is touched: import, build, prime."""
     from ckptd.worker.data import Batches
     from ckptd.worker.entry import build
-    from ckptd.worker.loop import Loop, Preempted, prime
-    from ckptd.worker.runtime import Beater, StopFlag, lock_dir
+    from ckptd.worker.loop import Loop, prime
+    from ckptd.worker.runtime import Beater, StopFlag
 
     stop = StopFlag()
     stop.install()
     spec = spec_from_json(run.spec_file.read_text())
-    beater = Beater(beater_path, attempt)
-    beater.beat("starting", force=True)
-    lock_dir(run.checkpoint_dir(spec.checkpoint.dir))
+    beater = Beater(run.heartbeat, attempt)
+    if attempt:
+        beater.beat("starting", force=True)
     _configure_tf(spec)
     built = build(spec.model, spec.params)
     batches = Batches(built.train, built.validation, spec.train)
     prime(built.model, batches)
-    loop = Loop(spec, run, built, batches, beater, stop)
+    return Loop(spec, run, built, batches, beater, stop)
+
+
+def _train(loop: Any) -> int:
+    from ckptd.worker.loop import Preempted
+    from ckptd.worker.runtime import lock_dir
+
+    lock_dir(loop.run.checkpoint_dir(loop.spec.checkpoint.dir))
     try:
         loop.restore()
         loop.train()
@@ -49,33 +64,66 @@ def _run(run: RunDir, attempt: int, beater_path: Path) -> int:
     return p.EXIT_OK
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2:
-        print("usage: python -m ckptd.worker RUN_DIR ATTEMPT", file=sys.stderr)
-        return p.EXIT_CONFIG
-    # Fatal signals print every thread's Python stack; the supervisor sends SIGUSR1 before it
-    # kills a hung worker, so the attempt's stderr log shows where it was stuck.
-    faulthandler.enable(file=sys.stderr, all_threads=True)
-    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
-    run, attempt = RunDir(Path(args[0])), int(args[1])
-    attempt_dir = run.attempt_dir(attempt)
-    attempt_dir.mkdir(parents=True, exist_ok=True)
+def _await_assignment(run: RunDir) -> int | None:
+    """Block until the supervisor names the attempt; then log to that attempt's files."""
+    line = sys.stdin.readline()
+    if not line.strip():
+        return None
+    attempt = int(line)
+    adir = run.attempt_dir(attempt)
+    adir.mkdir(parents=True, exist_ok=True)
+    for name, fd in (("stdout.log", 1), ("stderr.log", 2)):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        target = os.open(adir / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(target, fd)
+        os.close(target)
+    return attempt
+
+
+def _dispatch(run: RunDir, mode: str) -> int:
     from ckptd.worker.entry import ConfigError
     from ckptd.worker.keeper import NoValidCheckpoint
     from ckptd.worker.runtime import DirLocked, write_error_file
 
+    spare = mode == "--spare"
+    attempt = 0 if spare else int(mode)
     try:
-        return _run(run, attempt, run.heartbeat)
+        loop = _prepare(run, attempt)
+        if spare:
+            assigned = _await_assignment(run)
+            if assigned is None:
+                return p.EXIT_OK
+            attempt = loop.beater.hb.attempt = assigned
+            loop.beater.beat("starting", force=True)
+            loop.event("worker.spare_assigned", pid=os.getpid())
+        return _train(loop)
     except (ConfigError, DirLocked, NoValidCheckpoint) as e:
-        write_error_file(attempt_dir, e)
+        run.attempt_dir(attempt).mkdir(parents=True, exist_ok=True)
+        write_error_file(run.attempt_dir(attempt), e)
         print(f"ckptd worker: {e}", file=sys.stderr)
         codes = {ConfigError: p.EXIT_CONFIG, DirLocked: p.EXIT_LOCKED,
                  NoValidCheckpoint: p.EXIT_NO_VALID_CHECKPOINT}
         return codes[type(e)]
     except Exception as e:
-        write_error_file(attempt_dir, e)
+        run.attempt_dir(attempt).mkdir(parents=True, exist_ok=True)
+        write_error_file(run.attempt_dir(attempt), e)
         raise  # the traceback goes to the attempt's stderr log as well; exit status 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2 or not (args[1] == "--spare" or args[1].isdigit()):
+        print("usage: python -m ckptd.worker RUN_DIR (ATTEMPT | --spare)", file=sys.stderr)
+        return p.EXIT_CONFIG
+    # Fatal signals print every thread's Python stack; the supervisor sends SIGUSR1 before it
+    # kills a hung worker, so the attempt's stderr log shows where it was stuck.
+    faulthandler.enable(file=sys.stderr, all_threads=True)
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+    run = RunDir(Path(args[0]))
+    if args[1] != "--spare":
+        run.attempt_dir(int(args[1])).mkdir(parents=True, exist_ok=True)
+    return _dispatch(run, args[1])
 
 
 if __name__ == "__main__":

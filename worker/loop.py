@@ -107,15 +107,9 @@ class Loop:
                                    step=self.c.step, epoch=self.c.epoch,
                                    step_in_epoch=self.c.step_in_epoch, host_state=self.c.host,
                                    rng=self.rng, best_weights=self.best_weights)
+        self.ckpt = ckpt
         self.faults = Faults.from_env()
-        ckdir = run.checkpoint_dir(spec.checkpoint.dir)
-        self.keeper = Keeper(ckdir, ckpt, spec.checkpoint.max_to_keep,
-                             spec.checkpoint.keep_every_n_hours, self.event,
-                             before_commit=self._fault_in_save,
-                             during_restore=lambda: self.faults.in_restore(self.beater.hb.attempt))
-        self.async_saver = (AsyncSaver(ckpt, ckdir, spec.checkpoint.max_to_keep,
-                                       spec.checkpoint.keep_every_n_hours)
-                            if spec.checkpoint.mode == "async" else None)
+        self.async_saver: AsyncSaver | None = None
         self.save_pending = False
         self.committed_step: int | None = None
         # Per attempt: time in the step loops, and how long saves stalled them (benchmarks).
@@ -131,8 +125,20 @@ class Loop:
 
     # -- restore ------------------------------------------------------------------------------
 
+    def open_checkpoints(self) -> None:
+        """Touch the checkpoint directory only now, with its lock held: a hot spare builds its
+        Loop while the previous worker may still own the directory."""
+        ck = self.spec.checkpoint
+        ckdir = self.run.checkpoint_dir(ck.dir)
+        self.keeper = Keeper(ckdir, self.ckpt, ck.max_to_keep, ck.keep_every_n_hours, self.event,
+                             before_commit=self._fault_in_save,
+                             during_restore=lambda: self.faults.in_restore(self.beater.hb.attempt))
+        if ck.mode == "async":
+            self.async_saver = AsyncSaver(self.ckpt, ckdir, ck.max_to_keep, ck.keep_every_n_hours)
+
     def restore(self) -> Manifest | None:
         self.beater.beat("restoring")
+        self.open_checkpoints()
         manifest = self.keeper.restore()  # quarantines damaged commits before GC sees them
         removed = self.keeper.collect_garbage()
         if removed:
