@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,8 @@ class Heartbeat:
 
 def append_event(path: Path, kind: str, /, **data: Any) -> None:
     """Append one JSON line. O_APPEND with one write() keeps lines whole between processes."""
-    line = json.dumps({"event": kind, **data}, separators=(",", ":"), default=str) + "\n"
+    line = json.dumps({"event": kind, "ts": time.time(), **data}, separators=(",", ":"),
+                      default=str) + "\n"
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         os.write(fd, line.encode())

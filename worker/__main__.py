@@ -91,6 +91,9 @@ def _dispatch(run: RunDir, mode: str) -> int:
     try:
         loop = _prepare(run, attempt)
         if spare:
+            # Tell whoever watches (benchmarks, operators) that this spare is warm.
+            (run.root / "attempts" / "spare").mkdir(parents=True, exist_ok=True)
+            (run.root / "attempts" / "spare" / "ready").write_text(f"{os.getpid()}\n")
             assigned = _await_assignment(run)
             if assigned is None:
                 return p.EXIT_OK

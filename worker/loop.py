@@ -111,6 +111,7 @@ class Loop:
         self.faults = Faults.from_env()
         self.async_saver: AsyncSaver | None = None
         self.save_pending = False
+        self.first_step_seen = False
         self.committed_step: int | None = None
         # Per attempt: time in the step loops, and how long saves stalled them (benchmarks).
         self.stats = {"saves": 0, "stall_seconds": 0.0, "loop_seconds": 0.0, "steps": 0}
@@ -281,6 +282,9 @@ class Loop:
                 self.dirty = True
                 self.last_logs = _floats(logs)
                 self._beat_step(epoch, len(y), t_epoch, start)
+                if self.stats["steps"] == 0 and not self.first_step_seen:
+                    self.first_step_seen = True  # recovery time ends here (benchmarks)
+                    self.event("training.first_step", step=int(self.c.step.numpy()))
                 if self.async_saver is not None:
                     self._step_async()
                 if self.stop.requested:

@@ -1,0 +1,137 @@
+"""Recovery benchmark: cold start, crash detection and recovery after `kill -9` of the worker,
+cold and with the hot spare, and the supervisor's own footprint. Prints a table of medians.
+
+    python bench/recovery.py [--repeats 5]
+
+Each repeat runs the Pima example under `ckptd run` (foreground supervisor) twice, interleaved:
+once with `restart.hot_spare: false`, once with `true`. The harness SIGKILLs the worker after its
+second committed checkpoint and measures, from the job store and the worker's events:
+- cold start: attempt 1's spawn (store row) → its first training step;
+- crash noticed: the kill → the supervisor's end-of-attempt record;
+- recovery: the kill → the first training step of attempt 2 (restore included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "pima"
+
+
+def _job(directory: Path, spare: bool) -> Path:
+    job = directory / f"job-{int(spare)}.yaml"
+    job.write_text(
+        f"name: recovery-{int(spare)}\n"
+        f"model: {EXAMPLE / 'model.py'}:build\n"
+        f"params: {{csv: {EXAMPLE / 'pima-indians-diabetes.csv'}}}\n"
+        "train: {epochs: 6, batch_size: 10, validation_split: 0.33, seed: 7}\n"
+        "checkpoint: {every_steps: 40, every_seconds: 600, max_to_keep: 3}\n"
+        f"restart: {{hot_spare: {str(spare).lower()}, backoff_initial_seconds: 0.05, "
+        "backoff_max_seconds: 0.05}\n")
+    return job
+
+
+def _heartbeat(run: Path) -> dict[str, Any] | None:
+    try:
+        data: dict[str, Any] = json.loads((run / "heartbeat.json").read_text())
+        return data
+    except (OSError, ValueError):
+        return None
+
+
+def _wait(what: str, probe: Any, timeout: float = 180) -> Any:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = probe()
+        if value:
+            return value
+        time.sleep(0.005)
+    raise TimeoutError(what)
+
+
+def one_run(tmp: Path, spare: bool) -> dict[str, float]:
+    home = tmp / f"home-{int(spare)}-{time.monotonic_ns()}"
+    env = dict(os.environ, CKPTD_HOME=str(home), CKPTD_FAULTS="step_delay=0.01")
+    proc = subprocess.Popen([sys.executable, "-m", "ckptd.daemon", "run", "--progress", "json",
+                             str(_job(tmp, spare))], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    run = _wait("run dir", lambda: next(iter((home / "jobs").glob("*")), None)
+                if (home / "jobs").exists() else None)
+    sup = psutil.Process(proc.pid)
+    cpu0, t0 = sup.cpu_times(), time.monotonic()
+    hb = _wait("two commits", lambda: (h := _heartbeat(run)) and h["attempt"] == 1
+               and (h.get("committed_step") or 0) >= 80 and h)
+    if spare:  # measure a warm spare: wait until it has imported TF and built the model
+        _wait("a warm spare", lambda: (run / "attempts" / "spare" / "ready").exists())
+    rss = sup.memory_info().rss
+    cpu1, t1 = sup.cpu_times(), time.monotonic()
+    t_kill = time.time()
+    os.kill(hb["pid"], signal.SIGKILL)
+    proc.wait(timeout=600)
+    db = sqlite3.connect(home / "ckptd.db")
+    rows = db.execute("SELECT n, started_at, ended_at FROM attempts ORDER BY n").fetchall()
+    events = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
+    first = {e["attempt"]: e["ts"] for e in events if e["event"] == "training.first_step"}
+    return {
+        "cold_start": first[1] - rows[0][1],
+        "noticed": rows[0][2] - t_kill,
+        "recovery": first[2] - t_kill,
+        "sup_rss_mb": rss / 2**20,
+        "sup_cpu_pct": 100 * ((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)) / (t1 - t0),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    results: dict[bool, list[dict[str, float]]] = {False: [], True: []}
+    with tempfile.TemporaryDirectory(prefix="ckptd-recovery-") as d:
+        for i in range(args.repeats):
+            for spare in ((False, True) if i % 2 == 0 else (True, False)):
+                results[spare].append(one_run(Path(d), spare))
+                print(f"repeat {i + 1} spare={spare}: "
+                      + " ".join(f"{k}={v:.3f}" for k, v in results[spare][-1].items()),
+                      file=sys.stderr)
+
+    def med(spare: bool, key: str) -> float:
+        return statistics.median(r[key] for r in results[spare])
+
+    cold = statistics.median([r["cold_start"] for r in results[False] + results[True]])
+    print(f"\nrecovery after kill -9 of the worker (medians of {args.repeats}, "
+          f"{os.cpu_count()} cores)")
+    print(f"{'measure':<44}{'seconds':>10}{'x cold start':>14}   target")
+    rows = [
+        ("cold start (spawn -> first step)", cold, None, ""),
+        ("crash noticed (kill -> attempt recorded)", med(False, "noticed"), None, "<= 0.2 s"),
+        ("cold recovery (kill -> first step)", med(False, "recovery"), 1.1, "<= 1.1x"),
+        ("hot-spare recovery (kill -> first step)", med(True, "recovery"), 0.25, "<= 0.25x"),
+    ]
+    for name, value, limit, target in rows:
+        ratio = value / cold
+        verdict = "" if limit is None else ("pass" if ratio <= limit else "FAIL")
+        if name.startswith("crash"):
+            verdict = "pass" if value <= 0.2 else "FAIL"
+        print(f"{name:<44}{value:>10.3f}{ratio:>14.2f}   {target} {verdict}")
+    print(f"{'supervisor RSS while supervising (MB)':<44}{med(False, 'sup_rss_mb'):>10.1f}"
+          f"{'':>14}   <= 60 MB")
+    print(f"{'supervisor CPU while supervising (% core)':<44}{med(False, 'sup_cpu_pct'):>10.2f}"
+          f"{'':>14}   <= 1 %")
+
+
+if __name__ == "__main__":
+    main()
