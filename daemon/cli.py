@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sys
@@ -18,6 +19,7 @@ from ckptd.state.states import RESUMABLE, JobState
 from ckptd.state.store import Job, Store, StoreError
 from ckptd.state.yamlstrict import JobFileError
 from ckptd.supervisor.display import BarDisplay, LogDisplay
+from ckptd.supervisor.gpus import detect_gpus
 from ckptd.supervisor.process import RealProcessOps
 from ckptd.supervisor.runner import JobRunner, StopRequests
 
@@ -132,13 +134,10 @@ def run(home: Path, job_file: Path | None, resume: str | None, new: bool, progre
     store.transition(job.id, JobState.RUNNING, "resumed" if resuming else "started")
     stops = StopRequests()
     _install_stop_handlers(stops)
-    if use_bar:
-        with BarDisplay() as bar:
-            end = JobRunner(store, job.id, spec, run_dir, RealProcessOps(), bar, stops,
-                            hot_spare=spec.restart.hot_spare).run_job()
-    else:
-        end = JobRunner(store, job.id, spec, run_dir, RealProcessOps(), LogDisplay(log),
-                        stops, hot_spare=spec.restart.hot_spare).run_job()
+    gpus = detect_gpus() if spec.resources.gpus else []
+    with BarDisplay() if use_bar else contextlib.nullcontext(LogDisplay(log)) as display:
+        end = JobRunner(store, job.id, spec, run_dir, RealProcessOps(), display, stops,
+                        hot_spare=spec.restart.hot_spare, gpus=gpus).run_job()
     final = store.job(job.id)
     log.info("job.finished", state=str(end), reason=final.reason,
              last_committed_step=final.last_committed_step)

@@ -29,7 +29,7 @@ class ExitStatus:
 
 class ProcessOps(Protocol):
     def spawn(self, argv: list[str], cwd: Path, stdout: Path, stderr: Path,
-              spare: bool = False) -> int: ...
+              spare: bool = False, env: dict[str, str] | None = None) -> int: ...
     def assign(self, pid: int, attempt: int) -> bool: ...
     def poll(self, pid: int) -> ExitStatus | None: ...
     def signal_group(self, pid: int, sig: int) -> None: ...
@@ -57,14 +57,15 @@ class RealProcessOps:
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
 
     def spawn(self, argv: list[str], cwd: Path, stdout: Path, stderr: Path,
-              spare: bool = False) -> int:
+              spare: bool = False, env: dict[str, str] | None = None) -> int:
         stdout.parent.mkdir(parents=True, exist_ok=True)
         with open(stdout, "ab") as out, open(stderr, "ab") as err:
             # Own session and process group: a terminal's Ctrl-C reaches only the supervisor,
             # which asks the worker to save; and killing the group leaves no orphan behind.
             proc = subprocess.Popen(argv, cwd=cwd,
                                     stdin=subprocess.PIPE if spare else subprocess.DEVNULL,
-                                    stdout=out, stderr=err, env=worker_env(), close_fds=True,
+                                    stdout=out, stderr=err, env=worker_env() | (env or {}),
+                                    close_fds=True,
                                     start_new_session=True)
         self._procs[proc.pid] = proc
         return proc.pid

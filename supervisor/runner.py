@@ -18,6 +18,7 @@ from ckptd.state.jobspec import JobSpec
 from ckptd.state.paths import RunDir
 from ckptd.state.states import AttemptClass, JobState
 from ckptd.state.store import Store
+from ckptd.supervisor.gpus import choose_devices, exclude_after_fault
 from ckptd.supervisor.policy import (
     Action,
     AttemptOutcome,
@@ -30,6 +31,10 @@ from ckptd.supervisor.process import ExitStatus, ProcessOps, worker_argv
 POLL_SECONDS = 0.05
 STOP_GRACE_SECONDS = 60.0  # a polite stop waits this long for the final save before SIGKILL
 HANG_GRACE_SECONDS = 10.0
+
+
+class NoDevices(Exception):
+    """Not enough healthy GPUs for the job."""
 
 
 class Display(Protocol):
@@ -68,7 +73,8 @@ class Watch:
 class JobRunner:
     def __init__(self, store: Store, job_id: str, spec: JobSpec, run: RunDir, ops: ProcessOps,
                  display: Display, stops: StopRequests,
-                 jitter: Callable[[], float] = random.random, hot_spare: bool = False) -> None:
+                 jitter: Callable[[], float] = random.random, hot_spare: bool = False,
+                 gpus: list[int] | None = None) -> None:
         self.store, self.job_id, self.spec, self.run = store, job_id, spec, run
         self.ops, self.display, self.stops, self.jitter = ops, display, stops, jitter
         self.history: list[AttemptOutcome] = []
@@ -76,6 +82,9 @@ class JobRunner:
         self.events = p.EventTail(run.root / p.EVENTS_FILE)
         self.hot_spare = hot_spare
         self.spare_pid: int | None = None
+        self.spare_env: dict[str, str] = {}
+        self.gpus, self.excluded_gpus = gpus or [], set[int]()
+        self.devices: list[int] = []
 
     def run_job(self) -> JobState:
         """Run attempts until the job succeeds, fails or is interrupted. Returns the end state."""
@@ -86,7 +95,11 @@ class JobRunner:
 
     def _run_attempts(self) -> JobState:
         while True:
-            outcome = self._attempt()
+            try:
+                outcome = self._attempt()
+            except NoDevices as e:
+                self.store.transition(self.job_id, JobState.FAILED, str(e))
+                return JobState.FAILED
             if self.stops.signals:
                 self.store.transition(self.job_id, JobState.INTERRUPTED,
                                       f"stopped by {signal.Signals(self.stops.signals[0]).name}")
@@ -117,14 +130,17 @@ class JobRunner:
 
     # -- hot spare: a worker with TensorFlow imported and the model built, waiting on stdin ------
 
-    def _start_spare(self) -> None:
+    def _start_spare(self, env: dict[str, str]) -> None:
         sdir = self.run.root / "attempts" / "spare"
+        self.spare_env = env
         self.spare_pid = self.ops.spawn(worker_argv(self.run.root, None), self.run.root,
-                                        sdir / "stdout.log", sdir / "stderr.log", spare=True)
+                                        sdir / "stdout.log", sdir / "stderr.log", spare=True,
+                                        env=env)
 
-    def _take_spare(self, n: int) -> int | None:
+    def _take_spare(self, n: int, env: dict[str, str]) -> int | None:
         pid, self.spare_pid = self.spare_pid, None
-        if pid is not None and self.ops.assign(pid, n):
+        # A spare started on a device that has since been excluded is no use.
+        if pid is not None and self.spare_env == env and self.ops.assign(pid, n):
             return pid
         if pid is not None:
             self.spare_pid = pid
@@ -141,15 +157,28 @@ class JobRunner:
             self.ops.sleep(POLL_SECONDS / 5)
         self.spare_pid = None
 
+    def _device_env(self) -> dict[str, str]:
+        wanted = self.spec.resources.gpus
+        if wanted == 0:
+            return {}
+        chosen = choose_devices(self.gpus, self.excluded_gpus, wanted)
+        if chosen is None:
+            raise NoDevices(f"resources.gpus={wanted}, but only "
+                            f"{len(self.gpus) - len(self.excluded_gpus)} healthy GPU(s) "
+                            f"(found {self.gpus}, excluded {sorted(self.excluded_gpus)})")
+        self.devices = chosen
+        return {"CUDA_VISIBLE_DEVICES": ",".join(map(str, chosen))}
+
     def _launch(self, n: int) -> tuple[int, bool]:
         adir = self.run.attempt_dir(n)
-        pid = self._take_spare(n)
+        env = self._device_env()
+        pid = self._take_spare(n, env)
         warm = pid is not None
         if pid is None:
             pid = self.ops.spawn(worker_argv(self.run.root, n), self.run.root,
-                                 adir / "stdout.log", adir / "stderr.log")
+                                 adir / "stdout.log", adir / "stderr.log", env=env)
         if self.hot_spare:
-            self._start_spare()
+            self._start_spare(env)
         return pid, warm
 
     def _attempt(self) -> AttemptOutcome:
@@ -176,6 +205,11 @@ class JobRunner:
         self.display.attempt_ended(n, klass, evidence)
         outcome = AttemptOutcome(klass, w.restored_step, w.committed_step, w.last_step)
         self.history.append(outcome)
+        if klass == AttemptClass.GPU_FAULT and self.devices:
+            self.excluded_gpus = exclude_after_fault(self.gpus, self.excluded_gpus, self.devices,
+                                                     self.spec.resources.gpus)
+            self.store.add_event(self.job_id, "gpu.excluded",
+                                 {"devices": sorted(self.excluded_gpus)})
         return outcome
 
     def _watch(self, w: Watch) -> ExitStatus:

@@ -35,6 +35,7 @@ class FakeOps:
     live: dict[int, tuple[Script, float]] = field(default_factory=dict)
 
     spares: list[int] = field(default_factory=list)
+    envs: list[dict[str, str]] = field(default_factory=list)
     assigned: list[int] = field(default_factory=list)
     next_pid: int = 1000
 
@@ -47,8 +48,9 @@ class FakeOps:
         return True
 
     def spawn(self, argv: list[str], cwd: Path, stdout: Path, stderr: Path,
-              spare: bool = False) -> int:
+              spare: bool = False, env: dict[str, str] | None = None) -> int:
         self.next_pid += 1
+        self.envs.append(env or {})
         if spare:
             assert argv[-1] == "--spare"
             self.spares.append(self.next_pid)
@@ -202,3 +204,32 @@ def test_hot_spare_takes_over_after_a_failure_and_is_reaped(tmp_path: Path) -> N
     assert ops.assigned == [second.pid]  # the second attempt ran in the spare
     assert first.pid not in ops.assigned
     assert ops.spares == []  # the spare started for a third attempt was killed and reaped
+
+
+def _gpu_setup(tmp_path: Path, gpus: int) -> tuple[Store, RunDir, JobSpec]:
+    store, run, spec = _setup(tmp_path)
+    spec = spec.model_copy(update={"resources": spec.resources.model_copy(update={"gpus": gpus})})
+    return store, run, spec
+
+
+def test_gpu_fault_moves_the_job_to_another_gpu(tmp_path: Path) -> None:
+    store, run, spec = _gpu_setup(tmp_path, 1)
+    (run.attempt_dir(1)).mkdir(parents=True)
+    (run.attempt_dir(1) / "error.json").write_text(
+        '{"type": "InternalError", "message": "an illegal memory access was encountered"}')
+    ops = FakeOps(run, [exits_after(1, 1), exits_after(1, 0)])
+    runner = JobRunner(store, "j", spec, run, ops, _NullDisplay(), StopRequests(),
+                       jitter=lambda: 0.0, gpus=[0, 1])
+    assert runner.run_job() == JobState.SUCCEEDED
+    assert [a.klass for a in store.attempts("j")] == [AttemptClass.GPU_FAULT,
+                                                        AttemptClass.SUCCEEDED]
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in ops.envs] == ["0", "1"]
+
+
+def test_more_gpus_than_exist_fails_clearly(tmp_path: Path) -> None:
+    store, run, spec = _gpu_setup(tmp_path, 2)
+    runner = JobRunner(store, "j", spec, run, FakeOps(run, []), _NullDisplay(), StopRequests(),
+                       gpus=[0])
+    assert runner.run_job() == JobState.FAILED
+    assert "resources.gpus=2" in (store.job("j").reason or "")
+    assert store.attempts("j") == []

@@ -1,0 +1,36 @@
+"""GPU inventory and the device choice for an attempt (the choice is a pure function)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+_GPU_LINE = re.compile(r"^GPU (\d+):", re.M)
+
+
+def detect_gpus(timeout: float = 10.0) -> list[int]:
+    """GPU indices from `nvidia-smi -L`; none when it is missing, fails or hangs (a wedged
+    driver can make nvidia-smi hang: never wait for it unbounded)."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return []
+    try:
+        out = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=timeout).stdout
+    except (subprocess.TimeoutExpired, OSError):
+        return []
+    return [int(m) for m in _GPU_LINE.findall(out)]
+
+
+def choose_devices(available: list[int], excluded: set[int], wanted: int) -> list[int] | None:
+    """The first `wanted` healthy devices, or None when there are not enough."""
+    healthy = [d for d in available if d not in excluded]
+    return healthy[:wanted] if len(healthy) >= wanted else None
+
+
+def exclude_after_fault(available: list[int], excluded: set[int], used: list[int],
+                        wanted: int) -> set[int]:
+    """After a gpu_fault on `used`: exclude those devices if enough others remain to run the job;
+    otherwise keep them (a retry on the same device beats not running at all)."""
+    candidate = excluded | set(used)
+    return candidate if choose_devices(available, candidate, wanted) is not None else excluded
