@@ -31,6 +31,12 @@ def _configure_tf(spec: JobSpec) -> None:
 
 def _prepare(run: RunDir, attempt: int) -> Any:
     """Everything before the checkpoint directory is touched: import, build, prime."""
+    from ckptd.worker.writer import start_writer  # no TensorFlow here
+
+    spec = spec_from_json(run.spec_file.read_text())
+    # Start the async writer first: its TensorFlow import overlaps with ours.
+    writer = (start_writer(run.checkpoint_dir(spec.checkpoint.dir))
+              if spec.checkpoint.mode == "async" else None)
     from ckptd.worker.data import Batches
     from ckptd.worker.entry import build
     from ckptd.worker.loop import Loop, prime
@@ -38,7 +44,6 @@ def _prepare(run: RunDir, attempt: int) -> Any:
 
     stop = StopFlag()
     stop.install()
-    spec = spec_from_json(run.spec_file.read_text())
     beater = Beater(run.heartbeat, attempt)
     if attempt:
         beater.beat("starting", force=True)
@@ -46,7 +51,7 @@ def _prepare(run: RunDir, attempt: int) -> Any:
     built = build(spec.model, spec.params)
     batches = Batches(built.train, built.validation, spec.train)
     prime(built.model, batches)
-    return Loop(spec, run, built, batches, beater, stop)
+    return Loop(spec, run, built, batches, beater, stop, writer)
 
 
 def _train(loop: Any) -> int:

@@ -16,17 +16,19 @@ from typing import Any
 import tensorflow as tf
 from ckptd.state import ckptfiles as cf
 from ckptd.worker.snapshot import SnapshotPlan, object_graph_of
-from ckptd.worker.writer import start_writer
+from ckptd.worker.writer import Writer, start_writer
 
 WRITER_START_TIMEOUT = 120.0
 
 
 class AsyncSaver:
     def __init__(self, ckpt: tf.train.Checkpoint, directory: Path, max_to_keep: int,
-                 keep_every_n_hours: float | None) -> None:
+                 keep_every_n_hours: float | None, writer: Writer | None = None) -> None:
         self.ckpt, self.dir = ckpt, directory
         self.retention = {"max_to_keep": max_to_keep, "keep_every_n_hours": keep_every_n_hours}
-        self.proc, self.conn = start_writer(directory)
+        # The writer is best started before the worker imports TensorFlow, so both imports
+        # overlap (see ckptd.worker.__main__); otherwise start it now.
+        self.proc, self.conn = writer or start_writer(directory)
         self.ready = False
         self.plan: SnapshotPlan | None = None
         self.shm: shared_memory.SharedMemory | None = None

@@ -27,6 +27,7 @@ from ckptd.worker.hoststate import HostState, decode_array, encode_array
 from ckptd.worker.keeper import Keeper, SaveFailed
 from ckptd.worker.runtime import Beater, StopFlag
 from ckptd.worker.tracking import BestTracker, EarlyStopper, better_of, resolve_mode
+from ckptd.worker.writer import Writer
 
 
 class Preempted(Exception):
@@ -92,7 +93,7 @@ def _floats(logs: dict[str, Any]) -> dict[str, float]:
 
 class Loop:
     def __init__(self, spec: JobSpec, run: RunDir, built: Built, batches: Batches,
-                 beater: Beater, stop: StopFlag) -> None:
+                 beater: Beater, stop: StopFlag, writer: Writer | None = None) -> None:
         self.spec, self.run, self.model, self.batches = spec, run, built.model, batches
         self.beater, self.stop = beater, stop
         self.c = Counters.new()
@@ -108,6 +109,7 @@ class Loop:
                                    step_in_epoch=self.c.step_in_epoch, host_state=self.c.host,
                                    rng=self.rng, best_weights=self.best_weights)
         self.ckpt = ckpt
+        self.writer = writer
         self.faults = Faults.from_env()
         self.async_saver: AsyncSaver | None = None
         self.save_pending = False
@@ -135,7 +137,8 @@ class Loop:
                              before_commit=self._fault_in_save,
                              during_restore=lambda: self.faults.in_restore(self.beater.hb.attempt))
         if ck.mode == "async":
-            self.async_saver = AsyncSaver(self.ckpt, ckdir, ck.max_to_keep, ck.keep_every_n_hours)
+            self.async_saver = AsyncSaver(self.ckpt, ckdir, ck.max_to_keep, ck.keep_every_n_hours,
+                                          self.writer)
 
     def restore(self) -> Manifest | None:
         self.beater.beat("restoring")
@@ -186,11 +189,18 @@ class Loop:
     def save(self, reason: str) -> bool:
         """Commit a checkpoint. An interval save that fails (disk full, EIO) is reported and
         training carries on from the previous commit; final and preemption saves must succeed."""
+        t0 = time.monotonic()
         try:
             if self.async_saver is not None:
-                return self._save_async(reason)
-            self._save(reason)
-            return True
+                done = self._save_async(reason)
+            else:
+                self._save(reason)
+                done = True
+            if done and reason == "interval":
+                # What the step loop waited for: the whole save (sync) or the snapshot (async).
+                self.stats["saves"] += 1
+                self.stats["stall_seconds"] += time.monotonic() - t0
+            return done
         except SaveFailed as e:
             self.event("checkpoint.failed", step=int(self.c.step.numpy()), reason=reason,
                        error=str(e), committed_step=self.committed_step)
@@ -292,11 +302,8 @@ class Loop:
                 step = int(self.c.step.numpy())
                 if (ck.every_steps and step % ck.every_steps == 0) or (
                         ck.every_seconds and time.monotonic() - last_save >= ck.every_seconds):
-                    t_save = time.monotonic()
                     self.save("interval")
                     last_save = time.monotonic()
-                    self.stats["saves"] += 1
-                    self.stats["stall_seconds"] += last_save - t_save
                 self.faults.after_step(step, self.beater.hb.attempt)
             self.host.train_seconds += time.monotonic() - t_epoch
             self.stats["loop_seconds"] += time.monotonic() - t_epoch

@@ -73,6 +73,11 @@ class SnapshotPlan:
     def _values(self) -> list[tuple[str, Any]]:
         out = []
         for obj, attrs in self.entries:
+            if len(attrs) == 1 and attrs[0][0] == "VARIABLE_VALUE" and hasattr(obj, "numpy"):
+                # A plain variable: read it directly (10x cheaper than _serialize_to_tensors).
+                value = obj.numpy()
+                out.append((attrs[0][1], value if isinstance(value, bytes) else np.asarray(value)))
+                continue
             tensors = obj._serialize_to_tensors()
             for name, key in attrs:
                 if name not in tensors:

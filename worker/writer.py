@@ -55,9 +55,6 @@ def writer_main(conn: Connection, directory: str) -> None:
     # (it waits for the save in flight); SIGUSR1 asks the worker for stacks, not the writer.
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(s, signal.SIG_IGN)
-    # Writing must not slow training down more than it has to: lowest CPU priority.
-    with contextlib.suppress(OSError):
-        os.nice(10)
     import tensorflow as tf
 
     tf.config.threading.set_intra_op_parallelism_threads(1)
@@ -90,7 +87,10 @@ def writer_main(conn: Connection, directory: str) -> None:
         conn.send(reply)
 
 
-def start_writer(directory: Path) -> tuple[multiprocessing.process.BaseProcess, Connection]:
+Writer = tuple[multiprocessing.process.BaseProcess, Connection]
+
+
+def start_writer(directory: Path) -> Writer:
     ctx = multiprocessing.get_context("spawn")  # never fork a process that runs TensorFlow
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=writer_main, args=(child, str(directory)), daemon=True,
