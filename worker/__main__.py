@@ -39,7 +39,8 @@ def _prepare(run: RunDir, attempt: int) -> Any:
               if spec.checkpoint.mode == "async" else None)
     from ckptd.worker.data import Batches
     from ckptd.worker.entry import build
-    from ckptd.worker.loop import Loop, prime
+    from ckptd.worker.loop import Loop
+    from ckptd.worker.prep import prime
     from ckptd.worker.runtime import Beater, StopFlag
 
     stop = StopFlag()

@@ -66,6 +66,14 @@ class AsyncSaver:
             self.ready = True
         return self.ready
 
+    def take_number(self) -> int:
+        number = self.next_number
+        self.next_number += 1
+        return number
+
+    def is_ready(self) -> bool:
+        return self._check_ready(block=False)
+
     def busy(self) -> bool:
         return self.in_flight is not None or not self._check_ready(block=False)
 
@@ -74,8 +82,7 @@ class AsyncSaver:
         assert self.plan is not None and self.shm is not None and self.in_flight is None
         self._check_ready(block=True)
         strings = self.plan.take(self.shm)
-        number = self.next_number
-        self.next_number += 1
+        number = self.take_number()
         self.in_flight = {"number": number, "step": step, "epoch": epoch, "reason": reason}
         self.conn.send({
             "number": number, "step": step, "epoch": epoch, "step_in_epoch": step_in_epoch,

@@ -107,10 +107,12 @@ class Keeper:
     # -- save -----------------------------------------------------------------------------
 
     def save(self, step: int, epoch: int, step_in_epoch: int,
-             metrics: dict[str, float]) -> cf.Manifest:
+             metrics: dict[str, float], number: int | None = None) -> cf.Manifest:
+        """Commit a checkpoint now. `number` overrides TF's save counter (the async path and
+        this one share one numbering)."""
         self.retired = []
         try:
-            return self._commit(step, epoch, step_in_epoch, metrics)
+            return self._commit(step, epoch, step_in_epoch, metrics, number)
         except (OSError, tf.errors.OpError, ValueError) as e:
             with contextlib.suppress(OSError):
                 self.collect_garbage()  # remove the uncommitted files of this attempt
@@ -119,8 +121,8 @@ class Keeper:
                              ) from e
 
     def _commit(self, step: int, epoch: int, step_in_epoch: int,
-                metrics: dict[str, float]) -> cf.Manifest:
-        path = Path(self.manager.save())
+                metrics: dict[str, float], number: int | None) -> cf.Manifest:
+        path = Path(self.manager.save(checkpoint_number=number))
         point = CommitPoint(int(path.name.rsplit("-", 1)[1]), step, epoch, step_in_epoch, metrics)
         manifest, self.retired, self.expected_keys = commit_written(
             self.dir, point, self.expected_keys, self.max_to_keep, self.keep_every_n_hours,

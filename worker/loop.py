@@ -3,11 +3,8 @@ file, early stopping) → final save. Everything that affects the result lives i
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,70 +22,14 @@ from ckptd.worker.faults import Faults
 from ckptd.worker.h5export import check_readable, save_weights_file
 from ckptd.worker.hoststate import HostState, decode_array, encode_array
 from ckptd.worker.keeper import Keeper, SaveFailed
+from ckptd.worker.prep import Counters, floats, history_csv, make_trackers
 from ckptd.worker.runtime import Beater, StopFlag
-from ckptd.worker.tracking import BestTracker, EarlyStopper, better_of, resolve_mode
+from ckptd.worker.tracking import better_of
 from ckptd.worker.writer import Writer
 
 
 class Preempted(Exception):
     """Stopped on SIGTERM/SIGINT after saving: 0 steps lost."""
-
-
-@dataclass
-class Counters:
-    """Tensor-valued position of the run, tracked by the checkpoint."""
-
-    step: tf.Variable
-    epoch: tf.Variable
-    step_in_epoch: tf.Variable
-    host: tf.Variable
-
-    @classmethod
-    def new(cls) -> Counters:
-        i64 = tf.int64
-        return cls(tf.Variable(0, dtype=i64), tf.Variable(0, dtype=i64), tf.Variable(0, dtype=i64),
-                   tf.Variable("", dtype=tf.string))
-
-
-def make_trackers(spec: JobSpec) -> tuple[BestTracker | None, EarlyStopper | None]:
-    best = None
-    if spec.best:
-        b = spec.best
-        best = BestTracker(b.monitor, resolve_mode(b.mode, b.monitor), b.save_best_only, b.filepath)
-    early = None
-    if spec.early_stopping:
-        e = spec.early_stopping
-        early = EarlyStopper(e.monitor, resolve_mode(e.mode, e.monitor), e.patience, e.min_delta,
-                             e.baseline, e.start_from_epoch, e.restore_best_weights)
-    return best, early
-
-
-def prime(model: Any, batches: Batches) -> None:
-    """Create every variable before restoring: Keras 3 builds optimizer slots and compiled metrics
-    lazily, and a restore into variables that do not exist yet is silently skipped."""
-    x, y = batches.first_batch()
-    if not model.built:
-        model(x)
-    if not model.optimizer.built:
-        model.optimizer.build(model.trainable_variables)
-    model.test_on_batch(x, y)  # builds the loss tracker and compiled metrics; changes no weight
-    model.reset_metrics()
-    model.make_train_function()
-
-
-def history_csv(history: list[dict[str, float]]) -> str:
-    """Keras CSVLogger columns: `epoch`, then the metric names sorted."""
-    keys = sorted({k for row in history for k in row} - {"epoch"})
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["epoch", *keys])
-    for row in history:
-        w.writerow([int(row["epoch"]), *(row.get(k, "") for k in keys)])
-    return buf.getvalue()
-
-
-def _floats(logs: dict[str, Any]) -> dict[str, float]:
-    return {k: float(np.asarray(v)) for k, v in logs.items()}
 
 
 class Loop:
@@ -219,7 +160,9 @@ class Loop:
         self._prepare_host_state()
         step, epoch = int(self.c.step.numpy()), int(self.c.epoch.numpy())
         t0 = time.monotonic()
-        m = self.keeper.save(step, epoch, int(self.c.step_in_epoch.numpy()), self.last_logs)
+        number = self.async_saver.take_number() if self.async_saver is not None else None
+        m = self.keeper.save(step, epoch, int(self.c.step_in_epoch.numpy()), self.last_logs,
+                             number)
         self.dirty = False
         self._committed(m, reason, time.monotonic() - t0, self.keeper.retired)
         self.beater.beat("training", force=True)
@@ -240,6 +183,11 @@ class Loop:
     def _save_async(self, reason: str) -> bool:
         saver = self.async_saver
         assert saver is not None
+        if not saver.is_ready():
+            # The writer is still importing TensorFlow (seconds, at worker start): save
+            # synchronously meanwhile rather than leave the first steps unprotected.
+            self._save(reason)
+            return True
         if reason == "interval" and saver.busy():
             self.save_pending = True  # at most one in flight: save as soon as it is done
             return False
@@ -290,7 +238,7 @@ class Loop:
                 self.c.step.assign_add(1)
                 self.c.step_in_epoch.assign_add(1)
                 self.dirty = True
-                self.last_logs = _floats(logs)
+                self.last_logs = floats(logs)
                 self._beat_step(epoch, len(y), t_epoch, start)
                 if self.stats["steps"] == 0 and not self.first_step_seen:
                     self.first_step_seen = True  # recovery time ends here (benchmarks)
@@ -349,7 +297,7 @@ class Loop:
             else:
                 res = self.model.evaluate(val[0], val[1], batch_size=self.spec.train.batch_size,
                                           verbose=0, return_dict=True)
-            logs.update({f"val_{k}": v for k, v in _floats(res).items()})
+            logs.update({f"val_{k}": v for k, v in floats(res).items()})
         self.host.history.append({"epoch": epoch, **logs})
         self.write_history()
         self.event("epoch.end", epoch=epoch, step=int(self.c.step.numpy()), logs=logs)
