@@ -37,6 +37,8 @@ def job_report(store: Store, job: Job, detail: bool) -> dict[str, Any]:
             "class": str(a.klass) if a.klass else None, "evidence": a.evidence,
             "exit_code": a.exit_code, "signal": a.signal, "error": a.error_summary,
             "restored_step": a.restored_step, "last_step": a.last_step,
+            "steps_done": (None if a.last_step is None
+                           else max(0, a.last_step - (a.restored_step or 0))),
         } for a in attempts]
         report["outputs"] = outputs(job, JobSpec.model_validate_json(job.spec_json, strict=False))
     return report

@@ -66,12 +66,16 @@ def test_sigkill_of_worker_resumes_from_checkpoint_bit_identical(
     # Mid-interval, after at least three commits.
     hb = heartbeat_when(run, lambda h: h.attempt == 1 and (h.committed_step or 0) >= 60
                         and h.step > (h.committed_step or 0))
+    # T15 fork hygiene: the worker holds no descriptor of the job store.
+    fds = [os.readlink(f"/proc/{hb.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{hb.pid}/fd")]
+    assert not [f for f in fds if "ckptd.db" in f], fds
     os.kill(hb.pid, signal.SIGKILL)
     rc, out = finish(proc)
     assert rc == 0, out
     st = status(home, run.name)
     a1, a2 = st["attempt_list"]
     assert a1["class"] == "killed" and a1["signal"] == signal.SIGKILL
+    assert a1["steps_done"] == a1["last_step"] >= 60  # attempt 1 started from scratch
     assert a2["class"] == "succeeded"
     assert a2["restored_step"] is not None and a2["restored_step"] >= 60  # not from step 0
     assert a2["restored_step"] >= (hb.committed_step or 0)
