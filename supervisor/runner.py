@@ -198,6 +198,8 @@ class JobRunner:
         obs = ExitObservation(status.exit_code, status.signal, err.get("type"), err.get("message"),
                               w.hang, w.oom)
         klass, evidence = classify_exit(obs)
+        if isinstance(err.get("step"), int):
+            w.last_step = err["step"]
         self.store.end_attempt(self.job_id, n, exit_code=status.exit_code, signal=status.signal,
                                klass=klass, evidence=evidence,
                                error_summary=_summary(err), restored_step=w.restored_step,

@@ -233,3 +233,28 @@ def test_more_gpus_than_exist_fails_clearly(tmp_path: Path) -> None:
     assert runner.run_job() == JobState.FAILED
     assert "resources.gpus=2" in (store.job("j").reason or "")
     assert store.attempts("j") == []
+
+
+def crashes_at(step: int, heartbeat_step: int) -> Script:
+    """A worker whose last polled heartbeat lags the step its error file reports."""
+    def tick(ops: FakeOps, t: float) -> ExitStatus | None:
+        if t < 1:
+            hb = Heartbeat(pid=1, attempt=len(ops.envs), seq=int(t * 10) + 1, phase="training",
+                           time=t, step=heartbeat_step)
+            ops.run.heartbeat.write_bytes(hb.to_json())
+            return None
+        adir = ops.run.attempt_dir(len(ops.envs))
+        adir.mkdir(parents=True, exist_ok=True)
+        (adir / "error.json").write_text(f'{{"type": "RuntimeError", "message": "x", "step": {step}}}')
+        return ExitStatus(1, None)
+    return Script(tick)
+
+
+def test_crash_loop_uses_the_step_from_the_error_file(tmp_path: Path) -> None:
+    # Heartbeats polled at 27, 28, 29 would not look like a loop; the error file says 30 each time.
+    scripts = [crashes_at(30, hb) for hb in (27, 28, 29, 26, 25)]
+    runner, _, store = _runner(tmp_path, scripts, max_restarts=10)
+    assert runner.run_job() == JobState.FAILED
+    assert len(store.attempts("j")) == 3
+    assert "crash loop" in (store.job("j").reason or "")
+    assert [a.last_step for a in store.attempts("j")] == [30, 30, 30]

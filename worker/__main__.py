@@ -94,6 +94,7 @@ def _dispatch(run: RunDir, mode: str) -> int:
 
     spare = mode == "--spare"
     attempt = 0 if spare else int(mode)
+    loop = None
     try:
         loop = _prepare(run, attempt)
         if spare:
@@ -116,7 +117,10 @@ def _dispatch(run: RunDir, mode: str) -> int:
         return codes[type(e)]
     except Exception as e:
         run.attempt_dir(attempt).mkdir(parents=True, exist_ok=True)
-        write_error_file(run.attempt_dir(attempt), e)
+        # The exact step lets the supervisor tell a crash loop (same step every time) from
+        # flaky crashes; the heartbeat it polls may lag a few steps behind.
+        step = int(loop.c.step.numpy()) if loop is not None else None
+        write_error_file(run.attempt_dir(attempt), e, step=step)
         raise  # the traceback goes to the attempt's stderr log as well; exit status 1
 
 
