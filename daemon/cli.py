@@ -11,7 +11,9 @@ from types import FrameType
 from typing import Any, NoReturn
 
 import click
-from ckptd.daemon import jobs, logs
+from ckptd.daemon import cli_service, jobs, logs
+from ckptd.daemon.cli_service import client_call
+from ckptd.daemon.client import Client, find_socket
 from ckptd.daemon.report import job_report, print_outputs, print_status
 from ckptd.state.jobspec import JobSpec, load_job_file
 from ckptd.state.paths import RunDir, state_dir
@@ -153,13 +155,17 @@ def run(home: Path, job_file: Path | None, resume: str | None, new: bool, progre
 @click.pass_obj
 def status(home: Path, job_id: str | None, as_json: bool) -> None:
     """Show all jobs, or one job with its attempts."""
-    store = _open_store(home)
-    try:
-        selected = [store.job(job_id)] if job_id else store.jobs()
-    except StoreError as e:
-        _die(str(e), EXIT_BAD_INPUT)
-    reports: list[dict[str, Any]] = [job_report(store, j, detail=job_id is not None)
-                                     for j in selected]
+    reports: list[dict[str, Any]]
+    if Client(find_socket(home)).available():  # the daemon's view, with owners and priorities
+        got = client_call(home, "GET", f"/v1/jobs/{job_id}" if job_id else "/v1/jobs")
+        reports = [got] if job_id else got
+    else:
+        store = _open_store(home)
+        try:
+            selected = [store.job(job_id)] if job_id else store.jobs()
+        except StoreError as e:
+            _die(str(e), EXIT_BAD_INPUT)
+        reports = [job_report(store, j, detail=job_id is not None) for j in selected]
     if as_json:
         click.echo(json.dumps(reports[0] if job_id else reports, indent=2))
     else:
@@ -174,14 +180,17 @@ def status(home: Path, job_id: str | None, as_json: bool) -> None:
 @click.pass_obj
 def checkpoints(home: Path, job_id: str, as_json: bool, include_retired: bool) -> None:
     """List a job's committed checkpoints (newest last)."""
-    store = _open_store(home)
-    try:
-        store.job(job_id)
-    except StoreError as e:
-        _die(str(e), EXIT_BAD_INPUT)
-    rows = store.checkpoints(job_id, include_retired)
-    for r in rows:
-        r["metrics"] = json.loads(r.pop("metrics_json") or "{}")
+    if Client(find_socket(home)).available():
+        rows = client_call(home, "GET", f"/v1/jobs/{job_id}/checkpoints?all={int(include_retired)}")
+    else:
+        store = _open_store(home)
+        try:
+            store.job(job_id)
+        except StoreError as e:
+            _die(str(e), EXIT_BAD_INPUT)
+        rows = store.checkpoints(job_id, include_retired)
+        for r in rows:
+            r["metrics"] = json.loads(r.pop("metrics_json") or "{}")
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -191,6 +200,11 @@ def checkpoints(home: Path, job_id: str, as_json: bool, include_retired: bool) -
         metrics = " ".join(f"{k}={v:.4f}" for k, v in sorted(r["metrics"].items()))
         retired = "  (retired)" if r["retired_at"] else ""
         click.echo(f"step {r['step']:>8}  epoch {r['epoch']:>5}  {r['path']}  {metrics}{retired}")
+
+
+for _command in (cli_service.daemon_cmd, cli_service.submit, cli_service.logs_cmd,
+                 cli_service.cancel, cli_service.export):
+    cli.add_command(_command)
 
 
 def main() -> None:

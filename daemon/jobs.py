@@ -15,6 +15,7 @@ from ckptd.state.jobspec import JobSpec, spec_digest, spec_from_json, spec_json
 from ckptd.state.paths import RunDir
 from ckptd.state.states import RESUMABLE, AttemptClass, JobState
 from ckptd.state.store import Job, Store, new_job_id
+from ckptd.supervisor.process import worker_module
 
 
 class JobBusy(Exception):
@@ -64,14 +65,14 @@ def lock_job(run: RunDir) -> int:
 STALE = frozenset({JobState.RUNNING, JobState.BACKOFF})
 
 
-def _stop_orphan(pid: int, run: RunDir, timeout: float = 60.0) -> str:
+def stop_orphan(pid: int, run: RunDir, timeout: float = 60.0) -> str:
     """A worker of a lost supervisor may still run (own session): ask it to save, then kill."""
     try:
         proc = psutil.Process(pid)
         cmd = " ".join(proc.cmdline())
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return "worker gone"
-    if "ckptd.worker" not in cmd or str(run.root) not in cmd:
+    if worker_module() not in cmd or str(run.root) not in cmd:
         return "worker gone (pid reused)"
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGTERM)
@@ -92,7 +93,7 @@ def reconcile_lost(store: Store, job: Job) -> Job:
     run = RunDir(Path(job.run_dir))
     for a in store.attempts(job.id):
         if a.ended_at is None:
-            what = _stop_orphan(a.pid, run) if a.pid else "no worker"
+            what = stop_orphan(a.pid, run) if a.pid else "no worker"
             store.end_attempt(job.id, a.n, exit_code=None, signal=None, klass=AttemptClass.LOST,
                               evidence=f"supervisor lost; {what}", error_summary=None,
                               restored_step=a.restored_step, last_step=a.last_step)

@@ -22,6 +22,7 @@ EXIT_LOCKED = 77  # another worker holds the checkpoint directory
 EXIT_CONFIG = 78  # EX_CONFIG: entrypoint missing, import error, bad params or data
 
 ERROR_FILE = "error.json"  # per attempt, torchelastic-style: type, message, traceback
+EXIT_FILE = "exit_code"  # per attempt: lets a supervisor that adopted (not spawned) a worker learn its code
 EVENTS_FILE = "events.jsonl"  # per job, appended by workers: epoch ends, commits, best files
 
 
@@ -90,3 +91,10 @@ class EventTail:
             except ValueError:
                 continue
         return out
+
+
+def read_exit_code(attempt_dir: Path) -> int | None:
+    try:
+        return int((attempt_dir / EXIT_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return None

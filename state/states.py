@@ -45,7 +45,7 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     }),
     JobState.INTERRUPTED: frozenset({JobState.QUEUED, JobState.RUNNING, JobState.CANCELLED}),
     # A failed job may be resumed by an explicit `ckptd run --resume`, from its checkpoints.
-    JobState.FAILED: frozenset({JobState.QUEUED, JobState.RUNNING}),
+    JobState.FAILED: frozenset({JobState.QUEUED, JobState.RUNNING, JobState.CANCELLED}),
     JobState.SUCCEEDED: frozenset(),
     JobState.CANCELLED: frozenset(),
 }

@@ -19,7 +19,7 @@ from typing import Any
 
 from ckptd.state.states import AttemptClass, IllegalTransition, JobState, is_legal
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
@@ -35,6 +35,13 @@ CREATE TABLE IF NOT EXISTS jobs (
     reason TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_name ON jobs(name, created_at);
+CREATE TABLE IF NOT EXISTS submissions (
+    job_id TEXT PRIMARY KEY REFERENCES jobs(id),
+    owner_uid INTEGER NOT NULL,
+    priority INTEGER NOT NULL DEFAULT 0,
+    submit_key TEXT UNIQUE,
+    submitted_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS attempts (
     job_id TEXT NOT NULL REFERENCES jobs(id),
     n INTEGER NOT NULL,
@@ -48,6 +55,7 @@ CREATE TABLE IF NOT EXISTS attempts (
     error_summary TEXT,
     restored_step INTEGER,
     last_step INTEGER,
+    pid_started REAL,
     PRIMARY KEY (job_id, n)
 );
 CREATE TABLE IF NOT EXISTS checkpoints (
@@ -104,6 +112,7 @@ class Attempt:
     error_summary: str | None
     restored_step: int | None
     last_step: int | None
+    pid_started: float | None = None
 
 
 def _job(row: sqlite3.Row) -> Job:
@@ -119,11 +128,13 @@ def _attempt(row: sqlite3.Row) -> Attempt:
 
 
 class Store:
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path, check: bool = True, threads: bool = False) -> None:
+        self.path, self.check = path, check
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._db = sqlite3.connect(path, timeout=10.0, isolation_level=None)
+            # threads=True: a pooled connection, used by one thread at a time but not always the same.
+            self._db = sqlite3.connect(path, timeout=10.0, isolation_level=None,
+                                       check_same_thread=not threads)
         except sqlite3.Error as e:
             raise StoreError(f"cannot open job store {path}: {e}") from e
         # sqlite3 opens with O_CLOEXEC on Linux, so workers never inherit the store's descriptors.
@@ -138,7 +149,8 @@ class Store:
     def _configure(self) -> None:
         db = self._db
         db.execute("PRAGMA busy_timeout = 10000")
-        check = db.execute("PRAGMA integrity_check").fetchall()
+        # Once per process is enough; extra connections (API threads, job threads) skip it.
+        check = db.execute("PRAGMA integrity_check").fetchall() if self.check else [("ok",)]
         if [tuple(r) for r in check] != [("ok",)]:
             detail = "; ".join(str(r[0]) for r in check[:5])
             raise sqlite3.DatabaseError(f"integrity_check failed: {detail}")
@@ -155,11 +167,13 @@ class Store:
             # executescript() would COMMIT first; run the statements inside our transaction.
             for stmt in filter(str.strip, SCHEMA.split(";")):
                 db.execute(stmt)
+            if 0 < version < 2:  # v1 stores: attempts learn the worker's process start time
+                db.execute("ALTER TABLE attempts ADD COLUMN pid_started REAL")
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @classmethod
-    def open(cls, state: Path) -> Store:
-        return cls(state / "ckptd.db")
+    def open(cls, state: Path, check: bool = True, threads: bool = False) -> Store:
+        return cls(state / "ckptd.db", check, threads)
 
     def close(self) -> None:
         self._db.close()
@@ -196,14 +210,16 @@ class Store:
             self._event(db, job_id, "job.created", {"state": str(state)})
         return self.job(job_id)
 
-    def transition(self, job_id: str, new: JobState, reason: str | None = None) -> Job:
-        """Change a job's state; the transition table is checked inside the write transaction."""
+    def transition(self, job_id: str, new: JobState, reason: str | None = None,
+                   expect: frozenset[JobState] | None = None) -> Job:
+        """Change a job's state; the transition table is checked inside the write transaction.
+        `expect` makes it a compare-and-set: the change happens only from one of those states."""
         with self.write() as db:
             row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 raise StoreError(f"no job {job_id}")
             old = JobState(row["state"])
-            if not is_legal(old, new):
+            if not is_legal(old, new) or (expect is not None and old not in expect):
                 raise IllegalTransition(job_id, old, new)
             db.execute("UPDATE jobs SET state = ?, updated_at = ?, reason = ? WHERE id = ?",
                        (str(new), time.time(), reason, job_id))
@@ -227,12 +243,13 @@ class Store:
 
     # -- attempts -----------------------------------------------------------------------------
 
-    def start_attempt(self, job_id: str, pid: int) -> int:
+    def start_attempt(self, job_id: str, pid: int, pid_started: float | None = None) -> int:
+        """`pid_started` (the process's start time) tells a live worker from a reused pid."""
         with self.write() as db:
             n = db.execute("SELECT COALESCE(MAX(n), 0) + 1 FROM attempts WHERE job_id = ?",
                            (job_id,)).fetchone()[0]
-            db.execute("INSERT INTO attempts (job_id, n, pid, started_at) VALUES (?, ?, ?, ?)",
-                       (job_id, n, pid, time.time()))
+            db.execute("INSERT INTO attempts (job_id, n, pid, started_at, pid_started)"
+                       " VALUES (?, ?, ?, ?, ?)", (job_id, n, pid, time.time(), pid_started))
             self._event(db, job_id, "attempt.started", {"attempt": n, "pid": pid})
         return int(n)
 
@@ -282,6 +299,10 @@ class Store:
         rows = self._db.execute(f"SELECT * FROM checkpoints WHERE job_id = ?{where} ORDER BY step",
                                 (job_id,))
         return [dict(r) for r in rows]
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        """A read for modules that add their own tables (ckptd.state.submissions)."""
+        return list(self._db.execute(sql, params))
 
     def events(self, job_id: str) -> list[dict[str, Any]]:
         rows = self._db.execute("SELECT * FROM events WHERE job_id = ? ORDER BY id", (job_id,))

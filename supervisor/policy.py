@@ -56,6 +56,8 @@ def classify_exit(o: ExitObservation) -> tuple[C, str]:
     """One class per attempt, with the evidence that chose it."""
     if o.hang:
         return C.HANG, o.hang
+    if o.exit_code is None and o.signal is None:
+        return C.LOST, "adopted worker ended without recording its exit status"
     if o.signal is not None:
         name = _signal_name(o.signal)
         if o.signal == signal.SIGKILL:

@@ -32,6 +32,7 @@ class ProcessOps(Protocol):
               spare: bool = False, env: dict[str, str] | None = None) -> int: ...
     def assign(self, pid: int, attempt: int) -> bool: ...
     def poll(self, pid: int) -> ExitStatus | None: ...
+    def start_time(self, pid: int) -> float | None: ...
     def signal_group(self, pid: int, sig: int) -> None: ...
     def signal_pid(self, pid: int, sig: int) -> None: ...
     def rss(self, pid: int) -> int | None: ...
@@ -46,9 +47,14 @@ def worker_env() -> dict[str, str]:
     return env
 
 
+def worker_module() -> str:
+    # CKPTD_WORKER_MODULE is a test seam: daemon tests run a protocol-speaking fake worker.
+    return os.environ.get("CKPTD_WORKER_MODULE", "ckptd.worker")
+
+
 def worker_argv(run_dir: Path, attempt: int | None) -> list[str]:
     """A worker for `attempt`, or a hot spare (None) that waits on stdin for its attempt."""
-    return [sys.executable, "-m", "ckptd.worker", str(run_dir),
+    return [sys.executable, "-m", worker_module(), str(run_dir),
             "--spare" if attempt is None else str(attempt)]
 
 
@@ -82,8 +88,20 @@ class RealProcessOps:
             return False
         return True
 
+    def start_time(self, pid: int) -> float | None:
+        try:
+            return float(psutil.Process(pid).create_time())
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            return None
+
     def poll(self, pid: int) -> ExitStatus | None:
-        proc = self._procs[pid]
+        proc = self._procs.get(pid)
+        if proc is None:  # adopted after a daemon restart: not our child, no exit status
+            try:
+                alive = psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                alive = False
+            return None if alive else ExitStatus(None, None)
         rc = proc.poll()
         if rc is None:
             return None

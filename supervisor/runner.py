@@ -47,9 +47,22 @@ class Display(Protocol):
 
 @dataclass
 class StopRequests:
-    """Appended to by signal handlers (nothing else happens in a handler)."""
+    """Appended to by signal handlers (nothing else happens in a handler), or by the daemon on
+    shutdown or `ckptd cancel` (then `cancel` is set first: the job ends cancelled)."""
 
     signals: list[int] = field(default_factory=list)
+    cancel: bool = False
+
+    def stopped_state(self) -> JobState:
+        return JobState.CANCELLED if self.cancel else JobState.INTERRUPTED
+
+
+@dataclass(frozen=True)
+class Adopted:
+    """A live worker of this job left by a previous supervisor (daemon restart)."""
+
+    n: int
+    pid: int
 
 
 @dataclass
@@ -86,24 +99,27 @@ class JobRunner:
         self.gpus, self.excluded_gpus = gpus or [], set[int]()
         self.devices: list[int] = []
 
-    def run_job(self) -> JobState:
+    def run_job(self, adopt: Adopted | None = None) -> JobState:
         """Run attempts until the job succeeds, fails or is interrupted. Returns the end state."""
         try:
-            return self._run_attempts()
+            return self._run_attempts(adopt)
         finally:
             self._drop_spare()
 
-    def _run_attempts(self) -> JobState:
+    def _run_attempts(self, adopt: Adopted | None) -> JobState:
         while True:
             try:
-                outcome = self._attempt()
+                outcome = self._attempt(adopt)
+                adopt = None
             except NoDevices as e:
                 self.store.transition(self.job_id, JobState.FAILED, str(e))
                 return JobState.FAILED
             if self.stops.signals:
-                self.store.transition(self.job_id, JobState.INTERRUPTED,
-                                      f"stopped by {signal.Signals(self.stops.signals[0]).name}")
-                return JobState.INTERRUPTED
+                end = self.stops.stopped_state()
+                what = "cancelled" if self.stops.cancel else "stopped"
+                self.store.transition(self.job_id, end,
+                                      f"{what} by {signal.Signals(self.stops.signals[0]).name}")
+                return end
             decision = decide_restart(self.history, self.spec.restart, self.jitter())
             if decision.action == Action.DONE:
                 self.store.transition(self.job_id, JobState.SUCCEEDED, decision.reason)
@@ -114,8 +130,9 @@ class JobRunner:
             self.store.transition(self.job_id, JobState.BACKOFF, decision.reason)
             self.display.restarting(decision.delay, decision.reason)
             if not self._sleep(decision.delay):
-                self.store.transition(self.job_id, JobState.INTERRUPTED, "stopped during backoff")
-                return JobState.INTERRUPTED
+                end = self.stops.stopped_state()
+                self.store.transition(self.job_id, end, f"{end} during backoff")
+                return end
             self.store.transition(self.job_id, JobState.RUNNING, f"attempt after {outcome.klass}")
 
     def _sleep(self, delay: float) -> bool:
@@ -181,18 +198,28 @@ class JobRunner:
             self._start_spare(env)
         return pid, warm
 
-    def _attempt(self) -> AttemptOutcome:
+    def _start(self) -> tuple[int, int]:
         n = len(self.store.attempts(self.job_id)) + 1
-        adir = self.run.attempt_dir(n)
         self.events.offset = _size(self.run.root / p.EVENTS_FILE)
         pid, warm = self._launch(n)
-        self.store.start_attempt(self.job_id, pid)
+        self.store.start_attempt(self.job_id, pid, self.ops.start_time(pid))
         self.display.attempt_started(n, pid)
         if warm:
             self.display.event({"event": "worker.spare_assigned", "attempt": n, "pid": pid})
+        return n, pid
+
+    def _attempt(self, adopt: Adopted | None = None) -> AttemptOutcome:
+        if adopt is None:
+            n, pid = self._start()
+        else:  # its events so far were recorded by the previous supervisor or are replayed
+            n, pid = adopt.n, adopt.pid
+            self.display.event({"event": "worker.adopted", "attempt": n, "pid": pid})
+        adir = self.run.attempt_dir(n)
         now = self.ops.monotonic()
         w = Watch(n=n, pid=pid, started=now, last_change=now)
         status = self._watch(w)
+        if status.exit_code is None and status.signal is None:  # not our child: ask its file
+            status = ExitStatus(p.read_exit_code(adir), None)
         self._drain_events(w)
         err = _read_error(adir / p.ERROR_FILE)
         obs = ExitObservation(status.exit_code, status.signal, err.get("type"), err.get("message"),

@@ -8,6 +8,9 @@ DAEMON_SIDE = [
     "ckptd.supervisor.policy", "ckptd.supervisor.runner", "ckptd.supervisor.process",
     "ckptd.supervisor.display", "ckptd.state.store", "ckptd.state.jobspec",
     "ckptd.state.protocol", "ckptd.state.durable", "ckptd.state.retention",
+    "ckptd.daemon.service", "ckptd.daemon.api", "ckptd.daemon.backend", "ckptd.daemon.spool",
+    "ckptd.daemon.recovery", "ckptd.daemon.running", "ckptd.daemon.client",
+    "ckptd.daemon.cli_service", "ckptd.state.submissions",
 ]
 
 

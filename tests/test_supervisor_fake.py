@@ -72,6 +72,9 @@ class FakeOps:
             del self.live[pid]
         return status
 
+    def start_time(self, pid: int) -> float | None:
+        return 1000.0 + pid
+
     def signal_group(self, pid: int, sig: int) -> None:
         self.sent.append((pid, sig))
 

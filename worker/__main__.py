@@ -8,6 +8,7 @@ failure then skips the import and the build (EOF on stdin: exit quietly).
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import os
 import signal
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptd.state import protocol as p
+from ckptd.state.durable import atomic_write_text
 from ckptd.state.jobspec import JobSpec, spec_from_json
 from ckptd.state.paths import RunDir
 
@@ -136,7 +138,21 @@ def main(argv: list[str] | None = None) -> int:
     run = RunDir(Path(args[0]))
     if args[1] != "--spare":
         run.attempt_dir(int(args[1])).mkdir(parents=True, exist_ok=True)
-    return _dispatch(run, args[1])
+    code = 1
+    try:
+        code = _dispatch(run, args[1])
+        return code
+    finally:
+        _record_exit(run, args[1], code)
+
+
+def _record_exit(run: RunDir, mode: str, code: int) -> None:
+    """A daemon that adopted this worker after its own restart cannot waitpid() it: it reads this."""
+    hb = p.Heartbeat.read(run.heartbeat)
+    attempt = int(mode) if mode.isdigit() else hb.attempt if hb and hb.pid == os.getpid() else 0
+    if attempt > 0:
+        with contextlib.suppress(OSError):
+            atomic_write_text(run.attempt_dir(attempt) / p.EXIT_FILE, f"{code}\n")
 
 
 if __name__ == "__main__":

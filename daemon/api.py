@@ -1,0 +1,159 @@
+"""HTTP/JSON API on the daemon's Unix socket (stdlib http.server, one thread per request).
+
+    GET  /v1/health                      the daemon's pid, queue and running counts
+    GET  /v1/jobs                        every job (summary)
+    POST /v1/jobs                        submit: {"spec_json", "job_file", "raw", "priority", "key"}
+    GET  /v1/jobs/ID                     one job with attempts and outputs
+    POST /v1/jobs/ID/cancel              cancel (queued, running, backing off, interrupted, failed)
+    GET  /v1/jobs/ID/checkpoints[?all=1] committed checkpoints
+    GET  /v1/jobs/ID/events?offset=N     the job's events.jsonl from byte N (for `ckptd logs -f`)
+
+The caller's uid comes from SO_PEERCRED, never from the request: it becomes the job's owner, and
+only the owner, root or a member of the admin group may cancel a job.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import socketserver
+import struct
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler
+from typing import Any, Protocol
+from urllib.parse import parse_qs, urlsplit
+
+from ckptd.state.store import Store
+
+MAX_BODY = 2 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Peer:
+    pid: int
+    uid: int
+    gid: int
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status, self.extra = status, extra
+
+
+class Backend(Protocol):
+    def store(self) -> AbstractContextManager[Store]: ...
+    def health(self) -> dict[str, Any]: ...
+    def submit(self, store: Store, peer: Peer, body: dict[str, Any]) -> tuple[int, dict[str, Any]]: ...
+    def cancel(self, store: Store, peer: Peer, job_id: str) -> tuple[int, dict[str, Any]]: ...
+    def job(self, store: Store, job_id: str, detail: bool) -> dict[str, Any]: ...
+    def jobs(self, store: Store) -> list[dict[str, Any]]: ...
+    def checkpoints(self, store: Store, job_id: str, include_retired: bool) -> list[dict[str, Any]]: ...
+    def events(self, store: Store, job_id: str, offset: int) -> dict[str, Any]: ...
+
+
+def peer_of(sock: socket.socket) -> Peer:
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return Peer(*struct.unpack("3i", raw))
+
+
+class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    allow_reuse_address = False
+
+    def __init__(self, path: str, backend: Backend) -> None:
+        self.backend = backend
+        super().__init__(path, Handler, bind_and_activate=True)
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: ApiServer
+    protocol_version = "HTTP/1.1"
+    server_version = "ckptd"
+
+    def address_string(self) -> str:  # a Unix socket has no client address
+        return "unix"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Requests are not logged one by one; the daemon logs what they change."""
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def _dispatch(self, method: str) -> None:
+        try:
+            peer = peer_of(self.request)
+            with self.server.backend.store() as store:
+                status, payload = self._route(method, store, peer)
+        except ApiError as e:
+            status, payload = e.status, {"error": str(e), **e.extra}
+        except Exception as e:  # the daemon must keep serving whatever one request does
+            status, payload = 500, {"error": f"internal error: {type(e).__name__}: {e}"}
+        self._reply(status, payload)
+
+    def _route(self, method: str, store: Store, peer: Peer) -> tuple[int, Any]:
+        url = urlsplit(self.path)
+        parts = [p for p in url.path.split("/") if p]
+        query = parse_qs(url.query)
+        b = self.server.backend
+        if parts[:1] != ["v1"]:
+            raise ApiError(404, f"no such endpoint {url.path}; the API lives under /v1")
+        route = (method, *["ID" if i == 2 else p for i, p in enumerate(parts[1:], start=1)])
+        if route == ("GET", "health"):
+            return 200, b.health()
+        if route == ("GET", "jobs"):
+            return 200, b.jobs(store)
+        if route == ("POST", "jobs"):
+            return b.submit(store, peer, self._body())
+        if len(parts) < 3 or parts[1] != "jobs":
+            raise ApiError(404, f"no such endpoint {method} {url.path}")
+        job_id = parts[2]
+        if route == ("GET", "jobs", "ID"):
+            return 200, b.job(store, job_id, detail=True)
+        if route == ("POST", "jobs", "ID", "cancel"):
+            return b.cancel(store, peer, job_id)
+        if route == ("GET", "jobs", "ID", "checkpoints"):
+            return 200, b.checkpoints(store, job_id, query.get("all", ["0"])[0] == "1")
+        if route == ("GET", "jobs", "ID", "events"):
+            offset = query.get("offset", ["0"])[0]
+            if not offset.isdigit():
+                raise ApiError(400, "offset must be a non-negative integer")
+            return 200, b.events(store, job_id, int(offset))
+        raise ApiError(404, f"no such endpoint {method} {url.path}")
+
+    def _body(self) -> dict[str, Any]:
+        length = self.headers.get("Content-Length", "")
+        if not length.isdigit() or int(length) > MAX_BODY:
+            raise ApiError(400, f"a JSON body of at most {MAX_BODY} bytes with Content-Length")
+        try:
+            body = json.loads(self.rfile.read(int(length)))
+        except ValueError as e:
+            raise ApiError(400, f"the body is not JSON: {e}") from e
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        return body
+
+    def _reply(self, status: int, payload: Any) -> None:
+        data = (json.dumps(payload, indent=1, default=str) + "\n").encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def iter_lines(data: bytes) -> Iterator[dict[str, Any]]:
+    """Complete JSON lines of an events file chunk (a torn last line is left for next time)."""
+    for line in data.split(b"\n"):
+        if line.strip():
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(ev, dict):
+                yield ev

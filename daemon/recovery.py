@@ -1,0 +1,116 @@
+"""Start-up reconciliation: what the store says was running, against what is really running.
+
+A worker left by a previous daemon (killed, crashed) is adopted when three facts agree: its pid is
+alive with the recorded start time, its command line names this job's run directory, and the job's
+checkpoint lock is held. Otherwise its attempt is closed as `lost` and the job is queued again; it
+resumes from its newest committed checkpoint. Never two workers on one job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+from ckptd.daemon import jobs
+from ckptd.state.paths import RunDir
+from ckptd.state.states import AttemptClass, JobState
+from ckptd.state.store import Attempt, Job, Store
+from ckptd.state.submissions import managed_jobs
+from ckptd.supervisor.process import worker_module
+from ckptd.supervisor.runner import Adopted
+
+START_TIME_SLACK = 1.0  # psutil's create_time is derived from boot time and clock ticks
+
+
+@dataclass(frozen=True)
+class Recovered:
+    adopted: list[tuple[Job, Adopted, list[int]]]
+    requeued: list[str]
+
+
+def lock_is_held(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def live_worker(a: Attempt, run: RunDir, ckpt_dir: Path) -> psutil.Process | None:
+    """The attempt's worker if it is alive and provably ours, else None."""
+    if a.pid is None or a.pid_started is None:
+        return None
+    try:
+        proc = psutil.Process(a.pid)
+        if abs(proc.create_time() - a.pid_started) > START_TIME_SLACK:
+            return None  # the pid was reused
+        cmd = proc.cmdline()
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+    if worker_module() not in cmd or str(run.root) not in cmd:
+        return None
+    return proc if lock_is_held(ckpt_dir / ".lock") else None
+
+
+def _devices(proc: psutil.Process) -> list[int]:
+    with contextlib.suppress(psutil.Error, ValueError):
+        visible = proc.environ().get("CUDA_VISIBLE_DEVICES", "")
+        return [int(d) for d in visible.split(",") if d.strip()]
+    return []
+
+
+def _close_lost(store: Store, job: Job, a: Attempt, what: str) -> None:
+    store.end_attempt(job.id, a.n, exit_code=None, signal=None, klass=AttemptClass.LOST,
+                      evidence=f"daemon restarted; {what}", error_summary=None,
+                      restored_step=a.restored_step, last_step=a.last_step)
+
+
+def _reconcile(store: Store, job: Job) -> Adopted | None:
+    run = RunDir(Path(job.run_dir))
+    ckpt_dir = run.checkpoint_dir(jobs.spec_of(job).checkpoint.dir)
+    adopted = None
+    for a in store.attempts(job.id):
+        if a.ended_at is not None:
+            continue
+        proc = live_worker(a, run, ckpt_dir) if adopted is None else None
+        if proc is not None:
+            adopted = Adopted(a.n, proc.pid)
+            continue
+        what = jobs.stop_orphan(a.pid, run) if a.pid else "no worker"
+        _close_lost(store, job, a, what)
+    return adopted
+
+
+def recover(store: Store) -> Recovered:
+    adopted: list[tuple[Job, Adopted, list[int]]] = []
+    requeued: list[str] = []
+    for job, _sub in managed_jobs(store, jobs.STALE):
+        found = _reconcile(store, job)
+        if found is not None:
+            devices: list[int] = []
+            with contextlib.suppress(psutil.Error):
+                devices = _devices(psutil.Process(found.pid))
+            adopted.append((store.job(job.id), found, devices))
+            continue
+        store.transition(job.id, JobState.INTERRUPTED, "daemon was lost")
+        requeued.append(job.id)
+    # Interrupted by the last daemon's stop (or just now): they continue automatically.
+    for job, _sub in managed_jobs(store, frozenset({JobState.INTERRUPTED})):
+        store.transition(job.id, JobState.QUEUED, "resumed at daemon start")
+        if job.id not in requeued:
+            requeued.append(job.id)
+    return Recovered(adopted, requeued)

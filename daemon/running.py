@@ -1,0 +1,105 @@
+"""Jobs the daemon is supervising right now: one thread per job, each running a JobRunner.
+
+The thread only supervises (its JobRunner observes → decides → acts); the daemon's main loop
+starts threads, asks them to stop through their StopRequests, and reaps them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ckptd.daemon import jobs
+from ckptd.state import protocol as p
+from ckptd.state.jobspec import JobSpec
+from ckptd.state.paths import RunDir
+from ckptd.state.states import TERMINAL, AttemptClass, JobState
+from ckptd.state.store import Store
+from ckptd.supervisor.display import LogDisplay
+from ckptd.supervisor.process import RealProcessOps
+from ckptd.supervisor.runner import Adopted, JobRunner, StopRequests
+
+
+class DaemonDisplay(LogDisplay):
+    """Log lines on the daemon's stdout, and supervisor events in the job's events.jsonl so that
+    `ckptd logs -f` shows restarts next to what the workers wrote."""
+
+    def __init__(self, log: Any, run: RunDir) -> None:
+        super().__init__(log)
+        self.path = run.root / p.EVENTS_FILE
+
+    def attempt_started(self, n: int, pid: int) -> None:
+        super().attempt_started(n, pid)
+        p.append_event(self.path, "worker.spawned", attempt=n, pid=pid)
+
+    def attempt_ended(self, n: int, klass: AttemptClass, evidence: str) -> None:
+        super().attempt_ended(n, klass, evidence)
+        p.append_event(self.path, "worker.exited", attempt=n, exit_class=str(klass),
+                       evidence=evidence)
+
+    def restarting(self, delay: float, reason: str) -> None:
+        super().restarting(delay, reason)
+        p.append_event(self.path, "worker.restarting", delay_seconds=round(delay, 2), reason=reason)
+
+
+@dataclass
+class RunningJob:
+    job_id: str
+    devices: list[int]
+    stops: StopRequests = field(default_factory=StopRequests)
+    thread: threading.Thread | None = None
+    end: JobState | None = None
+
+
+def start_job(home: Path, job_id: str, spec: JobSpec, run_dir: Path, devices: list[int],
+              log: Any, adopt: Adopted | None = None) -> RunningJob:
+    rj = RunningJob(job_id, devices)
+    rj.thread = threading.Thread(target=_supervise, args=(home, rj, spec, RunDir(run_dir), log, adopt),
+                                 name=f"job-{job_id}", daemon=True)
+    rj.thread.start()
+    return rj
+
+
+def _supervise(home: Path, rj: RunningJob, spec: JobSpec, run: RunDir, log: Any,
+               adopt: Adopted | None) -> None:
+    store = Store.open(home, check=False)
+    lock_fd = None
+    jlog = log.bind(job_id=rj.job_id)
+    try:
+        lock_fd = jobs.lock_job(run)
+        runner = JobRunner(store, rj.job_id, spec, run, RealProcessOps(), DaemonDisplay(jlog, run),
+                           rj.stops, hot_spare=spec.restart.hot_spare, gpus=rj.devices)
+        rj.end = runner.run_job(adopt)
+        job = store.job(rj.job_id)
+        jlog.info("job.finished", state=str(rj.end), reason=job.reason,
+                  last_committed_step=job.last_committed_step)
+    except Exception as e:  # one job's trouble must never take the daemon down
+        jlog.error("job.supervisor_error", error=f"{type(e).__name__}: {e}",
+                   traceback=traceback.format_exc())
+        rj.end = _fail(store, rj.job_id, f"supervisor error: {type(e).__name__}: {e}")
+    finally:
+        if lock_fd is not None:
+            os.close(lock_fd)
+        store.close()
+
+
+def _fail(store: Store, job_id: str, reason: str) -> JobState:
+    try:
+        state = store.job(job_id).state
+        if state not in TERMINAL and state != JobState.FAILED:
+            store.transition(job_id, JobState.FAILED, reason)
+        return store.job(job_id).state
+    except Exception:
+        return JobState.FAILED
+
+
+def ask_stop(rj: RunningJob, cancel: bool) -> None:
+    """First call: the worker saves and exits. A second call: kill now (the runner's rule)."""
+    if cancel:
+        rj.stops.cancel = True
+    rj.stops.signals.append(signal.SIGTERM)

@@ -1,0 +1,195 @@
+"""`ckptd daemon`: one per state directory. Lock → store → recovery → API → READY=1 → main loop.
+
+The main loop only observes (signals recorded by handlers, finished job threads, the queue, the
+spool) → decides (ckptd.daemon.schedule) → acts (start threads, ask them to stop). Every loop
+iteration pings the systemd watchdog, so a blocked loop gets the service restarted.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from ckptd.daemon import jobs
+from ckptd.daemon.api import ApiServer
+from ckptd.daemon.backend import ApiBackend, Registry
+from ckptd.daemon.config import DaemonConfig, socket_path
+from ckptd.daemon.notify import Notifier
+from ckptd.daemon.recovery import recover
+from ckptd.daemon.running import RunningJob, ask_stop, start_job
+from ckptd.daemon.schedule import Queued, pick_jobs, slot_count
+from ckptd.daemon.sockets import bound
+from ckptd.daemon.spool import Spool
+from ckptd.state.states import JobState
+from ckptd.state.store import Store
+from ckptd.state.submissions import managed_jobs
+from ckptd.supervisor.gpus import detect_gpus
+
+LOOP_SECONDS = 0.5
+SPOOL_SCAN_SECONDS = 2.0
+
+
+class AlreadyRunning(Exception):
+    pass
+
+
+def lock_instance(home: Path) -> int:
+    fd = os.open(home / "daemon.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as e:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise AlreadyRunning(f"another ckptd daemon (pid {holder}) already serves {home}; "
+                             "stop it first (systemctl stop ckptd)") from e
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+class Daemon:
+    def __init__(self, home: Path, config: DaemonConfig, log: Any,
+                 notifier: Notifier | None = None) -> None:
+        self.home, self.config, self.log = home, config, log
+        self.notifier = notifier or Notifier()
+        self.registry = Registry()
+        self.wake = threading.Event()
+        self.signals: list[int] = []
+        self.gpus = detect_gpus()
+        self.slots = slot_count(config.max_concurrent_jobs, self.gpus)
+        self.queued = 0
+        self._status = ""
+
+    def _record_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self.signals.append(signum)  # only record; the main loop acts
+        self.wake.set()
+
+    def serve(self) -> int:
+        lock = lock_instance(self.home)
+        store = Store.open(self.home)
+        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(s, self._record_signal)
+        try:
+            self._recover(store)
+            sock = socket_path(self.config, self.home)
+            backend = ApiBackend(self.home, self.registry, self.config.admin_group, self.wake,
+                                 self.health, self.log)
+            server = bound(sock, lambda: ApiServer(str(sock), backend), self.config.socket_group)
+            threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
+                             name="api", daemon=True).start()
+            spool = self._start_spool()
+            self.log.info("daemon.ready", pid=os.getpid(), socket=str(sock), slots=self.slots,
+                          gpus=self.gpus, state_dir=str(self.home))
+            self.notifier.send("READY=1", f"MAINPID={os.getpid()}")
+            self._loop(store, spool)
+            self._shutdown(server, spool, sock)
+            return 0
+        finally:
+            store.close()
+            os.close(lock)
+
+    def _recover(self, store: Store) -> None:
+        found = recover(store)
+        for job, adopted, devices in found.adopted:
+            self.log.info("worker.adopted", job_id=job.id, attempt=adopted.n, pid=adopted.pid)
+            self.registry.running[job.id] = start_job(self.home, job.id, jobs.spec_of(job),
+                                                      Path(job.run_dir), devices, self.log, adopted)
+        for job_id in found.requeued:
+            self.log.info("job.requeued", job_id=job_id, reason="daemon restarted")
+
+    def _start_spool(self) -> Spool | None:
+        if not self.config.spool:
+            return None
+        spool = Spool(self.home, self.config.spool_settle_seconds, self.log)
+        spool.watch(self.wake)
+        return spool
+
+    def health(self) -> dict[str, Any]:
+        with self.registry.lock:
+            running = sorted(self.registry.running)
+        return {"pid": os.getpid(), "state_dir": str(self.home), "slots": self.slots,
+                "gpus": self.gpus, "running": running, "queued": self.queued,
+                "stopping": bool(self.signals)}
+
+    def _loop(self, store: Store, spool: Spool | None) -> None:
+        last_scan = 0.0
+        while not self.signals:
+            now = time.monotonic()
+            self.notifier.watchdog(now)
+            self._reap()
+            woken = self.wake.is_set()
+            self.wake.clear()
+            if spool is not None and (woken or now - last_scan >= SPOOL_SCAN_SECONDS):
+                spool.scan(store, self.home)
+                last_scan = now
+            self._schedule(store)
+            self._report_status()
+            self.wake.wait(LOOP_SECONDS)
+
+    def _reap(self) -> None:
+        with self.registry.lock:
+            for job_id, rj in list(self.registry.running.items()):
+                if rj.thread is not None and not rj.thread.is_alive():
+                    del self.registry.running[job_id]
+
+    def _schedule(self, store: Store) -> None:
+        queue = managed_jobs(store, frozenset({JobState.QUEUED}))
+        self.queued = len(queue)
+        with self.registry.lock:
+            running = self.registry.running
+            busy = {d for rj in running.values() for d in rj.devices}
+            free = [g for g in self.gpus if g not in busy]
+            wanted = [Queued(job.id, jobs.spec_of(job).resources.gpus) for job, _ in queue]
+            for job_id, devices in pick_jobs(wanted, len(running), self.slots, free):
+                self._start(store, job_id, devices)
+
+    def _start(self, store: Store, job_id: str, devices: list[int]) -> None:
+        try:
+            job = store.transition(job_id, JobState.RUNNING, "started by the daemon",
+                                   expect=frozenset({JobState.QUEUED}))
+        except Exception as e:  # cancelled a moment ago: the table said no
+            self.log.info("job.not_started", job_id=job_id, reason=str(e))
+            return
+        self.log.info("job.started", job_id=job_id, devices=devices,
+                      last_committed_step=job.last_committed_step)
+        self.registry.running[job_id] = start_job(self.home, job_id, jobs.spec_of(job),
+                                                  Path(job.run_dir), devices, self.log)
+
+    def _report_status(self) -> None:
+        status = f"STATUS={len(self.registry.running)} running, {self.queued} queued"
+        if status != self._status:
+            self._status = status
+            self.notifier.send(status)
+
+    def _shutdown(self, server: ApiServer, spool: Spool | None, sock: Path) -> None:
+        """Stop taking work, let every worker save (0 steps lost), then exit."""
+        self.notifier.send("STOPPING=1", "STATUS=stopping: workers are saving")
+        self.log.info("daemon.stopping", signal=signal.Signals(self.signals[0]).name,
+                      running=sorted(self.registry.running))
+        server.shutdown()
+        server.server_close()
+        if spool is not None:
+            spool.stop()
+        asked = 0
+        while True:
+            with self.registry.lock:
+                live: list[RunningJob] = [rj for rj in self.registry.running.values()
+                                          if rj.thread is not None and rj.thread.is_alive()]
+                if len(self.signals) > asked:  # every further signal escalates: save, then kill
+                    asked = len(self.signals)
+                    for rj in live:
+                        ask_stop(rj, cancel=False)
+            if not live:
+                break
+            self.notifier.watchdog(time.monotonic())
+            self.wake.wait(0.1)
+            self.wake.clear()
+        if sock.is_socket():
+            sock.unlink()
+        self.log.info("daemon.stopped")

@@ -1,0 +1,122 @@
+"""Spool intake: a job file dropped into `<state>/spool/` is submitted exactly once.
+
+Only complete files are taken: names starting with "." are ignored (write `.job.yaml.tmp`, then
+rename into place), and a file must be unchanged for `settle` seconds. The submit key is derived
+from the file's identity (inode, size, mtime, name), so a daemon killed between "job created" and
+"file moved" finds the job on restart instead of creating a second one. Accepted files move to
+`spool/accepted/`, rejected ones to `spool/rejected/` with `NAME.error.txt` beside them. The job's
+owner is the file's owner. The watchdog observer only wakes the main loop; the loop does the work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ckptd.daemon.backend import submit_job
+from ckptd.state import submissions
+from ckptd.state.durable import atomic_write_text, fsync_dir
+from ckptd.state.jobspec import parse_job
+from ckptd.state.store import Store
+from ckptd.state.yamlstrict import JobFileError
+
+SUFFIXES = (".yaml", ".yml")
+MAX_JOB_FILE = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Intake:
+    name: str
+    outcome: str  # accepted | rejected | duplicate
+    job_id: str | None = None
+    problems: tuple[str, ...] = ()
+
+
+def spool_key(st: os.stat_result, name: str) -> str:
+    ident = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{name}"
+    return "spool:" + hashlib.sha256(ident.encode()).hexdigest()[:40]
+
+
+class Spool:
+    def __init__(self, home: Path, settle: float, log: Any) -> None:
+        self.dir = home / "spool"
+        self.settle, self.log = settle, log
+        for sub in (self.dir, self.dir / "accepted", self.dir / "rejected"):
+            sub.mkdir(parents=True, exist_ok=True)
+        self.observer: Any = None
+
+    def watch(self, wake: threading.Event) -> None:
+        """Wake the main loop on changes (inotify through watchdog); scanning stays periodic too."""
+        from watchdog.events import FileSystemEvent, FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        class _Wake(FileSystemEventHandler):
+            def on_any_event(self, event: FileSystemEvent) -> None:
+                wake.set()
+
+        self.observer = Observer()
+        self.observer.schedule(_Wake(), str(self.dir), recursive=False)
+        self.observer.daemon = True
+        self.observer.start()
+
+    def stop(self) -> None:
+        if self.observer is not None:
+            self.observer.stop()
+            self.observer.join(timeout=5)
+
+    def candidates(self, now: float) -> list[Path]:
+        found = []
+        for entry in sorted(self.dir.iterdir()):
+            if entry.name.startswith(".") or not entry.name.endswith(SUFFIXES):
+                continue
+            with contextlib.suppress(OSError):
+                st = entry.lstat()
+                if entry.is_file() and not entry.is_symlink() and now - st.st_mtime >= self.settle:
+                    found.append(entry)
+        return found
+
+    def scan(self, store: Store, home: Path) -> list[Intake]:
+        return [self.take(store, home, path) for path in self.candidates(time.time())]
+
+    def take(self, store: Store, home: Path, path: Path) -> Intake:
+        st = path.lstat()
+        key = spool_key(st, path.name)
+        existing = submissions.by_key(store, key)
+        if existing is not None:  # created before a crash; finish the move
+            self._move(path, "accepted")
+            return Intake(path.name, "duplicate", existing)
+        try:
+            data = path.read_bytes()[:MAX_JOB_FILE + 1]
+            spec = parse_job(data, str(path), self.dir)
+        except JobFileError as e:
+            return self._reject(path, e.problems)
+        except OSError as e:
+            return self._reject(path, [f"{path}: cannot read: {e.strerror}"])
+        job = submit_job(store, home, spec, data, str(self.dir / "accepted" / path.name),
+                         st.st_uid, 0, key)
+        self._move(path, "accepted")
+        self.log.info("job.submitted", job_id=job.id, name=job.name, owner_uid=st.st_uid,
+                      source="spool", file=path.name)
+        return Intake(path.name, "accepted", job.id)
+
+    def _reject(self, path: Path, problems: list[str]) -> Intake:
+        target = self._move(path, "rejected")
+        atomic_write_text(target.with_name(target.name + ".error.txt"), "\n".join(problems) + "\n")
+        self.log.warning("spool.rejected", file=path.name, problems=problems)
+        return Intake(path.name, "rejected", None, tuple(problems))
+
+    def _move(self, path: Path, where: str) -> Path:
+        target = self.dir / where / path.name
+        if target.exists():  # never overwrite an earlier file of the same name
+            target = target.with_name(f"{path.stem}.{time.strftime('%Y%m%dT%H%M%S')}"
+                                      f".{os.getpid()}{path.suffix}")
+        os.rename(path, target)
+        fsync_dir(target.parent)
+        fsync_dir(self.dir)
+        return target

@@ -1,0 +1,68 @@
+"""Jobs submitted to the daemon: owner, priority, idempotency key, and the persistent queue.
+
+A job row plus its submission row are written in one transaction, so an acknowledged submit exists
+exactly once even if the daemon is killed right after answering; a retried submit with the same
+key returns the job it already created.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from ckptd.state.states import JobState
+from ckptd.state.store import Job, Store, StoreError
+
+
+@dataclass(frozen=True)
+class Submission:
+    job_id: str
+    owner_uid: int
+    priority: int
+    submit_key: str | None
+    submitted_at: float
+
+
+class DuplicateKey(Exception):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"already submitted as job {job_id}")
+        self.job_id = job_id
+
+
+def submit(store: Store, job_id: str, name: str, spec_json: str, spec_digest: str, job_file: str,
+           run_dir: str, owner_uid: int, priority: int, key: str | None) -> Job:
+    """Create a queued job and its submission atomically; DuplicateKey if `key` was used."""
+    with store.write() as db:
+        if key is not None:
+            row = db.execute("SELECT job_id FROM submissions WHERE submit_key = ?", (key,)).fetchone()
+            if row is not None:
+                raise DuplicateKey(row["job_id"])
+        store.create_job(job_id, name, spec_json, spec_digest, job_file, run_dir, JobState.QUEUED)
+        db.execute("INSERT INTO submissions (job_id, owner_uid, priority, submit_key, submitted_at)"
+                   " VALUES (?, ?, ?, ?, ?)", (job_id, owner_uid, priority, key, time.time()))
+    return store.job(job_id)
+
+
+def by_key(store: Store, key: str) -> str | None:
+    rows = store.query("SELECT job_id FROM submissions WHERE submit_key = ?", (key,))
+    return str(rows[0]["job_id"]) if rows else None
+
+
+def submission(store: Store, job_id: str) -> Submission | None:
+    rows = store.query("SELECT * FROM submissions WHERE job_id = ?", (job_id,))
+    return Submission(**dict(rows[0])) if rows else None
+
+
+def managed_jobs(store: Store, states: frozenset[JobState]) -> list[tuple[Job, Submission]]:
+    """Daemon-managed jobs in `states`, in queue order: priority (high first), then FIFO."""
+    marks = ",".join("?" * len(states))
+    rows = store.query(
+        f"SELECT j.id FROM jobs j JOIN submissions s ON s.job_id = j.id WHERE j.state IN ({marks})"
+        " ORDER BY s.priority DESC, s.submitted_at, j.id", tuple(str(s) for s in states))
+    out = []
+    for r in rows:
+        sub = submission(store, r["id"])
+        if sub is None:  # pragma: no cover - the join guarantees it
+            raise StoreError(f"job {r['id']} lost its submission row")
+        out.append((store.job(r["id"]), sub))
+    return out

@@ -1,0 +1,57 @@
+"""A protocol-speaking stand-in for ckptd.worker, without TensorFlow, for daemon tests.
+
+It does what the supervisor observes of a real worker: holds the checkpoint lock, beats from its
+step loop, appends `checkpoint.committed` events, saves and exits 75 on SIGTERM, records its exit
+code. Selected with CKPTD_WORKER_MODULE=tests.fakeworker (daemon tests only; the real worker is
+exercised by the TensorFlow tests). FAKE_STEPS and FAKE_STEP_SECONDS shape the run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from ckptd.state import protocol as p
+from ckptd.state.durable import atomic_write_text, write_nondurable
+from ckptd.state.jobspec import spec_from_json
+from ckptd.state.paths import RunDir
+from ckptd.worker.runtime import lock_dir
+
+stop = []
+
+
+def main() -> int:
+    run, attempt = RunDir(Path(sys.argv[1])), int(sys.argv[2])
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    spec = spec_from_json(run.spec_file.read_text())
+    lock_dir(run.checkpoint_dir(spec.checkpoint.dir))
+    total, pause = int(os.environ.get("FAKE_STEPS", "40")), float(os.environ.get("FAKE_STEP_SECONDS", "0.05"))
+    events = run.root / p.EVENTS_FILE
+    committed = _restored(events)
+    hb = p.Heartbeat(pid=os.getpid(), attempt=attempt, seq=0, phase="training", time=time.time(),
+                     restored_step=committed, step=committed or 0)
+    code = p.EXIT_OK
+    for step in range((committed or 0) + 1, total + 1):
+        time.sleep(pause)
+        hb.seq, hb.step, hb.time = hb.seq + 1, step, time.time()
+        write_nondurable(run.heartbeat, hb.to_json())
+        if step % 10 == 0 or stop:
+            p.append_event(events, "checkpoint.committed", step=step, epoch=0, path=f"ckpt-{step}",
+                           metrics={}, digest="fake")
+        if stop:
+            code = p.EXIT_PREEMPTED
+            break
+    atomic_write_text(run.attempt_dir(attempt) / p.EXIT_FILE, f"{code}\n")
+    return code
+
+
+def _restored(events: Path) -> int | None:
+    steps = [ev["step"] for ev in p.EventTail(events).read() if ev.get("event") == "checkpoint.committed"]
+    return max(steps) if steps else None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

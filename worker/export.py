@@ -1,0 +1,54 @@
+"""`python -m ckptd.worker.export RUN_DIR OUT`: the newest verified checkpoint's weights as HDF5.
+
+Read-only: a running worker may own the checkpoint directory, so nothing is quarantined, locked
+or collected here; a checkpoint that fails verification is skipped with a message.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ckptd.state import ckptfiles as cf
+from ckptd.state.paths import RunDir
+
+EXIT_OK, EXIT_NONE = 0, 1
+
+
+def export_latest(run: RunDir, out: Path) -> str:
+    from ckptd.worker.__main__ import _prepare
+    from ckptd.worker.h5export import save_weights_file
+
+    loop = _prepare(run, 0)
+    ckdir = run.checkpoint_dir(loop.spec.checkpoint.dir)
+    manifests, _bad = cf.read_manifests(ckdir)
+    for m in reversed(manifests):
+        problem = cf.verify_files(ckdir, m)
+        if problem is None:
+            try:
+                loop.ckpt.read(str(ckdir / m.prefix)).expect_partial()
+            except Exception as e:  # a torn or foreign file: try the next older one
+                problem = f"{type(e).__name__}: {str(e)[:200]}"
+        if problem is None:
+            save_weights_file(loop.model, out)
+            return f"step {m.step} (epoch {m.epoch}, checkpoint {m.number})"
+        print(f"ckptd export: skipping checkpoint {m.number}: {problem}", file=sys.stderr)
+    raise LookupError(f"no verified checkpoint in {ckdir}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print("usage: python -m ckptd.worker.export RUN_DIR OUT.h5", file=sys.stderr)
+        return 2
+    try:
+        which = export_latest(RunDir(Path(args[0])), Path(args[1]))
+    except LookupError as e:
+        print(f"ckptd export: {e}", file=sys.stderr)
+        return EXIT_NONE
+    print(which)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
