@@ -128,7 +128,7 @@ class ApiBackend:
                            f"ask its owner, root or a member of group {self.admin_group}")
         with self.registry.lock:  # the main loop starts jobs under the same lock
             rj = self.registry.running.get(job_id)
-            if rj is not None:
+            if rj is not None and rj.end is None and job.state not in TERMINAL:
                 ask_stop(rj, cancel=True)
                 self.log.info("job.cancelling", job_id=job_id, by_uid=peer.uid)
                 return 202, {"job_id": job_id, "state": "cancelling"}

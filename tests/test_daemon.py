@@ -1,0 +1,293 @@
+"""The daemon as a real process: API, submit idempotency, queue, cancel, recovery, graceful stop.
+
+Workers are the protocol-speaking fake (tests/fakeworker.py) so that these tests exercise the
+daemon's own logic in seconds; test_daemon_tf.py runs the real TensorFlow worker under it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import psutil
+import pytest
+from ckptd.daemon.client import ApiRefused, DaemonUnavailable
+
+from .conftest import ckptd_cmd
+from .daemonproc import DaemonProc, daemon_env, fake_job, start_daemon
+from .procs import wait_for
+
+SLOW = {"FAKE_STEPS": "400", "FAKE_STEP_SECONDS": "0.02"}  # ~8 s, commits every 10 steps
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> DaemonProc:
+    d = start_daemon(tmp_path / "home")
+    yield d
+    if d.proc.poll() is None:
+        d.stop()
+
+
+def _cli(home: Path, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(ckptd_cmd(*args), env=daemon_env(home, **extra), capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_submit_status_logs_over_the_cli(tmp_path: Path, daemon: DaemonProc) -> None:
+    job = fake_job(tmp_path)
+    r = _cli(daemon.home, "submit", str(job), "--wait")
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.strip()
+    st = _cli(daemon.home, "status", job_id, "--json")
+    assert '"state": "succeeded"' in st.stdout and f'"owner_uid": {os.getuid()}' in st.stdout
+    logs = _cli(daemon.home, "logs", job_id, "--json").stdout
+    assert '"worker.spawned"' in logs and '"checkpoint.committed"' in logs
+    assert '"worker.exited"' in logs
+
+
+def test_api_answers_json_and_clear_errors(daemon: DaemonProc) -> None:
+    assert daemon.api("GET", "/v1/health")["pid"] == daemon.proc.pid
+    assert daemon.api("GET", "/v1/jobs") == []
+    for url, status in [("/v1/jobs/nope", 404), ("/v2/x", 404), ("/v1/jobs/nope/events?offset=x", 400)]:
+        with pytest.raises(ApiRefused) as e:
+            daemon.api("GET", url)
+        assert e.value.status == status
+    with pytest.raises(ApiRefused) as e:
+        daemon.api("POST", "/v1/jobs", {"spec_json": '{"name": "x"}'})
+    assert e.value.status == 400 and any("model" in p for p in e.value.payload["problems"])
+    st = os.stat(daemon.home / "ckptd.sock")
+    assert st.st_mode & 0o777 == 0o660
+
+
+def test_daemon_not_running_is_a_clear_message(tmp_path: Path) -> None:
+    r = _cli(tmp_path / "home", "cancel", "some-job")
+    assert r.returncode == 1 and "daemon is not running" in r.stderr
+
+
+def test_submit_with_the_same_key_creates_one_job(tmp_path: Path, daemon: DaemonProc) -> None:
+    job = fake_job(tmp_path)
+    results: list[str] = []
+    threads = [threading.Thread(target=lambda: results.append(daemon.submit(job, key="k" * 12)))
+               for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(results)) == 1 and len(results) == 6
+    assert len(daemon.api("GET", "/v1/jobs")) == 1
+    assert daemon.submit(job, key="another-key") != results[0]
+
+
+def test_queue_runs_by_priority_then_fifo(tmp_path: Path) -> None:
+    d = start_daemon(tmp_path / "home", FAKE_STEPS="30", FAKE_STEP_SECONDS="0.02")
+    try:
+        first = d.submit(fake_job(tmp_path, "first"))
+        d.wait_state(first, "running")
+        low = d.submit(fake_job(tmp_path, "low"))
+        low2 = d.submit(fake_job(tmp_path, "low2"))
+        high = d.submit(fake_job(tmp_path, "high"), priority=5)
+        for j in (first, low, low2, high):
+            d.wait_state(j, "succeeded")
+        started = {j: d.job(j)["attempt_list"][0]["started_at"] for j in (first, low, low2, high)}
+        assert sorted(started, key=lambda j: started[j]) == [first, high, low, low2]
+        spans = [(d.job(j)["attempt_list"][0]["started_at"], d.job(j)["attempt_list"][0]["ended_at"])
+                 for j in (first, high, low, low2)]
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))  # one slot
+    finally:
+        d.stop()
+
+
+def test_slots_run_jobs_side_by_side(tmp_path: Path) -> None:
+    d = start_daemon(tmp_path / "home", config="max_concurrent_jobs: 2\n", **SLOW)
+    try:
+        a, b, c = (d.submit(fake_job(tmp_path, n)) for n in ("a", "b", "c"))
+        wait_for("two running", lambda: len(d.api("GET", "/v1/health")["running"]) == 2, 30)
+        assert d.job(c)["state"] == "queued"
+        for j in (a, b, c):
+            d.api("POST", f"/v1/jobs/{j}/cancel")
+        for j in (a, b, c):
+            d.wait_state(j, "cancelled")
+    finally:
+        d.stop()
+
+
+def test_cancel_in_every_state(tmp_path: Path) -> None:
+    d = start_daemon(tmp_path / "home", **SLOW)
+    try:
+        running = d.submit(fake_job(tmp_path, "r"))
+        queued = d.submit(fake_job(tmp_path, "q"))
+        wait_for("a commit", lambda: (d.job(running)["last_committed_step"] or 0) >= 10, 30)
+        assert d.api("POST", f"/v1/jobs/{queued}/cancel")["state"] == "cancelled"
+        assert d.api("POST", f"/v1/jobs/{running}/cancel")["state"] == "cancelling"
+        job = d.wait_state(running, "cancelled")
+        assert job["attempt_list"][-1]["class"] == "preempted"  # it saved on the way out
+        with pytest.raises(ApiRefused) as e:
+            d.api("POST", f"/v1/jobs/{running}/cancel")
+        assert e.value.status == 409
+    finally:
+        d.stop()
+
+
+def _as_nobody(sock: Path, method: str, url: str) -> tuple[int, str]:
+    """Call the API from a child process running as uid/gid 65534."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        os.close(r)
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            from ckptd.daemon.client import Client
+            try:
+                Client(sock).call(method, url)
+                msg = "200 ok"
+            except ApiRefused as e:
+                msg = f"{e.status} {e}"
+            except DaemonUnavailable as e:
+                msg = f"0 {e}"
+            os.write(w, msg.encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    out = os.read(r, 4096).decode()
+    os.close(r)
+    code, _, msg = out.partition(" ")
+    return int(code), msg
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another uid")
+def test_another_uid_may_not_cancel(tmp_path: Path) -> None:
+    sockdir = Path(tempfile.mkdtemp(prefix="ckptd-sock-"))  # reachable by uid 65534
+    sockdir.chmod(0o755)
+    sock = sockdir / "ckptd.sock"
+    d = start_daemon(tmp_path / "home", sock=sock, **SLOW)
+    try:
+        job = d.submit(fake_job(tmp_path))
+        code, msg = _as_nobody(sock, "POST", f"/v1/jobs/{job}/cancel")
+        assert code == 0 and "permission denied" in msg  # 0660: not in the socket's group
+        os.chmod(sock, 0o666)  # as if uid 65534 were in the group
+        code, msg = _as_nobody(sock, "POST", f"/v1/jobs/{job}/cancel")
+        assert code == 403 and "may not cancel" in msg, msg
+        assert _as_nobody(sock, "GET", f"/v1/jobs/{job}")[0] == 200  # reading is allowed
+        assert d.api("POST", f"/v1/jobs/{job}/cancel")["state"] in ("cancelled", "cancelling")
+    finally:
+        d.stop()
+        shutil.rmtree(sockdir, ignore_errors=True)
+
+
+def test_second_daemon_on_the_same_state_refuses(daemon: DaemonProc) -> None:
+    r = _cli(daemon.home, "daemon")
+    assert r.returncode == 1 and "already serves" in r.stderr
+
+
+def test_graceful_stop_interrupts_then_resumes_at_next_start(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    d = start_daemon(home, **SLOW)
+    job = d.submit(fake_job(tmp_path))
+    wait_for("a commit", lambda: (d.job(job)["last_committed_step"] or 0) >= 20, 30)
+    assert d.stop() == 0
+    assert '"daemon.stopped"' in d.output()
+    assert not (home / "ckptd.sock").exists()
+    d2 = start_daemon(home, FAKE_STEPS="60", FAKE_STEP_SECONDS="0.01")
+    try:
+        done = d2.wait_state(job, "succeeded")
+        first, second = done["attempt_list"]
+        assert first["class"] == "preempted"
+        # 0 steps lost: the next attempt starts exactly where the stopped one saved
+        # 0 steps lost: the next attempt starts from the checkpoint saved on the way out
+        assert second["restored_step"] >= first["last_step"]
+    finally:
+        d2.stop()
+
+
+def _worker_pid(d: DaemonProc, job: str) -> int:
+    return int(wait_for("a worker", lambda: d.job(job)["attempt_list"][-1]["pid"]
+                        if d.job(job).get("attempt_list") else None, 30))
+
+
+def test_sigkilled_daemon_adopts_the_live_worker(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    d = start_daemon(home, **SLOW)
+    job = d.submit(fake_job(tmp_path))
+    wait_for("a commit", lambda: (d.job(job)["last_committed_step"] or 0) >= 10, 30)
+    pid = _worker_pid(d, job)
+    d.stop(signal.SIGKILL)
+    assert psutil.pid_exists(pid)  # the worker survives its supervisor (own session)
+    d2 = start_daemon(home, **SLOW)
+    try:
+        done = d2.wait_state(job, "succeeded", timeout=60)
+        assert [a["class"] for a in done["attempt_list"]] == ["succeeded"]
+        assert done["attempt_list"][0]["pid"] == pid
+        assert '"worker.adopted"' in d2.output()
+    finally:
+        d2.stop()
+
+
+def test_sigkilled_daemon_and_worker_relaunch_from_the_last_commit(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    d = start_daemon(home, **SLOW)
+    job = d.submit(fake_job(tmp_path))
+    wait_for("a commit", lambda: (d.job(job)["last_committed_step"] or 0) >= 10, 30)
+    pid = _worker_pid(d, job)
+    d.stop(signal.SIGKILL)
+    os.killpg(pid, signal.SIGKILL)
+    wait_for("the worker to die", lambda: not psutil.pid_exists(pid)
+             or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 10)
+    events = (home / "jobs" / job / "events.jsonl").read_text().splitlines()
+    committed = max(json.loads(e)["step"] for e in events if '"checkpoint.committed"' in e)
+    d2 = start_daemon(home, FAKE_STEPS="60", FAKE_STEP_SECONDS="0.01")
+    try:
+        done = d2.wait_state(job, "succeeded", timeout=60)
+        first, second = done["attempt_list"]
+        assert first["class"] == "lost" and "daemon restarted" in first["evidence"]
+        assert second["restored_step"] == committed >= 10
+    finally:
+        d2.stop()
+
+
+def test_submit_storm_survives_sigkill(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    d = start_daemon(home, FAKE_STEPS="5", FAKE_STEP_SECONDS="0.01")
+    job = fake_job(tmp_path)
+    acked: list[tuple[str, str]] = []
+    stop = threading.Event()
+
+    def storm(n: int) -> None:
+        i = 0
+        while not stop.is_set():
+            key = f"storm-{n}-{i:05d}"
+            try:
+                acked.append((key, d.submit(job, key=key)))
+            except (DaemonUnavailable, ApiRefused):
+                return
+            i += 1
+
+    threads = [threading.Thread(target=storm, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    wait_for("some submits", lambda: len(acked) >= 40, 60)
+    d.stop(signal.SIGKILL)
+    stop.set()
+    for t in threads:
+        t.join()
+    db = sqlite3.connect(home / "ckptd.db")
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    rows = dict(db.execute("SELECT submit_key, job_id FROM submissions").fetchall())
+    db.close()
+    for key, job_id in acked:
+        assert rows.get(key) == job_id
+    d2 = start_daemon(home, FAKE_STEPS="5", FAKE_STEP_SECONDS="0.01")
+    try:
+        for key, job_id in acked[:3]:  # a retry after the restart finds the same job
+            assert d2.submit(job, key=key) == job_id
+        assert len(d2.api("GET", "/v1/jobs")) == len(rows)
+    finally:
+        d2.stop()
