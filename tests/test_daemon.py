@@ -6,6 +6,7 @@ daemon's own logic in seconds; test_daemon_tf.py runs the real TensorFlow worker
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -99,7 +100,7 @@ def test_queue_runs_by_priority_then_fifo(tmp_path: Path) -> None:
         assert sorted(started, key=lambda j: started[j]) == [first, high, low, low2]
         spans = [(d.job(j)["attempt_list"][0]["started_at"], d.job(j)["attempt_list"][0]["ended_at"])
                  for j in (first, high, low, low2)]
-        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))  # one slot
+        assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))  # one slot
     finally:
         d.stop()
 

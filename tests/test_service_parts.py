@@ -1,0 +1,270 @@
+"""Daemon parts: queue decisions (table-driven), spool intake, sd_notify, the socket path, the unit."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ckptd.daemon.notify import Notifier
+from ckptd.daemon.schedule import Queued, may_act, pick_jobs, slot_count
+from ckptd.daemon.sockets import SocketError, prepare_path
+from ckptd.daemon.spool import Spool
+from ckptd.state.store import Store
+from ckptd.supervisor.process import worker_env
+
+from .conftest import write_job
+from .daemonproc import start_daemon
+from .procs import wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# -- pure decisions ------------------------------------------------------------------------------
+
+PICK = [
+    # queue (id, gpus), running, slots, free gpus -> started
+    ([("a", 0), ("b", 0)], 0, 1, [], [("a", [])]),
+    ([("a", 0), ("b", 0)], 0, 2, [], [("a", []), ("b", [])]),
+    ([("a", 0)], 1, 1, [], []),
+    ([("a", 1), ("b", 1)], 0, 2, [0, 1], [("a", [0]), ("b", [1])]),
+    ([("a", 2), ("b", 1)], 0, 2, [1], []),  # the head waits for 2 GPUs; b does not jump it
+    ([("a", 2)], 0, 2, [0, 3], [("a", [0, 3])]),
+    ([], 0, 4, [0], []),
+]
+
+
+@pytest.mark.parametrize(("queue", "running", "slots", "free", "started"), PICK)
+def test_pick_jobs(queue: list[tuple[str, int]], running: int, slots: int, free: list[int],
+                   started: list[tuple[str, list[int]]]) -> None:
+    assert pick_jobs([Queued(j, g) for j, g in queue], running, slots, free) == started
+
+
+@pytest.mark.parametrize(("configured", "gpus", "slots"),
+                         [(None, [], 1), (None, [0, 1, 2], 3), (4, [], 4), (1, [0, 1], 1)])
+def test_slot_count(configured: int | None, gpus: list[int], slots: int) -> None:
+    assert slot_count(configured, gpus) == slots
+
+
+@pytest.mark.parametrize(("peer", "owner", "admin", "ok"),
+                         [(1000, 1000, False, True), (1001, 1000, False, False),
+                          (1001, 1000, True, True), (0, 1000, False, True)])
+def test_may_act(peer: int, owner: int, admin: bool, ok: bool) -> None:
+    assert may_act(peer, owner, admin) is ok
+
+
+# -- spool -----------------------------------------------------------------------------------------
+
+
+class _Log:
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, dict[str, Any]]] = []
+
+    def info(self, event: str, **kw: Any) -> None:
+        self.lines.append((event, kw))
+
+    warning = info
+
+
+def _drop(spool: Path, name: str, text: str) -> Path:
+    """Write beside, then rename into place: how a complete file arrives."""
+    tmp = spool / f".{name}.tmp"
+    tmp.write_text(text)
+    os.rename(tmp, spool / name)
+    return spool / name
+
+
+def test_spool_takes_complete_files_once_and_rejects_bad_ones(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    store = Store.open(home)
+    spool = Spool(home, settle=0.0, log=_Log())
+    good = write_job(tmp_path / "src", name="spooled").read_text()
+    _drop(spool.dir, "good.yaml", good)
+    _drop(spool.dir, "bad.yaml", "name: x\nmodel: 3\nbogus: 1\n")
+    (spool.dir / ".partial.yaml.tmp").write_text("name: half")
+    (spool.dir / "notes.txt").write_text("not a job")
+    taken = {i.name: i for i in spool.scan(store, home)}
+    assert set(taken) == {"good.yaml", "bad.yaml"}
+    assert taken["good.yaml"].outcome == "accepted" and taken["bad.yaml"].outcome == "rejected"
+    assert (spool.dir / "accepted" / "good.yaml").exists()
+    error = (spool.dir / "rejected" / "bad.yaml.error.txt").read_text()
+    assert "bogus" in error and "model" in error
+    assert [j.name for j in store.jobs()] == ["spooled"]
+    assert spool.scan(store, home) == []  # nothing left to take
+    assert (spool.dir / ".partial.yaml.tmp").exists()
+
+
+def test_spool_crash_between_submit_and_move_does_not_duplicate(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    store = Store.open(home)
+    spool = Spool(home, settle=0.0, log=_Log())
+    path = _drop(spool.dir, "job.yaml", write_job(tmp_path / "src", name="once").read_text())
+    first = spool.take(store, home, path)
+    # As if the daemon died before the rename: the same file (same inode) is back in the spool.
+    os.rename(spool.dir / "accepted" / "job.yaml", path)
+    again = spool.scan(store, home)
+    assert [i.outcome for i in again] == ["duplicate"] and again[0].job_id == first.job_id
+    assert len(store.jobs()) == 1
+
+
+def test_spool_waits_for_a_file_to_settle(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    spool = Spool(home, settle=3600.0, log=_Log())
+    _drop(spool.dir, "fresh.yaml", "name: x\n")
+    assert spool.scan(Store.open(home), home) == []
+
+
+def test_spool_in_the_running_daemon(tmp_path: Path) -> None:
+    d = start_daemon(tmp_path / "home", config="spool_settle_seconds: 0.2\n", FAKE_STEPS="5")
+    try:
+        _drop(d.home / "spool", "dropped.yaml", write_job(tmp_path / "src", name="dropped").read_text())
+        jobs = wait_for("the spooled job", lambda: d.api("GET", "/v1/jobs"), 30)
+        assert jobs[0]["name"] == "dropped" and jobs[0]["owner_uid"] == os.getuid()
+        d.wait_state(jobs[0]["id"], "succeeded")
+    finally:
+        d.stop()
+
+
+# -- sd_notify -------------------------------------------------------------------------------------
+
+
+def test_sd_notify_ready_watchdog_status_stopping(tmp_path: Path) -> None:
+    addr = tmp_path / "notify.sock"
+    sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sink.bind(str(addr))
+    sink.settimeout(30)
+    d = start_daemon(tmp_path / "home", NOTIFY_SOCKET=str(addr), WATCHDOG_USEC="400000")
+    got: list[str] = []
+
+    def until(field: str) -> None:
+        while not any(m.startswith(field) for m in got):
+            got.extend(sink.recv(4096).decode().splitlines())
+
+    try:
+        until("READY=1")
+        until("STATUS=")
+        assert "STATUS=0 running, 0 queued" in got
+        got.clear()
+        until("WATCHDOG=1")
+        got.clear()
+        until("WATCHDOG=1")  # keeps pinging from the main loop
+    finally:
+        d.stop()
+    until("STOPPING=1")
+    sink.close()
+
+
+def test_the_loop_stops_pinging_when_blocked(tmp_path: Path) -> None:
+    """Control for the test above: a stopped daemon (SIGSTOP) sends no WATCHDOG=1."""
+    addr = tmp_path / "notify.sock"
+    sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sink.bind(str(addr))
+    d = start_daemon(tmp_path / "home", NOTIFY_SOCKET=str(addr), WATCHDOG_USEC="200000")
+    try:
+        sink.settimeout(10)
+        while b"WATCHDOG=1" not in sink.recv(4096):
+            pass
+        os.kill(d.proc.pid, signal.SIGSTOP)
+        sink.settimeout(0.05)
+        while True:  # drain what was sent before the stop
+            try:
+                sink.recv(4096)
+            except TimeoutError:
+                break
+        sink.settimeout(1.0)
+        with pytest.raises(TimeoutError):
+            sink.recv(4096)
+        os.kill(d.proc.pid, signal.SIGCONT)
+    finally:
+        d.stop()
+        sink.close()
+
+
+def test_notifier_understands_abstract_sockets_and_watchdog_pid() -> None:
+    n = Notifier({"NOTIFY_SOCKET": "@ckptd-test", "WATCHDOG_USEC": "10000000",
+                  "WATCHDOG_PID": str(os.getpid())})
+    assert n.address == "\0ckptd-test" and n.watchdog_interval == 5.0
+    assert Notifier({"WATCHDOG_USEC": "1000", "WATCHDOG_PID": "1"}).watchdog_interval is None
+    assert not Notifier({}).enabled
+
+
+def test_workers_do_not_inherit_the_notify_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NOTIFY_SOCKET", "/run/systemd/notify")
+    monkeypatch.setenv("WATCHDOG_USEC", "1")
+    env = worker_env()
+    assert "NOTIFY_SOCKET" not in env and "WATCHDOG_USEC" not in env
+
+
+# -- socket path -----------------------------------------------------------------------------------
+
+
+def test_socket_path_refuses_symlinks_files_and_live_sockets(tmp_path: Path) -> None:
+    link = tmp_path / "link.sock"
+    link.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(SocketError, match="symlink"):
+        prepare_path(link)
+    plain = tmp_path / "plain.sock"
+    plain.write_text("x")
+    with pytest.raises(SocketError, match="not a socket"):
+        prepare_path(plain)
+    live = tmp_path / "live.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(live))
+    server.listen()
+    with pytest.raises(SocketError, match="live socket"):
+        prepare_path(live)
+    server.close()  # now stale: replaced
+    prepare_path(live)
+    assert not live.exists()
+    with pytest.raises(SocketError, match="107 bytes"):
+        prepare_path(tmp_path / ("x" * 120))
+
+
+# -- the systemd unit ------------------------------------------------------------------------------
+
+needs_systemd = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                                   reason="systemd-analyze is not installed")
+
+
+def _unit_copy(tmp_path: Path) -> Path:
+    """The unit with ExecStart pointing at this environment's ckptd, so verify can check it."""
+    exe = Path(sys.executable).parent / "ckptd"
+    text = (ROOT / "systemd" / "ckptd.service").read_text()
+    unit = tmp_path / "ckptd.service"
+    unit.write_text(text.replace("/opt/ckptd/venv/bin/ckptd", str(exe)))
+    return unit
+
+
+@needs_systemd
+def test_unit_verifies(tmp_path: Path) -> None:
+    r = subprocess.run(["systemd-analyze", "verify", str(_unit_copy(tmp_path))],
+                       capture_output=True, text=True, timeout=60)
+    problems = [ln for ln in (r.stdout + r.stderr).splitlines() if "ckptd.service" in ln]
+    assert r.returncode == 0 and not problems, r.stdout + r.stderr
+
+
+@needs_systemd
+def test_unit_security_exposure_is_low(tmp_path: Path) -> None:
+    r = subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager",
+                        str(_unit_copy(tmp_path))], capture_output=True, text=True, timeout=60)
+    m = re.search(r"Overall exposure level for ckptd\.service: ([\d.]+)", r.stdout + r.stderr)
+    assert m, r.stdout + r.stderr
+    assert float(m.group(1)) <= 3.0, r.stdout
+
+
+def test_unit_has_the_required_settings() -> None:
+    text = (ROOT / "systemd" / "ckptd.service").read_text()
+    settings = dict(ln.split("=", 1) for ln in text.splitlines() if "=" in ln and ln[0] != "#")
+    assert settings["Type"] == "notify" and settings["KillMode"] == "mixed"
+    assert settings["OOMPolicy"] == "continue" and settings["Restart"] == "always"
+    assert settings["User"] == "ckptd" and settings["StateDirectory"] == "ckptd"
+    assert settings["RuntimeDirectory"] == "ckptd" and "PrivateDevices" not in settings
+    assert int(settings["TimeoutStopSec"]) > 60  # longer than the 60 s a worker gets to save
+    for hard in ("NoNewPrivileges", "ProtectSystem", "ProtectHome", "PrivateTmp"):
+        assert hard in settings
