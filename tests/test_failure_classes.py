@@ -18,10 +18,11 @@ FAST_HANG = ("restart: {max_restarts: 3, backoff_initial_seconds: 0.1, backoff_m
 
 def _job(tmp_path: Path, extra: str = "") -> Path:
     job = write_job(tmp_path, epochs=2, extra=extra)
-    if "restart:" in extra:  # replace the default restart section
-        text = job.read_text()
-        lines = [ln for ln in text.splitlines() if not ln.startswith("restart: {max_restarts: 3,")]
-        job.write_text("\n".join(lines) + "\n")
+    if "restart:" in extra:  # replace the default restart section (the first one) by ours
+        lines = job.read_text().splitlines()
+        first = next(i for i, ln in enumerate(lines) if ln.startswith("restart:"))
+        job.write_text("\n".join(lines[:first] + lines[first + 1:]) + "\n")
+        assert "heartbeat_timeout" not in extra or "heartbeat_timeout" in job.read_text()
     return job
 
 
