@@ -11,6 +11,22 @@ EXAMPLE = ROOT / "examples" / "pima"
 CSV = EXAMPLE / "pima-indians-diabetes.csv"
 
 
+GOLDEN_EPOCHS = 4
+
+
+@pytest.fixture(scope="session")
+def golden(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """An uninterrupted run of the test job (write_job, GOLDEN_EPOCHS): the oracle for exact
+    resume, shared by every module that interrupts that job."""
+    from .procs import final_state_hash, finish, run_dir, start_run
+
+    tmp = tmp_path_factory.mktemp("golden")
+    home = tmp / "home"
+    rc, out = finish(start_run(home, str(write_job(tmp, epochs=GOLDEN_EPOCHS))))
+    assert rc == 0, out
+    return final_state_hash(run_dir(home))
+
+
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     h = tmp_path / "home"

@@ -3,7 +3,8 @@
 It does what the supervisor observes of a real worker: holds the checkpoint lock, beats from its
 step loop, appends `checkpoint.committed` events, saves and exits 75 on SIGTERM, records its exit
 code. Selected with CKPTD_WORKER_MODULE=tests.fakeworker (daemon tests only; the real worker is
-exercised by the TensorFlow tests). FAKE_STEPS and FAKE_STEP_SECONDS shape the run.
+exercised by the TensorFlow tests). FAKE_STEPS and FAKE_STEP_SECONDS shape the run;
+FAKE_CRASH_AT=N makes attempt 1 crash at step N.
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ def main() -> int:
     hb = p.Heartbeat(pid=os.getpid(), attempt=attempt, seq=0, phase="training", time=time.time(),
                      restored_step=committed, step=committed or 0)
     code = p.EXIT_OK
+    crash_at = int(os.environ.get("FAKE_CRASH_AT", "0")) if attempt == 1 else 0
     for step in range((committed or 0) + 1, total + 1):
+        if step == crash_at:
+            raise RuntimeError(f"fake crash at step {step}")
         time.sleep(pause)
         hb.seq, hb.step, hb.time = hb.seq + 1, step, time.time()
         write_nondurable(run.heartbeat, hb.to_json())

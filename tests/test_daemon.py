@@ -292,3 +292,17 @@ def test_submit_storm_survives_sigkill(tmp_path: Path) -> None:
         assert len(d2.api("GET", "/v1/jobs")) == len(rows)
     finally:
         d2.stop()
+
+
+def test_logs_follow_across_a_worker_restart(tmp_path: Path) -> None:
+    d = start_daemon(tmp_path / "home", FAKE_STEPS="40", FAKE_STEP_SECONDS="0.02", FAKE_CRASH_AT="15")
+    try:
+        job = d.submit(fake_job(tmp_path))
+        r = _cli(d.home, "logs", job, "-f", "--json")  # returns when the job has ended
+        assert r.returncode == 0, r.stderr
+        kinds = [json.loads(line)["event"] for line in r.stdout.splitlines()]
+        assert kinds.count("worker.spawned") == 2 and "worker.restarting" in kinds
+        exits = [json.loads(line) for line in r.stdout.splitlines() if '"worker.exited"' in line]
+        assert [e["exit_class"] for e in exits] == ["crash", "succeeded"]
+    finally:
+        d.stop()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import CSV, EXAMPLE, ckptd_cmd, env_with, write_job
+from .conftest import CSV, EXAMPLE, GOLDEN_EPOCHS, ckptd_cmd, env_with, write_job
 from .procs import (
     events,
     final_state_hash,
@@ -24,17 +24,7 @@ from .procs import (
 )
 
 pytestmark = pytest.mark.tf
-EPOCHS = 4  # 52 steps an epoch: 208 steps, a checkpoint every 20
-
-
-@pytest.fixture(scope="module")
-def golden(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """An uninterrupted run of the test job: the oracle for exact resume."""
-    tmp = tmp_path_factory.mktemp("golden")
-    home = tmp / "home"
-    rc, out = finish(start_run(home, str(write_job(tmp, epochs=EPOCHS))))
-    assert rc == 0, out
-    return final_state_hash(run_dir(home))
+EPOCHS = GOLDEN_EPOCHS  # 52 steps an epoch: 208 steps, a checkpoint every 20
 
 
 def _history_epochs(run: Path) -> list[int]:

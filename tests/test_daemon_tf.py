@@ -1,0 +1,58 @@
+"""The daemon with the real TensorFlow worker: graceful stop and resume, export, load_weights."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from ckptd.state.store import Store
+
+from .conftest import CSV, EXAMPLE, GOLDEN_EPOCHS, ckptd_cmd, write_job
+from .daemonproc import daemon_env, start_daemon
+from .procs import final_state_hash, wait_for
+
+pytestmark = pytest.mark.tf
+
+
+def test_stop_resume_export(tmp_path: Path, golden: dict[str, str]) -> None:
+    home = tmp_path / "home"
+    d = start_daemon(home, fake=False, CKPTD_FAULTS="step_delay=0.01")
+    job = d.submit(write_job(tmp_path, epochs=GOLDEN_EPOCHS))
+    wait_for("step 60 committed", lambda: (d.job(job)["last_committed_step"] or 0) >= 60, 120)
+    t0 = time.monotonic()
+    assert d.stop() == 0
+    stop_seconds = time.monotonic() - t0
+    store = Store.open(home)
+    assert store.job(job).state == "interrupted"
+    saved = store.job(job).last_committed_step
+    store.close()
+    print(f"daemon stop with one training worker: {stop_seconds:.2f} s")
+
+    d = start_daemon(home, fake=False)
+    try:
+        done = d.wait_state(job, "succeeded", "failed", timeout=180)
+        assert done["state"] == "succeeded", done
+        first, second = done["attempt_list"]
+        assert first["class"] == "preempted" and second["restored_step"] == saved
+        assert final_state_hash(Path(done["run_dir"])) == golden  # as if never stopped
+        env = daemon_env(home, fake=False)
+        for which, name in (("--best", "best.hdf5"), ("--latest", "latest.hdf5")):
+            r = subprocess.run(ckptd_cmd("export", job, which, "-o", str(tmp_path / name)),
+                               env=env, capture_output=True, text=True, timeout=180)
+            assert r.returncode == 0, r.stderr
+    finally:
+        d.stop()
+    code = (f"import sys; sys.path.insert(0, {str(EXAMPLE)!r})\n"
+            "from model import build\n"
+            f"m, (x, y) = build({{'csv': {str(CSV)!r}}})\n"
+            f"m.load_weights({str(tmp_path / 'latest.hdf5')!r})\n"
+            "a = m.evaluate(x, y, verbose=0, return_dict=True)['accuracy']\n"
+            f"m.load_weights({str(tmp_path / 'best.hdf5')!r})\n"
+            "b = m.evaluate(x, y, verbose=0, return_dict=True)['accuracy']\n"
+            "print(a, b)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         check=True).stdout.split()
+    assert all(0.5 <= float(v) <= 1.0 for v in out[-2:]), out
