@@ -301,6 +301,9 @@ class JobRunner:
                 w.hang = (f"no progress heartbeat for {now - w.last_change:.1f}s in phase "
                           f"{w.phase} (last step {w.last_step}); Python stacks in "
                           f"{self.run.attempt_dir(w.n) / 'stderr.log'}")
+                self.display.event({"event": "heartbeat.missed", "attempt": w.n, "pid": w.pid,
+                                    "phase": w.phase, "last_step": w.last_step,
+                                    "silent_seconds": round(now - w.last_change, 1)})
                 self.ops.signal_pid(w.pid, signal.SIGUSR1)  # faulthandler dumps every stack
                 self.ops.signal_group(w.pid, signal.SIGCONT)  # a stopped worker must see TERM
                 self.ops.signal_group(w.pid, signal.SIGTERM)

@@ -127,8 +127,13 @@ def _runner(tmp_path: Path, scripts: list[Script], stops: StopRequests | None = 
 
 
 class _NullDisplay:
+    def __init__(self) -> None:
+        self.events: list[dict[str, object]] = []
+
     def heartbeat(self, hb: Heartbeat) -> None: ...
-    def event(self, ev: dict[str, object]) -> None: ...
+    def event(self, ev: dict[str, object]) -> None:
+        self.events.append(ev)
+
     def attempt_started(self, n: int, pid: int) -> None: ...
     def attempt_ended(self, n: int, klass: AttemptClass, evidence: str) -> None: ...
     def restarting(self, delay: float, reason: str) -> None: ...
@@ -163,6 +168,8 @@ def test_hang_is_detected_and_killed(tmp_path: Path) -> None:
     # stacks first, wake a stopped worker, ask politely, then kill after the grace period
     assert sigs[:4] == [signal.SIGUSR1, signal.SIGCONT, signal.SIGTERM, signal.SIGKILL]
     assert "stacks" in (first.evidence or "")
+    missed = [e for e in runner.display.events if e["event"] == "heartbeat.missed"]  # type: ignore[attr-defined]
+    assert len(missed) == 1 and missed[0]["phase"] == "starting"
 
 
 def test_memory_limit_kills_as_host_oom(tmp_path: Path) -> None:
