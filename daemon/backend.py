@@ -114,6 +114,9 @@ class ApiBackend:
                              str(body.get("job_file", "")), peer.uid, priority, key)
         except submissions.DuplicateKey as e:  # the same retry raced in on another connection
             return 200, {"created": False, "job": self.job(store, e.job_id, detail=False)}
+        except OSError as e:  # nothing was recorded: the submit can simply be retried
+            raise ApiError(507, f"cannot create the job's run directory under {self.home}/jobs: "
+                           f"{e.strerror or e}; free space there and submit again") from e
         self.log.info("job.submitted", job_id=job.id, name=job.name, owner_uid=peer.uid,
                       priority=priority)
         self.wake.set()

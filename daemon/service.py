@@ -10,8 +10,10 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
+import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -27,7 +29,7 @@ from ckptd.daemon.schedule import Queued, pick_jobs, slot_count
 from ckptd.daemon.sockets import bound
 from ckptd.daemon.spool import Spool
 from ckptd.state.states import JobState
-from ckptd.state.store import Store
+from ckptd.state.store import Store, StoreError
 from ckptd.state.submissions import managed_jobs
 from ckptd.supervisor.gpus import detect_gpus
 
@@ -126,10 +128,18 @@ class Daemon:
             woken = self.wake.is_set()
             self.wake.clear()
             if spool is not None and (woken or now - last_scan >= SPOOL_SCAN_SECONDS):
-                spool.scan(store, self.home)
+                self._guarded("spool", lambda: spool.scan(store, self.home))
                 last_scan = now
-            self._schedule(store)
+            self._guarded("schedule", lambda: self._schedule(store))
             self._report_status()
+            self.wake.wait(LOOP_SECONDS)
+
+    def _guarded(self, what: str, step: Callable[[], object]) -> None:
+        """A full disk or a busy store fails one iteration, not the daemon: the next one retries."""
+        try:
+            step()
+        except (OSError, sqlite3.Error, StoreError) as e:
+            self.log.error("daemon.loop_error", step=what, error=f"{type(e).__name__}: {e}")
             self.wake.wait(LOOP_SECONDS)
 
     def _reap(self) -> None:

@@ -4,7 +4,7 @@ It does what the supervisor observes of a real worker: holds the checkpoint lock
 step loop, appends `checkpoint.committed` events, saves and exits 75 on SIGTERM, records its exit
 code. Selected with CKPTD_WORKER_MODULE=tests.fakeworker (daemon tests only; the real worker is
 exercised by the TensorFlow tests). FAKE_STEPS and FAKE_STEP_SECONDS shape the run;
-FAKE_CRASH_AT=N makes attempt 1 crash at step N.
+FAKE_CRASH_AT=N makes attempt 1 crash at step N; FAKE_SAVE_SECONDS slows the save on SIGTERM.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ def main() -> int:
             p.append_event(events, "checkpoint.committed", step=step, epoch=0, path=f"ckpt-{step}",
                            metrics={}, digest="fake")
         if stop:
+            time.sleep(float(os.environ.get("FAKE_SAVE_SECONDS", "0")))  # a slow final save
             code = p.EXIT_PREEMPTED
             break
     atomic_write_text(run.attempt_dir(attempt) / p.EXIT_FILE, f"{code}\n")

@@ -306,3 +306,23 @@ def test_logs_follow_across_a_worker_restart(tmp_path: Path) -> None:
         assert [e["exit_class"] for e in exits] == ["crash", "succeeded"]
     finally:
         d.stop()
+
+
+def test_second_sigterm_stops_fast(tmp_path: Path) -> None:
+    d = start_daemon(tmp_path / "home", FAKE_SAVE_SECONDS="60", **SLOW)
+    job = d.submit(fake_job(tmp_path))
+    wait_for("a commit", lambda: (d.job(job)["last_committed_step"] or 0) >= 10, 30)
+    pid = _worker_pid(d, job)
+    d.proc.send_signal(signal.SIGTERM)
+    wait_for("the worker to be asked", lambda: '"daemon.stopping"' in d.output(), 10)
+    with pytest.raises(subprocess.TimeoutExpired):
+        d.proc.wait(1.0)  # still waiting for the (slow) save
+    assert d.stop(timeout=20) == 0  # the second SIGTERM kills the worker instead of waiting 60 s
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl_over_the_socket(daemon: DaemonProc) -> None:
+    r = subprocess.run(["curl", "-sf", "--unix-socket", str(daemon.sock), "http://ckptd/v1/jobs"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and json.loads(r.stdout) == []
