@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 import psutil
+from ckptd.supervisor import cgroups
 
 # Never hand these to a worker: systemd's notify socket and watchdog belong to the daemon.
 _STRIP_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
@@ -29,8 +30,11 @@ class ExitStatus:
 
 class ProcessOps(Protocol):
     def spawn(self, argv: list[str], cwd: Path, stdout: Path, stderr: Path,
-              spare: bool = False, env: dict[str, str] | None = None) -> int: ...
+              spare: bool = False, env: dict[str, str] | None = None,
+              memory_limit: int | None = None) -> int: ...
     def assign(self, pid: int, attempt: int) -> bool: ...
+    def memory_enforced(self, pid: int) -> bool: ...
+    def memory_evidence(self, pid: int) -> str | None: ...
     def poll(self, pid: int) -> ExitStatus | None: ...
     def start_time(self, pid: int) -> float | None: ...
     def signal_group(self, pid: int, sig: int) -> None: ...
@@ -61,9 +65,12 @@ def worker_argv(run_dir: Path, attempt: int | None) -> list[str]:
 class RealProcessOps:
     def __init__(self) -> None:
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
+        self._cgroups: dict[int, cgroups.MemoryCgroup] = {}
+        self._oom: dict[int, str] = {}
 
     def spawn(self, argv: list[str], cwd: Path, stdout: Path, stderr: Path,
-              spare: bool = False, env: dict[str, str] | None = None) -> int:
+              spare: bool = False, env: dict[str, str] | None = None,
+              memory_limit: int | None = None) -> int:
         stdout.parent.mkdir(parents=True, exist_ok=True)
         with open(stdout, "ab") as out, open(stderr, "ab") as err:
             # Own session and process group: a terminal's Ctrl-C reaches only the supervisor,
@@ -74,7 +81,39 @@ class RealProcessOps:
                                     close_fds=True,
                                     start_new_session=True)
         self._procs[proc.pid] = proc
+        if memory_limit:
+            self._limit(proc.pid, memory_limit)
         return proc.pid
+
+    def _limit(self, pid: int, limit: int) -> None:
+        """Move the worker into its own memory cgroup; without one, the runner watches RSS.
+        (Moved right after the fork: the interpreter has allocated little by then.)"""
+        cg = cgroups.create(f"ckptd-worker-{pid}", limit)
+        if cg is None:
+            return
+        try:
+            cg.add(pid)
+        except OSError:
+            cg.remove()
+            return
+        self._cgroups[pid] = cg
+
+    def memory_enforced(self, pid: int) -> bool:
+        return pid in self._cgroups
+
+    def memory_evidence(self, pid: int) -> str | None:
+        """After exit: why the kernel killed it, if its cgroup recorded an OOM kill."""
+        return self._oom.pop(pid, None)
+
+    def _release_cgroup(self, pid: int) -> None:
+        cg = self._cgroups.pop(pid, None)
+        if cg is None:
+            return
+        kills = cg.oom_kills()
+        if kills:
+            self._oom[pid] = (f"kernel OOM kill in cgroup {cg.path} (oom_kill={kills}, "
+                              f"limit {cg.limit} bytes = resources.memory_limit)")
+        cg.remove()
 
     def assign(self, pid: int, attempt: int) -> bool:
         """Hand attempt `attempt` to the hot spare `pid`; False if it is gone."""
@@ -107,6 +146,7 @@ class RealProcessOps:
             return None
         del self._procs[pid]
         self.signal_group(pid, signal.SIGKILL)  # reap anything the worker left in its group
+        self._release_cgroup(pid)
         return ExitStatus(rc, None) if rc >= 0 else ExitStatus(None, -rc)
 
     def signal_group(self, pid: int, sig: int) -> None:

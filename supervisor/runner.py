@@ -152,7 +152,7 @@ class JobRunner:
         self.spare_env = env
         self.spare_pid = self.ops.spawn(worker_argv(self.run.root, None), self.run.root,
                                         sdir / "stdout.log", sdir / "stderr.log", spare=True,
-                                        env=env)
+                                        env=env, memory_limit=self.spec.resources.memory_limit)
 
     def _take_spare(self, n: int, env: dict[str, str]) -> int | None:
         pid, self.spare_pid = self.spare_pid, None
@@ -193,7 +193,8 @@ class JobRunner:
         warm = pid is not None
         if pid is None:
             pid = self.ops.spawn(worker_argv(self.run.root, n), self.run.root,
-                                 adir / "stdout.log", adir / "stderr.log", env=env)
+                                 adir / "stdout.log", adir / "stderr.log", env=env,
+                                 memory_limit=self.spec.resources.memory_limit)
         if self.hot_spare:
             self._start_spare(env)
         return pid, warm
@@ -220,6 +221,7 @@ class JobRunner:
         status = self._watch(w)
         if status.exit_code is None and status.signal is None:  # not our child: ask its file
             status = ExitStatus(p.read_exit_code(adir), None)
+        w.oom = w.oom or self.ops.memory_evidence(pid)
         self._drain_events(w)
         err = _read_error(adir / p.ERROR_FILE)
         obs = ExitObservation(status.exit_code, status.signal, err.get("type"), err.get("message"),
@@ -261,7 +263,7 @@ class JobRunner:
             self.display.heartbeat(hb)
         self._drain_events(w)
         limit = self.spec.resources.memory_limit
-        if limit and w.oom is None:
+        if limit and w.oom is None and not self.ops.memory_enforced(w.pid):  # no cgroup: watch RSS
             rss = self.ops.rss(w.pid)
             if rss is not None and rss > limit:
                 w.oom = f"RSS {rss} bytes exceeded resources.memory_limit {limit}"

@@ -7,6 +7,7 @@ import signal
 from pathlib import Path
 
 import pytest
+from ckptd.supervisor import cgroups
 
 from .conftest import write_job
 from .procs import finish, heartbeat_when, run_dir, start_run, status
@@ -68,14 +69,24 @@ def test_sigstop_is_a_hang(tmp_path: Path) -> None:
     assert _classes(home)[0] == ["hang", "succeeded"]
 
 
-def test_memory_limit_is_host_oom(tmp_path: Path) -> None:
+@pytest.mark.parametrize("enforcement", ["cgroup", "rss"])
+def test_memory_limit_is_host_oom(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                  enforcement: str) -> None:
+    """The kernel enforces the limit in the attempt's memory cgroup (its oom_kill count is the
+    evidence); where no cgroup can be made, ckptd watches RSS and kills at the limit itself."""
+    if enforcement == "cgroup" and cgroups.parent_cgroup() is None:
+        pytest.skip("no writable memory cgroup here")
+    if enforcement == "rss":
+        monkeypatch.setenv("CKPTD_MEMORY_CGROUPS", "0")
     home = tmp_path / "home"
     extra = "resources: {memory_limit: 1500MiB}\n"
     rc, out = finish(start_run(home, str(_job(tmp_path, extra)), faults="hog_at_step=30,attempt=1"))
     assert rc == 0, out
     classes, st = _classes(home)
     assert classes == ["host_oom", "succeeded"]
-    assert "memory_limit" in st["attempt_list"][0]["evidence"]  # type: ignore[index]
+    evidence = st["attempt_list"][0]["evidence"]  # type: ignore[index]
+    assert "memory_limit" in evidence
+    assert ("kernel OOM kill in cgroup" in evidence) == (enforcement == "cgroup"), evidence
 
 
 def test_crash_loop_at_the_same_step_fails_the_job(tmp_path: Path) -> None:

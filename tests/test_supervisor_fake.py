@@ -37,6 +37,7 @@ class FakeOps:
     spares: list[int] = field(default_factory=list)
     envs: list[dict[str, str]] = field(default_factory=list)
     assigned: list[int] = field(default_factory=list)
+    oom_evidence: dict[int, str] = field(default_factory=dict)
     next_pid: int = 1000
 
     def assign(self, pid: int, attempt: int) -> bool:
@@ -47,8 +48,15 @@ class FakeOps:
         self.live[pid] = (self.scripts.pop(0), self.now)
         return True
 
+    def memory_enforced(self, pid: int) -> bool:
+        return False
+
+    def memory_evidence(self, pid: int) -> str | None:
+        return self.oom_evidence.pop(pid, None)
+
     def spawn(self, argv: list[str], cwd: Path, stdout: Path, stderr: Path,
-              spare: bool = False, env: dict[str, str] | None = None) -> int:
+              spare: bool = False, env: dict[str, str] | None = None,
+              memory_limit: int | None = None) -> int:
         self.next_pid += 1
         self.envs.append(env or {})
         if spare:
@@ -268,3 +276,17 @@ def test_crash_loop_uses_the_step_from_the_error_file(tmp_path: Path) -> None:
     assert len(store.attempts("j")) == 3
     assert "crash loop" in (store.job("j").reason or "")
     assert [a.last_step for a in store.attempts("j")] == [30, 30, 30]
+
+
+def test_kernel_oom_kill_evidence_makes_host_oom(tmp_path: Path) -> None:
+    runner, ops, store = _runner(tmp_path, [exits_after(1, None, signal.SIGKILL), exits_after(1, 0)])
+    ops.oom_evidence[1001] = "kernel OOM kill in cgroup /x (oom_kill=1)"
+    assert runner.run_job() == JobState.SUCCEEDED
+    first = store.attempts("j")[0]
+    assert first.klass == AttemptClass.HOST_OOM and "oom_kill=1" in (first.evidence or "")
+
+
+def test_bare_sigkill_is_killed_not_guessed(tmp_path: Path) -> None:
+    runner, _ops, store = _runner(tmp_path, [exits_after(1, None, signal.SIGKILL), exits_after(1, 0)])
+    assert runner.run_job() == JobState.SUCCEEDED
+    assert store.attempts("j")[0].klass == AttemptClass.KILLED

@@ -1,0 +1,105 @@
+"""A memory cgroup per worker attempt: the kernel enforces `resources.memory_limit` and counts its
+OOM kills, which is the evidence that turns a bare SIGKILL into `host_oom`.
+
+cgroup v2 is used where our cgroup already delegates the memory controller to children (systemd
+`Delegate=yes`); else cgroup v1's memory hierarchy where we may create a child there; else None,
+and the supervisor falls back to watching RSS with psutil (also with CKPTD_MEMORY_CGROUPS=0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path("/sys/fs/cgroup")
+
+
+@dataclass(frozen=True)
+class MemoryCgroup:
+    path: Path
+    version: int  # 1 or 2
+    limit: int
+
+    def add(self, pid: int) -> None:
+        (self.path / "cgroup.procs").write_text(f"{pid}\n")
+
+    def oom_kills(self) -> int:
+        """How many processes the kernel OOM-killed in this cgroup (0 if it cannot tell)."""
+        name = "memory.events" if self.version == 2 else "memory.oom_control"
+        try:
+            for line in (self.path / name).read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+        except (OSError, ValueError):
+            pass
+        return 0
+
+    def remove(self) -> None:
+        with contextlib.suppress(OSError):  # busy while a process lingers: leave it
+            self.path.rmdir()
+
+
+def _own_paths(proc_cgroup: str) -> tuple[str | None, str | None]:
+    """(v2 path, v1 memory path) of this process, from /proc/self/cgroup."""
+    v2 = v1 = None
+    for line in proc_cgroup.splitlines():
+        hid, controllers, path = [*line.split(":", 2), "", ""][:3]
+        if hid == "0" and controllers == "":
+            v2 = path
+        elif "memory" in controllers.split(","):
+            v1 = path
+    return v2, v1
+
+
+def _v2_base(path: str) -> Path | None:
+    for mount in (ROOT, ROOT / "unified"):
+        base = mount / path.lstrip("/")
+        with contextlib.suppress(OSError):
+            if "memory" in (base / "cgroup.subtree_control").read_text().split():
+                return base
+    return None
+
+
+def parent_cgroup() -> tuple[Path, int] | None:
+    """Where this supervisor may create memory-limited children, and the cgroup version.
+    CKPTD_MEMORY_CGROUPS=0 turns cgroups off (RSS watch only), e.g. where another agent owns them."""
+    if os.environ.get("CKPTD_MEMORY_CGROUPS") == "0":
+        return None
+    try:
+        v2, v1 = _own_paths(Path("/proc/self/cgroup").read_text())
+    except OSError:
+        return None
+    if v2 is not None and (base := _v2_base(v2)) is not None:
+        return base, 2
+    if v1 is not None:
+        base = ROOT / "memory" / v1.lstrip("/")
+        if (base / "memory.limit_in_bytes").exists() and os.access(base, os.W_OK):
+            return base, 1
+    return None
+
+
+def create(name: str, limit: int, parent: tuple[Path, int] | None = None) -> MemoryCgroup | None:
+    """A fresh child cgroup limited to `limit` bytes, or None where that is not permitted."""
+    where = parent or parent_cgroup()
+    if where is None:
+        return None
+    base, version = where
+    path = base / name
+    try:
+        path.mkdir(exist_ok=True)
+        if version == 2:
+            (path / "memory.max").write_text(f"{limit}\n")
+            with contextlib.suppress(OSError):  # no swap to hide in either
+                (path / "memory.swap.max").write_text("0\n")
+        else:
+            (path / "memory.limit_in_bytes").write_text(f"{limit}\n")
+            with contextlib.suppress(OSError):
+                (path / "memory.memsw.limit_in_bytes").write_text(f"{limit}\n")
+    except OSError:
+        with contextlib.suppress(OSError):
+            path.rmdir()
+        return None
+    return MemoryCgroup(path, version, limit)
