@@ -296,8 +296,9 @@ class JobRunner:
                 self.ops.signal_group(w.pid, signal.SIGKILL)
                 w.kill_sent = True
         if w.term_sent is None and w.hang is None:
+            # A save can legitimately outlast heartbeat_timeout (a big model, a slow disk).
             limit = (self.spec.restart.startup_grace_seconds
-                     if w.phase in ("starting", "restoring")
+                     if w.phase in ("starting", "restoring", "saving")
                      else self.spec.restart.heartbeat_timeout_seconds)
             if now - w.last_change > limit:
                 w.hang = (f"no progress heartbeat for {now - w.last_change:.1f}s in phase "

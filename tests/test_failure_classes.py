@@ -99,3 +99,17 @@ def test_crash_loop_at_the_same_step_fails_the_job(tmp_path: Path) -> None:
     # the first attempt made progress (committed step 20); three more die at step 30 from 20
     assert classes == ["crash"] * 4
     assert "crash loop" in str(st["reason"])
+
+
+def test_a_save_longer_than_the_heartbeat_timeout_is_not_a_hang(tmp_path: Path) -> None:
+    """No false alarm: saving gets the start-up grace, not heartbeat_timeout (3 s here)."""
+    home = tmp_path / "home"
+    job = write_job(tmp_path, epochs=1, every_steps=40, extra=FAST_HANG)
+    lines = job.read_text().splitlines()
+    job.write_text("\n".join(ln for i, ln in enumerate(lines)
+                             if not (ln.startswith("restart:") and "heartbeat" not in ln)) + "\n")
+    rc, out = finish(start_run(home, str(job), faults="save_delay=4.5"))
+    assert rc == 0, out
+    classes, st = _classes(home)
+    assert classes == ["succeeded"], st
+    assert st["last_committed_step"] == 52

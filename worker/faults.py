@@ -5,6 +5,7 @@ Format: comma-separated `key=value`:
 - `sigkill_at_step=N`, `raise_at_step=N`: SIGKILL itself, or raise RuntimeError, after step N;
 - `sigkill_in_save=N`, `enospc_in_save=N`: inside the save at step N, after TF wrote its files and
   before ckptd's commit;
+- `save_delay=SECONDS`: every save takes that much longer (no heartbeat meanwhile);
 - `sigkill_in_restore=A-B`: while restoring, in attempts A..B (not limited by `attempt`);
 - `hang_at_step`, `gpu_fault_at_step`, `gpu_oom_at_step`, `hog_at_step`: a deadlock, a CUDA-like
   error, a GPU out-of-memory error, unbounded host allocation;
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Faults:
     step_delay: float = 0.0
+    save_delay: float = 0.0  # every save takes this much longer (a big model on a slow disk)
     sigkill_at_step: int | None = None
     raise_at_step: int | None = None
     sigkill_in_save: int | None = None  # kill after TF wrote the save at this step, before commit
@@ -42,7 +44,7 @@ class Faults:
         for item in filter(None, spec.split(",")):
             key, _, value = item.partition("=")
             key = key.strip()
-            kw[key] = (float(value) if key == "step_delay" else value if key == "sigkill_in_restore"
+            kw[key] = (float(value) if key in ("step_delay", "save_delay") else value if key == "sigkill_in_restore"
                        else int(value))
         return cls(**kw)  # type: ignore[arg-type]
 
@@ -52,6 +54,8 @@ class Faults:
     def in_save(self, step: int, attempt: int) -> None:
         if not self._armed(attempt):
             return
+        if self.save_delay:
+            time.sleep(self.save_delay)
         if step == self.sigkill_in_save:
             os.kill(os.getpid(), signal.SIGKILL)
         if step == self.enospc_in_save:
