@@ -44,8 +44,8 @@ class Faults:
         for item in filter(None, spec.split(",")):
             key, _, value = item.partition("=")
             key = key.strip()
-            kw[key] = (float(value) if key in ("step_delay", "save_delay") else value if key == "sigkill_in_restore"
-                       else int(value))
+            kw[key] = (float(value) if key in ("step_delay", "save_delay")
+                       else value if key == "sigkill_in_restore" else int(value))
         return cls(**kw)  # type: ignore[arg-type]
 
     def _armed(self, attempt: int) -> bool:
