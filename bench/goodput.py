@@ -1,0 +1,130 @@
+"""Goodput benchmark: useful training time ÷ wall time while a harness SIGKILLs the worker at
+random (exponential intervals, seeded, mean 60 s), cold relaunch vs hot spare. Prints a table.
+
+    python bench/goodput.py [--epochs 110] [--mean 60] [--seed 7]
+
+The job is the Pima example made as slow as a real model (CKPTD_FAULTS step_delay: 50 ms a step,
+~2.6 s an epoch) with a checkpoint every 100 steps (~5 s; --every-steps). "Useful" time is the job's step count
+× the mean step time of an uninterrupted run of the same job (training loop only, from the
+worker's own statistics); wall time runs from `ckptd run` to its exit. The uninterrupted run's
+own goodput (start-up and saves are its only overhead) is printed as the ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "pima"
+STEP_DELAY = 0.05
+
+
+def _job(directory: Path, name: str, epochs: int, spare: bool, every: int) -> Path:
+    job = directory / f"{name}.yaml"
+    job.write_text(
+        f"name: {name}\n"
+        f"model: {EXAMPLE / 'model.py'}:build\n"
+        f"params: {{csv: {EXAMPLE / 'pima-indians-diabetes.csv'}}}\n"
+        f"train: {{epochs: {epochs}, batch_size: 10, validation_split: 0.33, seed: 7}}\n"
+        f"checkpoint: {{every_steps: {every}, every_seconds: 600, max_to_keep: 3}}\n"
+        f"restart: {{hot_spare: {str(spare).lower()}, max_restarts: 50, "
+        "backoff_initial_seconds: 0.05, backoff_max_seconds: 0.05}\n")
+    return job
+
+
+def _heartbeat(run: Path) -> dict[str, Any] | None:
+    try:
+        data: dict[str, Any] = json.loads((run / "heartbeat.json").read_text())
+        return data
+    except (OSError, ValueError):
+        return None
+
+
+def one_run(tmp: Path, name: str, epochs: int, spare: bool, kills: list[float],
+            every: int) -> dict[str, Any]:
+    """Run the job; SIGKILL its worker at the offsets in `kills` (seconds from the start)."""
+    home = tmp / f"home-{name}"
+    env = dict(os.environ, CKPTD_HOME=str(home), CKPTD_FAULTS=f"step_delay={STEP_DELAY}")
+    t0 = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "ckptd.daemon", "run", "--progress", "json",
+                             str(_job(tmp, name, epochs, spare, every))], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = 0
+    while proc.poll() is None:
+        if done < len(kills) and time.monotonic() - t0 >= kills[done]:
+            run = next(iter((home / "jobs").glob("*")), None)
+            hb = _heartbeat(run) if run else None
+            if hb is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(hb["pid"], signal.SIGKILL)
+            done += 1
+        time.sleep(0.05)
+    wall = time.monotonic() - t0
+    run = next(iter((home / "jobs").glob("*")))
+    events = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
+    stats = [e for e in events if e["event"] == "training.done"]
+    steps = max(e["step"] for e in events if e["event"] == "checkpoint.committed")
+    return {"rc": proc.returncode, "wall": wall, "kills": done, "steps": steps,
+            "loop_seconds": stats[-1].get("loop_seconds") if stats else None,
+            "loop_steps": stats[-1].get("steps") if stats else None}
+
+
+def schedule(rng: random.Random, mean: float, horizon: float) -> list[float]:
+    out, t = [], 0.0
+    while True:
+        t += rng.expovariate(1 / mean)
+        if t >= horizon:
+            return out
+        out.append(t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--epochs", type=int, default=110)
+    ap.add_argument("--mean", type=float, default=60.0, help="mean seconds between kills")
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--every-steps", type=int, default=100, help="checkpoint interval")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="ckptd-goodput-") as d:
+        tmp = Path(d)
+        clean = one_run(tmp, "clean", args.epochs, False, [], args.every_steps)
+        step_time = clean["loop_seconds"] / clean["loop_steps"]
+        useful = clean["steps"] * step_time
+        kills = schedule(random.Random(args.seed), args.mean, 4 * clean["wall"])
+        print(f"clean run: {clean['wall']:.1f} s wall, {clean['steps']} steps, "
+              f"{1000 * step_time:.1f} ms/step; kill offsets (s): "
+              + ", ".join(f"{k:.0f}" for k in kills[:12]), file=sys.stderr)
+        rows = [("uninterrupted (ceiling)", clean, None)]
+        for label, spare, target in (("cold relaunch", False, 0.85), ("hot spare", True, 0.95)):
+            r = one_run(tmp, label.split()[0] + "-" + str(int(spare)), args.epochs, spare, kills,
+                        args.every_steps)
+            rows.append((label, r, target))
+            print(f"{label}: {json.dumps(r)}", file=sys.stderr)
+    print(f"\ngoodput under SIGKILL every {args.mean:.0f} s on average (seed {args.seed}, "
+          f"{os.cpu_count()} cores, job of {clean['steps']} steps)")
+    # The seeded draw may kill more or less often than the mean: the realised interval and the
+    # cost of one kill (wall time over the uninterrupted run, per kill) are printed with it.
+    print(f"{'run':<24}{'kills':>6}{'every s':>8}{'wall s':>8}{'s/kill':>8}{'goodput':>9}   target")
+    for label, r, target in rows:
+        g = useful / r["wall"]
+        verdict = "" if target is None else ("pass" if g >= target else "FAIL")
+        ok = "" if r["rc"] == 0 else f" (exit {r['rc']})"
+        every = r["wall"] / r["kills"] if r["kills"] else float("nan")
+        per_kill = (r["wall"] - clean["wall"]) / r["kills"] if r["kills"] else float("nan")
+        print(f"{label:<24}{r['kills']:>6}{every:>8.1f}{r['wall']:>8.1f}{per_kill:>8.2f}{g:>9.3f}   "
+              f"{'' if target is None else f'>= {target}'} {verdict}{ok}")
+
+
+if __name__ == "__main__":
+    main()
