@@ -4,8 +4,8 @@ random (exponential intervals, seeded, mean 60 s), cold relaunch vs hot spare. P
     python bench/goodput.py [--epochs 110] [--mean 60] [--seed 7]
 
 The job is the Pima example made as slow as a real model (CKPTD_FAULTS step_delay: 50 ms a step,
-~2.6 s an epoch) with a checkpoint every 100 steps (~5 s; --every-steps). "Useful" time is the job's step count
-× the mean step time of an uninterrupted run of the same job (training loop only, from the
+~2.6 s an epoch) with a checkpoint every 100 steps (~5 s; --every-steps). "Useful" time is the
+job's step count × the mean step time of an uninterrupted run of the same job (training loop only, from the
 worker's own statistics); wall time runs from `ckptd run` to its exit. The uninterrupted run's
 own goodput (start-up and saves are its only overhead) is printed as the ceiling.
 """
