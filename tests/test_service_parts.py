@@ -268,3 +268,14 @@ def test_unit_has_the_required_settings() -> None:
     assert int(settings["TimeoutStopSec"]) > 60  # longer than the 60 s a worker gets to save
     for hard in ("NoNewPrivileges", "ProtectSystem", "ProtectHome", "PrivateTmp"):
         assert hard in settings
+
+
+def test_bad_daemon_config_is_refused_with_the_field(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "daemon.yaml").write_text("max_concurrent_jobs: 0\nsocket_grup: x\n")
+    r = subprocess.run([sys.executable, "-m", "ckptd.daemon", "--home", str(home), "daemon"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "max_concurrent_jobs" in r.stderr and "socket_grup" in r.stderr
+    assert not (home / "ckptd.sock").exists()
