@@ -25,30 +25,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE = ROOT / "examples" / "pima"
+from benchjob import heartbeat, pima_job  # bench/ is on sys.path when a script runs
+
 STEP_DELAY = 0.05
 
 
 def _job(directory: Path, name: str, epochs: int, spare: bool, every: int) -> Path:
-    job = directory / f"{name}.yaml"
-    job.write_text(
-        f"name: {name}\n"
-        f"model: {EXAMPLE / 'model.py'}:build\n"
-        f"params: {{csv: {EXAMPLE / 'pima-indians-diabetes.csv'}}}\n"
-        f"train: {{epochs: {epochs}, batch_size: 10, validation_split: 0.33, seed: 7}}\n"
-        f"checkpoint: {{every_steps: {every}, every_seconds: 600, max_to_keep: 3}}\n"
-        f"restart: {{hot_spare: {str(spare).lower()}, max_restarts: 50, "
-        "backoff_initial_seconds: 0.05, backoff_max_seconds: 0.05}\n")
-    return job
-
-
-def _heartbeat(run: Path) -> dict[str, Any] | None:
-    try:
-        data: dict[str, Any] = json.loads((run / "heartbeat.json").read_text())
-        return data
-    except (OSError, ValueError):
-        return None
+    return pima_job(directory, name, epochs, f"every_steps: {every}, every_seconds: 600, max_to_keep: 3",
+                    f"hot_spare: {str(spare).lower()}, max_restarts: 50, "
+                    "backoff_initial_seconds: 0.05, backoff_max_seconds: 0.05")
 
 
 def one_run(tmp: Path, name: str, epochs: int, spare: bool, kills: list[float],
@@ -64,7 +49,7 @@ def one_run(tmp: Path, name: str, epochs: int, spare: bool, kills: list[float],
     while proc.poll() is None:
         if done < len(kills) and time.monotonic() - t0 >= kills[done]:
             run = next(iter((home / "jobs").glob("*")), None)
-            hb = _heartbeat(run) if run else None
+            hb = heartbeat(run) if run else None
             if hb is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(hb["pid"], signal.SIGKILL)

@@ -26,21 +26,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE = ROOT / "examples" / "pima"
+from benchjob import heartbeat, pima_job  # bench/ is on sys.path when a script runs
 
 
 def _job(directory: Path, name: str, timeout: float) -> Path:
-    job = directory / f"{name}.yaml"
-    job.write_text(
-        f"name: {name}\n"
-        f"model: {EXAMPLE / 'model.py'}:build\n"
-        f"params: {{csv: {EXAMPLE / 'pima-indians-diabetes.csv'}}}\n"
-        "train: {epochs: 3, batch_size: 10, validation_split: 0.33, seed: 7}\n"
-        "checkpoint: {every_steps: 50, every_seconds: 600, max_to_keep: 3}\n"
-        f"restart: {{heartbeat_timeout_seconds: {timeout}, startup_grace_seconds: 120, "
-        "backoff_initial_seconds: 0.05, backoff_max_seconds: 0.05}\n")
-    return job
+    return pima_job(directory, name, 3, "every_steps: 50, every_seconds: 600, max_to_keep: 3",
+                    f"heartbeat_timeout_seconds: {timeout}, startup_grace_seconds: 120, "
+                    "backoff_initial_seconds: 0.05, backoff_max_seconds: 0.05")
 
 
 def _start(tmp: Path, name: str, timeout: float, faults: str) -> tuple[subprocess.Popen[str], Path]:
@@ -54,10 +46,7 @@ def _start(tmp: Path, name: str, timeout: float, faults: str) -> tuple[subproces
 
 def _heartbeat(home: Path) -> dict[str, Any] | None:
     run = next(iter((home / "jobs").glob("*")), None) if (home / "jobs").exists() else None
-    try:
-        return json.loads((run / "heartbeat.json").read_text()) if run else None
-    except (OSError, ValueError):
-        return None
+    return heartbeat(run) if run else None
 
 
 def _classes(home: Path) -> list[str]:

@@ -27,30 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-
-ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE = ROOT / "examples" / "pima"
+from benchjob import heartbeat, pima_job  # bench/ is on sys.path when a script runs
 
 
 def _job(directory: Path, spare: bool) -> Path:
-    job = directory / f"job-{int(spare)}.yaml"
-    job.write_text(
-        f"name: recovery-{int(spare)}\n"
-        f"model: {EXAMPLE / 'model.py'}:build\n"
-        f"params: {{csv: {EXAMPLE / 'pima-indians-diabetes.csv'}}}\n"
-        "train: {epochs: 6, batch_size: 10, validation_split: 0.33, seed: 7}\n"
-        "checkpoint: {every_steps: 40, every_seconds: 600, max_to_keep: 3}\n"
-        f"restart: {{hot_spare: {str(spare).lower()}, backoff_initial_seconds: 0.05, "
-        "backoff_max_seconds: 0.05}\n")
-    return job
-
-
-def _heartbeat(run: Path) -> dict[str, Any] | None:
-    try:
-        data: dict[str, Any] = json.loads((run / "heartbeat.json").read_text())
-        return data
-    except (OSError, ValueError):
-        return None
+    return pima_job(directory, f"recovery-{int(spare)}", 6,
+                    "every_steps: 40, every_seconds: 600, max_to_keep: 3",
+                    f"hot_spare: {str(spare).lower()}, backoff_initial_seconds: 0.05, "
+                    "backoff_max_seconds: 0.05")
 
 
 def _wait(what: str, probe: Any, timeout: float = 180) -> Any:
@@ -73,7 +57,7 @@ def one_run(tmp: Path, spare: bool) -> dict[str, float]:
                 if (home / "jobs").exists() else None)
     sup = psutil.Process(proc.pid)
     cpu0, t0 = sup.cpu_times(), time.monotonic()
-    hb = _wait("two commits", lambda: (h := _heartbeat(run)) and h["attempt"] == 1
+    hb = _wait("two commits", lambda: (h := heartbeat(run)) and h["attempt"] == 1
                and (h.get("committed_step") or 0) >= 80 and h)
     if spare:  # measure a warm spare: wait until it has imported TF and built the model
         _wait("a warm spare", lambda: (run / "attempts" / "spare" / "ready").exists())

@@ -5,7 +5,6 @@ from __future__ import annotations
 import grp
 import json
 import queue
-import shutil
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -13,16 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from ckptd.daemon.api import ApiError, Peer, iter_lines
+from ckptd.daemon.jobs import create_run
 from ckptd.daemon.report import job_report
 from ckptd.daemon.running import RunningJob, ask_stop
 from ckptd.daemon.schedule import may_act
 from ckptd.state import submissions
-from ckptd.state.durable import atomic_write_bytes, atomic_write_text, fsync_dir
 from ckptd.state.jobspec import JobSpec, spec_digest, spec_json
-from ckptd.state.paths import RunDir
 from ckptd.state.protocol import EVENTS_FILE
 from ckptd.state.states import TERMINAL, JobState
-from ckptd.state.store import Job, Store, StoreError, new_job_id
+from ckptd.state.store import Job, Store, StoreError
 from pydantic import ValidationError
 
 CANCEL_DIRECTLY = frozenset({JobState.QUEUED, JobState.INTERRUPTED, JobState.FAILED})
@@ -175,17 +173,6 @@ def _spec_from(body: dict[str, Any]) -> JobSpec:
 
 def submit_job(store: Store, home: Path, spec: JobSpec, raw: bytes, job_file: str, owner: int,
                priority: int, key: str | None) -> Job:
-    """Run directory first, then one transaction: a job the store acknowledges is complete."""
-    job_id = new_job_id(spec.name)
-    run = RunDir(home / "jobs" / job_id)
-    run.root.mkdir(parents=True, exist_ok=False)
-    try:
-        atomic_write_bytes(run.job_file, raw)
-        atomic_write_text(run.spec_file, spec_json(spec))
-        fsync_dir(run.root.parent)
-        return submissions.submit(store, job_id, spec.name, spec_json(spec), spec_digest(spec),
-                                  job_file, str(run.root), owner, priority, key)
-    except BaseException:
-        shutil.rmtree(run.root, ignore_errors=True)
-        raise
-
+    return create_run(home, spec, raw, lambda job_id, run: submissions.submit(
+        store, job_id, spec.name, spec_json(spec), spec_digest(spec), job_file, str(run.root),
+        owner, priority, key))

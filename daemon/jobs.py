@@ -7,6 +7,7 @@ import fcntl
 import os
 import shutil
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -22,7 +23,9 @@ class JobBusy(Exception):
     pass
 
 
-def create_job(store: Store, state: Path, spec: JobSpec, raw: bytes, job_file: Path) -> Job:
+def create_run(state: Path, spec: JobSpec, raw: bytes, record: Callable[[str, RunDir], Job]) -> Job:
+    """Run directory first (job file, resolved spec, fsync), then `record` writes the store row(s)
+    in one transaction: a job the store acknowledges is complete; a failure leaves no directory."""
     job_id = new_job_id(spec.name)
     run = RunDir(state / "jobs" / job_id)
     run.root.mkdir(parents=True, exist_ok=False)
@@ -30,11 +33,16 @@ def create_job(store: Store, state: Path, spec: JobSpec, raw: bytes, job_file: P
         atomic_write_bytes(run.job_file, raw)
         atomic_write_text(run.spec_file, spec_json(spec))
         fsync_dir(run.root.parent)
-        return store.create_job(job_id, spec.name, spec_json(spec), spec_digest(spec),
-                                str(job_file.resolve()), str(run.root))
+        return record(job_id, run)
     except BaseException:
         shutil.rmtree(run.root, ignore_errors=True)
         raise
+
+
+def create_job(store: Store, state: Path, spec: JobSpec, raw: bytes, job_file: Path) -> Job:
+    return create_run(state, spec, raw, lambda job_id, run: store.create_job(
+        job_id, spec.name, spec_json(spec), spec_digest(spec), str(job_file.resolve()),
+        str(run.root)))
 
 
 def find_resumable(store: Store, spec: JobSpec) -> Job | None:

@@ -202,7 +202,6 @@ def test_graceful_stop_interrupts_then_resumes_at_next_start(tmp_path: Path) -> 
         done = d2.wait_state(job, "succeeded")
         first, second = done["attempt_list"]
         assert first["class"] == "preempted"
-        # 0 steps lost: the next attempt starts exactly where the stopped one saved
         # 0 steps lost: the next attempt starts from the checkpoint saved on the way out
         assert second["restored_step"] >= first["last_step"]
     finally:
@@ -214,13 +213,19 @@ def _worker_pid(d: DaemonProc, job: str) -> int:
                         if d.job(job).get("attempt_list") else None, 30))
 
 
-def test_sigkilled_daemon_adopts_the_live_worker(tmp_path: Path) -> None:
+def _sigkill_daemon_mid_job(tmp_path: Path) -> tuple[Path, str, int]:
+    """A daemon running a job that has committed step 10, killed with SIGKILL: (home, job, worker pid)."""
     home = tmp_path / "home"
     d = start_daemon(home, **SLOW)
     job = d.submit(fake_job(tmp_path))
     wait_for("a commit", lambda: (d.job(job)["last_committed_step"] or 0) >= 10, 30)
     pid = _worker_pid(d, job)
     d.stop(signal.SIGKILL)
+    return home, job, pid
+
+
+def test_sigkilled_daemon_adopts_the_live_worker(tmp_path: Path) -> None:
+    home, job, pid = _sigkill_daemon_mid_job(tmp_path)
     assert psutil.pid_exists(pid)  # the worker survives its supervisor (own session)
     d2 = start_daemon(home, **SLOW)
     try:
@@ -233,12 +238,7 @@ def test_sigkilled_daemon_adopts_the_live_worker(tmp_path: Path) -> None:
 
 
 def test_sigkilled_daemon_and_worker_relaunch_from_the_last_commit(tmp_path: Path) -> None:
-    home = tmp_path / "home"
-    d = start_daemon(home, **SLOW)
-    job = d.submit(fake_job(tmp_path))
-    wait_for("a commit", lambda: (d.job(job)["last_committed_step"] or 0) >= 10, 30)
-    pid = _worker_pid(d, job)
-    d.stop(signal.SIGKILL)
+    home, job, pid = _sigkill_daemon_mid_job(tmp_path)
     os.killpg(pid, signal.SIGKILL)
     wait_for("the worker to die", lambda: not psutil.pid_exists(pid)
              or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 10)
