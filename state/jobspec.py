@@ -51,6 +51,8 @@ class Checkpoint(_Strict):
     keep_every_n_hours: Annotated[float, Field(gt=0, le=10**6)] | None = None
     # async: the step loop only takes an in-memory snapshot; a writer process writes and fsyncs.
     mode: Literal["sync", "async"] = "sync"
+    # async only: the most of wall time the writer may spend writing (see ckptd.state.pacing).
+    async_writer_share: float = Field(0.1, gt=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _some_trigger(self) -> Checkpoint:

@@ -1,7 +1,10 @@
 """The training process's side of asynchronous checkpointing: snapshot, hand over, collect.
 
-The step loop stalls only for `SnapshotPlan.take` (a copy into shared memory). The writer process
-does the rest. At most one save is in flight; a save that falls due meanwhile waits for it.
+The step loop stalls only for `SnapshotPlan.capture` (one call that freezes every variable's value,
+copy-on-write); the copy into shared memory runs in a thread for large models, and the writer process
+does the rest. At most one save is in flight; a save that falls due meanwhile waits for it. While the
+writer is still importing TensorFlow (seconds, at worker start) the snapshot waits in shared memory
+and its message is sent once the writer says it is ready.
 """
 
 from __future__ import annotations
@@ -9,30 +12,79 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import shutil
+import threading
+import time
 from multiprocessing import shared_memory
 from pathlib import Path
 from typing import Any
 
 import tensorflow as tf
 from ckptd.state import ckptfiles as cf
+from ckptd.state.pacing import writer_may_start
 from ckptd.worker.snapshot import SnapshotPlan, object_graph_of
 from ckptd.worker.writer import Writer, start_writer
 
 WRITER_START_TIMEOUT = 120.0
+# Below this the copy takes well under a millisecond: a thread would cost more than it saves.
+FILL_IN_THREAD_BYTES = 4 * 2**20
+
+
+class Filler:
+    """Copies a captured snapshot into shared memory: inline when small, else in a thread, so a
+    large model's copy overlaps the next training steps instead of stalling them."""
+
+    def __init__(self) -> None:
+        self.thread: threading.Thread | None = None
+        self.strings: dict[str, Any] = {}
+        self.error: Exception | None = None
+
+    def start(self, plan: SnapshotPlan, shm: shared_memory.SharedMemory,
+              captured: list[tuple[str, Any]]) -> None:
+        self.error = None
+        if plan.nbytes < FILL_IN_THREAD_BYTES:
+            self._run(plan, shm, captured)
+            return
+        self.thread = threading.Thread(target=self._run, args=(plan, shm, captured),
+                                       name="ckptd-snapshot", daemon=True)
+        self.thread.start()
+
+    def _run(self, plan: SnapshotPlan, shm: shared_memory.SharedMemory,
+             captured: list[tuple[str, Any]]) -> None:
+        try:
+            self.strings = plan.fill(shm, captured)
+        except Exception as e:  # reported by AsyncSaver.poll as a failed save
+            self.error = e
+
+    def done(self, block: bool) -> bool:
+        if self.thread is not None:
+            if block:
+                self.thread.join()
+            if self.thread.is_alive():
+                return False
+            self.thread = None
+        return True
 
 
 class AsyncSaver:
     def __init__(self, ckpt: tf.train.Checkpoint, directory: Path, max_to_keep: int,
-                 keep_every_n_hours: float | None, writer: Writer | None = None) -> None:
+                 keep_every_n_hours: float | None, writer: Writer | None = None,
+                 writer_share: float = 1.0) -> None:
         self.ckpt, self.dir = ckpt, directory
         self.retention = {"max_to_keep": max_to_keep, "keep_every_n_hours": keep_every_n_hours}
         # The writer is best started before the worker imports TensorFlow, so both imports
         # overlap (see ckptd.worker.__main__); otherwise start it now.
         self.proc, self.conn = writer or start_writer(directory)
         self.ready = False
+        self.writer_share = writer_share
         self.plan: SnapshotPlan | None = None
         self.shm: shared_memory.SharedMemory | None = None
         self.in_flight: dict[str, Any] | None = None
+        self.unsent: dict[str, Any] | None = None  # the in-flight message, until the writer is ready
+        self.graph_sent = False
+        self.dead = False
+        self.last_done: float | None = None
+        self.last_seconds = 0.0
+        self.filler = Filler()
         self.next_number = 1
 
     def prepare(self, restored: cf.Manifest | None) -> None:
@@ -61,9 +113,19 @@ class AsyncSaver:
         self.shm = shared_memory.SharedMemory(name=name, create=True, size=self.plan.nbytes)
 
     def _check_ready(self, block: bool) -> bool:
-        if not self.ready and self.conn.poll(WRITER_START_TIMEOUT if block else 0):
-            self.conn.recv()
-            self.ready = True
+        if not self.ready and not self.dead and self.conn.poll(WRITER_START_TIMEOUT if block else 0):
+            try:
+                self.conn.recv()
+                self.ready = True
+            except (EOFError, OSError):
+                self.dead = True  # died while starting: the loop falls back to synchronous saves
+        if self.ready and self.unsent is not None and self.filler.done(block):
+            # Sent only now: the snapshot is complete, and a large message would block on a
+            # full pipe nobody reads yet.
+            self.unsent["strings"] = self.filler.strings
+            if self.filler.error is None:
+                self.conn.send(self.unsent)
+                self.unsent = None
         return self.ready
 
     def take_number(self) -> int:
@@ -75,37 +137,60 @@ class AsyncSaver:
         return self._check_ready(block=False)
 
     def busy(self) -> bool:
-        return self.in_flight is not None or not self._check_ready(block=False)
+        self._check_ready(block=False)
+        if self.in_flight is not None:
+            return True
+        return not writer_may_start(time.monotonic(), self.last_done, self.last_seconds,
+                                    self.writer_share)
 
     def submit(self, step: int, epoch: int, step_in_epoch: int, metrics: dict[str, float],
                reason: str) -> None:
+        """Capture now; copy and hand over in the background (see Filler)."""
         assert self.plan is not None and self.shm is not None and self.in_flight is None
-        self._check_ready(block=True)
-        strings = self.plan.take(self.shm)
+        captured = self.plan.capture()
         number = self.take_number()
         self.in_flight = {"number": number, "step": step, "epoch": epoch, "reason": reason}
-        self.conn.send({
-            "number": number, "step": step, "epoch": epoch, "step_in_epoch": step_in_epoch,
-            "metrics": metrics, "shm": self.shm.name, "strings": strings,
-            "slots": [(s.key, s.dtype, s.shape, s.offset) for s in self.plan.slots],
-            "object_graph": self.plan.object_graph, **self.retention,
-        })
+        msg: dict[str, Any] = {"number": number, "step": step, "epoch": epoch,
+                               "step_in_epoch": step_in_epoch, "metrics": metrics,
+                               "shm": self.shm.name, **self.retention}
+        if not self.graph_sent:
+            # The layout never changes during an attempt: the writer keeps it after the first save.
+            msg["slots"] = [(s.key, s.dtype, s.shape, s.offset) for s in self.plan.slots]
+            msg["object_graph"] = self.plan.object_graph
+            self.graph_sent = True
+        self.unsent = msg
+        self.filler.start(self.plan, self.shm, captured)
+        self._check_ready(block=False)
 
     def poll(self, block: bool) -> dict[str, Any] | None:
         """The writer's reply for the save in flight, if it has arrived (or wait for it)."""
         if self.in_flight is None:
             return None
-        if not self.conn.poll(None if block else 0):
+        self._check_ready(block)
+        reply: dict[str, Any]
+        if self.filler.error is not None:
+            reply = {"ok": False, "error": f"snapshot failed: {self.filler.error}"}
+        elif self.unsent is not None and not (block or self.dead):
             return None
-        try:
-            reply: dict[str, Any] = self.conn.recv()
-        except EOFError:
-            reply = {"ok": False, "error": "the checkpoint writer process died", "seconds": 0.0}
+        elif self.unsent is not None:
+            reply = {"ok": False, "error": "the checkpoint writer process did not start"}
+        elif not self.conn.poll(None if block else 0):
+            return None
+        else:
+            try:
+                reply = self.conn.recv()
+            except (EOFError, OSError):
+                self.dead = True
+                reply = {"ok": False, "error": "the checkpoint writer process died"}
+        reply.setdefault("seconds", 0.0)
+        self.last_done, self.last_seconds = time.monotonic(), reply["seconds"]
         reply.update(self.in_flight)
-        self.in_flight = None
+        self.in_flight = self.unsent = None
+        self.filler.error = None
         return reply
 
     def close(self) -> None:
+        self.filler.done(block=True)  # the thread reads the segment unlinked below
         with contextlib.suppress(OSError, BrokenPipeError):
             self.conn.send({"op": "stop"})
         self.proc.join(timeout=30)

@@ -1,28 +1,17 @@
 """The non-tensor part of the training state, carried inside the tf.train.Checkpoint.
 
-History, best-model and early-stopping trackers and the metric accumulators are serialised to JSON
-into one tf.string variable, so they are committed and restored atomically with the weights: a
-resumed run neither repeats nor skips an epoch's metrics, and patience carries over.
+History, best-model and early-stopping trackers are serialised to JSON into one tf.string variable
+(the metric accumulators are checkpointed as the variables they are), so they are committed and
+restored atomically with the weights: a resumed run neither repeats nor skips an epoch's metrics,
+and patience carries over.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 from dataclasses import dataclass, field
-from typing import Any
 
-import numpy as np
 from ckptd.worker.tracking import BestTracker, EarlyStopper
-
-
-def encode_array(a: np.ndarray) -> list[Any]:
-    return [str(a.dtype), list(a.shape), base64.b64encode(a.tobytes()).decode()]
-
-
-def decode_array(item: list[Any]) -> np.ndarray:
-    dtype, shape, data = item
-    return np.frombuffer(base64.b64decode(data), dtype=dtype).reshape(shape).copy()
 
 
 @dataclass
@@ -30,7 +19,6 @@ class HostState:
     history: list[dict[str, float]] = field(default_factory=list)
     best: BestTracker | None = None
     early: EarlyStopper | None = None
-    metric_values: list[list[Any]] = field(default_factory=list)
     stopped_early: bool = False
     train_seconds: float = 0.0
 
@@ -39,7 +27,6 @@ class HostState:
             "history": self.history,
             "best": self.best.to_dict() if self.best else None,
             "early": self.early.to_dict() if self.early else None,
-            "metric_values": self.metric_values,
             "stopped_early": self.stopped_early,
             "train_seconds": self.train_seconds,
         }, sort_keys=True)
@@ -55,6 +42,5 @@ class HostState:
             early.best, early.best_epoch = e["best"], e["best_epoch"]
             early.wait, early.stopped_epoch = e["wait"], e["stopped_epoch"]
         return cls(history=d["history"], best=best, early=early,
-                   metric_values=d.get("metric_values", []),
                    stopped_early=d.get("stopped_early", False),
                    train_seconds=d.get("train_seconds", 0.0))

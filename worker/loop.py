@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import tensorflow as tf
 from ckptd.state.ckptfiles import Manifest
 from ckptd.state.durable import atomic_write_text
@@ -20,7 +19,7 @@ from ckptd.worker.data import Batches
 from ckptd.worker.entry import Built
 from ckptd.worker.faults import Faults
 from ckptd.worker.h5export import check_readable, save_weights_file
-from ckptd.worker.hoststate import HostState, decode_array, encode_array
+from ckptd.worker.hoststate import HostState
 from ckptd.worker.keeper import Keeper, SaveFailed
 from ckptd.worker.prep import Counters, floats, history_csv, make_trackers
 from ckptd.worker.runtime import Beater, StopFlag
@@ -48,7 +47,8 @@ class Loop:
         ckpt = tf.train.Checkpoint(model=self.model, optimizer=self.model.optimizer,
                                    step=self.c.step, epoch=self.c.epoch,
                                    step_in_epoch=self.c.step_in_epoch, host_state=self.c.host,
-                                   rng=self.rng, best_weights=self.best_weights)
+                                   rng=self.rng, best_weights=self.best_weights,
+                                   metrics=list(self.model.metrics_variables))
         self.ckpt = ckpt
         self.writer = writer
         self.faults = Faults.from_env()
@@ -57,9 +57,10 @@ class Loop:
         self.first_step_seen = False
         self.committed_step: int | None = None
         # Per attempt: time in the step loops, and how long saves stalled them (benchmarks).
-        self.stats = {"saves": 0, "stall_seconds": 0.0, "loop_seconds": 0.0, "steps": 0}
+        self.stats = {"due": 0, "saves": 0, "stall_seconds": 0.0, "loop_seconds": 0.0, "steps": 0}
         self.dirty = False
         self.last_logs: dict[str, float] = {}
+        self._sync_host()
 
     def _fault_in_save(self, step: int) -> None:
         self.faults.in_save(step, self.beater.hb.attempt)
@@ -79,7 +80,7 @@ class Loop:
                              during_restore=lambda: self.faults.in_restore(self.beater.hb.attempt))
         if ck.mode == "async":
             self.async_saver = AsyncSaver(self.ckpt, ckdir, ck.max_to_keep, ck.keep_every_n_hours,
-                                          self.writer)
+                                          self.writer, ck.async_writer_share)
 
     def restore(self) -> Manifest | None:
         self.beater.beat("restoring")
@@ -94,9 +95,8 @@ class Loop:
             self.event("restore.fresh", reason="no committed checkpoint")
             return None
         self.host = HostState.loads(self.c.host.numpy().decode(), self.host.best, self.host.early)
-        for var, item in zip(self.model.metrics_variables, self.host.metric_values, strict=False):
-            var.assign(decode_array(item))
         self._merge_best_sidecar()
+        self._sync_host()
         self.committed_step = manifest.step
         self.event("restore.done", number=manifest.number, step=manifest.step,
                    epoch=manifest.epoch)
@@ -150,14 +150,12 @@ class Loop:
                 raise
             return False
 
-    def _prepare_host_state(self) -> None:
-        self.host.metric_values = [encode_array(np.asarray(v.numpy()))
-                                   for v in self.model.metrics_variables]
+    def _sync_host(self) -> None:
+        """Host state changes only at epoch ends (and restores): serialise it then, not per save."""
         self.c.host.assign(self.host.dumps())
 
     def _save(self, reason: str) -> None:
         self.beater.beat("saving", force=True)
-        self._prepare_host_state()
         step, epoch = int(self.c.step.numpy()), int(self.c.epoch.numpy())
         t0 = time.monotonic()
         number = self.async_saver.take_number() if self.async_saver is not None else None
@@ -183,16 +181,16 @@ class Loop:
     def _save_async(self, reason: str) -> bool:
         saver = self.async_saver
         assert saver is not None
-        if not saver.is_ready():
-            # The writer is still importing TensorFlow (seconds, at worker start): save
-            # synchronously meanwhile rather than leave the first steps unprotected.
+        if saver.dead or (reason != "interval" and not saver.is_ready()
+                          and saver.in_flight is None):
+            # A final or preemption save does not wait for the writer's TensorFlow import
+            # (seconds, at worker start); interval snapshots wait for it in shared memory.
             self._save(reason)
             return True
         if reason == "interval" and saver.busy():
             self.save_pending = True  # at most one in flight: save as soon as it is done
             return False
         self.drain_async(block=True)
-        self._prepare_host_state()
         saver.submit(int(self.c.step.numpy()), int(self.c.epoch.numpy()),
                      int(self.c.step_in_epoch.numpy()), self.last_logs, reason)
         self.save_pending = self.dirty = False
@@ -250,6 +248,7 @@ class Loop:
                 step = int(self.c.step.numpy())
                 if (ck.every_steps and step % ck.every_steps == 0) or (
                         ck.every_seconds and time.monotonic() - last_save >= ck.every_seconds):
+                    self.stats["due"] += 1
                     self.save("interval")
                     last_save = time.monotonic()
                 self.faults.after_step(step, self.beater.hb.attempt)
@@ -305,6 +304,7 @@ class Loop:
         self._early_stopping(epoch, logs)
         self.c.epoch.assign_add(1)
         self.c.step_in_epoch.assign(0)
+        self._sync_host()
         self.dirty = True
         self.beater.beat("training", force=True, epoch=epoch + 1, logs=logs)
 

@@ -56,13 +56,25 @@ class SnapshotPlan:
         if len(nodes) != len(proto.nodes):
             raise PlanMismatch(f"{len(nodes)} live objects, {len(proto.nodes)} in the checkpoint")
         self.object_graph = object_graph
-        self.entries: list[tuple[Any, list[tuple[str, str]]]] = [
-            (obj, [(a.name, a.checkpoint_key) for a in node.attributes])
-            for obj, node in zip(nodes, proto.nodes, strict=True) if node.attributes]
+        self.plain_keys: list[str] = []
+        plain_vars: list[Any] = []
+        self.others: list[tuple[Any, list[tuple[str, str]]]] = []
+        for obj, node in zip(nodes, proto.nodes, strict=True):
+            attrs = [(a.name, a.checkpoint_key) for a in node.attributes]
+            if len(attrs) == 1 and attrs[0][0] == "VARIABLE_VALUE" and hasattr(obj, "numpy"):
+                self.plain_keys.append(attrs[0][1])
+                plain_vars.append(obj)
+            elif attrs:
+                self.others.append((obj, attrs))
+        # One call reads every plain variable. The outputs share the variables' buffers, and TF
+        # copies a buffer before updating a variable whose buffer is shared (copy-on-write in
+        # PrepareToUpdateVariable), so holding them freezes the values at O(1) cost; copying
+        # them into shared memory can then overlap the next training steps.
+        self._read = tf.function(lambda: [tf.convert_to_tensor(v) for v in plain_vars])
         self.slots: list[Slot] = []
         self.strings: list[str] = []
         offset = 0
-        for key, value in self._values():
+        for key, value in self._values(self.capture()):
             if not isinstance(value, np.ndarray) or value.dtype == object:
                 self.strings.append(key)
                 continue
@@ -70,14 +82,10 @@ class SnapshotPlan:
             offset += -(-value.nbytes // 64) * 64  # 64-byte aligned
         self.nbytes = max(offset, 1)
 
-    def _values(self) -> list[tuple[str, Any]]:
-        out = []
-        for obj, attrs in self.entries:
-            if len(attrs) == 1 and attrs[0][0] == "VARIABLE_VALUE" and hasattr(obj, "numpy"):
-                # A plain variable: read it directly (10x cheaper than _serialize_to_tensors).
-                value = obj.numpy()
-                out.append((attrs[0][1], value if isinstance(value, bytes) else np.asarray(value)))
-                continue
+    def capture(self) -> list[tuple[str, Any]]:
+        """Freeze the values of this instant (the only part the step loop waits for)."""
+        out: list[tuple[str, Any]] = list(zip(self.plain_keys, self._read(), strict=True))
+        for obj, attrs in self.others:
             tensors = obj._serialize_to_tensors()
             for name, key in attrs:
                 if name not in tensors:
@@ -85,11 +93,24 @@ class SnapshotPlan:
                 out.append((key, _value(tensors[name])))
         return out
 
-    def take(self, shm: shared_memory.SharedMemory) -> dict[str, Any]:
-        """Copy every numeric value into `shm`; return the string values (small) by key."""
+    @staticmethod
+    def _values(captured: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+        out = []
+        for key, t in captured:
+            if isinstance(t, tf.Tensor):
+                # np.asarray views the tensor's buffer; .numpy() would copy it.
+                out.append((key, t.numpy() if t.dtype == tf.string else np.asarray(t)))
+            else:
+                out.append((key, t))
+        return out
+
+    def fill(self, shm: shared_memory.SharedMemory, captured: list[tuple[str, Any]],
+             ) -> dict[str, Any]:
+        """Copy the captured numeric values into `shm` (numpy releases the GIL for large
+        copies); return the string values (small) by key."""
         strings: dict[str, Any] = {}
         slots = {s.key: s for s in self.slots}
-        for key, value in self._values():
+        for key, value in self._values(captured):
             slot = slots.get(key)
             if slot is None:
                 strings[key] = value
@@ -99,3 +120,6 @@ class SnapshotPlan:
             dst = np.ndarray(slot.shape, dtype=slot.dtype, buffer=shm.buf, offset=slot.offset)
             np.copyto(dst, value)
         return strings
+
+    def take(self, shm: shared_memory.SharedMemory) -> dict[str, Any]:
+        return self.fill(shm, self.capture())

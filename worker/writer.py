@@ -21,23 +21,36 @@ from typing import Any
 
 from ckptd.state import ckptfiles as cf
 
+WRITER_NICENESS = 10
 
-def _write(msg: dict[str, Any], shm: shared_memory.SharedMemory, directory: Path,
-           expected: set[str] | None) -> tuple[dict[str, Any], set[str]]:
+
+def _tensor(array: Any) -> Any:
+    """A tensor viewing `array`'s memory (DLPack, zero-copy: tf.constant would copy a large
+    model's every byte once more), or a copy for a dtype DLPack cannot carry."""
+    import tensorflow as tf
+
+    try:
+        return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
+    except (TypeError, ValueError, RuntimeError, BufferError, tf.errors.OpError):
+        return tf.constant(array)
+
+
+def _write(msg: dict[str, Any], layout: dict[str, Any], shm: shared_memory.SharedMemory,
+           directory: Path, expected: set[str] | None) -> tuple[dict[str, Any], set[str]]:
     import numpy as np
     import tensorflow as tf
     from ckptd.worker.keeper import CommitPoint, commit_written
     from ckptd.worker.snapshot import OBJECT_GRAPH_KEY
 
     names, tensors = [], []
-    for key, dtype, shape, offset in msg["slots"]:
+    for key, dtype, shape, offset in layout["slots"]:
         names.append(key)
-        tensors.append(tf.constant(np.ndarray(shape, dtype=dtype, buffer=shm.buf, offset=offset)))
+        tensors.append(_tensor(np.ndarray(shape, dtype=dtype, buffer=shm.buf, offset=offset)))
     for key, value in msg["strings"].items():
         names.append(key)
         tensors.append(tf.constant(value, dtype=tf.string))
     names.append(OBJECT_GRAPH_KEY)
-    tensors.append(tf.constant(msg["object_graph"], dtype=tf.string))
+    tensors.append(tf.constant(layout["object_graph"], dtype=tf.string))
     prefix = directory / f"{cf.PREFIX}-{msg['number']}"
     tf.raw_ops.SaveV2(prefix=str(prefix), tensor_names=names, shape_and_slices=[""] * len(names),
                       tensors=tensors)
@@ -55,11 +68,15 @@ def writer_main(conn: Connection, directory: str) -> None:
     # (it waits for the save in flight); SIGUSR1 asks the worker for stacks, not the writer.
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(s, signal.SIG_IGN)
+    # Background work yields the CPU to training when both want it (2 cores are common here):
+    # a commit then lands a little later instead of every step running slower.
+    os.nice(WRITER_NICENESS)
     import tensorflow as tf
 
     tf.config.threading.set_intra_op_parallelism_threads(1)
     shm: shared_memory.SharedMemory | None = None
     expected: set[str] | None = None
+    layout: dict[str, Any] = {}
     conn.send({"ready": True})
     while True:
         try:
@@ -72,9 +89,11 @@ def writer_main(conn: Connection, directory: str) -> None:
             # A spawned child shares its parent's resource tracker: attaching registers nothing
             # new, and the training process, which created the segment, unlinks it.
             shm = shared_memory.SharedMemory(name=msg["shm"])
+        if "slots" in msg:  # the first save of the attempt carries the layout
+            layout = {"slots": msg["slots"], "object_graph": msg["object_graph"]}
         t0 = time.monotonic()
         try:
-            reply, expected = _write(msg, shm, Path(directory), expected)
+            reply, expected = _write(msg, layout, shm, Path(directory), expected)
         except Exception as e:  # reported to the training loop as a failed save
             with contextlib.suppress(OSError):
                 committed = {m.number for m in cf.read_manifests(Path(directory))[0]}

@@ -1,0 +1,127 @@
+"""Async snapshots (ckptd.worker.snapshot / asyncsave): a capture freezes the values of its instant
+at O(1) cost (TensorFlow copies a variable's buffer before updating it while a capture holds it),
+so the copy into shared memory may overlap the next training steps, inline or in a thread."""
+
+from __future__ import annotations
+
+from multiprocessing import shared_memory
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.tf
+
+
+def _setup(tmp_path: Path, width: int) -> tuple[Any, Any, Any, Any]:
+    import keras
+    import numpy as np
+    import tensorflow as tf
+    from ckptd.worker.snapshot import SnapshotPlan, object_graph_of
+
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(width, activation="relu"),
+                              keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    model.optimizer.build(model.trainable_variables)
+    step = tf.Variable(0, dtype=tf.int64)
+    ckpt = tf.train.Checkpoint(model=model, optimizer=model.optimizer, step=step,
+                               note=tf.Variable("epoch 0"))
+    plan = SnapshotPlan(ckpt, object_graph_of(ckpt.write(str(tmp_path / "probe" / "p"))))
+    rng = np.random.default_rng(0)
+    batch = (rng.standard_normal((16, 8)).astype("float32"),
+             rng.standard_normal((16, 1)).astype("float32"))
+    return plan, model, step, batch
+
+
+def _values_now(plan: Any) -> dict[str, Any]:
+    import numpy as np
+
+    return {k: np.array(v, copy=True) for k, v in plan._values(plan.capture())
+            if not isinstance(v, bytes)}
+
+
+def _read_shm(plan: Any, shm: shared_memory.SharedMemory) -> dict[str, Any]:
+    import numpy as np
+
+    return {s.key: np.ndarray(s.shape, dtype=s.dtype, buffer=shm.buf, offset=s.offset).copy()
+            for s in plan.slots}
+
+
+def _train(model: Any, step: Any, batch: Any, n: int) -> None:
+    for _ in range(n):
+        model.train_on_batch(*batch)
+        step.assign_add(1)
+
+
+@pytest.mark.parametrize("width", [16, 300_000])  # 0.5 kB inline; ~20 MB copied in a thread
+def test_capture_freezes_values_while_training_goes_on(tmp_path: Path, width: int) -> None:
+    import numpy as np
+    from ckptd.worker.asyncsave import FILL_IN_THREAD_BYTES, Filler
+
+    plan, model, step, batch = _setup(tmp_path, width)
+    assert (plan.nbytes >= FILL_IN_THREAD_BYTES) is (width > 1000)
+    _train(model, step, batch, 2)
+    expected = _values_now(plan)
+    shm = shared_memory.SharedMemory(create=True, size=plan.nbytes)
+    try:
+        filler = Filler()
+        filler.start(plan, shm, plan.capture())
+        _train(model, step, batch, 3)  # updates every trainable variable, slot and the counter
+        assert filler.done(block=True) and filler.error is None
+        got = _read_shm(plan, shm)
+        after = _values_now(plan)
+        strings = filler.strings
+    finally:
+        shm.close()
+        shm.unlink()
+    assert set(got) == set(expected)
+    changed = [k for k in got if not np.array_equal(expected[k], after[k])]
+    assert len(changed) >= 5  # kernels, biases, Adam slots, iterations and step moved on...
+    for key in got:  # ...but the snapshot holds the values of the capture's instant
+        assert np.array_equal(got[key], expected[key]), key
+    assert b"epoch 0" in strings.values()  # string variables travel in the message
+
+
+class _NoProcess:
+    def join(self, timeout: float | None = None) -> None:
+        pass
+
+
+def test_snapshot_waits_for_a_starting_writer_then_the_layout_is_sent_once(tmp_path: Path) -> None:
+    """Interval snapshots taken while the writer still imports TensorFlow wait in shared memory
+    (no synchronous save, no blocking on a pipe nobody reads); a writer that dies is reported."""
+    import multiprocessing
+
+    import tensorflow as tf
+    from ckptd.worker.asyncsave import AsyncSaver
+
+    _, model, step, _ = _setup(tmp_path, 16)
+    ckpt = tf.train.Checkpoint(model=model, optimizer=model.optimizer, step=step,
+                               note=tf.Variable("epoch 0"))
+    ours, fake_writer = multiprocessing.Pipe()
+    saver = AsyncSaver(ckpt, tmp_path / "ck", 3, None, writer=(_NoProcess(), ours))  # type: ignore[arg-type]
+    (tmp_path / "ck").mkdir()
+    saver.prepare(None)
+    try:
+        saver.submit(20, 0, 20, {"loss": 1.0}, "interval")
+        assert saver.busy() and not fake_writer.poll(0.2)  # held back: the writer is not ready
+        assert saver.poll(block=False) is None
+        fake_writer.send({"ready": True})
+        assert saver.busy()  # in flight; this call handed the message over
+        assert fake_writer.poll(5)
+        first = fake_writer.recv()
+        assert first["step"] == 20 and first["slots"] and first["object_graph"]
+        assert b"epoch 0" in first["strings"].values()
+        fake_writer.send({"ok": False, "error": "EIO", "number": first["number"], "seconds": 0.01})
+        reply = saver.poll(block=True)
+        assert reply is not None and reply["error"] == "EIO" and reply["reason"] == "interval"
+        assert not saver.busy()
+        saver.submit(40, 0, 40, {}, "final")
+        second = fake_writer.recv()
+        assert second["step"] == 40 and "slots" not in second  # the layout went with the first
+        fake_writer.close()  # the writer dies with a save in flight
+        reply = saver.poll(block=True)
+        assert reply is not None and not reply["ok"] and "died" in reply["error"] and saver.dead
+    finally:
+        saver.close()
