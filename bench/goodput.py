@@ -1,7 +1,7 @@
 """Goodput benchmark: useful training time ÷ wall time while a harness SIGKILLs the worker at
 random (exponential intervals, seeded, mean 60 s), cold relaunch vs hot spare. Prints a table.
 
-    python bench/goodput.py [--epochs 110] [--mean 60] [--seed 7]
+    python bench/goodput.py [--epochs 110] [--mean 60] [--seed 7] [--every-steps 100] [--mode sync]
 
 The job is the Pima example made as slow as a real model (CKPTD_FAULTS step_delay: 50 ms a step,
 ~2.6 s an epoch) with a checkpoint every 100 steps (~5 s; --every-steps). "Useful" time is the
@@ -30,20 +30,21 @@ from benchjob import heartbeat, pima_job  # bench/ is on sys.path when a script 
 STEP_DELAY = 0.05
 
 
-def _job(directory: Path, name: str, epochs: int, spare: bool, every: int) -> Path:
-    return pima_job(directory, name, epochs, f"every_steps: {every}, every_seconds: 600, max_to_keep: 3",
+def _job(directory: Path, name: str, epochs: int, spare: bool, every: int, mode: str) -> Path:
+    return pima_job(directory, name, epochs,
+                    f"every_steps: {every}, every_seconds: 600, max_to_keep: 3, mode: {mode}",
                     f"hot_spare: {str(spare).lower()}, max_restarts: 50, "
                     "backoff_initial_seconds: 0.05, backoff_max_seconds: 0.05")
 
 
 def one_run(tmp: Path, name: str, epochs: int, spare: bool, kills: list[float],
-            every: int) -> dict[str, Any]:
+            every: int, mode: str) -> dict[str, Any]:
     """Run the job; SIGKILL its worker at the offsets in `kills` (seconds from the start)."""
     home = tmp / f"home-{name}"
     env = dict(os.environ, CKPTD_HOME=str(home), CKPTD_FAULTS=f"step_delay={STEP_DELAY}")
     t0 = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "ckptd.daemon", "run", "--progress", "json",
-                             str(_job(tmp, name, epochs, spare, every))], env=env,
+                             str(_job(tmp, name, epochs, spare, every, mode))], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     done = 0
     while proc.poll() is None:
@@ -80,10 +81,11 @@ def main() -> None:
     ap.add_argument("--mean", type=float, default=60.0, help="mean seconds between kills")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--every-steps", type=int, default=100, help="checkpoint interval")
+    ap.add_argument("--mode", choices=("sync", "async"), default="sync", help="checkpoint.mode")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="ckptd-goodput-") as d:
         tmp = Path(d)
-        clean = one_run(tmp, "clean", args.epochs, False, [], args.every_steps)
+        clean = one_run(tmp, "clean", args.epochs, False, [], args.every_steps, args.mode)
         step_time = clean["loop_seconds"] / clean["loop_steps"]
         useful = clean["steps"] * step_time
         kills = schedule(random.Random(args.seed), args.mean, 4 * clean["wall"])
@@ -93,11 +95,12 @@ def main() -> None:
         rows = [("uninterrupted (ceiling)", clean, None)]
         for label, spare, target in (("cold relaunch", False, 0.85), ("hot spare", True, 0.95)):
             r = one_run(tmp, label.split()[0] + "-" + str(int(spare)), args.epochs, spare, kills,
-                        args.every_steps)
+                        args.every_steps, args.mode)
             rows.append((label, r, target))
             print(f"{label}: {json.dumps(r)}", file=sys.stderr)
     print(f"\ngoodput under SIGKILL every {args.mean:.0f} s on average (seed {args.seed}, "
-          f"{os.cpu_count()} cores, job of {clean['steps']} steps)")
+          f"{os.cpu_count()} cores, job of {clean['steps']} steps, checkpoint every "
+          f"{args.every_steps} steps, {args.mode})")
     # The seeded draw may kill more or less often than the mean: the realised interval and the
     # cost of one kill (wall time over the uninterrupted run, per kill) are printed with it.
     print(f"{'run':<24}{'kills':>6}{'every s':>8}{'wall s':>8}{'s/kill':>8}{'goodput':>9}   target")

@@ -192,6 +192,29 @@ def test_async_saves_resume_bit_identical(tmp_path: Path, golden: dict[str, str]
     assert not Path("/dev/shm", name).exists()  # the stale segment of the killed worker is gone
 
 
+def test_async_writer_killed_worker_carries_on_with_sync_saves(
+        tmp_path: Path, golden: dict[str, str]) -> None:
+    """The writer process dies (OOM killer, say) while the worker trains: the save in flight, if
+    any, is reported as failed, later saves are synchronous, the attempt is not lost."""
+    import psutil
+
+    home = tmp_path / "home"
+    proc = start_run(home, str(write_job(tmp_path, epochs=EPOCHS, mode="async")),
+                     faults="step_delay=0.02")
+    run = run_dir(home)
+    hb = heartbeat_when(run, lambda h: (h.committed_step or 0) >= 20)
+    writers = [c for c in psutil.Process(hb.pid).children()
+               if "resource_tracker" not in " ".join(c.cmdline())]
+    assert len(writers) == 1, [c.cmdline() for c in writers]
+    writers[0].kill()
+    rc, out = finish(proc)
+    assert rc == 0, out
+    assert len(status(home, run.name)["attempt_list"]) == 1
+    commits = [e["step"] for e in events(run) if e["event"] == "checkpoint.committed"]
+    assert commits[-1] == EPOCHS * 52 and len(commits) >= 3
+    assert final_state_hash(run) == golden
+
+
 @pytest.mark.parametrize("seed", [2026, 7])
 def test_sigkill_at_random_points_resumes_bit_identical(tmp_path: Path, golden: dict[str, str],
                                                         seed: int) -> None:

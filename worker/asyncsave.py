@@ -124,8 +124,11 @@ class AsyncSaver:
             # full pipe nobody reads yet.
             self.unsent["strings"] = self.filler.strings
             if self.filler.error is None:
-                self.conn.send(self.unsent)
-                self.unsent = None
+                try:
+                    self.conn.send(self.unsent)
+                    self.unsent = None
+                except OSError:  # BrokenPipeError: the writer died while idle
+                    self.dead = True
         return self.ready
 
     def take_number(self) -> int:
@@ -173,7 +176,8 @@ class AsyncSaver:
         elif self.unsent is not None and not (block or self.dead):
             return None
         elif self.unsent is not None:
-            reply = {"ok": False, "error": "the checkpoint writer process did not start"}
+            reply = {"ok": False, "error": "the checkpoint writer process died" if self.ready
+                     else "the checkpoint writer process did not start"}
         elif not self.conn.poll(None if block else 0):
             return None
         else:
