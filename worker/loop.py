@@ -188,7 +188,7 @@ class Loop:
             self._save(reason)
             return True
         if reason == "interval" and saver.busy():
-            self.save_pending = True  # at most one in flight: save as soon as it is done
+            self.save_pending = True  # one in flight, or the writer paces: save when it may
             return False
         self.drain_async(block=True)
         saver.submit(int(self.c.step.numpy()), int(self.c.epoch.numpy()),

@@ -72,12 +72,10 @@ class SnapshotPlan:
         # them into shared memory can then overlap the next training steps.
         self._read = tf.function(lambda: [tf.convert_to_tensor(v) for v in plain_vars])
         self.slots: list[Slot] = []
-        self.strings: list[str] = []
         offset = 0
         for key, value in self._values(self.capture()):
             if not isinstance(value, np.ndarray) or value.dtype == object:
-                self.strings.append(key)
-                continue
+                continue  # strings travel in the message, not in shared memory
             self.slots.append(Slot(key, value.dtype.str, value.shape, offset, value.nbytes))
             offset += -(-value.nbytes // 64) * 64  # 64-byte aligned
         self.nbytes = max(offset, 1)
@@ -120,6 +118,3 @@ class SnapshotPlan:
             dst = np.ndarray(slot.shape, dtype=slot.dtype, buffer=shm.buf, offset=slot.offset)
             np.copyto(dst, value)
         return strings
-
-    def take(self, shm: shared_memory.SharedMemory) -> dict[str, Any]:
-        return self.fill(shm, self.capture())
