@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import select
 import shutil
 import threading
 import time
@@ -86,6 +87,14 @@ class AsyncSaver:
         self.last_seconds = 0.0
         self.filler = Filler()
         self.next_number = 1
+        # Connection.poll(0) builds a selector per call (~10 µs); the step loop asks often.
+        self.poller = select.poll()
+        self.poller.register(self.conn.fileno(), select.POLLIN)
+
+    def _readable(self, timeout: float | None) -> bool:
+        if timeout == 0:
+            return bool(self.poller.poll(0))
+        return self.conn.poll(timeout)
 
     def prepare(self, restored: cf.Manifest | None) -> None:
         """Learn the checkpoint's object graph (from the restored checkpoint, or from one
@@ -113,7 +122,7 @@ class AsyncSaver:
         self.shm = shared_memory.SharedMemory(name=name, create=True, size=self.plan.nbytes)
 
     def _check_ready(self, block: bool) -> bool:
-        if not self.ready and not self.dead and self.conn.poll(WRITER_START_TIMEOUT if block else 0):
+        if not self.ready and not self.dead and self._readable(WRITER_START_TIMEOUT if block else 0):
             try:
                 self.conn.recv()
                 self.ready = True
@@ -178,7 +187,7 @@ class AsyncSaver:
         elif self.unsent is not None:
             reply = {"ok": False, "error": "the checkpoint writer process died" if self.ready
                      else "the checkpoint writer process did not start"}
-        elif not self.conn.poll(None if block else 0):
+        elif not self._readable(None if block else 0):
             return None
         else:
             try:

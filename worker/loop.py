@@ -26,6 +26,10 @@ from ckptd.worker.runtime import Beater, StopFlag
 from ckptd.worker.tracking import better_of
 from ckptd.worker.writer import Writer
 
+# The step loop looks at the writer (a pipe poll, the pacing clock) at most this often. Every step
+# it cost ~12 µs, 2 % of a 0.6 ms Pima step; a reply noticed 2 ms late changes nothing.
+ASYNC_POLL_SECONDS = 0.002
+
 
 class Preempted(Exception):
     """Stopped on SIGTERM/SIGINT after saving: 0 steps lost."""
@@ -54,10 +58,12 @@ class Loop:
         self.faults = Faults.from_env()
         self.async_saver: AsyncSaver | None = None
         self.save_pending = False
+        self.poll_at = 0.0
         self.first_step_seen = False
         self.committed_step: int | None = None
         # Per attempt: time in the step loops, and how long saves stalled them (benchmarks).
-        self.stats = {"due": 0, "saves": 0, "stall_seconds": 0.0, "loop_seconds": 0.0, "steps": 0}
+        self.stats = {"due": 0, "saves": 0, "stall_seconds": 0.0, "poll_seconds": 0.0,
+                      "loop_seconds": 0.0, "steps": 0}
         self.dirty = False
         self.last_logs: dict[str, float] = {}
         self._sync_host()
@@ -267,8 +273,14 @@ class Loop:
         return logs
 
     def _step_async(self) -> None:
+        now = time.monotonic()
+        if now < self.poll_at:
+            return
+        self.poll_at = now + ASYNC_POLL_SECONDS
         self.drain_async(block=False)
-        if self.save_pending and self.async_saver is not None and not self.async_saver.busy():
+        may_save = self.save_pending and self.async_saver is not None and not self.async_saver.busy()
+        self.stats["poll_seconds"] += time.monotonic() - now
+        if may_save:
             self.save("interval")
 
     def _beat_step(self, epoch: int, batch_len: int, t_epoch: float, start: int) -> None:

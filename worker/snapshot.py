@@ -69,8 +69,10 @@ class SnapshotPlan:
         # One call reads every plain variable. The outputs share the variables' buffers, and TF
         # copies a buffer before updating a variable whose buffer is shared (copy-on-write in
         # PrepareToUpdateVariable), so holding them freezes the values at O(1) cost; copying
-        # them into shared memory can then overlap the next training steps.
-        self._read = tf.function(lambda: [tf.convert_to_tensor(v) for v in plain_vars])
+        # them into shared memory can then overlap the next training steps. Calling the concrete
+        # function skips tf.function's argument binding: ~100 instead of ~150 µs per capture.
+        self._read = tf.function(
+            lambda: [tf.convert_to_tensor(v) for v in plain_vars]).get_concrete_function()
         self.slots: list[Slot] = []
         offset = 0
         for key, value in self._values(self.capture()):
