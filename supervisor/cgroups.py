@@ -103,3 +103,23 @@ def create(name: str, limit: int, parent: tuple[Path, int] | None = None) -> Mem
             path.rmdir()
         return None
     return MemoryCgroup(path, version, limit)
+
+
+def enclosing(pid: int | str = "self") -> MemoryCgroup | None:
+    """The memory cgroup that `pid` lives in (a systemd unit's, a container's), whose oom_kill
+    counter also counts kills of its members by the host's OOM killer; None for the root cgroup
+    or where none can be read. Its `limit` is 0: ckptd did not set one."""
+    try:
+        v2, v1 = _own_paths(Path(f"/proc/{pid}/cgroup").read_text())
+    except OSError:
+        return None
+    candidates = []
+    if v2 not in (None, "/"):
+        candidates += [(mount / v2.lstrip("/"), 2) for mount in (ROOT, ROOT / "unified")]
+    if v1 not in (None, "/"):
+        candidates.append((ROOT / "memory" / v1.lstrip("/"), 1))
+    for path, version in candidates:
+        name = "memory.events" if version == 2 else "memory.oom_control"
+        if (path / name).exists():
+            return MemoryCgroup(path, version, 0)
+    return None

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 import psutil
-from ckptd.supervisor import cgroups
+from ckptd.supervisor import cgroups, kmsg
 
 # Never hand these to a worker: systemd's notify socket and watchdog belong to the daemon.
 _STRIP_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
@@ -62,11 +62,27 @@ def worker_argv(run_dir: Path, attempt: int | None) -> list[str]:
             "--spare" if attempt is None else str(attempt)]
 
 
+def _outside_oom_evidence(pid: int, spawned_at: float,
+                          outer: tuple[cgroups.MemoryCgroup, int] | None) -> str:
+    """Outside ckptd's own cgroups (the host's memory, a unit's or container's limit), what tells
+    an OOM kill of `pid` from an operator's kill -9: the kernel log names the pid; the enclosing
+    cgroup's oom_kill counter (readable without CAP_SYSLOG) says one of its members was killed."""
+    found = []
+    if (line := kmsg.evidence_for(kmsg.read_oom_kills(), pid, spawned_at)) is not None:
+        found.append(line)
+    if outer is not None and (now := outer[0].oom_kills()) > outer[1]:
+        found.append(f"oom_kill of enclosing cgroup {outer[0].path} rose {outer[1]}→{now} "
+                     "during the attempt")
+    return "; ".join(found)
+
+
 class RealProcessOps:
     def __init__(self) -> None:
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
         self._cgroups: dict[int, cgroups.MemoryCgroup] = {}
         self._oom: dict[int, str] = {}
+        self._spawned_at: dict[int, float] = {}  # CLOCK_MONOTONIC, to match kernel-log records
+        self._outer: dict[int, tuple[cgroups.MemoryCgroup, int]] = {}  # enclosing cgroup, oom_kill
 
     def spawn(self, argv: list[str], cwd: Path, stdout: Path, stderr: Path,
               spare: bool = False, env: dict[str, str] | None = None,
@@ -81,6 +97,10 @@ class RealProcessOps:
                                     close_fds=True,
                                     start_new_session=True)
         self._procs[proc.pid] = proc
+        self._spawned_at[proc.pid] = time.monotonic()
+        outer = cgroups.enclosing()  # the worker's too, unless _limit moves it into its own
+        if outer is not None:
+            self._outer[proc.pid] = (outer, outer.oom_kills())
         if memory_limit:
             self._limit(proc.pid, memory_limit)
         return proc.pid
@@ -147,6 +167,11 @@ class RealProcessOps:
         del self._procs[pid]
         self.signal_group(pid, signal.SIGKILL)  # reap anything the worker left in its group
         self._release_cgroup(pid)
+        spawned_at, outer = self._spawned_at.pop(pid, 0.0), self._outer.pop(pid, None)
+        if rc == -signal.SIGKILL and pid not in self._oom:
+            evidence = _outside_oom_evidence(pid, spawned_at, outer)
+            if evidence:
+                self._oom[pid] = evidence
         return ExitStatus(rc, None) if rc >= 0 else ExitStatus(None, -rc)
 
     def signal_group(self, pid: int, sig: int) -> None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
-from ckptd.supervisor import cgroups
+from ckptd.supervisor import cgroups, kmsg
 
-from .conftest import write_job
+from .conftest import ckptd_cmd, env_with, write_job
 from .procs import finish, heartbeat_when, run_dir, start_run, status
 
 pytestmark = pytest.mark.tf
@@ -87,6 +88,33 @@ def test_memory_limit_is_host_oom(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     evidence = st["attempt_list"][0]["evidence"]  # type: ignore[index]
     assert "memory_limit" in evidence
     assert ("kernel OOM kill in cgroup" in evidence) == (enforcement == "cgroup"), evidence
+
+
+def test_oom_kill_outside_ckptd_cgroups_is_host_oom_from_the_kernel_log(tmp_path: Path) -> None:
+    """A limit ckptd did not set (a unit's, a container's: here a cgroup the test puts the whole
+    `ckptd run` in) is reached: the enclosing cgroup's oom_kill counter and, where it can be
+    read, the kernel log's "Killed process PID" are the evidence."""
+    outer = cgroups.create(f"ckptd-test-outer-{os.getpid()}", 1500 * 2**20)
+    if outer is None:
+        pytest.skip("no writable memory cgroup here")
+    home = tmp_path / "home"
+    env = env_with(home) | {"CKPTD_FAULTS": "hog_at_step=30,attempt=1", "CKPTD_MEMORY_CGROUPS": "0"}
+    try:
+        proc = subprocess.Popen(ckptd_cmd("run", "--progress", "json", str(_job(tmp_path))),
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, preexec_fn=lambda: outer.add(os.getpid()))
+        rc, out = finish(proc)
+    finally:
+        outer.remove()
+    assert rc == 0, out
+    classes, st = _classes(home)
+    assert classes == ["host_oom", "succeeded"], st
+    first = st["attempt_list"][0]  # type: ignore[index]
+    evidence = first["evidence"]
+    assert f"oom_kill of enclosing cgroup {outer.path} rose 0→1" in evidence, evidence
+    if kmsg.read_oom_kills():  # readable here (root or CAP_SYSLOG)
+        assert f"kernel log: Memory cgroup out of memory: Killed process {first['pid']} " \
+            in evidence, evidence
 
 
 def test_crash_loop_at_the_same_step_fails_the_job(tmp_path: Path) -> None:
