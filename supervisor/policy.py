@@ -29,6 +29,7 @@ class ExitObservation:
     error_message: str | None = None
     hang: str | None = None  # why the supervisor declared a hang, if it did
     oom_evidence: str | None = None  # memory limit reached, cgroup oom_kill, kernel log
+    gpu_problems: str | None = None  # NVML's word on the attempt's devices after it ended
 
 
 def _signal_name(signum: int) -> str:
@@ -52,8 +53,20 @@ def _classify_error(o: ExitObservation) -> tuple[C, str]:
     return C.CRASH, f"exit code {o.exit_code} without an error file"
 
 
+# A sick GPU explains these endings better than they explain themselves: the driver often takes
+# the process down with a signal, a hang, or an error that does not name the device.
+_GPU_MAY_EXPLAIN = {C.CRASH, C.KILLED, C.HANG, C.HOST_OOM, C.GPU_OOM, C.GPU_FAULT}
+
+
 def classify_exit(o: ExitObservation) -> tuple[C, str]:
     """One class per attempt, with the evidence that chose it."""
+    klass, evidence = _classify(o)
+    if o.gpu_problems and klass in _GPU_MAY_EXPLAIN:
+        return C.GPU_FAULT, f"{evidence}; {o.gpu_problems}"
+    return klass, evidence
+
+
+def _classify(o: ExitObservation) -> tuple[C, str]:
     if o.hang:
         return C.HANG, o.hang
     if o.exit_code is None and o.signal is None:

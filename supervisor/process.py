@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 import psutil
-from ckptd.supervisor import cgroups, kmsg
+from ckptd.supervisor import cgroups, kmsg, nvml
 
 # Never hand these to a worker: systemd's notify socket and watchdog belong to the daemon.
 _STRIP_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
@@ -35,6 +35,7 @@ class ProcessOps(Protocol):
     def assign(self, pid: int, attempt: int) -> bool: ...
     def memory_enforced(self, pid: int) -> bool: ...
     def memory_evidence(self, pid: int) -> str | None: ...
+    def gpu_problems(self, devices: list[int]) -> dict[int, str]: ...
     def poll(self, pid: int) -> ExitStatus | None: ...
     def start_time(self, pid: int) -> float | None: ...
     def signal_group(self, pid: int, sig: int) -> None: ...
@@ -124,6 +125,9 @@ class RealProcessOps:
     def memory_evidence(self, pid: int) -> str | None:
         """After exit: why the kernel killed it, if its cgroup recorded an OOM kill."""
         return self._oom.pop(pid, None)
+
+    def gpu_problems(self, devices: list[int]) -> dict[int, str]:
+        return nvml.device_problems(devices)
 
     def _release_cgroup(self, pid: int) -> None:
         cg = self._cgroups.pop(pid, None)

@@ -18,6 +18,7 @@ from ckptd.state.jobspec import JobSpec
 from ckptd.state.paths import RunDir
 from ckptd.state.states import AttemptClass, JobState
 from ckptd.state.store import Store
+from ckptd.supervisor import nvml
 from ckptd.supervisor.gpus import choose_devices, exclude_after_fault
 from ckptd.supervisor.policy import (
     Action,
@@ -184,7 +185,9 @@ class JobRunner:
                             f"{len(self.gpus) - len(self.excluded_gpus)} healthy GPU(s) "
                             f"(found {self.gpus}, excluded {sorted(self.excluded_gpus)})")
         self.devices = chosen
-        return {"CUDA_VISIBLE_DEVICES": ",".join(map(str, chosen))}
+        # nvidia-smi's and NVML's indices are in PCI bus order; CUDA's default order is not.
+        return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+                "CUDA_VISIBLE_DEVICES": ",".join(map(str, chosen))}
 
     def _launch(self, n: int) -> tuple[int, bool]:
         adir = self.run.attempt_dir(n)
@@ -224,8 +227,9 @@ class JobRunner:
         w.oom = w.oom or self.ops.memory_evidence(pid)
         self._drain_events(w)
         err = _read_error(adir / p.ERROR_FILE)
+        sick = self._sick_devices(status)
         obs = ExitObservation(status.exit_code, status.signal, err.get("type"), err.get("message"),
-                              w.hang, w.oom)
+                              w.hang, w.oom, nvml.describe(sick))
         klass, evidence = classify_exit(obs)
         if isinstance(err.get("step"), int):
             w.last_step = err["step"]
@@ -237,11 +241,19 @@ class JobRunner:
         outcome = AttemptOutcome(klass, w.restored_step, w.committed_step, w.last_step)
         self.history.append(outcome)
         if klass == AttemptClass.GPU_FAULT and self.devices:
-            self.excluded_gpus = exclude_after_fault(self.gpus, self.excluded_gpus, self.devices,
+            # NVML names the sick device; an error message alone only says "one of these".
+            self.excluded_gpus = exclude_after_fault(self.gpus, self.excluded_gpus,
+                                                     sorted(sick) or self.devices,
                                                      self.spec.resources.gpus)
             self.store.add_event(self.job_id, "gpu.excluded",
                                  {"devices": sorted(self.excluded_gpus)})
         return outcome
+
+    def _sick_devices(self, status: ExitStatus) -> dict[int, str]:
+        """NVML's report on the attempt's GPUs, asked only after an ending that was not clean."""
+        if not self.devices or status.exit_code in (p.EXIT_OK, p.EXIT_PREEMPTED):
+            return {}
+        return self.ops.gpu_problems(self.devices)
 
     def _watch(self, w: Watch) -> ExitStatus:
         while True:

@@ -41,6 +41,15 @@ CLASSIFY = [
     (ExitObservation(None, signal.SIGTERM), C.KILLED),
     (ExitObservation(None, signal.SIGKILL, hang="no heartbeat for 121s"), C.HANG),
     (ExitObservation(p.EXIT_PREEMPTED, None, hang="no heartbeat"), C.HANG),
+    # NVML reports a sick device after the attempt: it explains failures, not clean endings.
+    (ExitObservation(None, signal.SIGKILL, gpu_problems="NVML: GPU 1: GPU is lost"), C.GPU_FAULT),
+    (ExitObservation(None, signal.SIGKILL, hang="no heartbeat", gpu_problems="NVML: x"),
+     C.GPU_FAULT),
+    (ExitObservation(1, None, "builtins.ValueError", "boom", gpu_problems="NVML: x"), C.GPU_FAULT),
+    (ExitObservation(0, None, gpu_problems="NVML: x"), C.SUCCEEDED),
+    (ExitObservation(p.EXIT_PREEMPTED, None, gpu_problems="NVML: x"), C.PREEMPTED),
+    (ExitObservation(p.EXIT_CONFIG, None, "ConfigError", "model", gpu_problems="NVML: x"),
+     C.CONFIG_ERROR),
 ]
 
 

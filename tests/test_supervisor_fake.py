@@ -38,7 +38,13 @@ class FakeOps:
     envs: list[dict[str, str]] = field(default_factory=list)
     assigned: list[int] = field(default_factory=list)
     oom_evidence: dict[int, str] = field(default_factory=dict)
+    sick_gpus: dict[int, str] = field(default_factory=dict)
+    gpu_queries: list[list[int]] = field(default_factory=list)
     next_pid: int = 1000
+
+    def gpu_problems(self, devices: list[int]) -> dict[int, str]:
+        self.gpu_queries.append(devices)
+        return {d: what for d, what in self.sick_gpus.items() if d in devices}
 
     def assign(self, pid: int, attempt: int) -> bool:
         if pid not in self.spares:
@@ -242,6 +248,22 @@ def test_gpu_fault_moves_the_job_to_another_gpu(tmp_path: Path) -> None:
     assert [a.klass for a in store.attempts("j")] == [AttemptClass.GPU_FAULT,
                                                         AttemptClass.SUCCEEDED]
     assert [e["CUDA_VISIBLE_DEVICES"] for e in ops.envs] == ["0", "1"]
+
+
+def test_nvml_names_the_sick_gpu_behind_a_bare_sigkill(tmp_path: Path) -> None:
+    """The driver killed the worker without a word; NVML says GPU 1 has uncorrected ECC errors:
+    gpu_fault, and only GPU 1 is excluded (GPU 0 was fine)."""
+    store, run, spec = _gpu_setup(tmp_path, 2)
+    ops = FakeOps(run, [exits_after(1, None, signal.SIGKILL), exits_after(1, 0)],
+                  sick_gpus={1: "uncorrected ECC errors: 2"})
+    runner = JobRunner(store, "j", spec, run, ops, _NullDisplay(), StopRequests(),
+                       jitter=lambda: 0.0, gpus=[0, 1, 2])
+    assert runner.run_job() == JobState.SUCCEEDED
+    first, second = store.attempts("j")
+    assert (first.klass, second.klass) == (AttemptClass.GPU_FAULT, AttemptClass.SUCCEEDED)
+    assert "NVML: GPU 1: uncorrected ECC errors: 2" in (first.evidence or "")
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in ops.envs] == ["0,1", "0,2"]
+    assert ops.gpu_queries == [[0, 1]]  # not asked after the clean exit
 
 
 def test_more_gpus_than_exist_fails_clearly(tmp_path: Path) -> None:
