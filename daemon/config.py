@@ -26,6 +26,9 @@ class DaemonConfig(BaseModel):
     admin_group: str = "ckptd-admin"  # members may act on every user's jobs
     spool: bool = True
     spool_settle_seconds: float = Field(default=1.0, ge=0.0, le=3600.0)
+    # One idle worker per free slot with TensorFlow imported (~0.5 GB each): jobs start, and
+    # failed workers restart, without the ~5 s import.
+    warm_workers: bool = False
 
 
 def load_config(path: Path | None, state: Path) -> DaemonConfig:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 import traceback
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from ckptd.state.store import Store
 from ckptd.supervisor.display import LogDisplay
 from ckptd.supervisor.process import RealProcessOps
 from ckptd.supervisor.runner import Adopted, JobRunner, StopRequests
+from ckptd.supervisor.warm import WarmPool
 
 
 class DaemonDisplay(LogDisplay):
@@ -57,22 +59,26 @@ class RunningJob:
 
 
 def start_job(home: Path, job_id: str, spec: JobSpec, run_dir: Path, devices: list[int],
-              log: Any, adopt: Adopted | None = None) -> RunningJob:
+              log: Any, adopt: Adopted | None = None, warm: WarmPool | None = None,
+              first: subprocess.Popen[bytes] | None = None) -> RunningJob:
+    """`warm`: the daemon's pool; `first`: a warm worker it took for this job's first attempt."""
     rj = RunningJob(job_id, devices)
-    rj.thread = threading.Thread(target=_supervise, args=(home, rj, spec, RunDir(run_dir), log, adopt),
+    ops = RealProcessOps(warm, first)
+    rj.thread = threading.Thread(target=_supervise,
+                                 args=(home, rj, spec, RunDir(run_dir), log, adopt, ops),
                                  name=f"job-{job_id}", daemon=True)
     rj.thread.start()
     return rj
 
 
 def _supervise(home: Path, rj: RunningJob, spec: JobSpec, run: RunDir, log: Any,
-               adopt: Adopted | None) -> None:
+               adopt: Adopted | None, ops: RealProcessOps) -> None:
     store = Store.open(home, check=False)
     lock_fd = None
     jlog = log.bind(job_id=rj.job_id)
     try:
         lock_fd = jobs.lock_job(run)
-        runner = JobRunner(store, rj.job_id, spec, run, RealProcessOps(), DaemonDisplay(jlog, run),
+        runner = JobRunner(store, rj.job_id, spec, run, ops, DaemonDisplay(jlog, run),
                            rj.stops, hot_spare=spec.restart.hot_spare, gpus=rj.devices)
         rj.end = runner.run_job(adopt)
         job = store.job(rj.job_id)
@@ -83,6 +89,7 @@ def _supervise(home: Path, rj: RunningJob, spec: JobSpec, run: RunDir, log: Any,
                    traceback=traceback.format_exc())
         rj.end = _fail(store, rj.job_id, f"supervisor error: {type(e).__name__}: {e}")
     finally:
+        ops.release_unused()
         if lock_fd is not None:
             os.close(lock_fd)
         store.close()

@@ -38,6 +38,11 @@ def pick_jobs(queue: list[Queued], running: int, slots: int,
     return started
 
 
+def warm_wanted(enabled: bool, slots: int, running: int) -> int:
+    """Warm workers to keep: one per free slot (a running job's own hot spare is its business)."""
+    return max(0, slots - running) if enabled else 0
+
+
 def may_act(peer_uid: int, owner_uid: int, admin: bool) -> bool:
     """A user acts on their own jobs; root and members of the admin group on all."""
     return peer_uid == 0 or admin or peer_uid == owner_uid

@@ -25,13 +25,14 @@ from ckptd.daemon.config import DaemonConfig, socket_path
 from ckptd.daemon.notify import Notifier
 from ckptd.daemon.recovery import recover
 from ckptd.daemon.running import RunningJob, ask_stop, start_job
-from ckptd.daemon.schedule import Queued, pick_jobs, slot_count
+from ckptd.daemon.schedule import Queued, pick_jobs, slot_count, warm_wanted
 from ckptd.daemon.sockets import bound
 from ckptd.daemon.spool import Spool
 from ckptd.state.states import JobState
 from ckptd.state.store import Store, StoreError
 from ckptd.state.submissions import managed_jobs
 from ckptd.supervisor.gpus import detect_gpus
+from ckptd.supervisor.warm import WarmPool
 
 LOOP_SECONDS = 0.5
 SPOOL_SCAN_SECONDS = 2.0
@@ -65,6 +66,7 @@ class Daemon:
         self.signals: list[int] = []
         self.gpus = detect_gpus()
         self.slots = slot_count(config.max_concurrent_jobs, self.gpus)
+        self.warm = WarmPool(home, log)
         self.queued = 0
         self._status = ""
 
@@ -101,7 +103,8 @@ class Daemon:
         for job, adopted, devices in found.adopted:
             self.log.info("worker.adopted", job_id=job.id, attempt=adopted.n, pid=adopted.pid)
             self.registry.running[job.id] = start_job(self.home, job.id, jobs.spec_of(job),
-                                                      Path(job.run_dir), devices, self.log, adopted)
+                                                      Path(job.run_dir), devices, self.log, adopted,
+                                                      self.warm)
         for job_id in found.requeued:
             self.log.info("job.requeued", job_id=job_id, reason="daemon restarted")
 
@@ -117,7 +120,7 @@ class Daemon:
             running = sorted(self.registry.running)
         return {"pid": os.getpid(), "state_dir": str(self.home), "slots": self.slots,
                 "gpus": self.gpus, "running": running, "queued": self.queued,
-                "stopping": bool(self.signals)}
+                "warm_workers": self.warm.size(), "stopping": bool(self.signals)}
 
     def _loop(self, store: Store, spool: Spool | None) -> None:
         last_scan = 0.0
@@ -131,6 +134,7 @@ class Daemon:
                 self._guarded("spool", lambda: spool.scan(store, self.home))
                 last_scan = now
             self._guarded("schedule", lambda: self._schedule(store))
+            self._guarded("warm", self._keep_warm)
             self._report_status()
             self.wake.wait(LOOP_SECONDS)
 
@@ -169,7 +173,13 @@ class Daemon:
         self.log.info("job.started", job_id=job_id, devices=devices,
                       last_committed_step=job.last_committed_step)
         self.registry.running[job_id] = start_job(self.home, job_id, jobs.spec_of(job),
-                                                  Path(job.run_dir), devices, self.log)
+                                                  Path(job.run_dir), devices, self.log,
+                                                  warm=self.warm, first=self.warm.take())
+
+    def _keep_warm(self) -> None:
+        with self.registry.lock:
+            running = len(self.registry.running)
+        self.warm.reconcile(warm_wanted(self.config.warm_workers, self.slots, running))
 
     def _report_status(self) -> None:
         status = f"STATUS={len(self.registry.running)} running, {self.queued} queued"
@@ -182,6 +192,7 @@ class Daemon:
         self.notifier.send("STOPPING=1", "STATUS=stopping: workers are saving")
         self.log.info("daemon.stopping", signal=signal.Signals(self.signals[0]).name,
                       running=sorted(self.registry.running))
+        self.warm.stop()
         server.shutdown()
         server.server_close()
         if spool is not None:

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Protocol
 
 import psutil
-from ckptd.supervisor import cgroups, kmsg, nvml
+from ckptd.supervisor import cgroups, kmsg, nvml, warm
+from ckptd.supervisor.warm import WarmPool
 
 # Never hand these to a worker: systemd's notify socket and watchdog belong to the daemon.
 _STRIP_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
@@ -33,6 +34,8 @@ class ProcessOps(Protocol):
               spare: bool = False, env: dict[str, str] | None = None,
               memory_limit: int | None = None) -> int: ...
     def assign(self, pid: int, attempt: int) -> bool: ...
+    def take_warm(self, run_dir: Path, mode: str, env: dict[str, str],
+                  memory_limit: int | None = None) -> int | None: ...
     def memory_enforced(self, pid: int) -> bool: ...
     def memory_evidence(self, pid: int) -> str | None: ...
     def gpu_problems(self, devices: list[int]) -> dict[int, str]: ...
@@ -78,7 +81,10 @@ def _outside_oom_evidence(pid: int, spawned_at: float,
 
 
 class RealProcessOps:
-    def __init__(self) -> None:
+    def __init__(self, warm: WarmPool | None = None,
+                 first: subprocess.Popen[bytes] | None = None) -> None:
+        """`warm`: the daemon's pool of warm workers; `first`: one it set aside for this job."""
+        self.warm, self.first = warm, first
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
         self._cgroups: dict[int, cgroups.MemoryCgroup] = {}
         self._oom: dict[int, str] = {}
@@ -97,6 +103,16 @@ class RealProcessOps:
                                     stdout=out, stderr=err, env=worker_env() | (env or {}),
                                     close_fds=True,
                                     start_new_session=True)
+        self._track(proc, memory_limit)
+        return proc.pid
+
+    def release_unused(self) -> None:
+        """The warm worker set aside for this job was never used (it failed before starting)."""
+        if self.first is not None:
+            warm.kill(self.first, self.warm.dir if self.warm else None)
+            self.first = None
+
+    def _track(self, proc: subprocess.Popen[bytes], memory_limit: int | None) -> None:
         self._procs[proc.pid] = proc
         self._spawned_at[proc.pid] = time.monotonic()
         outer = cgroups.enclosing()  # the worker's too, unless _limit moves it into its own
@@ -104,6 +120,23 @@ class RealProcessOps:
             self._outer[proc.pid] = (outer, outer.oom_kills())
         if memory_limit:
             self._limit(proc.pid, memory_limit)
+
+    def take_warm(self, run_dir: Path, mode: str, env: dict[str, str],
+                  memory_limit: int | None = None) -> int | None:
+        """Hand the run to a warm worker (None if there is none). The memory it charged while
+        importing stays with the daemon's cgroup; the limit applies to what the job allocates."""
+        proc, self.first = self.first or (self.warm.take() if self.warm else None), None
+        if proc is None or proc.stdin is None:
+            return None
+        try:
+            proc.stdin.write(warm.assignment(run_dir, mode, env))
+            proc.stdin.flush()
+            if mode != "--spare":  # a job's spare waits for a second line: its attempt
+                proc.stdin.close()
+        except OSError:  # it died meanwhile
+            proc.wait()
+            return None
+        self._track(proc, memory_limit)
         return proc.pid
 
     def _limit(self, pid: int, limit: int) -> None:

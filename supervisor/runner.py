@@ -151,9 +151,12 @@ class JobRunner:
     def _start_spare(self, env: dict[str, str]) -> None:
         sdir = self.run.root / "attempts" / "spare"
         self.spare_env = env
-        self.spare_pid = self.ops.spawn(worker_argv(self.run.root, None), self.run.root,
-                                        sdir / "stdout.log", sdir / "stderr.log", spare=True,
-                                        env=env, memory_limit=self.spec.resources.memory_limit)
+        limit = self.spec.resources.memory_limit
+        self.spare_pid = self.ops.take_warm(self.run.root, "--spare", env, limit)
+        if self.spare_pid is None:
+            self.spare_pid = self.ops.spawn(worker_argv(self.run.root, None), self.run.root,
+                                            sdir / "stdout.log", sdir / "stderr.log", spare=True,
+                                            env=env, memory_limit=limit)
 
     def _take_spare(self, n: int, env: dict[str, str]) -> int | None:
         pid, self.spare_pid = self.spare_pid, None
@@ -189,27 +192,32 @@ class JobRunner:
         return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID",
                 "CUDA_VISIBLE_DEVICES": ",".join(map(str, chosen))}
 
-    def _launch(self, n: int) -> tuple[int, bool]:
+    def _launch(self, n: int) -> tuple[int, str | None]:
+        """Start attempt `n`: in the job's hot spare, else in a warm worker, else cold. Returns
+        the pid and which kind of pre-started process took it, if any."""
         adir = self.run.attempt_dir(n)
         env = self._device_env()
+        limit = self.spec.resources.memory_limit
         pid = self._take_spare(n, env)
-        warm = pid is not None
+        how = "spare" if pid is not None else None
+        if pid is None and (pid := self.ops.take_warm(self.run.root, str(n), env, limit)):
+            how = "warm"
         if pid is None:
             pid = self.ops.spawn(worker_argv(self.run.root, n), self.run.root,
                                  adir / "stdout.log", adir / "stderr.log", env=env,
-                                 memory_limit=self.spec.resources.memory_limit)
+                                 memory_limit=limit)
         if self.hot_spare:
             self._start_spare(env)
-        return pid, warm
+        return pid, how
 
     def _start(self) -> tuple[int, int]:
         n = len(self.store.attempts(self.job_id)) + 1
         self.events.offset = _size(self.run.root / p.EVENTS_FILE)
-        pid, warm = self._launch(n)
+        pid, how = self._launch(n)
         self.store.start_attempt(self.job_id, pid, self.ops.start_time(pid))
         self.display.attempt_started(n, pid)
-        if warm:
-            self.display.event({"event": "worker.spare_assigned", "attempt": n, "pid": pid})
+        if how is not None:
+            self.display.event({"event": f"worker.{how}_assigned", "attempt": n, "pid": pid})
         return n, pid
 
     def _attempt(self, adopt: Adopted | None = None) -> AttemptOutcome:

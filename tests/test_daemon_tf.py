@@ -7,12 +7,13 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from ckptd.state.store import Store
 
 from .conftest import CSV, EXAMPLE, GOLDEN_EPOCHS, ckptd_cmd, write_job
 from .daemonproc import daemon_env, start_daemon
-from .procs import final_state_hash, wait_for
+from .procs import events, final_state_hash, wait_for
 
 pytestmark = pytest.mark.tf
 
@@ -56,3 +57,33 @@ def test_stop_resume_export(tmp_path: Path, golden: dict[str, str]) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          check=True).stdout.split()
     assert all(0.5 <= float(v) <= 1.0 for v in out[-2:]), out
+
+
+def test_a_warm_worker_takes_the_next_job_and_none_outlives_the_daemon(tmp_path: Path) -> None:
+    """One warm worker per free slot: the job's first attempt runs in it (no TensorFlow import
+    on the critical path), a new one is started once the slot is free again, and stopping the
+    daemon leaves no warm worker behind."""
+    home = tmp_path / "home"
+    warm_dir = home / "warm"
+    d = start_daemon(home, fake=False, config="warm_workers: true\n")
+    try:
+        first = wait_for("a warm worker with TensorFlow imported",
+                         lambda: sorted(warm_dir.glob("*.ready")), 120)
+        warm_pid = int(first[0].name.split(".")[0])
+        t0 = time.monotonic()
+        job = d.submit(write_job(tmp_path, epochs=2))
+        done = d.wait_state(job, "succeeded", "failed", timeout=180)
+        assert done["state"] == "succeeded", done
+        assert [a["pid"] for a in done["attempt_list"]] == [warm_pid]
+        run = Path(done["run_dir"])
+        steps = [e for e in events(run) if e["event"] == "training.first_step"]
+        first_step = steps[0]["ts"] - (time.time() - (time.monotonic() - t0))
+        print(f"submit → first training step, in a warm worker: {first_step:.2f} s")
+        assert "worker.warm_assigned" in d.output()
+        again = wait_for("a new warm worker for the free slot",
+                         lambda: [p for p in warm_dir.glob("*.ready") if p != first[0]], 120)
+        assert d.api("GET", "/v1/health")["warm_workers"] == 1
+        survivor = int(again[0].name.split(".")[0])
+    finally:
+        assert d.stop() == 0
+    assert not psutil.pid_exists(survivor) or psutil.Process(survivor).status() == "zombie"

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from ckptd.daemon.notify import Notifier
-from ckptd.daemon.schedule import Queued, may_act, pick_jobs, slot_count
+from ckptd.daemon.schedule import Queued, may_act, pick_jobs, slot_count, warm_wanted
 from ckptd.daemon.sockets import SocketError, prepare_path
 from ckptd.daemon.spool import Spool
 from ckptd.state.store import Store
@@ -50,6 +50,13 @@ def test_pick_jobs(queue: list[tuple[str, int]], running: int, slots: int, free:
                          [(None, [], 1), (None, [0, 1, 2], 3), (4, [], 4), (1, [0, 1], 1)])
 def test_slot_count(configured: int | None, gpus: list[int], slots: int) -> None:
     assert slot_count(configured, gpus) == slots
+
+
+@pytest.mark.parametrize(("enabled", "slots", "running", "warm"),
+                         [(True, 1, 0, 1), (True, 1, 1, 0), (True, 4, 1, 3), (True, 2, 3, 0),
+                          (False, 4, 0, 0)])
+def test_warm_wanted(enabled: bool, slots: int, running: int, warm: int) -> None:
+    assert warm_wanted(enabled, slots, running) == warm
 
 
 @pytest.mark.parametrize(("peer", "owner", "admin", "ok"),

@@ -42,6 +42,22 @@ class FakeOps:
     gpu_queries: list[list[int]] = field(default_factory=list)
     next_pid: int = 1000
 
+    warm: list[int] = field(default_factory=list)  # the daemon's warm workers
+    warm_taken: list[tuple[int, str]] = field(default_factory=list)
+
+    def take_warm(self, run_dir: Path, mode: str, env: dict[str, str],
+                  memory_limit: int | None = None) -> int | None:
+        if not self.warm:
+            return None
+        pid = self.warm.pop(0)
+        self.warm_taken.append((pid, mode))
+        self.envs.append(env)
+        if mode == "--spare":
+            self.spares.append(pid)
+        else:
+            self.live[pid] = (self.scripts.pop(0), self.now)
+        return pid
+
     def gpu_problems(self, devices: list[int]) -> dict[int, str]:
         self.gpu_queries.append(devices)
         return {d: what for d, what in self.sick_gpus.items() if d in devices}
@@ -228,6 +244,30 @@ def test_hot_spare_takes_over_after_a_failure_and_is_reaped(tmp_path: Path) -> N
     assert ops.assigned == [second.pid]  # the second attempt ran in the spare
     assert first.pid not in ops.assigned
     assert ops.spares == []  # the spare started for a third attempt was killed and reaped
+
+
+def test_warm_workers_take_attempts_then_cold_starts_when_none_is_left(tmp_path: Path) -> None:
+    """Attempt 1 runs in a warm worker, attempt 2 (after a crash) in the other, attempt 3 cold."""
+    store, run, spec = _setup(tmp_path)
+    ops = FakeOps(run, [exits_after(1, 1, commit=20), exits_after(1, 1, commit=40),
+                        exits_after(1, 0)], warm=[7, 8])
+    runner = JobRunner(store, "j", spec, run, ops, _NullDisplay(), StopRequests(),
+                       jitter=lambda: 0.0)
+    assert runner.run_job() == JobState.SUCCEEDED
+    assert [a.pid for a in store.attempts("j")][:2] == [7, 8]
+    assert ops.warm_taken == [(7, "1"), (8, "2")]
+    assert store.attempts("j")[2].pid not in (7, 8)
+
+
+def test_a_jobs_hot_spare_comes_from_a_warm_worker(tmp_path: Path) -> None:
+    store, run, spec = _setup(tmp_path)
+    ops = FakeOps(run, [exits_after(1, 1), exits_after(1, 0)], warm=[7])
+    runner = JobRunner(store, "j", spec, run, ops, _NullDisplay(), StopRequests(),
+                       jitter=lambda: 0.0, hot_spare=True)
+    assert runner.run_job() == JobState.SUCCEEDED
+    first, second = store.attempts("j")
+    assert ops.warm_taken == [(7, "1")] and first.pid == 7  # the warm one ran attempt 1
+    assert ops.assigned == [second.pid]  # its cold-started spare took attempt 2
 
 
 def _gpu_setup(tmp_path: Path, gpus: int) -> tuple[Store, RunDir, JobSpec]:

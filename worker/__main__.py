@@ -4,12 +4,15 @@
 `python -m ckptd.worker RUN_DIR --spare` is a hot spare: it imports TensorFlow, builds and primes
 the model, then waits for one line on stdin naming the attempt to take over; recovery after a
 failure then skips the import and the build (EOF on stdin: exit quietly).
+`python -m ckptd.worker --warm` imports only, then waits for a JSON line naming the run directory
+and mode (see ckptd.supervisor.warm).
 """
 
 from __future__ import annotations
 
 import contextlib
 import faulthandler
+import json
 import os
 import signal
 import sys
@@ -72,21 +75,45 @@ def _train(loop: Any) -> int:
     return p.EXIT_OK
 
 
+def _log_to(directory: Path) -> None:
+    """From now on, stdout and stderr go to `directory`'s log files."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, fd in (("stdout.log", 1), ("stderr.log", 2)):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        target = os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(target, fd)
+        os.close(target)
+
+
 def _await_assignment(run: RunDir) -> int | None:
     """Block until the supervisor names the attempt; then log to that attempt's files."""
     line = sys.stdin.readline()
     if not line.strip():
         return None
     attempt = int(line)
-    adir = run.attempt_dir(attempt)
-    adir.mkdir(parents=True, exist_ok=True)
-    for name, fd in (("stdout.log", 1), ("stderr.log", 2)):
-        sys.stdout.flush()
-        sys.stderr.flush()
-        target = os.open(adir / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.dup2(target, fd)
-        os.close(target)
+    _log_to(run.attempt_dir(attempt))
     return attempt
+
+
+def _warm() -> int:
+    """A warm worker (ckptd.supervisor.warm): import everything now, then wait for a job."""
+    import keras  # noqa: F401  (the point: pay for the imports before there is a job)
+    import tensorflow  # noqa: F401
+    from ckptd.worker import loop  # noqa: F401
+
+    Path(f"{os.getpid()}.ready").write_text("")  # in the pool's directory: for operators, tests
+    line = sys.stdin.readline()
+    Path(f"{os.getpid()}.ready").unlink(missing_ok=True)
+    if not line.strip():
+        return p.EXIT_OK  # the daemon stopped or died
+    job = json.loads(line)
+    os.environ.update(job["env"])  # before TensorFlow first touches a device
+    run = RunDir(Path(job["run"]))
+    os.chdir(run.root)
+    _log_to(run.attempt_dir(int(job["mode"])) if job["mode"].isdigit()
+            else run.root / "attempts" / "spare")
+    return main([job["run"], job["mode"]])
 
 
 def _dispatch(run: RunDir, mode: str) -> int:
@@ -128,8 +155,11 @@ def _dispatch(run: RunDir, mode: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if args == ["--warm"]:
+        return _warm()
     if len(args) != 2 or not (args[1] == "--spare" or args[1].isdigit()):
-        print("usage: python -m ckptd.worker RUN_DIR (ATTEMPT | --spare)", file=sys.stderr)
+        print("usage: python -m ckptd.worker (RUN_DIR (ATTEMPT | --spare) | --warm)",
+              file=sys.stderr)
         return p.EXIT_CONFIG
     # Fatal signals print every thread's Python stack; the supervisor sends SIGUSR1 before it
     # kills a hung worker, so the attempt's stderr log shows where it was stuck.
