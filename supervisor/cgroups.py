@@ -1,9 +1,11 @@
 """A memory cgroup per worker attempt: the kernel enforces `resources.memory_limit` and counts its
 OOM kills, which is the evidence that turns a bare SIGKILL into `host_oom`.
 
-cgroup v2 is used where our cgroup already delegates the memory controller to children (systemd
-`Delegate=yes`); else cgroup v1's memory hierarchy where we may create a child there; else None,
-and the supervisor falls back to watching RSS with psutil (also with CKPTD_MEMORY_CGROUPS=0).
+cgroup v2 is used where our cgroup already hands the memory controller to children, or where
+systemd delegated our unit's cgroup to us (`Delegate=memory` with CKPTD_CGROUP_DELEGATED=1, as
+in systemd/ckptd.service); else cgroup v1's memory hierarchy where we may create a child there;
+else None, and the supervisor falls back to watching RSS with psutil (also with
+CKPTD_MEMORY_CGROUPS=0).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path("/sys/fs/cgroup")
+# Where the daemon moves itself inside its delegated unit cgroup (see delegated_base).
+SUPERVISOR_LEAF = "supervisor"
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,31 @@ def _v2_base(path: str) -> Path | None:
     return None
 
 
+def delegated_base(own: str, root: Path = ROOT) -> Path | None:
+    """The unit cgroup systemd delegated to us, ready for memory-limited children; None if it
+    is not ours to change.
+
+    cgroup v2 lets a cgroup hand controllers to its children only while it holds no process of
+    its own: the daemon first moves itself into a `supervisor/` leaf, then enables memory for the
+    unit's children. Worker cgroups become siblings of that leaf. The kernel refuses any step
+    that is not permitted (OSError), which means no delegation.
+    """
+    unit = root / own.lstrip("/")
+    if unit.name == SUPERVISOR_LEAF:  # moved there by an earlier call
+        unit = unit.parent
+    try:
+        if "memory" in (unit / "cgroup.subtree_control").read_text().split():
+            return unit
+        leaf = unit / SUPERVISOR_LEAF
+        leaf.mkdir(exist_ok=True)
+        for pid in (unit / "cgroup.procs").read_text().split():
+            (leaf / "cgroup.procs").write_text(f"{pid}\n")
+        (unit / "cgroup.subtree_control").write_text("+memory\n")
+    except OSError:
+        return None
+    return unit
+
+
 def parent_cgroup() -> tuple[Path, int] | None:
     """Where this supervisor may create memory-limited children, and the cgroup version.
     CKPTD_MEMORY_CGROUPS=0 turns cgroups off (RSS watch only), e.g. where another agent owns them."""
@@ -72,6 +101,10 @@ def parent_cgroup() -> tuple[Path, int] | None:
         v2, v1 = _own_paths(Path("/proc/self/cgroup").read_text())
     except OSError:
         return None
+    if v2 is not None and os.environ.get("CKPTD_CGROUP_DELEGATED") == "1":
+        base = delegated_base(v2)
+        if base is not None:
+            return base, 2
     if v2 is not None and (base := _v2_base(v2)) is not None:
         return base, 2
     if v1 is not None:

@@ -43,3 +43,26 @@ def test_create_writes_the_limit(tmp_path: Path, version: int, limit_file: str) 
 def test_no_cgroup_when_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CKPTD_MEMORY_CGROUPS", "0")
     assert cgroups.parent_cgroup() is None and cgroups.create("x", 1) is None
+
+
+def test_a_delegated_unit_cgroup_gets_a_supervisor_leaf_and_memory_for_its_children(
+        tmp_path: Path) -> None:
+    """systemd Delegate=memory: move every process of the unit's cgroup into `supervisor/` (v2's
+    no-internal-processes rule), enable memory for the children, create workers beside it.
+    (Plain files stand in for cgroupfs: the kernel would also refuse steps not permitted.)"""
+    unit = tmp_path / "system.slice" / "ckptd.service"
+    unit.mkdir(parents=True)
+    (unit / "cgroup.procs").write_text("4242\n")
+    (unit / "cgroup.subtree_control").write_text("")
+    assert cgroups.delegated_base("/system.slice/ckptd.service", root=tmp_path) == unit
+    assert (unit / "supervisor" / "cgroup.procs").read_text() == "4242\n"
+    assert (unit / "cgroup.subtree_control").read_text() == "+memory\n"
+    # Later calls, from inside the leaf, find memory enabled and move nothing.
+    (unit / "cgroup.subtree_control").write_text("memory\n")
+    (unit / "supervisor" / "cgroup.procs").unlink()
+    assert cgroups.delegated_base("/system.slice/ckptd.service/supervisor", root=tmp_path) == unit
+    assert not (unit / "supervisor" / "cgroup.procs").exists()
+
+
+def test_no_delegation_where_the_unit_cgroup_is_not_ours(tmp_path: Path) -> None:
+    assert cgroups.delegated_base("/system.slice/other.service", root=tmp_path) is None

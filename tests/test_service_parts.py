@@ -275,6 +275,10 @@ def test_unit_has_the_required_settings() -> None:
     assert int(settings["TimeoutStopSec"]) > 60  # longer than the 60 s a worker gets to save
     for hard in ("NoNewPrivileges", "ProtectSystem", "ProtectHome", "PrivateTmp"):
         assert hard in settings
+    # The memory controller is delegated and ckptd told so (ckptd.supervisor.cgroups), and the
+    # cgroup tree is left writable for it.
+    assert settings["Delegate"] == "memory" and "Environment=CKPTD_CGROUP_DELEGATED=1" in text
+    assert settings["ProtectControlGroups"] == "no"
 
 
 def test_bad_daemon_config_is_refused_with_the_field(tmp_path: Path) -> None:
