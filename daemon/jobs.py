@@ -73,14 +73,26 @@ def lock_job(run: RunDir) -> int:
 STALE = frozenset({JobState.RUNNING, JobState.BACKOFF})
 
 
+def works_for(proc: psutil.Process, run: RunDir) -> bool:
+    """Whether `proc` is a worker of `run`: its command line names the run directory, or it is a
+    warm worker (ckptd.supervisor.warm) that was handed this run and moved into it."""
+    try:
+        cmd = proc.cmdline()
+        if worker_module() not in cmd:
+            return False
+        return str(run.root) in cmd or ("--warm" in cmd
+                                        and Path(proc.cwd()) == run.root.resolve())
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+
+
 def stop_orphan(pid: int, run: RunDir, timeout: float = 60.0) -> str:
     """A worker of a lost supervisor may still run (own session): ask it to save, then kill."""
     try:
         proc = psutil.Process(pid)
-        cmd = " ".join(proc.cmdline())
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+    except psutil.NoSuchProcess:
         return "worker gone"
-    if worker_module() not in cmd or str(run.root) not in cmd:
+    if not works_for(proc, run):
         return "worker gone (pid reused)"
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGTERM)

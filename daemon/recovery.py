@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,6 @@ from ckptd.state.paths import RunDir
 from ckptd.state.states import AttemptClass, JobState
 from ckptd.state.store import Attempt, Job, Store
 from ckptd.state.submissions import managed_jobs
-from ckptd.supervisor.process import worker_module
 from ckptd.supervisor.runner import Adopted
 
 START_TIME_SLACK = 1.0  # psutil's create_time is derived from boot time and clock ticks
@@ -56,19 +56,23 @@ def live_worker(a: Attempt, run: RunDir, ckpt_dir: Path) -> psutil.Process | Non
         proc = psutil.Process(a.pid)
         if abs(proc.create_time() - a.pid_started) > START_TIME_SLACK:
             return None  # the pid was reused
-        cmd = proc.cmdline()
         if proc.status() == psutil.STATUS_ZOMBIE:
             return None
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
-    if worker_module() not in cmd or str(run.root) not in cmd:
+    if not jobs.works_for(proc, run):
         return None
     return proc if lock_is_held(ckpt_dir / ".lock") else None
 
 
-def _devices(proc: psutil.Process) -> list[int]:
-    with contextlib.suppress(psutil.Error, ValueError):
-        visible = proc.environ().get("CUDA_VISIBLE_DEVICES", "")
+def _devices(proc: psutil.Process, run: RunDir) -> list[int]:
+    """The GPUs the worker was given: from its environment, or, for a warm worker (whose
+    /proc environ predates its assignment), from the record it wrote when it got the job."""
+    with contextlib.suppress(psutil.Error, ValueError, OSError):
+        visible = proc.environ().get("CUDA_VISIBLE_DEVICES")
+        if visible is None:
+            recorded = json.loads(run.warm_env(proc.pid).read_text())
+            visible = recorded.get("CUDA_VISIBLE_DEVICES", "")
         return [int(d) for d in visible.split(",") if d.strip()]
     return []
 
@@ -103,7 +107,7 @@ def recover(store: Store) -> Recovered:
         if found is not None:
             devices: list[int] = []
             with contextlib.suppress(psutil.Error):
-                devices = _devices(psutil.Process(found.pid))
+                devices = _devices(psutil.Process(found.pid), RunDir(Path(job.run_dir)))
             adopted.append((store.job(job.id), found, devices))
             continue
         store.transition(job.id, JobState.INTERRUPTED, "daemon was lost")

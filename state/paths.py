@@ -44,6 +44,11 @@ class RunDir:
         # restart from an older checkpoint never overwrites a better best file with a worse one.
         return self.root / "best_state.json"
 
+    def warm_env(self, pid: int) -> Path:
+        """The environment warm worker `pid` was given with this run (ckptd.supervisor.warm):
+        its /proc environ still shows the one it started with, and recovery needs its GPUs."""
+        return self.root / f".warm-{pid}.env.json"
+
     def attempt_dir(self, n: int) -> Path:
         return self.root / "attempts" / f"{n:04d}"
 

@@ -5,10 +5,12 @@ step loop, appends `checkpoint.committed` events, saves and exits 75 on SIGTERM,
 code. Selected with CKPTD_WORKER_MODULE=tests.fakeworker (daemon tests only; the real worker is
 exercised by the TensorFlow tests). FAKE_STEPS and FAKE_STEP_SECONDS shape the run;
 FAKE_CRASH_AT=N makes attempt 1 crash at step N; FAKE_SAVE_SECONDS slows the save on SIGTERM.
+With --warm it waits for its hand-over line like a warm worker (ckptd.supervisor.warm).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -53,10 +55,25 @@ def main() -> int:
     return code
 
 
+def warm() -> int:
+    Path(f"{os.getpid()}.ready").write_text("")
+    line = sys.stdin.readline()
+    if not line.strip():
+        return p.EXIT_OK
+    job = json.loads(line)
+    os.environ.update(job["env"])
+    os.chdir(job["run"])
+    run = RunDir(Path(job["run"]))
+    atomic_write_text(run.warm_env(os.getpid()), json.dumps(job["env"]))
+    run.attempt_dir(int(job["mode"])).mkdir(parents=True, exist_ok=True)  # the worker's own logs
+    sys.argv[1:] = [job["run"], job["mode"]]
+    return main()
+
+
 def _restored(events: Path) -> int | None:
     steps = [ev["step"] for ev in p.EventTail(events).read() if ev.get("event") == "checkpoint.committed"]
     return max(steps) if steps else None
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(warm() if sys.argv[1:] == ["--warm"] else main())

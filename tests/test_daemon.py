@@ -237,6 +237,25 @@ def test_sigkilled_daemon_adopts_the_live_worker(tmp_path: Path) -> None:
         d2.stop()
 
 
+def test_a_restarted_daemon_adopts_a_worker_that_started_warm(tmp_path: Path) -> None:
+    """A warm worker's command line names no run; its directory does (jobs.works_for)."""
+    home = tmp_path / "home"
+    d = start_daemon(home, config="warm_workers: true\n", **SLOW)
+    ready = wait_for("a warm worker", lambda: sorted((home / "warm").glob("*.ready")), 30)
+    job = d.submit(fake_job(tmp_path))
+    wait_for("a commit", lambda: (d.job(job)["last_committed_step"] or 0) >= 10, 30)
+    pid = _worker_pid(d, job)
+    assert pid == int(ready[0].name.split(".")[0])
+    d.stop(signal.SIGKILL)
+    d2 = start_daemon(home, **SLOW)
+    try:
+        done = d2.wait_state(job, "succeeded", timeout=60)
+        assert [(a["pid"], a["class"]) for a in done["attempt_list"]] == [(pid, "succeeded")]
+        assert '"worker.adopted"' in d2.output()
+    finally:
+        d2.stop()
+
+
 def test_sigkilled_daemon_and_worker_relaunch_from_the_last_commit(tmp_path: Path) -> None:
     home, job, pid = _sigkill_daemon_mid_job(tmp_path)
     os.killpg(pid, signal.SIGKILL)

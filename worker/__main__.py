@@ -110,7 +110,8 @@ def _warm() -> int:
     job = json.loads(line)
     os.environ.update(job["env"])  # before TensorFlow first touches a device
     run = RunDir(Path(job["run"]))
-    os.chdir(run.root)
+    os.chdir(run.root)  # with --warm in the command line, this tells a daemon whose run it is
+    atomic_write_text(run.warm_env(os.getpid()), json.dumps(job["env"]))
     _log_to(run.attempt_dir(int(job["mode"])) if job["mode"].isdigit()
             else run.root / "attempts" / "spare")
     return main([job["run"], job["mode"]])
