@@ -29,11 +29,15 @@ class MemoryCgroup:
     def add(self, pid: int) -> None:
         (self.path / "cgroup.procs").write_text(f"{pid}\n")
 
+    @property
+    def events_file(self) -> Path:
+        """Where this cgroup version keeps its oom_kill counter."""
+        return self.path / ("memory.events" if self.version == 2 else "memory.oom_control")
+
     def oom_kills(self) -> int:
         """How many processes the kernel OOM-killed in this cgroup (0 if it cannot tell)."""
-        name = "memory.events" if self.version == 2 else "memory.oom_control"
         try:
-            for line in (self.path / name).read_text().splitlines():
+            for line in self.events_file.read_text().splitlines():
                 key, _, value = line.partition(" ")
                 if key == "oom_kill":
                     return int(value)
@@ -151,8 +155,5 @@ def enclosing(pid: int | str = "self") -> MemoryCgroup | None:
         candidates += [(mount / v2.lstrip("/"), 2) for mount in (ROOT, ROOT / "unified")]
     if v1 not in (None, "/"):
         candidates.append((ROOT / "memory" / v1.lstrip("/"), 1))
-    for path, version in candidates:
-        name = "memory.events" if version == 2 else "memory.oom_control"
-        if (path / name).exists():
-            return MemoryCgroup(path, version, 0)
-    return None
+    found = (MemoryCgroup(path, version, 0) for path, version in candidates)
+    return next((cg for cg in found if cg.events_file.exists()), None)
