@@ -117,9 +117,13 @@ class Batches:
         ds = ds.batch(self.cfg.batch_size).skip(start_step).prefetch(2)
         yield from ds
 
-    def validation_data(self) -> Any | None:
+    def validation_batches(self) -> Iterator[ArrayPair] | None:
+        """The validation batches in order (as `model.evaluate` batches them), or None."""
         if self.validation is None:
             return None
         if isinstance(self.validation, tf.data.Dataset):
-            return self.validation.batch(self.cfg.batch_size)
-        return self.validation
+            return iter(self.validation.batch(self.cfg.batch_size))
+        x, y = self.validation
+        bs = self.cfg.batch_size
+        return ((_take(x, np.arange(i, min(i + bs, len(y)))), y[i:i + bs])
+                for i in range(0, len(y), bs))

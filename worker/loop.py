@@ -24,6 +24,7 @@ from ckptd.worker.keeper import Keeper, SaveFailed
 from ckptd.worker.prep import Counters, floats, history_csv, make_trackers
 from ckptd.worker.runtime import Beater, StopFlag
 from ckptd.worker.tracking import better_of
+from ckptd.worker.validate import evaluate
 from ckptd.worker.writer import Writer
 
 # The step loop looks at the writer (a pipe poll, the pacing clock) at most this often. Every step
@@ -301,14 +302,9 @@ class Loop:
     def epoch_end(self, epoch: int) -> None:
         self.beater.beat("validating", force=True)
         logs = dict(self.last_logs)
-        val = self.batches.validation_data()
+        val = self.batches.validation_batches()
         if val is not None:
-            if isinstance(val, tf.data.Dataset):
-                res = self.model.evaluate(val, verbose=0, return_dict=True)
-            else:
-                res = self.model.evaluate(val[0], val[1], batch_size=self.spec.train.batch_size,
-                                          verbose=0, return_dict=True)
-            logs.update({f"val_{k}": v for k, v in floats(res).items()})
+            logs.update({f"val_{k}": v for k, v in evaluate(self.model, val).items()})
         self.host.history.append({"epoch": epoch, **logs})
         self.write_history()
         self.event("epoch.end", epoch=epoch, step=int(self.c.step.numpy()), logs=logs)

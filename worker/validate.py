@@ -1,0 +1,26 @@
+"""Validation at epoch ends without `model.evaluate()`'s per-call set-up.
+
+`evaluate()` builds a data adapter, an epoch iterator and a callback list on every call: ~45 ms
+on top of ~12 ms of test steps for the Pima example's 254 validation rows, paid at every epoch
+end (2 % of a 2.6 s epoch). Here the compiled test function that `evaluate()` itself calls runs
+batch by batch, after the same metric reset, so the figures are `evaluate()`'s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from ckptd.worker.prep import floats
+
+
+def evaluate(model: Any, batches: Iterable[tuple[Any, Any]]) -> dict[str, float]:
+    """The model's compiled metrics over `batches` (in order), as `evaluate()` reports them;
+    empty if there was no batch."""
+    model.make_test_function()
+    model.reset_metrics()
+    logs: dict[str, Any] = {}
+    for x, y in batches:
+        # Each call runs one step and returns every metric accumulated so far.
+        logs = model.test_function(iter([(x, y, None)]))
+    return floats(logs)
