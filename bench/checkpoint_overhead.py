@@ -263,9 +263,9 @@ def make_cases(args: argparse.Namespace) -> list[Case]:
     return [c for c in (small, large) if c.name in names]
 
 
-def units_of(case: Case) -> list[Unit]:
-    units = [Unit(case, m, None) for m in BASELINES]
-    units += [Unit(case, m, n) for n in INTERVALS for m in CHECKPOINT_METHODS]
+def units_of(case: Case, methods: set[str]) -> list[Unit]:
+    units = [Unit(case, m, None) for m in BASELINES if m in methods]
+    units += [Unit(case, m, n) for n in INTERVALS for m in CHECKPOINT_METHODS if m in methods]
     return units
 
 
@@ -277,13 +277,14 @@ def describe(result: Result | None) -> str:
     return f"{result.steps_per_sec:.1f} steps/s ({result.steps} steps in {result.seconds:.2f} s{extra})"
 
 
-def run_all(cases: list[Case], repeats: int, tmp_root: Path) -> tuple[Results, list[float]]:
+def run_all(cases: list[Case], methods: set[str], repeats: int, tmp_root: Path,
+            ) -> tuple[Results, list[float]]:
     results: Results = {}
     disk: list[float] = []
     start = time.monotonic()
     for r in range(repeats):
         disk.append(measure_disk(tmp_root))
-        units = [u for c in cases for u in units_of(c)]
+        units = [u for c in cases for u in units_of(c, methods)]
         random.Random(SEED + r).shuffle(units)
         for i, unit in enumerate(units, 1):
             result = run_unit(unit, tmp_root)
@@ -296,11 +297,23 @@ def run_all(cases: list[Case], repeats: int, tmp_root: Path) -> tuple[Results, l
 
 
 
+def methods_of(text: str) -> set[str]:
+    known = {*BASELINES, *CHECKPOINT_METHODS}
+    methods = {m.strip() for m in text.split(",") if m.strip()}
+    if not methods or methods - known:
+        sys.exit(f"--methods: unknown {sorted(methods - known) or 'empty list'}; known: "
+                 f"{', '.join(sorted(known))}")
+    return methods
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
     ap.add_argument("--repeats", type=int, default=5, help="interleaved repeats (default 5)")
     ap.add_argument("--quick", action="store_true", help="smoke test: 1 repeat, fewer steps")
     ap.add_argument("--models", default="small,large", help="comma-separated subset of small,large")
+    ap.add_argument("--methods", default=",".join((*BASELINES, *CHECKPOINT_METHODS)),
+                    help="comma-separated subset of the methods (default: all); a checkpointing "
+                         "method is compared with its baseline, which must be in the subset")
     ap.add_argument("--large-kind", choices=("embedding", "dense"), default="embedding",
                     help="large model variant, see bench/large_model.py (dense: ~300 ms/step on 2 cores)")
     ap.add_argument("--small-epochs", type=int, default=None,
@@ -323,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp_root = Path(tempfile.mkdtemp(prefix="ckptd-bench-", dir=args.tmp_dir))
     start, load_at_start = time.monotonic(), load_average()
     try:
-        results, disk = run_all(cases, repeats, tmp_root)
+        results, disk = run_all(cases, methods_of(args.methods), repeats, tmp_root)
         print_report(cases, results, disk, repeats, tmp_root, time.monotonic() - start, load_at_start)
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)

@@ -66,13 +66,16 @@ HEADER = ("model", "interval", "method", "ok", "steps/s", "ratio", "steady", "st
 def table_rows(case: Case, results: Results) -> list[tuple[str, ...]]:
     rows: list[tuple[str, ...]] = []
     for base in BASELINES:
+        if (case.name, base, None) not in results:
+            continue  # not in --methods
         runs = results.get((case.name, base, None), [])
         rate = median_rate(runs)
         rows.append((case.name, "-", base, f"{len(ok(runs))}/{len(runs)}", fmt(rate, ".1f"),
                      "1.000" if rate else "n/a", "1.000" if median_steady(runs) else "n/a",
                      "-", "-", "-", "-"))
         for n in INTERVALS:
-            rows += [method_row(case, m, n, results) for m in CHECKPOINT_METHODS if BASELINE_OF[m] == base]
+            rows += [method_row(case, m, n, results) for m in CHECKPOINT_METHODS
+                     if BASELINE_OF[m] == base and (case.name, m, n) in results]
     return rows
 
 

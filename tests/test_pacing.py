@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
-from ckptd.state.pacing import writer_may_start
+from ckptd.state.pacing import next_look, writer_may_start, writer_start_time
 
 
 @pytest.mark.parametrize(("now", "last_done", "write_seconds", "share", "expected"), [
@@ -21,3 +23,29 @@ from ckptd.state.pacing import writer_may_start
 def test_writer_may_start(now: float, last_done: float | None, write_seconds: float, share: float,
                           expected: bool) -> None:
     assert writer_may_start(now, last_done, write_seconds, share) is expected
+
+
+@pytest.mark.parametrize(("last_done", "write_seconds", "share", "expected"), [
+    (None, 0.2, 0.1, -math.inf),  # nothing written yet this attempt
+    (9.0, 5.0, 1.0, -math.inf),  # no limit
+    (9.0, 0.2, 0.1, 10.8),
+    (9.0, 0.2, 0.25, 9.6),
+    (9.0, 0.0, 0.1, 9.0),
+])
+def test_writer_start_time(last_done: float | None, write_seconds: float, share: float,
+                           expected: float) -> None:
+    assert writer_start_time(last_done, write_seconds, share) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(("now", "in_flight", "pending", "start", "expected"), [
+    (5.0, True, False, -math.inf, 5.002),  # collect the reply soon
+    (5.0, True, True, 9.0, 5.002),  # in flight wins: its reply comes first
+    (5.0, False, False, -math.inf, math.inf),  # idle: the next due save looks again
+    (5.0, False, False, 9.0, math.inf),
+    (5.0, False, True, 9.0, 9.0),  # a due save waits for the pacing deadline
+    (5.0, False, True, 4.0, 5.0),  # deadline passed: look now
+    (5.0, False, True, -math.inf, 5.0),
+])
+def test_next_look(now: float, in_flight: bool, pending: bool, start: float,
+                   expected: float) -> None:
+    assert next_look(now, in_flight, pending, start, 0.002) == pytest.approx(expected)

@@ -21,7 +21,7 @@ from typing import Any
 
 import tensorflow as tf
 from ckptd.state import ckptfiles as cf
-from ckptd.state.pacing import writer_may_start
+from ckptd.state.pacing import next_look, writer_may_start, writer_start_time
 from ckptd.worker.snapshot import SnapshotPlan, object_graph_of
 from ckptd.worker.writer import Writer, start_writer
 
@@ -154,6 +154,11 @@ class AsyncSaver:
             return True
         return not writer_may_start(time.monotonic(), self.last_done, self.last_seconds,
                                     self.writer_share)
+
+    def next_look(self, now: float, pending: bool, poll: float) -> float:
+        """When the step loop should look at the writer again (see ckptd.state.pacing)."""
+        start = writer_start_time(self.last_done, self.last_seconds, self.writer_share)
+        return next_look(now, self.in_flight is not None, pending, start, poll)
 
     def submit(self, step: int, epoch: int, step_in_epoch: int, metrics: dict[str, float],
                reason: str) -> None:

@@ -181,7 +181,10 @@ class Loop:
         if retired:
             self.event("checkpoint.retired", steps=[r.step for r in retired],
                        numbers=[r.number for r in retired])
-        self.beater.beat(None, force=True, committed_step=m.step)
+        # Not forced: the supervisor learns of commits from the event above; the heartbeat's copy
+        # goes out with the next regular beat. A forced write (new file + rename, ~0.25 ms here)
+        # per commit cost 0.4 % of throughput when async commits land every 60 ms.
+        self.beater.beat(None, committed_step=m.step)
 
     # -- asynchronous saving ------------------------------------------------------------------
 
@@ -196,11 +199,13 @@ class Loop:
             return True
         if reason == "interval" and saver.busy():
             self.save_pending = True  # one in flight, or the writer paces: save when it may
+            self.poll_at = 0.0  # the next step works out when to look again
             return False
         self.drain_async(block=True)
         saver.submit(int(self.c.step.numpy()), int(self.c.epoch.numpy()),
                      int(self.c.step_in_epoch.numpy()), self.last_logs, reason)
         self.save_pending = self.dirty = False
+        self.poll_at = 0.0
         if reason != "interval" and not self.drain_async(block=True):
             raise SaveFailed(f"the {reason} checkpoint was not committed")
         return True
@@ -277,9 +282,11 @@ class Loop:
         now = time.monotonic()
         if now < self.poll_at:
             return
-        self.poll_at = now + ASYNC_POLL_SECONDS
+        saver = self.async_saver
+        assert saver is not None
         self.drain_async(block=False)
-        may_save = self.save_pending and self.async_saver is not None and not self.async_saver.busy()
+        may_save = self.save_pending and not saver.busy()
+        self.poll_at = saver.next_look(now, self.save_pending and not may_save, ASYNC_POLL_SECONDS)
         self.stats["poll_seconds"] += time.monotonic() - now
         if may_save:
             self.save("interval")
