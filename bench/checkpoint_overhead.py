@@ -166,6 +166,9 @@ def run_keras(unit: Unit, run_dir: Path) -> Result | None:
 
 
 def run_unit(unit: Unit, tmp_root: Path) -> Result | None:
+    # Write back what earlier units left dirty (a large checkpoint is 100+ MB) now, so that the
+    # kernel's writeback does not compete with this unit's training for the 2 cores.
+    os.sync()
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=tmp_root))
     try:
         runner = run_ckptd if unit.method in CKPTD_METHODS else run_keras

@@ -48,6 +48,13 @@ def median_stall(runs: Sequence[Result | None]) -> float | None:
     return median_or_none([s for r in ok(runs) if (s := r.stall_per_save) is not None])
 
 
+def paired_steady(runs: Sequence[Result | None], base_runs: Sequence[Result | None]) -> float | None:
+    """Median over repeats of (steady rate / the baseline's steady rate in the same repeat): drift
+    of the machine between repeats cancels out of each pair."""
+    return median_or_none([r.steady / b.steady for r, b in zip(runs, base_runs, strict=False)
+                           if r is not None and b is not None and r.steady and b.steady])
+
+
 def fmt(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
@@ -59,7 +66,7 @@ def verdict(value: float | None, target: float, at_most: bool) -> str:
     return f"{'PASS' if passed else 'FAIL'} ({value:.3f})"
 
 
-HEADER = ("model", "interval", "method", "ok", "steps/s", "ratio", "steady", "stall ms/save",
+HEADER = ("model", "interval", "method", "ok", "steps/s", "ratio", "steady", "paired", "stall ms/save",
           "commits/due", "target", "result")
 
 
@@ -72,7 +79,7 @@ def table_rows(case: Case, results: Results) -> list[tuple[str, ...]]:
         rate = median_rate(runs)
         rows.append((case.name, "-", base, f"{len(ok(runs))}/{len(runs)}", fmt(rate, ".1f"),
                      "1.000" if rate else "n/a", "1.000" if median_steady(runs) else "n/a",
-                     "-", "-", "-", "-"))
+                     "-", "-", "-", "-", "-"))
         for n in INTERVALS:
             rows += [method_row(case, m, n, results) for m in CHECKPOINT_METHODS
                      if BASELINE_OF[m] == base and (case.name, m, n) in results]
@@ -102,6 +109,7 @@ def method_row(case: Case, method: str, interval: int, results: Results) -> tupl
     ratio = rate / base if rate is not None and base else None
     steady, steady_base = median_steady(runs), median_steady(base_runs)
     steady_ratio = steady / steady_base if steady is not None and steady_base else None
+    paired = paired_steady(runs, base_runs)
     stall_text, commits, target, result = "-", "-", "-", "-"
     if method.startswith("ckptd"):
         stall = median_stall(runs)
@@ -110,10 +118,11 @@ def method_row(case: Case, method: str, interval: int, results: Results) -> tupl
     if method == "ckptd-async":
         goal = THROUGHPUT_TARGETS[interval]
         target = f"stall/sync <= {ASYNC_STALL_TARGET:.2f}; steady >= {goal:.2f}"
-        result = (f"{async_verdict(case, interval, results)}; "
-                  f"{verdict(steady_ratio, goal, False)}")
+        result = (f"{async_verdict(case, interval, results)}; steady "
+                  f"{verdict(steady_ratio, goal, False)}, paired {verdict(paired, goal, False)}")
     return (case.name, str(interval), method, f"{len(ok(runs))}/{len(runs)}", fmt(rate, ".1f"),
-            fmt(ratio, ".3f"), fmt(steady_ratio, ".3f"), stall_text, commits, target, result)
+            fmt(ratio, ".3f"), fmt(steady_ratio, ".3f"), fmt(paired, ".3f"), stall_text, commits,
+            target, result)
 
 
 def render(rows: list[tuple[str, ...]]) -> str:
@@ -220,6 +229,9 @@ def print_report(cases: list[Case], results: Results, disk: list[float], repeats
           "trace and fit's data setup). 'ok' = successful runs / runs.")
     print(f"steady = the same ratio over the epochs ending >= {WARMUP_SECONDS:g} s after the first step "
           "(leaves out one-time start-up: first trace, the async writer's TensorFlow import).")
+    print("paired = the median over repeats of the steady ratio to the baseline run of the same "
+          "repeat (each repeat runs every unit once, in a shuffled order; every unit starts after "
+          "os.sync(), so it does not pay for the writeback of the unit before).")
     print("stall ms/save = the worker's stall_seconds / saves. commits/due = interval checkpoints "
           "committed by the end of the run / interval saves the step loop counted as due (medians).")
     if async_deferred(cases, results):
