@@ -122,7 +122,8 @@ class Batches:
         if self.validation is None:
             return None
         if isinstance(self.validation, tf.data.Dataset):
-            return iter(self.validation.batch(self.cfg.batch_size))
+            batches: Iterator[ArrayPair] = iter(self.validation.batch(self.cfg.batch_size))
+            return batches
         x, y = self.validation
         bs = self.cfg.batch_size
         return ((_take(x, np.arange(i, min(i + bs, len(y)))), y[i:i + bs])
