@@ -21,9 +21,7 @@ def writer_may_start(now: float, last_done: float | None, last_write_seconds: fl
     `last_done` is when the previous write finished (None: nothing written yet this attempt),
     `last_write_seconds` how long it took, `share` the most of wall time the writer may spend
     writing (1.0: no limit)."""
-    if last_done is None or share >= 1.0:
-        return True
-    return now - last_done >= last_write_seconds * (1.0 / share - 1.0)
+    return now >= writer_start_time(last_done, last_write_seconds, share)
 
 
 def writer_start_time(last_done: float | None, last_write_seconds: float, share: float) -> float:

@@ -27,8 +27,8 @@ from ckptd.worker.tracking import better_of
 from ckptd.worker.validate import evaluate
 from ckptd.worker.writer import Writer
 
-# The step loop looks at the writer (a pipe poll, the pacing clock) at most this often. Every step
-# it cost ~12 µs, 2 % of a 0.6 ms Pima step; a reply noticed 2 ms late changes nothing.
+# While a save is in flight the step loop looks at the writer (a pipe poll) at most this often:
+# every step it cost ~12 µs, 2 % of a 0.6 ms Pima step; a reply noticed 2 ms late changes nothing.
 ASYNC_POLL_SECONDS = 0.002
 
 
