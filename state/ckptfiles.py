@@ -14,11 +14,11 @@ import os
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ckptd.state.durable import atomic_write_text, fsync_dir
+from ckptd.state.durable import atomic_write_text, fsync_dir, write_nondurable
 
 PREFIX = "ckpt"
 QUARANTINE = "quarantine"
@@ -43,8 +43,13 @@ class Manifest:
     def prefix(self) -> str:
         return f"{PREFIX}-{self.number}"
 
+    def to_dict(self) -> dict[str, Any]:
+        # Shallow on purpose: dataclasses.asdict deep-copies every file entry, which cost the
+        # writer ~0.3 ms per commit for a record that is pickled or serialised right away.
+        return dict(vars(self))
+
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        return json.dumps(self.to_dict(), sort_keys=True)
 
 
 def sha256_file(path: Path) -> str:
@@ -62,12 +67,20 @@ def files_of(directory: Path, number: int) -> list[Path]:
 
 def build_manifest(directory: Path, number: int, step: int, epoch: int, step_in_epoch: int,
                    metrics: dict[str, float]) -> Manifest:
+    """The commit record of ckpt-N: every file's size, and the SHA-256 of its `.index`.
+
+    The index records each tensor's shard, offset, size and CRC32C, and TF checks that CRC32C on
+    every read (a flipped bit is a DataLossError), so hashing the index covers the data files'
+    content as well; hashing the data files too cost the writer 60 ms of CPU per 100 MB commit,
+    taken from training on a 2-core box. Restores read every tensor (ckptd.worker.keeper)."""
     files: dict[str, dict[str, Any]] = {}
     total = hashlib.sha256()
     for f in files_of(directory, number):
-        sha = sha256_file(f)
-        files[f.name] = {"size": f.stat().st_size, "sha256": sha}
-        total.update(f"{f.name}:{sha}\n".encode())
+        entry: dict[str, Any] = {"size": f.stat().st_size}
+        if f.name.endswith(".index"):
+            entry["sha256"] = sha256_file(f)
+        files[f.name] = entry
+        total.update(f"{f.name}:{entry.get('sha256', entry['size'])}\n".encode())
     if not any(name.endswith(".index") for name in files):
         raise OSError(f"{PREFIX}-{number}: no .index file was written")
     return Manifest(number, step, epoch, step_in_epoch, time.time(), files, metrics,
@@ -93,7 +106,9 @@ def read_manifests(directory: Path) -> tuple[list[Manifest], dict[int, str]]:
 
 
 def verify_files(directory: Path, man: Manifest, digests: bool = True) -> str | None:
-    """Why the files of `man` do not match it (missing, wrong size, wrong SHA-256), or None."""
+    """Why the files of `man` do not match it (missing, wrong size, wrong SHA-256), or None.
+    Data files carry no SHA-256 of their own (see build_manifest): reading their tensors checks
+    them."""
     for name, meta in sorted(man.files.items()):
         p = directory / name
         if p.is_symlink() or not p.is_file():
@@ -101,7 +116,7 @@ def verify_files(directory: Path, man: Manifest, digests: bool = True) -> str | 
         size = p.stat().st_size
         if size != meta["size"]:
             return f"{name} is {size} bytes, the manifest says {meta['size']}"
-        if digests and sha256_file(p) != meta["sha256"]:
+        if digests and "sha256" in meta and sha256_file(p) != meta["sha256"]:
             return f"{name} does not match its SHA-256 in the manifest (bit rot or tampering)"
     return None
 
@@ -124,12 +139,14 @@ def quarantine(directory: Path, number: int, reason: str) -> Path:
 
 def collect_garbage(directory: Path, committed: set[int]) -> list[str]:
     """Remove leftovers of interrupted saves: uncommitted ckpt-N files, `ckpt-N_temp*` dirs,
-    `checkpoint.tmp*` and `*.tempstate*` files. Symlinks are unlinked, never followed."""
+    `checkpoint.tmp*`, `.checkpoint.*.tmp` and `*.tempstate*` files. Symlinks are unlinked, never
+    followed. The removals are not fsynced: files that reappear after a power cut are still
+    uncommitted, and the next collection removes them again."""
     removed = []
     for p in directory.iterdir():
         m = FILE_RE.match(p.name)
         stray = bool(m and int(m.group(1)) not in committed) or p.name.startswith(
-            "checkpoint.tmp") or ".tempstate" in p.name
+            ("checkpoint.tmp", ".checkpoint.")) or ".tempstate" in p.name
         temp_dir = bool(TEMP_DIR_RE.match(p.name))
         if not (stray or temp_dir):
             continue
@@ -138,14 +155,13 @@ def collect_garbage(directory: Path, committed: set[int]) -> list[str]:
         elif p.is_dir():
             shutil.rmtree(p)
         removed.append(p.name)
-    if removed:
-        fsync_dir(directory)
     return removed
 
 
 def write_state_file(directory: Path, committed: list[Manifest]) -> None:
-    """Rewrite TF's `checkpoint` state file to match what is committed (durably), so tools that
-    read it (`tf.train.latest_checkpoint`) agree with ckptd."""
+    """Rewrite TF's `checkpoint` state file to match what is committed, so tools that read it
+    (`tf.train.latest_checkpoint`) agree with ckptd. Atomic but not fsynced: ckptd never trusts
+    this file and rewrites it at every restore, so two fsyncs per commit would buy nothing."""
     target = directory / "checkpoint"
     if not committed:
         with contextlib.suppress(FileNotFoundError):
@@ -153,7 +169,7 @@ def write_state_file(directory: Path, committed: list[Manifest]) -> None:
         return
     lines = [f'model_checkpoint_path: "{committed[-1].prefix}"']
     lines += [f'all_model_checkpoint_paths: "{m.prefix}"' for m in committed]
-    atomic_write_text(target, "\n".join(lines) + "\n")
+    write_nondurable(target, ("\n".join(lines) + "\n").encode())
 
 
 def read_restore_marker(directory: Path) -> dict[str, int]:

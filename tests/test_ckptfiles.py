@@ -28,8 +28,8 @@ def ckdir(tmp_path: Path) -> Path:
 DAMAGE = {
     "index truncated": lambda d: (d / "ckpt-3.index").write_bytes(b"index"),
     "index empty": lambda d: (d / "ckpt-3.index").write_bytes(b""),
-    "data bit flip": lambda d: (d / "ckpt-3.data-00000-of-00001").write_bytes(
-        b"dbta" + b"data" * 99 + bytes([3])),
+    "index bit flip": lambda d: (d / "ckpt-3.index").write_bytes(
+        b"indez" + b"index" * 9 + bytes([3])),
     "data missing": lambda d: (d / "ckpt-3.data-00000-of-00001").unlink(),
     "data is a symlink": lambda d: ((d / "ckpt-3.data-00000-of-00001").unlink(),
                                     (d / "ckpt-3.data-00000-of-00001").symlink_to("/etc/hostname")),
@@ -43,6 +43,25 @@ def test_verify_detects_damage(ckdir: Path, kind: str) -> None:
     DAMAGE[kind](ckdir)
     assert cf.verify_files(ckdir, good[-1]) is not None
     assert cf.verify_files(ckdir, good[-2]) is None
+
+
+def test_data_files_are_covered_by_the_index_digest_not_their_own(ckdir: Path) -> None:
+    """A data file's bit flip passes this check by design: the index (hashed) holds every
+    tensor's CRC32C, which TF checks when the restore reads each tensor (tests/test_resume_faults)."""
+    man = cf.read_manifests(ckdir)[0][-1]
+    assert set(man.files["ckpt-3.index"]) == {"size", "sha256"}
+    assert set(man.files["ckpt-3.data-00000-of-00001"]) == {"size"}
+    (ckdir / "ckpt-3.data-00000-of-00001").write_bytes(b"dbta" + b"data" * 99 + bytes([3]))
+    assert cf.verify_files(ckdir, man) is None
+
+
+def test_older_manifests_with_data_digests_are_still_checked(ckdir: Path) -> None:
+    man = cf.read_manifests(ckdir)[0][-1]
+    data = ckdir / "ckpt-3.data-00000-of-00001"
+    man.files[data.name]["sha256"] = cf.sha256_file(data)
+    assert cf.verify_files(ckdir, man) is None
+    data.write_bytes(b"dbta" + b"data" * 99 + bytes([3]))
+    assert "SHA-256" in (cf.verify_files(ckdir, man) or "")
 
 
 def test_garbage_manifest_is_reported(ckdir: Path) -> None:

@@ -2,12 +2,14 @@
 
 save:    TF writes ckpt-N (atomic against a process kill, never fsynced) → ckptd fsyncs every file
          of N and the directory → verifies N (its index opens and lists every variable) → writes
-         the manifest ckpt-N.manifest.json durably (sizes, SHA-256, step, epoch, metrics). The
-         manifest is the commit record. Only then are older checkpoints deleted (manifest first).
-         Any error (ENOSPC, EIO from fsync, …) before the manifest: N is removed, never committed,
-         never retried with a second fsync; the previous commit stays.
-restore: newest committed checkpoint whose files match its manifest (sizes and SHA-256) and that
-         TF restores; a damaged one is quarantined with the reason and the previous one is tried.
+         the manifest ckpt-N.manifest.json durably (sizes, the index's SHA-256, step, epoch,
+         metrics). The manifest is the commit record. Only then are older checkpoints deleted
+         (manifest first). Any error (ENOSPC, EIO from fsync, …) before the manifest: N is
+         removed, never committed, never retried with a second fsync; the previous commit stays.
+restore: newest committed checkpoint whose files match its manifest (sizes, the index's
+         SHA-256), whose every tensor reads back (TF checks each one's CRC32C, recorded in the index) and
+         that TF restores; a damaged one is quarantined with the reason and the previous one is
+         tried.
          TF's `checkpoint` state file is never trusted (tensorflow#35148); it is rewritten.
 """
 
@@ -98,11 +100,14 @@ class Keeper:
         self.log("restore.begin", number=m.number, step=m.step, attempt_of_this_restore=count)
         if self.during_restore:
             self.during_restore()
+        prefix = str(self.dir / m.prefix)
         try:
-            self.ckpt.restore(str(self.dir / m.prefix)).assert_existing_objects_matched()
+            problem = read_every_tensor(prefix)
+            if problem is None:
+                self.ckpt.restore(prefix).assert_existing_objects_matched()
         except Exception as e:  # TF raises OpError, IndexError, ValueError, AssertionError, …
             return f"restore failed: {type(e).__name__}: {str(e)[:300]}"
-        return None
+        return problem
 
     # -- save -----------------------------------------------------------------------------
 
@@ -128,6 +133,18 @@ class Keeper:
             self.dir, point, self.expected_keys, self.max_to_keep, self.keep_every_n_hours,
             self.before_commit)
         return manifest
+
+
+def read_every_tensor(prefix: str) -> str | None:
+    """Read every tensor of a checkpoint, so TF checks each one's CRC32C against the index (whose
+    SHA-256 the manifest holds), including tensors no live object restores."""
+    reader = tf.train.load_checkpoint(prefix)
+    for key in sorted(reader.get_variable_to_shape_map()):
+        try:
+            reader.get_tensor(key)
+        except tf.errors.OpError as e:
+            return f"tensor {key} unreadable: {e.message.splitlines()[0][:300]}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -159,14 +176,14 @@ def commit_written(directory: Path, point: CommitPoint, expected_keys: set[str] 
     manifest = cf.build_manifest(directory, point.number, point.step, point.epoch,
                                  point.step_in_epoch, point.metrics)
     atomic_write_text(directory / f"{manifest.prefix}.manifest.json", manifest.to_json())
-    retired = _rotate(directory, max_to_keep, keep_every_n_hours)
-    cf.write_state_file(directory, cf.read_manifests(directory)[0])
+    retired, kept = _rotate(directory, max_to_keep, keep_every_n_hours)
+    cf.write_state_file(directory, kept)
     return manifest, retired, keys
 
 
 def _rotate(directory: Path, max_to_keep: int, keep_every_n_hours: float | None,
-            ) -> list[cf.Manifest]:
-    """Apply retention after a commit; returns the manifests of deleted checkpoints."""
+            ) -> tuple[list[cf.Manifest], list[cf.Manifest]]:
+    """Apply retention after a commit; returns the manifests deleted and kept."""
     committed = cf.read_manifests(directory)[0]
     doomed = to_delete([Committed(m.number, m.wall_time) for m in committed],
                        max_to_keep, keep_every_n_hours)
@@ -174,7 +191,9 @@ def _rotate(directory: Path, max_to_keep: int, keep_every_n_hours: float | None,
         # Manifest first: a crash midway leaves uncommitted files, which GC removes.
         with contextlib.suppress(FileNotFoundError):
             (directory / f"{cf.PREFIX}-{number}.manifest.json").unlink()
+    kept = [m for m in committed if m.number not in doomed]
     if doomed:
+        # The un-commits must be durable before their files go; the files' removal need not be.
         fsync_dir(directory)
-        cf.collect_garbage(directory, {m.number for m in committed if m.number not in doomed})
-    return [m for m in committed if m.number in doomed]
+        cf.collect_garbage(directory, {m.number for m in kept})
+    return [m for m in committed if m.number in doomed], kept

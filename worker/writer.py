@@ -13,7 +13,6 @@ import multiprocessing
 import os
 import signal
 import time
-from dataclasses import asdict
 from multiprocessing import shared_memory
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -24,33 +23,48 @@ from ckptd.state import ckptfiles as cf
 WRITER_NICENESS = 10
 
 
-def _tensor(array: Any) -> Any:
+def _view(array: Any) -> Any | None:
     """A tensor viewing `array`'s memory (DLPack, zero-copy: tf.constant would copy a large
-    model's every byte once more), or a copy for a dtype DLPack cannot carry."""
+    model's every byte once more), or None for a dtype DLPack cannot carry."""
     import tensorflow as tf
 
     try:
         return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
     except (TypeError, ValueError, RuntimeError, BufferError, tf.errors.OpError):
-        return tf.constant(array)
+        return None
+
+
+def _slot_tensors(layout: dict[str, Any], shm: shared_memory.SharedMemory,
+                  ) -> list[tuple[str, Any, Any | None]]:
+    """(key, array in shared memory, zero-copy tensor or None) per slot, made once per layout:
+    a view stays valid across saves, and making 30 of them cost ~0.3 ms of every small commit."""
+    import numpy as np
+
+    if "views" not in layout:
+        arrays = [(key, np.ndarray(shape, dtype=dtype, buffer=shm.buf, offset=offset))
+                  for key, dtype, shape, offset in layout["slots"]]
+        layout["views"] = [(key, array, _view(array)) for key, array in arrays]
+    views: list[tuple[str, Any, Any | None]] = layout["views"]
+    return views
 
 
 def _write(msg: dict[str, Any], layout: dict[str, Any], shm: shared_memory.SharedMemory,
            directory: Path, expected: set[str] | None) -> tuple[dict[str, Any], set[str]]:
-    import numpy as np
     import tensorflow as tf
     from ckptd.worker.keeper import CommitPoint, commit_written
     from ckptd.worker.snapshot import OBJECT_GRAPH_KEY
 
     names, tensors = [], []
-    for key, dtype, shape, offset in layout["slots"]:
+    for key, array, view in _slot_tensors(layout, shm):
         names.append(key)
-        tensors.append(_tensor(np.ndarray(shape, dtype=dtype, buffer=shm.buf, offset=offset)))
+        tensors.append(view if view is not None else tf.constant(array))  # copied at every save
     for key, value in msg["strings"].items():
         names.append(key)
         tensors.append(tf.constant(value, dtype=tf.string))
+    if "graph" not in layout:
+        layout["graph"] = tf.constant(layout["object_graph"], dtype=tf.string)
     names.append(OBJECT_GRAPH_KEY)
-    tensors.append(tf.constant(layout["object_graph"], dtype=tf.string))
+    tensors.append(layout["graph"])
     prefix = directory / f"{cf.PREFIX}-{msg['number']}"
     tf.raw_ops.SaveV2(prefix=str(prefix), tensor_names=names, shape_and_slices=[""] * len(names),
                       tensors=tensors)
@@ -58,8 +72,8 @@ def _write(msg: dict[str, Any], layout: dict[str, Any], shm: shared_memory.Share
                         msg["metrics"])
     manifest, retired, keys = commit_written(directory, point, expected, msg["max_to_keep"],
                                              msg["keep_every_n_hours"])
-    return {"ok": True, "manifest": asdict(manifest),
-            "retired": [asdict(r) for r in retired]}, keys
+    return {"ok": True, "manifest": manifest.to_dict(),
+            "retired": [r.to_dict() for r in retired]}, keys
 
 
 def writer_main(conn: Connection, directory: str) -> None:
@@ -89,6 +103,7 @@ def writer_main(conn: Connection, directory: str) -> None:
             # A spawned child shares its parent's resource tracker: attaching registers nothing
             # new, and the training process, which created the segment, unlinks it.
             shm = shared_memory.SharedMemory(name=msg["shm"])
+            layout.pop("views", None)  # they view the previous segment
         if "slots" in msg:  # the first save of the attempt carries the layout
             layout = {"slots": msg["slots"], "object_graph": msg["object_graph"]}
         t0 = time.monotonic()
