@@ -71,8 +71,10 @@ class Daemon:
         self._status = ""
 
     def _record_signal(self, signum: int, _frame: FrameType | None) -> None:
-        self.signals.append(signum)  # only record; the main loop acts
-        self.wake.set()
+        # Only record; the main loop acts within LOOP_SECONDS. Not wake.set(): the handler runs in
+        # the main thread, which may be inside wake.wait() holding the Event's lock, and set()
+        # would wait for that lock forever (seen once in CI: SIGTERM never handled).
+        self.signals.append(signum)
 
     def serve(self) -> int:
         lock = lock_instance(self.home)
