@@ -53,6 +53,9 @@ class Checkpoint(_Strict):
     mode: Literal["sync", "async"] = "sync"
     # async only: the most of wall time the writer may spend writing (see ckptd.state.pacing).
     async_writer_share: float = Field(0.1, gt=0.0, le=1.0)
+    # async only: the most of training time interval saves may cost, as the step loop measures
+    # it (stall + slower steps while a save is in flight); 1.0: no limit.
+    async_overhead_budget: float = Field(0.02, gt=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _some_trigger(self) -> Checkpoint:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from ckptd.state.pacing import next_look, writer_may_start, writer_start_time
+from ckptd.state.pacing import budget_start_time, ewma, next_look, save_cost, writer_start_time
 
 
 @pytest.mark.parametrize(("now", "last_done", "write_seconds", "share", "expected"), [
@@ -22,7 +22,7 @@ from ckptd.state.pacing import next_look, writer_may_start, writer_start_time
 ])
 def test_writer_may_start(now: float, last_done: float | None, write_seconds: float, share: float,
                           expected: bool) -> None:
-    assert writer_may_start(now, last_done, write_seconds, share) is expected
+    assert (now >= writer_start_time(last_done, write_seconds, share)) is expected
 
 
 @pytest.mark.parametrize(("last_done", "write_seconds", "share", "expected"), [
@@ -49,3 +49,38 @@ def test_writer_start_time(last_done: float | None, write_seconds: float, share:
 def test_next_look(now: float, in_flight: bool, pending: bool, start: float,
                    expected: float) -> None:
     assert next_look(now, in_flight, pending, start, 0.002) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(("last_start", "cost", "budget", "expected"), [
+    (None, 0.002, 0.02, -math.inf),  # no save begun yet this attempt
+    (9.0, None, 0.02, -math.inf),  # cost not measured yet
+    (9.0, 0.002, 1.0, -math.inf),  # budget 1.0: no limit
+    (9.0, 0.002, 0.02, 9.1),  # 2 ms per save at 2 %: one save per 100 ms
+    (9.0, 0.08, 0.02, 13.0),  # 80 ms per save: one per 4 s
+    (9.0, 0.0, 0.02, 9.0),  # free saves are never held back
+    (9.0, -0.001, 0.02, 9.0),  # a negative estimate counts as free
+])
+def test_budget_start_time(last_start: float | None, cost: float | None, budget: float,
+                           expected: float) -> None:
+    assert budget_start_time(last_start, cost, budget) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(("stall", "flight_seconds", "flight_steps", "idle", "expected"), [
+    (0.0005, 0.0077, 10, 0.0006, 0.0022),  # 10 steps of 0.77 ms against 0.6 ms idle
+    (0.0005, 0.0050, 10, 0.0006, 0.0005),  # in-flight steps faster than idle: noise, no credit
+    (0.0005, 0.0077, 10, None, 0.0005),  # idle step time unknown: the stall only
+    (0.0, 0.0, 0, 0.0006, 0.0),  # nothing in flight, no stall
+])
+def test_save_cost(stall: float, flight_seconds: float, flight_steps: int, idle: float | None,
+                   expected: float) -> None:
+    assert save_cost(stall, flight_seconds, flight_steps, idle) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(("previous", "value", "weight", "expected"), [
+    (None, 3.0, 0.25, 3.0),  # first value taken as is
+    (2.0, 4.0, 0.25, 2.5),
+    (2.0, 4.0, 1.0, 4.0),
+    (2.0, 4.0, 0.0, 2.0),
+])
+def test_ewma(previous: float | None, value: float, weight: float, expected: float) -> None:
+    assert ewma(previous, value, weight) == pytest.approx(expected)

@@ -21,7 +21,8 @@ from typing import Any
 
 import tensorflow as tf
 from ckptd.state import ckptfiles as cf
-from ckptd.state.pacing import next_look, writer_may_start, writer_start_time
+from ckptd.state.pacing import budget_start_time, next_look, writer_start_time
+from ckptd.worker.costmeter import CostMeter
 from ckptd.worker.snapshot import SnapshotPlan, object_graph_of
 from ckptd.worker.writer import Writer, start_writer
 
@@ -69,14 +70,16 @@ class Filler:
 class AsyncSaver:
     def __init__(self, ckpt: tf.train.Checkpoint, directory: Path, max_to_keep: int,
                  keep_every_n_hours: float | None, writer: Writer | None = None,
-                 writer_share: float = 1.0) -> None:
+                 writer_share: float = 1.0, budget: float = 1.0) -> None:
         self.ckpt, self.dir = ckpt, directory
         self.retention = {"max_to_keep": max_to_keep, "keep_every_n_hours": keep_every_n_hours}
         # The writer is best started before the worker imports TensorFlow, so both imports
         # overlap (see ckptd.worker.__main__); otherwise start it now.
         self.proc, self.conn = writer or start_writer(directory)
         self.ready = False
-        self.writer_share = writer_share
+        self.writer_share, self.budget = writer_share, budget
+        self.meter = CostMeter()
+        self.last_start: float | None = None
         self.plan: SnapshotPlan | None = None
         self.shm: shared_memory.SharedMemory | None = None
         self.in_flight: dict[str, Any] | None = None
@@ -87,6 +90,7 @@ class AsyncSaver:
         self.last_seconds = 0.0
         self.filler = Filler()
         self.next_number = 1
+        self.cold = True  # the save in flight was taken before the writer was ready
         # Connection.poll(0) builds a selector per call (~10 µs); the step loop asks often.
         self.poller = select.poll()
         self.poller.register(self.conn.fileno(), select.POLLIN)
@@ -152,21 +156,27 @@ class AsyncSaver:
         self._check_ready(block=False)
         if self.in_flight is not None:
             return True
-        return not writer_may_start(time.monotonic(), self.last_done, self.last_seconds,
-                                    self.writer_share)
+        return time.monotonic() < self.start_time()
+
+    def start_time(self) -> float:
+        """When the next interval save may begin: the later of the writer's wall-time share and
+        the training-time budget (ckptd.state.pacing)."""
+        return max(writer_start_time(self.last_done, self.last_seconds, self.writer_share),
+                   budget_start_time(self.last_start, self.meter.cost, self.budget))
 
     def next_look(self, now: float, pending: bool, poll: float) -> float:
         """When the step loop should look at the writer again (see ckptd.state.pacing)."""
-        start = writer_start_time(self.last_done, self.last_seconds, self.writer_share)
-        return next_look(now, self.in_flight is not None, pending, start, poll)
+        return next_look(now, self.in_flight is not None, pending, self.start_time(), poll)
 
     def submit(self, step: int, epoch: int, step_in_epoch: int, metrics: dict[str, float],
                reason: str) -> None:
         """Capture now; copy and hand over in the background (see Filler)."""
         assert self.plan is not None and self.shm is not None and self.in_flight is None
+        self.last_start = time.monotonic()
         captured = self.plan.capture()
         number = self.take_number()
         self.in_flight = {"number": number, "step": step, "epoch": epoch, "reason": reason}
+        self.cold = not self.ready
         msg: dict[str, Any] = {"number": number, "step": step, "epoch": epoch,
                                "step_in_epoch": step_in_epoch, "metrics": metrics,
                                "shm": self.shm.name, **self.retention}
@@ -202,6 +212,9 @@ class AsyncSaver:
                 reply = {"ok": False, "error": "the checkpoint writer process died"}
         reply.setdefault("seconds", 0.0)
         self.last_done, self.last_seconds = time.monotonic(), reply["seconds"]
+        # Final and preemption saves are waited for at once: their cost is not an interval's.
+        self.meter.save_done(counted=reply["ok"] and not self.cold
+                             and self.in_flight["reason"] == "interval")
         reply.update(self.in_flight)
         self.in_flight = self.unsent = None
         self.filler.error = None

@@ -87,7 +87,8 @@ class Loop:
                              during_restore=lambda: self.faults.in_restore(self.beater.hb.attempt))
         if ck.mode == "async":
             self.async_saver = AsyncSaver(self.ckpt, ckdir, ck.max_to_keep, ck.keep_every_n_hours,
-                                          self.writer, ck.async_writer_share)
+                                          self.writer, ck.async_writer_share,
+                                          ck.async_overhead_budget)
 
     def restore(self) -> Manifest | None:
         self.beater.beat("restoring")
@@ -148,6 +149,8 @@ class Loop:
                 # What the step loop waited for: the whole save (sync) or the snapshot (async).
                 self.stats["saves"] += 1
                 self.stats["stall_seconds"] += time.monotonic() - t0
+            if self.async_saver is not None:
+                self.async_saver.meter.stalled(time.monotonic() - t0)
             return done
         except SaveFailed as e:
             self.event("checkpoint.failed", step=int(self.c.step.numpy()), reason=reason,
@@ -244,6 +247,7 @@ class Loop:
                 self.model.reset_metrics()
             t_epoch = time.monotonic()
             for x, y in self.batches.epoch(epoch, start):
+                t_step = time.monotonic()
                 logs = self._train_step(x, y)
                 self.c.step.assign_add(1)
                 self.c.step_in_epoch.assign_add(1)
@@ -254,6 +258,8 @@ class Loop:
                     self.first_step_seen = True  # recovery time ends here (benchmarks)
                     self.event("training.first_step", step=int(self.c.step.numpy()))
                 if self.async_saver is not None:
+                    saver = self.async_saver
+                    saver.meter.step(time.monotonic() - t_step, saver.in_flight is not None)
                     self._step_async()
                 if self.stop.requested:
                     self._preempt()
@@ -288,6 +294,7 @@ class Loop:
         may_save = self.save_pending and not saver.busy()
         self.poll_at = saver.next_look(now, self.save_pending and not may_save, ASYNC_POLL_SECONDS)
         self.stats["poll_seconds"] += time.monotonic() - now
+        saver.meter.stalled(time.monotonic() - now)
         if may_save:
             self.save("interval")
 
@@ -365,6 +372,9 @@ class Loop:
         if self.dirty:
             self.save("final")
         self.drain_async(block=True)
+        meter = self.async_saver.meter if self.async_saver is not None else None
+        if meter is not None and meter.measured:
+            self.stats["save_cost_seconds"] = meter.total / meter.measured  # mean (benchmarks)
         self.beater.beat("done", force=True)
         self.event("training.done", step=int(self.c.step.numpy()),
                    epochs=len(self.host.history), stopped_early=self.host.stopped_early,
