@@ -136,7 +136,10 @@ def report_row(case: Case, interval: int, result: dict[str, Any]) -> str:
     stall = stats["stall_seconds"] / stats["saves"] * 1e3 if stats["saves"] else float("nan")
     cost = stats.get("save_cost_seconds", float("nan")) * 1e3
     target = THROUGHPUT_TARGETS.get(interval)
-    verdict = "" if target is None else ("met" if med >= target else "NOT met") + f" (>= {target})"
+    # Met only if both the median pair and the pooled ratio reach the target: with blocks shorter
+    # than a few commit intervals the pairs are lumpy (a block holds one commit or two).
+    met = target is not None and min(med, pooled) >= target
+    verdict = "" if target is None else ("met" if met else "NOT met") + f" (>= {target})"
     return (f"{case.name:5} every {interval:3}  {len(ratios):5}  {med:6.3f}  {q1:5.3f}-{q3:5.3f}  "
             f"{pooled:6.3f}  {per_commit}  {stall:6.2f}  {cost:7.2f}  {verdict}")
 

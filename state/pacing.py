@@ -8,7 +8,7 @@ S * (1/share - 1) seconds have passed. With share 0.1 (the default) a 0.2 s writ
 allows a commit every 2 s and a small model's 7 ms write one every 63 ms.
 
 The writer's wall time is a poor proxy for what a save costs training, though (measured on 2 cores:
-a 5.5 ms Pima commit cost ~1.8 ms of training time, a 260 ms 104 MB commit ~80 ms), so a second
+a 5.5 ms Pima commit cost ~1.9 ms of training time, a ~260 ms 104 MB commit 50-100 ms), so a second
 limit caps that cost itself, CheckFreq-style: the step loop measures each save's cost (its stall
 plus how much slower its steps ran while the save was in flight) and the next interval save waits
 until cost / budget has passed since the previous one began. Final and preemption saves are never

@@ -267,7 +267,8 @@ class Loop:
                 if (ck.every_steps and step % ck.every_steps == 0) or (
                         ck.every_seconds and time.monotonic() - last_save >= ck.every_seconds):
                     self.stats["due"] += 1
-                    self.save("interval")
+                    if not self.save_pending:  # else _step_async takes it when the writer may
+                        self.save("interval")
                     last_save = time.monotonic()
                 self.faults.after_step(step, self.beater.hb.attempt)
             self.host.train_seconds += time.monotonic() - t_epoch
