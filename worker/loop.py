@@ -236,7 +236,7 @@ class Loop:
     # -- training -----------------------------------------------------------------------------
 
     def train(self) -> None:
-        cfg, ck = self.spec.train, self.spec.checkpoint
+        cfg = self.spec.train
         last_save = time.monotonic()
         self.beater.beat("training", force=True, epochs=cfg.epochs,
                          steps_per_epoch=self.batches.steps_per_epoch)
@@ -258,18 +258,11 @@ class Loop:
                     self.first_step_seen = True  # recovery time ends here (benchmarks)
                     self.event("training.first_step", step=int(self.c.step.numpy()))
                 if self.async_saver is not None:
-                    saver = self.async_saver
-                    saver.meter.step(time.monotonic() - t_step, saver.in_flight is not None)
-                    self._step_async()
+                    self._step_async(time.monotonic() - t_step)
                 if self.stop.requested:
                     self._preempt()
                 step = int(self.c.step.numpy())
-                if (ck.every_steps and step % ck.every_steps == 0) or (
-                        ck.every_seconds and time.monotonic() - last_save >= ck.every_seconds):
-                    self.stats["due"] += 1
-                    if not self.save_pending:  # else _step_async takes it when the writer may
-                        self.save("interval")
-                    last_save = time.monotonic()
+                last_save = self._interval_save(step, last_save)
                 self.faults.after_step(step, self.beater.hb.attempt)
             self.host.train_seconds += time.monotonic() - t_epoch
             self.stats["loop_seconds"] += time.monotonic() - t_epoch
@@ -285,12 +278,24 @@ class Loop:
         logs: dict[str, Any] = self.model.train_function(iter([(x, y, None)]))
         return logs
 
-    def _step_async(self) -> None:
+    def _interval_save(self, step: int, last_save: float) -> float:
+        """Save if one is due at `step`; returns when the last interval save fell due."""
+        ck = self.spec.checkpoint
+        if (ck.every_steps and step % ck.every_steps == 0) or (
+                ck.every_seconds and time.monotonic() - last_save >= ck.every_seconds):
+            self.stats["due"] += 1
+            if not self.save_pending:  # else _step_async takes it when the writer may
+                self.save("interval")
+            return time.monotonic()
+        return last_save
+
+    def _step_async(self, step_seconds: float) -> None:
+        saver = self.async_saver
+        assert saver is not None
+        saver.meter.step(step_seconds, saver.in_flight is not None)
         now = time.monotonic()
         if now < self.poll_at:
             return
-        saver = self.async_saver
-        assert saver is not None
         self.drain_async(block=False)
         may_save = self.save_pending and not saver.busy()
         self.poll_at = saver.next_look(now, self.save_pending and not may_save, ASYNC_POLL_SECONDS)
