@@ -11,8 +11,9 @@ The writer's wall time is a poor proxy for what a save costs training, though (m
 a 5.5 ms Pima commit cost ~1.9 ms of training time, a ~260 ms 104 MB commit 50-100 ms), so a second
 limit caps that cost itself, CheckFreq-style: the step loop measures each save's cost (its stall
 plus how much slower its steps ran while the save was in flight) and the next interval save waits
-until cost / budget has passed since the previous one began. Final and preemption saves are never
-held back by either limit.
+until cost / budget has passed since the previous one began. Neither limit holds a save back
+longer than the job's every_seconds after the previous one began, and final and preemption saves
+are never held back.
 """
 
 from __future__ import annotations
@@ -37,6 +38,17 @@ def budget_start_time(last_start: float | None, cost: float | None, budget: floa
     if last_start is None or cost is None or budget >= 1.0:
         return -math.inf
     return last_start + max(cost, 0.0) / budget
+
+
+def paced_start_time(writer_start: float, budget_start: float, last_start: float | None,
+                     longest: float | None) -> float:
+    """When the next interval save may begin: the later of the two limits, but never more than
+    `longest` seconds (the job's every_seconds) after the previous save began. A save that costs
+    a lot is spaced out, yet no more work than every_seconds asks may go uncommitted."""
+    start = max(writer_start, budget_start)
+    if last_start is not None and longest is not None:
+        start = min(start, last_start + longest)
+    return start
 
 
 def save_cost(stall: float, flight_seconds: float, flight_steps: int, idle_step: float | None,

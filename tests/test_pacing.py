@@ -5,7 +5,14 @@ from __future__ import annotations
 import math
 
 import pytest
-from ckptd.state.pacing import budget_start_time, ewma, next_look, save_cost, writer_start_time
+from ckptd.state.pacing import (
+    budget_start_time,
+    ewma,
+    next_look,
+    paced_start_time,
+    save_cost,
+    writer_start_time,
+)
 
 
 @pytest.mark.parametrize(("now", "last_done", "write_seconds", "share", "expected"), [
@@ -84,3 +91,17 @@ def test_save_cost(stall: float, flight_seconds: float, flight_steps: int, idle:
 ])
 def test_ewma(previous: float | None, value: float, weight: float, expected: float) -> None:
     assert ewma(previous, value, weight) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(("writer", "budget", "last_start", "longest", "expected"), [
+    (-math.inf, -math.inf, None, 60.0, -math.inf),  # nothing limits the first save
+    (10.8, 9.1, 9.0, 60.0, 10.8),  # the writer's share is the later limit
+    (9.5, 13.0, 9.0, 60.0, 13.0),  # the budget is the later limit
+    (9.5, 500.0, 9.0, 60.0, 69.0),  # a costly save waits at most every_seconds
+    (200.0, 13.0, 9.0, 60.0, 69.0),  # so does a slow writer
+    (9.5, 500.0, 9.0, None, 500.0),  # no every_seconds: no cap
+    (9.5, 13.0, None, 60.0, 13.0),  # no save begun yet: nothing to count from
+])
+def test_paced_start_time(writer: float, budget: float, last_start: float | None,
+                          longest: float | None, expected: float) -> None:
+    assert paced_start_time(writer, budget, last_start, longest) == pytest.approx(expected)

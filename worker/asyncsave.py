@@ -21,7 +21,7 @@ from typing import Any
 
 import tensorflow as tf
 from ckptd.state import ckptfiles as cf
-from ckptd.state.pacing import budget_start_time, next_look, writer_start_time
+from ckptd.state.pacing import budget_start_time, next_look, paced_start_time, writer_start_time
 from ckptd.worker.costmeter import CostMeter
 from ckptd.worker.snapshot import SnapshotPlan, object_graph_of
 from ckptd.worker.writer import Writer, start_writer
@@ -70,14 +70,15 @@ class Filler:
 class AsyncSaver:
     def __init__(self, ckpt: tf.train.Checkpoint, directory: Path, max_to_keep: int,
                  keep_every_n_hours: float | None, writer: Writer | None = None,
-                 writer_share: float = 1.0, budget: float = 1.0) -> None:
+                 writer_share: float = 1.0, budget: float = 1.0,
+                 longest: float | None = None) -> None:
         self.ckpt, self.dir = ckpt, directory
         self.retention = {"max_to_keep": max_to_keep, "keep_every_n_hours": keep_every_n_hours}
         # The writer is best started before the worker imports TensorFlow, so both imports
         # overlap (see ckptd.worker.__main__); otherwise start it now.
         self.proc, self.conn = writer or start_writer(directory)
         self.ready = False
-        self.writer_share, self.budget = writer_share, budget
+        self.writer_share, self.budget, self.longest = writer_share, budget, longest
         self.meter = CostMeter()
         self.last_start: float | None = None
         self.plan: SnapshotPlan | None = None
@@ -160,9 +161,11 @@ class AsyncSaver:
 
     def start_time(self) -> float:
         """When the next interval save may begin: the later of the writer's wall-time share and
-        the training-time budget (ckptd.state.pacing)."""
-        return max(writer_start_time(self.last_done, self.last_seconds, self.writer_share),
-                   budget_start_time(self.last_start, self.meter.cost, self.budget))
+        the training-time budget, capped by every_seconds (ckptd.state.pacing)."""
+        return paced_start_time(
+            writer_start_time(self.last_done, self.last_seconds, self.writer_share),
+            budget_start_time(self.last_start, self.meter.cost, self.budget),
+            self.last_start, self.longest)
 
     def next_look(self, now: float, pending: bool, poll: float) -> float:
         """When the step loop should look at the writer again (see ckptd.state.pacing)."""

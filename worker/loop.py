@@ -88,7 +88,7 @@ class Loop:
         if ck.mode == "async":
             self.async_saver = AsyncSaver(self.ckpt, ckdir, ck.max_to_keep, ck.keep_every_n_hours,
                                           self.writer, ck.async_writer_share,
-                                          ck.async_overhead_budget)
+                                          ck.async_overhead_budget, ck.every_seconds)
 
     def restore(self) -> Manifest | None:
         self.beater.beat("restoring")
