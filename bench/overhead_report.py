@@ -236,9 +236,10 @@ def print_report(cases: list[Case], results: Results, disk: list[float], repeats
           "committed by the end of the run / interval saves the step loop counted as due (medians).")
     if async_deferred(cases, results):
         print("NOTE: ckptd-async committed fewer interval checkpoints than fell due: a save that falls "
-              "due while the writer is busy, starting, or pacing itself (checkpoint.async_writer_share) "
-              "is deferred to the next step the writer can take it, and saves falling due meanwhile "
-              "coalesce into it. stall ms/save counts the snapshots taken.")
+              "due while the writer is busy, starting, or paced (checkpoint.async_writer_share, and "
+              "checkpoint.async_overhead_budget: the measured cost per save) is deferred to the next "
+              "step the writer may take it, and saves falling due meanwhile coalesce into it. "
+              "stall ms/save counts the snapshots taken.")
     print()
     print("\n".join(size_lines(cases, results)))
     print()
