@@ -100,7 +100,11 @@ def run_case(case: Case, interval: int, block_target: int, tmp_root: Path) -> di
     os.sync()  # earlier runs' dirty pages must not be written back during this one
     run_dir = Path(tempfile.mkdtemp(prefix="ab-", dir=tmp_root))
     try:
-        (run_dir / "spec.json").write_text(ckptd_spec_json(Unit(case, "ckptd-async", interval)))
+        try:
+            (run_dir / "spec.json").write_text(ckptd_spec_json(Unit(case, "ckptd-async", interval)))
+        except ValueError as e:  # pydantic's ValidationError, e.g. --intervals 0
+            print(f"  FAILED {case.name} every {interval}: job spec rejected: {e}", file=sys.stderr)
+            return None
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(run_dir),
                "--block-steps", str(block_target)]
         proc = subprocess.run(cmd, cwd=run_dir, capture_output=True, text=True,
@@ -167,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         intervals = [int(n) for n in args.intervals.split(",")]
     except ValueError:
         sys.exit(f"--intervals: expected comma-separated integers, got {args.intervals!r}")
+    if any(n < 1 for n in intervals):
+        sys.exit(f"--intervals: every_steps values must be >= 1, got {args.intervals!r}")
     cases = make_cases(argparse.Namespace(
         quick=False, small_epochs=args.small_epochs, large_rows=args.large_rows,
         large_epochs=args.large_epochs, large_kind="embedding", models=args.models))
