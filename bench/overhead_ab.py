@@ -58,36 +58,17 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
 
 
 def child(run_root: Path, block_target: int) -> int:
-    """Train the job in `run_root` (its spec.json) with the ABLoop; print the blocks."""
-    from ckptd.state.jobspec import spec_from_json
-    from ckptd.state.paths import RunDir
-    from ckptd.worker.writer import start_writer
-
-    run = RunDir(run_root)
-    spec = spec_from_json(run.spec_file.read_text())
-    writer = start_writer(run.checkpoint_dir(spec.checkpoint.dir))
-    import keras
-    import tensorflow as tf
-    from ckptd.worker.data import Batches
-    from ckptd.worker.entry import build
-    from ckptd.worker.prep import prime
-    from ckptd.worker.runtime import Beater, StopFlag, lock_dir
-
-    tf.config.experimental.enable_op_determinism()
-    keras.utils.set_random_seed(spec.train.seed)
-    built = build(spec.model, spec.params)
-    batches = Batches(built.train, built.validation, spec.train)
-    prime(built.model, batches)
+    """Train the job in `run_root` (its spec.json) with the ABLoop, set up exactly as the worker
+    sets up its Loop; print the blocks."""
     from ab_loop import ABLoop  # imports TensorFlow: only in the child
+    from ckptd.state import protocol
+    from ckptd.state.paths import RunDir
+    from ckptd.worker.__main__ import _prepare, _train
 
-    loop = ABLoop(spec, run, built, batches, Beater(run.heartbeat, 1), StopFlag(), writer)
+    loop = _prepare(RunDir(run_root), 1, ABLoop)
     loop.set_blocks(block_target)
-    lock_dir(run.checkpoint_dir(spec.checkpoint.dir))
-    try:
-        loop.restore()
-        loop.train()
-    finally:
-        loop.close()
+    if _train(loop) != protocol.EXIT_OK:
+        return 1
     print(RESULT_PREFIX + json.dumps({"blocks": loop.blocks, "first_commit": loop.first_commit,
                                       "block_len": loop.block_len, "stats": loop.stats}))
     return 0

@@ -34,8 +34,9 @@ def _configure_tf(spec: JobSpec) -> None:
     keras.utils.set_random_seed(spec.train.seed)
 
 
-def _prepare(run: RunDir, attempt: int) -> Any:
-    """Everything before the checkpoint directory is touched: import, build, prime."""
+def _prepare(run: RunDir, attempt: int, loop_class: Any = None) -> Any:
+    """Everything before the checkpoint directory is touched: import, build, prime.
+    `loop_class` replaces the Loop (bench/overhead_ab.py switches saves on and off with one)."""
     from ckptd.worker.writer import start_writer  # no TensorFlow here
 
     spec = spec_from_json(run.spec_file.read_text())
@@ -57,7 +58,7 @@ def _prepare(run: RunDir, attempt: int) -> Any:
     built = build(spec.model, spec.params)
     batches = Batches(built.train, built.validation, spec.train)
     prime(built.model, batches)
-    return Loop(spec, run, built, batches, beater, stop, writer)
+    return (loop_class or Loop)(spec, run, built, batches, beater, stop, writer)
 
 
 def _train(loop: Any) -> int:

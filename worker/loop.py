@@ -145,12 +145,13 @@ class Loop:
             else:
                 self._save(reason)
                 done = True
+            stalled = time.monotonic() - t0
             if done and reason == "interval":
                 # What the step loop waited for: the whole save (sync) or the snapshot (async).
                 self.stats["saves"] += 1
-                self.stats["stall_seconds"] += time.monotonic() - t0
+                self.stats["stall_seconds"] += stalled
             if self.async_saver is not None:
-                self.async_saver.meter.stalled(time.monotonic() - t0)
+                self.async_saver.meter.stalled(stalled)
             return done
         except SaveFailed as e:
             self.event("checkpoint.failed", step=int(self.c.step.numpy()), reason=reason,
@@ -299,8 +300,9 @@ class Loop:
         self.drain_async(block=False)
         may_save = self.save_pending and not saver.busy()
         self.poll_at = saver.next_look(now, self.save_pending and not may_save, ASYNC_POLL_SECONDS)
-        self.stats["poll_seconds"] += time.monotonic() - now
-        saver.meter.stalled(time.monotonic() - now)
+        looked = time.monotonic() - now
+        self.stats["poll_seconds"] += looked
+        saver.meter.stalled(looked)
         if may_save:
             self.save("interval")
 
