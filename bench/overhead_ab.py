@@ -70,7 +70,7 @@ def child(run_root: Path, block_target: int) -> int:
     if _train(loop) != protocol.EXIT_OK:
         return 1
     print(RESULT_PREFIX + json.dumps({"blocks": loop.blocks, "first_commit": loop.first_commit,
-                                      "block_len": loop.block_len, "stats": loop.stats}))
+                                      "block_len": loop.block_len, "stats": loop.ck.stats}))
     return 0
 
 

@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from ckptd.state.yamlstrict import JobFileError, load_mapping
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 ENTRY_RE = re.compile(r"^(?P<target>[^:\s]+):(?P<func>[A-Za-z_][A-Za-z0-9_]*)$")
@@ -25,6 +33,9 @@ WEIGHT_SUFFIXES = (".hdf5", ".h5", ".keras")
 _UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9,
           "GB": 10**9, "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
           "TIB": 2**40}
+
+# Set by the program's own fit(...) call when the job runs an entrypoint script.
+FIT_OWNED = frozenset({"epochs", "batch_size", "validation_split", "shuffle"})
 
 PosSeconds = Annotated[float, Field(gt=0, le=7 * 86400)]
 
@@ -139,7 +150,9 @@ class Resources(_Strict):
 class JobSpec(_Strict):
     name: str = Field(pattern=NAME_RE)
     description: str | None = Field(None, max_length=4096)
-    model: str = Field(min_length=3, max_length=4096)
+    # Exactly one of: a build(params) function, or a script that calls ckptd.fit / ckptd.session.
+    model: str | None = Field(None, min_length=3, max_length=4096)
+    entrypoint: str | None = Field(None, min_length=4, max_length=4096)
     params: dict[str, Any] = Field(default_factory=dict)
     train: Train = Field(default_factory=Train)  # type: ignore[arg-type]
     checkpoint: Checkpoint = Field(default_factory=Checkpoint)  # type: ignore[arg-type]
@@ -150,10 +163,17 @@ class JobSpec(_Strict):
 
     @field_validator("model")
     @classmethod
-    def _entrypoint(cls, v: str) -> str:
-        if not ENTRY_RE.match(v):
+    def _build_function(cls, v: str | None) -> str | None:
+        if v is not None and not ENTRY_RE.match(v):
             raise ValueError("must be FILE.py:function (relative to the job file) or "
                              "package.module:function")
+        return v
+
+    @field_validator("entrypoint")
+    @classmethod
+    def _script(cls, v: str | None) -> str | None:
+        if v is not None and (not v.endswith(".py") or "\n" in v):
+            raise ValueError("must be a Python script, SCRIPT.py (relative to the job file)")
         return v
 
     @field_validator("params")
@@ -163,10 +183,18 @@ class JobSpec(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _cross_fields(self) -> JobSpec:
-        if self.best and self.best.monitor.startswith("val_") and self.train.validation_split == 0:
-            # Not fatal: build() may return its own validation data. The worker checks at run time.
-            pass
+    def _cross_fields(self, info: ValidationInfo) -> JobSpec:
+        if (self.model is None) == (self.entrypoint is None):
+            raise ValueError("model: required field is missing (give either model: "
+                             "FILE.py:function or entrypoint: SCRIPT.py, not both)"
+                             if self.model is None else
+                             "model and entrypoint: give one of them, not both")
+        fit_owned = self.train.model_fields_set & FIT_OWNED
+        # Only for a job file: a stored spec (spec_from_json) lists every field.
+        if self.entrypoint is not None and fit_owned and (info.context or {}).get("job_file"):
+            raise ValueError(f"train.{sorted(fit_owned)[0]}: with entrypoint, the script's "
+                             "ckptd.fit(...) call sets epochs, batch_size, validation_split and "
+                             "shuffle; remove it from the job file")
         if self.best:
             for key in FORMAT_FIELD_RE.findall(self.best.filepath):
                 if key != "epoch" and not re.fullmatch(r"(val_)?[A-Za-z_][A-Za-z0-9_]*", key):
@@ -222,23 +250,28 @@ def _resolve_params(value: Any, base: Path) -> Any:
 
 
 def resolve_spec(spec: JobSpec, job_dir: Path, source: str) -> JobSpec:
-    m = ENTRY_RE.match(spec.model)
-    assert m is not None  # checked by the schema
-    target, func = m.group("target"), m.group("func")
-    model = spec.model
-    if target.endswith(".py"):
-        path = (job_dir / target).resolve()
+    update: dict[str, Any] = {"params": _resolve_params(spec.params, job_dir)}
+    if spec.model is not None:
+        m = ENTRY_RE.match(spec.model)
+        assert m is not None  # checked by the schema
+        target, func = m.group("target"), m.group("func")
+        if target.endswith(".py"):
+            path = (job_dir / target).resolve()
+            if not path.is_file():
+                raise JobFileError([f"{source}: model: file {path} does not exist"])
+            update["model"] = f"{path}:{func}"
+    if spec.entrypoint is not None:
+        path = (job_dir / spec.entrypoint).resolve()
         if not path.is_file():
-            raise JobFileError([f"{source}: model: file {path} does not exist"])
-        model = f"{path}:{func}"
-    params = _resolve_params(spec.params, job_dir)
-    return spec.model_copy(update={"model": model, "params": params})
+            raise JobFileError([f"{source}: entrypoint: file {path} does not exist"])
+        update["entrypoint"] = str(path)
+    return spec.model_copy(update=update)
 
 
 def parse_job(data: bytes, source: str, job_dir: Path) -> JobSpec:
     raw = load_mapping(data, source)
     try:
-        spec = JobSpec.model_validate(raw)
+        spec = JobSpec.model_validate(raw, context={"job_file": True})
     except ValidationError as e:
         raise JobFileError(_format_validation(source, e)) from e
     return resolve_spec(spec, job_dir, source)

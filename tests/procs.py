@@ -79,5 +79,7 @@ def final_state_hash(run: Path) -> dict[str, str]:
     for name, _ in tf.train.list_variables(prefix):
         if "save_counter" in name or "host_state" in name or name.startswith("_CHECKPOINTABLE"):
             continue
-        out[name] = hashlib.sha256(reader.get_tensor(name).tobytes()).hexdigest()
+        value = reader.get_tensor(name)
+        out[name] = hashlib.sha256(value if isinstance(value, bytes) else value.tobytes()
+                                   ).hexdigest()
     return out

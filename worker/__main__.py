@@ -34,19 +34,14 @@ def _configure_tf(spec: JobSpec) -> None:
     keras.utils.set_random_seed(spec.train.seed)
 
 
-def _prepare(run: RunDir, attempt: int, loop_class: Any = None) -> Any:
-    """Everything before the checkpoint directory is touched: import, build, prime.
-    `loop_class` replaces the Loop (bench/overhead_ab.py switches saves on and off with one)."""
+def _basics(run: RunDir, attempt: int) -> tuple[JobSpec, Any, Any, Any]:
+    """The spec, heartbeat, stop flag and (async) writer, with TensorFlow configured."""
     from ckptd.worker.writer import start_writer  # no TensorFlow here
 
     spec = spec_from_json(run.spec_file.read_text())
     # Start the async writer first: its TensorFlow import overlaps with ours.
     writer = (start_writer(run.checkpoint_dir(spec.checkpoint.dir))
               if spec.checkpoint.mode == "async" else None)
-    from ckptd.worker.data import Batches
-    from ckptd.worker.entry import build
-    from ckptd.worker.loop import Loop
-    from ckptd.worker.prep import prime
     from ckptd.worker.runtime import Beater, StopFlag
 
     stop = StopFlag()
@@ -55,25 +50,86 @@ def _prepare(run: RunDir, attempt: int, loop_class: Any = None) -> Any:
     if attempt:
         beater.beat("starting", force=True)
     _configure_tf(spec)
+    return spec, beater, stop, writer
+
+
+def _prepare(run: RunDir, attempt: int, loop_class: Any = None) -> Any:
+    """Everything before the checkpoint directory is touched: import, build, prime.
+    `loop_class` replaces the Loop (bench/overhead_ab.py switches saves on and off with one)."""
+    from ckptd.worker.entry import build
+    from ckptd.worker.setup import make_loop
+
+    spec, beater, stop, writer = _basics(run, attempt)
+    assert spec.model is not None
     built = build(spec.model, spec.params)
-    batches = Batches(built.train, built.validation, spec.train)
-    prime(built.model, batches)
-    return (loop_class or Loop)(spec, run, built, batches, beater, stop, writer)
+    data = built.fit if built.fit is not None else (built.train, built.validation)
+    return make_loop(spec, run, built.model, data, beater, stop, writer, loop_class)
 
 
-def _train(loop: Any) -> int:
-    from ckptd.worker.loop import Preempted
+def _start(loop: Any) -> None:
+    """Lock the checkpoint directory (held until exit) and restore."""
     from ckptd.worker.runtime import lock_dir
 
     lock_dir(loop.run.checkpoint_dir(loop.spec.checkpoint.dir))
+    loop.restore()
+
+
+def _train(loop: Any) -> int:
+    from ckptd.worker.checkpointing import Preempted
+
     try:
-        loop.restore()
+        _start(loop)
         loop.train()
     except Preempted:
         return p.EXIT_PREEMPTED
     finally:
         loop.close()
     return p.EXIT_OK
+
+
+def _run_entrypoint(run: RunDir, attempt: int, spare: bool, holder: list[Any]) -> int:
+    """An `entrypoint:` job: run the user's script; its ckptd.fit / ckptd.session call comes
+    back here (via `ready`) to wait as a hot spare, lock and restore."""
+    from ckptd.worker.checkpointing import Preempted
+    from ckptd.worker.script import ScriptRunner, SpareReleased, run_entrypoint
+    from ckptd.worker.session import Session
+
+    spec, beater, stop, writer = _basics(run, attempt)
+    assert spec.entrypoint is not None
+
+    def ready(loop: Any) -> None:
+        holder.append(loop)
+        if spare and _become_assigned(run, loop) is None:
+            raise SpareReleased()
+        _start(loop)
+
+    runner = ScriptRunner(spec, run, beater, stop, writer, ready)
+    try:
+        run_entrypoint(runner, spec.entrypoint)
+        if isinstance(runner.loop, Session):
+            runner.loop.finish()  # a custom loop that did not call sess.finish()
+    except Preempted:
+        return p.EXIT_PREEMPTED
+    except SpareReleased:
+        return p.EXIT_OK
+    finally:
+        if runner.loop is not None:
+            runner.loop.close()
+    return p.EXIT_OK
+
+
+def _become_assigned(run: RunDir, loop: Any) -> int | None:
+    """A hot spare, built and primed: say so, then wait to be named an attempt."""
+    # Tell whoever watches (benchmarks, operators) that this spare is warm.
+    (run.root / "attempts" / "spare").mkdir(parents=True, exist_ok=True)
+    (run.root / "attempts" / "spare" / "ready").write_text(f"{os.getpid()}\n")
+    assigned = _await_assignment(run)
+    if assigned is None:
+        return None
+    loop.beater.hb.attempt = assigned
+    loop.beater.beat("starting", force=True)
+    loop.event("worker.spare_assigned", pid=os.getpid())
+    return assigned
 
 
 def _log_to(directory: Path) -> None:
@@ -125,21 +181,17 @@ def _dispatch(run: RunDir, mode: str) -> int:
 
     spare = mode == "--spare"
     attempt = 0 if spare else int(mode)
-    loop = None
+    holder: list[Any] = []  # the loop, once built: its step goes into the error record
     try:
+        if spec_from_json(run.spec_file.read_text()).entrypoint is not None:
+            return _run_entrypoint(run, attempt, spare, holder)
         loop = _prepare(run, attempt)
-        if spare:
-            # Tell whoever watches (benchmarks, operators) that this spare is warm.
-            (run.root / "attempts" / "spare").mkdir(parents=True, exist_ok=True)
-            (run.root / "attempts" / "spare" / "ready").write_text(f"{os.getpid()}\n")
-            assigned = _await_assignment(run)
-            if assigned is None:
-                return p.EXIT_OK
-            attempt = loop.beater.hb.attempt = assigned
-            loop.beater.beat("starting", force=True)
-            loop.event("worker.spare_assigned", pid=os.getpid())
+        holder.append(loop)
+        if spare and _become_assigned(run, loop) is None:
+            return p.EXIT_OK
         return _train(loop)
     except (ConfigError, DirLocked, NoValidCheckpoint) as e:
+        attempt = holder[0].beater.hb.attempt if holder else attempt
         run.attempt_dir(attempt).mkdir(parents=True, exist_ok=True)
         write_error_file(run.attempt_dir(attempt), e)
         print(f"ckptd worker: {e}", file=sys.stderr)
@@ -147,10 +199,11 @@ def _dispatch(run: RunDir, mode: str) -> int:
                  NoValidCheckpoint: p.EXIT_NO_VALID_CHECKPOINT}
         return codes[type(e)]
     except Exception as e:
+        attempt = holder[0].beater.hb.attempt if holder else attempt
         run.attempt_dir(attempt).mkdir(parents=True, exist_ok=True)
         # The exact step lets the supervisor tell a crash loop (same step every time) from
         # flaky crashes; the heartbeat it polls may lag a few steps behind.
-        step = int(loop.c.step.numpy()) if loop is not None else None
+        step = int(holder[0].c.step.numpy()) if holder else None
         write_error_file(run.attempt_dir(attempt), e, step=step)
         raise  # the traceback goes to the attempt's stderr log as well; exit status 1
 

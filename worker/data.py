@@ -117,7 +117,10 @@ class Batches:
         ds = ds.batch(self.cfg.batch_size).skip(start_step).prefetch(2)
         yield from ds
 
-    def validation_batches(self) -> Iterator[ArrayPair] | None:
+    def epoch_steps(self, epoch: int) -> int | None:
+        return self.steps_per_epoch
+
+    def validation_batches(self, evaluations_done: int = 0) -> Iterator[ArrayPair] | None:
         """The validation batches in order (as `model.evaluate` batches them), or None."""
         if self.validation is None:
             return None

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptd.state.jobspec import ENTRY_RE
+from ckptd.worker.api import FitArgs
 
 
 class ConfigError(Exception):
@@ -27,6 +28,7 @@ class Built:
     model: Any
     train: Any
     validation: Any | None
+    fit: FitArgs | None = None  # build() returned ckptd.fit_args(...): fit's data contract
 
 
 def load_callable(entry: str) -> Any:
@@ -59,6 +61,8 @@ def load_callable(entry: str) -> Any:
 
 
 def _unpack(result: Any) -> Built:
+    if isinstance(result, FitArgs):
+        return Built(result.model, None, None, result)
     if isinstance(result, dict):
         unknown = set(result) - {"model", "train", "validation"}
         if unknown or "model" not in result or "train" not in result:
@@ -66,12 +70,12 @@ def _unpack(result: Any) -> Built:
         return Built(result["model"], result["train"], result.get("validation"))
     if isinstance(result, tuple) and len(result) in (2, 3):
         return Built(result[0], result[1], result[2] if len(result) == 3 else None)
-    raise ConfigError("build(params) must return (model, train) or (model, train, validation) "
-                      f"or a dict; got {type(result).__name__}")
+    raise ConfigError("build(params) must return ckptd.worker.api.fit_args(model, x, y, ...), "
+                      "(model, train), (model, train, validation) or a dict; got "
+                      f"{type(result).__name__}")
 
 
 def build(entry: str, params: dict[str, Any]) -> Built:
-    import keras
 
     fn = load_callable(entry)
     try:
@@ -79,9 +83,16 @@ def build(entry: str, params: dict[str, Any]) -> Built:
     except Exception as e:
         raise ConfigError(f"build(params) raised {type(e).__name__}: {e}") from e
     built = _unpack(result)
-    if not isinstance(built.model, keras.Model):
-        raise ConfigError(f"build() returned {type(built.model).__name__} as the model; "
-                          "expected a keras.Model")
-    if built.model.optimizer is None or not built.model.compiled:
-        raise ConfigError("build() must return a compiled model (call model.compile(...))")
+    check_model(built.model, "build()")
     return built
+
+
+def check_model(model: Any, where: str) -> None:
+    import keras
+
+    if not isinstance(model, keras.Model):
+        raise ConfigError(f"{where}: got {type(model).__name__} as the model; expected a "
+                          "keras.Model")
+    if model.optimizer is None or not model.compiled:
+        raise ConfigError(f"{where}: the model is not compiled; call model.compile(optimizer=..."
+                          ") first, as model.fit requires")

@@ -1,5 +1,5 @@
 """Pieces of the training loop that need no loop state: the tensor counters, the trackers built
-from the spec, priming the model before a restore, the history CSV."""
+from the spec, the history CSV, step logs as numbers."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 from ckptd.state.jobspec import JobSpec
-from ckptd.worker.data import Batches
 from ckptd.worker.tracking import BestTracker, EarlyStopper, resolve_mode
 
 
@@ -44,19 +43,6 @@ def make_trackers(spec: JobSpec) -> tuple[BestTracker | None, EarlyStopper | Non
     return best, early
 
 
-def prime(model: Any, batches: Batches) -> None:
-    """Create every variable before restoring: Keras 3 builds optimizer slots and compiled metrics
-    lazily, and a restore into variables that do not exist yet is silently skipped."""
-    x, y = batches.first_batch()
-    if not model.built:
-        model(x)
-    if not model.optimizer.built:
-        model.optimizer.build(model.trainable_variables)
-    model.test_on_batch(x, y)  # builds the loss tracker and compiled metrics; changes no weight
-    model.reset_metrics()
-    model.make_train_function()
-
-
 def history_csv(history: list[dict[str, float]]) -> str:
     """Keras CSVLogger columns: `epoch`, then the metric names sorted."""
     keys = sorted({k for row in history for k in row} - {"epoch"})
@@ -69,4 +55,11 @@ def history_csv(history: list[dict[str, float]]) -> str:
 
 
 def floats(logs: dict[str, Any]) -> dict[str, float]:
-    return {k: float(np.asarray(v)) for k, v in logs.items()}
+    """A step's logs as numbers; values that are not scalars (a custom train_step may return
+    anything) are left out of logs, history and heartbeats."""
+    out = {}
+    for k, v in (logs or {}).items():
+        a = np.asarray(v)
+        if a.size == 1 and a.dtype.kind in "biuf":
+            out[k] = float(a.reshape(()))
+    return out

@@ -14,13 +14,13 @@ from typing import Any
 from ckptd.worker.prep import floats
 
 
-def evaluate(model: Any, batches: Iterable[tuple[Any, Any]]) -> dict[str, float]:
-    """The model's compiled metrics over `batches` (in order), as `evaluate()` reports them;
-    empty if there was no batch."""
+def evaluate(model: Any, batches: Iterable[Any]) -> dict[str, float]:
+    """The model's compiled metrics over `batches` (in order, each packed as fit packs it:
+    x, (x, y) or (x, y, sample_weight)), as `evaluate()` reports them; empty if none."""
     model.make_test_function()
     model.reset_metrics()
     logs: dict[str, Any] = {}
-    for x, y in batches:
+    for data in batches:
         # Each call runs one step and returns every metric accumulated so far.
-        logs = model.test_function(iter([(x, y, None)]))
+        logs = model.test_function(iter([data]))
     return floats(logs)

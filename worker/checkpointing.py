@@ -1,0 +1,273 @@
+"""A job's checkpointing inside the training process: the counters and the checkpoint object,
+restore, interval / final / preemption saves (sync or async), and the events about them.
+
+Shared by ckptd's own fit loop (ckptd.worker.loop) and by custom training loops
+(ckptd.worker.session): both count steps with `step_done` and close epochs with `epoch_done`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import tensorflow as tf
+from ckptd.state.ckptfiles import Manifest
+from ckptd.state.jobspec import JobSpec
+from ckptd.state.paths import RunDir
+from ckptd.state.protocol import EVENTS_FILE, append_event
+from ckptd.worker.asyncsave import AsyncSaver
+from ckptd.worker.faults import Faults
+from ckptd.worker.keeper import Keeper, SaveFailed
+from ckptd.worker.prep import Counters
+from ckptd.worker.runtime import Beater, StopFlag
+from ckptd.worker.trackables import HostRandom, keras_global_generator, untracked_variables
+from ckptd.worker.writer import Writer
+
+# While a save is in flight the step loop looks at the writer (a pipe poll) at most this often:
+# a poll every step costs a measurable share of a small model's step; a reply noticed 2 ms late
+# changes nothing.
+ASYNC_POLL_SECONDS = 0.002
+
+
+class Preempted(BaseException):
+    """Stopped on SIGTERM/SIGINT after saving: 0 steps lost. A BaseException, so that a user
+    script's `except Exception` around ckptd.fit cannot swallow it."""
+
+
+class Checkpointing:
+    def __init__(self, spec: JobSpec, run: RunDir, trackables: dict[str, Any],
+                 state_variables: list[Any], beater: Beater, stop: StopFlag,
+                 writer: Writer | None = None) -> None:
+        self.spec, self.run, self.beater, self.stop = spec, run, beater, stop
+        self.c = Counters.new()
+        self.rng = tf.random.Generator.from_seed(spec.train.seed)
+        tf.random.set_global_generator(self.rng)
+        self.host_random = HostRandom()
+        self.ckpt = tf.train.Checkpoint(
+            **trackables, step=self.c.step, epoch=self.c.epoch,
+            step_in_epoch=self.c.step_in_epoch, host_state=self.c.host, rng=self.rng,
+            keras_rng=keras_global_generator().state, host_rng=self.host_random.var)
+        # Seed-generator states and whatever else the objects' graphs do not reach.
+        self.ckpt.untracked = untracked_variables(self.ckpt, state_variables)
+        self.writer = writer
+        self.faults = Faults.from_env()
+        self.async_saver: AsyncSaver | None = None
+        self.save_pending = False
+        self.poll_at = 0.0
+        self.committed_step: int | None = None
+        # Per attempt: time in the step loops, and how long saves stalled them (benchmarks).
+        self.stats = {"due": 0, "saves": 0, "stall_seconds": 0.0, "poll_seconds": 0.0,
+                      "loop_seconds": 0.0, "steps": 0}
+        self.dirty = False
+        self.last_logs: dict[str, float] = {}
+        self.last_save = time.monotonic()
+        # State kept outside TF variables, written into the checkpoint's variables per save.
+        self.before_save: list[Callable[[], None]] = [self.host_random.capture]
+
+    def event(self, kind: str, **data: Any) -> None:
+        append_event(self.run.root / EVENTS_FILE, kind, attempt=self.beater.hb.attempt, **data)
+
+    @property
+    def step(self) -> int:
+        return int(self.c.step.numpy())
+
+    # -- restore ------------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Touch the checkpoint directory only now, with its lock held: a hot spare builds its
+        loop while the previous worker may still own the directory."""
+        ck = self.spec.checkpoint
+        ckdir = self.run.checkpoint_dir(ck.dir)
+        attempt: Callable[[], int] = lambda: self.beater.hb.attempt  # noqa: E731
+        self.keeper = Keeper(ckdir, self.ckpt, ck.max_to_keep, ck.keep_every_n_hours, self.event,
+                             before_commit=lambda step: self.faults.in_save(step, attempt()),
+                             during_restore=lambda: self.faults.in_restore(attempt()))
+        if ck.mode == "async":
+            self.async_saver = AsyncSaver(self.ckpt, ckdir, ck.max_to_keep, ck.keep_every_n_hours,
+                                          self.writer, ck.async_writer_share,
+                                          ck.async_overhead_budget, ck.every_seconds)
+
+    def restore(self) -> Manifest | None:
+        """Restore the newest valid commit into the checkpoint's objects (None: fresh start)."""
+        self.beater.beat("restoring")
+        self.open()
+        manifest = self.keeper.restore()  # quarantines damaged commits before GC sees them
+        removed = self.keeper.collect_garbage()
+        if removed:
+            self.event("checkpoint.gc", removed=removed)
+        if self.async_saver is not None:
+            self.async_saver.prepare(manifest)
+        if manifest is None:
+            self.event("restore.fresh", reason="no committed checkpoint")
+            return None
+        self.host_random.apply()
+        self.committed_step = manifest.step
+        self.event("restore.done", number=manifest.number, step=manifest.step,
+                   epoch=manifest.epoch)
+        self.beater.beat(restored_step=manifest.step, committed_step=manifest.step,
+                         step=manifest.step, epoch=manifest.epoch)
+        return manifest
+
+    # -- saving -------------------------------------------------------------------------------
+
+    def save(self, reason: str) -> bool:
+        """Commit a checkpoint. An interval save that fails (disk full, EIO) is reported and
+        training carries on from the previous commit; final and preemption saves must succeed."""
+        t0 = time.monotonic()
+        for capture in self.before_save:
+            capture()
+        try:
+            if self.async_saver is not None:
+                done = self._save_async(reason)
+            else:
+                self._save(reason)
+                done = True
+            stalled = time.monotonic() - t0
+            if done and reason == "interval":
+                # What the step loop waited for: the whole save (sync) or the snapshot (async).
+                self.stats["saves"] += 1
+                self.stats["stall_seconds"] += stalled
+            if self.async_saver is not None:
+                self.async_saver.meter.stalled(stalled)
+            return done
+        except SaveFailed as e:
+            self.event("checkpoint.failed", step=self.step, reason=reason,
+                       error=str(e), committed_step=self.committed_step)
+            self.beater.beat("training", force=True)
+            if reason != "interval":
+                raise
+            return False
+
+    def _save(self, reason: str) -> None:
+        self.beater.beat("saving", force=True)
+        step, epoch = self.step, int(self.c.epoch.numpy())
+        t0 = time.monotonic()
+        number = self.async_saver.take_number() if self.async_saver is not None else None
+        m = self.keeper.save(step, epoch, int(self.c.step_in_epoch.numpy()), self.last_logs,
+                             number)
+        self.dirty = False
+        self._committed(m, reason, time.monotonic() - t0, self.keeper.retired)
+        self.beater.beat("training", force=True)
+
+    def _committed(self, m: Manifest, reason: str, seconds: float,
+                   retired: list[Manifest]) -> None:
+        self.committed_step = m.step
+        self.event("checkpoint.committed", number=m.number, step=m.step, epoch=m.epoch,
+                   path=str(self.keeper.dir / m.prefix), digest=m.digest, metrics=m.metrics,
+                   reason=reason, seconds=round(seconds, 4))
+        if retired:
+            self.event("checkpoint.retired", steps=[r.step for r in retired],
+                       numbers=[r.number for r in retired])
+        # Not forced: the supervisor learns of commits from the event above; the heartbeat's copy
+        # goes out with the next regular beat (a forced write per commit costs throughput when
+        # async commits land every few steps).
+        self.beater.beat(None, committed_step=m.step)
+
+    def _save_async(self, reason: str) -> bool:
+        saver = self.async_saver
+        assert saver is not None
+        if saver.dead or (reason != "interval" and not saver.is_ready()
+                          and saver.in_flight is None):
+            # A final or preemption save does not wait for the writer's TensorFlow import
+            # (seconds, at worker start); interval snapshots wait for it in shared memory.
+            self._save(reason)
+            return True
+        if reason == "interval" and saver.busy():
+            self.save_pending = True  # one in flight, or the writer paces: save when it may
+            self.poll_at = 0.0  # the next step works out when to look again
+            return False
+        self.drain_async(block=True)
+        saver.submit(self.step, int(self.c.epoch.numpy()), int(self.c.step_in_epoch.numpy()),
+                     self.last_logs, reason)
+        self.save_pending = self.dirty = False
+        self.poll_at = 0.0
+        if reason != "interval" and not self.drain_async(block=True):
+            raise SaveFailed(f"the {reason} checkpoint was not committed")
+        return True
+
+    def drain_async(self, block: bool) -> bool:
+        """Collect the writer's reply, if any; False if the save in flight failed."""
+        if self.async_saver is None:
+            return True
+        reply = self.async_saver.poll(block)
+        if reply is None:
+            return True
+        if reply["ok"]:
+            m = Manifest(**reply["manifest"])
+            self._committed(m, reply["reason"], reply["seconds"],
+                            [Manifest(**r) for r in reply["retired"]])
+            return True
+        self.dirty = True
+        self.event("checkpoint.failed", step=reply["step"], reason=reply["reason"],
+                   error=reply["error"], committed_step=self.committed_step)
+        return False
+
+    # -- the step loop's hooks ----------------------------------------------------------------
+
+    def count(self, logs: dict[str, float]) -> None:
+        """Count the step just taken (its heartbeat goes out before `after_step`)."""
+        self.c.step.assign_add(1)
+        self.c.step_in_epoch.assign_add(1)
+        self.dirty = True
+        self.last_logs = logs
+
+    def after_step(self, step_seconds: float) -> None:
+        """Save if due, stop if asked, inject test faults."""
+        if self.async_saver is not None:
+            self._step_async(step_seconds)
+        if self.stop.requested:
+            self.preempt()
+        step = self.step
+        self._interval_save(step)
+        self.faults.after_step(step, self.beater.hb.attempt)
+
+    def _interval_save(self, step: int) -> None:
+        ck = self.spec.checkpoint
+        if (ck.every_steps and step % ck.every_steps == 0) or (
+                ck.every_seconds and time.monotonic() - self.last_save >= ck.every_seconds):
+            self.stats["due"] += 1
+            if not self.save_pending:  # else _step_async takes it when the writer may
+                self.save("interval")
+            self.last_save = time.monotonic()
+
+    def _step_async(self, step_seconds: float) -> None:
+        saver = self.async_saver
+        assert saver is not None
+        saver.meter.step(step_seconds, saver.in_flight is not None)
+        now = time.monotonic()
+        if now < self.poll_at:
+            return
+        self.drain_async(block=False)
+        may_save = self.save_pending and not saver.busy()
+        self.poll_at = saver.next_look(now, self.save_pending and not may_save, ASYNC_POLL_SECONDS)
+        looked = time.monotonic() - now
+        self.stats["poll_seconds"] += looked
+        saver.meter.stalled(looked)
+        if may_save:
+            self.save("interval")
+
+    def epoch_done(self) -> None:
+        self.c.epoch.assign_add(1)
+        self.c.step_in_epoch.assign(0)
+        self.dirty = True
+
+    def preempt(self) -> None:
+        if self.dirty:
+            self.save("preempted")
+        self.drain_async(block=True)
+        self.event("worker.preempted", signal=self.stop.signum, step=self.step)
+        raise Preempted()
+
+    def finish(self) -> None:
+        """The final commit (if anything changed since the last one), waited for."""
+        if self.dirty:
+            self.save("final")
+        self.drain_async(block=True)
+        meter = self.async_saver.meter if self.async_saver is not None else None
+        if meter is not None and meter.measured:
+            self.stats["save_cost_seconds"] = meter.total / meter.measured  # mean (benchmarks)
+
+    def close(self) -> None:
+        if self.async_saver is not None:
+            self.async_saver.close()

@@ -1,0 +1,96 @@
+"""What an epoch end leaves behind: the history row and file, the best-weights file, early
+stopping's verdict. Shared by the fit loop and custom-loop sessions; the state lives in
+HostState, which the checkpoint carries."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import tensorflow as tf
+from ckptd.state.durable import atomic_write_text
+from ckptd.state.paths import RunDir
+from ckptd.worker.h5export import check_readable, save_weights_file
+from ckptd.worker.hoststate import HostState
+from ckptd.worker.prep import history_csv
+from ckptd.worker.tracking import better_of
+
+
+class EpochOutputs:
+    def __init__(self, run: RunDir, model: Any, host: HostState,
+                 event: Callable[..., None]) -> None:
+        self.run, self.model, self.host, self.event = run, model, host, event
+        self.best_weights: list[tf.Variable] = []
+        early = host.early
+        if early and early.restore_best_weights:
+            self.best_weights = [tf.Variable(w, trainable=False) for w in model.get_weights()]
+
+    def write_history(self) -> None:
+        atomic_write_text(self.run.history, history_csv(self.host.history))
+
+    def record(self, epoch: int, step: int, logs: dict[str, float]) -> None:
+        """Append the epoch's row, then the best file and early stopping's decision."""
+        self.host.history.append({"epoch": epoch, **logs})
+        self.write_history()
+        self.event("epoch.end", epoch=epoch, step=step, logs=logs)
+        self._best_file(epoch, logs)
+        self._early_stopping(epoch, logs)
+
+    def merge_best_sidecar(self) -> None:
+        """A best file may have been written after the checkpoint we restored: never let a
+        worse value overwrite it."""
+        best = self.host.best
+        if best is None or not self.run.best_state.exists():
+            return
+        try:
+            side = json.loads(self.run.best_state.read_text())
+        except (OSError, ValueError):
+            return
+        path = Path(str(side.get("path", "")))
+        if path.suffix in (".h5", ".hdf5") and (problem := check_readable(path)):
+            # The recorded best file is gone or damaged: its value protects nothing.
+            self.event("best.unreadable", path=str(path), reason=problem)
+            return
+        if side.get("monitor") == best.monitor and side.get("mode") == best.mode:
+            merged = better_of(best.mode, best.best, side.get("best"))
+            if merged != best.best:
+                best.best, best.best_epoch = merged, side.get("epoch")
+
+    def _best_file(self, epoch: int, logs: dict[str, float]) -> None:
+        best = self.host.best
+        if best is None:
+            return
+        if best.monitor not in logs:
+            self.event("best.monitor_missing", monitor=best.monitor, available=sorted(logs))
+            return
+        name = best.decide(epoch, logs)
+        if name is None:
+            return
+        path = self.run.output_path(name)
+        save_weights_file(self.model, path)
+        atomic_write_text(self.run.best_state, json.dumps({
+            "monitor": best.monitor, "mode": best.mode, "best": best.best,
+            "epoch": best.best_epoch, "path": str(path)}))
+        self.event("best.saved", epoch=epoch, path=str(path), monitor=best.monitor,
+                   value=logs[best.monitor])
+
+    def _early_stopping(self, epoch: int, logs: dict[str, float]) -> None:
+        early = self.host.early
+        if early is None:
+            return
+        snapshot, stop = early.update(epoch, logs)
+        if snapshot:
+            for var, w in zip(self.best_weights, self.model.get_weights(), strict=True):
+                var.assign(w)
+        if stop:
+            self.host.stopped_early = True
+            self.event("early_stopping.stopped", epoch=epoch, best=early.best,
+                       best_epoch=early.best_epoch)
+
+    def restore_best_weights(self, dirty: bool) -> None:
+        """At the end: EarlyStopping(restore_best_weights=True) semantics."""
+        early = self.host.early
+        if early and early.restore_best_weights and self.host.stopped_early and dirty:
+            self.model.set_weights([v.numpy() for v in self.best_weights])

@@ -1,0 +1,52 @@
+"""From what the job's program handed over (a model and its data) to a primed training loop.
+
+Anything that fails here is the job's configuration, not bad luck: data that cannot be batched,
+a model that cannot be traced on its first batch, an uncompiled model, callbacks that clash
+with the job file. It becomes a ConfigError with one readable line, never retried.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ckptd.state.jobspec import JobSpec
+from ckptd.state.paths import RunDir
+from ckptd.worker.api import FitArgs
+from ckptd.worker.entry import ConfigError, check_model
+from ckptd.worker.runtime import Beater, StopFlag
+from ckptd.worker.writer import Writer
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:400] if text else ''}".rstrip(": ")
+
+
+def make_loop(spec: JobSpec, run: RunDir, model: Any, data_args: FitArgs | tuple[Any, Any],
+              beater: Beater, stop: StopFlag, writer: Writer | None,
+              loop_class: Any = None) -> Any:
+    """A primed Loop. `data_args` is a fit call's arguments, or the legacy (train, validation)
+    that build() returned."""
+    from ckptd.worker.data import Batches
+    from ckptd.worker.fitdata import FitData
+    from ckptd.worker.loop import Loop
+    from ckptd.worker.trackables import make_step_function, prime
+
+    fit = data_args if isinstance(data_args, FitArgs) else None
+    where = "ckptd.fit()" if fit is not None else "build()"
+    check_model(model, where)
+    stage = "reading the training data"
+    try:
+        if isinstance(data_args, FitArgs):
+            data: Any = FitData(data_args, spec.train.seed)
+        else:
+            data = Batches(data_args[0], data_args[1], spec.train)
+        stage = "building the model's variables on the first batch (as fit's first step would)"
+        step_fn = make_step_function(model)
+        prime(model, step_fn, data.first_batch())
+        stage = "setting up the training loop"
+        return (loop_class or Loop)(spec, run, model, data, step_fn, beater, stop, writer, fit)
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"{where}: {stage} failed: {_one_line(e)}") from e
