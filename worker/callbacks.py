@@ -115,9 +115,10 @@ def callback_state(callbacks: list[Any]) -> str:
     out = []
     for cb in callbacks:
         attrs: dict[str, Any] = {}
+        skip = _SKIP_ATTRS | _FROM_DISK.get(type(cb).__name__, set())
         if not isinstance(cb, _NOT_SAVED):
             for k, v in vars(cb).items():
-                if k in _SKIP_ATTRS:
+                if k in skip:
                     continue
                 try:
                     attrs[k] = _plain(v)

@@ -102,6 +102,8 @@ class Checkpointing:
             self.event("restore.fresh", reason="no committed checkpoint")
             return None
         self.host_random.apply()
+        # The last step's logs become the epoch's logs if the commit fell on its last step.
+        self.last_logs = dict(manifest.metrics)
         self.committed_step = manifest.step
         self.event("restore.done", number=manifest.number, step=manifest.step,
                    epoch=manifest.epoch)

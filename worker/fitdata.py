@@ -95,9 +95,11 @@ def _class_weights(y: Any, sw: Any, class_weight: dict[int, float]) -> Any:
 
 
 class DatasetSource:
-    """A user's already-batched tf.data pipeline, iterated as fit iterates it: a fresh iterator
-    per pass. A pass's iterator is the (pass + 1)-th made since start-up in every run, resumed
-    or not, so a pipeline that reshuffles per iteration with a fixed seed sees the same order."""
+    """A user's already-batched tf.data pipeline, iterated as fit iterates it: one iterator per
+    pass over the data, kept across the epochs of that pass (steps_per_epoch). The iterator of
+    pass p is the (p + 2)-th made since start-up (the first primes the model) in every run,
+    resumed or not: creating an iterator advances a reshuffling pipeline's seed, so a resumed
+    run creates (and drops) the earlier passes' iterators first and sees the same order."""
 
     def __init__(self, ds: tf.data.Dataset, class_weight: dict[int, float] | None) -> None:
         if class_weight:
@@ -108,27 +110,36 @@ class DatasetSource:
         self.ds = ds
         card = int(ds.cardinality())
         self.num_batches = card if card >= 0 else None
-        self.made = 0  # iterators created so far: one to prime the model, then one per pass
+        self.made = 0
+        self.current: tuple[int, Iterator[Any]] | None = None
+        self.position = 0  # batches taken from the current pass's iterator
 
     def first(self) -> Any:
         self.made += 1
         return next(iter(self.ds))
 
-    def _iterator(self, pass_index: int, skip: int) -> Iterator[Any]:
+    def _iterator(self, pass_index: int, position: int) -> Iterator[Any]:
+        if self.current is not None and self.current[0] == pass_index \
+                and self.position == position:
+            return self.current[1]
         while self.made < pass_index + 1:
             iter(self.ds)  # replays the iterator creations of the passes before this one
             self.made += 1
         self.made += 1
-        return iter(self.ds.skip(skip) if skip else self.ds)
+        it = iter(self.ds.skip(position) if position else self.ds)
+        self.current, self.position = (pass_index, it), position
+        return it
 
     def batches(self, plan: EpochPlan, start: int) -> Iterator[Any]:
         it = self._iterator(plan.pass_index, plan.first_batch + start)
         remaining = None if plan.steps is None else plan.steps - start
         while remaining is None or remaining > 0:
             try:
-                yield next(it)
+                batch = next(it)
             except StopIteration:
                 return
+            self.position += 1
+            yield batch
             if remaining is not None:
                 remaining -= 1
 

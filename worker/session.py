@@ -24,7 +24,7 @@ from ckptd.worker.hoststate import HostState
 from ckptd.worker.outputs import EpochOutputs
 from ckptd.worker.prep import floats, make_trackers
 from ckptd.worker.runtime import Beater, StopFlag
-from ckptd.worker.trackables import model_state_variables
+from ckptd.worker.trackables import as_trackable, model_state_variables
 from ckptd.worker.writer import Writer
 
 
@@ -63,7 +63,11 @@ class Session:
         _build_optimizers(trackables, models)
         self.host = HostState(best=best, early=early)
         self.out = EpochOutputs(run, models[0] if models else None, self.host, self._event)
-        self.ck = Checkpointing(spec, run, {**trackables, "best_weights": self.out.best_weights},
+        try:
+            named = {k: as_trackable(v) for k, v in trackables.items()}
+        except TypeError as e:
+            raise ConfigError(f"ckptd.session(...): {e}") from e
+        self.ck = Checkpointing(spec, run, {**named, "best_weights": self.out.best_weights},
                                 _state_variables(trackables), beater, stop, writer)
         self.c = self.ck.c
         self.c.host.assign(self.host.dumps())

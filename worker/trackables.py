@@ -45,12 +45,24 @@ def untracked_variables(ckpt: tf.train.Checkpoint, candidates: Iterable[Any]) ->
     return out
 
 
+def as_trackable(obj: Any) -> Any:
+    """Keras 3 metrics and seed generators are not TensorFlow trackables; their variables are."""
+    if isinstance(obj, tf.__internal__.tracking.Trackable) or isinstance(obj, list | dict):
+        return obj
+    if isinstance(obj, keras.random.SeedGenerator):
+        return obj.state
+    if hasattr(obj, "variables"):
+        return list(obj.variables)
+    raise TypeError(f"{type(obj).__name__} holds no TensorFlow state ckptd can checkpoint")
+
+
 def model_state_variables(model: Any) -> list[Any]:
     """Every variable a fit step reads or writes: weights, non-trainable state (seed
     generators, normalisation statistics), optimizer and metric variables."""
     out = list(model.variables)
-    if model.optimizer is not None:
-        out += list(model.optimizer.variables)
+    optimizer = getattr(model, "optimizer", None)  # absent on a model never compiled
+    if optimizer is not None:
+        out += list(optimizer.variables)
     out += list(model.metrics_variables)
     return out
 
