@@ -47,7 +47,7 @@ def untracked_variables(ckpt: tf.train.Checkpoint, candidates: Iterable[Any]) ->
 
 def as_trackable(obj: Any) -> Any:
     """Keras 3 metrics and seed generators are not TensorFlow trackables; their variables are."""
-    if isinstance(obj, tf.__internal__.tracking.Trackable) or isinstance(obj, list | dict):
+    if isinstance(obj, tf.__internal__.tracking.Trackable | list | dict):
         return obj
     if isinstance(obj, keras.random.SeedGenerator):
         return obj.state
