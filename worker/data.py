@@ -44,6 +44,13 @@ def _as_arrays(pair: Any, what: str) -> ArrayPair:
     return x, y
 
 
+def _looks_batched(ds: tf.data.Dataset) -> bool:
+    specs = tf.nest.flatten(ds.element_spec)
+    return bool(specs) and all(
+        getattr(s, "shape", None) is not None and s.shape.rank and s.shape[0] is None
+        for s in specs)
+
+
 def _split_at(n: int, validation_split: float) -> int:
     # Keras's validation_split semantics: the *last* fraction, split at floor(n * (1 - split)).
     split_at = math.floor(n * (1.0 - validation_split))
@@ -76,6 +83,12 @@ class Batches:
         self.steps_per_epoch: int | None = math.ceil(self.n / self.cfg.batch_size)
 
     def _init_dataset(self, train: tf.data.Dataset, validation: Any | None) -> None:
+        if _looks_batched(train):
+            raise ConfigError(
+                "train: the dataset looks batched (every component has a leading dimension of "
+                "unknown size), but build() returns unbatched examples that ckptd batches and "
+                "shuffles: return dataset.unbatch(), or keep your batches with "
+                "ckptd.worker.api.fit_args(model, dataset, ...)")
         n = int(train.cardinality())
         if validation is None and self.cfg.validation_split > 0:
             if n < 0:

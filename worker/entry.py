@@ -93,6 +93,6 @@ def check_model(model: Any, where: str) -> None:
     if not isinstance(model, keras.Model):
         raise ConfigError(f"{where}: got {type(model).__name__} as the model; expected a "
                           "keras.Model")
-    if model.optimizer is None or not model.compiled:
-        raise ConfigError(f"{where}: the model is not compiled; call model.compile(optimizer=..."
-                          ") first, as model.fit requires")
+    if not model.compiled:
+        raise ConfigError(f"{where}: the model is not compiled; call model.compile(...) first, "
+                          "as model.fit requires")

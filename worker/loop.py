@@ -45,8 +45,9 @@ class Loop:
             epochs=self.epochs, steps=data.steps_per_epoch, verbose=0)
         self.user_callbacks = user_callbacks
         self.callbacks_var = tf.Variable("", dtype=tf.string, trainable=False)
+        optimizer = model.optimizer if model.optimizer is not None else []  # a GAN has none
         self.ck = self.checkpointing_class(
-            self.spec, run, {"model": model, "optimizer": model.optimizer,
+            self.spec, run, {"model": model, "optimizer": optimizer,
                              "best_weights": self.out.best_weights,
                              "metrics": list(model.metrics_variables),
                              "callbacks": self.callbacks_var},

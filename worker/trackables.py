@@ -60,8 +60,11 @@ def model_state_variables(model: Any) -> list[Any]:
     """Every variable a fit step reads or writes: weights, non-trainable state (seed
     generators, normalisation statistics), optimizer and metric variables."""
     out = list(model.variables)
-    optimizer = getattr(model, "optimizer", None)  # absent on a model never compiled
-    if optimizer is not None:
+    # model.optimizer is absent on a model never compiled; a GAN keeps its two optimizers in
+    # attributes of its own (compile(d_optimizer=..., g_optimizer=...)).
+    optimizers = [getattr(model, "optimizer", None)] + [
+        v for v in vars(model).values() if isinstance(v, keras.optimizers.Optimizer)]
+    for optimizer in dict.fromkeys(o for o in optimizers if o is not None):
         out += list(optimizer.variables)
     out += list(model.metrics_variables)
     return out
