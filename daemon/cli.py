@@ -61,19 +61,39 @@ def cli(ctx: click.Context, home: Path | None) -> None:
 
 @cli.command()
 @click.argument("job_files", nargs=-1, required=True, type=click.Path(path_type=Path))
-def validate(job_files: tuple[Path, ...]) -> None:
+@click.option("--build", "build_", is_flag=True,
+              help="Also set each job up in a worker (import, build, first batch) and report "
+                   "whatever would make a resumed run differ from an uninterrupted one.")
+def validate(job_files: tuple[Path, ...], build_: bool) -> None:
     """Check job files; print every problem with its field path. Records nothing."""
     bad = False
     for path in job_files:
         try:
             spec, _ = load_job_file(path)
-            click.echo(f"{path}: ok (job {spec.name}, {spec.train.epochs} epochs)")
         except JobFileError as e:
             bad = True
             for problem in e.problems:
                 click.echo(problem, err=True)
+            continue
+        what = f"{spec.train.epochs} epochs" if spec.model else f"entrypoint {spec.entrypoint}"
+        click.echo(f"{path}: ok (job {spec.name}, {what})")
+        bad = (build_ and not _build_report(path, spec)) or bad
     if bad:
         sys.exit(EXIT_BAD_INPUT)
+
+
+def _build_report(path: Path, spec: JobSpec) -> bool:
+    from ckptd.daemon.check import build_check
+
+    result = build_check(spec)
+    if not result.ok:
+        click.echo(f"{path}: set-up failed: {result.error}", err=True)
+        return False
+    if not result.inexact:
+        click.echo(f"{path}: set-up ok; nothing found that would make a resumed run differ")
+    for cause in result.inexact:
+        click.echo(f"{path}: warning: resume may not be bit-identical: {cause}", err=True)
+    return True
 
 
 def _pick_job(store: Store, home: Path, job_file: Path | None, resume: str | None,

@@ -21,6 +21,11 @@ EXIT_NO_VALID_CHECKPOINT = 76  # committed checkpoints exist but none is restora
 EXIT_LOCKED = 77  # another worker holds the checkpoint directory
 EXIT_CONFIG = 78  # EX_CONFIG: entrypoint missing, import error, bad params or data
 
+# `ckptd validate --build` runs a worker with CHECK_ENV set: it sets the job up (imports, builds,
+# primes), prints one CHECK_PREFIX line of JSON ({"inexact": [causes]}) and trains nothing.
+CHECK_ENV = "CKPTD_CHECK_ONLY"
+CHECK_PREFIX = "CKPTD_CHECK "
+
 ERROR_FILE = "error.json"  # per attempt, torchelastic-style: type, message, traceback
 EXIT_FILE = "exit_code"  # per attempt: lets a supervisor that adopted (not spawned) a worker learn its code
 EVENTS_FILE = "events.jsonl"  # per job, appended by workers: epoch ends, commits, best files

@@ -41,7 +41,7 @@ def _basics(run: RunDir, attempt: int) -> tuple[JobSpec, Any, Any, Any]:
     spec = spec_from_json(run.spec_file.read_text())
     # Start the async writer first: its TensorFlow import overlaps with ours.
     writer = (start_writer(run.checkpoint_dir(spec.checkpoint.dir))
-              if spec.checkpoint.mode == "async" else None)
+              if spec.checkpoint.mode == "async" and not os.environ.get(p.CHECK_ENV) else None)
     from ckptd.worker.runtime import Beater, StopFlag
 
     stop = StopFlag()
@@ -178,6 +178,7 @@ def _dispatch(run: RunDir, mode: str) -> int:
     from ckptd.worker.entry import ConfigError
     from ckptd.worker.keeper import NoValidCheckpoint
     from ckptd.worker.runtime import DirLocked, write_error_file
+    from ckptd.worker.setup import CheckDone
 
     spare = mode == "--spare"
     attempt = 0 if spare else int(mode)
@@ -190,6 +191,9 @@ def _dispatch(run: RunDir, mode: str) -> int:
         if spare and _become_assigned(run, loop) is None:
             return p.EXIT_OK
         return _train(loop)
+    except CheckDone as done:
+        print(p.CHECK_PREFIX + json.dumps({"inexact": done.causes}), flush=True)
+        return p.EXIT_OK
     except (ConfigError, DirLocked, NoValidCheckpoint) as e:
         attempt = holder[0].beater.hb.attempt if holder else attempt
         run.attempt_dir(attempt).mkdir(parents=True, exist_ok=True)

@@ -126,7 +126,7 @@ class DatasetSource:
             iter(self.ds)  # replays the iterator creations of the passes before this one
             self.made += 1
         self.made += 1
-        it = iter(self.ds.skip(position) if position else self.ds)
+        it: Iterator[Any] = iter(self.ds.skip(position) if position else self.ds)
         self.current, self.position = (pass_index, it), position
         return it
 

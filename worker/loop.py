@@ -4,6 +4,7 @@ the checkpoint (ckptd.worker.checkpointing)."""
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
@@ -22,6 +23,13 @@ from ckptd.worker.runtime import Beater, StopFlag
 from ckptd.worker.trackables import model_state_variables
 from ckptd.worker.validate import evaluate
 from ckptd.worker.writer import Writer
+
+
+def report_exactness(event: Any, causes: list[str]) -> None:
+    """In the first log lines: every reason a resumed run might differ, never a silent one."""
+    for cause in causes:
+        event("exactness.warning", cause=cause)
+        print(f"ckptd: resume may not be bit-identical: {cause}", file=sys.stderr, flush=True)
 
 
 class Loop:
@@ -58,6 +66,7 @@ class Loop:
                 cbs.callback_state(user_callbacks)))
         self.ck.c.epoch.assign(self.initial_epoch)
         self.first_step_seen = False
+        self.inexact: list[str] = []  # why a resume might not be exact (ckptd.worker.setup)
         self._sync_host()
         for note in notes:
             self.event("callback.mapped", note=note)
@@ -99,6 +108,7 @@ class Loop:
     def train(self) -> Any:
         """Train to the end; returns the History (every epoch, also before a restart)."""
         self._begin_callbacks()
+        report_exactness(self.event, self.inexact)
         self.ck.last_save = time.monotonic()
         self.beater.beat("training", force=True, epochs=self.epochs,
                          steps_per_epoch=self.data.steps_per_epoch)

@@ -9,6 +9,7 @@ loading, model building) are configuration errors, as for `model:` jobs.
 
 from __future__ import annotations
 
+import os
 import runpy
 import sys
 from collections.abc import Callable
@@ -17,10 +18,12 @@ from typing import Any
 
 from ckptd.state.jobspec import JobSpec
 from ckptd.state.paths import RunDir
+from ckptd.state.protocol import CHECK_ENV
 from ckptd.worker import api
 from ckptd.worker.checkpointing import Preempted
 from ckptd.worker.entry import ConfigError
 from ckptd.worker.runtime import Beater, StopFlag
+from ckptd.worker.setup import CheckDone, make_loop
 from ckptd.worker.writer import Writer
 
 
@@ -45,8 +48,6 @@ class ScriptRunner(api.Runner):
                               "already ran; one training run per job")
 
     def fit(self, args: api.FitArgs) -> Any:
-        from ckptd.worker.setup import make_loop
-
         self._once("ckptd.fit")
         self.loop = make_loop(self.spec, self.run, args.model, args, self.beater, self.stop,
                               self.writer)
@@ -57,6 +58,10 @@ class ScriptRunner(api.Runner):
         from ckptd.worker.session import Session
 
         self._once("ckptd.session")
+        if os.environ.get(CHECK_ENV):
+            raise CheckDone(["custom training loop: the data position is the program's own "
+                             "(resume it from sess.epoch and sess.step_in_epoch); ckptd checks "
+                             "the state it saves, not the loop's data"])
         if not trackables:
             raise ConfigError("ckptd.session() needs the objects to checkpoint, e.g. "
                               "ckptd.session(model=model, optimizer=optimizer)")
@@ -77,7 +82,7 @@ def run_entrypoint(runner: ScriptRunner, path: str) -> None:
     except SystemExit as e:
         if e.code not in (None, 0):
             raise
-    except (Preempted, SpareReleased, ConfigError):
+    except (Preempted, SpareReleased, CheckDone, ConfigError):
         raise
     except FileNotFoundError as e:
         if runner.loop is None:

@@ -7,14 +7,24 @@ with the job file. It becomes a ConfigError with one readable line, never retrie
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ckptd.state.jobspec import JobSpec
 from ckptd.state.paths import RunDir
+from ckptd.state.protocol import CHECK_ENV
 from ckptd.worker.api import FitArgs
 from ckptd.worker.entry import ConfigError, check_model
 from ckptd.worker.runtime import Beater, StopFlag
 from ckptd.worker.writer import Writer
+
+
+class CheckDone(BaseException):
+    """The set-up of a check run is complete; `causes` says what would make resume inexact."""
+
+    def __init__(self, causes: list[str]) -> None:
+        super().__init__("check done")
+        self.causes = causes
 
 
 def _one_line(e: BaseException) -> str:
@@ -45,8 +55,33 @@ def make_loop(spec: JobSpec, run: RunDir, model: Any, data_args: FitArgs | tuple
         step_fn = make_step_function(model)
         prime(model, step_fn, data.first_batch())
         stage = "setting up the training loop"
-        return (loop_class or Loop)(spec, run, model, data, step_fn, beater, stop, writer, fit)
+        loop = (loop_class or Loop)(spec, run, model, data, step_fn, beater, stop, writer, fit)
     except ConfigError:
         raise
     except Exception as e:
         raise ConfigError(f"{where}: {stage} failed: {_one_line(e)}") from e
+    loop.inexact = exactness_causes(spec, data, step_fn)
+    if os.environ.get(CHECK_ENV):
+        raise CheckDone(loop.inexact)
+    return loop
+
+
+def exactness_causes(spec: JobSpec, data: Any, step_fn: Any) -> list[str]:
+    """Why a resumed run of this job might not end bit-identical to an uninterrupted one:
+    ckptd says so at start-up instead of differing silently."""
+    from ckptd.worker import exactness
+    from ckptd.worker.fitdata import DatasetSource, FitData, PySource
+
+    causes = []
+    if not spec.train.deterministic:
+        causes.append("train.deterministic is false: TensorFlow may pick non-deterministic "
+                      "kernels, so recomputed steps can differ in the last bits")
+    sources = [data.train, data.validation] if isinstance(data, FitData) else []
+    for source in sources:
+        if isinstance(source, DatasetSource):
+            causes += exactness.dataset_risks(source.ds)
+        elif isinstance(source, PySource):
+            causes += exactness.python_data_risks(source.ds)
+    causes += exactness.graph_risks(step_fn)
+    return list(dict.fromkeys(causes))
+
