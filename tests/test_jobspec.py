@@ -57,6 +57,10 @@ BAD = [
     ("name: [unclosed\n", "job.yaml:"),
     ("x: " + "[" * 100 + "]" * 100 + "\n", "nesting"),
     (GOOD + "params: {lr: .inf}\n", "params"),
+    ("name: ok\nentrypoint: train.sh\n", "entrypoint: must be a Python script"),
+    (GOOD + "entrypoint: train.py\n", "give one of them, not both"),
+    ("name: ok\nentrypoint: t.py\ntrain: {epochs: 3}\n", "train.epochs: with entrypoint"),
+    ("name: ok\nentrypoint: t.py\ntrain: {batch_size: 3, seed: 1}\n", "train.batch_size"),
 ]
 
 
@@ -108,6 +112,19 @@ def test_missing_model_file_names_the_field(tmp_path: Path) -> None:
     job = tmp_path / "j.yaml"
     job.write_text("name: x\nmodel: nothere.py:build\n")
     with pytest.raises(JobFileError, match=r"model: file .*nothere\.py does not exist"):
+        load_job_file(job)
+
+
+def test_entrypoint_resolves_beside_the_job_file_and_keeps_its_train_fields(
+        tmp_path: Path) -> None:
+    (tmp_path / "train.py").write_text("")
+    job = tmp_path / "j.yaml"
+    job.write_text("name: x\nentrypoint: train.py\ntrain: {seed: 4, deterministic: true}\n")
+    spec, _ = load_job_file(job)
+    assert spec.entrypoint == str(tmp_path / "train.py") and spec.model is None
+    assert spec.train.seed == 4
+    job.write_text("name: x\nentrypoint: other.py\n")
+    with pytest.raises(JobFileError, match=r"entrypoint: file .*other\.py does not exist"):
         load_job_file(job)
 
 
