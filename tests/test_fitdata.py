@@ -42,8 +42,8 @@ def test_dict_inputs_and_targets_keep_their_structure() -> None:
 
 def test_class_weight_becomes_per_example_weights() -> None:
     y = np.array([0, 1, 1, 0])
-    _, yb, sw = _epoch(_data(x=np.zeros((4, 1)), y=y, batch_size=4, shuffle=False,
-                             class_weight={0: 1.0, 1: 3.0}), 0)[0]
+    _, _, sw = _epoch(_data(x=np.zeros((4, 1)), y=y, batch_size=4, shuffle=False,
+                            class_weight={0: 1.0, 1: 3.0}), 0)[0]
     assert sw.tolist() == [1.0, 3.0, 3.0, 1.0]
 
 
