@@ -43,5 +43,6 @@ history = ckptd.fit(
     model, x, y, batch_size=16, epochs=4, validation_split=0.2, class_weight={0: 1.0, 1: 2.0},
     callbacks=[keras.callbacks.ReduceLROnPlateau(patience=1, factor=0.5),
                keras.callbacks.LearningRateScheduler(lambda epoch, lr: lr * 0.9),
-               keras.callbacks.TerminateOnNaN(), keras.callbacks.CSVLogger("log.csv"), counter])
+               keras.callbacks.TerminateOnNaN(), keras.callbacks.CSVLogger("log.csv"),
+               keras.callbacks.TensorBoard("tb", update_freq=10), counter])
 print("epochs", history.epoch, "batches", counter.batches)
