@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import ROOT
-from .procs import final_state_hash, finish, run_dir, start_run, status
+from .procs import events, final_state_hash, finish, run_dir, start_run, status
 
 pytestmark = pytest.mark.tf
 PROGRAMS = ROOT / "tests" / "programs"
@@ -40,10 +40,20 @@ def _run(home: Path, job: Path, faults: str = "") -> Path:
     return run_dir(home)
 
 
+_clean: dict[str, Path] = {}
+
+
+def _clean_run(tmp: Path, name: str) -> Path:
+    """The uninterrupted run of a program, once per session."""
+    if name not in _clean:
+        _clean[name] = _run(tmp / "clean", _job(tmp, name))
+    return _clean[name]
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_sigkill_mid_run_resumes_bit_identical(tmp_path: Path, name: str) -> None:
     job = _job(tmp_path, name)
-    clean = _run(tmp_path / "clean", job)
+    clean = _clean_run(tmp_path, name)
     killed = _run(tmp_path / "killed", job, faults=f"sigkill_at_step={CASES[name][1]},attempt=1")
     attempts = status(tmp_path / "killed", killed.name)["attempt_list"]
     assert [a["class"] for a in attempts] == ["killed", "succeeded"]
@@ -54,3 +64,50 @@ def test_sigkill_mid_run_resumes_bit_identical(tmp_path: Path, name: str) -> Non
     if name == "random_layers":  # CSVLogger: one row per epoch across the restart
         with open(killed / "log.csv") as f:
             assert [r["epoch"] for r in csv.DictReader(f)] == ["0", "1", "2", "3"]
+
+
+def test_entrypoint_job_hot_spare_takes_over_bit_identical(tmp_path: Path) -> None:
+    """A script job's spare runs the script up to its fit call, waits there primed, and takes
+    over after the SIGKILL like a model: job's spare."""
+    clean = _clean_run(tmp_path, "gan")
+    (tmp_path / "spare").mkdir()
+    job = _job(tmp_path / "spare", "gan")
+    job.write_text(job.read_text().replace("restart: {", "restart: {hot_spare: true, "))
+    run = _run(tmp_path / "spare", job, faults=f"step_delay=0.01,sigkill_at_step={CASES['gan'][1]},"
+                                             "attempt=1")
+    a1, a2 = status(tmp_path / "spare", run.name)["attempt_list"]
+    assert a1["class"] == "killed" and a2["class"] == "succeeded"
+    assert [e for e in events(run) if e["event"] == "worker.spare_assigned"]
+    assert final_state_hash(run) == final_state_hash(clean)
+
+
+SETUP_FAILURES = {
+    "generator": ("import keras\nimport ckptd.worker.api as ckptd\n"
+                  "m = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])\n"
+                  "m.compile(optimizer='sgd', loss='mse')\n"
+                  "ckptd.fit(m, ((i, i) for i in range(9)))\n", "Python generator"),
+    "shape": ("import keras, numpy as np\nimport ckptd.worker.api as ckptd\n"
+              "m = keras.Sequential([keras.Input((8,)), keras.layers.Dense(1)])\n"
+              "m.compile(optimizer='sgd', loss='mse')\n"
+              "ckptd.fit(m, np.zeros((16, 4)), np.zeros(16))\n",
+              "building the model's variables on the first batch"),
+    "uncompiled": ("import keras, numpy as np\nimport ckptd.worker.api as ckptd\n"
+                   "m = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])\n"
+                   "ckptd.fit(m, np.zeros((4, 2)), np.zeros(4))\n", "not compiled"),
+    "no_fit": ("print('forgot to train')\n", "without calling ckptd.fit"),
+    "import": ("import not_a_module_anywhere\n", "failed before training started"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SETUP_FAILURES))
+def test_setup_failures_are_config_errors_not_retried(tmp_path: Path, name: str) -> None:
+    source, fragment = SETUP_FAILURES[name]
+    (tmp_path / "train.py").write_text(source)
+    job = tmp_path / "job.yaml"
+    job.write_text("name: broken\nentrypoint: train.py\n")
+    rc, out = finish(start_run(tmp_path / "home", str(job)))
+    assert rc == 1, out
+    st = status(tmp_path / "home", run_dir(tmp_path / "home").name)
+    assert st["state"] == "failed" and st["attempts"] == 1
+    (a,) = st["attempt_list"]
+    assert a["class"] == "config_error" and fragment in a["error"], a["error"]
