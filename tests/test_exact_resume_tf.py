@@ -5,6 +5,8 @@ worker SIGKILLed mid-run; the final checkpoints must agree tensor for tensor."""
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,6 +66,12 @@ def test_sigkill_mid_run_resumes_bit_identical(tmp_path: Path, name: str) -> Non
     if name == "random_layers":  # CSVLogger: one row per epoch across the restart
         with open(killed / "log.csv") as f:
             assert [r["epoch"] for r in csv.DictReader(f)] == ["0", "1", "2", "3"]
+    if name in ("random_layers", "custom_loop"):  # export reaches a script job's model
+        out = tmp_path / "latest.h5"
+        r = subprocess.run([sys.executable, "-m", "ckptd.worker.export", str(killed), str(out)],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "step" in r.stdout and out.stat().st_size > 0
 
 
 def test_entrypoint_job_hot_spare_takes_over_bit_identical(tmp_path: Path) -> None:

@@ -8,25 +8,53 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 from ckptd.state import ckptfiles as cf
+from ckptd.state.jobspec import spec_from_json
 from ckptd.state.paths import RunDir
 
 EXIT_OK, EXIT_NONE = 0, 1
 
 
+class _Ready(BaseException):
+    def __init__(self, loop: Any) -> None:
+        super().__init__("ready")
+        self.loop = loop
+
+
+def _loop_for(run: RunDir) -> Any:
+    """The job's loop (or custom-loop session), built as a worker builds it, not restored."""
+    from ckptd.worker.__main__ import _basics, _prepare
+    from ckptd.worker.script import ScriptRunner, run_entrypoint
+
+    if spec_from_json(run.spec_file.read_text()).entrypoint is None:
+        return _prepare(run, 0)
+    spec, beater, stop, writer = _basics(run, 0)
+
+    def ready(loop: Any) -> None:
+        raise _Ready(loop)  # the script stops in its fit / session call
+
+    try:
+        run_entrypoint(ScriptRunner(spec, run, beater, stop, writer, ready), spec.entrypoint)
+    except _Ready as r:
+        return r.loop
+    raise LookupError("the entrypoint never handed ckptd a model")
+
+
 def export_latest(run: RunDir, out: Path) -> str:
-    from ckptd.worker.__main__ import _prepare
     from ckptd.worker.h5export import save_weights_file
 
-    loop = _prepare(run, 0)
+    loop = _loop_for(run)
+    if loop.model is None:
+        raise LookupError("this job's session holds no keras.Model to export")
     ckdir = run.checkpoint_dir(loop.spec.checkpoint.dir)
     manifests, _bad = cf.read_manifests(ckdir)
     for m in reversed(manifests):
         problem = cf.verify_files(ckdir, m)
         if problem is None:
             try:
-                loop.ckpt.read(str(ckdir / m.prefix)).expect_partial()
+                loop.ck.ckpt.read(str(ckdir / m.prefix)).expect_partial()
             except Exception as e:  # a torn or foreign file: try the next older one
                 problem = f"{type(e).__name__}: {str(e)[:200]}"
         if problem is None:

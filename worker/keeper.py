@@ -28,6 +28,12 @@ from ckptd.state.retention import Committed, to_delete
 Log = Callable[..., None]
 
 
+# Objects of a checkpoint written by ckptd 0.1; a checkpoint without LEGACY_MARKER is one.
+LEGACY_NAMES = ("model", "optimizer", "step", "epoch", "step_in_epoch", "host_state", "rng",
+                "best_weights", "metrics")
+LEGACY_MARKER = "keras_rng/.ATTRIBUTES/VARIABLE_VALUE"
+
+
 class NoValidCheckpoint(Exception):
     pass
 
@@ -50,6 +56,7 @@ class Keeper:
         self.during_restore = during_restore
         self.retired: list[cf.Manifest] = []
         self.expected_keys: set[str] | None = None
+        self.next_number = 1
         # An empty state file makes CheckpointManager raise; a garbage one makes TF forget valid
         # checkpoints. ckptd's manifests decide, so TF's file is dropped and rewritten later.
         with contextlib.suppress(FileNotFoundError):
@@ -73,6 +80,9 @@ class Keeper:
     def restore(self) -> cf.Manifest | None:
         """Restore the newest valid committed checkpoint; None if none was ever committed."""
         manifests, bad = cf.read_manifests(self.dir)
+        # New commits are numbered after every existing one, whatever TF's save counter says
+        # (a checkpoint restored through another object graph does not carry it).
+        self.next_number = max([m.number for m in manifests] + list(bad) + [0]) + 1
         for number, reason in bad.items():
             self._quarantine(number, None, reason)
         marker = cf.read_restore_marker(self.dir)
@@ -104,10 +114,26 @@ class Keeper:
         try:
             problem = read_every_tensor(prefix)
             if problem is None:
-                self.ckpt.restore(prefix).assert_existing_objects_matched()
+                self._restore_objects(prefix, m)
         except Exception as e:  # TF raises OpError, IndexError, ValueError, AssertionError, …
             return f"restore failed: {type(e).__name__}: {str(e)[:300]}"
         return problem
+
+    def _restore_objects(self, prefix: str, m: cf.Manifest) -> None:
+        if LEGACY_MARKER in tf.train.load_checkpoint(prefix).get_variable_to_shape_map() or \
+                not all(hasattr(self.ckpt, name) for name in LEGACY_NAMES):
+            self.ckpt.restore(prefix).assert_existing_objects_matched()
+            return
+        # Written by ckptd 0.1, before random state was checkpointed: restore what it holds
+        # (every object it had must match) rather than quarantine a job's whole history.
+        legacy = tf.train.Checkpoint(**{n: getattr(self.ckpt, n) for n in LEGACY_NAMES})
+        _ = legacy.save_counter  # created lazily; the numbering of later saves continues from it
+        legacy.restore(prefix).assert_existing_objects_matched()
+        self.ckpt.save_counter.assign(legacy.save_counter)
+        self.log("exactness.warning", number=m.number, step=m.step,
+                 cause=f"checkpoint {m.prefix} was written by an earlier ckptd without the "
+                       "random generators' state: random layers restart from their seeds, so "
+                       "this resume is not bit-identical")
 
     # -- save -----------------------------------------------------------------------------
 
@@ -116,6 +142,9 @@ class Keeper:
         """Commit a checkpoint now. `number` overrides TF's save counter (the async path and
         this one share one numbering)."""
         self.retired = []
+        if number is None:
+            number = self.next_number
+        self.next_number = max(self.next_number, number + 1)
         try:
             return self._commit(step, epoch, step_in_epoch, metrics, number)
         except (OSError, tf.errors.OpError, ValueError) as e:

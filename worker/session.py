@@ -62,7 +62,8 @@ class Session:
                               "ckptd.session(...)'s objects")
         _build_optimizers(trackables, models)
         self.host = HostState(best=best, early=early)
-        self.out = EpochOutputs(run, models[0] if models else None, self.host, self._event)
+        self.model = models[0] if models else None  # what `ckptd export` writes
+        self.out = EpochOutputs(run, self.model, self.host, self._event)
         try:
             named = {k: as_trackable(v) for k, v in trackables.items()}
         except TypeError as e:
