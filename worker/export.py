@@ -6,6 +6,7 @@ or collected here; a checkpoint that fails verification is skipped with a messag
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ def _loop_for(run: RunDir) -> Any:
 
     if spec_from_json(run.spec_file.read_text()).entrypoint is None:
         return _prepare(run, 0)
+    os.chdir(run.root)  # as for its worker: files the script makes land in its run directory
     spec, beater, stop, writer = _basics(run, 0)
 
     def ready(loop: Any) -> None:
