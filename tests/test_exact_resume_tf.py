@@ -22,6 +22,7 @@ CASES = {
     "random_layers": ("entrypoint: {dir}/random_layers.py\ncheckpoint: {{every_steps: 15}}\n", 37),
     "vae_dataset": ("entrypoint: {dir}/vae_dataset.py\ncheckpoint: {{every_steps: 10}}\n", 33),
     "multi_io": ("model: {dir}/multi_io.py:build\ncheckpoint: {{every_steps: 10}}\n", 27),
+    "augment_in_map": ("entrypoint: {dir}/augment_in_map.py\ncheckpoint: {{every_steps: 10}}\n", 29),
     "gan": ("entrypoint: {dir}/gan.py\ncheckpoint: {{every_steps: 8}}\n", 21),
     "custom_loop": ("entrypoint: {dir}/custom_loop.py\ncheckpoint: {{every_steps: 15}}\n", 50),
 }

@@ -130,6 +130,9 @@ class Batches:
         ds = ds.batch(self.cfg.batch_size).skip(start_step).prefetch(2)
         yield from ds
 
+    def state_variables(self) -> list[Any]:
+        return []  # ckptd shuffles and batches: the position alone is the state
+
     def epoch_steps(self, epoch: int) -> int | None:
         return self.steps_per_epoch
 

@@ -149,9 +149,13 @@ def _all_nodes(graph_def: GraphDef) -> list[NodeDef]:
     return list(graph_def.node) + [n for nodes in _library(graph_def).values() for n in nodes]
 
 
-def _state_risks(fn_nodes: list[NodeDef]) -> list[str]:
+def _state_risks(fn_nodes: list[NodeDef], state_restored: bool) -> list[str]:
     ops = [n.op for n in fn_nodes]
-    risks = []
+    risks: list[str] = []
+    if state_restored:
+        # ckptd.worker.pipestate snapshots the pipeline's integer variables per pass and
+        # restores them on resume: generator and seed-generator state in ds.map replays.
+        ops = [op for op in ops if op not in GENERATOR_OPS | VARIABLE_WRITE_OPS]
     # map_tf_generator: the Generator's state advances per element and replaying iterator creations
     # does not advance it, so epoch k's draws differ after a resume.
     op = _first(ops, GENERATOR_OPS)
@@ -208,7 +212,7 @@ def _determinism_risks(graph_def: GraphDef) -> list[str]:
     return []
 
 
-def dataset_risks(ds: tf.data.Dataset) -> list[str]:
+def dataset_risks(ds: tf.data.Dataset, state_restored: bool = False) -> list[str]:
     """One sentence per cause that makes ckptd's resume of this (batched) dataset inexact.
 
     Exact, hence not reported: shuffle with or without a seed, reshuffle_each_iteration either way,
@@ -220,7 +224,8 @@ def dataset_risks(ds: tf.data.Dataset) -> list[str]:
         return [f"tf.data: ckptd could not inspect this dataset's graph ({type(exc).__name__}: {exc}); "
                 "its exact resume is unverified"]
     fn_nodes = list(_function_nodes(graph_def, graph_def.node))
-    risks = (_generator_risks(graph_def, fn_nodes) + _python_op_risks(graph_def) + _state_risks(fn_nodes)
+    risks = (_generator_risks(graph_def, fn_nodes) + _python_op_risks(graph_def)
+             + _state_risks(fn_nodes, state_restored)
              + _cache_risks(graph_def) + _determinism_risks(graph_def))
     return list(dict.fromkeys(risks))
 

@@ -19,6 +19,7 @@ import tensorflow as tf
 from ckptd.worker.api import FitArgs
 from ckptd.worker.entry import ConfigError
 from ckptd.worker.fitplan import EpochPlan, epoch_plan
+from ckptd.worker.pipestate import PipelineState
 
 
 def _to_array(value: Any) -> Any:
@@ -113,10 +114,14 @@ class DatasetSource:
         self.made = 0
         self.current: tuple[int, Iterator[Any]] | None = None
         self.position = 0  # batches taken from the current pass's iterator
+        self.state = PipelineState(ds)
 
     def first(self) -> Any:
         self.made += 1
-        return next(iter(self.ds))
+        it = iter(self.ds)
+        batch = next(it)
+        del it  # stops its prefetching before the pipeline's variables are snapshot
+        return batch
 
     def _iterator(self, pass_index: int, position: int) -> Iterator[Any]:
         if self.current is not None and self.current[0] == pass_index \
@@ -126,6 +131,7 @@ class DatasetSource:
             iter(self.ds)  # replays the iterator creations of the passes before this one
             self.made += 1
         self.made += 1
+        self.state.enter(pass_index)
         it: Iterator[Any] = iter(self.ds.skip(position) if position else self.ds)
         self.current, self.position = (pass_index, it), position
         return it
@@ -137,8 +143,11 @@ class DatasetSource:
             try:
                 batch = next(it)
             except StopIteration:
+                self.state.snapshot(plan.pass_index + 1)  # the pass is used up
                 return
             self.position += 1
+            if self.position == self.num_batches:
+                self.state.snapshot(plan.pass_index + 1)
             yield batch
             if remaining is not None:
                 remaining -= 1
@@ -228,6 +237,10 @@ class FitData:
                                           False, seed, "validation_data")
         self.steps_per_epoch = (args.steps_per_epoch if args.steps_per_epoch
                                 else self.train.num_batches)
+
+    def state_variables(self) -> list[Any]:
+        """What the checkpoint must carry for the pipeline (see ckptd.worker.pipestate)."""
+        return self.train.state.variables() if isinstance(self.train, DatasetSource) else []
 
     def plan(self, epoch: int) -> EpochPlan:
         return epoch_plan(epoch - self.args.initial_epoch, self.train.num_batches,

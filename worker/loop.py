@@ -58,7 +58,8 @@ class Loop:
             self.spec, run, {"model": model, "optimizer": optimizer,
                              "best_weights": self.out.best_weights,
                              "metrics": list(model.metrics_variables),
-                             "callbacks": self.callbacks_var},
+                             "callbacks": self.callbacks_var,
+                             "data_state": data.state_variables()},
             model_state_variables(model), beater, stop, writer)
         self.c = self.ck.c
         if user_callbacks:

@@ -79,7 +79,7 @@ def exactness_causes(spec: JobSpec, data: Any, step_fn: Any) -> list[str]:
     sources = [data.train, data.validation] if isinstance(data, FitData) else []
     for source in sources:
         if isinstance(source, DatasetSource):
-            causes += exactness.dataset_risks(source.ds)
+            causes += exactness.dataset_risks(source.ds, state_restored=source.state.all_integer)
         elif isinstance(source, PySource):
             causes += exactness.python_data_risks(source.ds)
     causes += exactness.graph_risks(step_fn)
