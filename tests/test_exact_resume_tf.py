@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT
+from .conftest import ROOT, ckptd_cmd
 from .procs import events, final_state_hash, finish, run_dir, start_run, status
 
 pytestmark = pytest.mark.tf
@@ -120,3 +120,34 @@ def test_setup_failures_are_config_errors_not_retried(tmp_path: Path, name: str)
     assert st["state"] == "failed" and st["attempts"] == 1
     (a,) = st["attempt_list"]
     assert a["class"] == "config_error" and fragment in a["error"], a["error"]
+
+
+def test_validate_build_names_what_would_make_a_resume_differ(tmp_path: Path) -> None:
+    """`ckptd validate --build` sets a script job up in a worker and names each cause; a job
+    whose set-up fails is bad input (exit 2) with the reason."""
+    (tmp_path / "noisy.py").write_text(
+        "import keras, numpy as np, tensorflow as tf\nimport ckptd.worker.api as ckptd\n"
+        "class Noisy(keras.Model):\n"
+        "    def train_step(self, data):\n"
+        "        x, y = data\n"
+        "        with tf.GradientTape() as tape:\n"
+        "            loss = tf.reduce_mean(tf.square(self(x + tf.random.normal(tf.shape(x))) - y))\n"
+        "        grads = tape.gradient(loss, self.trainable_weights)\n"
+        "        self.optimizer.apply_gradients(zip(grads, self.trainable_weights))\n"
+        "        return {'loss': loss}\n"
+        "inputs = keras.Input((2,))\n"
+        "m = Noisy(inputs, keras.layers.Dense(1)(inputs))\n"
+        "m.compile(optimizer='sgd')\n"
+        "ckptd.fit(m, np.zeros((8, 2)), np.zeros((8, 1)))\n")
+    noisy = tmp_path / "noisy.yaml"
+    noisy.write_text("name: noisy\nentrypoint: noisy.py\ntrain: {deterministic: false}\n")
+    (tmp_path / "broken.py").write_text(SETUP_FAILURES["uncompiled"][0])
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: broken\nentrypoint: broken.py\n")
+    r = subprocess.run(ckptd_cmd("validate", "--build", str(noisy), str(broken)),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2, r.stdout + r.stderr
+    warnings = [line for line in r.stderr.splitlines() if "noisy.yaml: warning" in line]
+    assert any("RandomStandardNormal" in w for w in warnings), r.stderr
+    assert any("train.deterministic is false" in w for w in warnings), r.stderr
+    assert "broken.yaml: set-up failed" in r.stderr and "not compiled" in r.stderr

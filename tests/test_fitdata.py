@@ -164,3 +164,10 @@ def test_callback_state_round_trip_and_csv_cut(tmp_path: Path) -> None:
     logger = keras.callbacks.CSVLogger(str(log))
     cbs.cut_csv_logs([logger], 2)
     assert log.read_text() == "epoch,loss\n0,1.0\n1,0.9\n" and logger.append
+
+
+def test_initial_epoch_starts_the_plan_at_the_first_pass() -> None:
+    x = np.arange(8).reshape(8, 1)
+    data = _data(x=x, batch_size=4, initial_epoch=3, epochs=5, shuffle=False)
+    assert data.plan(3).pass_index == 0 and data.plan(4).pass_index == 1
+    assert [b.ravel().tolist() for b in _epoch(data, 3)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
