@@ -34,6 +34,8 @@ def _loop_for(run: RunDir) -> Any:
     os.chdir(run.root)  # as for its worker: files the script makes land in its run directory
     spec, beater, stop, writer = _basics(run, 0)
 
+    assert spec.entrypoint is not None
+
     def ready(loop: Any) -> None:
         raise _Ready(loop)  # the script stops in its fit / session call
 
