@@ -53,7 +53,13 @@ def _clean_run(tmp: Path, name: str) -> Path:
     return _clean[name]
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+# Slow cases run with the conformance corpus (CI runs both); the default run keeps one program
+# per mechanism: seed generators and callbacks, state inside a tf.data map, a custom loop.
+LONG = {"vae_dataset", "multi_io", "gan"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.conformance) if n in LONG
+                                  else n for n in sorted(CASES)])
 def test_sigkill_mid_run_resumes_bit_identical(tmp_path: Path, name: str) -> None:
     job = _job(tmp_path, name)
     clean = _clean_run(tmp_path, name)
@@ -75,6 +81,7 @@ def test_sigkill_mid_run_resumes_bit_identical(tmp_path: Path, name: str) -> Non
         assert "step" in r.stdout and out.stat().st_size > 0
 
 
+@pytest.mark.conformance
 def test_entrypoint_job_hot_spare_takes_over_bit_identical(tmp_path: Path) -> None:
     """A script job's spare runs the script up to its fit call, waits there primed, and takes
     over after the SIGKILL like a model: job's spare."""
