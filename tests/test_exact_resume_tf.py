@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 
 from .conftest import ROOT, ckptd_cmd
-from .procs import events, final_state_hash, finish, run_dir, start_run, status
+from .procs import (
+    events,
+    final_state_hash,
+    finish,
+    heartbeat_when,
+    run_dir,
+    start_run,
+    status,
+)
 
 pytestmark = pytest.mark.tf
 PROGRAMS = ROOT / "tests" / "programs"
@@ -158,3 +166,29 @@ def test_validate_build_names_what_would_make_a_resume_differ(tmp_path: Path) ->
     assert any("RandomStandardNormal" in w for w in warnings), r.stderr
     assert any("train.deterministic is false" in w for w in warnings), r.stderr
     assert "broken.yaml: set-up failed" in r.stderr and "not compiled" in r.stderr
+
+
+def test_custom_loop_saves_on_ctrl_c_and_resumes_with_zero_lost_steps(tmp_path: Path) -> None:
+    """SIGINT to `ckptd run` reaches the custom loop's next sess.step_done: it commits, the
+    program ends (preempted), and the same job file continues from that very step."""
+    import signal
+
+    job = _job(tmp_path, "custom_loop")
+    job.write_text(job.read_text().replace("every_steps: 15", "every_steps: 1000"))
+    home = tmp_path / "home"
+    proc = start_run(home, str(job), faults="step_delay=0.05")
+    run = run_dir(home)
+    heartbeat_when(run, lambda h: h.step >= 30)
+    proc.send_signal(signal.SIGINT)
+    rc, out = finish(proc)
+    assert rc == 130, out
+    st = status(home, run.name)
+    assert st["state"] == "interrupted" and st["attempt_list"][-1]["class"] == "preempted"
+    (preempted,) = [e for e in events(run) if e["event"] == "worker.preempted"]
+    assert st["last_committed_step"] == preempted["step"] >= 30
+    rc, out = finish(start_run(home, str(job)))
+    assert rc == 0, out
+    st = status(home, run.name)
+    assert st["state"] == "succeeded"
+    assert st["attempt_list"][-1]["restored_step"] == preempted["step"]
+    assert final_state_hash(run) == final_state_hash(_clean_run(tmp_path, "custom_loop"))
