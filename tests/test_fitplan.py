@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from ckptd.worker.fitplan import EpochPlan, epoch_plan, should_validate
+from ckptd.worker.fitplan import EpochPlan, epoch_plan, should_validate, validations_between
 
 
 @pytest.mark.parametrize(("epochs_done", "num_batches", "steps_per_epoch", "plan"), [
@@ -45,3 +45,11 @@ def test_epoch_plans_cover_each_pass_once() -> None:
 def test_should_validate_follows_keras_one_based_epochs(epoch: int, freq: int,
                                                          expected: bool) -> None:
     assert should_validate(epoch, freq) is expected
+
+
+@pytest.mark.parametrize("first", [0, 1, 3])
+@pytest.mark.parametrize("freq", [1, 2, 3])
+def test_validations_between_counts_should_validate(first: int, freq: int) -> None:
+    for epoch in range(first, 12):
+        expected = sum(should_validate(e, freq) for e in range(first, epoch))
+        assert validations_between(first, epoch, freq) == expected

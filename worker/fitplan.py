@@ -35,3 +35,8 @@ def epoch_plan(epochs_done: int, num_batches: int | None,
 def should_validate(epoch: int, validation_freq: int) -> bool:
     """Keras's `validation_freq`: validate after every n-th epoch (1-based)."""
     return (epoch + 1) % validation_freq == 0
+
+
+def validations_between(first: int, epoch: int, validation_freq: int) -> int:
+    """How many validations the epochs first..epoch-1 ran (should_validate counted)."""
+    return epoch // validation_freq - first // validation_freq

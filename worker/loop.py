@@ -15,7 +15,7 @@ from ckptd.state.jobspec import JobSpec
 from ckptd.state.paths import RunDir
 from ckptd.worker import callbacks as cbs
 from ckptd.worker.checkpointing import Checkpointing
-from ckptd.worker.fitplan import should_validate
+from ckptd.worker.fitplan import should_validate, validations_between
 from ckptd.worker.hoststate import HostState
 from ckptd.worker.outputs import EpochOutputs
 from ckptd.worker.prep import floats, make_trackers
@@ -156,15 +156,13 @@ class Loop:
                          loss=self.ck.last_logs.get("loss"), logs=self.ck.last_logs,
                          examples_per_sec=rate)
 
-    def _evaluations_before(self, epoch: int) -> int:
-        return sum(should_validate(e, self.validation_freq)
-                   for e in range(self.initial_epoch, epoch))
-
     def epoch_end(self, epoch: int) -> None:
         self.beater.beat("validating", force=True)
         logs = dict(self.ck.last_logs)
-        val = (self.data.validation_batches(self._evaluations_before(epoch))
-               if should_validate(epoch, self.validation_freq) else None)
+        val = None
+        if should_validate(epoch, self.validation_freq):
+            done = validations_between(self.initial_epoch, epoch, self.validation_freq)
+            val = self.data.validation_batches(done)
         if val is not None:
             logs.update({f"val_{k}": v for k, v in evaluate(self.model, val).items()})
         self.callback_list.on_epoch_end(epoch, logs)

@@ -63,7 +63,7 @@ class Session:
         _build_optimizers(trackables, models)
         self.host = HostState(best=best, early=early)
         self.model = models[0] if models else None  # what `ckptd export` writes
-        self.out = EpochOutputs(run, self.model, self.host, self._event)
+        self.out = EpochOutputs(run, self.model, self.host, self.event)
         try:
             named = {k: as_trackable(v) for k, v in trackables.items()}
         except TypeError as e:
@@ -76,10 +76,8 @@ class Session:
         self.finished = False
         self._t_step = time.monotonic()
 
-    def _event(self, kind: str, **data: Any) -> None:
+    def event(self, kind: str, **data: Any) -> None:
         self.ck.event(kind, **data)
-
-    event = _event
 
     def restore(self) -> Manifest | None:
         """Called by the worker before the program gets the session."""

@@ -106,13 +106,6 @@ class HostRandom:
         self._last = None
 
 
-def random_trackables(models: Iterable[Any]) -> dict[str, Any]:
-    """Named random state for a checkpoint: Keras's global generator and TF's, which ckptd
-    replaces with a seeded one it can track (`seed` is the job's)."""
-    del models
-    return {"keras_rng": keras_global_generator().state}
-
-
 def make_step_function(model: Any) -> Callable[[Any], Any]:
     """One training step, built as `model.fit` builds it for the TensorFlow backend
     (keras.src.backend.tensorflow.trainer._make_function): the strategy runs `train_step` on the
