@@ -1,20 +1,23 @@
 """HTTP/JSON API on the daemon's Unix socket (stdlib http.server, one thread per request).
 
     GET  /v1/health                      the daemon's pid, queue and running counts
-    GET  /v1/jobs                        every job (summary)
+    GET  /v1/jobs                        the caller's jobs (every job for admins), summaries
     POST /v1/jobs                        submit: {"spec_json", "job_file", "raw", "priority", "key"}
     GET  /v1/jobs/ID                     one job with attempts and outputs
     POST /v1/jobs/ID/cancel              cancel (queued, running, backing off, interrupted, failed)
     GET  /v1/jobs/ID/checkpoints[?all=1] committed checkpoints
-    GET  /v1/jobs/ID/events?offset=N     the job's events.jsonl from byte N (for `ckptd logs -f`)
+    GET  /v1/jobs/ID/events?offset=W:S   the worker's and the supervisor's events from the offsets
+                                         the previous answer gave (for `ckptd logs -f`)
 
-The caller's uid comes from SO_PEERCRED, never from the request: it becomes the job's owner, and
-only the owner, root or a member of the admin group may cancel a job.
+The caller's uid, gid and groups come from SO_PEERCRED and SO_PEERGROUPS, never from the request:
+they become the job's owner, whose rights the job runs with. Only the owner, root or a member of the
+admin group may see a job's details, events and checkpoints, or cancel it.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import socket
 import socketserver
 import struct
@@ -30,11 +33,15 @@ from ckptd.state.store import Store
 MAX_BODY = 2 * 1024 * 1024
 
 
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13+; Python names it from 3.13
+
+
 @dataclass(frozen=True)
 class Peer:
     pid: int
     uid: int
     gid: int
+    groups: tuple[int, ...] = ()
 
 
 class ApiError(Exception):
@@ -48,15 +55,26 @@ class Backend(Protocol):
     def health(self) -> dict[str, Any]: ...
     def submit(self, store: Store, peer: Peer, body: dict[str, Any]) -> tuple[int, dict[str, Any]]: ...
     def cancel(self, store: Store, peer: Peer, job_id: str) -> tuple[int, dict[str, Any]]: ...
-    def job(self, store: Store, job_id: str, detail: bool) -> dict[str, Any]: ...
-    def jobs(self, store: Store) -> list[dict[str, Any]]: ...
-    def checkpoints(self, store: Store, job_id: str, include_retired: bool) -> list[dict[str, Any]]: ...
-    def events(self, store: Store, job_id: str, offset: int) -> dict[str, Any]: ...
+    def job(self, store: Store, peer: Peer, job_id: str, detail: bool) -> dict[str, Any]: ...
+    def jobs(self, store: Store, peer: Peer) -> list[dict[str, Any]]: ...
+    def checkpoints(self, store: Store, peer: Peer, job_id: str,
+                    include_retired: bool) -> list[dict[str, Any]]: ...
+    def events(self, store: Store, peer: Peer, job_id: str, cursor: str) -> dict[str, Any]: ...
 
 
 def peer_of(sock: socket.socket) -> Peer:
+    """Who is calling, as the kernel says (never the request): uid, gid and the supplementary
+    groups the caller held when it connected."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return Peer(*struct.unpack("3i", raw))
+    pid, uid, gid = struct.unpack("3i", raw)
+    try:
+        data = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 1024)  # up to 256 groups
+        groups = struct.unpack(f"{len(data) // 4}I", data[:len(data) // 4 * 4])
+    except OSError:  # an old kernel: the account database's groups stand in (ckptd.state)
+        from ckptd.state.submissions import account_owner
+
+        groups = account_owner(uid).groups
+    return Peer(pid, uid, gid, tuple(sorted(set(groups))))
 
 
 class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -107,23 +125,23 @@ class Handler(BaseHTTPRequestHandler):
         if route == ("GET", "health"):
             return 200, b.health()
         if route == ("GET", "jobs"):
-            return 200, b.jobs(store)
+            return 200, b.jobs(store, peer)
         if route == ("POST", "jobs"):
             return b.submit(store, peer, self._body())
         if len(parts) < 3 or parts[1] != "jobs":
             raise ApiError(404, f"no such endpoint {method} {url.path}")
         job_id = parts[2]
         if route == ("GET", "jobs", "ID"):
-            return 200, b.job(store, job_id, detail=True)
+            return 200, b.job(store, peer, job_id, detail=True)
         if route == ("POST", "jobs", "ID", "cancel"):
             return b.cancel(store, peer, job_id)
         if route == ("GET", "jobs", "ID", "checkpoints"):
-            return 200, b.checkpoints(store, job_id, query.get("all", ["0"])[0] == "1")
+            return 200, b.checkpoints(store, peer, job_id, query.get("all", ["0"])[0] == "1")
         if route == ("GET", "jobs", "ID", "events"):
             offset = query.get("offset", ["0"])[0]
-            if not offset.isdigit():
-                raise ApiError(400, "offset must be a non-negative integer")
-            return 200, b.events(store, job_id, int(offset))
+            if not re.fullmatch(r"\d{1,18}(:\d{1,18})?", offset):
+                raise ApiError(400, "offset: the `offset` of the previous answer (N or N:M)")
+            return 200, b.events(store, peer, job_id, offset)
         raise ApiError(404, f"no such endpoint {method} {url.path}")
 
     def _body(self) -> dict[str, Any]:

@@ -144,7 +144,7 @@ def run(home: Path, job_file: Path | None, resume: str | None, new: bool, progre
     job, spec, resuming = _pick_job(store, home, job_file, resume, new)
     run_dir = RunDir(Path(job.run_dir))
     try:
-        jobs.lock_job(run_dir)
+        jobs.lock_job(run_dir.root)
     except jobs.JobBusy as e:
         _die(str(e))
     job = jobs.reconcile_lost(store, job)

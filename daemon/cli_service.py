@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import click
 from ckptd.daemon import logs
 from ckptd.daemon.client import ApiRefused, Client, DaemonUnavailable, find_socket
 from ckptd.daemon.config import load_config
+from ckptd.daemon.report import best_files
 from ckptd.daemon.service import AlreadyRunning, Daemon
 from ckptd.daemon.sockets import SocketError
 from ckptd.state.jobspec import load_job_file, spec_json
@@ -80,7 +82,7 @@ def submit(home: Path, job_file: Path, priority: int, key: str | None, wait: boo
         for problem in e.problems:
             click.echo(problem, err=True)
         sys.exit(EXIT_BAD_INPUT)
-    body = {"spec_json": spec_json(spec), "job_file": str(job_file.resolve()),
+    body = {"spec_json": spec_json(spec), "job_file": os.path.abspath(job_file),
             "raw": raw.decode(), "priority": priority, "key": key or f"cli-{uuid.uuid4()}"}
     client = Client(find_socket(home))
     answer: Any = {}
@@ -160,13 +162,16 @@ def export(home: Path, job_id: str, which: str | None, output: Path) -> None:
         raise click.UsageError("give --best or --latest")
     job = client_call(home, "GET", f"/v1/jobs/{job_id}")
     if which == "best":
-        best = job["outputs"]["best_files"]
+        best = best_files(job["outputs"].get("best_template"))  # listed with our own rights
         if not best:
             _die(f"job {job_id} has no best file yet (best: not configured, or no epoch ended)")
         if Path(best[-1]).suffix != output.suffix:
             _die(f"the best file is {Path(best[-1]).name}; name the output *{Path(best[-1]).suffix}",
                  EXIT_BAD_INPUT)
-        shutil.copyfile(best[-1], output)
+        try:
+            shutil.copyfile(best[-1], output)
+        except OSError as e:
+            _die(f"cannot copy {best[-1]} to {output}: {e.strerror}")
         click.echo(f"{output}: best weights from {best[-1]}")
         return
     # TensorFlow is only ever imported in a worker-side process.

@@ -16,6 +16,8 @@ from ckptd.state.jobspec import JobSpec, spec_digest, spec_from_json, spec_json
 from ckptd.state.paths import RunDir
 from ckptd.state.states import RESUMABLE, AttemptClass, JobState
 from ckptd.state.store import Job, Store, new_job_id
+from ckptd.state.submissions import Owner
+from ckptd.supervisor import identity
 from ckptd.supervisor.process import worker_module
 
 
@@ -23,20 +25,50 @@ class JobBusy(Exception):
     pass
 
 
-def create_run(state: Path, spec: JobSpec, raw: bytes, record: Callable[[str, RunDir], Job]) -> Job:
-    """Run directory first (job file, resolved spec, fsync), then `record` writes the store row(s)
-    in one transaction: a job the store acknowledges is complete; a failure leaves no directory."""
+RUN_DIR_MODE = 0o2750  # setgid: what the worker writes keeps the daemon's group, which reads it
+
+
+def create_run(state: Path, spec: JobSpec, raw: bytes, record: Callable[[str, RunDir], Job],
+               owner: Owner | None = None) -> Job:
+    """Run directory first (job file, spec, fsync), then `record` writes the store row(s) in one
+    transaction: a job the store acknowledges is complete; a failure leaves no directory.
+
+    The directory is born private (0700, ours) and handed to `owner` only once it is complete, so
+    nobody can plant a symlink in it while the daemon writes there. From then on it is the
+    owner's: the daemon only reads it (through its group), and never writes into it again."""
     job_id = new_job_id(spec.name)
-    run = RunDir(state / "jobs" / job_id)
-    run.root.mkdir(parents=True, exist_ok=False)
+    jobs_dir = state / "jobs"
+    jobs_dir.mkdir(parents=True, exist_ok=True)
+    run = RunDir(jobs_dir / job_id)
+    run.root.mkdir(mode=0o700)
     try:
         atomic_write_bytes(run.job_file, raw)
         atomic_write_text(run.spec_file, spec_json(spec))
+        _hand_over(run, owner or identity.me())
+        fsync_dir(run.root)
         fsync_dir(run.root.parent)
         return record(job_id, run)
     except BaseException:
         shutil.rmtree(run.root, ignore_errors=True)
         raise
+
+
+def _hand_over(run: RunDir, owner: Owner) -> None:
+    group = os.getegid()
+    for path in (run.job_file, run.spec_file):
+        os.chmod(path, 0o640)
+        os.chown(path, owner.uid, group)
+    os.chmod(run.root, RUN_DIR_MODE)
+    os.chown(run.root, owner.uid, group)
+    os.chmod(run.root, RUN_DIR_MODE)  # chown clears the setgid bit
+
+
+def supervision_dir(state: Path, job_id: str) -> Path:
+    """The daemon's own per-job files (its events, its lock, launch output): never in the run
+    directory, which belongs to the job's owner."""
+    path = state / "supervision" / job_id
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
 
 
 def create_job(store: Store, state: Path, spec: JobSpec, raw: bytes, job_file: Path) -> Job:
@@ -57,15 +89,16 @@ def spec_of(job: Job) -> JobSpec:
     return spec_from_json(job.spec_json)
 
 
-def lock_job(run: RunDir) -> int:
-    """One supervisor per job: `ckptd run` twice on the same job must not start two workers."""
-    fd = os.open(run.root / ".supervisor.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
-                 0o644)
+def lock_job(where: Path) -> int:
+    """One supervisor per job: `ckptd run` twice on the same job must not start two workers.
+    `where`: the run directory (`ckptd run`) or the job's supervision directory (the daemon)."""
+    fd = os.open(where / ".supervisor.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as e:
         os.close(fd)
-        raise JobBusy(f"job in {run.root} is already being supervised by another ckptd") from e
+        raise JobBusy(f"job in {where} is already being supervised by another ckptd") from e
     return fd
 
 
@@ -80,9 +113,17 @@ def works_for(proc: psutil.Process, run: RunDir) -> bool:
         cmd = proc.cmdline()
         if worker_module() not in cmd:
             return False
-        return str(run.root) in cmd or ("--warm" in cmd
-                                        and Path(proc.cwd()) == run.root.resolve())
+        if str(run.root) in cmd:
+            return True
+        if "--warm" not in cmd:
+            return False
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+    try:
+        return Path(proc.cwd()) == run.root.resolve()
+    except psutil.AccessDenied:  # another user's process, and no CAP_SYS_PTRACE (the unit)
+        return True  # callers have matched its pid and start time to the attempt they started
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
         return False
 
 

@@ -32,10 +32,25 @@ class Recovered:
     requeued: list[str]
 
 
-def lock_is_held(path: Path) -> bool:
+def lock_is_held(run: RunDir, ckpt_dir: Path) -> bool:
+    """Whether the checkpoint directory's lock is held. Only looked at inside the run directory
+    (component by component, no symlink followed): a checkpoint directory elsewhere is the
+    owner's to name, and the daemon opens nothing there; pid, start time and command line
+    already identify the worker."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        rel = ckpt_dir.relative_to(run.root)
+    except ValueError:
+        return True
+    fd = -1
+    try:
+        fd = os.open(run.root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        for name in (*rel.parts, ".lock"):
+            nxt = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
     except OSError:
+        if fd >= 0:
+            os.close(fd)
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -62,7 +77,7 @@ def live_worker(a: Attempt, run: RunDir, ckpt_dir: Path) -> psutil.Process | Non
         return None
     if not jobs.works_for(proc, run):
         return None
-    return proc if lock_is_held(ckpt_dir / ".lock") else None
+    return proc if lock_is_held(run, ckpt_dir) else None
 
 
 def _devices(proc: psutil.Process, run: RunDir) -> list[int]:

@@ -63,28 +63,40 @@ def print_status(reports: list[dict[str, Any]], detail: bool) -> None:
                        f" — {a['evidence'] or ''}")
             if a["error"]:
                 click.echo(f"    error: {a['error']}")
-        click.echo(json.dumps(r["outputs"], indent=2))
+        shown = dict(r["outputs"], best_files=best_files(r["outputs"].get("best_template")))
+        click.echo(json.dumps(shown, indent=2))
 
 
 def outputs(job: Job, spec: JobSpec) -> dict[str, Any]:
+    """Where a job's outputs are: paths only. Whoever asks lists them (best_files) with their own
+    rights; the daemon never lists a directory on anybody's behalf."""
     run = RunDir(Path(job.run_dir))
-    best_files: list[str] = []
-    if spec.best:
-        template = run.output_path(spec.best.filepath)
-        stem = template.name.split("{", 1)[0]
-        if template.parent.is_dir():
-            found = [p for p in template.parent.iterdir()
-                     if (p.name.startswith(stem) if "{" in template.name else p == template)]
-            best_files = [str(p) for p in sorted(found, key=lambda p: p.stat().st_mtime_ns)]
     return {
         "run_dir": str(run.root), "checkpoints": str(run.checkpoint_dir(spec.checkpoint.dir)),
-        "history": str(run.history), "best_files": best_files,
+        "history": str(run.history),
+        "best_template": str(run.output_path(spec.best.filepath)) if spec.best else None,
         "logs": str(run.root / "attempts"), "events": str(run.root / "events.jsonl"),
     }
 
 
+def best_files(template: str | None) -> list[str]:
+    """The best files written so far from `best.filepath`'s template, oldest first, as far as
+    the caller may list its directory."""
+    if not template:
+        return []
+    path = Path(template)
+    stem = path.name.split("{", 1)[0]
+    try:
+        found = [p for p in path.parent.iterdir()
+                 if (p.name.startswith(stem) if "{" in path.name else p == path)]
+        return [str(p) for p in sorted(found, key=lambda p: p.stat().st_mtime_ns)]
+    except OSError:
+        return []
+
+
 def print_outputs(job: Job, spec: JobSpec) -> None:
     out = outputs(job, spec)
+    out["best_files"] = best_files(out["best_template"])
     click.echo(f"job {job.id}: {job.state}" + (f" ({job.reason})" if job.reason else ""), err=True)
     click.echo(f"  run dir:     {out['run_dir']}", err=True)
     click.echo(f"  checkpoints: {out['checkpoints']}", err=True)

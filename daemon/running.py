@@ -21,6 +21,7 @@ from ckptd.state.jobspec import JobSpec
 from ckptd.state.paths import RunDir
 from ckptd.state.states import TERMINAL, AttemptClass, JobState
 from ckptd.state.store import Store
+from ckptd.state.submissions import Owner
 from ckptd.supervisor.display import LogDisplay
 from ckptd.supervisor.process import RealProcessOps
 from ckptd.supervisor.runner import Adopted, JobRunner, StopRequests
@@ -31,9 +32,10 @@ class DaemonDisplay(LogDisplay):
     """Log lines on the daemon's stdout, and supervisor events in the job's events.jsonl so that
     `ckptd logs -f` shows restarts next to what the workers wrote."""
 
-    def __init__(self, log: Any, run: RunDir) -> None:
+    def __init__(self, log: Any, supervision: Path) -> None:
         super().__init__(log)
-        self.path = run.root / p.EVENTS_FILE
+        # The daemon's own file, not the run directory: that belongs to the job's owner.
+        self.path = supervision / p.EVENTS_FILE
 
     def attempt_started(self, n: int, pid: int) -> None:
         super().attempt_started(n, pid)
@@ -59,26 +61,28 @@ class RunningJob:
 
 
 def start_job(home: Path, job_id: str, spec: JobSpec, run_dir: Path, devices: list[int],
-              log: Any, adopt: Adopted | None = None, warm: WarmPool | None = None,
+              log: Any, owner: Owner, adopt: Adopted | None = None, warm: WarmPool | None = None,
               first: subprocess.Popen[bytes] | None = None) -> RunningJob:
-    """`warm`: the daemon's pool; `first`: a warm worker it took for this job's first attempt."""
+    """`owner`: whose rights the workers run with; `warm`: the daemon's pool; `first`: a warm
+    worker it took for this job's first attempt."""
     rj = RunningJob(job_id, devices)
-    ops = RealProcessOps(warm, first)
+    mine = jobs.supervision_dir(home, job_id)
+    ops = RealProcessOps(warm, first, owner, mine)
     rj.thread = threading.Thread(target=_supervise,
-                                 args=(home, rj, spec, RunDir(run_dir), log, adopt, ops),
+                                 args=(home, rj, spec, RunDir(run_dir), mine, log, adopt, ops),
                                  name=f"job-{job_id}", daemon=True)
     rj.thread.start()
     return rj
 
 
-def _supervise(home: Path, rj: RunningJob, spec: JobSpec, run: RunDir, log: Any,
+def _supervise(home: Path, rj: RunningJob, spec: JobSpec, run: RunDir, mine: Path, log: Any,
                adopt: Adopted | None, ops: RealProcessOps) -> None:
     store = Store.open(home, check=False)
     lock_fd = None
     jlog = log.bind(job_id=rj.job_id)
     try:
-        lock_fd = jobs.lock_job(run)
-        runner = JobRunner(store, rj.job_id, spec, run, ops, DaemonDisplay(jlog, run),
+        lock_fd = jobs.lock_job(mine)
+        runner = JobRunner(store, rj.job_id, spec, run, ops, DaemonDisplay(jlog, mine),
                            rj.stops, hot_spare=spec.restart.hot_spare, gpus=rj.devices)
         rj.end = runner.run_job(adopt)
         job = store.job(rj.job_id)

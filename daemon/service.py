@@ -8,6 +8,7 @@ iteration pings the systemd watchdog, so a blocked loop gets the service restart
 from __future__ import annotations
 
 import fcntl
+import grp
 import os
 import signal
 import sqlite3
@@ -30,8 +31,9 @@ from ckptd.daemon.sockets import bound
 from ckptd.daemon.spool import Spool
 from ckptd.state.states import JobState
 from ckptd.state.store import Store, StoreError
-from ckptd.state.submissions import managed_jobs
+from ckptd.state.submissions import Owner, managed_jobs, owner_of, submission
 from ckptd.supervisor.gpus import detect_gpus
+from ckptd.supervisor.identity import can_switch_users
 from ckptd.supervisor.warm import WarmPool
 
 LOOP_SECONDS = 0.5
@@ -54,6 +56,25 @@ def lock_instance(home: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def share_dirs(home: Path, group: str | None) -> None:
+    """A daemon that runs users' jobs as those users: each can reach their own run directory
+    (`<state>/jobs/ID`, theirs) by name, but list nothing; the store and the daemon's own files
+    stay private (ckptd.state.store); members of the socket's group may drop job files in the
+    spool, whose sticky bit keeps them from moving each other's."""
+    jobs_dir = home / "jobs"
+    jobs_dir.mkdir(exist_ok=True)
+    for d in (home, jobs_dir):
+        os.chmod(d, 0o711)
+    spool = home / "spool"
+    spool.mkdir(exist_ok=True)
+    gid = grp.getgrnam(group).gr_gid if group else os.getegid()
+    os.chown(spool, -1, gid)
+    os.chmod(spool, 0o1770)
+    for sub in ("accepted", "rejected"):  # a submitter reads its own file's error by name
+        (spool / sub).mkdir(exist_ok=True)
+        os.chmod(spool / sub, 0o711)
 
 
 class Daemon:
@@ -82,6 +103,8 @@ class Daemon:
         for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(s, self._record_signal)
         try:
+            if can_switch_users():
+                share_dirs(self.home, self.config.socket_group)
             self._recover(store)
             sock = socket_path(self.config, self.home)
             backend = ApiBackend(self.home, self.registry, self.config.admin_group, self.wake,
@@ -105,7 +128,8 @@ class Daemon:
         for job, adopted, devices in found.adopted:
             self.log.info("worker.adopted", job_id=job.id, attempt=adopted.n, pid=adopted.pid)
             self.registry.running[job.id] = start_job(self.home, job.id, jobs.spec_of(job),
-                                                      Path(job.run_dir), devices, self.log, adopted,
+                                                      Path(job.run_dir), devices, self.log,
+                                                      self._owner(store, job.id), adopted,
                                                       self.warm)
         for job_id in found.requeued:
             self.log.info("job.requeued", job_id=job_id, reason="daemon restarted")
@@ -176,7 +200,15 @@ class Daemon:
                       last_committed_step=job.last_committed_step)
         self.registry.running[job_id] = start_job(self.home, job_id, jobs.spec_of(job),
                                                   Path(job.run_dir), devices, self.log,
-                                                  warm=self.warm, first=self.warm.take())
+                                                  self._owner(store, job_id), warm=self.warm,
+                                                  first=self.warm.take())
+
+    @staticmethod
+    def _owner(store: Store, job_id: str) -> Owner:
+        sub = submission(store, job_id)
+        if sub is None:  # pragma: no cover - daemon jobs always have one (managed_jobs joins it)
+            raise StoreError(f"job {job_id} has no submission row")
+        return owner_of(sub)
 
     def _keep_warm(self) -> None:
         with self.registry.lock:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -24,7 +25,9 @@ from ckptd.state import submissions
 from ckptd.state.durable import atomic_write_text, fsync_dir
 from ckptd.state.jobspec import parse_job
 from ckptd.state.store import Store
+from ckptd.state.submissions import account_owner
 from ckptd.state.yamlstrict import JobFileError
+from ckptd.supervisor import identity
 
 SUFFIXES = (".yaml", ".yml")
 MAX_JOB_FILE = 1024 * 1024
@@ -36,6 +39,30 @@ class Intake:
     outcome: str  # accepted | rejected | duplicate
     job_id: str | None = None
     problems: tuple[str, ...] = ()
+
+
+class _Refused(Exception):
+    pass
+
+
+def _read_own_file(path: Path) -> tuple[bytes, os.stat_result]:
+    """The file's bytes and identity. Not a symlink, not a FIFO, and one link only: a hard link
+    to somebody else's file would make them the owner of a job they never submitted."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise _Refused(f"cannot read: {e.strerror}; make it readable by the daemon "
+                       "(chmod o+r, or the daemon's group)") from e
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _Refused("not a regular file")
+        if st.st_nlink != 1:
+            raise _Refused(f"has {st.st_nlink} hard links; drop a file of your own (cp, not ln)")
+        data = f.read(MAX_JOB_FILE + 1)
+    if len(data) > MAX_JOB_FILE:
+        raise _Refused(f"larger than {MAX_JOB_FILE} bytes")
+    return data, st
 
 
 def spool_key(st: os.stat_result, name: str) -> str:
@@ -85,23 +112,28 @@ class Spool:
         return [self.take(store, home, path) for path in self.candidates(time.time())]
 
     def take(self, store: Store, home: Path, path: Path) -> Intake:
-        st = path.lstat()
+        try:
+            data, st = _read_own_file(path)
+        except _Refused as e:
+            return self._reject(path, [f"{path}: {e}"])
         key = spool_key(st, path.name)
-        existing = submissions.by_key(store, key)
+        owner = account_owner(st.st_uid)  # the file's owner: whose rights the job runs with
+        existing = submissions.by_key(store, owner.uid, key)
         if existing is not None:  # created before a crash; finish the move
             self._move(path, "accepted")
             return Intake(path.name, "duplicate", existing)
+        if identity.needs_switch(owner) and not identity.can_switch_users():
+            return self._reject(path, [f"{path}: owned by uid {owner.uid}, but this daemon runs "
+                                       f"as uid {os.geteuid()} and may not start jobs as other "
+                                       "users"])
         try:
-            data = path.read_bytes()[:MAX_JOB_FILE + 1]
-            spec = parse_job(data, str(path), self.dir)
+            spec = parse_job(data, str(path), self.dir, check=False)
         except JobFileError as e:
             return self._reject(path, e.problems)
-        except OSError as e:
-            return self._reject(path, [f"{path}: cannot read: {e.strerror}"])
         job = submit_job(store, home, spec, data, str(self.dir / "accepted" / path.name),
-                         st.st_uid, 0, key)
+                         owner, 0, key)
         self._move(path, "accepted")
-        self.log.info("job.submitted", job_id=job.id, name=job.name, owner_uid=st.st_uid,
+        self.log.info("job.submitted", job_id=job.id, name=job.name, owner_uid=owner.uid,
                       source="spool", file=path.name)
         return Intake(path.name, "accepted", job.id)
 

@@ -8,17 +8,20 @@ anything outside the checkpoint directory, and symlinks are never followed.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
+import stat
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ckptd.state.durable import atomic_write_text, fsync_dir, write_nondurable
+from ckptd.state.durable import atomic_write_text, write_nondurable
 
 PREFIX = "ckpt"
 QUARANTINE = "quarantine"
@@ -121,40 +124,101 @@ def verify_files(directory: Path, man: Manifest, digests: bool = True) -> str | 
     return None
 
 
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class DirectoryMoved(OSError):
+    """A component of a checkpoint directory's path became a symlink after the job started."""
+
+
+@contextlib.contextmanager
+def pinned(directory: Path) -> Iterator[int]:
+    """A descriptor of `directory` (a real path, resolved when the job started), opened one
+    component at a time from / without following any symlink. Deleting, rotating and
+    quarantining go through it, so a symlink swapped in later cannot redirect them outside."""
+    fd = os.open("/", _DIR_FLAGS)
+    try:
+        for name in directory.parts[1:]:
+            try:
+                nxt = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise DirectoryMoved(e.errno, f"{name} in the checkpoint directory's path "
+                                         "is now a symlink; nothing outside it is touched",
+                                         str(directory)) from e
+                raise
+            os.close(fd)
+            fd = nxt
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def real_dir(directory: Path) -> Path:
+    """Resolve once, at the start: later operations follow no symlink at all."""
+    return Path(os.path.realpath(directory))
+
+
+def unlink_in(directory: Path, name: str) -> None:
+    with pinned(directory) as fd, contextlib.suppress(FileNotFoundError):
+        os.unlink(name, dir_fd=fd)
+
+
 def quarantine(directory: Path, number: int, reason: str) -> Path:
     """Move ckpt-N (files and manifest) into quarantine/ with the reason; never delete it."""
-    dest = directory / QUARANTINE / f"{PREFIX}-{number}-{time.strftime('%Y%m%dT%H%M%S')}"
-    dest.mkdir(parents=True, exist_ok=True)
-    names = [p for p in directory.iterdir()
-             if (m := FILE_RE.match(p.name) or MANIFEST_RE.match(p.name))
-             and int(m.group(1)) == number]
-    atomic_write_text(dest / "reason.txt", reason + "\n")
-    # The manifest moves first: from then on N is not committed, whatever else happens.
-    for p in sorted(names, key=lambda p: not p.name.endswith(".manifest.json")):
-        os.replace(p, dest / p.name)
-    fsync_dir(dest)
-    fsync_dir(directory)
-    return dest
+    stamp = f"{PREFIX}-{number}-{time.strftime('%Y%m%dT%H%M%S')}"
+    with pinned(directory) as fd:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(QUARANTINE, 0o750, dir_fd=fd)
+        qfd = os.open(QUARANTINE, _DIR_FLAGS, dir_fd=fd)
+        try:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(stamp, 0o750, dir_fd=qfd)
+            dfd = os.open(stamp, _DIR_FLAGS, dir_fd=qfd)
+        finally:
+            os.close(qfd)
+        try:
+            names = [n for n in os.listdir(fd)
+                     if (m := FILE_RE.match(n) or MANIFEST_RE.match(n)) and int(m.group(1)) == number]
+            rfd = os.open("reason.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                          | os.O_CLOEXEC, 0o640, dir_fd=dfd)
+            with os.fdopen(rfd, "w") as f:
+                f.write(reason + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            # The manifest moves first: from then on N is not committed, whatever else happens.
+            for n in sorted(names, key=lambda n: not n.endswith(".manifest.json")):
+                os.replace(n, n, src_dir_fd=fd, dst_dir_fd=dfd)
+            os.fsync(dfd)
+            os.fsync(fd)
+        finally:
+            os.close(dfd)
+    return directory / QUARANTINE / stamp
 
 
 def collect_garbage(directory: Path, committed: set[int]) -> list[str]:
     """Remove leftovers of interrupted saves: uncommitted ckpt-N files, `ckpt-N_temp*` dirs,
     `checkpoint.tmp*`, `.checkpoint.*.tmp` and `*.tempstate*` files. Symlinks are unlinked, never
-    followed. The removals are not fsynced: files that reappear after a power cut are still
-    uncommitted, and the next collection removes them again."""
+    followed; directories are removed through descriptors (shutil.rmtree's fd-based walk), so
+    nothing outside `directory` is touched. The removals are not fsynced: files that reappear
+    after a power cut are still uncommitted, and the next collection removes them again."""
     removed = []
-    for p in directory.iterdir():
-        m = FILE_RE.match(p.name)
-        stray = bool(m and int(m.group(1)) not in committed) or p.name.startswith(
-            ("checkpoint.tmp", ".checkpoint.")) or ".tempstate" in p.name
-        temp_dir = bool(TEMP_DIR_RE.match(p.name))
-        if not (stray or temp_dir):
-            continue
-        if p.is_symlink() or p.is_file():
-            p.unlink()
-        elif p.is_dir():
-            shutil.rmtree(p)
-        removed.append(p.name)
+    with pinned(directory) as fd:
+        for name in os.listdir(fd):
+            m = FILE_RE.match(name)
+            stray = bool(m and int(m.group(1)) not in committed) or name.startswith(
+                ("checkpoint.tmp", ".checkpoint.")) or ".tempstate" in name
+            if not (stray or TEMP_DIR_RE.match(name)):
+                continue
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    shutil.rmtree(name, dir_fd=fd)
+                else:
+                    os.unlink(name, dir_fd=fd)
+            except FileNotFoundError:
+                continue
+            removed.append(name)
     return removed
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -54,6 +55,17 @@ class Train(_Strict):
     deterministic: bool = True
 
 
+def _inside_run_dir(value: str) -> str:
+    """A relative output path stays inside the run directory; an absolute one is checked where
+    the submitter's rights apply (check_paths on the client, the worker at run time)."""
+    if "\0" in value:
+        raise ValueError("contains a NUL character")
+    if not value.startswith("/") and ".." in Path(value).parts:
+        raise ValueError("a relative path must stay inside the job's run directory (no '..'); "
+                         "give an absolute path you can write to put it elsewhere")
+    return value
+
+
 class Checkpoint(_Strict):
     dir: str = Field("checkpoints", min_length=1, max_length=4096)
     every_steps: int | None = Field(100, ge=1, le=10**9)
@@ -69,6 +81,11 @@ class Checkpoint(_Strict):
     # loop sees only part of a large checkpoint's cost (~55 % of a 104 MB commit's on 2 cores;
     # the rest falls outside the save's window), and the true cost should stay within 2 %.
     async_overhead_budget: float = Field(0.01, gt=0.0, le=1.0)
+
+    @field_validator("dir")
+    @classmethod
+    def _dir_inside(cls, v: str) -> str:
+        return _inside_run_dir(v)
 
     @model_validator(mode="after")
     def _some_trigger(self) -> Checkpoint:
@@ -90,7 +107,7 @@ class Best(_Strict):
         if not v.endswith(WEIGHT_SUFFIXES):
             raise ValueError("must end in .hdf5 or .h5 (Keras-2 HDF5 weights), .weights.h5 "
                              "(Keras 3 weights) or .keras (whole model)")
-        return v
+        return _inside_run_dir(v)
 
 
 class EarlyStopping(_Strict):
@@ -160,6 +177,9 @@ class JobSpec(_Strict):
     early_stopping: EarlyStopping | None = None
     restart: Restart = Field(default_factory=Restart)  # type: ignore[arg-type]
     resources: Resources = Field(default_factory=Resources)  # type: ignore[arg-type]
+    # The job file's directory (set by the loader, never by the file): relative paths in params
+    # are resolved against it by the worker, with the submitter's rights.
+    base_dir: str | None = Field(None, max_length=4096)
 
     @field_validator("model")
     @classmethod
@@ -249,36 +269,80 @@ def _resolve_params(value: Any, base: Path) -> Any:
     return value
 
 
-def resolve_spec(spec: JobSpec, job_dir: Path, source: str) -> JobSpec:
-    update: dict[str, Any] = {"params": _resolve_params(spec.params, job_dir)}
+def resolved_params(spec: JobSpec) -> dict[str, Any]:
+    """The params a job's code sees. Called in the worker, which runs with the submitter's rights:
+    whether `data.csv` names a file is decided by what the submitter can see, never the daemon."""
+    if spec.base_dir is None:  # stored by ckptd 0.2 and earlier: resolved when submitted
+        return dict(spec.params)
+    return dict(_resolve_params(spec.params, Path(spec.base_dir)))
+
+
+def _code_path(job_dir: Path, target: str) -> str:
+    # Lexical only (no filesystem access): the daemon derives the stored spec from the job file's
+    # text with this, and must not probe paths on a submitter's behalf.
+    return os.path.normpath(job_dir / target)
+
+
+def pure_spec(spec: JobSpec, job_dir: Path) -> JobSpec:
+    """The spec as stored and run: code paths made absolute against the job file's directory."""
+    update: dict[str, Any] = {"base_dir": os.path.normpath(job_dir)}
     if spec.model is not None:
         m = ENTRY_RE.match(spec.model)
         assert m is not None  # checked by the schema
         target, func = m.group("target"), m.group("func")
         if target.endswith(".py"):
-            path = (job_dir / target).resolve()
-            if not path.is_file():
-                raise JobFileError([f"{source}: model: file {path} does not exist"])
-            update["model"] = f"{path}:{func}"
+            update["model"] = f"{_code_path(job_dir, target)}:{func}"
     if spec.entrypoint is not None:
-        path = (job_dir / spec.entrypoint).resolve()
-        if not path.is_file():
-            raise JobFileError([f"{source}: entrypoint: file {path} does not exist"])
-        update["entrypoint"] = str(path)
+        update["entrypoint"] = _code_path(job_dir, spec.entrypoint)
     return spec.model_copy(update=update)
 
 
-def parse_job(data: bytes, source: str, job_dir: Path) -> JobSpec:
+def _writable_parent(path: Path) -> Path | None:
+    """The nearest existing ancestor of `path` (itself included), if the caller can write it."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return candidate if os.access(candidate, os.W_OK | os.X_OK) else None
+    return None
+
+
+def check_paths(spec: JobSpec, source: str) -> None:
+    """What the submitter's own rights say about the job's paths (the CLI runs this as them; the
+    worker meets the same rights at run time, with the same field names in its messages)."""
+    problems = []
+    for field, text in (("model", spec.model), ("entrypoint", spec.entrypoint)):
+        target = text.rsplit(":", 1)[0] if field == "model" and text else text
+        if target and target.endswith(".py") and not os.access(target, os.R_OK):
+            why = "does not exist" if not os.path.lexists(target) else "is not readable by you"
+            problems.append(f"{source}: {field}: file {target} {why}")
+    outputs = [("checkpoint.dir", spec.checkpoint.dir)]
+    if spec.best:
+        outputs.append(("best.filepath", str(Path(spec.best.filepath).parent)))
+    for field, value in outputs:
+        if value.startswith("/") and _writable_parent(Path(value)) is None:
+            problems.append(f"{source}: {field}: {value} is not writable by you (uid "
+                            f"{os.geteuid()}); choose a directory you can write, or a path "
+                            "relative to the run directory")
+    if problems:
+        raise JobFileError(problems)
+
+
+def parse_job(data: bytes, source: str, job_dir: Path, check: bool = True) -> JobSpec:
+    """`check`: also look at the paths with the caller's rights (the CLI; never the daemon)."""
     raw = load_mapping(data, source)
+    if "base_dir" in raw:
+        raise JobFileError([f"{source}: base_dir: unknown field (set by ckptd, not the job file)"])
     try:
         spec = JobSpec.model_validate(raw, context={"job_file": True})
     except ValidationError as e:
         raise JobFileError(_format_validation(source, e)) from e
-    return resolve_spec(spec, job_dir, source)
+    spec = pure_spec(spec, job_dir)
+    if check:
+        check_paths(spec, source)
+    return spec
 
 
 def load_job_file(path: str | Path) -> tuple[JobSpec, bytes]:
-    """Read, parse and validate a job file. Returns the resolved spec and the raw bytes."""
+    """Read, parse and validate a job file. Returns the spec to store and the raw bytes."""
     p = Path(path)
     try:
         if not p.is_file():
@@ -287,7 +351,7 @@ def load_job_file(path: str | Path) -> tuple[JobSpec, bytes]:
             data = f.read(1024 * 1024 + 1)
     except OSError as e:
         raise JobFileError([f"{p}: cannot read: {e.strerror}"]) from e
-    return parse_job(data, str(p), p.resolve().parent), data
+    return parse_job(data, str(p), Path(os.path.abspath(p)).parent), data
 
 
 def spec_json(spec: JobSpec) -> str:

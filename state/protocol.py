@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ckptd.state.safeopen import read_under
+
 # Exit codes (sysexits-style where one fits). Anything else, or death by a signal, is classified
 # by ckptd.supervisor.policy from the evidence.
 EXIT_OK = 0
@@ -55,9 +57,10 @@ class Heartbeat:
         return json.dumps(self.__dict__, separators=(",", ":")).encode()
 
     @classmethod
-    def read(cls, path: Path) -> Heartbeat | None:
+    def read(cls, path: Path, root: Path | None = None) -> Heartbeat | None:
+        """`root`: a directory the reader does not own (see ckptd.state.safeopen)."""
         try:
-            data = json.loads(path.read_bytes())
+            data = json.loads(read_under(root, path) if root else path.read_bytes())
             return cls(**data)
         except (OSError, ValueError, TypeError):
             return None
@@ -77,15 +80,18 @@ def append_event(path: Path, kind: str, /, **data: Any) -> None:
 class EventTail:
     """Reads complete new lines from an events file, remembering the offset."""
 
-    def __init__(self, path: Path, offset: int = 0) -> None:
-        self.path, self.offset = path, offset
+    def __init__(self, path: Path, offset: int = 0, root: Path | None = None) -> None:
+        self.path, self.offset, self.root = path, offset, root
 
     def read(self) -> list[dict[str, Any]]:
         try:
-            with open(self.path, "rb") as f:
-                f.seek(self.offset)
-                chunk = f.read()
-        except FileNotFoundError:
+            if self.root is not None:
+                chunk = read_under(self.root, self.path, self.offset)
+            else:
+                with open(self.path, "rb") as f:
+                    f.seek(self.offset)
+                    chunk = f.read()
+        except OSError:  # absent yet, or a name its owner swapped for something else
             return []
         end = chunk.rfind(b"\n") + 1
         self.offset += end
@@ -98,8 +104,9 @@ class EventTail:
         return out
 
 
-def read_exit_code(attempt_dir: Path) -> int | None:
+def read_exit_code(attempt_dir: Path, root: Path | None = None) -> int | None:
+    path = attempt_dir / EXIT_FILE
     try:
-        return int((attempt_dir / EXIT_FILE).read_text().strip())
+        return int((read_under(root, path) if root else path.read_bytes()).strip())
     except (OSError, ValueError):
         return None

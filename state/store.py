@@ -7,9 +7,11 @@ transitions, attempts, committed checkpoints and events; heartbeats never come h
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
+import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +21,7 @@ from typing import Any
 
 from ckptd.state.states import AttemptClass, IllegalTransition, JobState, is_legal
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
@@ -39,8 +41,11 @@ CREATE TABLE IF NOT EXISTS submissions (
     job_id TEXT PRIMARY KEY REFERENCES jobs(id),
     owner_uid INTEGER NOT NULL,
     priority INTEGER NOT NULL DEFAULT 0,
-    submit_key TEXT UNIQUE,
-    submitted_at REAL NOT NULL
+    submit_key TEXT,
+    submitted_at REAL NOT NULL,
+    owner_gid INTEGER,
+    owner_groups TEXT,
+    UNIQUE (owner_uid, submit_key)
 );
 CREATE TABLE IF NOT EXISTS attempts (
     job_id TEXT NOT NULL REFERENCES jobs(id),
@@ -127,12 +132,27 @@ def _attempt(row: sqlite3.Row) -> Attempt:
     return Attempt(klass=AttemptClass(k) if k else None, **d)
 
 
+def _private(path: Path) -> None:
+    """The store holds every user's job records: nobody but the daemon's user (and group) reads
+    it, even where the state directory is traversable for users' run directories. SQLite gives
+    its -wal and -shm files the database's mode."""
+    for f in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(OSError):
+            st = f.lstat()
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_mode & 0o007:
+                os.chmod(f, stat.S_IMODE(st.st_mode) & ~0o007)
+    if not path.exists():
+        with contextlib.suppress(OSError):
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640))
+
+
 class Store:
     def __init__(self, path: Path, check: bool = True, threads: bool = False) -> None:
         self.path, self.check = path, check
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             # threads=True: a pooled connection, used by one thread at a time but not always the same.
+            _private(path)
             self._db = sqlite3.connect(path, timeout=10.0, isolation_level=None,
                                        check_same_thread=not threads)
         except sqlite3.Error as e:
@@ -164,11 +184,18 @@ class Store:
             raise sqlite3.DatabaseError(f"store schema {version} is newer than this ckptd "
                                         f"({SCHEMA_VERSION})")
         with self.write():
+            if 0 < version < 3:  # keys become per owner; the owner's gid and groups are kept
+                db.execute("ALTER TABLE submissions RENAME TO submissions_v2")
             # executescript() would COMMIT first; run the statements inside our transaction.
             for stmt in filter(str.strip, SCHEMA.split(";")):
                 db.execute(stmt)
             if 0 < version < 2:  # v1 stores: attempts learn the worker's process start time
                 db.execute("ALTER TABLE attempts ADD COLUMN pid_started REAL")
+            if 0 < version < 3:
+                db.execute("INSERT INTO submissions (job_id, owner_uid, priority, submit_key, "
+                           "submitted_at) SELECT job_id, owner_uid, priority, submit_key, "
+                           "submitted_at FROM submissions_v2")
+                db.execute("DROP TABLE submissions_v2")
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @classmethod

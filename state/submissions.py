@@ -7,6 +7,9 @@ key returns the job it already created.
 
 from __future__ import annotations
 
+import json
+import os
+import pwd
 import time
 from dataclasses import dataclass
 
@@ -21,6 +24,8 @@ class Submission:
     priority: int
     submit_key: str | None
     submitted_at: float
+    owner_gid: int | None = None  # None: submitted before ckptd recorded it (the account's)
+    owner_groups: str | None = None  # JSON list of supplementary gids
 
 
 class DuplicateKey(Exception):
@@ -29,23 +34,53 @@ class DuplicateKey(Exception):
         self.job_id = job_id
 
 
+@dataclass(frozen=True)
+class Owner:
+    """Whose rights a job runs with: the submitter's uid, gid and supplementary groups."""
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...] = ()
+
+
 def submit(store: Store, job_id: str, name: str, spec_json: str, spec_digest: str, job_file: str,
-           run_dir: str, owner_uid: int, priority: int, key: str | None) -> Job:
-    """Create a queued job and its submission atomically; DuplicateKey if `key` was used."""
+           run_dir: str, owner: Owner, priority: int, key: str | None) -> Job:
+    """Create a queued job and its submission atomically; DuplicateKey if this owner used `key`."""
     with store.write() as db:
         if key is not None:
-            row = db.execute("SELECT job_id FROM submissions WHERE submit_key = ?", (key,)).fetchone()
+            row = db.execute("SELECT job_id FROM submissions WHERE owner_uid = ? AND submit_key = ?",
+                             (owner.uid, key)).fetchone()
             if row is not None:
                 raise DuplicateKey(row["job_id"])
         store.create_job(job_id, name, spec_json, spec_digest, job_file, run_dir, JobState.QUEUED)
-        db.execute("INSERT INTO submissions (job_id, owner_uid, priority, submit_key, submitted_at)"
-                   " VALUES (?, ?, ?, ?, ?)", (job_id, owner_uid, priority, key, time.time()))
+        db.execute("INSERT INTO submissions (job_id, owner_uid, priority, submit_key, submitted_at,"
+                   " owner_gid, owner_groups) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                   (job_id, owner.uid, priority, key, time.time(), owner.gid,
+                    json.dumps(list(owner.groups))))
     return store.job(job_id)
 
 
-def by_key(store: Store, key: str) -> str | None:
-    rows = store.query("SELECT job_id FROM submissions WHERE submit_key = ?", (key,))
+def by_key(store: Store, owner_uid: int, key: str) -> str | None:
+    """Idempotency keys are per owner: another user's key never names this user's job."""
+    rows = store.query("SELECT job_id FROM submissions WHERE owner_uid = ? AND submit_key = ?",
+                       (owner_uid, key))
     return str(rows[0]["job_id"]) if rows else None
+
+
+def owner_of(sub: Submission) -> Owner:
+    """The rights a job runs with. Rows from before ckptd recorded gid and groups: the account's."""
+    if sub.owner_gid is not None:
+        return Owner(sub.owner_uid, sub.owner_gid, tuple(json.loads(sub.owner_groups or "[]")))
+    return account_owner(sub.owner_uid)
+
+
+def account_owner(uid: int) -> Owner:
+    """The uid's primary group and supplementary groups from the account database."""
+    try:
+        pw = pwd.getpwuid(uid)
+    except KeyError:
+        return Owner(uid, uid)  # no account: its own gid, no supplementary groups
+    return Owner(uid, pw.pw_gid, tuple(sorted(set(os.getgrouplist(pw.pw_name, pw.pw_gid)))))
 
 
 def submission(store: Store, job_id: str) -> Submission | None:

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Protocol
 
 import psutil
-from ckptd.supervisor import cgroups, kmsg, nvml, warm
+from ckptd.state.submissions import Owner
+from ckptd.supervisor import cgroups, identity, kmsg, nvml, warm
 from ckptd.supervisor.warm import WarmPool
 
 # Never hand these to a worker: systemd's notify socket and watchdog belong to the daemon.
@@ -82,9 +83,15 @@ def _outside_oom_evidence(pid: int, spawned_at: float,
 
 class RealProcessOps:
     def __init__(self, warm: WarmPool | None = None,
-                 first: subprocess.Popen[bytes] | None = None) -> None:
-        """`warm`: the daemon's pool of warm workers; `first`: one it set aside for this job."""
+                 first: subprocess.Popen[bytes] | None = None, owner: Owner | None = None,
+                 launch_dir: Path | None = None) -> None:
+        """`warm`: the daemon's pool of warm workers; `first`: one it set aside for this job.
+        `owner`: whose rights workers run with (None: ours, as `ckptd run`); then `launch_dir`,
+        the daemon's own directory for the job, takes what a worker prints before it opens its
+        attempt's logs itself (an interpreter that fails to start)."""
         self.warm, self.first = warm, first
+        self.owner = owner or identity.me()
+        self.launch_dir = launch_dir
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
         self._cgroups: dict[int, cgroups.MemoryCgroup] = {}
         self._oom: dict[int, str] = {}
@@ -94,15 +101,24 @@ class RealProcessOps:
     def spawn(self, argv: list[str], cwd: Path, stdout: Path, stderr: Path,
               spare: bool = False, env: dict[str, str] | None = None,
               memory_limit: int | None = None) -> int:
+        if self.launch_dir is not None:  # the run directory is the owner's: never open there
+            stdout = stderr = self.launch_dir / "launch.log"
         stdout.parent.mkdir(parents=True, exist_ok=True)
         with open(stdout, "ab") as out, open(stderr, "ab") as err:
             # Own session and process group: a terminal's Ctrl-C reaches only the supervisor,
             # which asks the worker to save; and killing the group leaves no orphan behind.
-            proc = subprocess.Popen(argv, cwd=cwd,
-                                    stdin=subprocess.PIPE if spare else subprocess.DEVNULL,
-                                    stdout=out, stderr=err, env=worker_env() | (env or {}),
-                                    close_fds=True,
-                                    start_new_session=True)
+            try:
+                proc = subprocess.Popen(argv, cwd=cwd,
+                                        stdin=subprocess.PIPE if spare else subprocess.DEVNULL,
+                                        stdout=out, stderr=err,
+                                        env=worker_env() | identity.owner_env(self.owner)
+                                        | (env or {}),
+                                        close_fds=True, start_new_session=True,
+                                        **identity.popen_kwargs(self.owner))
+            except PermissionError as e:
+                raise PermissionError(e.errno, f"cannot start the worker {argv[0]} as uid "
+                                      f"{self.owner.uid}: {e.strerror}; install ckptd where "
+                                      "every user can read and execute it", e.filename) from e
         self._track(proc, memory_limit)
         return proc.pid
 
@@ -129,7 +145,7 @@ class RealProcessOps:
         if proc is None or proc.stdin is None:
             return None
         try:
-            proc.stdin.write(warm.assignment(run_dir, mode, env))
+            proc.stdin.write(warm.assignment(run_dir, mode, env, self.owner))
             proc.stdin.flush()
             if mode != "--spare":  # a job's spare waits for a second line: its attempt
                 proc.stdin.close()

@@ -11,11 +11,13 @@ import random
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from ckptd.state import protocol as p
 from ckptd.state.jobspec import JobSpec
 from ckptd.state.paths import RunDir
+from ckptd.state.safeopen import read_under
 from ckptd.state.states import AttemptClass, JobState
 from ckptd.state.store import Store
 from ckptd.supervisor import nvml
@@ -93,7 +95,7 @@ class JobRunner:
         self.ops, self.display, self.stops, self.jitter = ops, display, stops, jitter
         self.history: list[AttemptOutcome] = []
         self.committed_step: int | None = store.job(job_id).last_committed_step
-        self.events = p.EventTail(run.root / p.EVENTS_FILE)
+        self.events = p.EventTail(run.root / p.EVENTS_FILE, root=run.root)
         self.hot_spare = hot_spare
         self.spare_pid: int | None = None
         self.spare_env: dict[str, str] = {}
@@ -231,10 +233,10 @@ class JobRunner:
         w = Watch(n=n, pid=pid, started=now, last_change=now)
         status = self._watch(w)
         if status.exit_code is None and status.signal is None:  # not our child: ask its file
-            status = ExitStatus(p.read_exit_code(adir), None)
+            status = ExitStatus(p.read_exit_code(adir, self.run.root), None)
         w.oom = w.oom or self.ops.memory_evidence(pid)
         self._drain_events(w)
-        err = _read_error(adir / p.ERROR_FILE)
+        err = _read_error(self.run.root, adir / p.ERROR_FILE)
         sick = self._sick_devices(status)
         obs = ExitObservation(status.exit_code, status.signal, err.get("type"), err.get("message"),
                               w.hang, w.oom, nvml.describe(sick))
@@ -273,7 +275,7 @@ class JobRunner:
             self.ops.sleep(POLL_SECONDS)
 
     def _observe(self, w: Watch) -> None:
-        hb = p.Heartbeat.read(self.run.heartbeat)
+        hb = p.Heartbeat.read(self.run.heartbeat, self.run.root)
         if hb is not None and hb.attempt == w.n and hb.seq != w.last_seq:
             w.last_seq, w.phase = hb.seq, hb.phase
             w.last_change = self.ops.monotonic()
@@ -344,9 +346,9 @@ def _size(path: Any) -> int:
         return 0
 
 
-def _read_error(path: Any) -> dict[str, Any]:
+def _read_error(root: Path, path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_under(root, path))
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}

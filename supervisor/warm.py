@@ -22,6 +22,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from ckptd.state.submissions import Owner
+
 WARM_DIR = "warm"
 
 
@@ -31,9 +33,12 @@ def warm_argv() -> list[str]:
     return [sys.executable, "-m", worker_module(), "--warm"]
 
 
-def assignment(run_dir: Path, mode: str, env: dict[str, str]) -> bytes:
-    """The one line a warm worker waits for."""
-    return (json.dumps({"run": str(run_dir), "mode": mode, "env": env}) + "\n").encode()
+def assignment(run_dir: Path, mode: str, env: dict[str, str], owner: Owner | None = None) -> bytes:
+    """The one line a warm worker waits for; with `owner`, it becomes that user first."""
+    from ckptd.supervisor.identity import owner_to_json
+
+    return (json.dumps({"run": str(run_dir), "mode": mode, "env": env,
+                        "owner": owner_to_json(owner) if owner else None}) + "\n").encode()
 
 
 class WarmPool:

@@ -21,13 +21,19 @@ from ckptd.state import protocol as p
 from ckptd.state.durable import atomic_write_text, write_nondurable
 from ckptd.state.jobspec import spec_from_json
 from ckptd.state.paths import RunDir
-from ckptd.worker.runtime import lock_dir
+from ckptd.supervisor.identity import drop_to, owner_from_json
+from ckptd.worker.runtime import lock_dir, log_to
 
 stop = []
 
 
 def main() -> int:
     run, attempt = RunDir(Path(sys.argv[1])), int(sys.argv[2])
+    log_to(run.attempt_dir(attempt))  # as the real worker: its own rights, its own logs
+    if marker := os.environ.get("FAKE_WHOAMI"):  # the rights it runs with, for trust tests
+        who = {"uid": os.getuid(), "euid": os.geteuid(), "gid": os.getgid(),
+               "groups": sorted(os.getgroups()), "caps": _caps()}
+        atomic_write_text(run.root / marker, json.dumps(who))
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     spec = spec_from_json(run.spec_file.read_text())
     lock_dir(run.checkpoint_dir(spec.checkpoint.dir))
@@ -61,6 +67,8 @@ def warm() -> int:
     if not line.strip():
         return p.EXIT_OK
     job = json.loads(line)
+    if job.get("owner"):
+        drop_to(owner_from_json(job["owner"]))
     os.environ.update(job["env"])
     os.chdir(job["run"])
     run = RunDir(Path(job["run"]))
@@ -68,6 +76,12 @@ def warm() -> int:
     run.attempt_dir(int(job["mode"])).mkdir(parents=True, exist_ok=True)  # the worker's own logs
     sys.argv[1:] = [job["run"], job["mode"]]
     return main()
+
+
+def _caps() -> dict[str, str]:
+    lines = Path("/proc/self/status").read_text().splitlines()
+    return {ln.split(":")[0]: ln.split()[1] for ln in lines
+            if ln.startswith(("CapInh", "CapPrm", "CapEff", "CapAmb"))}
 
 
 def _restored(events: Path) -> int | None:

@@ -115,3 +115,49 @@ def test_restore_marker_round_trip(ckdir: Path) -> None:
     assert cf.read_restore_marker(ckdir) == {"number": 3, "count": 2}
     cf.clear_restore_marker(ckdir)
     assert cf.read_restore_marker(ckdir) == {}
+
+
+def _victim_dir(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
+    """A directory outside the job, holding names that GC, rotation and quarantine act on."""
+    victim = tmp_path / "victim" / "checkpoints"
+    victim.mkdir(parents=True)
+    for name in ("ckpt-9.index", "ckpt-3.manifest.json", "ckpt-3.index", "checkpoint.tmp1"):
+        (victim / name).write_bytes(b"precious " + name.encode())
+    return victim, {p.name: p.read_bytes() for p in victim.iterdir()}
+
+
+@pytest.mark.parametrize("swap", ["directory", "parent"])
+def test_a_symlink_swapped_in_after_start_redirects_nothing(ckdir: Path, tmp_path: Path,
+                                                            swap: str) -> None:
+    """The job resolved its checkpoint directory when it started; then the directory (or a
+    parent) is replaced by a symlink to a victim. GC, rotation and quarantine refuse and the
+    victim keeps every file."""
+    pinned = cf.real_dir(ckdir)
+    victim, before = _victim_dir(tmp_path)
+    moved = tmp_path / "moved-away"
+    if swap == "directory":
+        ckdir.rename(moved)
+        ckdir.symlink_to(victim)
+    else:  # p/checkpoints was the job's; p becomes a symlink, p/checkpoints names the victim
+        parent = ckdir.parent / "p"
+        parent.mkdir()
+        ckdir.rename(parent / "checkpoints")
+        pinned = cf.real_dir(parent / "checkpoints")
+        parent.rename(moved)
+        parent.symlink_to(victim.parent)
+        assert (pinned / "ckpt-9.index").read_bytes() == before["ckpt-9.index"]
+    for act in (lambda: cf.collect_garbage(pinned, set()),
+                lambda: cf.unlink_in(pinned, "ckpt-3.manifest.json"),
+                lambda: cf.quarantine(pinned, 3, "x")):
+        with pytest.raises(cf.DirectoryMoved):
+            act()
+    assert {p.name: p.read_bytes() for p in victim.iterdir()} == before
+
+
+def test_a_quarantine_symlink_is_not_followed(ckdir: Path, tmp_path: Path) -> None:
+    victim, before = _victim_dir(tmp_path)
+    (ckdir / cf.QUARANTINE).symlink_to(victim)
+    with pytest.raises(OSError):
+        cf.quarantine(ckdir, 3, "bit flip")
+    assert {p.name: p.read_bytes() for p in victim.iterdir()} == before
+    assert [m.number for m in cf.read_manifests(ckdir)[0]] == [1, 2, 3]  # nothing moved

@@ -62,6 +62,9 @@ def test_api_answers_json_and_clear_errors(daemon: DaemonProc) -> None:
         assert e.value.status == status
     with pytest.raises(ApiRefused) as e:
         daemon.api("POST", "/v1/jobs", {"spec_json": '{"name": "x"}'})
+    assert e.value.status == 400 and "raw" in str(e.value)
+    with pytest.raises(ApiRefused) as e:
+        daemon.api("POST", "/v1/jobs", {"raw": "name: x\n", "job_file": "/j.yaml"})
     assert e.value.status == 400 and any("model" in p for p in e.value.payload["problems"])
     st = os.stat(daemon.home / "ckptd.sock")
     assert st.st_mode & 0o777 == 0o660
@@ -147,8 +150,7 @@ def _as_nobody(sock: Path, method: str, url: str) -> tuple[int, str]:
             os.setuid(65534)
             from ckptd.daemon.client import Client
             try:
-                Client(sock).call(method, url)
-                msg = "200 ok"
+                msg = "200 " + json.dumps(Client(sock).call(method, url))
             except ApiRefused as e:
                 msg = f"{e.status} {e}"
             except DaemonUnavailable as e:
@@ -177,7 +179,11 @@ def test_another_uid_may_not_cancel(tmp_path: Path) -> None:
         os.chmod(sock, 0o666)  # as if uid 65534 were in the group
         code, msg = _as_nobody(sock, "POST", f"/v1/jobs/{job}/cancel")
         assert code == 403 and "may not cancel" in msg, msg
-        assert _as_nobody(sock, "GET", f"/v1/jobs/{job}")[0] == 200  # reading is allowed
+        for url in (f"/v1/jobs/{job}", f"/v1/jobs/{job}/events", f"/v1/jobs/{job}/checkpoints"):
+            code, msg = _as_nobody(sock, "GET", url)  # another user's job: not even its details
+            assert code == 403 and "may not see" in msg, msg
+        code, msg = _as_nobody(sock, "GET", "/v1/jobs")
+        assert code == 200 and json.loads(msg) == []  # only the caller's own jobs are listed
         assert d.api("POST", f"/v1/jobs/{job}/cancel")["state"] in ("cancelled", "cancelling")
     finally:
         d.stop()

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
 import pytest
-from ckptd.state.jobspec import load_job_file, parse_job
+from ckptd.state.jobspec import load_job_file, parse_job, resolved_params
 from ckptd.state.yamlstrict import JobFileError
 
 from .conftest import EXAMPLE, ckptd_cmd, env_with
@@ -103,7 +104,9 @@ def test_example_jobs_validate_and_resolve_paths() -> None:
     for name in ("job.yaml", "job-best.yaml"):
         spec, _ = load_job_file(EXAMPLE / name)
         assert spec.model == f"{EXAMPLE / 'model.py'}:build"
-        assert spec.params["csv"] == str(EXAMPLE / "pima-indians-diabetes.csv")
+        # Stored as written; the worker resolves it with the submitter's rights.
+        assert spec.params["csv"] == "pima-indians-diabetes.csv"
+        assert resolved_params(spec)["csv"] == str(EXAMPLE / "pima-indians-diabetes.csv")
         assert spec.train.epochs == 150 and spec.train.batch_size == 10
         assert spec.best is not None and spec.best.monitor == "val_accuracy"
 
@@ -147,3 +150,38 @@ def test_cli_validate_ok() -> None:
     r = subprocess.run(ckptd_cmd("validate", str(EXAMPLE / "job.yaml")), capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0 and "ok" in r.stdout
+
+
+@pytest.mark.parametrize(("field", "text"), [
+    ("checkpoint.dir", "checkpoint: {dir: ../../x}"),
+    ("checkpoint.dir", "checkpoint: {dir: a/../../x}"),
+    ("best.filepath", "best: {filepath: ../w.hdf5}"),
+])
+def test_relative_output_paths_stay_in_the_run_directory(field: str, text: str) -> None:
+    with pytest.raises(JobFileError, match=rf"{field}: a relative path must stay inside"):
+        parse_job(f"name: x\nmodel: m:build\n{text}\n".encode(), "j.yaml", Path("/"),
+                  check=False)
+
+
+def test_absolute_output_paths_must_be_writable_by_the_caller(tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    job = f"name: x\nmodel: m:build\ncheckpoint: {{dir: {locked}/ck}}\n".encode()
+    if os.geteuid() == 0:  # root may write anywhere: the lexical check still holds
+        assert parse_job(job, "j.yaml", tmp_path).checkpoint.dir == f"{locked}/ck"
+        return
+    with pytest.raises(JobFileError, match=r"checkpoint.dir: .*locked/ck is not writable by you"):
+        parse_job(job, "j.yaml", tmp_path)
+
+
+def test_the_daemon_side_parse_touches_no_path(tmp_path: Path) -> None:
+    """check=False is what the daemon uses: a missing model is the worker's to report."""
+    spec = parse_job(b"name: x\nmodel: nothere.py:build\nparams: {csv: d.csv}\n", "j.yaml",
+                     tmp_path, check=False)
+    assert spec.model == f"{tmp_path}/nothere.py:build" and spec.base_dir == str(tmp_path)
+    assert resolved_params(spec) == {"csv": "d.csv"}  # no such file: left as written
+
+
+def test_base_dir_cannot_be_set_by_a_job_file() -> None:
+    with pytest.raises(JobFileError, match="base_dir: unknown field"):
+        parse_job(b"name: x\nmodel: m:build\nbase_dir: /etc\n", "j.yaml", Path("/"))

@@ -21,8 +21,9 @@ from typing import Any
 
 from ckptd.state import protocol as p
 from ckptd.state.durable import atomic_write_text
-from ckptd.state.jobspec import JobSpec, spec_from_json
+from ckptd.state.jobspec import JobSpec, resolved_params, spec_from_json
 from ckptd.state.paths import RunDir
+from ckptd.worker.runtime import log_to
 
 
 def _configure_tf(spec: JobSpec) -> None:
@@ -61,15 +62,17 @@ def _prepare(run: RunDir, attempt: int, loop_class: Any = None) -> Any:
 
     spec, beater, stop, writer = _basics(run, attempt)
     assert spec.model is not None
-    built = build(spec.model, spec.params)
+    built = build(spec.model, resolved_params(spec))
     data = built.fit if built.fit is not None else (built.train, built.validation)
     return make_loop(spec, run, built.model, data, beater, stop, writer, loop_class)
 
 
 def _start(loop: Any) -> None:
-    """Lock the checkpoint directory (held until exit) and restore."""
-    from ckptd.worker.runtime import lock_dir
+    """Check the output directories, lock the checkpoint directory (held until exit), restore."""
+    from ckptd.worker.runtime import lock_dir, output_dir
 
+    if loop.spec.best is not None:
+        output_dir(loop.run.output_path(loop.spec.best.filepath).parent, "best.filepath")
     lock_dir(loop.run.checkpoint_dir(loop.spec.checkpoint.dir))
     loop.restore()
 
@@ -132,24 +135,13 @@ def _become_assigned(run: RunDir, loop: Any) -> int | None:
     return assigned
 
 
-def _log_to(directory: Path) -> None:
-    """From now on, stdout and stderr go to `directory`'s log files."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for name, fd in (("stdout.log", 1), ("stderr.log", 2)):
-        sys.stdout.flush()
-        sys.stderr.flush()
-        target = os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.dup2(target, fd)
-        os.close(target)
-
-
 def _await_assignment(run: RunDir) -> int | None:
     """Block until the supervisor names the attempt; then log to that attempt's files."""
     line = sys.stdin.readline()
     if not line.strip():
         return None
     attempt = int(line)
-    _log_to(run.attempt_dir(attempt))
+    log_to(run.attempt_dir(attempt))
     return attempt
 
 
@@ -165,11 +157,15 @@ def _warm() -> int:
     if not line.strip():
         return p.EXIT_OK  # the daemon stopped or died
     job = json.loads(line)
+    if job.get("owner"):  # the job's owner's rights, for good, before anything of the job runs
+        from ckptd.supervisor.identity import drop_to, owner_from_json
+
+        drop_to(owner_from_json(job["owner"]))
     os.environ.update(job["env"])  # before TensorFlow first touches a device
     run = RunDir(Path(job["run"]))
     os.chdir(run.root)  # with --warm in the command line, this tells a daemon whose run it is
     atomic_write_text(run.warm_env(os.getpid()), json.dumps(job["env"]))
-    _log_to(run.attempt_dir(int(job["mode"])) if job["mode"].isdigit()
+    log_to(run.attempt_dir(int(job["mode"])) if job["mode"].isdigit()
             else run.root / "attempts" / "spare")
     return main([job["run"], job["mode"]])
 
@@ -225,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     faulthandler.enable(file=sys.stderr, all_threads=True)
     faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
     run = RunDir(Path(args[0]))
-    if args[1] != "--spare":
-        run.attempt_dir(int(args[1])).mkdir(parents=True, exist_ok=True)
+    log_to(run.root / "attempts" / "spare" if args[1] == "--spare"
+           else run.attempt_dir(int(args[1])))
     code = 1
     try:
         code = _dispatch(run, args[1])

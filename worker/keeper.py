@@ -47,7 +47,8 @@ class Keeper:
                  keep_every_n_hours: float | None, log: Log,
                  before_commit: Callable[[int], None] | None = None,
                  during_restore: Callable[[], None] | None = None) -> None:
-        self.dir = directory
+        # Resolved once: rotation, garbage collection and quarantine then follow no symlink.
+        self.dir = cf.real_dir(directory)
         self.ckpt = ckpt
         self.max_to_keep = max_to_keep
         self.keep_every_n_hours = keep_every_n_hours
@@ -59,10 +60,9 @@ class Keeper:
         self.next_number = 1
         # An empty state file makes CheckpointManager raise; a garbage one makes TF forget valid
         # checkpoints. ckptd's manifests decide, so TF's file is dropped and rewritten later.
-        with contextlib.suppress(FileNotFoundError):
-            (directory / "checkpoint").unlink()
+        cf.unlink_in(self.dir, "checkpoint")
         # max_to_keep=None: TF never deletes anything; retention runs after ckptd's commit.
-        self.manager = tf.train.CheckpointManager(ckpt, str(directory), max_to_keep=None,
+        self.manager = tf.train.CheckpointManager(ckpt, str(self.dir), max_to_keep=None,
                                                   checkpoint_name=cf.PREFIX)
 
     def committed(self) -> list[cf.Manifest]:
@@ -156,6 +156,8 @@ class Keeper:
 
     def _commit(self, step: int, epoch: int, step_in_epoch: int,
                 metrics: dict[str, float], number: int | None) -> cf.Manifest:
+        with cf.pinned(self.dir):  # still the directory the job started with: no symlink since
+            pass
         path = Path(self.manager.save(checkpoint_number=number))
         point = CommitPoint(int(path.name.rsplit("-", 1)[1]), step, epoch, step_in_epoch, metrics)
         manifest, self.retired, self.expected_keys = commit_written(
@@ -218,8 +220,7 @@ def _rotate(directory: Path, max_to_keep: int, keep_every_n_hours: float | None,
                        max_to_keep, keep_every_n_hours)
     for number in doomed:
         # Manifest first: a crash midway leaves uncommitted files, which GC removes.
-        with contextlib.suppress(FileNotFoundError):
-            (directory / f"{cf.PREFIX}-{number}.manifest.json").unlink()
+        cf.unlink_in(directory, f"{cf.PREFIX}-{number}.manifest.json")
     kept = [m for m in committed if m.number not in doomed]
     if doomed:
         # The un-commits must be durable before their files go; the files' removal need not be.

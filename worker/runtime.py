@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
 import signal
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -39,9 +41,37 @@ class DirLocked(Exception):
     pass
 
 
+def output_dir(directory: Path, field: str) -> None:
+    """Create an output directory with the job owner's rights (the worker's); a refusal is the
+    job's configuration, not a crash to retry."""
+    from ckptd.worker.entry import ConfigError
+
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(directory))
+    except OSError as e:
+        raise ConfigError(f"{field}: cannot create or write {directory}: {e.strerror} (the job "
+                          f"runs as uid {os.geteuid()}); choose a directory it can write") from e
+
+
+def log_to(directory: Path) -> None:
+    """From now on, stdout and stderr go to `directory`'s log files, opened with the worker's own
+    rights (a daemon never opens files in a job owner's run directory for it)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, fd in (("stdout.log", 1), ("stderr.log", 2)):
+        with contextlib.suppress(ValueError, OSError):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        target = os.open(directory / name,
+                         os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+        os.dup2(target, fd)
+        os.close(target)
+
+
 def lock_dir(directory: Path) -> int:
     """Take the exclusive single-writer lock of a checkpoint directory; held until exit."""
-    directory.mkdir(parents=True, exist_ok=True)
+    output_dir(directory, "checkpoint.dir")
     fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

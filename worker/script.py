@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ckptd.state.jobspec import JobSpec
+from ckptd.state.jobspec import JobSpec, resolved_params
 from ckptd.state.paths import RunDir
 from ckptd.state.protocol import CHECK_ENV
 from ckptd.worker import api
@@ -38,7 +38,7 @@ class ScriptRunner(api.Runner):
     def __init__(self, spec: JobSpec, run: RunDir, beater: Beater, stop: StopFlag,
                  writer: Writer | None, start: Callable[[Any], None]) -> None:
         self.spec, self.run, self.beater, self.stop, self.writer = spec, run, beater, stop, writer
-        self.params = dict(spec.params)
+        self.params = resolved_params(spec)
         self.start = start
         self.loop: Any = None  # the loop or session, once the script handed its model over
 

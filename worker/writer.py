@@ -77,6 +77,7 @@ def _write(msg: dict[str, Any], layout: dict[str, Any], shm: shared_memory.Share
 
 
 def writer_main(conn: Connection, directory: str) -> None:
+    directory = str(cf.real_dir(Path(directory)))  # from now on, no symlink is followed
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # SIGINT/SIGTERM reach the whole process group: the training process decides when to stop
     # (it waits for the save in flight); SIGUSR1 asks the worker for stacks, not the writer.
