@@ -51,7 +51,8 @@ def _open_store(home: Path) -> Store:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--home", type=click.Path(file_okay=False, path_type=Path), envvar="CKPTD_HOME",
+@click.option("--home", type=click.Path(file_okay=False, readable=False, path_type=Path),
+              envvar="CKPTD_HOME",
               help="State directory (default: $CKPTD_HOME or ~/.local/state/ckptd).")
 @click.pass_context
 def cli(ctx: click.Context, home: Path | None) -> None:

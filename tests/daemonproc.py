@@ -64,7 +64,8 @@ def daemon_env(home: Path, fake: bool = True, **extra: str) -> dict[str, str]:
 
 
 def start_daemon(home: Path, fake: bool = True, config: str | None = None,
-                 sock: Path | None = None, **extra: str) -> DaemonProc:
+                 sock: Path | None = None, python: str | None = None, **extra: str) -> DaemonProc:
+    """`python`: the interpreter (tests/test_trust.py: one every test user may run)."""
     home.mkdir(parents=True, exist_ok=True)
     if sock is not None:
         config = (config or "") + f"socket: {sock}\n"
@@ -72,7 +73,8 @@ def start_daemon(home: Path, fake: bool = True, config: str | None = None,
         (home / "daemon.yaml").write_text(config)
     log = home / f"daemon-{len(list(home.glob('daemon-*.log')))}.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(ckptd_cmd("daemon"), env=daemon_env(home, fake, **extra),
+        cmd = ckptd_cmd("daemon") if python is None else [python, "-m", "ckptd.daemon", "daemon"]
+        proc = subprocess.Popen(cmd, env=daemon_env(home, fake, **extra),
                                 stdout=out, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
     d = DaemonProc(home, proc, log, sock or home / "ckptd.sock")
