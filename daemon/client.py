@@ -25,11 +25,16 @@ class ApiRefused(Exception):
 
 
 def find_socket(home: Path) -> Path:
-    """$CKPTD_SOCKET, else the state directory's socket, else the system service's."""
+    """$CKPTD_SOCKET, else the state directory's socket, else your user unit's, else the system
+    service's (the first that exists; the state directory's if none does)."""
     if os.environ.get("CKPTD_SOCKET"):
         return Path(os.environ["CKPTD_SOCKET"])
     local = home / SOCKET_NAME
-    return local if local.exists() or not SYSTEM_SOCKET.exists() else SYSTEM_SOCKET
+    candidates = [local]
+    if os.environ.get("XDG_RUNTIME_DIR"):  # systemd/user/ckptd.service: RuntimeDirectory=ckptd
+        candidates.append(Path(os.environ["XDG_RUNTIME_DIR"]) / "ckptd" / SOCKET_NAME)
+    candidates.append(SYSTEM_SOCKET)
+    return next((c for c in candidates if c.exists()), local)
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -69,7 +74,7 @@ class Client:
         except PermissionError as e:
             raise DaemonUnavailable(
                 f"permission denied on {self.path}: ask an administrator to add you to the "
-                "socket's group (ckptd)") from e
+                "socket's group (ckptd-users)") from e
         except (OSError, http.client.HTTPException, ValueError) as e:
             raise DaemonUnavailable(f"the daemon on {self.path} did not answer properly: {e}") from e
         finally:

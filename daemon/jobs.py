@@ -59,8 +59,7 @@ def _hand_over(run: RunDir, owner: Owner) -> None:
         os.chmod(path, 0o640)
         os.chown(path, owner.uid, group)
     os.chmod(run.root, RUN_DIR_MODE)
-    os.chown(run.root, owner.uid, group)
-    os.chmod(run.root, RUN_DIR_MODE)  # chown clears the setgid bit
+    os.chown(run.root, owner.uid, group)  # Linux keeps a directory's setgid bit through chown
 
 
 def supervision_dir(state: Path, job_id: str) -> Path:

@@ -139,7 +139,9 @@ class Spool:
 
     def _reject(self, path: Path, problems: list[str]) -> Intake:
         target = self._move(path, "rejected")
-        atomic_write_text(target.with_name(target.name + ".error.txt"), "\n".join(problems) + "\n")
+        note = target.with_name(target.name + ".error.txt")
+        atomic_write_text(note, "\n".join(problems) + "\n")
+        os.chmod(note, 0o644)  # the submitter reads it by name; rejected/ is not listable
         self.log.warning("spool.rejected", file=path.name, problems=problems)
         return Intake(path.name, "rejected", None, tuple(problems))
 

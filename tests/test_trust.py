@@ -207,6 +207,7 @@ def test_the_worker_runs_as_its_submitter_and_its_outputs_are_theirs(
     for path in (run, run / "events.jsonl", run / "heartbeat.json", run / "attempts" / "0001",
                  run / "attempts" / "0001" / "stderr.log", run / "checkpoints"):
         assert path.stat().st_uid == a.uid, path
+    assert run.stat().st_mode & 0o7777 == 0o2750  # setgid: the daemon's group reads, others not
     assert not (run / ".supervisor.lock").exists()  # the daemon's files are not in A's dir
     # A reads its outputs itself, and the CLI's views work for it.
     assert as_user(a, lambda: (run / "events.jsonl").read_text().count("\n"))["ok"] > 0
