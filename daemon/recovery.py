@@ -18,6 +18,7 @@ from pathlib import Path
 import psutil
 from ckptd.daemon import jobs
 from ckptd.state.paths import RunDir
+from ckptd.state.safeopen import read_under
 from ckptd.state.states import AttemptClass, JobState
 from ckptd.state.store import Attempt, Job, Store
 from ckptd.state.submissions import managed_jobs
@@ -43,11 +44,15 @@ def lock_is_held(run: RunDir, ckpt_dir: Path) -> bool:
         return True
     fd = -1
     try:
-        fd = os.open(run.root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        for name in (*rel.parts, ".lock"):
-            nxt = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+        way = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(run.root, way)
+        for name in rel.parts:
+            nxt = os.open(name, way, dir_fd=fd)
             os.close(fd)
             fd = nxt
+        nxt = os.open(".lock", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+        os.close(fd)
+        fd = nxt
     except OSError:
         if fd >= 0:
             os.close(fd)
@@ -85,8 +90,8 @@ def _devices(proc: psutil.Process, run: RunDir) -> list[int]:
     /proc environ predates its assignment), from the record it wrote when it got the job."""
     with contextlib.suppress(psutil.Error, ValueError, OSError):
         visible = proc.environ().get("CUDA_VISIBLE_DEVICES")
-        if visible is None:
-            recorded = json.loads(run.warm_env(proc.pid).read_text())
+        if visible is None:  # the owner's run directory: read without following symlinks
+            recorded = json.loads(read_under(run.root, run.warm_env(proc.pid)))
             visible = recorded.get("CUDA_VISIBLE_DEVICES", "")
         return [int(d) for d in visible.split(",") if d.strip()]
     return []

@@ -125,6 +125,7 @@ def verify_files(directory: Path, man: Manifest, digests: bool = True) -> str | 
 
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_PATH_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class DirectoryMoved(OSError):
@@ -136,11 +137,14 @@ def pinned(directory: Path) -> Iterator[int]:
     """A descriptor of `directory` (a real path, resolved when the job started), opened one
     component at a time from / without following any symlink. Deleting, rotating and
     quarantining go through it, so a symlink swapped in later cannot redirect them outside."""
-    fd = os.open("/", _DIR_FLAGS)
+    # O_PATH for the way down: a traversable (x-only) parent need not be readable.
+    fd = os.open("/", _PATH_FLAGS)
     try:
-        for name in directory.parts[1:]:
+        parts = directory.parts[1:]
+        for i, name in enumerate(parts):
             try:
-                nxt = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                nxt = os.open(name, _DIR_FLAGS if i == len(parts) - 1 else _PATH_FLAGS,
+                              dir_fd=fd)
             except OSError as e:
                 if e.errno in (errno.ELOOP, errno.ENOTDIR):
                     raise DirectoryMoved(e.errno, f"{name} in the checkpoint directory's path "

@@ -339,9 +339,9 @@ class JobRunner:
             w.kill_sent = True
 
 
-def _size(path: Any) -> int:
+def _size(path: Path) -> int:
     try:
-        return int(path.stat().st_size)
+        return int(path.lstat().st_size)  # the owner's directory: never follow a symlink
     except OSError:
         return 0
 

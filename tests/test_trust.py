@@ -177,9 +177,11 @@ def _job_text(name: str, model: str = f"{EXAMPLE / 'model.py'}:build", extra: st
 def daemon(python: str, base: Path, users: tuple[Owner, Owner],
            request: pytest.FixtureRequest) -> Iterator[DaemonProc]:
     fake = "tf" not in request.keywords
+    warm = "warm" in request.node.name
     home = base / f"home-{request.node.name[:40]}"
     d = start_daemon(home, fake=fake, python=python,
-                     config=f"socket_group: {GROUP}\nmax_concurrent_jobs: 2\nwarm_workers: false\n",
+                     config=f"socket_group: {GROUP}\nmax_concurrent_jobs: 2\n"
+                            f"warm_workers: {str(warm).lower()}\n",
                      FAKE_WHOAMI="whoami.json", FAKE_STEPS="30", FAKE_STEP_SECONDS="0.01")
     try:
         yield d
@@ -208,6 +210,7 @@ def test_the_worker_runs_as_its_submitter_and_its_outputs_are_theirs(
                  run / "attempts" / "0001" / "stderr.log", run / "checkpoints"):
         assert path.stat().st_uid == a.uid, path
     assert run.stat().st_mode & 0o7777 == 0o2750  # setgid: the daemon's group reads, others not
+    assert "best_files" not in daemon.job(job_id)["outputs"]  # the daemon lists nothing
     assert not (run / ".supervisor.lock").exists()  # the daemon's files are not in A's dir
     # A reads its outputs itself, and the CLI's views work for it.
     assert as_user(a, lambda: (run / "events.jsonl").read_text().count("\n"))["ok"] > 0
@@ -351,3 +354,42 @@ def test_the_spool_runs_a_file_as_its_owner_and_refuses_hard_links(
     assert "hard links" in (spool / "rejected" / "linked.yaml.error.txt").read_text()
     listed = _api(daemon, a, "GET", "/v1/jobs")["ok"]
     assert [j["name"] for j in listed] == ["spooled"] and listed[0]["owner_uid"] == a.uid
+
+
+def test_a_warm_worker_becomes_the_submitter_before_it_runs_the_job(
+        daemon: DaemonProc, users: tuple[Owner, Owner], base: Path) -> None:
+    """Warm workers start as the daemon's user (root); the hand-over makes one the owner."""
+    a, _ = users
+    wait_for("a warm worker", lambda: daemon.api("GET", "/v1/health")["warm_workers"] > 0, 60)
+    job = _owned_file(_owned_dir(base / "a-warm", a) / "job.yaml", _job_text("warm"), a)
+    job_id = _submit(daemon, a, job)["ok"]["job"]["id"]
+    end = _wait_end(daemon, job_id)
+    assert end["state"] == "succeeded", daemon.output()
+    assert "worker.warm_assigned" in daemon.output()
+    run = Path(end["run_dir"])
+    who = json.loads((run / "whoami.json").read_text())
+    assert (who["uid"], who["euid"], who["gid"]) == (a.uid, a.uid, a.gid)
+    assert who["groups"] == sorted(a.groups)
+    assert all(int(v, 16) == 0 for v in who["caps"].values()), who["caps"]
+    assert (run / "attempts" / "0001" / "stdout.log").stat().st_uid == a.uid
+
+
+@pytest.mark.tf
+def test_the_owner_exports_its_own_job_and_another_user_cannot(
+        daemon: DaemonProc, users: tuple[Owner, Owner], base: Path, python: str) -> None:
+    a, b = users
+    mine = _owned_dir(base / "a-export", a)
+    job = _owned_file(mine / "job.yaml", _job_text(
+        "export", extra="best: {monitor: loss, filepath: 'w-{epoch:02d}.hdf5'}\n"), a)
+    r = _cli(python, daemon, a, "submit", "--wait", str(job))
+    assert r.returncode == 0, r.stderr + daemon.output()
+    job_id = r.stdout.split()[0]
+    run = Path(daemon.job(job_id)["run_dir"])
+    best = sorted(run.glob("w-*.hdf5"))
+    assert best and all(p.stat().st_uid == a.uid for p in best)
+    for which, out in (("--best", mine / "best.hdf5"), ("--latest", mine / "latest.weights.h5")):
+        r = _cli(python, daemon, a, "export", job_id, which, "-o", str(out))
+        assert r.returncode == 0 and out.stat().st_uid == a.uid, r.stderr
+    r = _cli(python, daemon, b, "export", job_id, "--best", "-o", "/tmp/b-best.hdf5")
+    assert r.returncode == 2 and "may not see" in r.stderr
+    assert "exc" in as_user(b, lambda: best[-1].read_bytes())  # nor by reading the file

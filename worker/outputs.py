@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import tensorflow as tf
+from ckptd.state import ckptfiles as cf
 from ckptd.state.durable import atomic_write_text
 from ckptd.state.paths import RunDir
 from ckptd.worker.h5export import check_readable, save_weights_file
@@ -22,6 +23,7 @@ class EpochOutputs:
     def __init__(self, run: RunDir, model: Any, host: HostState,
                  event: Callable[..., None]) -> None:
         self.run, self.model, self.host, self.event = run, model, host, event
+        self._real_dirs: dict[Path, Path] = {}
         self.best_weights: list[tf.Variable] = []
         early = host.early
         if early and early.restore_best_weights:
@@ -69,7 +71,12 @@ class EpochOutputs:
         if name is None:
             return
         path = self.run.output_path(name)
-        save_weights_file(self.model, path)
+        # Its directory as resolved the first time; a symlink swapped in later makes the write
+        # refuse (DirectoryMoved) instead of landing outside.
+        real = self._real_dirs.setdefault(path.parent, cf.real_dir(path.parent))
+        with cf.pinned(real):
+            pass
+        save_weights_file(self.model, real / path.name)
         atomic_write_text(self.run.best_state, json.dumps({
             "monitor": best.monitor, "mode": best.mode, "best": best.best,
             "epoch": best.best_epoch, "path": str(path)}))
