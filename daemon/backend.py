@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import grp
 import json
 import os
@@ -136,8 +137,11 @@ class ApiBackend:
         except submissions.DuplicateKey as e:  # the same retry raced in on another connection
             return self._same_key(store, str(key), e.job_id, spec)
         except OSError as e:  # nothing was recorded: the submit can simply be retried
-            raise ApiError(507, f"cannot create the job's run directory under {self.home}/jobs: "
-                           f"{e.strerror or e}; free space there and submit again") from e
+            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise ApiError(507 if full else 500,
+                           f"cannot create the job's run directory under {self.home}/jobs: "
+                           f"{e.strerror or e}; " + ("free space there and submit again" if full
+                                                     else "see the daemon's log")) from e
         self.log.info("job.submitted", job_id=job.id, name=job.name, owner_uid=peer.uid,
                       priority=priority)
         self.wake.set()

@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 import click
 from ckptd.daemon import cli_service, jobs, logs
 from ckptd.daemon.cli_service import client_call
-from ckptd.daemon.client import Client, find_socket
+from ckptd.daemon.client import Client, SocketDenied, find_socket
 from ckptd.daemon.report import job_report, print_outputs, print_status
 from ckptd.state.jobspec import JobSpec, load_job_file
 from ckptd.state.paths import RunDir, state_dir
@@ -40,6 +40,13 @@ def _load(path: str) -> tuple[JobSpec, bytes]:
         for problem in e.problems:
             click.echo(problem, err=True)
         sys.exit(EXIT_BAD_INPUT)
+
+
+def _daemon_answers(home: Path) -> bool:
+    try:
+        return Client(find_socket(home)).available()
+    except SocketDenied as e:
+        _die(str(e))
 
 
 def _open_store(home: Path) -> Store:
@@ -177,7 +184,7 @@ def run(home: Path, job_file: Path | None, resume: str | None, new: bool, progre
 def status(home: Path, job_id: str | None, as_json: bool) -> None:
     """Show all jobs, or one job with its attempts."""
     reports: list[dict[str, Any]]
-    if Client(find_socket(home)).available():  # the daemon's view, with owners and priorities
+    if _daemon_answers(home):  # the daemon's view, with owners and priorities
         got = client_call(home, "GET", f"/v1/jobs/{job_id}" if job_id else "/v1/jobs")
         reports = [got] if job_id else got
     else:
@@ -201,7 +208,7 @@ def status(home: Path, job_id: str | None, as_json: bool) -> None:
 @click.pass_obj
 def checkpoints(home: Path, job_id: str, as_json: bool, include_retired: bool) -> None:
     """List a job's committed checkpoints (newest last)."""
-    if Client(find_socket(home)).available():
+    if _daemon_answers(home):
         rows = client_call(home, "GET", f"/v1/jobs/{job_id}/checkpoints?all={int(include_retired)}")
     else:
         store = _open_store(home)

@@ -18,6 +18,10 @@ class DaemonUnavailable(Exception):
     pass
 
 
+class SocketDenied(DaemonUnavailable):
+    """A daemon answers there, but this user may not talk to it."""
+
+
 class ApiRefused(Exception):
     def __init__(self, status: int, payload: dict[str, Any]) -> None:
         super().__init__(str(payload.get("error", f"HTTP {status}")))
@@ -72,7 +76,7 @@ class Client:
                 "`systemctl start ckptd` or `ckptd daemon`, or use `ckptd run` without a daemon"
             ) from e
         except PermissionError as e:
-            raise DaemonUnavailable(
+            raise SocketDenied(
                 f"permission denied on {self.path}: ask an administrator to add you to the "
                 "socket's group (ckptd-users)") from e
         except (OSError, http.client.HTTPException, ValueError) as e:
@@ -84,8 +88,12 @@ class Client:
         return payload
 
     def available(self) -> bool:
+        """Whether a daemon answers. SocketDenied propagates: a daemon that refuses this user
+        must not be mistaken for none (and its jobs for this user's local store)."""
         try:
             self.call("GET", "/v1/health")
             return True
+        except SocketDenied:
+            raise
         except (DaemonUnavailable, ApiRefused):
             return False

@@ -7,6 +7,7 @@ import fcntl
 import os
 import shutil
 import signal
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,14 +34,15 @@ def create_run(state: Path, spec: JobSpec, raw: bytes, record: Callable[[str, Ru
     """Run directory first (job file, spec, fsync), then `record` writes the store row(s) in one
     transaction: a job the store acknowledges is complete; a failure leaves no directory.
 
-    The directory is born private (0700, ours) and handed to `owner` only once it is complete, so
-    nobody can plant a symlink in it while the daemon writes there. From then on it is the
-    owner's: the daemon only reads it (through its group), and never writes into it again."""
+    The directory is born unreachable for users (2750, ours, group: the daemon's) and handed to
+    `owner` only once it is complete, so nobody can plant a symlink in it while the daemon writes
+    there. From then on it is the owner's: the daemon only reads it (through its group), and
+    never writes into it again."""
     job_id = new_job_id(spec.name)
     jobs_dir = state / "jobs"
     jobs_dir.mkdir(parents=True, exist_ok=True)
     run = RunDir(jobs_dir / job_id)
-    run.root.mkdir(mode=0o700)
+    _make_run_dir(run.root)
     try:
         atomic_write_bytes(run.job_file, raw)
         atomic_write_text(run.spec_file, spec_json(spec))
@@ -53,12 +55,26 @@ def create_run(state: Path, spec: JobSpec, raw: bytes, record: Callable[[str, Ru
         raise
 
 
+def _make_run_dir(path: Path) -> None:
+    """mkdir 0750, setgid with the daemon's group. Under systemd's RestrictSUIDSGID= no mode
+    with S_ISGID may be asked for: the bit and the group come from `jobs/` (2711, tmpfiles,
+    ckptd.daemon.service.share_dirs), which new directories inherit."""
+    old = os.umask(0o027)  # the unit's UMask=0077 would leave the daemon's group out
+    try:
+        path.mkdir(mode=0o750)
+    finally:
+        os.umask(old)
+    st = path.stat()
+    if not st.st_mode & stat.S_ISGID or st.st_gid != os.getegid():
+        os.chown(path, -1, os.getegid())
+        os.chmod(path, RUN_DIR_MODE)  # outside such a sandbox (`ckptd run`, tests): ask for it
+
+
 def _hand_over(run: RunDir, owner: Owner) -> None:
     group = os.getegid()
     for path in (run.job_file, run.spec_file):
         os.chmod(path, 0o640)
         os.chown(path, owner.uid, group)
-    os.chmod(run.root, RUN_DIR_MODE)
     os.chown(run.root, owner.uid, group)  # Linux keeps a directory's setgid bit through chown
 
 

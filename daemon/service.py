@@ -12,6 +12,7 @@ import grp
 import os
 import signal
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from ckptd.daemon.notify import Notifier
 from ckptd.daemon.recovery import recover
 from ckptd.daemon.running import RunningJob, ask_stop, start_job
 from ckptd.daemon.schedule import Queued, pick_jobs, slot_count, warm_wanted
-from ckptd.daemon.sockets import bound
+from ckptd.daemon.sockets import SocketError, bound
 from ckptd.daemon.spool import Spool
 from ckptd.state.states import JobState
 from ckptd.state.store import Store, StoreError
@@ -37,6 +38,7 @@ from ckptd.supervisor.identity import can_switch_users
 from ckptd.supervisor.warm import WarmPool
 
 LOOP_SECONDS = 0.5
+SUBMITTERS_GROUP = "ckptd-users"
 SPOOL_SCAN_SECONDS = 2.0
 
 
@@ -62,19 +64,49 @@ def share_dirs(home: Path, group: str | None) -> None:
     """A daemon that runs users' jobs as those users: each can reach their own run directory
     (`<state>/jobs/ID`, theirs) by name, but list nothing; the store and the daemon's own files
     stay private (ckptd.state.store); members of the socket's group may drop job files in the
-    spool, whose sticky bit keeps them from moving each other's."""
-    jobs_dir = home / "jobs"
-    jobs_dir.mkdir(exist_ok=True)
-    for d in (home, jobs_dir):
-        os.chmod(d, 0o711)
-    spool = home / "spool"
-    spool.mkdir(exist_ok=True)
-    gid = grp.getgrnam(group).gr_gid if group else os.getegid()
-    os.chown(spool, -1, gid)
-    os.chmod(spool, 0o1770)
+    spool, whose sticky bit keeps them from moving each other's. Under the unit,
+    systemd-tmpfiles made these already (RestrictSUIDSGID= would refuse the setgid chmod)."""
+    gid = os.getegid()
+    _ensure(home, 0o711, None)
+    _ensure(home / "jobs", 0o2711, gid)  # run directories inherit the group and the bit
+    spool_gid = _group_id(group) if group else gid
+    _ensure(home / "spool", 0o1770, spool_gid)
     for sub in ("accepted", "rejected"):  # a submitter reads its own file's error by name
-        (spool / sub).mkdir(exist_ok=True)
-        os.chmod(spool / sub, 0o711)
+        _ensure(home / "spool" / sub, 0o711, None)
+
+
+def _ensure(path: Path, mode: int, gid: int | None) -> None:
+    path.mkdir(exist_ok=True)
+    st = path.stat()
+    if gid is not None and st.st_gid != gid:
+        os.chown(path, -1, gid)
+    if stat.S_IMODE(st.st_mode) != mode or (gid is not None and st.st_gid != gid):
+        try:
+            os.chmod(path, mode)
+        except PermissionError as e:
+            raise OSError(e.errno, f"cannot set mode {mode:o} on {path} ({e.strerror}); create it "
+                          "as systemd/ckptd.tmpfiles says: systemd-tmpfiles --create") from e
+
+
+def _group_id(name: str) -> int:
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError as e:
+        raise SocketError(f"socket_group {name!r} does not exist; create it (sysusers.d/ckptd.conf "
+                          "does) or fix the daemon config") from e
+
+
+def default_socket_group(config: DaemonConfig) -> str | None:
+    """The configured group; else, for a daemon that runs other users' jobs, `ckptd-users` if it
+    exists (systemd/ckptd.sysusers makes it): with neither, only the daemon's own group could
+    submit, and under the unit it has no members."""
+    if config.socket_group or not can_switch_users():
+        return config.socket_group
+    try:
+        grp.getgrnam(SUBMITTERS_GROUP)
+    except KeyError:
+        return None
+    return SUBMITTERS_GROUP
 
 
 class Daemon:
@@ -103,13 +135,14 @@ class Daemon:
         for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(s, self._record_signal)
         try:
+            group = default_socket_group(self.config)
             if can_switch_users():
-                share_dirs(self.home, self.config.socket_group)
+                share_dirs(self.home, group)
             self._recover(store)
             sock = socket_path(self.config, self.home)
             backend = ApiBackend(self.home, self.registry, self.config.admin_group, self.wake,
                                  self.health, self.log)
-            server = bound(sock, lambda: ApiServer(str(sock), backend), self.config.socket_group)
+            server = bound(sock, lambda: ApiServer(str(sock), backend), group)
             threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
                              name="api", daemon=True).start()
             spool = self._start_spool()

@@ -141,7 +141,9 @@ class Spool:
         target = self._move(path, "rejected")
         note = target.with_name(target.name + ".error.txt")
         atomic_write_text(note, "\n".join(problems) + "\n")
-        os.chmod(note, 0o644)  # the submitter reads it by name; rejected/ is not listable
+        with contextlib.suppress(OSError):  # the submitter's to read (by name: not listable)
+            os.chown(note, target.lstat().st_uid, -1)
+            os.chmod(note, 0o600)
         self.log.warning("spool.rejected", file=path.name, problems=problems)
         return Intake(path.name, "rejected", None, tuple(problems))
 

@@ -305,6 +305,16 @@ def _writable_parent(path: Path) -> Path | None:
     return None
 
 
+def _why_unreadable(path: str) -> str:
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return "does not exist"
+    except OSError as e:  # a directory on the way that the caller may not search
+        return f"is not reachable by you ({e.strerror})"
+    return "is not readable by you"
+
+
 def check_paths(spec: JobSpec, source: str) -> None:
     """What the submitter's own rights say about the job's paths (the CLI runs this as them; the
     worker meets the same rights at run time, with the same field names in its messages)."""
@@ -312,8 +322,7 @@ def check_paths(spec: JobSpec, source: str) -> None:
     for field, text in (("model", spec.model), ("entrypoint", spec.entrypoint)):
         target = text.rsplit(":", 1)[0] if field == "model" and text else text
         if target and target.endswith(".py") and not os.access(target, os.R_OK):
-            why = "does not exist" if not os.path.lexists(target) else "is not readable by you"
-            problems.append(f"{source}: {field}: file {target} {why}")
+            problems.append(f"{source}: {field}: file {target} {_why_unreadable(target)}")
     outputs = [("checkpoint.dir", spec.checkpoint.dir)]
     if spec.best:
         outputs.append(("best.filepath", str(Path(spec.best.filepath).parent)))

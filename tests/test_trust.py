@@ -231,6 +231,10 @@ def test_the_worker_runs_as_its_submitter_and_its_outputs_are_theirs(
     assert "exc" in as_user(b, lambda: (run / "events.jsonl").read_text())
     r = _cli(python, daemon, b, "export", job_id, "--latest", "-o", "/tmp/x.weights.h5")
     assert r.returncode != 0 and "may not see" in r.stderr
+    # Outside the socket's group: a refusal, not an empty local store taken for the daemon's.
+    nobody = Owner(65534, 65534, ())
+    r = _cli(python, daemon, nobody, "status")
+    assert r.returncode == 1 and "permission denied" in r.stderr, r.stdout + r.stderr
 
 
 def test_idempotency_keys_are_per_owner_and_a_changed_spec_is_a_conflict(
