@@ -49,6 +49,19 @@ def _daemon_answers(home: Path) -> bool:
         _die(str(e))
 
 
+def _existing_store(home: Path, job_id: str | None) -> Store | None:
+    """The local store of `ckptd run` jobs, when no daemon answers; None (and why, on stderr)
+    rather than a store created just to say it is empty: that would hide a stopped daemon's
+    jobs behind an empty list."""
+    if (home / "ckptd.db").exists():
+        return _open_store(home)
+    where = f"no daemon answers on {find_socket(home)} and no `ckptd run` job is in {home}"
+    if job_id:
+        _die(f"no job {job_id!r}: {where}", EXIT_BAD_INPUT)
+    click.echo(f"ckptd: {where}", err=True)
+    return None
+
+
 def _open_store(home: Path) -> Store:
     try:
         home.mkdir(parents=True, exist_ok=True)
@@ -187,8 +200,9 @@ def status(home: Path, job_id: str | None, as_json: bool) -> None:
     if _daemon_answers(home):  # the daemon's view, with owners and priorities
         got = client_call(home, "GET", f"/v1/jobs/{job_id}" if job_id else "/v1/jobs")
         reports = [got] if job_id else got
+    elif (store := _existing_store(home, job_id)) is None:
+        reports = []
     else:
-        store = _open_store(home)
         try:
             selected = [store.job(job_id)] if job_id else store.jobs()
         except StoreError as e:
@@ -211,7 +225,8 @@ def checkpoints(home: Path, job_id: str, as_json: bool, include_retired: bool) -
     if _daemon_answers(home):
         rows = client_call(home, "GET", f"/v1/jobs/{job_id}/checkpoints?all={int(include_retired)}")
     else:
-        store = _open_store(home)
+        store = _existing_store(home, job_id)
+        assert store is not None  # with a job id, _existing_store exits instead
         try:
             store.job(job_id)
         except StoreError as e:

@@ -142,8 +142,8 @@ class Spool:
         note = target.with_name(target.name + ".error.txt")
         atomic_write_text(note, "\n".join(problems) + "\n")
         with contextlib.suppress(OSError):  # the submitter's to read (by name: not listable)
+            os.chmod(note, 0o600)  # before the chown: the unit has no CAP_FOWNER
             os.chown(note, target.lstat().st_uid, -1)
-            os.chmod(note, 0o600)
         self.log.warning("spool.rejected", file=path.name, problems=problems)
         return Intake(path.name, "rejected", None, tuple(problems))
 

@@ -351,3 +351,13 @@ def test_curl_over_the_socket(daemon: DaemonProc) -> None:
     r = subprocess.run(["curl", "-sf", "--unix-socket", str(daemon.sock), "http://ckptd/v1/jobs"],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and json.loads(r.stdout) == []
+
+
+def test_status_without_a_daemon_creates_no_store_and_says_so(tmp_path: Path) -> None:
+    """With the daemon stopped, an empty local store must not pass for "you have no jobs"."""
+    home = tmp_path / "home"
+    r = _cli(home, "status")
+    assert r.returncode == 0 and r.stdout.strip() == "no jobs"
+    assert "no daemon answers" in r.stderr and not (home / "ckptd.db").exists()
+    r = _cli(home, "checkpoints", "some-job")
+    assert r.returncode == 2 and "no daemon answers" in r.stderr
