@@ -78,6 +78,35 @@ def _hand_over(run: RunDir, owner: Owner) -> None:
     os.chown(run.root, owner.uid, group)  # Linux keeps a directory's setgid bit through chown
 
 
+def reclaim_run(run: RunDir, owner: Owner) -> bool:
+    """A run directory made before runs belonged to their submitters (ckptd 0.2 and earlier: the
+    service user's) becomes `owner`'s, as if created now. Its tree is rebuilt by renames into new
+    directories, which inherit `jobs/`'s group and setgid bit (no chmod with S_ISGID: the unit's
+    RestrictSUIDSGID= refuses it). Only the daemon could write there until now, so nothing in it
+    was planted by a user. False if it already was the owner's."""
+    st = run.root.lstat()
+    if st.st_uid == owner.uid or not stat.S_ISDIR(st.st_mode):
+        return False
+    old = run.root.with_name(run.root.name + ".legacy")
+    os.rename(run.root, old)
+    _rebuild(old, run.root, owner)
+    fsync_dir(run.root.parent)
+    return True
+
+
+def _rebuild(src: Path, dst: Path, owner: Owner) -> None:
+    _make_run_dir(dst)
+    for entry in os.scandir(src):
+        target = dst / entry.name
+        if entry.is_dir(follow_symlinks=False):
+            _rebuild(Path(entry.path), target, owner)
+        else:
+            os.rename(entry.path, target)
+            os.chown(target, owner.uid, os.getegid(), follow_symlinks=False)
+    os.rmdir(src)
+    os.chown(dst, owner.uid, os.getegid())
+
+
 def supervision_dir(state: Path, job_id: str) -> Path:
     """The daemon's own per-job files (its events, its lock, launch output): never in the run
     directory, which belongs to the job's owner."""

@@ -30,7 +30,8 @@ from ckptd.daemon.running import RunningJob, ask_stop, start_job
 from ckptd.daemon.schedule import Queued, pick_jobs, slot_count, warm_wanted
 from ckptd.daemon.sockets import SocketError, bound
 from ckptd.daemon.spool import Spool
-from ckptd.state.states import JobState
+from ckptd.state.paths import RunDir
+from ckptd.state.states import RESUMABLE, JobState
 from ckptd.state.store import Store, StoreError
 from ckptd.state.submissions import Owner, managed_jobs, owner_of, submission
 from ckptd.supervisor.gpus import detect_gpus
@@ -157,6 +158,8 @@ class Daemon:
             os.close(lock)
 
     def _recover(self, store: Store) -> None:
+        if can_switch_users():
+            self._reclaim_legacy_runs(store)
         found = recover(store)
         for job, adopted, devices in found.adopted:
             self.log.info("worker.adopted", job_id=job.id, attempt=adopted.n, pid=adopted.pid)
@@ -166,6 +169,16 @@ class Daemon:
                                                       self.warm)
         for job_id in found.requeued:
             self.log.info("job.requeued", job_id=job_id, reason="daemon restarted")
+
+    def _reclaim_legacy_runs(self, store: Store) -> None:
+        """Jobs still to run that were queued by a ckptd whose run directories were its own."""
+        for job, sub in managed_jobs(store, RESUMABLE | jobs.STALE | {JobState.QUEUED}):
+            run = RunDir(Path(job.run_dir))
+            try:
+                if jobs.reclaim_run(run, owner_of(sub)):
+                    self.log.info("job.run_dir_reclaimed", job_id=job.id, owner_uid=sub.owner_uid)
+            except OSError as e:
+                self.log.error("job.run_dir_reclaim_failed", job_id=job.id, error=str(e))
 
     def _start_spool(self) -> Spool | None:
         if not self.config.spool:

@@ -397,3 +397,38 @@ def test_the_owner_exports_its_own_job_and_another_user_cannot(
     r = _cli(python, daemon, b, "export", job_id, "--best", "-o", "/tmp/b-best.hdf5")
     assert r.returncode == 2 and "may not see" in r.stderr
     assert "exc" in as_user(b, lambda: best[-1].read_bytes())  # nor by reading the file
+
+
+def test_a_run_directory_from_before_the_upgrade_becomes_its_owners(
+        users: tuple[Owner, Owner], base: Path, python: str) -> None:
+    """A job queued by a ckptd whose run directories were its own (the service user's) runs as
+    its submitter after the upgrade, in a directory that is now theirs."""
+    from ckptd.daemon.backend import submit_job
+    from ckptd.state.jobspec import parse_job
+    from ckptd.state.store import Store
+
+    a, _ = users
+    home = base / "home-legacy"
+    home.mkdir()
+    job = _owned_file(_owned_dir(base / "a-legacy", a) / "job.yaml", _job_text("legacy"), a)
+    store = Store.open(home)
+    spec = parse_job(job.read_bytes(), str(job), job.parent, check=False)
+    created = submit_job(store, home, spec, job.read_bytes(), str(job), a, 0, None)
+    store.close()
+    run = Path(created.run_dir)
+    for path in (run, run / "job.yaml", run / "spec.json"):  # as ckptd 0.2 left it
+        os.chown(path, 0, 0)
+    run.chmod(0o750)
+    (run / "attempts" / "0001").mkdir(parents=True)
+    (run / "attempts" / "0001" / "stdout.log").write_text("from before\n")
+    d = start_daemon(home, python=python, FAKE_WHOAMI="whoami.json", FAKE_STEPS="20",
+                     FAKE_STEP_SECONDS="0.01")
+    try:
+        assert _wait_end(d, created.id)["state"] == "succeeded", d.output()
+    finally:
+        d.stop()
+    assert run.stat().st_uid == a.uid and run.stat().st_mode & 0o7777 == 0o2750
+    assert json.loads((run / "whoami.json").read_text())["uid"] == a.uid
+    assert (run / "job.yaml").stat().st_uid == a.uid and not run.with_name(run.name + ".legacy").exists()
+    assert (run / "attempts" / "0001" / "stdout.log").read_text().startswith("from before")
+    assert "job.run_dir_reclaimed" in d.output()
