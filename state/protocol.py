@@ -60,7 +60,8 @@ class Heartbeat:
     def read(cls, path: Path, root: Path | None = None) -> Heartbeat | None:
         """`root`: a directory the reader does not own (see ckptd.state.safeopen)."""
         try:
-            data = json.loads(read_under(root, path) if root else path.read_bytes())
+            data = json.loads(read_under(root, path, limit=MAX_RECORD) if root
+                              else path.read_bytes())
             return cls(**data)
         except (OSError, ValueError, TypeError):
             return None
@@ -77,6 +78,11 @@ def append_event(path: Path, kind: str, /, **data: Any) -> None:
         os.close(fd)
 
 
+# A job's files are its owner's to fill: the daemon reads bounded pieces of them.
+MAX_RECORD = 1 << 20  # a heartbeat, an exit code, an error record
+MAX_EVENTS_READ = 4 << 20  # events per poll; the rest waits for the next one
+
+
 class EventTail:
     """Reads complete new lines from an events file, remembering the offset."""
 
@@ -86,14 +92,17 @@ class EventTail:
     def read(self) -> list[dict[str, Any]]:
         try:
             if self.root is not None:
-                chunk = read_under(self.root, self.path, self.offset)
+                chunk = read_under(self.root, self.path, self.offset, MAX_EVENTS_READ)
             else:
                 with open(self.path, "rb") as f:
                     f.seek(self.offset)
-                    chunk = f.read()
+                    chunk = f.read(MAX_EVENTS_READ)
         except OSError:  # absent yet, or a name its owner swapped for something else
             return []
         end = chunk.rfind(b"\n") + 1
+        if end == 0 and len(chunk) == MAX_EVENTS_READ:  # one line longer than any event: skip it
+            self.offset += len(chunk)
+            return []
         self.offset += end
         out = []
         for line in chunk[:end].splitlines():
@@ -107,6 +116,7 @@ class EventTail:
 def read_exit_code(attempt_dir: Path, root: Path | None = None) -> int | None:
     path = attempt_dir / EXIT_FILE
     try:
-        return int((read_under(root, path) if root else path.read_bytes()).strip())
+        return int((read_under(root, path, limit=MAX_RECORD) if root
+                    else path.read_bytes()).strip())
     except (OSError, ValueError):
         return None

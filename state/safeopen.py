@@ -8,6 +8,7 @@ symlinks, only a regular file is read, and only one owned by the directory's own
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -33,8 +34,8 @@ def read_under(root: Path, path: Path, offset: int = 0, limit: int = -1) -> byte
             fd = nxt
         ffd = os.open(parts[-1], _FILE, dir_fd=fd)
     except OSError as e:
-        if e.errno == 40:  # ELOOP: a symlink where a name was expected
-            raise Refused(e.errno, "a symlink; not followed", str(path)) from e
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):  # a symlink (or a file) where a name was
+            raise Refused(e.errno, "a symlink or not a directory; not followed", str(path)) from e
         raise
     finally:
         os.close(fd)

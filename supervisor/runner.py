@@ -348,7 +348,7 @@ def _size(path: Path) -> int:
 
 def _read_error(root: Path, path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(read_under(root, path))
+        data = json.loads(read_under(root, path, limit=p.MAX_RECORD))
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
