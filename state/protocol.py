@@ -9,6 +9,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,18 @@ EXIT_FILE = "exit_code"  # per attempt: lets a supervisor that adopted (not spaw
 EVENTS_FILE = "events.jsonl"  # per job, appended by workers: epoch ends, commits, best files
 
 
+class Phase(StrEnum):
+    """Where a worker is; the supervisor's silence limits are per phase
+    (ckptd.supervisor.policy.silence_limit, whose table test covers every member)."""
+
+    STARTING = "starting"  # importing, building, priming
+    RESTORING = "restoring"
+    TRAINING = "training"
+    VALIDATING = "validating"
+    SAVING = "saving"
+    DONE = "done"  # the final commit is durable: nothing of the job can be lost any more
+
+
 @dataclass
 class Heartbeat:
     """Sent from the training step loop (never from a side thread): it proves progress."""
@@ -40,7 +53,7 @@ class Heartbeat:
     pid: int
     attempt: int
     seq: int
-    phase: str  # starting | restoring | training | validating | saving | done
+    phase: str  # a Phase
     time: float
     step: int = 0
     epoch: int = 0

@@ -30,6 +30,7 @@ class ExitObservation:
     hang: str | None = None  # why the supervisor declared a hang, if it did
     oom_evidence: str | None = None  # memory limit reached, cgroup oom_kill, kernel log
     gpu_problems: str | None = None  # NVML's word on the attempt's devices after it ended
+    finished: bool = False  # its heartbeat said Phase.DONE: the final commit is durable
 
 
 def _signal_name(signum: int) -> str:
@@ -66,7 +67,30 @@ def classify_exit(o: ExitObservation) -> tuple[C, str]:
     return klass, evidence
 
 
+def silence_limit(phase: str, r: Restart) -> float:
+    """How long a worker in `phase` may go without a heartbeat before it is declared hung.
+    Saves, restores and start-up may outlast a step by far (a big model, a slow disk, a loaded
+    box); after DONE nothing of the job is at stake, so only a generous exit stall is allowed."""
+    limits: dict[str, float] = {
+        p.Phase.TRAINING: r.heartbeat_timeout_seconds,
+        p.Phase.VALIDATING: r.heartbeat_timeout_seconds,
+        p.Phase.STARTING: r.startup_grace_seconds,
+        p.Phase.RESTORING: r.startup_grace_seconds,
+        p.Phase.SAVING: r.startup_grace_seconds,
+        p.Phase.DONE: r.startup_grace_seconds,
+    }
+    if phase not in set(p.Phase):  # from a newer or older worker: the longest grace
+        return r.startup_grace_seconds
+    return limits[phase]  # a Phase missing from the table fails its test
+
+
 def _classify(o: ExitObservation) -> tuple[C, str]:
+    if o.exit_code == p.EXIT_OK:  # a clean exit wins over any verdict reached while waiting
+        return C.SUCCEEDED, "training finished"
+    if o.finished and o.exit_code not in (p.EXIT_CONFIG, p.EXIT_PREEMPTED):
+        why = o.hang or (f"killed by {_signal_name(o.signal)}" if o.signal else
+                         f"exit code {o.exit_code}")
+        return C.SUCCEEDED, f"training finished and its final commit is durable; then: {why}"
     if o.hang:
         return C.HANG, o.hang
     if o.exit_code is None and o.signal is None:
@@ -143,11 +167,19 @@ def backoff(failures: int, policy: Restart, jitter: float) -> float:
     return float(max(policy.backoff_initial_seconds, min(policy.backoff_max_seconds, delay)))
 
 
+# Endings that say nothing about the job's own code: they spend the restart budget, never make
+# a crash loop (a loaded box killing slow starters three times is not a deterministic failure).
+NOT_DETERMINISTIC = frozenset({C.KILLED, C.LOST, C.PREEMPTED})
+
+
 def _crash_loop(history: list[AttemptOutcome]) -> bool:
+    """The same failure at the same known step, several times: retrying cannot help."""
     tail = history[-CRASH_LOOP_REPEATS:]
     if len(tail) < CRASH_LOOP_REPEATS or any(_made_progress(a) for a in tail):
         return False
     first = tail[0]
+    if first.last_step is None or first.klass in NOT_DETERMINISTIC:
+        return False
     return all(a.klass == first.klass and a.last_step == first.last_step for a in tail)
 
 

@@ -28,6 +28,7 @@ from ckptd.supervisor.policy import (
     ExitObservation,
     classify_exit,
     decide_restart,
+    silence_limit,
 )
 from ckptd.supervisor.process import ExitStatus, ProcessOps, worker_argv
 
@@ -75,7 +76,7 @@ class Watch:
     started: float
     last_change: float
     last_seq: int = -1
-    phase: str = "starting"
+    phase: str = p.Phase.STARTING
     restored_step: int | None = None
     committed_step: int | None = None
     last_step: int | None = None
@@ -235,11 +236,14 @@ class JobRunner:
         if status.exit_code is None and status.signal is None:  # not our child: ask its file
             status = ExitStatus(p.read_exit_code(adir, self.run.root), None)
         w.oom = w.oom or self.ops.memory_evidence(pid)
+        last = p.Heartbeat.read(self.run.heartbeat, self.run.root)  # its last word: DONE?
+        if last is not None and last.attempt == n:
+            w.phase = last.phase
         self._drain_events(w)
         err = _read_error(self.run.root, adir / p.ERROR_FILE)
         sick = self._sick_devices(status)
         obs = ExitObservation(status.exit_code, status.signal, err.get("type"), err.get("message"),
-                              w.hang, w.oom, nvml.describe(sick))
+                              w.hang, w.oom, nvml.describe(sick), w.phase == p.Phase.DONE)
         klass, evidence = classify_exit(obs)
         if isinstance(err.get("step"), int):
             w.last_step = err["step"]
@@ -318,10 +322,7 @@ class JobRunner:
                 self.ops.signal_group(w.pid, signal.SIGKILL)
                 w.kill_sent = True
         if w.term_sent is None and w.hang is None:
-            # A save can legitimately outlast heartbeat_timeout (a big model, a slow disk).
-            limit = (self.spec.restart.startup_grace_seconds
-                     if w.phase in ("starting", "restoring", "saving")
-                     else self.spec.restart.heartbeat_timeout_seconds)
+            limit = silence_limit(w.phase, self.spec.restart)
             if now - w.last_change > limit:
                 w.hang = (f"no progress heartbeat for {now - w.last_change:.1f}s in phase "
                           f"{w.phase} (last step {w.last_step}); Python stacks in "

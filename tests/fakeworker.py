@@ -21,6 +21,7 @@ from ckptd.state import protocol as p
 from ckptd.state.durable import atomic_write_text, write_nondurable
 from ckptd.state.jobspec import spec_from_json
 from ckptd.state.paths import RunDir
+from ckptd.state.protocol import Phase
 from ckptd.supervisor.identity import drop_to, owner_from_json
 from ckptd.worker.runtime import lock_dir, log_to
 
@@ -40,7 +41,7 @@ def main() -> int:
     total, pause = int(os.environ.get("FAKE_STEPS", "40")), float(os.environ.get("FAKE_STEP_SECONDS", "0.05"))
     events = run.root / p.EVENTS_FILE
     committed = _restored(events)
-    hb = p.Heartbeat(pid=os.getpid(), attempt=attempt, seq=0, phase="training", time=time.time(),
+    hb = p.Heartbeat(pid=os.getpid(), attempt=attempt, seq=0, phase=Phase.TRAINING, time=time.time(),
                      restored_step=committed, step=committed or 0)
     code = p.EXIT_OK
     crash_at = int(os.environ.get("FAKE_CRASH_AT", "0")) if attempt == 1 else 0
@@ -57,6 +58,10 @@ def main() -> int:
             time.sleep(float(os.environ.get("FAKE_SAVE_SECONDS", "0")))  # a slow final save
             code = p.EXIT_PREEMPTED
             break
+    if stall := float(os.environ.get("FAKE_DONE_STALL", "0")):  # slow to exit after its end
+        hb.seq, hb.phase, hb.time = hb.seq + 1, Phase.DONE, time.time()
+        write_nondurable(run.heartbeat, hb.to_json())
+        time.sleep(stall)
     atomic_write_text(run.attempt_dir(attempt) / p.EXIT_FILE, f"{code}\n")
     return code
 

@@ -361,3 +361,21 @@ def test_status_without_a_daemon_creates_no_store_and_says_so(tmp_path: Path) ->
     assert "no daemon answers" in r.stderr and not (home / "ckptd.db").exists()
     r = _cli(home, "checkpoints", "some-job")
     assert r.returncode == 2 and "no daemon answers" in r.stderr
+
+
+def test_a_worker_slow_to_exit_after_its_final_commit_still_succeeds(tmp_path: Path) -> None:
+    """On a loaded box a finished worker (Phase.DONE) may take longer to exit than the silence
+    limit: the hang verdict must not turn a trained job into a crash loop."""
+    d = start_daemon(tmp_path / "home", FAKE_STEPS="20", FAKE_STEP_SECONDS="0.01",
+                     FAKE_DONE_STALL="3")
+    try:
+        job = tmp_path / "slow-exit.yaml"
+        job.write_text("name: slow-exit\nmodel: m.py:build\ncheckpoint: {every_steps: 10}\n"
+                       "restart: {heartbeat_timeout_seconds: 1, startup_grace_seconds: 1}\n")
+        (tmp_path / "m.py").write_text("")  # the fake worker imports nothing
+        job_id = d.submit(job)
+        end = d.wait_state(job_id, "succeeded", "failed", timeout=60)
+        assert end["state"] == "succeeded", end
+        assert [a["class"] for a in end["attempt_list"]] == ["succeeded"], end["attempt_list"]
+    finally:
+        d.stop()

@@ -16,6 +16,7 @@ from ckptd.supervisor.policy import (
     classify_exit,
     decide_restart,
     failures_without_progress,
+    silence_limit,
 )
 
 CLASSIFY = [
@@ -41,6 +42,15 @@ CLASSIFY = [
     (ExitObservation(None, signal.SIGTERM), C.KILLED),
     (ExitObservation(None, signal.SIGKILL, hang="no heartbeat for 121s"), C.HANG),
     (ExitObservation(p.EXIT_PREEMPTED, None, hang="no heartbeat"), C.HANG),
+    # A clean exit wins over a hang verdict reached while it was slow to exit (a loaded box).
+    (ExitObservation(0, None, hang="no heartbeat for 130s in phase training"), C.SUCCEEDED),
+    # Stopped after its final commit (Phase.DONE): the job trained; it never ends failed.
+    (ExitObservation(None, signal.SIGKILL, hang="no heartbeat in phase done", finished=True),
+     C.SUCCEEDED),
+    (ExitObservation(None, signal.SIGTERM, finished=True), C.SUCCEEDED),
+    (ExitObservation(1, None, "builtins.RuntimeError", "in atexit", finished=True), C.SUCCEEDED),
+    (ExitObservation(p.EXIT_PREEMPTED, None, finished=True), C.PREEMPTED),
+    (ExitObservation(p.EXIT_CONFIG, None, "ConfigError", "x", finished=True), C.CONFIG_ERROR),
     # NVML reports a sick device after the attempt: it explains failures, not clean endings.
     (ExitObservation(None, signal.SIGKILL, gpu_problems="NVML: GPU 1: GPU is lost"), C.GPU_FAULT),
     (ExitObservation(None, signal.SIGKILL, hang="no heartbeat", gpu_problems="NVML: x"),
@@ -84,7 +94,26 @@ DECIDE = [
     ([A(C.GPU_FAULT, last=9)], Action.RESTART),
     ([A(C.HANG, last=9)], Action.RESTART),
     ([A(C.HOST_OOM, last=9)], Action.RESTART),
+    # Kills before the first step (a slow start on a loaded box) are no crash loop: the budget
+    # decides (3 failures > max_restarts 2 here, so FAIL by budget; see the reason test below).
+    ([A(C.KILLED)] * 2, Action.RESTART),
+    ([A(C.CRASH)] * 2, Action.RESTART),
 ]
+
+
+@pytest.mark.parametrize("history", [
+    [A(C.KILLED)] * 3, [A(C.CRASH)] * 3, [A(C.LOST)] * 3, [A(C.KILLED, last=7)] * 3])
+def test_no_crash_loop_without_a_known_deterministic_step(history: list[AttemptOutcome]) -> None:
+    d = decide_restart(history, Restart(max_restarts=10), 0.0)
+    assert d.action == Action.RESTART and not d.reason.startswith("crash loop"), d
+
+
+@pytest.mark.parametrize("phase", list(p.Phase))
+def test_every_phase_has_a_silence_limit(phase: p.Phase) -> None:
+    r = Restart(heartbeat_timeout_seconds=30, startup_grace_seconds=300)
+    expected = 30 if phase in (p.Phase.TRAINING, p.Phase.VALIDATING) else 300
+    assert silence_limit(phase, r) == expected
+    assert silence_limit("unknown-phase", r) == 300  # an unknown phase gets the longest grace
 
 
 @pytest.mark.parametrize(("history", "action"), DECIDE)

@@ -23,6 +23,7 @@ from ckptd.state import protocol as p
 from ckptd.state.durable import atomic_write_text
 from ckptd.state.jobspec import JobSpec, resolved_params, spec_from_json
 from ckptd.state.paths import RunDir
+from ckptd.state.protocol import Phase
 from ckptd.worker.runtime import log_to
 
 
@@ -49,7 +50,7 @@ def _basics(run: RunDir, attempt: int) -> tuple[JobSpec, Any, Any, Any]:
     stop.install()
     beater = Beater(run.heartbeat, attempt)
     if attempt:
-        beater.beat("starting", force=True)
+        beater.beat(Phase.STARTING, force=True)
     _configure_tf(spec)
     return spec, beater, stop, writer
 
@@ -130,7 +131,7 @@ def _become_assigned(run: RunDir, loop: Any) -> int | None:
     if assigned is None:
         return None
     loop.beater.hb.attempt = assigned
-    loop.beater.beat("starting", force=True)
+    loop.beater.beat(Phase.STARTING, force=True)
     loop.event("worker.spare_assigned", pid=os.getpid())
     return assigned
 

@@ -15,7 +15,7 @@ import tensorflow as tf
 from ckptd.state.ckptfiles import Manifest
 from ckptd.state.jobspec import JobSpec
 from ckptd.state.paths import RunDir
-from ckptd.state.protocol import EVENTS_FILE, append_event
+from ckptd.state.protocol import EVENTS_FILE, Phase, append_event
 from ckptd.worker.asyncsave import AsyncSaver
 from ckptd.worker.faults import Faults
 from ckptd.worker.keeper import Keeper, SaveFailed
@@ -90,7 +90,7 @@ class Checkpointing:
 
     def restore(self) -> Manifest | None:
         """Restore the newest valid commit into the checkpoint's objects (None: fresh start)."""
-        self.beater.beat("restoring")
+        self.beater.beat(Phase.RESTORING)
         self.open()
         manifest = self.keeper.restore()  # quarantines damaged commits before GC sees them
         removed = self.keeper.collect_garbage()
@@ -136,13 +136,13 @@ class Checkpointing:
         except SaveFailed as e:
             self.event("checkpoint.failed", step=self.step, reason=reason,
                        error=str(e), committed_step=self.committed_step)
-            self.beater.beat("training", force=True)
+            self.beater.beat(Phase.TRAINING, force=True)
             if reason != "interval":
                 raise
             return False
 
     def _save(self, reason: str) -> None:
-        self.beater.beat("saving", force=True)
+        self.beater.beat(Phase.SAVING, force=True)
         step, epoch = self.step, int(self.c.epoch.numpy())
         t0 = time.monotonic()
         number = self.async_saver.take_number() if self.async_saver is not None else None
@@ -150,7 +150,7 @@ class Checkpointing:
                              number)
         self.dirty = False
         self._committed(m, reason, time.monotonic() - t0, self.keeper.retired)
-        self.beater.beat("training", force=True)
+        self.beater.beat(Phase.TRAINING, force=True)
 
     def _committed(self, m: Manifest, reason: str, seconds: float,
                    retired: list[Manifest]) -> None:

@@ -13,6 +13,7 @@ import tensorflow as tf
 from ckptd.state.ckptfiles import Manifest
 from ckptd.state.jobspec import JobSpec
 from ckptd.state.paths import RunDir
+from ckptd.state.protocol import Phase
 from ckptd.worker import callbacks as cbs
 from ckptd.worker.checkpointing import Checkpointing
 from ckptd.worker.fitplan import should_validate, validations_between
@@ -111,7 +112,7 @@ class Loop:
         self._begin_callbacks()
         report_exactness(self.event, self.inexact)
         self.ck.last_save = time.monotonic()
-        self.beater.beat("training", force=True, epochs=self.epochs,
+        self.beater.beat(Phase.TRAINING, force=True, epochs=self.epochs,
                          steps_per_epoch=self.data.steps_per_epoch)
         while int(self.c.epoch.numpy()) < self.epochs and not self.host.stopped_early:
             self._epoch(int(self.c.epoch.numpy()))
@@ -152,12 +153,12 @@ class Loop:
         done = int(self.c.step_in_epoch.numpy()) - start
         elapsed = time.monotonic() - t_epoch
         rate = done * self.batch_size / elapsed if elapsed > 0 else None
-        self.beater.beat("training", step=self.ck.step, epoch=epoch,
+        self.beater.beat(Phase.TRAINING, step=self.ck.step, epoch=epoch,
                          loss=self.ck.last_logs.get("loss"), logs=self.ck.last_logs,
                          examples_per_sec=rate)
 
     def epoch_end(self, epoch: int) -> None:
-        self.beater.beat("validating", force=True)
+        self.beater.beat(Phase.VALIDATING, force=True)
         logs = dict(self.ck.last_logs)
         val = None
         if should_validate(epoch, self.validation_freq):
@@ -172,7 +173,7 @@ class Loop:
             self.event("training.stopped_by_callback", epoch=epoch)
         self.ck.epoch_done()
         self._sync_host()
-        self.beater.beat("training", force=True, epoch=epoch + 1, logs=logs)
+        self.beater.beat(Phase.TRAINING, force=True, epoch=epoch + 1, logs=logs)
 
     def close(self) -> None:
         self.ck.close()
@@ -181,7 +182,7 @@ class Loop:
         self.out.restore_best_weights(self.ck.dirty)
         self.ck.finish()
         self.callback_list.on_train_end(self.host.history[-1] if self.host.history else None)
-        self.beater.beat("done", force=True)
+        self.beater.beat(Phase.DONE, force=True)
         self.event("training.done", step=self.ck.step,
                    epochs=len(self.host.history), stopped_early=self.host.stopped_early,
                    **{k: round(v, 6) for k, v in self.ck.stats.items()})

@@ -16,7 +16,7 @@ from types import FrameType
 from typing import Any
 
 from ckptd.state.durable import atomic_write_text, write_nondurable
-from ckptd.state.protocol import ERROR_FILE, Heartbeat
+from ckptd.state.protocol import ERROR_FILE, Heartbeat, Phase
 
 
 class StopFlag:
@@ -98,7 +98,7 @@ class Beater:
 
     def __init__(self, path: Path, attempt: int, interval: float = 0.25) -> None:
         self.path, self.interval = path, interval
-        self.hb = Heartbeat(pid=os.getpid(), attempt=attempt, seq=0, phase="starting",
+        self.hb = Heartbeat(pid=os.getpid(), attempt=attempt, seq=0, phase=Phase.STARTING,
                             time=time.time())
         self._last = 0.0
 

@@ -18,6 +18,7 @@ import keras
 from ckptd.state.ckptfiles import Manifest
 from ckptd.state.jobspec import JobSpec
 from ckptd.state.paths import RunDir
+from ckptd.state.protocol import Phase
 from ckptd.worker.checkpointing import Checkpointing
 from ckptd.worker.entry import ConfigError
 from ckptd.worker.hoststate import HostState
@@ -89,7 +90,7 @@ class Session:
             self.out.merge_best_sidecar()
             self.restored = True
         self.out.write_history()
-        self.beater.beat("training", force=True)
+        self.beater.beat(Phase.TRAINING, force=True)
         self.ck.last_save = self._t_step = time.monotonic()
         return manifest
 
@@ -118,7 +119,7 @@ class Session:
         the heartbeat, saves when due; on SIGTERM saves and ends the program (exit 75)."""
         now = time.monotonic()
         self.ck.count(floats(logs))
-        self.beater.beat("training", step=self.ck.step, epoch=self.epoch,
+        self.beater.beat(Phase.TRAINING, step=self.ck.step, epoch=self.epoch,
                          loss=self.ck.last_logs.get("loss"), logs=self.ck.last_logs)
         self.ck.after_step(now - self._t_step)
         self._t_step = time.monotonic()
@@ -126,12 +127,12 @@ class Session:
     def epoch_done(self, logs: dict[str, Any] | None = None) -> bool:
         """Call at the end of every epoch with its figures; returns True if early stopping
         says to stop."""
-        self.beater.beat("validating", force=True)
+        self.beater.beat(Phase.VALIDATING, force=True)
         values = floats(logs or {})
         self.out.record(self.epoch, self.ck.step, values)
         self.ck.epoch_done()
         self.ck.c.host.assign(self.host.dumps())
-        self.beater.beat("training", force=True, epoch=self.epoch, logs=values)
+        self.beater.beat(Phase.TRAINING, force=True, epoch=self.epoch, logs=values)
         if self.stop.requested:
             self.ck.preempt()
         return self.host.stopped_early
@@ -143,7 +144,7 @@ class Session:
         self.finished = True
         self.out.restore_best_weights(self.ck.dirty)
         self.ck.finish()
-        self.beater.beat("done", force=True)
+        self.beater.beat(Phase.DONE, force=True)
         self.ck.event("training.done", step=self.ck.step, epochs=len(self.host.history),
                       stopped_early=self.host.stopped_early)
 
