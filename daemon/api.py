@@ -16,11 +16,15 @@ admin group may see a job's details, events and checkpoints, or cancel it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import selectors
 import socket
 import socketserver
 import struct
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -77,17 +81,78 @@ def peer_of(sock: socket.socket) -> Peer:
     return Peer(pid, uid, gid, tuple(sorted(set(groups))))
 
 
+MAX_CONNECTIONS = 64  # requests being served at once, one thread each
+MAX_WAITING = 4096  # accepted connections that have not sent anything yet (no thread each)
+IDLE_SECONDS = 10.0  # a client silent this long (before or within its request) is dropped
+
+
 class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """A thread per request, but only once the client has sent something: a silent connection
+    waits in a selector, costing a descriptor, and is dropped after IDLE_SECONDS."""
+
     daemon_threads = True
     allow_reuse_address = False
+    request_queue_size = 128
 
     def __init__(self, path: str, backend: Backend) -> None:
         self.backend = backend
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._waiting: dict[socket.socket, float] = {}
+        self._lock = threading.Lock()
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
         super().__init__(path, Handler, bind_and_activate=True)
+        threading.Thread(target=self._waiting_room, name="api-waiting", daemon=True).start()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._lock:
+            if len(self._waiting) >= MAX_WAITING:
+                self.shutdown_request(request)
+                return
+            self._waiting[request] = time.monotonic()
+            self._selector.register(request, selectors.EVENT_READ)
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+
+    def _waiting_room(self) -> None:
+        while True:
+            events = self._selector.select(timeout=0.5)
+            now = time.monotonic()
+            ready: list[socket.socket] = []
+            with self._lock:
+                for key, _ in events:
+                    if key.fileobj is self._wake_r:
+                        with contextlib.suppress(OSError):
+                            self._wake_r.recv(4096)
+                        continue
+                    conn: socket.socket = key.fileobj  # type: ignore[assignment]
+                    self._take(conn)
+                    ready.append(conn)
+                for conn in [c for c, t in self._waiting.items() if now - t > IDLE_SECONDS]:
+                    self._take(conn)
+                    self.shutdown_request(conn)
+            for conn in ready:
+                self._slots.acquire()  # only clients that spoke wait for a thread
+                threading.Thread(target=self.process_request_thread, args=(conn, None),
+                                 daemon=True).start()
+
+    def _take(self, conn: socket.socket) -> None:
+        self._waiting.pop(conn, None)
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(conn)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 class Handler(BaseHTTPRequestHandler):
     server: ApiServer
+    timeout = IDLE_SECONDS  # socket timeout for every read: an idle client is dropped
     protocol_version = "HTTP/1.1"
     server_version = "ckptd"
 
@@ -152,15 +217,19 @@ class Handler(BaseHTTPRequestHandler):
             body = json.loads(self.rfile.read(int(length)))
         except ValueError as e:
             raise ApiError(400, f"the body is not JSON: {e}") from e
+        except RecursionError as e:  # [[[[…]]]] a million deep
+            raise ApiError(400, "the body nests too deeply to be a job submission") from e
         if not isinstance(body, dict):
             raise ApiError(400, "the body must be a JSON object")
         return body
 
     def _reply(self, status: int, payload: Any) -> None:
+        self.close_connection = True  # one request per connection: none idles on a thread
         data = (json.dumps(payload, indent=1, default=str) + "\n").encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
 

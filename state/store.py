@@ -141,20 +141,44 @@ def _private(path: Path) -> None:
             st = f.lstat()
             if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_mode & 0o007:
                 os.chmod(f, stat.S_IMODE(st.st_mode) & ~0o007)
-    if not path.exists():
-        with contextlib.suppress(OSError):
-            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640))
+
+
+def _refuse_unusable(path: Path) -> None:
+    """An empty store (truncated by a bad restore, a full disk, a mistake) would be re-created
+    empty and every job forgotten; a store this user may not open is not 'unreadable'."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return
+    except PermissionError as e:
+        raise StoreError(f"permission denied on the job store {path} (uid {os.geteuid()}): it is "
+                         "the daemon's; ask it through the socket (ckptd status) instead") from e
+    if not os.access(path, os.R_OK | os.W_OK):
+        raise StoreError(f"permission denied on the job store {path} (uid {os.geteuid()}): it is "
+                         "the daemon's; ask it through the socket (ckptd status) instead")
+    wal = path.with_name(path.name + "-wal")
+    if st.st_size == 0 and not (wal.exists() and wal.stat().st_size > 0):
+        raise StoreError(f"job store {path} is empty (0 bytes): ckptd will not start as if no job "
+                         "ever existed. Restore it from a backup; or, to forget every job on "
+                         f"purpose, move it aside (run directories stay in {path.parent / 'jobs'})")
 
 
 class Store:
     def __init__(self, path: Path, check: bool = True, threads: bool = False) -> None:
         self.path, self.check = path, check
         path.parent.mkdir(parents=True, exist_ok=True)
+        _refuse_unusable(path)
         try:
             # threads=True: a pooled connection, used by one thread at a time but not always the same.
             _private(path)
-            self._db = sqlite3.connect(path, timeout=10.0, isolation_level=None,
-                                       check_same_thread=not threads)
+            fresh = not path.exists()
+            old_umask = os.umask(0o027) if fresh else None  # born private (see _private)
+            try:
+                self._db = sqlite3.connect(path, timeout=10.0, isolation_level=None,
+                                           check_same_thread=not threads)
+            finally:
+                if old_umask is not None:
+                    os.umask(old_umask)
         except sqlite3.Error as e:
             raise StoreError(f"cannot open job store {path}: {e}") from e
         # sqlite3 opens with O_CLOEXEC on Linux, so workers never inherit the store's descriptors.

@@ -15,6 +15,7 @@ import sqlite3
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import psutil
@@ -379,3 +380,39 @@ def test_a_worker_slow_to_exit_after_its_final_commit_still_succeeds(tmp_path: P
         assert [a["class"] for a in end["attempt_list"]] == ["succeeded"], end["attempt_list"]
     finally:
         d.stop()
+
+
+def _threads(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    raise AssertionError("no Threads line")
+
+
+def test_hostile_requests_get_a_4xx_and_idle_clients_are_bounded(daemon: DaemonProc) -> None:
+    """A body nested a million deep, a 30-digit offset, hundreds of silent connections: the
+    daemon answers 4xx, holds a bounded number of threads, and keeps serving."""
+    import socket
+
+    deep = ("[" * 1_000_000 + "]" * 1_000_000).encode()
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(daemon.sock))
+        s.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(deep)
+                  + deep)
+        assert s.recv(100).startswith(b"HTTP/1.1 400"), "nested JSON"
+    with pytest.raises(ApiRefused) as e:
+        daemon.api("GET", "/v1/jobs/x/events?offset=" + "9" * 30)
+    assert e.value.status == 400
+    idle = []
+    for _ in range(300):
+        c = socket.socket(socket.AF_UNIX)
+        c.connect(str(daemon.sock))
+        idle.append(c)
+    try:
+        assert _threads(daemon.proc.pid) < 120
+        t0 = time.monotonic()
+        assert daemon.api("GET", "/v1/health")["pid"] == daemon.proc.pid
+        assert time.monotonic() - t0 < 60
+    finally:
+        for c in idle:
+            c.close()

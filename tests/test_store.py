@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import sqlite3
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -89,3 +92,48 @@ def test_attempts_and_checkpoints(tmp_path: Path) -> None:
     s.retire_checkpoints("j", [20])
     assert [c["step"] for c in s.checkpoints("j")] == [40]
     assert [c["step"] for c in s.checkpoints("j", include_retired=True)] == [20, 40]
+
+
+def test_an_empty_store_is_refused_not_recreated(tmp_path: Path) -> None:
+    """A 0-byte ckptd.db would silently become a new, empty store: every job forgotten."""
+    s = Store.open(tmp_path)
+    s.create_job("j", "n", "{}", "d", "f", "r")
+    s.close()
+    for suffix in ("", "-wal", "-shm"):
+        p = tmp_path / f"ckptd.db{suffix}"
+        if p.exists():
+            if suffix:
+                p.unlink()
+            else:
+                p.write_bytes(b"")
+    with pytest.raises(StoreError, match=r"is empty .*move it aside"):
+        Store.open(tmp_path)
+    assert (tmp_path / "ckptd.db").stat().st_size == 0  # left exactly as found
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to try the store as another uid")
+def test_a_store_of_another_user_says_permission_denied(tmp_path: Path) -> None:
+    home = Path(tempfile.mkdtemp(prefix="ckptd-store-"))
+    home.chmod(0o755)
+    Store.open(home).close()
+    assert (home / "ckptd.db").stat().st_mode & 0o777 == 0o640  # born private
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                Store.open(home)
+                msg = "opened"
+            except StoreError as e:
+                msg = str(e)
+            os.write(w, msg.encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    msg = os.read(r, 4096).decode()
+    os.close(r)
+    shutil.rmtree(home)
+    assert "permission denied" in msg and "restore" not in msg, msg
