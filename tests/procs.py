@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from collections.abc import Callable
@@ -83,3 +84,34 @@ def final_state_hash(run: Path) -> dict[str, str]:
         out[name] = hashlib.sha256(value if isinstance(value, bytes) else value.tobytes()
                                    ).hexdigest()
     return out
+
+
+def as_uid(uid: int, gid: int, fn: Callable[[], Any], groups: tuple[int, ...] = ()) -> dict[str, Any]:
+    """Run `fn` in a forked child with `uid`, `gid` and `groups` (root only): {"ok": result} or
+    {"status": N, "error": msg} for an API refusal, or {"exc": "Type: msg"}."""
+    from ckptd.daemon.client import ApiRefused
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        os.close(r)
+        try:
+            os.setgroups(list(groups))
+            os.setgid(gid)
+            os.setuid(uid)
+            try:
+                out: dict[str, Any] = {"ok": fn()}
+            except ApiRefused as e:
+                out = {"status": e.status, "error": str(e)}
+            except BaseException as e:
+                out = {"exc": f"{type(e).__name__}: {e}"}
+            os.write(w, json.dumps(out, default=str).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    chunks = []
+    while chunk := os.read(r, 65536):
+        chunks.append(chunk)
+    os.close(r)
+    os.waitpid(pid, 0)
+    return dict(json.loads(b"".join(chunks)))

@@ -24,7 +24,7 @@ from ckptd.daemon.client import ApiRefused, DaemonUnavailable
 
 from .conftest import ckptd_cmd
 from .daemonproc import DaemonProc, daemon_env, fake_job, start_daemon
-from .procs import wait_for
+from .procs import as_uid, wait_for
 
 SLOW = {"FAKE_STEPS": "400", "FAKE_STEP_SECONDS": "0.02"}  # ~8 s, commits every 10 steps
 
@@ -142,29 +142,14 @@ def test_cancel_in_every_state(tmp_path: Path) -> None:
 
 def _as_nobody(sock: Path, method: str, url: str) -> tuple[int, str]:
     """Call the API from a child process running as uid/gid 65534."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        os.close(r)
-        try:
-            os.setgid(65534)
-            os.setuid(65534)
-            from ckptd.daemon.client import Client
-            try:
-                msg = "200 " + json.dumps(Client(sock).call(method, url))
-            except ApiRefused as e:
-                msg = f"{e.status} {e}"
-            except DaemonUnavailable as e:
-                msg = f"0 {e}"
-            os.write(w, msg.encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    os.waitpid(pid, 0)
-    out = os.read(r, 4096).decode()
-    os.close(r)
-    code, _, msg = out.partition(" ")
-    return int(code), msg
+    from ckptd.daemon.client import Client
+
+    got = as_uid(65534, 65534, lambda: Client(sock).call(method, url))
+    if "ok" in got:
+        return 200, json.dumps(got["ok"])
+    if "status" in got:
+        return int(got["status"]), str(got["error"])
+    return 0, str(got["exc"])
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another uid")

@@ -12,6 +12,8 @@ import pytest
 from ckptd.state.states import TRANSITIONS, AttemptClass, IllegalTransition, JobState, is_legal
 from ckptd.state.store import Store, StoreError
 
+from .procs import as_uid
+
 ALL_PAIRS = [(a, b) for a in JobState for b in JobState]
 
 
@@ -117,23 +119,7 @@ def test_a_store_of_another_user_says_permission_denied(tmp_path: Path) -> None:
     home.chmod(0o755)
     Store.open(home).close()
     assert (home / "ckptd.db").stat().st_mode & 0o777 == 0o640  # born private
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        try:
-            os.setgid(65534)
-            os.setuid(65534)
-            try:
-                Store.open(home)
-                msg = "opened"
-            except StoreError as e:
-                msg = str(e)
-            os.write(w, msg.encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    os.waitpid(pid, 0)
-    msg = os.read(r, 4096).decode()
-    os.close(r)
+    got = as_uid(65534, 65534, lambda: Store.open(home) and "opened")
+    msg = str(got.get("exc") or got)
     shutil.rmtree(home)
     assert "permission denied" in msg and "restore" not in msg, msg

@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ckptd.daemon.client import ApiRefused, Client
+from ckptd.daemon.client import Client
 from ckptd.state.submissions import Owner, account_owner
 
 from .conftest import CSV, EXAMPLE
 from .daemonproc import DaemonProc, start_daemon
-from .procs import wait_for
+from .procs import as_uid, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 USERS = ("ckptdtesta", "ckptdtestb")
@@ -119,30 +119,7 @@ def _owned_file(path: Path, text: str, who: Owner, mode: int = 0o600) -> Path:
 
 def as_user(who: Owner, fn: Callable[[], Any]) -> dict[str, Any]:
     """Run `fn` in a child process with `who`'s uid, gid and groups; its result or refusal."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        os.close(r)
-        try:
-            os.setgroups(list(who.groups))
-            os.setgid(who.gid)
-            os.setuid(who.uid)
-            try:
-                out: dict[str, Any] = {"ok": fn()}
-            except ApiRefused as e:
-                out = {"status": e.status, "error": str(e)}
-            except BaseException as e:
-                out = {"exc": f"{type(e).__name__}: {e}"}
-            os.write(w, json.dumps(out, default=str).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    chunks = []
-    while chunk := os.read(r, 65536):
-        chunks.append(chunk)
-    os.close(r)
-    os.waitpid(pid, 0)
-    return dict(json.loads(b"".join(chunks)))
+    return as_uid(who.uid, who.gid, fn, who.groups)
 
 
 def _api(d: DaemonProc, who: Owner, method: str, url: str,
