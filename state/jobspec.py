@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import string
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -107,7 +108,27 @@ class Best(_Strict):
         if not v.endswith(WEIGHT_SUFFIXES):
             raise ValueError("must end in .hdf5 or .h5 (Keras-2 HDF5 weights), .weights.h5 "
                              "(Keras 3 weights) or .keras (whole model)")
+        _check_template(v)
         return _inside_run_dir(v)
+
+
+def _check_template(template: str) -> None:
+    """The template formats as Keras's ModelCheckpoint would: `{epoch:02d}` gets an int, every
+    other field a float. A bad spec fails here, not at the first epoch end of a long run."""
+    try:
+        fields = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ValueError(f"not a valid template ({e}); double braces {{{{ }}}} for literal ones"
+                         ) from e
+    for _, name, spec, conversion in fields:
+        if name is None:
+            continue
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or conversion:
+            raise ValueError(f"bad template field {{{name}}}: use {{epoch}} or a metric name")
+        try:
+            format(1 if name == "epoch" else 0.5, spec or "")
+        except ValueError as e:
+            raise ValueError(f"bad format spec {{{name}:{spec}}}: {e}") from e
 
 
 class EarlyStopping(_Strict):

@@ -185,3 +185,19 @@ def test_the_daemon_side_parse_touches_no_path(tmp_path: Path) -> None:
 def test_base_dir_cannot_be_set_by_a_job_file() -> None:
     with pytest.raises(JobFileError, match="base_dir: unknown field"):
         parse_job(b"name: x\nmodel: m:build\nbase_dir: /etc\n", "j.yaml", Path("/"))
+
+
+@pytest.mark.parametrize(("template", "why"), [
+    ("w-{epoch:z}.hdf5", "bad format spec"),
+    ("w-{epoch.real}.hdf5", "bad template field"),
+    ("w-{epoch!r}.hdf5", "bad template field"),
+    ("w-{epoch.hdf5", "not a valid template"),
+    ("w-{val_accuracy:.2q}.hdf5", "bad format spec"),
+])
+def test_best_template_is_checked_at_validation(template: str, why: str) -> None:
+    with pytest.raises(JobFileError, match=f"best.filepath: .*{why}"):
+        parse_job(f"name: x\nmodel: m:build\nbest: {{filepath: '{template}'}}\n".encode(),
+                  "j.yaml", Path("/"), check=False)
+    ok = parse_job(b"name: x\nmodel: m:build\nbest: {filepath: 'w-{epoch:02d}-{val_accuracy:.2f}"
+                   b".hdf5'}\n", "j.yaml", Path("/"), check=False)
+    assert ok.best is not None
