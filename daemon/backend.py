@@ -166,11 +166,12 @@ class ApiBackend:
         with self.registry.lock:  # the main loop starts jobs under the same lock
             rj = self.registry.running.get(job_id)
             if rj is not None and rj.end is None and job.state not in TERMINAL:
-                ask_stop(rj, cancel=True)
+                ask_stop(rj, cancel=True, by=f"uid {peer.uid} through the API")
                 self.log.info("job.cancelling", job_id=job_id, by_uid=peer.uid)
                 return 202, {"job_id": job_id, "state": "cancelling"}
             try:
-                job = store.transition(job_id, JobState.CANCELLED, f"cancelled by uid {peer.uid}",
+                job = store.transition(job_id, JobState.CANCELLED,
+                                       f"cancelled by uid {peer.uid} through the API",
                                        expect=CANCEL_DIRECTLY)
             except Exception as e:
                 raise ApiError(409, f"job {job_id} is {store.job(job_id).state}; nothing to cancel",

@@ -31,6 +31,7 @@ START_TIME_SLACK = 1.0  # psutil's create_time is derived from boot time and clo
 class Recovered:
     adopted: list[tuple[Job, Adopted, list[int]]]
     requeued: list[str]
+    lost: list[tuple[str, int, str]]  # job id, attempt, evidence: each gets its worker.exited
 
 
 def lock_is_held(run: RunDir, ckpt_dir: Path) -> bool:
@@ -97,13 +98,16 @@ def _devices(proc: psutil.Process, run: RunDir) -> list[int]:
     return []
 
 
-def _close_lost(store: Store, job: Job, a: Attempt, what: str) -> None:
+def _close_lost(store: Store, job: Job, a: Attempt, what: str,
+                lost: list[tuple[str, int, str]]) -> None:
+    evidence = f"daemon restarted; {what}"
     store.end_attempt(job.id, a.n, exit_code=None, signal=None, klass=AttemptClass.LOST,
-                      evidence=f"daemon restarted; {what}", error_summary=None,
+                      evidence=evidence, error_summary=None,
                       restored_step=a.restored_step, last_step=a.last_step)
+    lost.append((job.id, a.n, evidence))
 
 
-def _reconcile(store: Store, job: Job) -> Adopted | None:
+def _reconcile(store: Store, job: Job, lost: list[tuple[str, int, str]]) -> Adopted | None:
     run = RunDir(Path(job.run_dir))
     ckpt_dir = run.checkpoint_dir(jobs.spec_of(job).checkpoint.dir)
     adopted = None
@@ -115,15 +119,16 @@ def _reconcile(store: Store, job: Job) -> Adopted | None:
             adopted = Adopted(a.n, proc.pid)
             continue
         what = jobs.stop_orphan(a.pid, run) if a.pid else "no worker"
-        _close_lost(store, job, a, what)
+        _close_lost(store, job, a, what, lost)
     return adopted
 
 
 def recover(store: Store) -> Recovered:
     adopted: list[tuple[Job, Adopted, list[int]]] = []
     requeued: list[str] = []
+    lost: list[tuple[str, int, str]] = []
     for job, _sub in managed_jobs(store, jobs.STALE):
-        found = _reconcile(store, job)
+        found = _reconcile(store, job, lost)
         if found is not None:
             devices: list[int] = []
             with contextlib.suppress(psutil.Error):
@@ -137,4 +142,4 @@ def recover(store: Store) -> Recovered:
         store.transition(job.id, JobState.QUEUED, "resumed at daemon start")
         if job.id not in requeued:
             requeued.append(job.id)
-    return Recovered(adopted, requeued)
+    return Recovered(adopted, requeued, lost)

@@ -109,8 +109,10 @@ def _fail(store: Store, job_id: str, reason: str) -> JobState:
         return JobState.FAILED
 
 
-def ask_stop(rj: RunningJob, cancel: bool) -> None:
-    """First call: the worker saves and exits. A second call: kill now (the runner's rule)."""
+def ask_stop(rj: RunningJob, cancel: bool, by: str | None = None) -> None:
+    """First call: the worker saves and exits. A second call: kill now (the runner's rule).
+    `by`: who asked, for the job's reason (a daemon stop says which signal)."""
     if cancel:
         rj.stops.cancel = True
+        rj.stops.by = by
     rj.stops.signals.append(signal.SIGTERM)

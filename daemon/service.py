@@ -30,6 +30,7 @@ from ckptd.daemon.running import RunningJob, ask_stop, start_job
 from ckptd.daemon.schedule import Queued, pick_jobs, slot_count, warm_wanted
 from ckptd.daemon.sockets import SocketError, bound
 from ckptd.daemon.spool import Spool
+from ckptd.state import protocol as p
 from ckptd.state.paths import RunDir
 from ckptd.state.states import RESUMABLE, JobState
 from ckptd.state.store import Store, StoreError
@@ -167,6 +168,11 @@ class Daemon:
                                                       Path(job.run_dir), devices, self.log,
                                                       self._owner(store, job.id), adopted,
                                                       self.warm)
+        for job_id, n, evidence in found.lost:  # as the supervisor would have, had it lived
+            self.log.warning("worker.exited", job_id=job_id, attempt=n, exit_class="lost",
+                             evidence=evidence)
+            p.append_event(jobs.supervision_dir(self.home, job_id) / p.EVENTS_FILE,
+                           "worker.exited", attempt=n, exit_class="lost", evidence=evidence)
         for job_id in found.requeued:
             self.log.info("job.requeued", job_id=job_id, reason="daemon restarted")
 

@@ -56,6 +56,7 @@ class StopRequests:
 
     signals: list[int] = field(default_factory=list)
     cancel: bool = False
+    by: str | None = None  # who asked, when not a signal: "uid 1001 through the API"
 
     def stopped_state(self) -> JobState:
         return JobState.CANCELLED if self.cancel else JobState.INTERRUPTED
@@ -121,8 +122,8 @@ class JobRunner:
             if self.stops.signals:
                 end = self.stops.stopped_state()
                 what = "cancelled" if self.stops.cancel else "stopped"
-                self.store.transition(self.job_id, end,
-                                      f"{what} by {signal.Signals(self.stops.signals[0]).name}")
+                by = self.stops.by or signal.Signals(self.stops.signals[0]).name
+                self.store.transition(self.job_id, end, f"{what} by {by}")
                 return end
             decision = decide_restart(self.history, self.spec.restart, self.jitter())
             if decision.action == Action.DONE:

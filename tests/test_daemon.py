@@ -133,6 +133,7 @@ def test_cancel_in_every_state(tmp_path: Path) -> None:
         assert d.api("POST", f"/v1/jobs/{running}/cancel")["state"] == "cancelling"
         job = d.wait_state(running, "cancelled")
         assert job["attempt_list"][-1]["class"] == "preempted"  # it saved on the way out
+        assert "through the API" in job["reason"] and "SIGTERM" not in job["reason"], job
         with pytest.raises(ApiRefused) as e:
             d.api("POST", f"/v1/jobs/{running}/cancel")
         assert e.value.status == 409
@@ -261,6 +262,9 @@ def test_sigkilled_daemon_and_worker_relaunch_from_the_last_commit(tmp_path: Pat
         first, second = done["attempt_list"]
         assert first["class"] == "lost" and "daemon restarted" in first["evidence"]
         assert second["restored_step"] == committed >= 10
+        exits = [ev for ev in d2.api("GET", f"/v1/jobs/{job}/events")["events"]
+                 if ev["event"] == "worker.exited"]
+        assert [ev["exit_class"] for ev in exits] == ["lost", "succeeded"], exits
     finally:
         d2.stop()
 
