@@ -2,8 +2,8 @@
 
 Only complete files are taken: names starting with "." are ignored (write `.job.yaml.tmp`, then
 rename into place), and a file must be unchanged for `settle` seconds. The submit key is derived
-from the file's identity (inode, size, mtime, name), so a daemon killed between "job created" and
-"file moved" finds the job on restart instead of creating a second one. Accepted files move to
+from the file's content, name and owner, so a daemon killed between "job created" and "file moved"
+finds the job on restart instead of creating a second one. Accepted files move to
 `spool/accepted/`, rejected ones to `spool/rejected/` with `NAME.error.txt` beside them. The job's
 owner is the file's owner. The watchdog observer only wakes the main loop; the loop does the work.
 """
@@ -24,12 +24,14 @@ from ckptd.daemon.backend import submit_job
 from ckptd.state import submissions
 from ckptd.state.durable import atomic_write_text, fsync_dir
 from ckptd.state.jobspec import parse_job
+from ckptd.state.states import TERMINAL, JobState
 from ckptd.state.store import Store
 from ckptd.state.submissions import account_owner
 from ckptd.state.yamlstrict import JobFileError
 from ckptd.supervisor import identity
 
 SUFFIXES = (".yaml", ".yml")
+ENDED = TERMINAL | {JobState.FAILED}
 MAX_JOB_FILE = 1024 * 1024
 
 
@@ -65,9 +67,23 @@ def _read_own_file(path: Path) -> tuple[bytes, os.stat_result]:
     return data, st
 
 
-def spool_key(st: os.stat_result, name: str) -> str:
-    ident = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{name}"
-    return "spool:" + hashlib.sha256(ident.encode()).hexdigest()[:40]
+def spool_key(data: bytes, name: str, owner_uid: int) -> str:
+    """What survives a crash or a remount on any file system: the content, the name, the owner
+    (inode, device and mtime do not on FUSE or network file systems: one file became two jobs)."""
+    digest = hashlib.sha256(data).hexdigest()[:32]
+    return f"spool:{owner_uid}:{hashlib.sha256(name.encode()).hexdigest()[:8]}:{digest}"
+
+
+def free_key(store: Store, owner_uid: int, base: str) -> tuple[str, str | None]:
+    """The key for this drop, and the job it already made if it is a re-scan after a crash (that
+    job has not ended). The same file dropped again after its job ended is a new submission."""
+    key, n = base, 1
+    while (existing := submissions.by_key(store, owner_uid, key)) is not None:
+        if store.job(existing).state not in ENDED:
+            return key, existing
+        n += 1
+        key = f"{base}#{n}"
+    return key, None
 
 
 class Spool:
@@ -116,9 +132,8 @@ class Spool:
             data, st = _read_own_file(path)
         except _Refused as e:
             return self._reject(path, [f"{path}: {e}"])
-        key = spool_key(st, path.name)
         owner = account_owner(st.st_uid)  # the file's owner: whose rights the job runs with
-        existing = submissions.by_key(store, owner.uid, key)
+        key, existing = free_key(store, owner.uid, spool_key(data, path.name, owner.uid))
         if existing is not None:  # created before a crash; finish the move
             self._move(path, "accepted")
             return Intake(path.name, "duplicate", existing)

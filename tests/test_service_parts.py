@@ -20,6 +20,7 @@ from ckptd.daemon.schedule import Queued, may_act, pick_jobs, slot_count, warm_w
 from ckptd.daemon.sockets import SocketError, prepare_path
 from ckptd.daemon.spool import Spool
 from ckptd.state.paths import RunDir
+from ckptd.state.states import JobState
 from ckptd.state.store import Store
 from ckptd.supervisor.process import worker_env
 
@@ -116,11 +117,20 @@ def test_spool_crash_between_submit_and_move_does_not_duplicate(tmp_path: Path) 
     spool = Spool(home, settle=0.0, log=_Log())
     path = _drop(spool.dir, "job.yaml", write_job(tmp_path / "src", name="once").read_text())
     first = spool.take(store, home, path)
-    # As if the daemon died before the rename: the same file (same inode) is back in the spool.
-    os.rename(spool.dir / "accepted" / "job.yaml", path)
+    # As if the daemon died before the rename, on a file system whose inodes and mtimes do not
+    # survive a remount (FUSE, NFS): the same bytes are back, as a new file.
+    text = (spool.dir / "accepted" / "job.yaml").read_bytes()
+    (spool.dir / "accepted" / "job.yaml").unlink()
+    _drop(spool.dir, "job.yaml", text.decode())
     again = spool.scan(store, home)
     assert [i.outcome for i in again] == ["duplicate"] and again[0].job_id == first.job_id
     assert len(store.jobs()) == 1
+    # Once that job has ended, the same file dropped again is a new submission.
+    assert first.job_id is not None
+    store.transition(first.job_id, JobState.CANCELLED, "test")
+    _drop(spool.dir, "job.yaml", text.decode())
+    later = spool.scan(store, home)
+    assert [i.outcome for i in later] == ["accepted"] and later[0].job_id != first.job_id
 
 
 def test_spool_waits_for_a_file_to_settle(tmp_path: Path) -> None:
