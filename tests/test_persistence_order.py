@@ -40,6 +40,12 @@ def test_ckptd_commits_follow_the_protocol(tmp_path: Path) -> None:
     commits = manifest_commits(ops)
     assert len(commits) == 3  # steps 20, 40 and the final 52
     assert audit(ops, ckdir, commits) == []
+    # `ckptd logs` never lags the last commit after a power cut: each commit's event is synced.
+    events = str(run / "events.jsonl")
+    for commit, _ in commits:
+        write = next(o for o in ops[commit.i:] if o.call == "write" and o.path == events)
+        after = next(o for o in ops[write.i + 1:] if o.path == events)
+        assert after.call == "fsync", (commit, after)
 
 
 STOCK = """
