@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pwd
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,13 @@ from ckptd.state.store import Job, Store
 
 def _ts(t: float | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t)) if t else None
+
+
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def job_report(store: Store, job: Job, detail: bool) -> dict[str, Any]:
@@ -49,7 +57,8 @@ def print_status(reports: list[dict[str, Any]], detail: bool) -> None:
         click.echo("no jobs")
     for r in reports:
         step = r["last_committed_step"]
-        click.echo(f"{r['id']:<40} {r['state']:<12} attempts={r['attempts']:<3} "
+        owner = f"owner={_user(r['owner_uid'])} " if r.get("owner_uid") is not None else ""
+        click.echo(f"{r['id']:<40} {r['state']:<12} {owner}attempts={r['attempts']:<3} "
                    f"committed_step={'-' if step is None else step}"
                    + (f"  ({r['reason']})" if r["reason"] else ""))
         for prob in r["checkpoint_problems"]:

@@ -49,6 +49,10 @@ def test_submit_status_logs_over_the_cli(tmp_path: Path, daemon: DaemonProc) -> 
     job_id = r.stdout.strip()
     st = _cli(daemon.home, "status", job_id, "--json")
     assert '"state": "succeeded"' in st.stdout and f'"owner_uid": {os.getuid()}' in st.stdout
+    import pwd
+
+    listing = _cli(daemon.home, "status").stdout  # the operator's view names the owner
+    assert f"owner={pwd.getpwuid(os.getuid()).pw_name}" in listing, listing
     logs = _cli(daemon.home, "logs", job_id, "--json").stdout
     assert '"worker.spawned"' in logs and '"checkpoint.committed"' in logs
     assert '"worker.exited"' in logs
