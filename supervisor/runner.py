@@ -119,6 +119,14 @@ class JobRunner:
             except NoDevices as e:
                 self.store.transition(self.job_id, JobState.FAILED, str(e))
                 return JobState.FAILED
+            if outcome.klass == AttemptClass.SUCCEEDED:  # even if a stop arrived meanwhile
+                self.store.transition(self.job_id, JobState.SUCCEEDED, "training finished")
+                return JobState.SUCCEEDED
+            if not self.run.root.is_dir():
+                self.store.transition(self.job_id, JobState.FAILED,
+                                      f"the run directory {self.run.root} was deleted while the "
+                                      "job ran; its checkpoints and logs went with it")
+                return JobState.FAILED
             if self.stops.signals:
                 end = self.stops.stopped_state()
                 what = "cancelled" if self.stops.cancel else "stopped"

@@ -409,3 +409,39 @@ def test_hostile_requests_get_a_4xx_and_idle_clients_are_bounded(daemon: DaemonP
     finally:
         for c in idle:
             c.close()
+
+
+def test_a_daemon_stop_just_after_the_final_commit_leaves_the_job_succeeded(
+        tmp_path: Path) -> None:
+    """SIGTERM to the daemon while a worker, its training done and committed, is exiting: the
+    job succeeded; it must not be left interrupted (and re-run) for a stop it did not need."""
+    d = start_daemon(tmp_path / "home", FAKE_STEPS="20", FAKE_STEP_SECONDS="0.01",
+                     FAKE_DONE_STALL="2")
+    job_id = d.submit(fake_job(tmp_path))
+    run = Path(wait_for("the run", lambda: d.job(job_id)["run_dir"], 30))
+    wait_for("phase done", lambda: '"phase":"done"' in _text(run / "heartbeat.json"), 30)
+    assert d.stop() == 0
+    from ckptd.state.store import Store
+
+    store = Store.open(tmp_path / "home")
+    assert store.job(job_id).state == "succeeded", store.job(job_id)
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def test_deleting_a_running_jobs_run_directory_is_named(tmp_path: Path) -> None:
+    d = start_daemon(tmp_path / "home", **SLOW)
+    try:
+        job_id = d.submit(fake_job(tmp_path))
+        run = Path(wait_for("a commit", lambda: (j := d.job(job_id))["last_committed_step"]
+                            and j["run_dir"], 30))
+        shutil.rmtree(run)
+        end = d.wait_state(job_id, "failed", "succeeded", timeout=60)
+        assert end["state"] == "failed" and "was deleted" in end["reason"], end
+    finally:
+        d.stop()

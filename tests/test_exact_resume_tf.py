@@ -120,6 +120,18 @@ SETUP_FAILURES = {
                    "ckptd.fit(m, np.zeros((4, 2)), np.zeros(4))\n", "not compiled"),
     "no_fit": ("print('forgot to train')\n", "without calling ckptd.fit"),
     "import": ("import not_a_module_anywhere\n", "failed before training started"),
+    # Traces fine (priming runs nothing), fails deterministically when the first step runs.
+    "first_step": ("import keras, numpy as np, tensorflow as tf\nimport ckptd.worker.api as ckptd\n"
+                   "class Strict(keras.Model):\n"
+                   "    def train_step(self, data):\n"
+                   "        x, y = data\n"
+                   "        tf.debugging.assert_equal(tf.shape(x)[0], 999, message='not 999')\n"
+                   "        return {'loss': tf.constant(0.0)}\n"
+                   "inputs = keras.Input((2,))\n"
+                   "m = Strict(inputs, keras.layers.Dense(1)(inputs))\n"
+                   "m.compile(optimizer='sgd', loss='mse')\n"
+                   "ckptd.fit(m, np.zeros((8, 2)), np.zeros((8, 1)))\n",
+                   "before the first training step: InvalidArgumentError"),
 }
 
 

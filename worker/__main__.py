@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -205,8 +206,27 @@ def _dispatch(run: RunDir, mode: str) -> int:
         # The exact step lets the supervisor tell a crash loop (same step every time) from
         # flaky crashes; the heartbeat it polls may lag a few steps behind.
         step = int(holder[0].c.step.numpy()) if holder else None
+        if not step and _program_error(e):  # nothing ever trained: it would fail the same way
+            err = ConfigError(f"before the first training step: {type(e).__name__}: {e} (see "
+                              f"{run.attempt_dir(attempt) / 'stderr.log'}); not retried")
+            write_error_file(run.attempt_dir(attempt), err, step=step)
+            traceback.print_exc()
+            return p.EXIT_CONFIG
         write_error_file(run.attempt_dir(attempt), e, step=step)
         raise  # the traceback goes to the attempt's stderr log as well; exit status 1
+
+
+# Errors of the program itself (shapes, names, types), not of the machine (memory, I/O, devices):
+# raised before any step ever completed, retrying cannot help.
+_PROGRAM_ERRORS = (ValueError, TypeError, LookupError, AttributeError, NameError, ImportError,
+                   SyntaxError, NotImplementedError, AssertionError, ArithmeticError)
+
+
+def _program_error(e: BaseException) -> bool:
+    name = type(e).__name__
+    if name in ("ResourceExhaustedError", "MemoryError") or isinstance(e, OSError):
+        return False
+    return isinstance(e, _PROGRAM_ERRORS) or name == "InvalidArgumentError"
 
 
 def main(argv: list[str] | None = None) -> int:

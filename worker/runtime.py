@@ -51,8 +51,11 @@ def output_dir(directory: Path, field: str) -> None:
         if not os.access(directory, os.W_OK | os.X_OK):
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(directory))
     except OSError as e:
-        raise ConfigError(f"{field}: cannot create or write {directory}: {e.strerror} (the job "
-                          f"runs as uid {os.geteuid()}); choose a directory it can write") from e
+        hint = (" (read-only for jobs here: under the systemd unit, ProtectSystem=strict and "
+                "ProtectHome=read-only leave only /var/lib/ckptd writable; an operator can add "
+                "ReadWritePaths= in a drop-in)" if e.errno == errno.EROFS else "")
+        raise ConfigError(f"{field}: cannot create or write {directory}: {e.strerror}{hint} (the "
+                          f"job runs as uid {os.geteuid()}); choose a directory it can write") from e
 
 
 def log_to(directory: Path) -> None:
