@@ -345,6 +345,28 @@ class Store:
             db.executemany("UPDATE checkpoints SET retired_at = ? WHERE job_id = ? AND step = ?",
                            [(time.time(), job_id, s) for s in steps])
 
+    def reconcile_checkpoints(self, job_id: str, present: list[dict[str, Any]]) -> None:
+        """Make the store agree with the manifests on disk (a worker's inventory at restore):
+        commits it never heard of are recorded, rows whose checkpoint is gone are retired, and
+        last_committed_step is the newest commit on disk."""
+        steps = {int(c["step"]) for c in present}
+        with self.write() as db:
+            for c in present:
+                db.execute(
+                    "INSERT OR IGNORE INTO checkpoints (job_id, step, epoch, path, committed_at,"
+                    " metrics_json, digest) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (job_id, int(c["step"]), int(c["epoch"]), str(c["path"]), time.time(),
+                     json.dumps(c.get("metrics") or {}, sort_keys=True), str(c.get("digest", ""))))
+                db.execute("UPDATE checkpoints SET retired_at = NULL, path = ? WHERE job_id = ? "
+                           "AND step = ?", (str(c["path"]), job_id, int(c["step"])))
+            live = db.execute("SELECT step FROM checkpoints WHERE job_id = ? AND retired_at IS "
+                              "NULL", (job_id,)).fetchall()
+            db.executemany("UPDATE checkpoints SET retired_at = ? WHERE job_id = ? AND step = ?",
+                           [(time.time(), job_id, r["step"]) for r in live
+                            if r["step"] not in steps])
+            db.execute("UPDATE jobs SET last_committed_step = ?, updated_at = ? WHERE id = ?",
+                       (max(steps) if steps else None, time.time(), job_id))
+
     def checkpoints(self, job_id: str, include_retired: bool = False) -> list[dict[str, Any]]:
         where = "" if include_retired else " AND retired_at IS NULL"
         rows = self._db.execute(f"SELECT * FROM checkpoints WHERE job_id = ?{where} ORDER BY step",

@@ -312,6 +312,8 @@ class JobRunner:
                 w.committed_step = self.committed_step = ev["step"]
             elif ev.get("event") == "checkpoint.retired":
                 self.store.retire_checkpoints(self.job_id, ev["steps"])
+            elif ev.get("event") == "checkpoint.inventory":
+                self.store.reconcile_checkpoints(self.job_id, ev.get("checkpoints") or [])
             elif ev.get("event") in ("checkpoint.quarantined", "checkpoint.failed"):
                 if ev.get("event") == "checkpoint.quarantined" and ev.get("step") is not None:
                     self.store.retire_checkpoints(self.job_id, [ev["step"]])

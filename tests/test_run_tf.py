@@ -169,6 +169,15 @@ def test_killed_supervisor_leaves_no_second_writer_and_job_resumes(
     assert "orphan worker stopped" in st["attempt_list"][0]["evidence"]
     assert st["attempt_list"][-1]["restored_step"] >= 40
     assert final_state_hash(run) == golden
+    # The orphan committed and rotated while no supervisor read its events: the store agrees
+    # with the manifests on disk all the same (reconciled at the restore).
+    from ckptd.state import ckptfiles as cf
+
+    on_disk = [m.step for m in cf.read_manifests(run / "checkpoints")[0]]
+    r = subprocess.run(ckptd_cmd("checkpoints", run.name, "--json"), env=env_with(home),
+                       capture_output=True, text=True, timeout=60, check=True)
+    assert [c["step"] for c in json.loads(r.stdout)] == on_disk
+    assert st["last_committed_step"] == on_disk[-1]
 
 
 @pytest.mark.parametrize("kill_at", [150, 190])

@@ -123,3 +123,20 @@ def test_a_store_of_another_user_says_permission_denied(tmp_path: Path) -> None:
     msg = str(got.get("exc") or got)
     shutil.rmtree(home)
     assert "permission denied" in msg and "restore" not in msg, msg
+
+
+def test_reconcile_makes_the_store_agree_with_the_manifests(tmp_path: Path) -> None:
+    """What a worker's inventory at restore does: commits the supervisor never heard of (made
+    after it died) appear, rows whose checkpoint rotation deleted meanwhile are retired."""
+    s = Store.open(tmp_path)
+    s.create_job("j", "n", "{}", "d", "f", "r")
+    for step in (20, 40):
+        s.record_checkpoint("j", step, 0, f"ckpt-{step}", {}, "x")
+    on_disk = [{"step": st, "epoch": 1, "path": f"/c/ckpt-{st}", "digest": "y", "metrics": {}}
+               for st in (40, 60, 80)]
+    s.reconcile_checkpoints("j", on_disk)
+    assert [c["step"] for c in s.checkpoints("j")] == [40, 60, 80]
+    assert [c["step"] for c in s.checkpoints("j", include_retired=True)] == [20, 40, 60, 80]
+    assert s.job("j").last_committed_step == 80
+    s.reconcile_checkpoints("j", [])  # the directory was emptied: nothing is restorable
+    assert s.checkpoints("j") == [] and s.job("j").last_committed_step is None

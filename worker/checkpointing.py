@@ -96,6 +96,11 @@ class Checkpointing:
         removed = self.keeper.collect_garbage()
         if removed:
             self.event("checkpoint.gc", removed=removed)
+        # What is on disk, for the supervisor's store: commits and retirements made after it
+        # last read this worker's events (its crash, a power cut) would otherwise never reach it.
+        self.event("checkpoint.inventory", checkpoints=[
+            {"step": m.step, "epoch": m.epoch, "path": str(self.keeper.dir / m.prefix),
+             "digest": m.digest, "metrics": m.metrics} for m in self.keeper.committed()])
         if self.async_saver is not None:
             self.async_saver.prepare(manifest)
         if manifest is None:
