@@ -150,6 +150,10 @@ class Restart(_Strict):
     # Keep one worker with TensorFlow imported and the model built waiting, so recovery after a
     # failure skips both (costs that worker's memory, ~0.5 GB + the model, while it waits).
     hot_spare: bool = False
+    # A loss or weights gone NaN/inf: `fail` the job, or `restart` from the last finite commit
+    # with the learning rate times nan_lr_factor per such restart (within max_restarts).
+    on_nan: Literal["fail", "restart"] = "fail"
+    nan_lr_factor: float = Field(0.5, gt=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _ordered(self) -> Restart:

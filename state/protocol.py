@@ -19,6 +19,8 @@ from ckptd.state.safeopen import read_under
 # by ckptd.supervisor.policy from the evidence.
 EXIT_OK = 0
 EXIT_CRASH = 1
+NAN_RESTARTS_ENV = "CKPTD_NAN_RESTARTS"  # attempts that ended non-finite so far (restart.on_nan)
+EXIT_NONFINITE = 74  # the loss or the weights became NaN/inf: nothing non-finite was committed
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved a checkpoint on SIGTERM/SIGINT and stopped as asked
 EXIT_NO_VALID_CHECKPOINT = 76  # committed checkpoints exist but none is restorable
 EXIT_LOCKED = 77  # another worker holds the checkpoint directory

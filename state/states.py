@@ -32,6 +32,7 @@ class AttemptClass(StrEnum):
     HANG = "hang"
     KILLED = "killed"
     LOST = "lost"
+    NAN_LOSS = "nan_loss"  # the loss or weights became non-finite (never committed)
 
 
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {

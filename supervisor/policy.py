@@ -110,6 +110,7 @@ def _classify(o: ExitObservation) -> tuple[C, str]:
         p.EXIT_CONFIG: (C.CONFIG_ERROR, o.error_message or "configuration error"),
         p.EXIT_LOCKED: (C.CONFIG_ERROR, o.error_message or "checkpoint directory in use"),
         p.EXIT_NO_VALID_CHECKPOINT: (C.CONFIG_ERROR, o.error_message or "no valid checkpoint"),
+        p.EXIT_NONFINITE: (C.NAN_LOSS, o.error_message or "the loss or weights became non-finite"),
     }
     if o.exit_code in codes:
         return codes[o.exit_code]
@@ -159,6 +160,12 @@ def failures_without_progress(history: list[AttemptOutcome]) -> int:
     return n
 
 
+def nan_restarts(history: list[AttemptOutcome]) -> int:
+    """How many attempts so far ended non-finite: the next one scales its learning rate by
+    restart.nan_lr_factor to this power."""
+    return sum(1 for a in history if a.klass == C.NAN_LOSS)
+
+
 def backoff(failures: int, policy: Restart, jitter: float) -> float:
     """Exponential backoff with 'equal jitter' (half fixed, half random), within the bounds."""
     base = min(policy.backoff_max_seconds,
@@ -190,6 +197,10 @@ def decide_restart(history: list[AttemptOutcome], policy: Restart, jitter: float
         return Decision(Action.DONE, reason="training finished")
     if last.klass in NEVER_RETRY:
         return Decision(Action.FAIL, reason=f"{last.klass}: not retried")
+    if last.klass == C.NAN_LOSS and policy.on_nan == "fail":
+        return Decision(Action.FAIL, reason=f"nan_loss at step {last.last_step}: nothing "
+                        "non-finite was committed; restart.on_nan: restart retries from the "
+                        "last finite commit with a lower learning rate")
     if last.klass in FREE_RESTART:
         return Decision(Action.RESTART, 0.0, f"{last.klass}: resuming without spending budget")
     if _crash_loop(history):

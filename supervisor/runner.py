@@ -28,6 +28,7 @@ from ckptd.supervisor.policy import (
     ExitObservation,
     classify_exit,
     decide_restart,
+    nan_restarts,
     silence_limit,
 )
 from ckptd.supervisor.process import ExitStatus, ProcessOps, worker_argv
@@ -209,6 +210,8 @@ class JobRunner:
         the pid and which kind of pre-started process took it, if any."""
         adir = self.run.attempt_dir(n)
         env = self._device_env()
+        if k := nan_restarts(self.history):  # the worker lowers its learning rate this much
+            env[p.NAN_RESTARTS_ENV] = str(k)
         limit = self.spec.resources.memory_limit
         pid = self._take_spare(n, env)
         how = "spare" if pid is not None else None

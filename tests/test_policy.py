@@ -50,6 +50,7 @@ CLASSIFY = [
     (ExitObservation(None, signal.SIGTERM, finished=True), C.SUCCEEDED),
     (ExitObservation(1, None, "builtins.RuntimeError", "in atexit", finished=True), C.SUCCEEDED),
     (ExitObservation(p.EXIT_PREEMPTED, None, finished=True), C.PREEMPTED),
+    (ExitObservation(p.EXIT_NONFINITE, None, "NonFinite", "loss is nan at step 15"), C.NAN_LOSS),
     (ExitObservation(p.EXIT_CONFIG, None, "ConfigError", "x", finished=True), C.CONFIG_ERROR),
     # NVML reports a sick device after the attempt: it explains failures, not clean endings.
     (ExitObservation(None, signal.SIGKILL, gpu_problems="NVML: GPU 1: GPU is lost"), C.GPU_FAULT),
@@ -141,3 +142,10 @@ def test_failures_without_progress() -> None:
 ])
 def test_backoff_bounds(failures: int, jitter: float, expected: float) -> None:
     assert backoff(failures, POLICY, jitter) == pytest.approx(expected)
+
+
+def test_nan_loss_follows_restart_on_nan() -> None:
+    nan = [A(C.NAN_LOSS, 10, 10, 15)]
+    assert decide_restart(nan, Restart(), 0.0).action == Action.FAIL  # on_nan: fail (default)
+    again = decide_restart(nan, Restart(on_nan="restart"), 0.0)
+    assert again.action == Action.RESTART and again.counts_against_budget

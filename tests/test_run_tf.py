@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -323,3 +324,34 @@ def test_hot_spare_takes_over_bit_identical(tmp_path: Path, golden: dict[str, st
     leftovers = [p for p in psutil.process_iter(["cmdline"])
                  if str(run) in " ".join(p.info["cmdline"] or [])]
     assert leftovers == []
+
+
+@pytest.mark.parametrize("on_nan", ["fail", "restart"])
+def test_a_nan_loss_is_never_committed(tmp_path: Path, on_nan: str) -> None:
+    """Weights gone NaN at step 13: no checkpoint of them is committed, the finite ones stay
+    (rotation never pushes them out), the attempt ends nan_loss at its step. With
+    restart.on_nan: restart it resumes from the last finite commit at a lower learning rate."""
+    from ckptd.state import ckptfiles as cf
+
+    shutil.copy(Path(__file__).parent / "programs" / "nan_at_high_lr.py", tmp_path / "train.py")
+    job = tmp_path / "job.yaml"
+    job.write_text("name: nan\nentrypoint: train.py\n"
+                   "checkpoint: {every_steps: 5, max_to_keep: 2}\n"
+                   f"restart: {{on_nan: {on_nan}, nan_lr_factor: 0.1, "
+                   "backoff_initial_seconds: 0.1, backoff_max_seconds: 0.2}\n")
+    home = tmp_path / "home"
+    rc, out = finish(start_run(home, str(job)))
+    run = run_dir(home)
+    st = status(home, run.name)
+    first = st["attempt_list"][0]
+    assert first["class"] == "nan_loss" and "step 15" in (first["error"] or ""), first
+    steps = [m.step for m in cf.read_manifests(run / "checkpoints")[0]]
+    if on_nan == "fail":
+        assert rc == 1 and st["state"] == "failed" and "nan_loss" in st["reason"], st
+        assert steps == [5, 10]  # the finite commits, not rotated away by NaN ones
+    else:
+        assert rc == 0 and st["state"] == "succeeded", out
+        assert st["attempt_list"][1]["restored_step"] == 10
+        lowered = [e for e in events(run) if e["event"] == "nan.learning_rate_lowered"]
+        assert lowered and abs(lowered[0]["after"] - 0.01) < 1e-6, lowered
+        assert steps[-1] == 32  # 2 epochs of 16 steps

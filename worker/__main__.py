@@ -173,6 +173,7 @@ def _warm() -> int:
 
 
 def _dispatch(run: RunDir, mode: str) -> int:
+    from ckptd.worker.checkpointing import NonFinite
     from ckptd.worker.entry import ConfigError
     from ckptd.worker.keeper import NoValidCheckpoint
     from ckptd.worker.runtime import DirLocked, write_error_file
@@ -192,6 +193,12 @@ def _dispatch(run: RunDir, mode: str) -> int:
     except CheckDone as done:
         print(p.CHECK_PREFIX + json.dumps({"inexact": done.causes}), flush=True)
         return p.EXIT_OK
+    except NonFinite as e:
+        attempt = holder[0].beater.hb.attempt if holder else attempt
+        run.attempt_dir(attempt).mkdir(parents=True, exist_ok=True)
+        write_error_file(run.attempt_dir(attempt), e, step=e.step)
+        print(f"ckptd worker: {e}", file=sys.stderr)
+        return p.EXIT_NONFINITE
     except (ConfigError, DirLocked, NoValidCheckpoint) as e:
         attempt = holder[0].beater.hb.attempt if holder else attempt
         run.attempt_dir(attempt).mkdir(parents=True, exist_ok=True)

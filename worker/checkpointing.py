@@ -7,6 +7,8 @@ Shared by ckptd's own fit loop (ckptd.worker.loop) and by custom training loops
 
 from __future__ import annotations
 
+import math
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -15,7 +17,7 @@ import tensorflow as tf
 from ckptd.state.ckptfiles import Manifest
 from ckptd.state.jobspec import JobSpec
 from ckptd.state.paths import RunDir
-from ckptd.state.protocol import EVENTS_FILE, Phase, append_event
+from ckptd.state.protocol import EVENTS_FILE, NAN_RESTARTS_ENV, Phase, append_event
 from ckptd.worker.asyncsave import AsyncSaver
 from ckptd.worker.faults import Faults
 from ckptd.worker.keeper import Keeper, SaveFailed
@@ -33,6 +35,16 @@ ASYNC_POLL_SECONDS = 0.002
 class Preempted(BaseException):
     """Stopped on SIGTERM/SIGINT after saving: 0 steps lost. A BaseException, so that a user
     script's `except Exception` around ckptd.fit cannot swallow it."""
+
+
+class NonFinite(BaseException):
+    """The loss or the weights became NaN/inf: never committed (it would rotate finite
+    checkpoints away); the attempt ends nan_loss (ckptd.state.protocol.EXIT_NONFINITE). A
+    BaseException, like Preempted, so a script's `except Exception` cannot train on."""
+
+    def __init__(self, step: int, what: str) -> None:
+        super().__init__(f"{what} at step {step}; the last finite commit is kept")
+        self.step = step
 
 
 class Checkpointing:
@@ -64,6 +76,11 @@ class Checkpointing:
         self.last_save = time.monotonic()
         # State kept outside TF variables, written into the checkpoint's variables per save.
         self.before_save: list[Callable[[], None]] = [self.host_random.capture]
+        self.weights = [v for v in state_variables
+                        if getattr(v, "trainable", False) and "float" in str(v.dtype)]
+        self.learning_rates = [v for v in state_variables
+                               if str(getattr(v, "path", getattr(v, "name", ""))).endswith(
+                                   "learning_rate")]
 
     def event(self, kind: str, **data: Any) -> None:
         append_event(self.run.root / EVENTS_FILE, kind, attempt=self.beater.hb.attempt, **data)
@@ -93,6 +110,8 @@ class Checkpointing:
         self.beater.beat(Phase.RESTORING)
         self.open()
         manifest = self.keeper.restore()  # quarantines damaged commits before GC sees them
+        if restarts := int(os.environ.get(NAN_RESTARTS_ENV, "0")):  # restart.on_nan: restart
+            self.lower_learning_rate(restarts, self.spec.restart.nan_lr_factor)
         removed = self.keeper.collect_garbage()
         if removed:
             self.event("checkpoint.gc", removed=removed)
@@ -122,6 +141,7 @@ class Checkpointing:
         """Commit a checkpoint. An interval save that fails (disk full, EIO) is reported and
         training carries on from the previous commit; final and preemption saves must succeed."""
         t0 = time.monotonic()
+        self.check_finite()
         for capture in self.before_save:
             capture()
         try:
@@ -254,7 +274,29 @@ class Checkpointing:
         if may_save:
             self.save("interval")
 
+    def check_finite(self) -> None:
+        """Before a commit and at each epoch end: a NaN/inf loss or weight stops the attempt."""
+        bad = [k for k, v in self.last_logs.items() if "loss" in k and not math.isfinite(v)]
+        if bad:
+            raise NonFinite(self.step, f"{bad[0]} is {self.last_logs[bad[0]]}")
+        if self.weights and not bool(tf.reduce_all(
+                [tf.reduce_all(tf.math.is_finite(tf.convert_to_tensor(v))) for v in self.weights])):
+            raise NonFinite(self.step, "a weight is NaN or infinite")
+
+    def lower_learning_rate(self, restarts: int, factor: float) -> None:
+        """restart.on_nan: restart: the k-th attempt after a non-finite one trains at
+        learning_rate * factor**k (from the restored value, so it compounds once)."""
+        for v in self.learning_rates:
+            before = float(tf.convert_to_tensor(v))
+            v.assign(before * factor ** restarts)
+            self.event("nan.learning_rate_lowered", variable=str(getattr(v, "path", v.name)),
+                       before=before, after=before * factor ** restarts, nan_restarts=restarts)
+        if not self.learning_rates:
+            self.event("nan.learning_rate_not_found", nan_restarts=restarts,
+                       hint="a LearningRateSchedule cannot be lowered; the attempt retries as is")
+
     def epoch_done(self) -> None:
+        self.check_finite()
         self.c.epoch.assign_add(1)
         self.c.step_in_epoch.assign(0)
         self.dirty = True

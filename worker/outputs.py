@@ -5,6 +5,7 @@ HostState, which the checkpoint carries."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,9 @@ class EpochOutputs:
             return
         if best.monitor not in logs:
             self.event("best.monitor_missing", monitor=best.monitor, available=sorted(logs))
+            return
+        if not math.isfinite(logs[best.monitor]):  # a NaN never becomes "the best so far"
+            self.event("best.skipped_nonfinite", monitor=best.monitor, value=logs[best.monitor])
             return
         name = best.decide(epoch, logs)
         if name is None:
