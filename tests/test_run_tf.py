@@ -355,3 +355,13 @@ def test_a_nan_loss_is_never_committed(tmp_path: Path, on_nan: str) -> None:
         lowered = [e for e in events(run) if e["event"] == "nan.learning_rate_lowered"]
         assert lowered and abs(lowered[0]["after"] - 0.01) < 1e-6, lowered
         assert steps[-1] == 32  # 2 epochs of 16 steps
+
+
+def test_an_early_stopping_monitor_that_does_not_exist_is_named_once(tmp_path: Path) -> None:
+    job = write_job(tmp_path, epochs=2, extra="early_stopping: {monitor: val_acuracy}\n")
+    home = tmp_path / "home"
+    rc, out = finish(start_run(home, str(job)))
+    assert rc == 0, out
+    missing = [e for e in events(run_dir(home)) if e["event"] == "early_stopping.monitor_missing"]
+    assert len(missing) == 1 and "val_accuracy" in missing[0]["available"], missing
+    assert missing[0]["field"] == "early_stopping.monitor"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ class EpochOutputs:
                  event: Callable[..., None]) -> None:
         self.run, self.model, self.host, self.event = run, model, host, event
         self._real_dirs: dict[Path, Path] = {}
+        self._warned_early = False
         self.best_weights: list[tf.Variable] = []
         early = host.early
         if early and early.restore_best_weights:
@@ -91,6 +93,13 @@ class EpochOutputs:
         early = self.host.early
         if early is None:
             return
+        if early.monitor not in logs and not self._warned_early:
+            # As Keras does: once, naming the field and what exists (a typo never stops anything).
+            self._warned_early = True
+            self.event("early_stopping.monitor_missing", field="early_stopping.monitor",
+                       monitor=early.monitor, available=sorted(logs))
+            print(f"ckptd: early_stopping.monitor {early.monitor!r} is not among this job's "
+                  f"metrics {sorted(logs)}; early stopping never triggers", file=sys.stderr)
         snapshot, stop = early.update(epoch, logs)
         if snapshot:
             for var, w in zip(self.best_weights, self.model.get_weights(), strict=True):
