@@ -33,6 +33,7 @@ class AttemptClass(StrEnum):
     KILLED = "killed"
     LOST = "lost"
     NAN_LOSS = "nan_loss"  # the loss or weights became non-finite (never committed)
+    DISK_FULL = "disk_full"  # a save that had to succeed found no space: waits, then resumes
 
 
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {

@@ -40,9 +40,15 @@ def _signal_name(signum: int) -> str:
         return f"signal {signum}"
 
 
+_DISK_FULL = re.compile(r"No space left on device|errno 28\b|\[Errno 28\]|Disk quota exceeded|"
+                        r"errno 122\b|\[Errno 122\]")
+
+
 def _classify_error(o: ExitObservation) -> tuple[C, str]:
     etype, msg = o.error_type or "", o.error_message or ""
     where = f"{etype.rsplit('.', 1)[-1]}: {msg}"[:500]
+    if _DISK_FULL.search(msg):
+        return C.DISK_FULL, where
     if etype.endswith("ResourceExhaustedError"):
         return C.GPU_OOM, where
     if _GPU_FAULT.search(msg) or _GPU_FAULT.search(etype):
@@ -155,9 +161,18 @@ def failures_without_progress(history: list[AttemptOutcome]) -> int:
     for a in reversed(history):
         if _made_progress(a):
             break
-        if a.klass not in FREE_RESTART:
+        if a.klass not in FREE_RESTART and a.klass != C.DISK_FULL:
             n += 1
     return n
+
+
+def _trailing(history: list[AttemptOutcome], klass: C) -> list[AttemptOutcome]:
+    out = []
+    for a in reversed(history):
+        if a.klass != klass:
+            break
+        out.append(a)
+    return out
 
 
 def nan_restarts(history: list[AttemptOutcome]) -> int:
@@ -176,7 +191,7 @@ def backoff(failures: int, policy: Restart, jitter: float) -> float:
 
 # Endings that say nothing about the job's own code: they spend the restart budget, never make
 # a crash loop (a loaded box killing slow starters three times is not a deterministic failure).
-NOT_DETERMINISTIC = frozenset({C.KILLED, C.LOST, C.PREEMPTED})
+NOT_DETERMINISTIC = frozenset({C.KILLED, C.LOST, C.PREEMPTED, C.DISK_FULL})
 
 
 def _crash_loop(history: list[AttemptOutcome]) -> bool:
@@ -203,6 +218,11 @@ def decide_restart(history: list[AttemptOutcome], policy: Restart, jitter: float
                         "last finite commit with a lower learning rate")
     if last.klass in FREE_RESTART:
         return Decision(Action.RESTART, 0.0, f"{last.klass}: resuming without spending budget")
+    if last.klass == C.DISK_FULL:  # space comes back; the budget is for failures of the job
+        waits = len(_trailing(history, C.DISK_FULL))
+        return Decision(Action.RESTART, backoff(waits, policy, jitter),
+                        f"disk_full: waiting for space, then resuming from the last commit "
+                        f"(wait {waits}); it does not spend the restart budget")
     if _crash_loop(history):
         return Decision(Action.FAIL, reason=f"crash loop: {last.klass} at step {last.last_step} "
                         f"{CRASH_LOOP_REPEATS} times in a row")

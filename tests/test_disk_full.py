@@ -54,3 +54,45 @@ def test_enospc_on_a_full_tmpfs(tmp_path: Path) -> None:
     committed = [e for e in events(run) if e["event"] == "checkpoint.committed"]
     assert committed[-1]["step"] == 156  # space came back: later saves committed again
     assert failed[0]["step"] > failed[0]["committed_step"]  # the previous commit stayed
+
+
+def test_a_full_disk_at_epoch_ends_and_the_final_save_waits_then_resumes(tmp_path: Path) -> None:
+    """Checkpoints and best files on a tmpfs that fills up: epoch ends carry on (the best file
+    is reported not written), the final save that must succeed ends the attempt disk_full, which
+    waits without spending the restart budget (max_restarts: 1), and when space is back the job
+    resumes from its last commit and finishes."""
+    ck = tmp_path / "tinyfs"
+    ck.mkdir()
+    job = write_job(tmp_path, name="diskfull2", epochs=3)
+    job.write_text(job.read_text()
+                   .replace("checkpoint: {", f"checkpoint: {{dir: {ck}/ck, ")
+                   .replace("filepath: weights.best.hdf5", f"filepath: '{ck}/best/w.hdf5'")
+                   .replace("max_restarts: 3", "max_restarts: 1"))
+    home = tmp_path / "home"
+    env = env_with(home)
+    env["CKPTD_FAULTS"] = "step_delay=0.02"
+    script = (f"mount -t tmpfs -o size=5m tmpfs {ck} && exec {sys.executable} -m ckptd.daemon "
+              f"run --progress json {job}")
+    proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run = run_dir(home)
+    heartbeat_when(run, lambda h: (h.committed_step or 0) >= 20)
+    filler = Path(f"/proc/{proc.pid}/root") / str(ck).lstrip("/") / "filler"  # the job's view
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    wait_for("a disk_full attempt", lambda: any(
+        a["class"] == "disk_full" for a in status(home, run.name)["attempt_list"]), timeout=180)
+    wait_for("a second disk_full wait", lambda: sum(
+        a["class"] == "disk_full" for a in status(home, run.name)["attempt_list"]) >= 2, 180)
+    filler.unlink()
+    rc, out = finish(proc)
+    assert rc == 0, out
+    st = status(home, run.name)
+    assert st["state"] == "succeeded", st
+    assert any(e["event"] == "output.failed" and e["what"] == "best" for e in events(run))
+    committed = [e for e in events(run) if e["event"] == "checkpoint.committed"]
+    assert committed[-1]["step"] == 156

@@ -51,6 +51,10 @@ CLASSIFY = [
     (ExitObservation(1, None, "builtins.RuntimeError", "in atexit", finished=True), C.SUCCEEDED),
     (ExitObservation(p.EXIT_PREEMPTED, None, finished=True), C.PREEMPTED),
     (ExitObservation(p.EXIT_NONFINITE, None, "NonFinite", "loss is nan at step 15"), C.NAN_LOSS),
+    (ExitObservation(1, None, "ckptd.worker.keeper.SaveFailed",
+                     "ResourceExhaustedError: ...; No space left on device (errno 28)"), C.DISK_FULL),
+    (ExitObservation(1, None, "builtins.OSError", "[Errno 28] No space left on device"),
+     C.DISK_FULL),
     (ExitObservation(p.EXIT_CONFIG, None, "ConfigError", "x", finished=True), C.CONFIG_ERROR),
     # NVML reports a sick device after the attempt: it explains failures, not clean endings.
     (ExitObservation(None, signal.SIGKILL, gpu_problems="NVML: GPU 1: GPU is lost"), C.GPU_FAULT),
@@ -149,3 +153,11 @@ def test_nan_loss_follows_restart_on_nan() -> None:
     assert decide_restart(nan, Restart(), 0.0).action == Action.FAIL  # on_nan: fail (default)
     again = decide_restart(nan, Restart(on_nan="restart"), 0.0)
     assert again.action == Action.RESTART and again.counts_against_budget
+
+
+def test_disk_full_waits_without_spending_the_budget() -> None:
+    full = [A(C.DISK_FULL, 20, 20, 52)] * 12  # far beyond max_restarts, same step each time
+    d = decide_restart(full, Restart(max_restarts=2, backoff_max_seconds=60), 0.0)
+    assert d.action == Action.RESTART and not d.counts_against_budget and "disk_full" in d.reason
+    assert d.delay == 30.0  # backed off to the cap's lower half (equal jitter, jitter 0)
+    assert failures_without_progress([*full, A(C.CRASH, 20, 20, 60)]) == 1

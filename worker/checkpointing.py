@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -83,7 +84,12 @@ class Checkpointing:
                                    "learning_rate")]
 
     def event(self, kind: str, **data: Any) -> None:
-        append_event(self.run.root / EVENTS_FILE, kind, attempt=self.beater.hb.attempt, **data)
+        try:
+            append_event(self.run.root / EVENTS_FILE, kind, attempt=self.beater.hb.attempt,
+                         **data)
+        except OSError as e:  # a full disk must not stop training; the inventory at the next
+            # restore tells the supervisor about commits whose events were lost here
+            print(f"ckptd worker: event {kind} not recorded: {e}", file=sys.stderr)
 
     @property
     def step(self) -> int:

@@ -33,7 +33,16 @@ class EpochOutputs:
             self.best_weights = [tf.Variable(w, trainable=False) for w in model.get_weights()]
 
     def write_history(self) -> None:
-        atomic_write_text(self.run.history, history_csv(self.host.history))
+        try:
+            atomic_write_text(self.run.history, history_csv(self.host.history))
+        except OSError as e:  # a full disk: the next epoch end rewrites the whole file
+            self._failed("history", self.run.history, e)
+
+    def _failed(self, what: str, path: Path, e: OSError) -> None:
+        """An output that could not be written (ENOSPC, EIO): training carries on, as after a
+        failed interval save; nothing half-written replaces a good file (atomic writes)."""
+        self.event("output.failed", what=what, path=str(path), errno=e.errno,
+                   error=f"{type(e).__name__}: {e.strerror or e}")
 
     def record(self, epoch: int, step: int, logs: dict[str, float]) -> None:
         """Append the epoch's row, then the best file and early stopping's decision."""
@@ -73,19 +82,25 @@ class EpochOutputs:
         if not math.isfinite(logs[best.monitor]):  # a NaN never becomes "the best so far"
             self.event("best.skipped_nonfinite", monitor=best.monitor, value=logs[best.monitor])
             return
+        before = (best.best, best.best_epoch)
         name = best.decide(epoch, logs)
         if name is None:
             return
         path = self.run.output_path(name)
-        # Its directory as resolved the first time; a symlink swapped in later makes the write
-        # refuse (DirectoryMoved) instead of landing outside.
-        real = self._real_dirs.setdefault(path.parent, cf.real_dir(path.parent))
-        with cf.pinned(real):
-            pass
-        save_weights_file(self.model, real / path.name)
-        atomic_write_text(self.run.best_state, json.dumps({
-            "monitor": best.monitor, "mode": best.mode, "best": best.best,
-            "epoch": best.best_epoch, "path": str(path)}))
+        try:
+            # Its directory as resolved the first time; a symlink swapped in later makes the
+            # write refuse (DirectoryMoved) instead of landing outside.
+            real = self._real_dirs.setdefault(path.parent, cf.real_dir(path.parent))
+            with cf.pinned(real):
+                pass
+            save_weights_file(self.model, real / path.name)
+            atomic_write_text(self.run.best_state, json.dumps({
+                "monitor": best.monitor, "mode": best.mode, "best": best.best,
+                "epoch": best.best_epoch, "path": str(path)}))
+        except OSError as e:  # not written: the next improvement tries again
+            best.best, best.best_epoch = before
+            self._failed("best", path, e)
+            return
         self.event("best.saved", epoch=epoch, path=str(path), monitor=best.monitor,
                    value=logs[best.monitor])
 

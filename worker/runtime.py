@@ -118,7 +118,10 @@ class Beater:
         self.hb.seq += 1
         self.hb.time = time.time()
         self.hb.rss_bytes = _rss()
-        write_nondurable(self.path, self.hb.to_json())
+        try:
+            write_nondurable(self.path, self.hb.to_json())
+        except OSError:  # a full disk: the next beat tries again (a long outage reads as a hang)
+            self._last = 0.0
 
 
 def write_error_file(attempt_dir: Path, exc: BaseException, **context: Any) -> None:
