@@ -20,28 +20,38 @@ pytestmark = [pytest.mark.tf,
                                  reason="needs root and unshare for a private tmpfs")]
 
 
+def _run_on_tmpfs(home: Path, ck: Path, job: Path, size: str,
+                  faults: str) -> subprocess.Popen[str]:
+    """`ckptd run JOB` in a private mount namespace where `ck` is a tmpfs of `size`."""
+    env = env_with(home)
+    env["CKPTD_FAULTS"] = faults
+    script = (f"mount -t tmpfs -o size={size} tmpfs {ck} && exec {sys.executable} -m "
+              f"ckptd.daemon run --progress json {job}")
+    return subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _fill(path: Path) -> None:
+    with open(path, "wb", buffering=0) as f:  # fill the tmpfs to the last byte
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+
+
 def test_enospc_on_a_full_tmpfs(tmp_path: Path) -> None:
     ck = tmp_path / "tinyfs"
     ck.mkdir()
     job = write_job(tmp_path, name="diskfull", epochs=3)
     job.write_text(job.read_text().replace("checkpoint: {", f"checkpoint: {{dir: {ck}, "))
     home = tmp_path / "home"
-    env = env_with(home)
-    env["CKPTD_FAULTS"] = "step_delay=0.03"
-    script = (f"mount -t tmpfs -o size=1m tmpfs {ck} && exec {sys.executable} -m ckptd.daemon "
-              f"run --progress json {job}")
-    proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = _run_on_tmpfs(home, ck, job, "1m", "step_delay=0.03")
     run = run_dir(home)
     hb = heartbeat_when(run, lambda h: (h.committed_step or 0) >= 20)
     inside = Path(f"/proc/{hb.pid}/root") / str(ck).lstrip("/")  # the worker's view of tinyfs
     filler = inside / "filler"
-    with open(filler, "wb", buffering=0) as f:  # fill the tmpfs to the last byte
-        try:
-            while True:
-                f.write(b"\0" * 4096)
-        except OSError:
-            pass
+    _fill(filler)
     wait_for("a failed save", lambda: any(e["event"] == "checkpoint.failed"
                                           for e in events(run)), timeout=120)
     filler.unlink()
@@ -69,21 +79,11 @@ def test_a_full_disk_at_epoch_ends_and_the_final_save_waits_then_resumes(tmp_pat
                    .replace("filepath: weights.best.hdf5", f"filepath: '{ck}/best/w.hdf5'")
                    .replace("max_restarts: 3", "max_restarts: 1"))
     home = tmp_path / "home"
-    env = env_with(home)
-    env["CKPTD_FAULTS"] = "step_delay=0.02"
-    script = (f"mount -t tmpfs -o size=5m tmpfs {ck} && exec {sys.executable} -m ckptd.daemon "
-              f"run --progress json {job}")
-    proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = _run_on_tmpfs(home, ck, job, "5m", "step_delay=0.02")
     run = run_dir(home)
     heartbeat_when(run, lambda h: (h.committed_step or 0) >= 20)
     filler = Path(f"/proc/{proc.pid}/root") / str(ck).lstrip("/") / "filler"  # the job's view
-    with open(filler, "wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(b"\0" * 4096)
-        except OSError:
-            pass
+    _fill(filler)
     wait_for("a disk_full attempt", lambda: any(
         a["class"] == "disk_full" for a in status(home, run.name)["attempt_list"]), timeout=180)
     wait_for("a second disk_full wait", lambda: sum(
