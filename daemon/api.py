@@ -92,7 +92,7 @@ class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
     daemon_threads = True
     allow_reuse_address = False
-    request_queue_size = 128
+    request_queue_size = 1024  # connections not yet accepted (the kernel caps it at somaxconn)
 
     def __init__(self, path: str, backend: Backend) -> None:
         self.backend = backend

@@ -177,7 +177,8 @@ def test_second_writer_on_a_checkpoint_dir_refuses(tmp_path: Path) -> None:
     for job in (a, b):
         job.write_text(job.read_text().replace("checkpoint: {", f"checkpoint: {{dir: {shared}, "))
     home = tmp_path / "home"
-    first = start_run(home, str(a), faults="step_delay=0.05")
+    # Slow enough that it is still training when B (a TensorFlow import later) has been refused.
+    first = start_run(home, str(a), faults="step_delay=0.2")
     heartbeat_when(run_dir(home), lambda h: h.phase == "training" and h.step > 0)
     rc, out = finish(start_run(home, str(b)))
     assert rc == 1, out
