@@ -7,7 +7,6 @@ import grp
 import json
 import os
 import queue
-import stat
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,6 +21,7 @@ from ckptd.daemon.schedule import may_act
 from ckptd.state import submissions
 from ckptd.state.jobspec import JobSpec, parse_job, spec_digest, spec_json
 from ckptd.state.protocol import EVENTS_FILE
+from ckptd.state.safeopen import read_under
 from ckptd.state.states import TERMINAL, JobState
 from ckptd.state.store import Job, Store, StoreError
 from ckptd.state.submissions import Owner
@@ -188,24 +188,12 @@ class ApiBackend:
 
 
 def read_events(directory: Path, name: str, offset: int) -> tuple[list[dict[str, Any]], int]:
-    """Complete JSON lines of `directory/name` from byte `offset`, and the offset after them.
-    Opened without following a symlink, and only a regular file: the name is fixed, but the
-    directory may be a job owner's, who could put anything there."""
+    """Complete JSON lines of `directory/name` from byte `offset`, and the offset after them,
+    read as everything in a job owner's directory is (ckptd.state.safeopen)."""
     try:
-        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        data = read_under(directory, directory / name, offset, MAX_EVENTS_CHUNK)
     except OSError:
         return [], offset
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
-    except OSError:
-        return [], offset
-    finally:
-        os.close(dfd)
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return [], offset
-        f.seek(offset)
-        data = f.read(MAX_EVENTS_CHUNK)
     complete = data[:data.rfind(b"\n") + 1]  # a line being appended waits for next time
     return list(iter_lines(complete)), offset + len(complete)
 
