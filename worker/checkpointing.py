@@ -67,6 +67,10 @@ class Checkpointing:
         self.faults = Faults.from_env()
         self.async_saver: AsyncSaver | None = None
         self.save_pending = False
+        # Set by the fit loop: a save due on an epoch's last step waits for the epoch end, so
+        # that the last epoch's interval and final saves are one commit, not two of one step.
+        self.epoch_steps: int | None = None
+        self.due_at_epoch_end = False
         self.poll_at = 0.0
         self.committed_step: int | None = None
         # Per attempt: time in the step loops, and how long saves stalled them (benchmarks).
@@ -260,7 +264,10 @@ class Checkpointing:
         if (ck.every_steps and step % ck.every_steps == 0) or (
                 ck.every_seconds and time.monotonic() - self.last_save >= ck.every_seconds):
             self.stats["due"] += 1
-            if not self.save_pending:  # else _step_async takes it when the writer may
+            if self.epoch_steps is not None and int(
+                    self.c.step_in_epoch.numpy()) >= self.epoch_steps:
+                self.due_at_epoch_end = True  # same step, after validation and callbacks
+            elif not self.save_pending:  # else _step_async takes it when the writer may
                 self.save("interval")
             self.last_save = time.monotonic()
 
@@ -306,6 +313,14 @@ class Checkpointing:
         self.c.epoch.assign_add(1)
         self.c.step_in_epoch.assign(0)
         self.dirty = True
+
+    def epoch_recorded(self) -> None:
+        """The fit loop's epoch end is complete (host state serialised): the save that was due
+        on the epoch's last step is taken now."""
+        if self.due_at_epoch_end:
+            self.due_at_epoch_end = False
+            if not self.save_pending:
+                self.save("interval")
 
     def preempt(self) -> None:
         if self.dirty:

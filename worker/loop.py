@@ -63,6 +63,7 @@ class Loop:
                              "data_state": data.state_variables()},
             model_state_variables(model), beater, stop, writer)
         self.c = self.ck.c
+        self.ck.epoch_steps = data.steps_per_epoch
         if user_callbacks:
             self.ck.before_save.append(lambda: self.callbacks_var.assign(
                 cbs.callback_state(user_callbacks)))
@@ -173,6 +174,7 @@ class Loop:
             self.event("training.stopped_by_callback", epoch=epoch)
         self.ck.epoch_done()
         self._sync_host()
+        self.ck.epoch_recorded()
         self.beater.beat(Phase.TRAINING, force=True, epoch=epoch + 1, logs=logs)
 
     def close(self) -> None:
