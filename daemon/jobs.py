@@ -18,7 +18,7 @@ from ckptd.state.paths import RunDir
 from ckptd.state.states import RESUMABLE, AttemptClass, JobState
 from ckptd.state.store import Job, Store, new_job_id
 from ckptd.state.submissions import Owner
-from ckptd.supervisor import identity
+from ckptd.supervisor import identity, ledger
 from ckptd.supervisor.process import worker_module
 
 
@@ -202,4 +202,5 @@ def reconcile_lost(store: Store, job: Job) -> Job:
             store.end_attempt(job.id, a.n, exit_code=None, signal=None, klass=AttemptClass.LOST,
                               evidence=f"supervisor lost; {what}", error_summary=None,
                               restored_step=a.restored_step, last_step=a.last_step)
+    ledger.catch_up(store, job.id, run.root)  # its commits since the lost supervisor's last read
     return store.transition(job.id, JobState.INTERRUPTED, "supervisor was lost")

@@ -22,6 +22,7 @@ from ckptd.state.safeopen import read_under
 from ckptd.state.states import AttemptClass, JobState
 from ckptd.state.store import Attempt, Job, Store
 from ckptd.state.submissions import managed_jobs
+from ckptd.supervisor import ledger
 from ckptd.supervisor.runner import Adopted
 
 START_TIME_SLACK = 1.0  # psutil's create_time is derived from boot time and clock ticks
@@ -120,6 +121,9 @@ def _reconcile(store: Store, job: Job, lost: list[tuple[str, int, str]]) -> Adop
             continue
         what = jobs.stop_orphan(a.pid, run) if a.pid else "no worker"
         _close_lost(store, job, a, what, lost)
+        # Its commits since the lost supervisor last read its events (an adopted worker's
+        # supervisor replays them itself).
+        ledger.catch_up(store, job.id, run.root)
     return adopted
 
 

@@ -327,9 +327,14 @@ class Store:
                           metrics: dict[str, Any], digest: str) -> bool:
         """Record a committed checkpoint (idempotent). Returns True if it was new."""
         with self.write() as db:
+            # A step committed again after its row was retired (a quarantined commit, trained
+            # anew) is live again.
             cur = db.execute(
-                "INSERT OR IGNORE INTO checkpoints (job_id, step, epoch, path, committed_at,"
-                " metrics_json, digest) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO checkpoints (job_id, step, epoch, path, committed_at,"
+                " metrics_json, digest) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job_id, step)"
+                " DO UPDATE SET retired_at = NULL, epoch = excluded.epoch, path = excluded.path,"
+                " committed_at = excluded.committed_at, metrics_json = excluded.metrics_json,"
+                " digest = excluded.digest WHERE retired_at IS NOT NULL",
                 (job_id, step, epoch, path, time.time(), json.dumps(metrics, sort_keys=True),
                  digest))
             if cur.rowcount == 0:

@@ -20,7 +20,7 @@ from ckptd.state.paths import RunDir
 from ckptd.state.safeopen import read_under
 from ckptd.state.states import AttemptClass, JobState
 from ckptd.state.store import Store
-from ckptd.supervisor import nvml
+from ckptd.supervisor import ledger, nvml
 from ckptd.supervisor.gpus import choose_devices, exclude_after_fault
 from ckptd.supervisor.policy import (
     Action,
@@ -309,20 +309,12 @@ class JobRunner:
 
     def _drain_events(self, w: Watch) -> None:
         for ev in self.events.read():
-            if ev.get("event") == "checkpoint.committed":
-                self.store.record_checkpoint(self.job_id, ev["step"], ev["epoch"], ev["path"],
-                                             ev.get("metrics") or {}, ev.get("digest", ""))
-                w.committed_step = self.committed_step = ev["step"]
-            elif ev.get("event") == "checkpoint.retired":
-                self.store.retire_checkpoints(self.job_id, ev["steps"])
-            elif ev.get("event") == "checkpoint.inventory":
-                self.store.reconcile_checkpoints(self.job_id, ev.get("checkpoints") or [])
-            elif ev.get("event") in ("checkpoint.quarantined", "checkpoint.failed"):
-                if ev.get("event") == "checkpoint.quarantined" and ev.get("step") is not None:
-                    self.store.retire_checkpoints(self.job_id, [ev["step"]])
-                self.store.add_event(self.job_id, ev["event"], ev)
-            elif ev.get("event") == "restore.done":
-                w.restored_step = w.committed_step = ev["step"]
+            ledger.apply(self.store, self.job_id, ev)
+            step = ev.get("step")
+            if ev.get("event") == "checkpoint.committed" and isinstance(step, int):
+                w.committed_step = self.committed_step = step
+            elif ev.get("event") == "restore.done" and isinstance(step, int):
+                w.restored_step = w.committed_step = step
             self.display.event(ev)
 
     def _enforce(self, w: Watch) -> None:

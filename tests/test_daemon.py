@@ -255,17 +255,31 @@ def test_a_restarted_daemon_adopts_a_worker_that_started_warm(tmp_path: Path) ->
 
 def test_sigkilled_daemon_and_worker_relaunch_from_the_last_commit(tmp_path: Path) -> None:
     home, job, pid = _sigkill_daemon_mid_job(tmp_path)
+    with sqlite3.connect(home / "ckptd.db") as db:
+        (known,) = db.execute("SELECT last_committed_step FROM jobs WHERE id = ?",
+                              (job,)).fetchone()
+    events_file = home / "jobs" / job / "events.jsonl"
+
+    def committed() -> int:
+        lines = events_file.read_text().splitlines()
+        return max(json.loads(e)["step"] for e in lines if '"checkpoint.committed"' in e)
+
+    # The orphan commits while no daemon reads its events; then it dies too.
+    wait_for("a commit nobody read", lambda: committed() > known, 30)
     os.killpg(pid, signal.SIGKILL)
     wait_for("the worker to die", lambda: not psutil.pid_exists(pid)
              or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 10)
-    events = (home / "jobs" / job / "events.jsonl").read_text().splitlines()
-    committed = max(json.loads(e)["step"] for e in events if '"checkpoint.committed"' in e)
+    last = committed()
     d2 = start_daemon(home, FAKE_STEPS="60", FAKE_STEP_SECONDS="0.01")
     try:
+        started = wait_for("job.started", lambda: [
+            json.loads(line) for line in d2.output().splitlines()
+            if '"job.started"' in line], 30)
+        assert started[0]["last_committed_step"] == last, started  # not the stale `known`
         done = d2.wait_state(job, "succeeded", timeout=60)
         first, second = done["attempt_list"]
         assert first["class"] == "lost" and "daemon restarted" in first["evidence"]
-        assert second["restored_step"] == committed >= 10
+        assert second["restored_step"] == last >= 10
         exits = [ev for ev in d2.api("GET", f"/v1/jobs/{job}/events")["events"]
                  if ev["event"] == "worker.exited"]
         assert [ev["exit_class"] for ev in exits] == ["lost", "succeeded"], exits

@@ -169,6 +169,11 @@ def test_killed_supervisor_leaves_no_second_writer_and_job_resumes(
     assert st["attempt_list"][0]["class"] == "lost"
     assert "orphan worker stopped" in st["attempt_list"][0]["evidence"]
     assert st["attempt_list"][-1]["restored_step"] >= 40
+    # The start line already knows the orphan's commits (its events replayed), not the
+    # step the killed supervisor last read.
+    started = [json.loads(line) for line in out.splitlines() if '"job.started"' in line
+               or '"job.resumed"' in line]
+    assert started[0]["last_committed_step"] == st["attempt_list"][-1]["restored_step"], started
     assert final_state_hash(run) == golden
     # The orphan committed and rotated while no supervisor read its events: the store agrees
     # with the manifests on disk all the same (reconciled at the restore).

@@ -94,6 +94,10 @@ def test_attempts_and_checkpoints(tmp_path: Path) -> None:
     s.retire_checkpoints("j", [20])
     assert [c["step"] for c in s.checkpoints("j")] == [40]
     assert [c["step"] for c in s.checkpoints("j", include_retired=True)] == [20, 40]
+    # Committed again after its retirement (a quarantined step trained anew): live again.
+    assert s.record_checkpoint("j", 20, 0, "/x/ckpt-3", {}, "abe")
+    assert [(c["step"], c["path"]) for c in s.checkpoints("j")] == [(20, "/x/ckpt-3"),
+                                                                     (40, "/x/ckpt-2")]
 
 
 def test_an_empty_store_is_refused_not_recreated(tmp_path: Path) -> None:
