@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any, NoReturn
 import click
 from ckptd.daemon import cli_service, jobs, logs
 from ckptd.daemon.cli_service import client_call
-from ckptd.daemon.client import Client, SocketDenied, find_socket
+from ckptd.daemon.client import SYSTEM_SOCKET, Client, SocketDenied, find_socket, service_home
 from ckptd.daemon.report import job_report, print_outputs, print_status
 from ckptd.state.jobspec import JobSpec, load_job_file
 from ckptd.state.paths import RunDir, state_dir
@@ -50,12 +51,21 @@ def _daemon_answers(home: Path) -> bool:
 
 
 def _existing_store(home: Path, job_id: str | None) -> Store | None:
-    """The local store of `ckptd run` jobs, when no daemon answers; None (and why, on stderr)
-    rather than a store created just to say it is empty: that would hide a stopped daemon's
-    jobs behind an empty list."""
+    """The local store of `ckptd run` jobs, when no daemon answers; else the system service's
+    store if this user may read it; None (and why, on stderr) rather than a store created just
+    to say it is empty: that would hide a stopped daemon's jobs behind an empty list."""
     if (home / "ckptd.db").exists():
         return _open_store(home)
     where = f"no daemon answers on {find_socket(home)} and no `ckptd run` job is in {home}"
+    service = service_home()
+    if service != home and (service / "ckptd.db").exists():
+        if os.access(service / "ckptd.db", os.R_OK):
+            click.echo(f"ckptd: the service is not running; its jobs as of its last stop "
+                       f"({service}):", err=True)
+            return _open_store(service)
+        where = (f"the service is not running (no answer on {SYSTEM_SOCKET}) and its store "
+                 f"{service / 'ckptd.db'} is readable by root only: permission denied. Start it "
+                 f"(systemctl start ckptd) or ask as root (sudo ckptd --home {service} status)")
     if job_id:
         _die(f"no job {job_id!r}: {where}", EXIT_BAD_INPUT)
     click.echo(f"ckptd: {where}", err=True)

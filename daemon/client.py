@@ -15,6 +15,12 @@ from ckptd.daemon.config import SOCKET_NAME
 SYSTEM_SOCKET = Path("/run/ckptd") / SOCKET_NAME
 
 
+def service_home() -> Path:
+    """The system unit's state directory (its `--home`); $CKPTD_SERVICE_HOME moves it (tests,
+    a unit installed with another StateDirectory)."""
+    return Path(os.environ.get("CKPTD_SERVICE_HOME", "/var/lib/ckptd"))
+
+
 class DaemonUnavailable(Exception):
     pass
 

@@ -459,3 +459,38 @@ def test_deleting_a_running_jobs_run_directory_is_named(tmp_path: Path) -> None:
         assert end["state"] == "failed" and "was deleted" in end["reason"], end
     finally:
         d.stop()
+
+
+def test_status_with_the_service_stopped_finds_its_store(tmp_path: Path) -> None:
+    """With the system service stopped, `ckptd status` shows the service's jobs to whoever may
+    read its store, and tells the others that permission is the reason (not "no jobs")."""
+    from ckptd.state.store import Store
+
+    service = Path(tempfile.mkdtemp(prefix="ckptd-service-"))
+    try:
+        service.chmod(0o711)
+        store = Store.open(service)
+        store.create_job("svc-job", "svc", "{}", "d", "job.yaml", str(service / "jobs" / "svc-job"))
+        store.close()
+        user_home = tmp_path / "user"
+        r = _cli(user_home, "status", CKPTD_SERVICE_HOME=str(service),
+                 CKPTD_SOCKET=str(tmp_path / "none.sock"))
+        assert r.returncode == 0 and "svc-job" in r.stdout, r
+        assert "service is not running" in r.stderr and not (user_home / "ckptd.db").exists()
+        if os.geteuid() != 0:
+            return
+        from click.testing import CliRunner
+
+        from ckptd.daemon.cli import cli
+
+        def as_nobody() -> list[str]:
+            os.environ.update(CKPTD_SERVICE_HOME=str(service),
+                              CKPTD_SOCKET=str(service / "none.sock"))
+            got = CliRunner().invoke(cli, ["--home", "/nonexistent/ckptd", "status"])
+            return [got.stdout, got.stderr]
+
+        out, err = as_uid(65534, 65534, as_nobody)["ok"]
+        assert "svc-job" not in out and "permission denied" in err, (out, err)
+        assert "sudo ckptd --home" in err
+    finally:
+        shutil.rmtree(service)
