@@ -479,9 +479,8 @@ def test_status_with_the_service_stopped_finds_its_store(tmp_path: Path) -> None
         assert "service is not running" in r.stderr and not (user_home / "ckptd.db").exists()
         if os.geteuid() != 0:
             return
-        from click.testing import CliRunner
-
         from ckptd.daemon.cli import cli
+        from click.testing import CliRunner
 
         def as_nobody() -> list[str]:
             os.environ.update(CKPTD_SERVICE_HOME=str(service),
