@@ -56,6 +56,10 @@ def test_submit_status_logs_over_the_cli(tmp_path: Path, daemon: DaemonProc) -> 
     logs = _cli(daemon.home, "logs", job_id, "--json").stdout
     assert '"worker.spawned"' in logs and '"checkpoint.committed"' in logs
     assert '"worker.exited"' in logs
+    # The journal (the daemon's stdout): one line per attempt event, not one per reader.
+    journal = [json.loads(line) for line in daemon.output().splitlines() if line.startswith("{")]
+    spawned = [e for e in journal if e.get("event") == "worker.spawned"]
+    assert len(spawned) == 1, spawned
 
 
 def test_api_answers_json_and_clear_errors(daemon: DaemonProc) -> None:
