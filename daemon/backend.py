@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ckptd.daemon import mounts
 from ckptd.daemon.api import ApiError, Peer, iter_lines
 from ckptd.daemon.jobs import create_run, supervision_dir
 from ckptd.daemon.report import job_report
@@ -220,6 +221,8 @@ def _spec_from(body: dict[str, Any]) -> tuple[JobSpec, bytes, str]:
         spec = parse_job(data, job_file, Path(job_file).parent, check=False)
     except JobFileError as e:
         raise ApiError(400, "invalid job spec", problems=e.problems) from e
+    if problems := mounts.check_outputs(spec, job_file):
+        raise ApiError(400, "invalid job spec", problems=problems)
     if text is not None:
         if not isinstance(text, str):
             raise ApiError(400, "spec_json: the validated job spec as a JSON string")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ckptd.daemon import mounts
 from ckptd.daemon.backend import submit_job
 from ckptd.state import submissions
 from ckptd.state.durable import atomic_write_text, fsync_dir
@@ -145,6 +146,8 @@ class Spool:
             spec = parse_job(data, str(path), self.dir, check=False)
         except JobFileError as e:
             return self._reject(path, e.problems)
+        if problems := mounts.check_outputs(spec, str(path)):
+            return self._reject(path, problems)
         job = submit_job(store, home, spec, data, str(self.dir / "accepted" / path.name),
                          owner, 0, key)
         self._move(path, "accepted")

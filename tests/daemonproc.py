@@ -64,8 +64,10 @@ def daemon_env(home: Path, fake: bool = True, **extra: str) -> dict[str, str]:
 
 
 def start_daemon(home: Path, fake: bool = True, config: str | None = None,
-                 sock: Path | None = None, python: str | None = None, **extra: str) -> DaemonProc:
-    """`python`: the interpreter (tests/test_trust.py: one every test user may run)."""
+                 sock: Path | None = None, python: str | None = None,
+                 wrap: list[str] | None = None, **extra: str) -> DaemonProc:
+    """`python`: the interpreter (tests/test_trust.py: one every test user may run); `wrap`: a
+    command that execs the daemon's command line given as its arguments."""
     home.mkdir(parents=True, exist_ok=True)
     if sock is not None:
         config = (config or "") + f"socket: {sock}\n"
@@ -74,6 +76,7 @@ def start_daemon(home: Path, fake: bool = True, config: str | None = None,
     log = home / f"daemon-{len(list(home.glob('daemon-*.log')))}.log"
     with open(log, "w") as out:
         cmd = ckptd_cmd("daemon") if python is None else [python, "-m", "ckptd.daemon", "daemon"]
+        cmd = (wrap or []) + cmd
         proc = subprocess.Popen(cmd, env=daemon_env(home, fake, **extra),
                                 stdout=out, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
