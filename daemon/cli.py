@@ -21,6 +21,7 @@ from ckptd.state.paths import RunDir, state_dir
 from ckptd.state.states import RESUMABLE, JobState
 from ckptd.state.store import Job, Store, StoreError
 from ckptd.state.yamlstrict import JobFileError
+from ckptd.supervisor import cgroups
 from ckptd.supervisor.display import BarDisplay, LogDisplay
 from ckptd.supervisor.gpus import detect_gpus
 from ckptd.supervisor.process import RealProcessOps
@@ -184,6 +185,9 @@ def run(home: Path, job_file: Path | None, resume: str | None, new: bool, progre
     log = logs.get(job_id=job.id)
     log.info("job.resumed" if resuming else "job.started", run_dir=str(run_dir.root),
              last_committed_step=job.last_committed_step)
+    if spec.resources.memory_limit:
+        how, detail = cgroups.enforcement()
+        log.info("memory.enforcement", how=how, detail=detail)
     store.transition(job.id, JobState.RUNNING, "resumed" if resuming else "started")
     stops = StopRequests()
     _install_stop_handlers(stops)

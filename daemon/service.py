@@ -35,6 +35,7 @@ from ckptd.state.paths import RunDir
 from ckptd.state.states import RESUMABLE, JobState
 from ckptd.state.store import Store, StoreError
 from ckptd.state.submissions import Owner, managed_jobs, owner_of, submission
+from ckptd.supervisor import cgroups
 from ckptd.supervisor.gpus import detect_gpus
 from ckptd.supervisor.identity import can_switch_users
 from ckptd.supervisor.warm import WarmPool
@@ -150,6 +151,8 @@ class Daemon:
             spool = self._start_spool()
             self.log.info("daemon.ready", pid=os.getpid(), socket=str(sock), slots=self.slots,
                           gpus=self.gpus, state_dir=str(self.home))
+            how, detail = cgroups.enforcement()  # before any job asks for memory_limit
+            self.log.info("memory.enforcement", how=how, detail=detail)
             self.notifier.send("READY=1", f"MAINPID={os.getpid()}")
             self._loop(store, spool)
             self._shutdown(server, spool, sock)

@@ -118,6 +118,29 @@ def parent_cgroup() -> tuple[Path, int] | None:
     return None
 
 
+def enforcement() -> tuple[str, str]:
+    """How `resources.memory_limit` is enforced on this host, for one log line at start-up:
+    ("cgroup-v2" | "cgroup-v1" | "rss", where or why)."""
+    if os.environ.get("CKPTD_MEMORY_CGROUPS") == "0":
+        return "rss", "CKPTD_MEMORY_CGROUPS=0: ckptd watches each worker's RSS"
+    where = parent_cgroup()
+    if where is not None:
+        base, version = where
+        return f"cgroup-v{version}", f"each attempt gets a child memory cgroup of {base}"
+    try:
+        v2, v1 = _own_paths(Path("/proc/self/cgroup").read_text())
+    except OSError:
+        v2 = v1 = None
+    if v1 is not None:
+        why = (f"the cgroup v1 memory cgroup {ROOT / 'memory' / v1.lstrip('/')} is not writable "
+               f"by uid {os.geteuid()} (not delegated)")
+    elif v2 is not None:
+        why = f"the memory controller is not delegated to cgroup {v2}"
+    else:
+        why = "no memory cgroup hierarchy is mounted"
+    return "rss", why + "; ckptd watches each worker's RSS instead"
+
+
 def create(name: str, limit: int, parent: tuple[Path, int] | None = None) -> MemoryCgroup | None:
     """A fresh child cgroup limited to `limit` bytes, or None where that is not permitted."""
     where = parent or parent_cgroup()

@@ -44,7 +44,7 @@ class ProcessOps(Protocol):
     def start_time(self, pid: int) -> float | None: ...
     def signal_group(self, pid: int, sig: int) -> None: ...
     def signal_pid(self, pid: int, sig: int) -> None: ...
-    def rss(self, pid: int) -> int | None: ...
+    def rss(self, pid: int) -> int | None: ...  # what counts against memory_limit
     def monotonic(self) -> float: ...
     def sleep(self, seconds: float) -> None: ...
 
@@ -97,6 +97,7 @@ class RealProcessOps:
         self._oom: dict[int, str] = {}
         self._spawned_at: dict[int, float] = {}  # CLOCK_MONOTONIC, to match kernel-log records
         self._outer: dict[int, tuple[cgroups.MemoryCgroup, int]] = {}  # enclosing cgroup, oom_kill
+        self._rss_base: dict[int, int] = {}  # a warm worker's RSS at hand-over (its import)
 
     def spawn(self, argv: list[str], cwd: Path, stdout: Path, stderr: Path,
               spare: bool = False, env: dict[str, str] | None = None,
@@ -153,6 +154,10 @@ class RealProcessOps:
             proc.wait()
             return None
         self._track(proc, memory_limit)
+        if memory_limit and proc.pid not in self._cgroups:
+            # The RSS watch counts what the job allocates, as a cgroup does: not the import
+            # the warm worker made for nobody in particular.
+            self._rss_base[proc.pid] = self._raw_rss(proc.pid) or 0
         return proc.pid
 
     def _limit(self, pid: int, limit: int) -> None:
@@ -220,6 +225,7 @@ class RealProcessOps:
         del self._procs[pid]
         self.signal_group(pid, signal.SIGKILL)  # reap anything the worker left in its group
         self._release_cgroup(pid)
+        self._rss_base.pop(pid, None)
         spawned_at, outer = self._spawned_at.pop(pid, 0.0), self._outer.pop(pid, None)
         if rc == -signal.SIGKILL and pid not in self._oom:
             evidence = _outside_oom_evidence(pid, spawned_at, outer)
@@ -236,6 +242,11 @@ class RealProcessOps:
             os.kill(pid, sig)
 
     def rss(self, pid: int) -> int | None:
+        raw = self._raw_rss(pid)
+        return None if raw is None else max(0, raw - self._rss_base.get(pid, 0))
+
+    @staticmethod
+    def _raw_rss(pid: int) -> int | None:
         try:
             return int(psutil.Process(pid).memory_info().rss)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):

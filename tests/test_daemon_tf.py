@@ -87,3 +87,35 @@ def test_a_warm_worker_takes_the_next_job_and_none_outlives_the_daemon(tmp_path:
     finally:
         assert d.stop() == 0
     assert not psutil.pid_exists(survivor) or psutil.Process(survivor).status() == "zombie"
+
+
+@pytest.mark.parametrize("enforcement", ["cgroup", "rss"])
+def test_a_warm_workers_import_is_not_charged_to_the_job(tmp_path: Path,
+                                                         enforcement: str) -> None:
+    """resources.memory_limit below TensorFlow's import (~0.5 GB): a warm worker, whose import
+    was made before it had a job, trains the job within the limit, whichever enforcement is in
+    force (a cgroup keeps the import's charge where it was made; the RSS watch counts from the
+    hand-over). The daemon says once which one that is."""
+    from ckptd.supervisor import cgroups
+
+    extra = {}
+    if enforcement == "rss":
+        extra["CKPTD_MEMORY_CGROUPS"] = "0"
+    elif cgroups.parent_cgroup() is None:
+        pytest.skip("no writable memory cgroup here")
+    home = tmp_path / "home"
+    limit = 300 * 2**20
+    d = start_daemon(home, fake=False, config="warm_workers: true\n", **extra)
+    try:
+        ready = wait_for("a warm worker", lambda: sorted((home / "warm").glob("*.ready")), 120)
+        imported = psutil.Process(int(ready[0].name.split(".")[0])).memory_info().rss
+        assert imported > limit, imported  # else this test proves nothing
+        job = d.submit(write_job(tmp_path, epochs=1, extra="resources: {memory_limit: 300MiB}\n"))
+        done = d.wait_state(job, "succeeded", "failed", timeout=180)
+        assert [a["class"] for a in done["attempt_list"]] == ["succeeded"], done
+    finally:
+        d.stop()
+    assert '"worker.warm_assigned"' in d.output()  # the journal: the attempt was the warm one
+    lines = [line for line in d.output().splitlines() if '"memory.enforcement"' in line]
+    assert len(lines) == 1, lines
+    assert ('"how": "rss"' in lines[0]) == (enforcement == "rss"), lines

@@ -88,6 +88,8 @@ def test_memory_limit_is_host_oom(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     evidence = st["attempt_list"][0]["evidence"]  # type: ignore[index]
     assert "memory_limit" in evidence
     assert ("kernel OOM kill in cgroup" in evidence) == (enforcement == "cgroup"), evidence
+    said = [line for line in out.splitlines() if '"memory.enforcement"' in line]
+    assert len(said) == 1 and ('"how": "rss"' in said[0]) == (enforcement == "rss"), said
 
 
 def test_oom_kill_outside_ckptd_cgroups_is_host_oom_from_the_kernel_log(tmp_path: Path) -> None:
