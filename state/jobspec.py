@@ -315,7 +315,7 @@ def pure_spec(spec: JobSpec, job_dir: Path) -> JobSpec:
         m = ENTRY_RE.match(spec.model)
         assert m is not None  # checked by the schema
         target, func = m.group("target"), m.group("func")
-        if target.endswith(".py"):
+        if target.endswith(".py") or "/" in target:  # a path (a module name has no "/")
             update["model"] = f"{_code_path(job_dir, target)}:{func}"
     if spec.entrypoint is not None:
         update["entrypoint"] = _code_path(job_dir, spec.entrypoint)
@@ -346,7 +346,10 @@ def check_paths(spec: JobSpec, source: str) -> None:
     problems = []
     for field, text in (("model", spec.model), ("entrypoint", spec.entrypoint)):
         target = text.rsplit(":", 1)[0] if field == "model" and text else text
-        if target and target.endswith(".py") and not os.access(target, os.R_OK):
+        if target and "/" in target and os.path.isdir(target):
+            problems.append(f"{source}: {field}: {target} is a directory; name the Python file "
+                            "in it" + (", e.g. model.py:build" if field == "model" else ""))
+        elif target and target.endswith(".py") and not os.access(target, os.R_OK):
             problems.append(f"{source}: {field}: file {target} {_why_unreadable(target)}")
     outputs = [("checkpoint.dir", spec.checkpoint.dir)]
     if spec.best:

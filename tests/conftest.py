@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,27 @@ CSV = EXAMPLE / "pima-indians-diabetes.csv"
 
 
 GOLDEN_EPOCHS = 4
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--cpu-hogs", type=int, default=int(os.environ.get("CKPTD_TEST_CPU_HOGS", "0")),
+        metavar="N", help="run the tests with N busy processes competing for the CPUs, as on a "
+        "shared training box (CI runs the `timing` tests with 4; default $CKPTD_TEST_CPU_HOGS or 0)")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cpu_hogs(request: pytest.FixtureRequest) -> Iterator[int]:
+    """Busy loops for the whole session (nice 0, like the other work on a shared box)."""
+    n = request.config.getoption("--cpu-hogs")
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"],
+                             stdin=subprocess.DEVNULL, start_new_session=True) for _ in range(n)]
+    try:
+        yield n
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
 
 
 @pytest.fixture(scope="session")

@@ -118,6 +118,26 @@ def test_missing_model_file_names_the_field(tmp_path: Path) -> None:
         load_job_file(job)
 
 
+@pytest.mark.parametrize("name", ["sub/models:build", "models.py:build"])
+def test_a_model_naming_a_directory_says_so(tmp_path: Path, name: str) -> None:
+    (tmp_path / name.split(":")[0]).mkdir(parents=True)
+    job = tmp_path / "j.yaml"
+    job.write_text(f"name: x\nmodel: {name}\n")
+    with pytest.raises(JobFileError, match=r"model: .*models(\.py)? is a directory; name the "
+                       r"Python file in it, e\.g\. model\.py:build"):
+        load_job_file(job)
+
+
+def test_the_worker_says_a_model_naming_a_directory_is_one(tmp_path: Path) -> None:
+    """The daemon does not look at the path (the CLI and the worker do, with the submitter's
+    rights): the worker's config_error names it too."""
+    from ckptd.worker.entry import ConfigError, load_callable
+
+    (tmp_path / "models").mkdir()
+    with pytest.raises(ConfigError, match=r"models is a directory; name the Python file in it"):
+        load_callable(f"{tmp_path / 'models'}:build")
+
+
 def test_entrypoint_resolves_beside_the_job_file_and_keeps_its_train_fields(
         tmp_path: Path) -> None:
     (tmp_path / "train.py").write_text("")

@@ -36,6 +36,9 @@ def load_callable(entry: str) -> Any:
     if not m:
         raise ConfigError(f"model: {entry!r} is not FILE.py:function or package.module:function")
     target, func = m.group("target"), m.group("func")
+    if "/" in target and Path(target).is_dir():
+        raise ConfigError(f"model: {target} is a directory; name the Python file in it and its "
+                          f"function ({target.rstrip('/')}/model.py:build, say)")
     try:
         if target.endswith(".py"):
             path = Path(target)
