@@ -143,3 +143,11 @@ def test_a_save_longer_than_the_heartbeat_timeout_is_not_a_hang(tmp_path: Path) 
     classes, st = _classes(home)
     assert classes == ["succeeded"], st
     assert st["last_committed_step"] == 52
+
+
+def test_a_validation_longer_than_the_heartbeat_timeout_is_not_a_hang(tmp_path: Path) -> None:
+    """Validation beats per batch: 26 batches of 0.2 s (5 s) against a 3 s heartbeat timeout."""
+    home = tmp_path / "home"
+    rc, out = finish(start_run(home, str(_job(tmp_path, FAST_HANG)), faults="val_delay=0.2"))
+    assert rc == 0, out
+    assert _classes(home)[0] == ["succeeded"]

@@ -6,6 +6,7 @@ Format: comma-separated `key=value`:
 - `sigkill_in_save=N`, `enospc_in_save=N`: inside the save at step N, after TF wrote its files and
   before ckptd's commit;
 - `save_delay=SECONDS`: every save takes that much longer (no heartbeat meanwhile);
+- `val_delay=SECONDS`: every validation batch takes that much longer (a big validation set);
 - `sigkill_in_restore=A-B`: while restoring, in attempts A..B (not limited by `attempt`);
 - `hang_at_step`, `gpu_fault_at_step`, `gpu_oom_at_step`, `hog_at_step`: a deadlock, a CUDA-like
   error, a GPU out-of-memory error, unbounded host allocation;
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 class Faults:
     step_delay: float = 0.0
     save_delay: float = 0.0  # every save takes this much longer (a big model on a slow disk)
+    val_delay: float = 0.0  # every validation batch takes this much longer
     sigkill_at_step: int | None = None
     raise_at_step: int | None = None
     sigkill_in_save: int | None = None  # kill after TF wrote the save at this step, before commit
@@ -44,7 +46,7 @@ class Faults:
         for item in filter(None, spec.split(",")):
             key, _, value = item.partition("=")
             key = key.strip()
-            kw[key] = (float(value) if key in ("step_delay", "save_delay")
+            kw[key] = (float(value) if key in ("step_delay", "save_delay", "val_delay")
                        else value if key == "sigkill_in_restore" else int(value))
         return cls(**kw)  # type: ignore[arg-type]
 
@@ -60,6 +62,10 @@ class Faults:
             os.kill(os.getpid(), signal.SIGKILL)
         if step == self.enospc_in_save:
             raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+    def in_validation(self) -> None:
+        if self.val_delay:
+            time.sleep(self.val_delay)
 
     def in_restore(self, attempt: int) -> None:
         if self.sigkill_in_restore:

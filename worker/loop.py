@@ -166,7 +166,8 @@ class Loop:
             done = validations_between(self.initial_epoch, epoch, self.validation_freq)
             val = self.data.validation_batches(done)
         if val is not None:
-            logs.update({f"val_{k}": v for k, v in evaluate(self.model, val).items()})
+            logs.update({f"val_{k}": v for k, v in evaluate(self.model, val,
+                                                             self._validation_batch).items()})
         self.callback_list.on_epoch_end(epoch, logs)
         self.out.record(epoch, self.ck.step, logs)
         if self.model.stop_training and not self.host.stopped_early:
@@ -176,6 +177,10 @@ class Loop:
         self._sync_host()
         self.ck.epoch_recorded()
         self.beater.beat(Phase.TRAINING, force=True, epoch=epoch + 1, logs=logs)
+
+    def _validation_batch(self) -> None:
+        self.ck.faults.in_validation()
+        self.beater.beat(Phase.VALIDATING)  # rate-limited: a write per interval, not per batch
 
     def close(self) -> None:
         self.ck.close()

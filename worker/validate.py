@@ -8,19 +8,24 @@ batch by batch, after the same metric reset, so the figures are `evaluate()`'s.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from ckptd.worker.prep import floats
 
 
-def evaluate(model: Any, batches: Iterable[Any]) -> dict[str, float]:
+def evaluate(model: Any, batches: Iterable[Any],
+             progress: Callable[[], None] | None = None) -> dict[str, float]:
     """The model's compiled metrics over `batches` (in order, each packed as fit packs it:
-    x, (x, y) or (x, y, sample_weight)), as `evaluate()` reports them; empty if none."""
+    x, (x, y) or (x, y, sample_weight)), as `evaluate()` reports them; empty if none.
+    `progress` runs after each batch: a validation longer than the heartbeat timeout is
+    progress, not a hang."""
     model.make_test_function()
     model.reset_metrics()
     logs: dict[str, Any] = {}
     for data in batches:
         # Each call runs one step and returns every metric accumulated so far.
         logs = model.test_function(iter([data]))
+        if progress is not None:
+            progress()
     return floats(logs)
