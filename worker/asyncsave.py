@@ -91,7 +91,6 @@ class AsyncSaver:
         self.last_seconds = 0.0
         self.filler = Filler()
         self.next_number = 1
-        self.cold = True  # the save in flight was taken before the writer was ready
         # Connection.poll(0) builds a selector per call (~10 µs); the step loop asks often.
         self.poller = select.poll()
         self.poller.register(self.conn.fileno(), select.POLLIN)
@@ -179,7 +178,7 @@ class AsyncSaver:
         captured = self.plan.capture()
         number = self.take_number()
         self.in_flight = {"number": number, "step": step, "epoch": epoch, "reason": reason}
-        self.cold = not self.ready
+        assert self.ready  # until then saves are synchronous (Checkpointing._save_async)
         msg: dict[str, Any] = {"number": number, "step": step, "epoch": epoch,
                                "step_in_epoch": step_in_epoch, "metrics": metrics,
                                "shm": self.shm.name, **self.retention}
@@ -216,7 +215,7 @@ class AsyncSaver:
         reply.setdefault("seconds", 0.0)
         self.last_done, self.last_seconds = time.monotonic(), reply["seconds"]
         # Final and preemption saves are waited for at once: their cost is not an interval's.
-        self.meter.save_done(counted=reply["ok"] and not self.cold
+        self.meter.save_done(counted=reply["ok"]
                              and self.in_flight["reason"] == "interval")
         reply.update(self.in_flight)
         self.in_flight = self.unsent = None

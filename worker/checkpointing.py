@@ -204,10 +204,10 @@ class Checkpointing:
     def _save_async(self, reason: str) -> bool:
         saver = self.async_saver
         assert saver is not None
-        if saver.dead or (reason != "interval" and not saver.is_ready()
-                          and saver.in_flight is None):
-            # A final or preemption save does not wait for the writer's TensorFlow import
-            # (seconds, at worker start); interval snapshots wait for it in shared memory.
+        if saver.dead or (not saver.is_ready() and saver.in_flight is None):
+            # No save waits for the writer's TensorFlow import (seconds at worker start, far
+            # more on a loaded box): until the writer is ready, saves are synchronous, so a
+            # kill meanwhile still finds the commits every_steps asked for.
             self._save(reason)
             return True
         if reason == "interval" and saver.busy():
