@@ -50,6 +50,7 @@ def test_error_classes_then_recovery(tmp_path: Path, faults: str, klass: str,
     assert first["last_step"] >= 20 and st["attempt_list"][1]["restored_step"] == 20  # type: ignore[index]
 
 
+@pytest.mark.timing
 def test_deadlocked_step_loop_is_a_hang_with_stacks(tmp_path: Path) -> None:
     home = tmp_path / "home"
     rc, out = finish(start_run(home, str(_job(tmp_path, FAST_HANG)),
@@ -60,6 +61,7 @@ def test_deadlocked_step_loop_is_a_hang_with_stacks(tmp_path: Path) -> None:
     assert "faults.py" in stderr and "after_step" in stderr  # the stack of the stuck loop
 
 
+@pytest.mark.timing
 def test_sigstop_is_a_hang(tmp_path: Path) -> None:
     home = tmp_path / "home"
     proc = start_run(home, str(_job(tmp_path, FAST_HANG)), faults="step_delay=0.02")
@@ -70,6 +72,7 @@ def test_sigstop_is_a_hang(tmp_path: Path) -> None:
     assert _classes(home)[0] == ["hang", "succeeded"]
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("enforcement", ["cgroup", "rss"])
 def test_memory_limit_is_host_oom(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                   enforcement: str) -> None:
@@ -119,6 +122,7 @@ def test_oom_kill_outside_ckptd_cgroups_is_host_oom_from_the_kernel_log(tmp_path
             in evidence, evidence
 
 
+@pytest.mark.timing
 def test_crash_loop_at_the_same_step_fails_the_job(tmp_path: Path) -> None:
     home = tmp_path / "home"
     job = _job(tmp_path, "restart: {max_restarts: 10, backoff_initial_seconds: 0.1, "
@@ -131,6 +135,7 @@ def test_crash_loop_at_the_same_step_fails_the_job(tmp_path: Path) -> None:
     assert "crash loop" in str(st["reason"])
 
 
+@pytest.mark.timing
 def test_a_save_longer_than_the_heartbeat_timeout_is_not_a_hang(tmp_path: Path) -> None:
     """No false alarm: saving gets the start-up grace, not heartbeat_timeout (3 s here)."""
     home = tmp_path / "home"
@@ -145,6 +150,7 @@ def test_a_save_longer_than_the_heartbeat_timeout_is_not_a_hang(tmp_path: Path) 
     assert st["last_committed_step"] == 52
 
 
+@pytest.mark.timing
 def test_a_validation_longer_than_the_heartbeat_timeout_is_not_a_hang(tmp_path: Path) -> None:
     """Validation beats per batch: 26 batches of 0.2 s (5 s) against a 3 s heartbeat timeout."""
     home = tmp_path / "home"

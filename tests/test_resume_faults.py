@@ -170,6 +170,7 @@ def test_disk_full_during_save_reports_and_training_carries_on(
     assert final_state_hash(run) == golden
 
 
+@pytest.mark.timing
 def test_second_writer_on_a_checkpoint_dir_refuses(tmp_path: Path) -> None:
     shared = tmp_path / "shared-ckpts"
     a = write_job(tmp_path / "a", name="writer-a", epochs=EPOCHS)

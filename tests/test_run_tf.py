@@ -49,6 +49,7 @@ def test_uninterrupted_run_succeeds_with_outputs(tmp_path: Path, golden: dict[st
     assert final_state_hash(run) == golden  # deterministic: two clean runs agree bit for bit
 
 
+@pytest.mark.timing
 def test_sigkill_of_worker_resumes_from_checkpoint_bit_identical(
         tmp_path: Path, golden: dict[str, str]) -> None:
     home = tmp_path / "home"
@@ -148,6 +149,7 @@ def test_sigkill_at_edge_points_resumes_bit_identical(tmp_path: Path, golden: di
     assert final_state_hash(run) == golden
 
 
+@pytest.mark.timing
 def test_killed_supervisor_leaves_no_second_writer_and_job_resumes(
         tmp_path: Path, golden: dict[str, str]) -> None:
     """`ckptd run` itself SIGKILLed: its worker lives on (own session). The next `ckptd run` of the
@@ -186,6 +188,7 @@ def test_killed_supervisor_leaves_no_second_writer_and_job_resumes(
     assert st["last_committed_step"] == on_disk[-1]
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("kill_at", [150, 190])
 def test_async_saves_resume_bit_identical(tmp_path: Path, golden: dict[str, str],
                                           kill_at: int) -> None:
@@ -207,6 +210,7 @@ def test_async_saves_resume_bit_identical(tmp_path: Path, golden: dict[str, str]
     assert not Path("/dev/shm", name).exists()  # the stale segment of the killed worker is gone
 
 
+@pytest.mark.timing
 def test_async_writer_killed_worker_carries_on_with_sync_saves(
         tmp_path: Path, golden: dict[str, str]) -> None:
     """The writer process dies (OOM killer, say) while the worker trains: the save in flight, if
@@ -309,6 +313,7 @@ def test_control_best_file_improves_without_the_sidecar(tmp_path: Path) -> None:
     assert any(e["event"] == "best.saved" for e in events(run) if e.get("attempt") == 2)
 
 
+@pytest.mark.timing
 def test_hot_spare_takes_over_bit_identical(tmp_path: Path, golden: dict[str, str]) -> None:
     """restart.hot_spare: a second worker waits with TensorFlow imported and the model built;
     after the SIGKILL it takes over the job, and no spare outlives the job."""
