@@ -64,9 +64,10 @@ def _existing_store(home: Path, job_id: str | None) -> Store | None:
             click.echo(f"ckptd: the service is not running; its jobs as of its last stop "
                        f"({service}):", err=True)
             return _open_store(service)
-        where = (f"the service is not running (no answer on {SYSTEM_SOCKET}) and its store "
-                 f"{service / 'ckptd.db'} is readable by root only: permission denied. Start it "
-                 f"(systemctl start ckptd) or ask as root (sudo ckptd --home {service} status)")
+        # Not "no jobs": the jobs exist, this user may not see them while the service is down.
+        _die(f"the service is not running (no answer on {SYSTEM_SOCKET}) and its store "
+             f"{service / 'ckptd.db'} is not readable by you: permission denied. Start it "
+             f"(systemctl start ckptd) or ask as root (sudo ckptd --home {service} status)")
     if job_id:
         _die(f"no job {job_id!r}: {where}", EXIT_BAD_INPUT)
     click.echo(f"ckptd: {where}", err=True)

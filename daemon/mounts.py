@@ -82,8 +82,10 @@ def read_only_outputs(spec: JobSpec, source: str, mounts: list[Mount],
             setting = ("ProtectHome=read-only" if m.point.startswith(HOME_PREFIXES)
                        else "ProtectSystem=strict")
             why += (f": the unit's {setting} makes it so. Use a path relative to the run "
-                    f"directory, or let the service write there: `systemctl edit ckptd`, add "
-                    f"[Service] ReadWritePaths={value}")
+                    f"directory, or let the service write there: create {value} first (systemd "
+                    f"refuses to start the unit over a ReadWritePaths= entry that does not "
+                    f"exist), then `systemctl edit ckptd`, add [Service] ReadWritePaths={value} "
+                    f"and restart the service")
         problems.append(f"{source}: {field}: {why}")
     return problems
 

@@ -499,10 +499,10 @@ def test_status_with_the_service_stopped_finds_its_store(tmp_path: Path) -> None
             os.environ.update(CKPTD_SERVICE_HOME=str(service),
                               CKPTD_SOCKET=str(service / "none.sock"))
             got = CliRunner().invoke(cli, ["--home", "/nonexistent/ckptd", "status"])
-            return [got.stdout, got.stderr]
+            return [got.stdout, got.stderr, got.exit_code]
 
-        out, err = as_uid(65534, 65534, as_nobody)["ok"]
-        assert "svc-job" not in out and "permission denied" in err, (out, err)
-        assert "sudo ckptd --home" in err
+        out, err, code = as_uid(65534, 65534, as_nobody)["ok"]
+        assert "svc-job" not in out and "no jobs" not in out and code == 1, (out, err)
+        assert "permission denied" in err and "sudo ckptd --home" in err, err
     finally:
         shutil.rmtree(service)
