@@ -122,7 +122,7 @@ def enforcement() -> tuple[str, str]:
     """How `resources.memory_limit` is enforced on this host, for one log line at start-up:
     ("cgroup-v2" | "cgroup-v1" | "rss", where or why)."""
     if os.environ.get("CKPTD_MEMORY_CGROUPS") == "0":
-        return "rss", "CKPTD_MEMORY_CGROUPS=0: ckptd watches each worker's RSS"
+        return "rss", "CKPTD_MEMORY_CGROUPS=0: ckptd watches each worker's own memory (RssAnon+RssShmem)"
     where = parent_cgroup()
     if where is not None:
         base, version = where
@@ -138,7 +138,7 @@ def enforcement() -> tuple[str, str]:
         why = f"the memory controller is not delegated to cgroup {v2}"
     else:
         why = "no memory cgroup hierarchy is mounted"
-    return "rss", why + "; ckptd watches each worker's RSS instead"
+    return "rss", why + "; ckptd watches each worker's own memory (RssAnon+RssShmem) instead"
 
 
 def create(name: str, limit: int, parent: tuple[Path, int] | None = None) -> MemoryCgroup | None:

@@ -247,8 +247,19 @@ class RealProcessOps:
 
     @staticmethod
     def _raw_rss(pid: int) -> int | None:
+        """The worker's anonymous and shared-memory pages (RssAnon + RssShmem): what a memory
+        cgroup would charge it. Not its mapped files (RssFile, ~0.4 GB of TensorFlow's shared
+        libraries): those are page cache, charged once to whoever read them first, and
+        counting them killed cold workers under limits their cgroup kept to."""
         try:
-            return int(psutil.Process(pid).memory_info().rss)
+            fields = dict(line.split(":", 1) for line in
+                          Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+            return sum(int(fields[k].split()[0]) * 1024 for k in ("RssAnon", "RssShmem"))
+        except (OSError, KeyError, ValueError):
+            pass
+        try:
+            info = psutil.Process(pid).memory_info()
+            return int(info.rss - getattr(info, "shared", 0))
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             return None
 

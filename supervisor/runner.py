@@ -304,7 +304,8 @@ class JobRunner:
         if limit and w.oom is None and not self.ops.memory_enforced(w.pid):  # no cgroup: watch RSS
             rss = self.ops.rss(w.pid)
             if rss is not None and rss > limit:
-                w.oom = f"RSS {rss} bytes exceeded resources.memory_limit {limit}"
+                w.oom = (f"anonymous memory (RssAnon+RssShmem) {rss} bytes exceeded "
+                         f"resources.memory_limit {limit}")
                 self.ops.signal_group(w.pid, signal.SIGKILL)
 
     def _drain_events(self, w: Watch) -> None:

@@ -95,6 +95,18 @@ def test_memory_limit_is_host_oom(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert len(said) == 1 and ('"how": "rss"' in said[0]) == (enforcement == "rss"), said
 
 
+def test_the_rss_watch_counts_what_the_job_allocates_not_mapped_libraries(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cold worker maps ~0.4 GB of TensorFlow's shared libraries (page cache, which a memory
+    cgroup charges to whoever read it first) and allocates ~0.2 GB itself: a 300 MiB limit
+    holds under the RSS watch as it does in a cgroup (it killed every cold start before)."""
+    monkeypatch.setenv("CKPTD_MEMORY_CGROUPS", "0")
+    home = tmp_path / "home"
+    rc, out = finish(start_run(home, str(_job(tmp_path, "resources: {memory_limit: 300MiB}\n"))))
+    assert rc == 0, out
+    assert _classes(home)[0] == ["succeeded"]
+
+
 def test_oom_kill_outside_ckptd_cgroups_is_host_oom_from_the_kernel_log(tmp_path: Path) -> None:
     """A limit ckptd did not set (a unit's, a container's: here a cgroup the test puts the whole
     `ckptd run` in) is reached: the enclosing cgroup's oom_kill counter and, where it can be
