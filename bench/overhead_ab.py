@@ -61,6 +61,7 @@ def child(run_root: Path, block_target: int) -> int:
     """Train the job in `run_root` (its spec.json) with the ABLoop, set up exactly as the worker
     sets up its Loop; print the blocks."""
     from ab_loop import ABLoop  # imports TensorFlow: only in the child
+
     from ckptd.state import protocol
     from ckptd.state.paths import RunDir
     from ckptd.worker.__main__ import _prepare, _train

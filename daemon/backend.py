@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from ckptd.daemon import mounts
 from ckptd.daemon.api import ApiError, Peer, iter_lines
 from ckptd.daemon.jobs import create_run, supervision_dir
@@ -28,7 +30,6 @@ from ckptd.state.store import Job, Store, StoreError
 from ckptd.state.submissions import Owner
 from ckptd.state.yamlstrict import JobFileError
 from ckptd.supervisor import identity
-from pydantic import ValidationError
 
 CANCEL_DIRECTLY = frozenset({JobState.QUEUED, JobState.INTERRUPTED, JobState.FAILED})
 MAX_EVENTS_CHUNK = 256 * 1024

@@ -12,6 +12,7 @@ from types import FrameType
 from typing import Any, NoReturn
 
 import click
+
 from ckptd.daemon import cli_service, jobs, logs
 from ckptd.daemon.cli_service import client_call
 from ckptd.daemon.client import SYSTEM_SOCKET, Client, SocketDenied, find_socket, service_home

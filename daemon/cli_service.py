@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import click
+
 from ckptd.daemon import logs
 from ckptd.daemon.client import ApiRefused, Client, DaemonUnavailable, find_socket
 from ckptd.daemon.config import load_config

@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ckptd.state.yamlstrict import JobFileError, load_mapping
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ckptd.state.yamlstrict import JobFileError, load_mapping
 
 MAX_CONFIG_BYTES = 64 * 1024
 SOCKET_NAME = "ckptd.sock"

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psutil
+
 from ckptd.state.durable import atomic_write_bytes, atomic_write_text, fsync_dir
 from ckptd.state.jobspec import JobSpec, spec_digest, spec_from_json, spec_json
 from ckptd.state.paths import RunDir

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+
 from ckptd.daemon import jobs
 from ckptd.state.paths import RunDir
 from ckptd.state.safeopen import read_under

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+
 from ckptd.state.jobspec import JobSpec
 from ckptd.state.paths import RunDir
 from ckptd.state.store import Job, Store

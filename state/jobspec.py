@@ -17,7 +17,6 @@ import string
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from ckptd.state.yamlstrict import JobFileError, load_mapping
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -27,6 +26,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from ckptd.state.yamlstrict import JobFileError, load_mapping
 
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 ENTRY_RE = re.compile(r"^(?P<target>[^:\s]+):(?P<func>[A-Za-z_][A-Za-z0-9_]*)$")

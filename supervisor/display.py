@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from ckptd.state import protocol as p
-from ckptd.state.states import AttemptClass
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
+
+from ckptd.state import protocol as p
+from ckptd.state.states import AttemptClass
 
 _QUIET_EVENTS = {"epoch.end"}
 

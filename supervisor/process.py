@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 import psutil
+
 from ckptd.state.submissions import Owner
 from ckptd.supervisor import cgroups, identity, kmsg, nvml, warm
 from ckptd.supervisor.warm import WarmPool

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from ckptd.supervisor import cgroups
 from ckptd.supervisor.cgroups import MemoryCgroup
 

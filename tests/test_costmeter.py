@@ -4,6 +4,7 @@ made-up step durations: no TensorFlow, no clock."""
 from __future__ import annotations
 
 import pytest
+
 from ckptd.worker.costmeter import SAVE_COST_WEIGHT, CostMeter
 
 IDLE = 0.0006

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+
 from ckptd.daemon.client import ApiRefused, DaemonUnavailable
 
 from .conftest import ckptd_cmd
@@ -467,7 +468,10 @@ def test_deleting_a_running_jobs_run_directory_is_named(tmp_path: Path) -> None:
         job_id = d.submit(fake_job(tmp_path))
         run = Path(wait_for("a commit", lambda: (j := d.job(job_id))["last_committed_step"]
                             and j["run_dir"], 30))
-        shutil.rmtree(run)
+        # Gone from its path at once (the worker may still create files in it meanwhile).
+        gone = run.with_name(run.name + ".deleted")
+        run.rename(gone)
+        shutil.rmtree(gone, ignore_errors=True)
         end = d.wait_state(job_id, "failed", "succeeded", timeout=60)
         assert end["state"] == "failed" and "was deleted" in end["reason"], end
     finally:
@@ -492,8 +496,9 @@ def test_status_with_the_service_stopped_finds_its_store(tmp_path: Path) -> None
         assert "service is not running" in r.stderr and not (user_home / "ckptd.db").exists()
         if os.geteuid() != 0:
             return
-        from ckptd.daemon.cli import cli
         from click.testing import CliRunner
+
+        from ckptd.daemon.cli import cli
 
         def as_nobody() -> list[str]:
             os.environ.update(CKPTD_SERVICE_HOME=str(service),

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+
 from ckptd.state.store import Store
 
 from .conftest import CSV, EXAMPLE, GOLDEN_EPOCHS, ckptd_cmd, write_job

@@ -64,6 +64,7 @@ def _gen() -> Iterator[int]:
 
 def test_from_generator_is_flagged(determinism_on: None) -> None:
     import tensorflow as tf
+
     from ckptd.worker.exactness import dataset_risks
 
     ds = tf.data.Dataset.from_generator(_gen, output_signature=tf.TensorSpec([], tf.int64)).batch(2)
@@ -74,6 +75,7 @@ def test_from_generator_is_flagged(determinism_on: None) -> None:
 def test_python_in_map_is_flagged(determinism_on: None) -> None:
     import numpy as np
     import tensorflow as tf
+
     from ckptd.worker.exactness import dataset_risks
 
     ds = _range().map(lambda x: tf.numpy_function(lambda: np.float32(np.random.rand()), [], tf.float32))
@@ -83,6 +85,7 @@ def test_python_in_map_is_flagged(determinism_on: None) -> None:
 
 def test_generator_in_map_is_flagged(determinism_on: None) -> None:
     import tensorflow as tf
+
     from ckptd.worker.exactness import dataset_risks
 
     g = tf.random.Generator.from_seed(1)
@@ -93,6 +96,7 @@ def test_generator_in_map_is_flagged(determinism_on: None) -> None:
 def test_keras_random_layer_in_map_is_flagged(determinism_on: None) -> None:
     import keras
     import tensorflow as tf
+
     from ckptd.worker.exactness import dataset_risks
 
     flip = keras.layers.RandomFlip("horizontal", seed=3)
@@ -160,6 +164,7 @@ def _fitted(model_cls: Any, dropout: bool) -> Any:
 def test_custom_train_step_with_tf_random_normal_is_flagged() -> None:
     import keras
     import tensorflow as tf
+
     from ckptd.worker.exactness import graph_risks
 
     class Noisy(keras.Model):  # type: ignore[misc]
@@ -173,6 +178,7 @@ def test_custom_train_step_with_tf_random_normal_is_flagged() -> None:
 
 def test_dropout_model_is_not_flagged() -> None:
     import keras
+
     from ckptd.worker.exactness import graph_risks
 
     assert graph_risks(_fitted(keras.Model, dropout=True).train_function) == []
@@ -180,6 +186,7 @@ def test_dropout_model_is_not_flagged() -> None:
 
 def test_tf_function_and_concrete_function() -> None:
     import tensorflow as tf
+
     from ckptd.worker.exactness import graph_risks
 
     noisy = tf.function(lambda x: x + tf.random.uniform([2]))
@@ -199,6 +206,7 @@ def test_tf_function_and_concrete_function() -> None:
 def test_python_data_sources() -> None:
     import keras
     import numpy as np
+
     from ckptd.worker.exactness import python_data_risks
 
     class Plain(keras.utils.PyDataset):  # type: ignore[misc]

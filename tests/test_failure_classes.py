@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from ckptd.supervisor import cgroups, kmsg
 
 from .conftest import ckptd_cmd, env_with, write_job

@@ -105,6 +105,7 @@ def test_bad_data_is_a_config_error_naming_the_cause(kw: dict[str, Any], fragmen
 
 def test_legacy_build_dataset_that_looks_batched_names_unbatch() -> None:
     import tensorflow as tf
+
     from ckptd.state.jobspec import Train
     from ckptd.worker.data import Batches
     from ckptd.worker.entry import ConfigError
@@ -122,6 +123,7 @@ def _spec(extra: str = "") -> Any:
 
 def test_model_checkpoint_and_early_stopping_map_onto_the_job() -> None:
     import keras
+
     from ckptd.worker.callbacks import map_callbacks
     from ckptd.worker.entry import ConfigError
 
@@ -144,6 +146,7 @@ def test_model_checkpoint_and_early_stopping_map_onto_the_job() -> None:
 
 def test_callback_state_round_trip_and_csv_cut(tmp_path: Path) -> None:
     import keras
+
     from ckptd.worker import callbacks as cbs
 
     class Counter(keras.callbacks.Callback):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from ckptd.worker.fitplan import EpochPlan, epoch_plan, should_validate, validations_between
 
 

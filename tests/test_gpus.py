@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from ckptd.supervisor.gpus import choose_devices, detect_gpus, exclude_after_fault
 
 

@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from ckptd.state.jobspec import load_job_file, parse_job, resolved_params
 from ckptd.state.yamlstrict import JobFileError
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from ckptd.supervisor.kmsg import OomKill, evidence_for, parse_record
 
 # Real record formats (kernel 6.x, 5.x and the pre-5.0 two-line form), and lines that mention

@@ -6,6 +6,7 @@ import threading
 from typing import Any
 
 import pytest
+
 from ckptd.supervisor.nvml import describe, device_problems
 
 

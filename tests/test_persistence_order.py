@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from ckptd.state.jobspec import load_job_file, spec_json
 
 from .conftest import EXAMPLE

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 
 import pytest
+
 from ckptd.state import protocol as p
 from ckptd.state.jobspec import Restart
 from ckptd.state.states import AttemptClass as C

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from ckptd.state import durable
 from ckptd.state.retention import Committed, to_delete
 from ckptd.worker.tracking import BestTracker, EarlyStopper, format_filepath, resolve_mode

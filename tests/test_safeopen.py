@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from ckptd.state import protocol as p
 from ckptd.state.safeopen import Refused, read_under
 

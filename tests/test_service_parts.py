@@ -14,6 +14,7 @@ from typing import Any
 
 import psutil
 import pytest
+
 from ckptd.daemon import jobs
 from ckptd.daemon.notify import Notifier
 from ckptd.daemon.schedule import Queued, may_act, pick_jobs, slot_count, warm_wanted

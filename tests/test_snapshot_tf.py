@@ -17,6 +17,7 @@ def _setup(tmp_path: Path, width: int) -> tuple[Any, Any, Any, Any]:
     import keras
     import numpy as np
     import tensorflow as tf
+
     from ckptd.worker.snapshot import SnapshotPlan, object_graph_of
 
     keras.utils.set_random_seed(3)
@@ -57,6 +58,7 @@ def _train(model: Any, step: Any, batch: Any, n: int) -> None:
 @pytest.mark.parametrize("width", [16, 300_000])  # 0.5 kB inline; ~20 MB copied in a thread
 def test_capture_freezes_values_while_training_goes_on(tmp_path: Path, width: int) -> None:
     import numpy as np
+
     from ckptd.worker.asyncsave import FILL_IN_THREAD_BYTES, Filler
 
     plan, model, step, batch = _setup(tmp_path, width)
@@ -94,6 +96,7 @@ def test_snapshot_waits_for_a_starting_writer_then_the_layout_is_sent_once(tmp_p
     import multiprocessing
 
     import tensorflow as tf
+
     from ckptd.worker.asyncsave import AsyncSaver
 
     _, model, step, _ = _setup(tmp_path, 16)

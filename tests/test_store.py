@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+
 from ckptd.state.states import TRANSITIONS, AttemptClass, IllegalTransition, JobState, is_legal
 from ckptd.state.store import Store, StoreError
 

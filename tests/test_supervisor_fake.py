@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
 from ckptd.state.jobspec import JobSpec, spec_digest, spec_json
 from ckptd.state.paths import RunDir
 from ckptd.state.protocol import Heartbeat, append_event

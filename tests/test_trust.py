@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from ckptd.daemon.client import Client
 from ckptd.state.submissions import Owner, account_owner
 

@@ -29,6 +29,7 @@ def _pima() -> tuple[Any, Any, Any, Any]:
 @pytest.mark.parametrize("as_dataset", [False, True])
 def test_validation_matches_model_evaluate(as_dataset: bool) -> None:
     import tensorflow as tf
+
     from ckptd.state.jobspec import Train
     from ckptd.worker.data import Batches
     from ckptd.worker.validate import evaluate

@@ -23,6 +23,7 @@ def _model() -> object:
 def test_weights_files_round_trip(tmp_path: Path, name: str) -> None:
     import keras
     import numpy as np
+
     from ckptd.worker.h5export import save_weights_file
 
     a = _model()
@@ -40,6 +41,7 @@ def test_weights_files_round_trip(tmp_path: Path, name: str) -> None:
 
 def test_keras2_layout_attributes(tmp_path: Path) -> None:
     import h5py
+
     from ckptd.worker.h5export import save_weights_file
 
     save_weights_file(_model(), tmp_path / "w.hdf5")

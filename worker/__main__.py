@@ -151,6 +151,7 @@ def _warm() -> int:
     """A warm worker (ckptd.supervisor.warm): import everything now, then wait for a job."""
     import keras  # noqa: F401  (the point: pay for the imports before there is a job)
     import tensorflow  # noqa: F401
+
     from ckptd.worker import loop  # noqa: F401
 
     Path(f"{os.getpid()}.ready").write_text("")  # in the pool's directory: for operators, tests

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import tensorflow as tf
+
 from ckptd.state import ckptfiles as cf
 from ckptd.state.pacing import budget_start_time, next_look, paced_start_time, writer_start_time
 from ckptd.worker.costmeter import CostMeter

@@ -25,6 +25,7 @@ from typing import Any
 
 import keras
 import numpy as np
+
 from ckptd.state.jobspec import Best, EarlyStopping, JobSpec
 from ckptd.worker.entry import ConfigError
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import tensorflow as tf
+
 from ckptd.state.ckptfiles import Manifest
 from ckptd.state.jobspec import JobSpec
 from ckptd.state.paths import RunDir

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import tensorflow as tf
+
 from ckptd.state.jobspec import Train
 from ckptd.worker.entry import ConfigError
 

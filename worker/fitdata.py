@@ -16,6 +16,7 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
+
 from ckptd.worker.api import FitArgs
 from ckptd.worker.entry import ConfigError
 from ckptd.worker.fitplan import EpochPlan, epoch_plan

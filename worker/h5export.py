@@ -16,6 +16,7 @@ from typing import Any
 import h5py
 import keras
 import numpy as np
+
 from ckptd.state.durable import atomic_write_with
 
 

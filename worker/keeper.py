@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import tensorflow as tf
+
 from ckptd.state import ckptfiles as cf
 from ckptd.state.durable import atomic_write_text, fsync_dir, fsync_file
 from ckptd.state.retention import Committed, to_delete

@@ -10,6 +10,7 @@ from typing import Any
 
 import keras
 import tensorflow as tf
+
 from ckptd.state.ckptfiles import Manifest
 from ckptd.state.jobspec import JobSpec
 from ckptd.state.paths import RunDir

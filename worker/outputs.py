@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import tensorflow as tf
+
 from ckptd.state import ckptfiles as cf
 from ckptd.state.durable import atomic_write_text
 from ckptd.state.paths import RunDir

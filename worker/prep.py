@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import tensorflow as tf
+
 from ckptd.state.jobspec import JobSpec
 from ckptd.worker.tracking import BestTracker, EarlyStopper, resolve_mode
 

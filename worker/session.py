@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 import keras
+
 from ckptd.state.ckptfiles import Manifest
 from ckptd.state.jobspec import JobSpec
 from ckptd.state.paths import RunDir

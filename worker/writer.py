@@ -51,6 +51,7 @@ def _slot_tensors(layout: dict[str, Any], shm: shared_memory.SharedMemory,
 def _write(msg: dict[str, Any], layout: dict[str, Any], shm: shared_memory.SharedMemory,
            directory: Path, expected: set[str] | None) -> tuple[dict[str, Any], set[str]]:
     import tensorflow as tf
+
     from ckptd.worker.keeper import CommitPoint, commit_written
     from ckptd.worker.snapshot import OBJECT_GRAPH_KEY
 
