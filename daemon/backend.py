@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
+from structlog.typing import FilteringBoundLogger
 
 from ckptd.daemon import mounts
 from ckptd.daemon.api import ApiError, Peer, iter_lines
@@ -45,7 +46,8 @@ class Registry:
 
 class ApiBackend:
     def __init__(self, home: Path, registry: Registry, admin_group: str,
-                 wake: threading.Event, health: Callable[[], dict[str, Any]], log: Any) -> None:
+                 wake: threading.Event, health: Callable[[], dict[str, Any]],
+                 log: FilteringBoundLogger) -> None:
         self.home, self.registry, self.admin_group = home, registry, admin_group
         self.wake, self._health, self.log = wake, health, log
         self._pool: queue.SimpleQueue[Store] = queue.SimpleQueue()

@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 import structlog
+from structlog.typing import FilteringBoundLogger
 
 
 def configure(json_lines: bool, stream: Any = None) -> None:
@@ -27,5 +28,7 @@ def configure(json_lines: bool, stream: Any = None) -> None:
     )
 
 
-def get(**bound: Any) -> Any:
-    return structlog.get_logger().bind(**bound)
+def get(**bound: Any) -> FilteringBoundLogger:
+    """A logger of the class `configure` chose (make_filtering_bound_logger)."""
+    log: FilteringBoundLogger = structlog.get_logger().bind(**bound)
+    return log

@@ -13,7 +13,8 @@ import threading
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+from structlog.typing import FilteringBoundLogger
 
 from ckptd.daemon import jobs
 from ckptd.state import protocol as p
@@ -32,7 +33,7 @@ class DaemonDisplay(LogDisplay):
     """Log lines on the daemon's stdout, and supervisor events in the job's events.jsonl so that
     `ckptd logs -f` shows restarts next to what the workers wrote."""
 
-    def __init__(self, log: Any, supervision: Path) -> None:
+    def __init__(self, log: FilteringBoundLogger, supervision: Path) -> None:
         super().__init__(log)
         # The daemon's own file, not the run directory: that belongs to the job's owner.
         self.path = supervision / p.EVENTS_FILE
@@ -61,7 +62,8 @@ class RunningJob:
 
 
 def start_job(home: Path, job_id: str, spec: JobSpec, run_dir: Path, devices: list[int],
-              log: Any, owner: Owner, adopt: Adopted | None = None, warm: WarmPool | None = None,
+              log: FilteringBoundLogger, owner: Owner, adopt: Adopted | None = None,
+              warm: WarmPool | None = None,
               first: subprocess.Popen[bytes] | None = None) -> RunningJob:
     """`owner`: whose rights the workers run with; `warm`: the daemon's pool; `first`: a warm
     worker it took for this job's first attempt."""
@@ -75,7 +77,7 @@ def start_job(home: Path, job_id: str, spec: JobSpec, run_dir: Path, devices: li
     return rj
 
 
-def _supervise(home: Path, rj: RunningJob, spec: JobSpec, run: RunDir, mine: Path, log: Any,
+def _supervise(home: Path, rj: RunningJob, spec: JobSpec, run: RunDir, mine: Path, log: FilteringBoundLogger,
                adopt: Adopted | None, ops: RealProcessOps) -> None:
     store = Store.open(home, check=False)
     lock_fd = None

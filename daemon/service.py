@@ -20,6 +20,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from structlog.typing import FilteringBoundLogger
+
 from ckptd.daemon import jobs
 from ckptd.daemon.api import ApiServer
 from ckptd.daemon.backend import ApiBackend, Registry
@@ -113,7 +115,7 @@ def default_socket_group(config: DaemonConfig) -> str | None:
 
 
 class Daemon:
-    def __init__(self, home: Path, config: DaemonConfig, log: Any,
+    def __init__(self, home: Path, config: DaemonConfig, log: FilteringBoundLogger,
                  notifier: Notifier | None = None) -> None:
         self.home, self.config, self.log = home, config, log
         self.notifier = notifier or Notifier()

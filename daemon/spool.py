@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from structlog.typing import FilteringBoundLogger
+
 from ckptd.daemon import mounts
 from ckptd.daemon.backend import submit_job
 from ckptd.state import submissions
@@ -88,7 +90,7 @@ def free_key(store: Store, owner_uid: int, base: str) -> tuple[str, str | None]:
 
 
 class Spool:
-    def __init__(self, home: Path, settle: float, log: Any) -> None:
+    def __init__(self, home: Path, settle: float, log: FilteringBoundLogger) -> None:
         self.dir = home / "spool"
         self.settle, self.log = settle, log
         for sub in (self.dir, self.dir / "accepted", self.dir / "rejected"):

@@ -197,12 +197,12 @@ class JobSpec(_Strict):
     model: str | None = Field(None, min_length=3, max_length=4096)
     entrypoint: str | None = Field(None, min_length=4, max_length=4096)
     params: dict[str, Any] = Field(default_factory=dict)
-    train: Train = Field(default_factory=Train)  # type: ignore[arg-type]
-    checkpoint: Checkpoint = Field(default_factory=Checkpoint)  # type: ignore[arg-type]
+    train: Train = Field(default_factory=Train)
+    checkpoint: Checkpoint = Field(default_factory=Checkpoint)
     best: Best | None = None
     early_stopping: EarlyStopping | None = None
-    restart: Restart = Field(default_factory=Restart)  # type: ignore[arg-type]
-    resources: Resources = Field(default_factory=Resources)  # type: ignore[arg-type]
+    restart: Restart = Field(default_factory=Restart)
+    resources: Resources = Field(default_factory=Resources)
     # The job file's directory (set by the loader, never by the file): relative paths in params
     # are resolved against it by the worker, with the submitter's rights.
     base_dir: str | None = Field(None, max_length=4096)

@@ -6,6 +6,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
+from structlog.typing import FilteringBoundLogger
 
 from ckptd.state import protocol as p
 from ckptd.state.states import AttemptClass
@@ -20,7 +21,7 @@ def _fmt_logs(logs: dict[str, float]) -> str:
 class LogDisplay:
     """Structured lines: one per epoch, checkpoint, best file and attempt (never per step)."""
 
-    def __init__(self, log: Any) -> None:
+    def __init__(self, log: FilteringBoundLogger) -> None:
         self.log = log
 
     def heartbeat(self, hb: p.Heartbeat) -> None:

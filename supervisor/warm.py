@@ -20,7 +20,8 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+
+from structlog.typing import FilteringBoundLogger
 
 from ckptd.state.submissions import Owner
 
@@ -42,7 +43,7 @@ def assignment(run_dir: Path, mode: str, env: dict[str, str], owner: Owner | Non
 
 
 class WarmPool:
-    def __init__(self, state_dir: Path, log: Any) -> None:
+    def __init__(self, state_dir: Path, log: FilteringBoundLogger) -> None:
         self.dir = state_dir / WARM_DIR
         self.log = log
         self._lock = threading.Lock()
