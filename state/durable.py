@@ -31,16 +31,6 @@ def fsync_file(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def fsync_tree(root: str | os.PathLike[str]) -> None:
-    """fsync every regular file under `root`, then every directory bottom-up."""
-    for dirpath, _dirnames, filenames in os.walk(root, topdown=False, followlinks=False):
-        for name in filenames:
-            p = os.path.join(dirpath, name)
-            if not os.path.islink(p):
-                fsync_file(p)
-        fsync_dir(dirpath)
-
-
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str], suffix: str = "") -> Iterator[Path]:
     """Yield a temp path beside `target`; on success fsync it, rename over `target`, fsync the dir.

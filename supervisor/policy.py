@@ -110,8 +110,7 @@ def _classify(o: ExitObservation) -> tuple[C, str]:
         if o.signal in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             return C.KILLED, f"{name} before the worker could save"
         return C.CRASH, f"died of {name}"
-    codes = {
-        p.EXIT_OK: (C.SUCCEEDED, "training finished"),
+    codes = {  # EXIT_OK is decided first, above
         p.EXIT_PREEMPTED: (C.PREEMPTED, "saved a checkpoint on request and stopped"),
         p.EXIT_CONFIG: (C.CONFIG_ERROR, o.error_message or "configuration error"),
         p.EXIT_LOCKED: (C.CONFIG_ERROR, o.error_message or "checkpoint directory in use"),
