@@ -12,6 +12,7 @@ import click
 
 from ckptd.state.jobspec import JobSpec
 from ckptd.state.paths import RunDir
+from ckptd.state.protocol import Event
 from ckptd.state.store import Job, Store
 
 
@@ -36,7 +37,7 @@ def job_report(store: Store, job: Job, detail: bool) -> dict[str, Any]:
     attempts = store.attempts(job.id)
     report["attempts"] = len(attempts)
     problems = [e for e in store.events(job.id)
-                if e["kind"] in ("checkpoint.failed", "checkpoint.quarantined")]
+                if e["kind"] in (Event.CHECKPOINT_FAILED, Event.CHECKPOINT_QUARANTINED)]
     report["checkpoint_problems"] = [
         {"time": _ts(e["ts"]), "kind": e["kind"], **json.loads(e["data_json"] or "{}")}
         for e in problems[-5:]]

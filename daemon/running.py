@@ -40,16 +40,16 @@ class DaemonDisplay(LogDisplay):
 
     def attempt_started(self, n: int, pid: int) -> None:
         super().attempt_started(n, pid)
-        p.append_event(self.path, "worker.spawned", attempt=n, pid=pid)
+        p.append_event(self.path, p.Event.WORKER_SPAWNED, attempt=n, pid=pid)
 
     def attempt_ended(self, n: int, klass: AttemptClass, evidence: str) -> None:
         super().attempt_ended(n, klass, evidence)
-        p.append_event(self.path, "worker.exited", attempt=n, exit_class=str(klass),
+        p.append_event(self.path, p.Event.WORKER_EXITED, attempt=n, exit_class=str(klass),
                        evidence=evidence)
 
     def restarting(self, delay: float, reason: str) -> None:
         super().restarting(delay, reason)
-        p.append_event(self.path, "worker.restarting", delay_seconds=round(delay, 2), reason=reason)
+        p.append_event(self.path, p.Event.WORKER_RESTARTING, delay_seconds=round(delay, 2), reason=reason)
 
 
 @dataclass

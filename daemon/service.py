@@ -168,16 +168,16 @@ class Daemon:
             self._reclaim_legacy_runs(store)
         found = recover(store)
         for job, adopted, devices in found.adopted:
-            self.log.info("worker.adopted", job_id=job.id, attempt=adopted.n, pid=adopted.pid)
+            self.log.info(p.Event.WORKER_ADOPTED, job_id=job.id, attempt=adopted.n, pid=adopted.pid)
             self.registry.running[job.id] = start_job(self.home, job.id, jobs.spec_of(job),
                                                       Path(job.run_dir), devices, self.log,
                                                       self._owner(store, job.id), adopted,
                                                       self.warm)
         for job_id, n, evidence in found.lost:  # as the supervisor would have, had it lived
-            self.log.warning("worker.exited", job_id=job_id, attempt=n, exit_class="lost",
+            self.log.warning(p.Event.WORKER_EXITED, job_id=job_id, attempt=n, exit_class="lost",
                              evidence=evidence)
             p.append_event(jobs.supervision_dir(self.home, job_id) / p.EVENTS_FILE,
-                           "worker.exited", attempt=n, exit_class="lost", evidence=evidence)
+                           p.Event.WORKER_EXITED, attempt=n, exit_class="lost", evidence=evidence)
         for job_id in found.requeued:
             self.log.info("job.requeued", job_id=job_id, reason="daemon restarted")
 

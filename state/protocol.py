@@ -48,6 +48,48 @@ class Phase(StrEnum):
     DONE = "done"  # the final commit is durable: nothing of the job can be lost any more
 
 
+class Event(StrEnum):
+    """Every kind of line in a job's event streams: the worker's events.jsonl (commits, restores,
+    epochs, outputs) and the supervisor's (its workers' lives). Readers match on these, so a kind
+    cannot be misspelt on one side only; `ckptd logs` shows them all."""
+
+    # worker: checkpoints and restores
+    CHECKPOINT_COMMITTED = "checkpoint.committed"
+    CHECKPOINT_RETIRED = "checkpoint.retired"
+    CHECKPOINT_FAILED = "checkpoint.failed"
+    CHECKPOINT_GC = "checkpoint.gc"
+    CHECKPOINT_INVENTORY = "checkpoint.inventory"
+    CHECKPOINT_QUARANTINED = "checkpoint.quarantined"
+    RESTORE_BEGIN = "restore.begin"
+    RESTORE_DONE = "restore.done"
+    RESTORE_FRESH = "restore.fresh"
+    # worker: training, epochs, outputs
+    NAN_LEARNING_RATE_LOWERED = "nan.learning_rate_lowered"
+    NAN_LEARNING_RATE_NOT_FOUND = "nan.learning_rate_not_found"
+    EXACTNESS_WARNING = "exactness.warning"
+    CALLBACK_MAPPED = "callback.mapped"
+    TRAINING_DONE = "training.done"
+    TRAINING_FIRST_STEP = "training.first_step"
+    TRAINING_STOPPED_BY_CALLBACK = "training.stopped_by_callback"
+    BEST_MONITOR_MISSING = "best.monitor_missing"
+    BEST_SAVED = "best.saved"
+    BEST_SKIPPED_NONFINITE = "best.skipped_nonfinite"
+    BEST_UNREADABLE = "best.unreadable"
+    EARLY_STOPPING_MONITOR_MISSING = "early_stopping.monitor_missing"
+    EARLY_STOPPING_STOPPED = "early_stopping.stopped"
+    EPOCH_END = "epoch.end"
+    OUTPUT_FAILED = "output.failed"
+    WORKER_PREEMPTED = "worker.preempted"
+    WORKER_SPARE_ASSIGNED = "worker.spare_assigned"
+    # supervisor
+    WORKER_SPAWNED = "worker.spawned"
+    WORKER_WARM_ASSIGNED = "worker.warm_assigned"
+    WORKER_ADOPTED = "worker.adopted"
+    WORKER_EXITED = "worker.exited"
+    WORKER_RESTARTING = "worker.restarting"
+    GPU_EXCLUDED = "gpu.excluded"
+
+
 @dataclass
 class Heartbeat:
     """Sent from the training step loop (never from a side thread): it proves progress."""
@@ -83,11 +125,11 @@ class Heartbeat:
 
 
 # Events `ckptd logs` must still show after a power cut: the log never lags the last commit.
-DURABLE_EVENTS = frozenset({"checkpoint.committed", "checkpoint.retired",
-                            "checkpoint.quarantined", "best.saved", "training.done"})
+DURABLE_EVENTS = frozenset({Event.CHECKPOINT_COMMITTED, Event.CHECKPOINT_RETIRED,
+                            Event.CHECKPOINT_QUARANTINED, Event.BEST_SAVED, Event.TRAINING_DONE})
 
 
-def append_event(path: Path, kind: str, /, **data: Any) -> None:
+def append_event(path: Path, kind: Event, /, **data: Any) -> None:
     """Append one JSON line. O_APPEND with one write() keeps lines whole between processes.
     DURABLE_EVENTS are fdatasync-ed (and a new file's directory entry fsync-ed); the rest ride
     along with the next durable one."""

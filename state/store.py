@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ckptd.state.protocol import Event
 from ckptd.state.states import AttemptClass, IllegalTransition, JobState, is_legal
 
 SCHEMA_VERSION = 3
@@ -341,7 +342,7 @@ class Store:
                 return False
             db.execute("UPDATE jobs SET last_committed_step = MAX(COALESCE(last_committed_step,"
                        " -1), ?), updated_at = ? WHERE id = ?", (step, time.time(), job_id))
-            self._event(db, job_id, "checkpoint.committed", {"step": step, "epoch": epoch})
+            self._event(db, job_id, Event.CHECKPOINT_COMMITTED, {"step": step, "epoch": epoch})
         return True
 
     def retire_checkpoints(self, job_id: str, steps: list[int]) -> None:

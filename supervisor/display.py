@@ -11,7 +11,7 @@ from structlog.typing import FilteringBoundLogger
 from ckptd.state import protocol as p
 from ckptd.state.states import AttemptClass
 
-_QUIET_EVENTS = {"epoch.end"}
+_QUIET_EVENTS = {p.Event.EPOCH_END}
 
 
 def _fmt_logs(logs: dict[str, float]) -> str:
@@ -33,15 +33,15 @@ class LogDisplay:
         self.log.info(kind, **ev)
 
     def attempt_started(self, n: int, pid: int) -> None:
-        self.log.info("worker.spawned", attempt=n, pid=pid)
+        self.log.info(p.Event.WORKER_SPAWNED, attempt=n, pid=pid)
 
     def attempt_ended(self, n: int, klass: AttemptClass, evidence: str) -> None:
         level = self.log.info if klass in (AttemptClass.SUCCEEDED,
                                            AttemptClass.PREEMPTED) else self.log.warning
-        level("worker.exited", attempt=n, exit_class=str(klass), evidence=evidence)
+        level(p.Event.WORKER_EXITED, attempt=n, exit_class=str(klass), evidence=evidence)
 
     def restarting(self, delay: float, reason: str) -> None:
-        self.log.warning("worker.restarting", delay_seconds=round(delay, 2), reason=reason)
+        self.log.warning(p.Event.WORKER_RESTARTING, delay_seconds=round(delay, 2), reason=reason)
 
 
 class BarDisplay:

@@ -26,15 +26,15 @@ def apply(store: Store, job_id: str, ev: dict[str, Any], replay: bool = False) -
 
 def _apply(store: Store, job_id: str, ev: dict[str, Any], replay: bool) -> None:
     kind = ev.get("event")
-    if kind == "checkpoint.committed":
+    if kind == p.Event.CHECKPOINT_COMMITTED:
         store.record_checkpoint(job_id, ev["step"], ev["epoch"], ev["path"],
                                 ev.get("metrics") or {}, ev.get("digest", ""))
-    elif kind == "checkpoint.retired":
+    elif kind == p.Event.CHECKPOINT_RETIRED:
         store.retire_checkpoints(job_id, ev["steps"])
-    elif kind == "checkpoint.inventory":
+    elif kind == p.Event.CHECKPOINT_INVENTORY:
         store.reconcile_checkpoints(job_id, ev.get("checkpoints") or [])
-    elif kind in ("checkpoint.quarantined", "checkpoint.failed"):
-        if kind == "checkpoint.quarantined" and ev.get("step") is not None:
+    elif kind in (p.Event.CHECKPOINT_QUARANTINED, p.Event.CHECKPOINT_FAILED):
+        if kind == p.Event.CHECKPOINT_QUARANTINED and ev.get("step") is not None:
             store.retire_checkpoints(job_id, [ev["step"]])
         if not replay:
             store.add_event(job_id, kind, ev)

@@ -205,7 +205,7 @@ class JobRunner:
         return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID",
                 "CUDA_VISIBLE_DEVICES": ",".join(map(str, chosen))}
 
-    def _launch(self, n: int) -> tuple[int, str | None]:
+    def _launch(self, n: int) -> tuple[int, p.Event | None]:
         """Start attempt `n`: in the job's hot spare, else in a warm worker, else cold. Returns
         the pid and which kind of pre-started process took it, if any."""
         adir = self.run.attempt_dir(n)
@@ -214,9 +214,9 @@ class JobRunner:
             env[p.NAN_RESTARTS_ENV] = str(k)
         limit = self.spec.resources.memory_limit
         pid = self._take_spare(n, env)
-        how = "spare" if pid is not None else None
+        how = p.Event.WORKER_SPARE_ASSIGNED if pid is not None else None
         if pid is None and (pid := self.ops.take_warm(self.run.root, str(n), env, limit)):
-            how = "warm"
+            how = p.Event.WORKER_WARM_ASSIGNED
         if pid is None:
             pid = self.ops.spawn(worker_argv(self.run.root, n), self.run.root,
                                  adir / "stdout.log", adir / "stderr.log", env=env,
@@ -232,7 +232,7 @@ class JobRunner:
         self.store.start_attempt(self.job_id, pid, self.ops.start_time(pid))
         self.display.attempt_started(n, pid)
         if how is not None:
-            self.display.event({"event": f"worker.{how}_assigned", "attempt": n, "pid": pid})
+            self.display.event({"event": how, "attempt": n, "pid": pid})
         return n, pid
 
     def _attempt(self, adopt: Adopted | None = None) -> AttemptOutcome:
@@ -240,7 +240,7 @@ class JobRunner:
             n, pid = self._start()
         else:  # its events so far were recorded by the previous supervisor or are replayed
             n, pid = adopt.n, adopt.pid
-            self.display.event({"event": "worker.adopted", "attempt": n, "pid": pid})
+            self.display.event({"event": p.Event.WORKER_ADOPTED, "attempt": n, "pid": pid})
         adir = self.run.attempt_dir(n)
         now = self.ops.monotonic()
         w = Watch(n=n, pid=pid, started=now, last_change=now)
@@ -271,7 +271,7 @@ class JobRunner:
             self.excluded_gpus = exclude_after_fault(self.gpus, self.excluded_gpus,
                                                      sorted(sick) or self.devices,
                                                      self.spec.resources.gpus)
-            self.store.add_event(self.job_id, "gpu.excluded",
+            self.store.add_event(self.job_id, p.Event.GPU_EXCLUDED,
                                  {"devices": sorted(self.excluded_gpus)})
         return outcome
 
@@ -312,9 +312,9 @@ class JobRunner:
         for ev in self.events.read():
             ledger.apply(self.store, self.job_id, ev)
             step = ev.get("step")
-            if ev.get("event") == "checkpoint.committed" and isinstance(step, int):
+            if ev.get("event") == p.Event.CHECKPOINT_COMMITTED and isinstance(step, int):
                 w.committed_step = self.committed_step = step
-            elif ev.get("event") == "restore.done" and isinstance(step, int):
+            elif ev.get("event") == p.Event.RESTORE_DONE and isinstance(step, int):
                 w.restored_step = w.committed_step = step
             self.display.event(ev)
 

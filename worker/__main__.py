@@ -133,7 +133,7 @@ def _become_assigned(run: RunDir, loop: Any) -> int | None:
         return None
     loop.beater.hb.attempt = assigned
     loop.beater.beat(Phase.STARTING, force=True)
-    loop.event("worker.spare_assigned", pid=os.getpid())
+    loop.event(p.Event.WORKER_SPARE_ASSIGNED, pid=os.getpid())
     return assigned
 
 

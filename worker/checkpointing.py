@@ -19,7 +19,7 @@ import tensorflow as tf
 from ckptd.state.ckptfiles import Manifest
 from ckptd.state.jobspec import JobSpec
 from ckptd.state.paths import RunDir
-from ckptd.state.protocol import EVENTS_FILE, NAN_RESTARTS_ENV, Phase, append_event
+from ckptd.state.protocol import EVENTS_FILE, NAN_RESTARTS_ENV, Event, Phase, append_event
 from ckptd.worker.asyncsave import AsyncSaver
 from ckptd.worker.faults import Faults
 from ckptd.worker.keeper import Keeper, SaveFailed
@@ -88,7 +88,7 @@ class Checkpointing:
                                if str(getattr(v, "path", getattr(v, "name", ""))).endswith(
                                    "learning_rate")]
 
-    def event(self, kind: str, **data: Any) -> None:
+    def event(self, kind: Event, **data: Any) -> None:
         try:
             append_event(self.run.root / EVENTS_FILE, kind, attempt=self.beater.hb.attempt,
                          **data)
@@ -125,22 +125,22 @@ class Checkpointing:
             self.lower_learning_rate(restarts, self.spec.restart.nan_lr_factor)
         removed = self.keeper.collect_garbage()
         if removed:
-            self.event("checkpoint.gc", removed=removed)
+            self.event(Event.CHECKPOINT_GC, removed=removed)
         # What is on disk, for the supervisor's store: commits and retirements made after it
         # last read this worker's events (its crash, a power cut) would otherwise never reach it.
-        self.event("checkpoint.inventory", checkpoints=[
+        self.event(Event.CHECKPOINT_INVENTORY, checkpoints=[
             {"step": m.step, "epoch": m.epoch, "path": str(self.keeper.dir / m.prefix),
              "digest": m.digest, "metrics": m.metrics} for m in self.keeper.committed()])
         if self.async_saver is not None:
             self.async_saver.prepare(manifest)
         if manifest is None:
-            self.event("restore.fresh", reason="no committed checkpoint")
+            self.event(Event.RESTORE_FRESH, reason="no committed checkpoint")
             return None
         self.host_random.apply()
         # The last step's logs become the epoch's logs if the commit fell on its last step.
         self.last_logs = dict(manifest.metrics)
         self.committed_step = manifest.step
-        self.event("restore.done", number=manifest.number, step=manifest.step,
+        self.event(Event.RESTORE_DONE, number=manifest.number, step=manifest.step,
                    epoch=manifest.epoch)
         self.beater.beat(restored_step=manifest.step, committed_step=manifest.step,
                          step=manifest.step, epoch=manifest.epoch)
@@ -170,7 +170,7 @@ class Checkpointing:
                 self.async_saver.meter.stalled(stalled)
             return done
         except SaveFailed as e:
-            self.event("checkpoint.failed", step=self.step, reason=reason,
+            self.event(Event.CHECKPOINT_FAILED, step=self.step, reason=reason,
                        error=str(e), committed_step=self.committed_step)
             self.beater.beat(Phase.TRAINING, force=True)
             if reason != "interval":
@@ -191,11 +191,11 @@ class Checkpointing:
     def _committed(self, m: Manifest, reason: str, seconds: float,
                    retired: list[Manifest]) -> None:
         self.committed_step = m.step
-        self.event("checkpoint.committed", number=m.number, step=m.step, epoch=m.epoch,
+        self.event(Event.CHECKPOINT_COMMITTED, number=m.number, step=m.step, epoch=m.epoch,
                    path=str(self.keeper.dir / m.prefix), digest=m.digest, metrics=m.metrics,
                    reason=reason, seconds=round(seconds, 4))
         if retired:
-            self.event("checkpoint.retired", steps=[r.step for r in retired],
+            self.event(Event.CHECKPOINT_RETIRED, steps=[r.step for r in retired],
                        numbers=[r.number for r in retired])
         # Not forced: the supervisor learns of commits from the event above; the heartbeat's copy
         # goes out with the next regular beat (a forced write per commit costs throughput when
@@ -237,7 +237,7 @@ class Checkpointing:
                             [Manifest(**r) for r in reply["retired"]])
             return True
         self.dirty = True
-        self.event("checkpoint.failed", step=reply["step"], reason=reply["reason"],
+        self.event(Event.CHECKPOINT_FAILED, step=reply["step"], reason=reply["reason"],
                    error=reply["error"], committed_step=self.committed_step)
         return False
 
@@ -303,10 +303,10 @@ class Checkpointing:
         for v in self.learning_rates:
             before = float(tf.convert_to_tensor(v))
             v.assign(before * factor ** restarts)
-            self.event("nan.learning_rate_lowered", variable=str(getattr(v, "path", v.name)),
+            self.event(Event.NAN_LEARNING_RATE_LOWERED, variable=str(getattr(v, "path", v.name)),
                        before=before, after=before * factor ** restarts, nan_restarts=restarts)
         if not self.learning_rates:
-            self.event("nan.learning_rate_not_found", nan_restarts=restarts,
+            self.event(Event.NAN_LEARNING_RATE_NOT_FOUND, nan_restarts=restarts,
                        hint="a LearningRateSchedule cannot be lowered; the attempt retries as is")
 
     def epoch_done(self) -> None:
@@ -327,7 +327,7 @@ class Checkpointing:
         if self.dirty:
             self.save("preempted")
         self.drain_async(block=True)
-        self.event("worker.preempted", signal=self.stop.signum, step=self.step)
+        self.event(Event.WORKER_PREEMPTED, signal=self.stop.signum, step=self.step)
         raise Preempted()
 
     def finish(self) -> None:

@@ -24,6 +24,7 @@ import tensorflow as tf
 
 from ckptd.state import ckptfiles as cf
 from ckptd.state.durable import atomic_write_text, fsync_dir, fsync_file
+from ckptd.state.protocol import Event
 from ckptd.state.retention import Committed, to_delete
 
 Log = Callable[..., None]
@@ -74,7 +75,7 @@ class Keeper:
 
     def _quarantine(self, number: int, step: int | None, reason: str) -> None:
         dest = cf.quarantine(self.dir, number, reason)
-        self.log("checkpoint.quarantined", number=number, step=step, reason=reason, to=str(dest))
+        self.log(Event.CHECKPOINT_QUARANTINED, number=number, step=step, reason=reason, to=str(dest))
 
     # -- restore --------------------------------------------------------------------------
 
@@ -108,7 +109,7 @@ class Keeper:
     def _restore_one(self, m: cf.Manifest, marker: dict[str, int]) -> str | None:
         count = marker["count"] + 1 if marker.get("number") == m.number else 1
         cf.write_restore_marker(self.dir, m.number, count)
-        self.log("restore.begin", number=m.number, step=m.step, attempt_of_this_restore=count)
+        self.log(Event.RESTORE_BEGIN, number=m.number, step=m.step, attempt_of_this_restore=count)
         if self.during_restore:
             self.during_restore()
         prefix = str(self.dir / m.prefix)
@@ -131,7 +132,7 @@ class Keeper:
         _ = legacy.save_counter  # created lazily; the numbering of later saves continues from it
         legacy.restore(prefix).assert_existing_objects_matched()
         self.ckpt.save_counter.assign(legacy.save_counter)
-        self.log("exactness.warning", number=m.number, step=m.step,
+        self.log(Event.EXACTNESS_WARNING, number=m.number, step=m.step,
                  cause=f"checkpoint {m.prefix} was written by an earlier ckptd without the "
                        "random generators' state: random layers restart from their seeds, so "
                        "this resume is not bit-identical")

@@ -14,7 +14,7 @@ import tensorflow as tf
 from ckptd.state.ckptfiles import Manifest
 from ckptd.state.jobspec import JobSpec
 from ckptd.state.paths import RunDir
-from ckptd.state.protocol import Phase
+from ckptd.state.protocol import Event, Phase
 from ckptd.worker import callbacks as cbs
 from ckptd.worker.checkpointing import Checkpointing
 from ckptd.worker.fitplan import should_validate, validations_between
@@ -30,7 +30,7 @@ from ckptd.worker.writer import Writer
 def report_exactness(event: Any, causes: list[str]) -> None:
     """In the first log lines: every reason a resumed run might differ, never a silent one."""
     for cause in causes:
-        event("exactness.warning", cause=cause)
+        event(Event.EXACTNESS_WARNING, cause=cause)
         print(f"ckptd: resume may not be bit-identical: {cause}", file=sys.stderr, flush=True)
 
 
@@ -73,9 +73,9 @@ class Loop:
         self.inexact: list[str] = []  # why a resume might not be exact (ckptd.worker.setup)
         self._sync_host()
         for note in notes:
-            self.event("callback.mapped", note=note)
+            self.event(Event.CALLBACK_MAPPED, note=note)
 
-    def event(self, kind: str, **data: Any) -> None:
+    def event(self, kind: Event, **data: Any) -> None:
         self.ck.event(kind, **data)
 
     # -- restore ------------------------------------------------------------------------------
@@ -137,7 +137,7 @@ class Loop:
             self._beat_step(epoch, t_epoch, start)
             if self.ck.stats["steps"] == 0 and not self.first_step_seen:
                 self.first_step_seen = True  # recovery time ends here (benchmarks)
-                self.event("training.first_step", step=self.ck.step)
+                self.event(Event.TRAINING_FIRST_STEP, step=self.ck.step)
             self.callback_list.on_train_batch_end(i, logs)
             self.ck.after_step(time.monotonic() - t_step)
             if self.model.stop_training:
@@ -173,7 +173,7 @@ class Loop:
         self.out.record(epoch, self.ck.step, logs)
         if self.model.stop_training and not self.host.stopped_early:
             self.host.stopped_early = True  # a callback stopped training: a resume must not go on
-            self.event("training.stopped_by_callback", epoch=epoch)
+            self.event(Event.TRAINING_STOPPED_BY_CALLBACK, epoch=epoch)
         self.ck.epoch_done()
         self._sync_host()
         self.ck.epoch_recorded()
@@ -191,6 +191,6 @@ class Loop:
         self.ck.finish()
         self.callback_list.on_train_end(self.host.history[-1] if self.host.history else None)
         self.beater.beat(Phase.DONE, force=True)
-        self.event("training.done", step=self.ck.step,
+        self.event(Event.TRAINING_DONE, step=self.ck.step,
                    epochs=len(self.host.history), stopped_early=self.host.stopped_early,
                    **{k: round(v, 6) for k, v in self.ck.stats.items()})

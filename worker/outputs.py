@@ -16,6 +16,7 @@ import tensorflow as tf
 from ckptd.state import ckptfiles as cf
 from ckptd.state.durable import atomic_write_text
 from ckptd.state.paths import RunDir
+from ckptd.state.protocol import Event
 from ckptd.worker.h5export import check_readable, save_weights_file
 from ckptd.worker.hoststate import HostState
 from ckptd.worker.prep import history_csv
@@ -42,14 +43,14 @@ class EpochOutputs:
     def _failed(self, what: str, path: Path, e: OSError) -> None:
         """An output that could not be written (ENOSPC, EIO): training carries on, as after a
         failed interval save; nothing half-written replaces a good file (atomic writes)."""
-        self.event("output.failed", what=what, path=str(path), errno=e.errno,
+        self.event(Event.OUTPUT_FAILED, what=what, path=str(path), errno=e.errno,
                    error=f"{type(e).__name__}: {e.strerror or e}")
 
     def record(self, epoch: int, step: int, logs: dict[str, float]) -> None:
         """Append the epoch's row, then the best file and early stopping's decision."""
         self.host.history.append({"epoch": epoch, **logs})
         self.write_history()
-        self.event("epoch.end", epoch=epoch, step=step, logs=logs)
+        self.event(Event.EPOCH_END, epoch=epoch, step=step, logs=logs)
         self._best_file(epoch, logs)
         self._early_stopping(epoch, logs)
 
@@ -66,7 +67,7 @@ class EpochOutputs:
         path = Path(str(side.get("path", "")))
         if path.suffix in (".h5", ".hdf5") and (problem := check_readable(path)):
             # The recorded best file is gone or damaged: its value protects nothing.
-            self.event("best.unreadable", path=str(path), reason=problem)
+            self.event(Event.BEST_UNREADABLE, path=str(path), reason=problem)
             return
         if side.get("monitor") == best.monitor and side.get("mode") == best.mode:
             merged = better_of(best.mode, best.best, side.get("best"))
@@ -78,10 +79,10 @@ class EpochOutputs:
         if best is None:
             return
         if best.monitor not in logs:
-            self.event("best.monitor_missing", monitor=best.monitor, available=sorted(logs))
+            self.event(Event.BEST_MONITOR_MISSING, monitor=best.monitor, available=sorted(logs))
             return
         if not math.isfinite(logs[best.monitor]):  # a NaN never becomes "the best so far"
-            self.event("best.skipped_nonfinite", monitor=best.monitor, value=logs[best.monitor])
+            self.event(Event.BEST_SKIPPED_NONFINITE, monitor=best.monitor, value=logs[best.monitor])
             return
         before = (best.best, best.best_epoch)
         name = best.decide(epoch, logs)
@@ -102,7 +103,7 @@ class EpochOutputs:
             best.best, best.best_epoch = before
             self._failed("best", path, e)
             return
-        self.event("best.saved", epoch=epoch, path=str(path), monitor=best.monitor,
+        self.event(Event.BEST_SAVED, epoch=epoch, path=str(path), monitor=best.monitor,
                    value=logs[best.monitor])
 
     def _early_stopping(self, epoch: int, logs: dict[str, float]) -> None:
@@ -112,7 +113,7 @@ class EpochOutputs:
         if early.monitor not in logs and not self._warned_early:
             # As Keras does: once, naming the field and what exists (a typo never stops anything).
             self._warned_early = True
-            self.event("early_stopping.monitor_missing", field="early_stopping.monitor",
+            self.event(Event.EARLY_STOPPING_MONITOR_MISSING, field="early_stopping.monitor",
                        monitor=early.monitor, available=sorted(logs))
             print(f"ckptd: early_stopping.monitor {early.monitor!r} is not among this job's "
                   f"metrics {sorted(logs)}; early stopping never triggers", file=sys.stderr)
@@ -122,7 +123,7 @@ class EpochOutputs:
                 var.assign(w)
         if stop:
             self.host.stopped_early = True
-            self.event("early_stopping.stopped", epoch=epoch, best=early.best,
+            self.event(Event.EARLY_STOPPING_STOPPED, epoch=epoch, best=early.best,
                        best_epoch=early.best_epoch)
 
     def restore_best_weights(self, dirty: bool) -> None:

@@ -19,7 +19,7 @@ import keras
 from ckptd.state.ckptfiles import Manifest
 from ckptd.state.jobspec import JobSpec
 from ckptd.state.paths import RunDir
-from ckptd.state.protocol import Phase
+from ckptd.state.protocol import Event, Phase
 from ckptd.worker.checkpointing import Checkpointing
 from ckptd.worker.entry import ConfigError
 from ckptd.worker.hoststate import HostState
@@ -78,7 +78,7 @@ class Session:
         self.finished = False
         self._t_step = time.monotonic()
 
-    def event(self, kind: str, **data: Any) -> None:
+    def event(self, kind: Event, **data: Any) -> None:
         self.ck.event(kind, **data)
 
     def restore(self) -> Manifest | None:
@@ -146,7 +146,7 @@ class Session:
         self.out.restore_best_weights(self.ck.dirty)
         self.ck.finish()
         self.beater.beat(Phase.DONE, force=True)
-        self.ck.event("training.done", step=self.ck.step, epochs=len(self.host.history),
+        self.ck.event(Event.TRAINING_DONE, step=self.ck.step, epochs=len(self.host.history),
                       stopped_early=self.host.stopped_early)
 
     def close(self) -> None:
