@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from .procs import wait_for
+
 pytestmark = pytest.mark.tf
 
 
@@ -90,9 +92,10 @@ class _NoProcess:
         pass
 
 
-def test_snapshot_waits_for_a_starting_writer_then_the_layout_is_sent_once(tmp_path: Path) -> None:
-    """Interval snapshots taken while the writer still imports TensorFlow wait in shared memory
-    (no synchronous save, no blocking on a pipe nobody reads); a writer that dies is reported."""
+def test_snapshots_go_to_a_ready_writer_and_the_layout_is_sent_once(tmp_path: Path) -> None:
+    """Until the writer has imported TensorFlow it is not ready (Checkpointing saves
+    synchronously meanwhile); then snapshots are handed over, the layout with the first only; a
+    writer that dies is reported."""
     import multiprocessing
 
     import tensorflow as tf
@@ -107,11 +110,11 @@ def test_snapshot_waits_for_a_starting_writer_then_the_layout_is_sent_once(tmp_p
     (tmp_path / "ck").mkdir()
     saver.prepare(None)
     try:
-        saver.submit(20, 0, 20, {"loss": 1.0}, "interval")
-        assert saver.busy() and not fake_writer.poll(0.2)  # held back: the writer is not ready
-        assert saver.poll(block=False) is None
+        assert not saver.is_ready()
         fake_writer.send({"ready": True})
-        assert saver.busy()  # in flight; this call handed the message over
+        wait_for("the writer to be ready", saver.is_ready, 5)
+        saver.submit(20, 0, 20, {"loss": 1.0}, "interval")
+        assert saver.busy()  # in flight
         assert fake_writer.poll(5)
         first = fake_writer.recv()
         assert first["step"] == 20 and first["slots"] and first["object_graph"]

@@ -17,7 +17,7 @@ import threading
 import time
 from multiprocessing import shared_memory
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import tensorflow as tf
 
@@ -25,7 +25,7 @@ from ckptd.state import ckptfiles as cf
 from ckptd.state.pacing import budget_start_time, next_look, paced_start_time, writer_start_time
 from ckptd.worker.costmeter import CostMeter
 from ckptd.worker.snapshot import SnapshotPlan, object_graph_of
-from ckptd.worker.writer import Writer, start_writer
+from ckptd.worker.writer import Writer, WriterReply, start_writer
 
 WRITER_START_TIMEOUT = 120.0
 # Below this the copy takes well under a millisecond: a thread would cost more than it saves.
@@ -68,6 +68,13 @@ class Filler:
         return True
 
 
+class InFlight(TypedDict):
+    number: int
+    step: int
+    epoch: int
+    reason: str
+
+
 class AsyncSaver:
     def __init__(self, ckpt: tf.train.Checkpoint, directory: Path, max_to_keep: int,
                  keep_every_n_hours: float | None, writer: Writer | None = None,
@@ -84,7 +91,7 @@ class AsyncSaver:
         self.last_start: float | None = None
         self.plan: SnapshotPlan | None = None
         self.shm: shared_memory.SharedMemory | None = None
-        self.in_flight: dict[str, Any] | None = None
+        self.in_flight: InFlight | None = None
         self.unsent: dict[str, Any] | None = None  # the in-flight message, until the writer is ready
         self.graph_sent = False
         self.dead = False
@@ -192,19 +199,20 @@ class AsyncSaver:
         self.filler.start(self.plan, self.shm, captured)
         self._check_ready(block=False)
 
-    def poll(self, block: bool) -> dict[str, Any] | None:
+    def poll(self, block: bool) -> WriterReply | None:
         """The writer's reply for the save in flight, if it has arrived (or wait for it)."""
         if self.in_flight is None:
             return None
         self._check_ready(block)
-        reply: dict[str, Any]
+        reply: WriterReply
+        failed: WriterReply = {"ok": False, "seconds": 0.0, "number": self.in_flight["number"]}
         if self.filler.error is not None:
-            reply = {"ok": False, "error": f"snapshot failed: {self.filler.error}"}
+            reply = failed | {"error": f"snapshot failed: {self.filler.error}"}
         elif self.unsent is not None and not (block or self.dead):
             return None
         elif self.unsent is not None:
-            reply = {"ok": False, "error": "the checkpoint writer process died" if self.ready
-                     else "the checkpoint writer process did not start"}
+            reply = failed | {"error": "the checkpoint writer process died" if self.ready
+                              else "the checkpoint writer process did not start"}
         elif not self._readable(None if block else 0):
             return None
         else:
@@ -212,13 +220,13 @@ class AsyncSaver:
                 reply = self.conn.recv()
             except (EOFError, OSError):
                 self.dead = True
-                reply = {"ok": False, "error": "the checkpoint writer process died"}
-        reply.setdefault("seconds", 0.0)
+                reply = failed | {"error": "the checkpoint writer process died"}
         self.last_done, self.last_seconds = time.monotonic(), reply["seconds"]
         # Final and preemption saves are waited for at once: their cost is not an interval's.
-        self.meter.save_done(counted=reply["ok"]
-                             and self.in_flight["reason"] == "interval")
-        reply.update(self.in_flight)
+        self.meter.save_done(counted=reply["ok"] and self.in_flight["reason"] == "interval")
+        flight = self.in_flight
+        reply["step"], reply["epoch"], reply["reason"] = (flight["step"], flight["epoch"],
+                                                          flight["reason"])
         self.in_flight = self.unsent = None
         self.filler.error = None
         return reply

@@ -16,12 +16,27 @@ import time
 from multiprocessing import shared_memory
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 from ckptd.state import ckptfiles as cf
 
 WRITER_NICENESS = 10
 
+
+
+class WriterReply(TypedDict):
+    """The writer process's answer to one save (and AsyncSaver.poll's, which adds the save's
+    step, epoch and reason): the committed manifest and what retention retired, or the error."""
+
+    ok: bool
+    seconds: float
+    number: int
+    manifest: NotRequired[dict[str, Any]]  # ok
+    retired: NotRequired[list[dict[str, Any]]]  # ok
+    error: NotRequired[str]  # not ok
+    step: NotRequired[int]
+    epoch: NotRequired[int]
+    reason: NotRequired[str]
 
 def _view(array: Any) -> Any | None:
     """A tensor viewing `array`'s memory (DLPack, zero-copy: tf.constant would copy a large
@@ -49,7 +64,7 @@ def _slot_tensors(layout: dict[str, Any], shm: shared_memory.SharedMemory,
 
 
 def _write(msg: dict[str, Any], layout: dict[str, Any], shm: shared_memory.SharedMemory,
-           directory: Path, expected: set[str] | None) -> tuple[dict[str, Any], set[str]]:
+           directory: Path, expected: set[str] | None) -> tuple[WriterReply, set[str]]:
     import tensorflow as tf
 
     from ckptd.worker.keeper import CommitPoint, commit_written
@@ -73,7 +88,7 @@ def _write(msg: dict[str, Any], layout: dict[str, Any], shm: shared_memory.Share
                         msg["metrics"])
     manifest, retired, keys = commit_written(directory, point, expected, msg["max_to_keep"],
                                              msg["keep_every_n_hours"])
-    return {"ok": True, "manifest": manifest.to_dict(),
+    return {"ok": True, "seconds": 0.0, "number": msg["number"], "manifest": manifest.to_dict(),
             "retired": [r.to_dict() for r in retired]}, keys
 
 
@@ -116,8 +131,8 @@ def writer_main(conn: Connection, directory: str) -> None:
                 committed = {m.number for m in cf.read_manifests(Path(directory))[0]}
                 cf.collect_garbage(Path(directory), committed)
             errno = getattr(e, "errno", None)
-            reply = {"ok": False, "error": f"{type(e).__name__}: {e}"
-                     + (f" (errno {errno})" if errno else "")}
+            reply = {"ok": False, "seconds": 0.0, "number": msg["number"],
+                     "error": f"{type(e).__name__}: {e}" + (f" (errno {errno})" if errno else "")}
         reply["seconds"] = time.monotonic() - t0
         reply["number"] = msg["number"]
         conn.send(reply)
