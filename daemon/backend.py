@@ -23,7 +23,7 @@ from ckptd.daemon.report import job_report
 from ckptd.daemon.running import RunningJob, ask_stop
 from ckptd.daemon.schedule import may_act
 from ckptd.state import submissions
-from ckptd.state.jobspec import JobSpec, parse_job, spec_digest, spec_json
+from ckptd.state.jobspec import JobSpec, parse_job, spec_digest, spec_from_json, spec_json
 from ckptd.state.protocol import EVENTS_FILE
 from ckptd.state.safeopen import read_under
 from ckptd.state.states import TERMINAL, JobState
@@ -230,7 +230,7 @@ def _spec_from(body: dict[str, Any]) -> tuple[JobSpec, bytes, str]:
         if not isinstance(text, str):
             raise ApiError(400, "spec_json: the validated job spec as a JSON string")
         try:
-            given = JobSpec.model_validate_json(text, strict=False)
+            given = spec_from_json(text)
         except ValidationError as e:
             raise ApiError(400, "invalid job spec", problems=[
                 f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]) from e

@@ -19,6 +19,7 @@ from ckptd.daemon.client import SYSTEM_SOCKET, Client, SocketDenied, find_socket
 from ckptd.daemon.report import job_report, print_outputs, print_status
 from ckptd.state.jobspec import JobSpec, load_job_file
 from ckptd.state.paths import RunDir, state_dir
+from ckptd.state.protocol import EVENTS_FILE
 from ckptd.state.states import RESUMABLE, JobState
 from ckptd.state.store import Job, Store, StoreError
 from ckptd.state.yamlstrict import JobFileError
@@ -196,7 +197,8 @@ def run(home: Path, job_file: Path | None, resume: str | None, new: bool, progre
     gpus = detect_gpus() if spec.resources.gpus else []
     with BarDisplay() if use_bar else contextlib.nullcontext(LogDisplay(log)) as display:
         end = JobRunner(store, job.id, spec, run_dir, RealProcessOps(), display, stops,
-                        hot_spare=spec.restart.hot_spare, gpus=gpus).run_job()
+                        hot_spare=spec.restart.hot_spare, gpus=gpus,
+                        record=jobs.supervision_dir(home, job.id) / EVENTS_FILE).run_job()
     final = store.job(job.id)
     log.info("job.finished", state=str(end), reason=final.reason,
              last_committed_step=final.last_committed_step)

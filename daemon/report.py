@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from ckptd.state.jobspec import JobSpec
+from ckptd.state.jobspec import JobSpec, spec_from_json
 from ckptd.state.paths import RunDir
 from ckptd.state.protocol import Event
 from ckptd.state.store import Job, Store
@@ -50,7 +50,7 @@ def job_report(store: Store, job: Job, detail: bool) -> dict[str, Any]:
             "steps_done": (None if a.last_step is None
                            else max(0, a.last_step - (a.restored_step or 0))),
         } for a in attempts]
-        report["outputs"] = outputs(job, JobSpec.model_validate_json(job.spec_json, strict=False))
+        report["outputs"] = outputs(job, spec_from_json(job.spec_json))
     return report
 
 

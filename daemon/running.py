@@ -20,36 +20,13 @@ from ckptd.daemon import jobs
 from ckptd.state import protocol as p
 from ckptd.state.jobspec import JobSpec
 from ckptd.state.paths import RunDir
-from ckptd.state.states import TERMINAL, AttemptClass, JobState
+from ckptd.state.states import TERMINAL, JobState
 from ckptd.state.store import Store
 from ckptd.state.submissions import Owner
 from ckptd.supervisor.display import LogDisplay
 from ckptd.supervisor.process import RealProcessOps
 from ckptd.supervisor.runner import Adopted, JobRunner, StopRequests
 from ckptd.supervisor.warm import WarmPool
-
-
-class DaemonDisplay(LogDisplay):
-    """Log lines on the daemon's stdout, and supervisor events in the job's events.jsonl so that
-    `ckptd logs -f` shows restarts next to what the workers wrote."""
-
-    def __init__(self, log: FilteringBoundLogger, supervision: Path) -> None:
-        super().__init__(log)
-        # The daemon's own file, not the run directory: that belongs to the job's owner.
-        self.path = supervision / p.EVENTS_FILE
-
-    def attempt_started(self, n: int, pid: int) -> None:
-        super().attempt_started(n, pid)
-        p.append_event(self.path, p.Event.WORKER_SPAWNED, attempt=n, pid=pid)
-
-    def attempt_ended(self, n: int, klass: AttemptClass, evidence: str) -> None:
-        super().attempt_ended(n, klass, evidence)
-        p.append_event(self.path, p.Event.WORKER_EXITED, attempt=n, exit_class=str(klass),
-                       evidence=evidence)
-
-    def restarting(self, delay: float, reason: str) -> None:
-        super().restarting(delay, reason)
-        p.append_event(self.path, p.Event.WORKER_RESTARTING, delay_seconds=round(delay, 2), reason=reason)
 
 
 @dataclass
@@ -84,8 +61,9 @@ def _supervise(home: Path, rj: RunningJob, spec: JobSpec, run: RunDir, mine: Pat
     jlog = log.bind(job_id=rj.job_id)
     try:
         lock_fd = jobs.lock_job(mine)
-        runner = JobRunner(store, rj.job_id, spec, run, ops, DaemonDisplay(jlog, mine),
-                           rj.stops, hot_spare=spec.restart.hot_spare, gpus=rj.devices)
+        runner = JobRunner(store, rj.job_id, spec, run, ops, LogDisplay(jlog), rj.stops,
+                           hot_spare=spec.restart.hot_spare, gpus=rj.devices,
+                           record=mine / p.EVENTS_FILE)
         rj.end = runner.run_job(adopt)
         job = store.job(rj.job_id)
         jlog.info("job.finished", state=str(rj.end), reason=job.reason,

@@ -8,6 +8,7 @@ naming the field path; nothing is recorded for a rejected file.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -400,5 +401,9 @@ def spec_digest(spec: JobSpec) -> str:
     return hashlib.sha256(spec_json(spec).encode()).hexdigest()
 
 
+@functools.lru_cache(maxsize=256)
 def spec_from_json(text: str) -> JobSpec:
-    return JobSpec.model_validate_json(text, strict=False)
+    """The one door for a stored or sent spec: as strict as the job file (`every_steps: "100"`
+    is refused here too), parsed once per distinct text (the daemon asks every tick; the spec
+    is frozen, so sharing it is safe)."""
+    return JobSpec.model_validate_json(text, strict=True)

@@ -93,8 +93,11 @@ class JobRunner:
     def __init__(self, store: Store, job_id: str, spec: JobSpec, run: RunDir, ops: ProcessOps,
                  display: Display, stops: StopRequests,
                  jitter: Callable[[], float] = random.random, hot_spare: bool = False,
-                 gpus: list[int] | None = None) -> None:
+                 gpus: list[int] | None = None, record: Path | None = None) -> None:
+        """`record`: the supervisor's own events file (never in the owner's run directory),
+        where each attempt's start, end and restart are kept for `ckptd logs`."""
         self.store, self.job_id, self.spec, self.run = store, job_id, spec, run
+        self.record = record
         self.ops, self.display, self.stops, self.jitter = ops, display, stops, jitter
         self.history: list[AttemptOutcome] = []
         self.committed_step: int | None = store.job(job_id).last_committed_step
@@ -143,6 +146,8 @@ class JobRunner:
                 return JobState.FAILED
             self.store.transition(self.job_id, JobState.BACKOFF, decision.reason)
             self.display.restarting(decision.delay, decision.reason)
+            self._record(p.Event.WORKER_RESTARTING, delay_seconds=round(decision.delay, 2),
+                         reason=decision.reason)
             if not self._sleep(decision.delay):
                 end = self.stops.stopped_state()
                 self.store.transition(self.job_id, end, f"{end} during backoff")
@@ -231,6 +236,7 @@ class JobRunner:
         pid, how = self._launch(n)
         self.store.start_attempt(self.job_id, pid, self.ops.start_time(pid))
         self.display.attempt_started(n, pid)
+        self._record(p.Event.WORKER_SPAWNED, attempt=n, pid=pid)
         if how is not None:
             self.display.event({"event": how, "attempt": n, "pid": pid})
         return n, pid
@@ -264,6 +270,7 @@ class JobRunner:
                                error_summary=_summary(err), restored_step=w.restored_step,
                                last_step=w.last_step)
         self.display.attempt_ended(n, klass, evidence)
+        self._record(p.Event.WORKER_EXITED, attempt=n, exit_class=str(klass), evidence=evidence)
         outcome = AttemptOutcome(klass, w.restored_step, w.committed_step, w.last_step)
         self.history.append(outcome)
         if klass == AttemptClass.GPU_FAULT and self.devices:
@@ -274,6 +281,10 @@ class JobRunner:
             self.store.add_event(self.job_id, p.Event.GPU_EXCLUDED,
                                  {"devices": sorted(self.excluded_gpus)})
         return outcome
+
+    def _record(self, kind: p.Event, **data: Any) -> None:
+        if self.record is not None:
+            p.append_event(self.record, kind, **data)
 
     def _sick_devices(self, status: ExitStatus) -> dict[int, str]:
         """NVML's report on the attempt's GPUs, asked only after an ending that was not clean."""

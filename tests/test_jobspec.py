@@ -11,7 +11,7 @@ import pytest
 from ckptd.state.jobspec import load_job_file, parse_job, resolved_params
 from ckptd.state.yamlstrict import JobFileError
 
-from .conftest import EXAMPLE, ckptd_cmd, env_with
+from .conftest import EXAMPLE, ckptd_cmd, env_with, write_job
 
 GOOD = "name: ok\nmodel: pkg.mod:build\n"
 
@@ -222,3 +222,26 @@ def test_best_template_is_checked_at_validation(template: str, why: str) -> None
     ok = parse_job(b"name: x\nmodel: m:build\nbest: {filepath: 'w-{epoch:02d}-{val_accuracy:.2f}"
                    b".hdf5'}\n", "j.yaml", Path("/"), check=False)
     assert ok.best is not None
+
+
+def test_one_strictness_for_job_files_and_stored_or_sent_specs(tmp_path: Path) -> None:
+    """A spec arriving as JSON (the API's spec_json, the store) is held to the job file's rules:
+    `every_steps: "100"` fails both ways. The parse is cached per text (the daemon asks every
+    tick) and gives the same frozen spec."""
+    import json
+
+    from pydantic import ValidationError
+
+    from ckptd.state.jobspec import spec_from_json, spec_json
+
+    job = write_job(tmp_path)
+    spec, _ = load_job_file(job)
+    text = spec_json(spec)
+    assert spec_from_json(text) == spec and spec_from_json(text) is spec_from_json(text)
+    data = json.loads(text)
+    data["checkpoint"]["every_steps"] = "100"
+    with pytest.raises(ValidationError, match=r"checkpoint\.every_steps"):
+        spec_from_json(json.dumps(data))
+    job.write_text(job.read_text().replace("every_steps: 20", 'every_steps: "100"'))
+    with pytest.raises(JobFileError, match=r"checkpoint\.every_steps"):
+        load_job_file(job)

@@ -68,6 +68,11 @@ def test_sigkill_of_worker_resumes_from_checkpoint_bit_identical(
     a1, a2 = st["attempt_list"]
     assert a1["class"] == "killed" and a1["signal"] == signal.SIGKILL
     assert a1["steps_done"] == a1["last_step"] >= 60  # attempt 1 started from scratch
+    # The foreground supervisor keeps its own events too (beside the daemon's, never in the run
+    # directory): each attempt's start, end and the restart.
+    lines = (home / "supervision" / run.name / "events.jsonl").read_text().splitlines()
+    assert [json.loads(line)["event"] for line in lines] == [
+        "worker.spawned", "worker.exited", "worker.restarting", "worker.spawned", "worker.exited"]
     assert a2["class"] == "succeeded"
     assert a2["restored_step"] is not None and a2["restored_step"] >= 60  # not from step 0
     assert a2["restored_step"] >= (hb.committed_step or 0)
