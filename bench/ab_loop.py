@@ -74,9 +74,15 @@ class ABLoop(Loop):
         if self.on:
             self.on_ended_at = now
         assert self.block_start is not None
-        self.blocks.append({"on": self.on, "start": self.block_start, "steps": self.in_block,
-                            "seconds": now - self.block_start,
-                            "commits": ck.commits})  # type: ignore[attr-defined]
+        self.blocks.append(
+            {
+                "on": self.on,
+                "start": self.block_start,
+                "steps": self.in_block,
+                "seconds": now - self.block_start,
+                "commits": ck.commits,
+            }
+        )  # type: ignore[attr-defined]
         if self.on:
             self._resume_pacing()
         ck.on = self.on  # type: ignore[attr-defined]

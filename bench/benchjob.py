@@ -19,7 +19,8 @@ def pima_job(directory: Path, name: str, epochs: int, checkpoint: str, restart: 
         f"params: {{csv: {EXAMPLE / 'pima-indians-diabetes.csv'}}}\n"
         f"train: {{epochs: {epochs}, batch_size: 10, validation_split: 0.33, seed: 7}}\n"
         f"checkpoint: {{{checkpoint}}}\n"
-        f"restart: {{{restart}}}\n")
+        f"restart: {{{restart}}}\n"
+    )
     return job
 
 

@@ -56,15 +56,15 @@ PIMA_CSV = ROOT / "examples" / "pima" / "pima-indians-diabetes.csv"
 LARGE_MODEL = HERE / "large_model.py"
 
 
-
 # -- running one unit ----------------------------------------------------------------------------
 
 
 def run_process(cmd: list[str], cwd: Path, label: str) -> subprocess.CompletedProcess[str] | None:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     try:
-        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
-                              timeout=RUN_TIMEOUT_SECONDS)
+        proc = subprocess.run(
+            cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_SECONDS
+        )
     except subprocess.TimeoutExpired:
         print(f"  FAILED {label}: timed out after {RUN_TIMEOUT_SECONDS} s", file=sys.stderr)
         return None
@@ -88,8 +88,9 @@ def read_events(path: Path) -> list[dict[str, Any]]:
 
 
 def newest_checkpoint_bytes(ckpt_dir: Path) -> int | None:
-    manifests = sorted(ckpt_dir.glob("ckpt-*.manifest.json"),
-                       key=lambda p: int(p.name.split(".")[0].rsplit("-", 1)[1]))
+    manifests = sorted(
+        ckpt_dir.glob("ckpt-*.manifest.json"), key=lambda p: int(p.name.split(".")[0].rsplit("-", 1)[1])
+    )
     if not manifests:
         return None
     files = json.loads(manifests[-1].read_text()).get("files", {})
@@ -102,12 +103,28 @@ def ckptd_spec_json(unit: Unit) -> str:
     every = unit.interval or OFF_EVERY_STEPS
     mode = "async" if unit.method == "ckptd-async" else "sync"
     case = unit.case
-    spec = JobSpec.model_validate({
-        "name": f"bench-{case.name}", "model": case.entry, "params": case.params,
-        "train": {"epochs": case.epochs, "batch_size": case.batch_size, "validation_split": 0.0,
-                  "seed": SEED, "deterministic": True},
-        "checkpoint": {"dir": "checkpoints", "every_steps": every, "every_seconds": OFF_EVERY_SECONDS,
-                       "max_to_keep": 3, "mode": mode}}, strict=False)
+    spec = JobSpec.model_validate(
+        {
+            "name": f"bench-{case.name}",
+            "model": case.entry,
+            "params": case.params,
+            "train": {
+                "epochs": case.epochs,
+                "batch_size": case.batch_size,
+                "validation_split": 0.0,
+                "seed": SEED,
+                "deterministic": True,
+            },
+            "checkpoint": {
+                "dir": "checkpoints",
+                "every_steps": every,
+                "every_seconds": OFF_EVERY_SECONDS,
+                "max_to_keep": 3,
+                "mode": mode,
+            },
+        },
+        strict=False,
+    )
     text: str = spec_json(spec)
     return text
 
@@ -127,15 +144,23 @@ def run_ckptd(unit: Unit, run_dir: Path) -> Result | None:
         print(f"  FAILED {unit.label()}: no usable training.done event", file=sys.stderr)
         return None
     last = done[-1]
-    saves = [float(e["seconds"]) for e in events
-             if e.get("event") == "checkpoint.committed" and e.get("reason") == "interval"]
+    saves = [
+        float(e["seconds"])
+        for e in events
+        if e.get("event") == "checkpoint.committed" and e.get("reason") == "interval"
+    ]
     first = [float(e["ts"]) for e in events if e.get("event") == "training.first_step"]
     ends = [(float(e["ts"]), int(e["step"])) for e in events if e.get("event") == "epoch.end"]
-    return Result(steps=int(last["steps"]), seconds=float(last["loop_seconds"]),
-                  saves=int(last.get("saves", 0)), due=int(last.get("due", 0)),
-                  stall_seconds=float(last.get("stall_seconds", 0.0)),
-                  save_seconds=saves, ckpt_bytes=newest_checkpoint_bytes(run_dir / "checkpoints"),
-                  steady=steady_rate(first[0], ends) if first else None)
+    return Result(
+        steps=int(last["steps"]),
+        seconds=float(last["loop_seconds"]),
+        saves=int(last.get("saves", 0)),
+        due=int(last.get("due", 0)),
+        stall_seconds=float(last.get("stall_seconds", 0.0)),
+        save_seconds=saves,
+        ckpt_bytes=newest_checkpoint_bytes(run_dir / "checkpoints"),
+        steady=steady_rate(first[0], ends) if first else None,
+    )
 
 
 def steady_rate(start: float, epoch_ends: list[tuple[float, int]]) -> float | None:
@@ -147,9 +172,15 @@ def steady_rate(start: float, epoch_ends: list[tuple[float, int]]) -> float | No
 
 
 def run_keras(unit: Unit, run_dir: Path) -> Result | None:
-    config = {"entry": unit.case.entry, "params": unit.case.params, "epochs": unit.case.epochs,
-              "batch_size": unit.case.batch_size, "method": unit.method, "interval": unit.interval,
-              "dir": str(run_dir / "out")}
+    config = {
+        "entry": unit.case.entry,
+        "params": unit.case.params,
+        "epochs": unit.case.epochs,
+        "batch_size": unit.case.batch_size,
+        "method": unit.method,
+        "interval": unit.interval,
+        "dir": str(run_dir / "out"),
+    }
     config_path = run_dir / "keras.json"
     config_path.write_text(json.dumps(config))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--keras-child", str(config_path)]
@@ -161,8 +192,12 @@ def run_keras(unit: Unit, run_dir: Path) -> Result | None:
         print(f"  FAILED {unit.label()}: the child printed no result", file=sys.stderr)
         return None
     data = json.loads(lines[-1].removeprefix(RESULT_PREFIX))
-    return Result(steps=int(data["steps"]), seconds=float(data["seconds"]), ckpt_bytes=data["bytes"],
-                  steady=data.get("steady"))
+    return Result(
+        steps=int(data["steps"]),
+        seconds=float(data["seconds"]),
+        ckpt_bytes=data["bytes"],
+        steady=data.get("steady"),
+    )
 
 
 def run_unit(unit: Unit, tmp_root: Path) -> Result | None:
@@ -197,8 +232,11 @@ def keras_callbacks(method: str, interval: int | None, out: Path) -> list[Any]:
 
     out.mkdir(parents=True, exist_ok=True)
     if method == "keras-ModelCheckpoint":
-        return [keras.callbacks.ModelCheckpoint(filepath=str(out / "ckpt.weights.h5"),
-                                                save_weights_only=True, save_freq=interval)]
+        return [
+            keras.callbacks.ModelCheckpoint(
+                filepath=str(out / "ckpt.weights.h5"), save_weights_only=True, save_freq=interval
+            )
+        ]
     if method == "keras-BackupAndRestore":
         return [keras.callbacks.BackupAndRestore(backup_dir=str(out / "backup"), save_freq=interval)]
     return []
@@ -218,15 +256,33 @@ def keras_child(config_path: Path) -> int:
     ends: list[tuple[float, int]] = []
     clock = keras.callbacks.LambdaCallback(  # the same window as ckptd's events (wall clock)
         on_train_batch_end=lambda batch, logs: first or first.append(time.time()),
-        on_epoch_end=lambda epoch, logs: ends.append((time.time(), (epoch + 1) * per_epoch)))
+        on_epoch_end=lambda epoch, logs: ends.append((time.time(), (epoch + 1) * per_epoch)),
+    )
     callbacks = keras_callbacks(cfg["method"], cfg["interval"], out)
     t0 = time.perf_counter()
-    model.fit(x, y, epochs=cfg["epochs"], batch_size=cfg["batch_size"], validation_split=0.0,
-              shuffle=True, verbose=0, callbacks=[*callbacks, clock])
+    model.fit(
+        x,
+        y,
+        epochs=cfg["epochs"],
+        batch_size=cfg["batch_size"],
+        validation_split=0.0,
+        shuffle=True,
+        verbose=0,
+        callbacks=[*callbacks, clock],
+    )
     seconds = time.perf_counter() - t0
     written = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) or None
-    print(RESULT_PREFIX + json.dumps({"steps": cfg["epochs"] * per_epoch, "seconds": seconds,
-                                      "bytes": written, "steady": steady_rate(first[0], ends)}))
+    print(
+        RESULT_PREFIX
+        + json.dumps(
+            {
+                "steps": cfg["epochs"] * per_epoch,
+                "seconds": seconds,
+                "bytes": written,
+                "steady": steady_rate(first[0], ends),
+            }
+        )
+    )
     return 0
 
 
@@ -257,11 +313,14 @@ def make_cases(args: argparse.Namespace) -> list[Case]:
     small_epochs = args.small_epochs or (3 if args.quick else 12)
     large_rows = args.large_rows or (4000 if args.quick else 9600)
     large_epochs = args.large_epochs or 1
-    small = Case("small", f"{PIMA_MODEL}:build", {"csv": str(PIMA_CSV)}, epochs=small_epochs,
-                 batch_size=10)
-    large = Case("large", f"{LARGE_MODEL}:build",
-                 {"kind": args.large_kind, "rows": large_rows, "seed": SEED}, epochs=large_epochs,
-                 batch_size=32)
+    small = Case("small", f"{PIMA_MODEL}:build", {"csv": str(PIMA_CSV)}, epochs=small_epochs, batch_size=10)
+    large = Case(
+        "large",
+        f"{LARGE_MODEL}:build",
+        {"kind": args.large_kind, "rows": large_rows, "seed": SEED},
+        epochs=large_epochs,
+        batch_size=32,
+    )
     names = args.models.split(",")
     return [c for c in (small, large) if c.name in names]
 
@@ -280,8 +339,12 @@ def describe(result: Result | None) -> str:
     return f"{result.steps_per_sec:.1f} steps/s ({result.steps} steps in {result.seconds:.2f} s{extra})"
 
 
-def run_all(cases: list[Case], methods: set[str], repeats: int, tmp_root: Path,
-            ) -> tuple[Results, list[float]]:
+def run_all(
+    cases: list[Case],
+    methods: set[str],
+    repeats: int,
+    tmp_root: Path,
+) -> tuple[Results, list[float]]:
     results: Results = {}
     disk: list[float] = []
     start = time.monotonic()
@@ -292,20 +355,24 @@ def run_all(cases: list[Case], methods: set[str], repeats: int, tmp_root: Path,
         for i, unit in enumerate(units, 1):
             result = run_unit(unit, tmp_root)
             results.setdefault(unit.key, []).append(result)
-            print(f"[{time.monotonic() - start:6.0f}s] repeat {r + 1}/{repeats} run {i}/{len(units)} "
-                  f"{unit.label()}: {describe(result)}", file=sys.stderr, flush=True)
+            print(
+                f"[{time.monotonic() - start:6.0f}s] repeat {r + 1}/{repeats} run {i}/{len(units)} "
+                f"{unit.label()}: {describe(result)}",
+                file=sys.stderr,
+                flush=True,
+            )
     while len(disk) < DISK_SAMPLES_MIN:
         disk.append(measure_disk(tmp_root))
     return results, disk
-
 
 
 def methods_of(text: str) -> set[str]:
     known = {*BASELINES, *CHECKPOINT_METHODS}
     methods = {m.strip() for m in text.split(",") if m.strip()}
     if not methods or methods - known:
-        sys.exit(f"--methods: unknown {sorted(methods - known) or 'empty list'}; known: "
-                 f"{', '.join(sorted(known))}")
+        sys.exit(
+            f"--methods: unknown {sorted(methods - known) or 'empty list'}; known: {', '.join(sorted(known))}"
+        )
     return methods
 
 
@@ -314,17 +381,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=5, help="interleaved repeats (default 5)")
     ap.add_argument("--quick", action="store_true", help="smoke test: 1 repeat, fewer steps")
     ap.add_argument("--models", default="small,large", help="comma-separated subset of small,large")
-    ap.add_argument("--methods", default=",".join((*BASELINES, *CHECKPOINT_METHODS)),
-                    help="comma-separated subset of the methods (default: all); a checkpointing "
-                         "method is compared with its baseline, which must be in the subset")
-    ap.add_argument("--large-kind", choices=("embedding", "dense"), default="embedding",
-                    help="large model variant, see bench/large_model.py (dense: ~300 ms/step on 2 cores)")
-    ap.add_argument("--small-epochs", type=int, default=None,
-                    help="epochs of the small model at batch 10 (default 12; --quick: 3)")
-    ap.add_argument("--large-epochs", type=int, default=None,
-                    help="epochs of the large model (default 1; the steady window needs >= 3)")
-    ap.add_argument("--large-rows", type=int, default=None,
-                    help="rows of the large model, 1 epoch at batch 32 (default 9600; --quick: 4000)")
+    ap.add_argument(
+        "--methods",
+        default=",".join((*BASELINES, *CHECKPOINT_METHODS)),
+        help="comma-separated subset of the methods (default: all); a checkpointing "
+        "method is compared with its baseline, which must be in the subset",
+    )
+    ap.add_argument(
+        "--large-kind",
+        choices=("embedding", "dense"),
+        default="embedding",
+        help="large model variant, see bench/large_model.py (dense: ~300 ms/step on 2 cores)",
+    )
+    ap.add_argument(
+        "--small-epochs",
+        type=int,
+        default=None,
+        help="epochs of the small model at batch 10 (default 12; --quick: 3)",
+    )
+    ap.add_argument(
+        "--large-epochs",
+        type=int,
+        default=None,
+        help="epochs of the large model (default 1; the steady window needs >= 3)",
+    )
+    ap.add_argument(
+        "--large-rows",
+        type=int,
+        default=None,
+        help="rows of the large model, 1 epoch at batch 32 (default 9600; --quick: 4000)",
+    )
     ap.add_argument("--tmp-dir", default=None, help="parent of the benchmark's temporary directory")
     ap.add_argument("--keras-child", default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)

@@ -32,21 +32,37 @@ STEP_DELAY = 0.05
 
 
 def _job(directory: Path, name: str, epochs: int, spare: bool, every: int, mode: str) -> Path:
-    return pima_job(directory, name, epochs,
-                    f"every_steps: {every}, every_seconds: 600, max_to_keep: 3, mode: {mode}",
-                    f"hot_spare: {str(spare).lower()}, max_restarts: 50, "
-                    "backoff_initial_seconds: 0.05, backoff_max_seconds: 0.05")
+    return pima_job(
+        directory,
+        name,
+        epochs,
+        f"every_steps: {every}, every_seconds: 600, max_to_keep: 3, mode: {mode}",
+        f"hot_spare: {str(spare).lower()}, max_restarts: 50, "
+        "backoff_initial_seconds: 0.05, backoff_max_seconds: 0.05",
+    )
 
 
-def one_run(tmp: Path, name: str, epochs: int, spare: bool, kills: list[float],
-            every: int, mode: str) -> dict[str, Any]:
+def one_run(
+    tmp: Path, name: str, epochs: int, spare: bool, kills: list[float], every: int, mode: str
+) -> dict[str, Any]:
     """Run the job; SIGKILL its worker at the offsets in `kills` (seconds from the start)."""
     home = tmp / f"home-{name}"
     env = dict(os.environ, CKPTD_HOME=str(home), CKPTD_FAULTS=f"step_delay={STEP_DELAY}")
     t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "ckptd.daemon", "run", "--progress", "json",
-                             str(_job(tmp, name, epochs, spare, every, mode))], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ckptd.daemon",
+            "run",
+            "--progress",
+            "json",
+            str(_job(tmp, name, epochs, spare, every, mode)),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     done = 0
     while proc.poll() is None:
         if done < len(kills) and time.monotonic() - t0 >= kills[done]:
@@ -62,9 +78,14 @@ def one_run(tmp: Path, name: str, epochs: int, spare: bool, kills: list[float],
     events = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
     stats = [e for e in events if e["event"] == "training.done"]
     steps = max(e["step"] for e in events if e["event"] == "checkpoint.committed")
-    return {"rc": proc.returncode, "wall": wall, "kills": done, "steps": steps,
-            "loop_seconds": stats[-1].get("loop_seconds") if stats else None,
-            "loop_steps": stats[-1].get("steps") if stats else None}
+    return {
+        "rc": proc.returncode,
+        "wall": wall,
+        "kills": done,
+        "steps": steps,
+        "loop_seconds": stats[-1].get("loop_seconds") if stats else None,
+        "loop_steps": stats[-1].get("steps") if stats else None,
+    }
 
 
 def schedule(rng: random.Random, mean: float, horizon: float) -> list[float]:
@@ -80,8 +101,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--epochs", type=int, default=110)
     ap.add_argument("--mean", type=float, default=60.0, help="mean seconds between kills")
-    ap.add_argument("--seeds", default="7", help="comma-separated kill-schedule seeds; each one "
-                    "runs cold and hot (interleaved), the table adds medians and pooled figures")
+    ap.add_argument(
+        "--seeds",
+        default="7",
+        help="comma-separated kill-schedule seeds; each one "
+        "runs cold and hot (interleaved), the table adds medians and pooled figures",
+    )
     ap.add_argument("--every-steps", type=int, default=100, help="checkpoint interval")
     ap.add_argument("--mode", choices=("sync", "async"), default="sync", help="checkpoint.mode")
     args = ap.parse_args()
@@ -92,20 +117,25 @@ def main() -> None:
         clean = one_run(tmp, "clean", args.epochs, False, [], args.every_steps, args.mode)
         step_time = clean["loop_seconds"] / clean["loop_steps"]
         useful = clean["steps"] * step_time
-        print(f"clean run: {clean['wall']:.1f} s wall, {clean['steps']} steps, "
-              f"{1000 * step_time:.1f} ms/step", file=sys.stderr)
+        print(
+            f"clean run: {clean['wall']:.1f} s wall, {clean['steps']} steps, {1000 * step_time:.1f} ms/step",
+            file=sys.stderr,
+        )
         for i, seed in enumerate(seeds):
             kills = schedule(random.Random(seed), args.mean, 4 * clean["wall"])
             order = list(runs) if i % 2 == 0 else list(reversed(runs))
             for label in order:
                 spare = label == "hot spare"
-                r = one_run(tmp, f"{label.split()[0]}-{seed}", args.epochs, spare, kills,
-                            args.every_steps, args.mode)
+                r = one_run(
+                    tmp, f"{label.split()[0]}-{seed}", args.epochs, spare, kills, args.every_steps, args.mode
+                )
                 runs[label].append(r | {"seed": seed, "goodput": useful / r["wall"]})
                 print(f"seed {seed} {label}: {json.dumps(r)}", file=sys.stderr)
-    print(f"\ngoodput under SIGKILL every {args.mean:.0f} s on average (seeds {args.seeds}, "
-          f"{os.cpu_count()} cores, job of {clean['steps']} steps, checkpoint every "
-          f"{args.every_steps} steps, {args.mode})")
+    print(
+        f"\ngoodput under SIGKILL every {args.mean:.0f} s on average (seeds {args.seeds}, "
+        f"{os.cpu_count()} cores, job of {clean['steps']} steps, checkpoint every "
+        f"{args.every_steps} steps, {args.mode})"
+    )
     _table(clean, useful, runs)
 
 
@@ -125,14 +155,29 @@ def _table(clean: dict[str, Any], useful: float, runs: dict[str, list[dict[str, 
         rs = runs[label]
         for r in rs:
             ok = "" if r["rc"] == 0 else f" (exit {r['rc']})"
-            print(_row(f"{label}, seed {r['seed']}", r["kills"], r["wall"],
-                       r["wall"] - clean["wall"], r["goodput"], ok))
+            print(
+                _row(
+                    f"{label}, seed {r['seed']}",
+                    r["kills"],
+                    r["wall"],
+                    r["wall"] - clean["wall"],
+                    r["goodput"],
+                    ok,
+                )
+            )
         kills, wall = sum(r["kills"] for r in rs), sum(r["wall"] for r in rs)
         pooled = useful * len(rs) / wall
         verdict = "pass" if pooled >= target else "FAIL"
-        print(_row(f"{label}, pooled", kills, wall, wall - clean["wall"] * len(rs), pooled,
-                   f">= {target} {verdict}; median of seeds "
-                   f"{statistics.median(r['goodput'] for r in rs):.3f}"))
+        print(
+            _row(
+                f"{label}, pooled",
+                kills,
+                wall,
+                wall - clean["wall"] * len(rs),
+                pooled,
+                f">= {target} {verdict}; median of seeds {statistics.median(r['goodput'] for r in rs):.3f}",
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -30,17 +30,26 @@ from benchjob import heartbeat, pima_job  # bench/ is on sys.path when a script 
 
 
 def _job(directory: Path, name: str, timeout: float) -> Path:
-    return pima_job(directory, name, 3, "every_steps: 50, every_seconds: 600, max_to_keep: 3",
-                    f"heartbeat_timeout_seconds: {timeout}, startup_grace_seconds: 120, "
-                    "backoff_initial_seconds: 0.05, backoff_max_seconds: 0.05")
+    return pima_job(
+        directory,
+        name,
+        3,
+        "every_steps: 50, every_seconds: 600, max_to_keep: 3",
+        f"heartbeat_timeout_seconds: {timeout}, startup_grace_seconds: 120, "
+        "backoff_initial_seconds: 0.05, backoff_max_seconds: 0.05",
+    )
 
 
 def _start(tmp: Path, name: str, timeout: float, faults: str) -> tuple[subprocess.Popen[str], Path]:
     home = tmp / f"home-{name}"
     env = dict(os.environ, CKPTD_HOME=str(home), CKPTD_FAULTS=faults)
-    proc = subprocess.Popen([sys.executable, "-m", "ckptd.daemon", "run", "--progress", "json",
-                             str(_job(tmp, name, timeout))], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ckptd.daemon", "run", "--progress", "json", str(_job(tmp, name, timeout))],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     return proc, home
 
 
@@ -93,19 +102,29 @@ def main() -> None:
             latencies.append(detect_once(Path(d), i, args.timeout))
             classes = no_false_alarm_once(Path(d), i, args.timeout)
             false_alarms += classes.count("hang")
-            print(f"repeat {i + 1}: detected after {latencies[-1]:.2f} s; "
-                  f"quiet run classes {classes}", file=sys.stderr)
-    print(f"\nhang detection, heartbeat_timeout_seconds={args.timeout} "
-          f"({args.repeats} repeats, {os.cpu_count()} cores)")
+            print(
+                f"repeat {i + 1}: detected after {latencies[-1]:.2f} s; quiet run classes {classes}",
+                file=sys.stderr,
+            )
+    print(
+        f"\nhang detection, heartbeat_timeout_seconds={args.timeout} "
+        f"({args.repeats} repeats, {os.cpu_count()} cores)"
+    )
     print(f"{'measure':<48}{'value':>10}   target")
     med, worst = statistics.median(latencies), max(latencies)
     limit = args.timeout + 1
-    print(f"{'stop -> heartbeat.missed, median (s)':<48}{med:>10.2f}   <= {limit:.1f} "
-          f"{'pass' if med <= limit else 'FAIL'}")
-    print(f"{'stop -> heartbeat.missed, worst (s)':<48}{worst:>10.2f}   <= {limit:.1f} "
-          f"{'pass' if worst <= limit else 'FAIL'}")
-    print(f"{'false alarms (slow start-up, restore, long saves)':<48}{false_alarms:>10d}   0 "
-          f"{'pass' if false_alarms == 0 else 'FAIL'}")
+    print(
+        f"{'stop -> heartbeat.missed, median (s)':<48}{med:>10.2f}   <= {limit:.1f} "
+        f"{'pass' if med <= limit else 'FAIL'}"
+    )
+    print(
+        f"{'stop -> heartbeat.missed, worst (s)':<48}{worst:>10.2f}   <= {limit:.1f} "
+        f"{'pass' if worst <= limit else 'FAIL'}"
+    )
+    print(
+        f"{'false alarms (slow start-up, restore, long saves)':<48}{false_alarms:>10d}   0 "
+        f"{'pass' if false_alarms == 0 else 'FAIL'}"
+    )
 
 
 if __name__ == "__main__":

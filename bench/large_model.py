@@ -38,28 +38,31 @@ def dense_data(rows: int, features: int, seed: int) -> tuple[np.ndarray, np.ndar
 
 
 def embedding_model(params: dict[str, Any]) -> tuple[keras.Model, tuple[np.ndarray, np.ndarray]]:
-    vocab, dim, ids = int(params.get("vocab", 400_000)), int(params.get("dim", 64)), int(
-        params.get("ids", 8))
+    vocab, dim, ids = int(params.get("vocab", 400_000)), int(params.get("dim", 64)), int(params.get("ids", 8))
     data = embedding_data(int(params.get("rows", 9600)), ids, vocab, int(params.get("seed", 7)))
-    model = keras.Sequential([
-        keras.Input(shape=(ids,), dtype="int32"),
-        keras.layers.Embedding(vocab, dim, trainable=False),
-        keras.layers.Flatten(),
-        keras.layers.Dense(256, activation="relu"),
-        keras.layers.Dense(1, activation="sigmoid"),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(ids,), dtype="int32"),
+            keras.layers.Embedding(vocab, dim, trainable=False),
+            keras.layers.Flatten(),
+            keras.layers.Dense(256, activation="relu"),
+            keras.layers.Dense(1, activation="sigmoid"),
+        ]
+    )
     return model, data
 
 
 def dense_model(params: dict[str, Any]) -> tuple[keras.Model, tuple[np.ndarray, np.ndarray]]:
     features, width = int(params.get("features", 1024)), int(params.get("width", 4096))
     data = dense_data(int(params.get("rows", 9600)), features, int(params.get("seed", 7)))
-    model = keras.Sequential([
-        keras.Input(shape=(features,)),
-        keras.layers.Dense(width, activation="relu"),
-        keras.layers.Dense(width, activation="relu"),
-        keras.layers.Dense(1, activation="sigmoid"),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(features,)),
+            keras.layers.Dense(width, activation="relu"),
+            keras.layers.Dense(width, activation="relu"),
+            keras.layers.Dense(1, activation="sigmoid"),
+        ]
+    )
     return model, data
 
 
@@ -69,7 +72,9 @@ def build(params: dict[str, Any]) -> tuple[keras.Model, tuple[np.ndarray, np.nda
     if kind not in builders:
         raise ValueError(f"params.kind must be one of {sorted(builders)}, got {kind!r}")
     model, data = builders[kind](params)
-    model.compile(loss="binary_crossentropy",
-                  optimizer=keras.optimizers.Adam(learning_rate=params.get("learning_rate", 1e-4)),
-                  metrics=["accuracy"])
+    model.compile(
+        loss="binary_crossentropy",
+        optimizer=keras.optimizers.Adam(learning_rate=params.get("learning_rate", 1e-4)),
+        metrics=["accuracy"],
+    )
     return model, data

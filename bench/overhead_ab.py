@@ -70,8 +70,17 @@ def child(run_root: Path, block_target: int) -> int:
     loop.set_blocks(block_target)
     if _train(loop) != protocol.EXIT_OK:
         return 1
-    print(RESULT_PREFIX + json.dumps({"blocks": loop.blocks, "first_commit": loop.first_commit,
-                                      "block_len": loop.block_len, "stats": loop.ck.stats}))
+    print(
+        RESULT_PREFIX
+        + json.dumps(
+            {
+                "blocks": loop.blocks,
+                "first_commit": loop.first_commit,
+                "block_len": loop.block_len,
+                "stats": loop.ck.stats,
+            }
+        )
+    )
     return 0
 
 
@@ -87,18 +96,28 @@ def run_case(case: Case, interval: int, block_target: int, tmp_root: Path) -> di
         except ValueError as e:  # pydantic's ValidationError, e.g. --intervals 0
             print(f"  FAILED {case.name} every {interval}: job spec rejected: {e}", file=sys.stderr)
             return None
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(run_dir),
-               "--block-steps", str(block_target)]
-        proc = subprocess.run(cmd, cwd=run_dir, capture_output=True, text=True,
-                              timeout=RUN_TIMEOUT_SECONDS, check=False)
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--child",
+            str(run_dir),
+            "--block-steps",
+            str(block_target),
+        ]
+        proc = subprocess.run(
+            cmd, cwd=run_dir, capture_output=True, text=True, timeout=RUN_TIMEOUT_SECONDS, check=False
+        )
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
         if proc.returncode != 0 or not lines:
-            print(f"  FAILED {case.name} every {interval}: rc {proc.returncode}\n{proc.stderr[-2000:]}",
-                  file=sys.stderr)
+            print(
+                f"  FAILED {case.name} every {interval}: rc {proc.returncode}\n{proc.stderr[-2000:]}",
+                file=sys.stderr,
+            )
             return None
         result: dict[str, Any] = json.loads(lines[-1].removeprefix(RESULT_PREFIX))
-        result["committed"] = sum(1 for e in read_events(run_dir / "events.jsonl")
-                                  if e.get("event") == "checkpoint.committed")
+        result["committed"] = sum(
+            1 for e in read_events(run_dir / "events.jsonl") if e.get("event") == "checkpoint.committed"
+        )
         return result
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -114,7 +133,8 @@ def report_row(case: Case, interval: int, result: dict[str, Any]) -> str:
     pooled = float("nan")
     if on and off:
         pooled = (sum(b["steps"] for b in on) / sum(b["seconds"] for b in on)) / (
-            sum(b["steps"] for b in off) / sum(b["seconds"] for b in off))
+            sum(b["steps"] for b in off) / sum(b["seconds"] for b in off)
+        )
     on_steps = sum(b["steps"] for b in on)
     commits = sum(b["commits"] for b in on)
     per_commit = f"{on_steps / commits:6.0f}" if commits else "     -"
@@ -126,8 +146,10 @@ def report_row(case: Case, interval: int, result: dict[str, Any]) -> str:
     # than a few commit intervals the pairs are lumpy (a block holds one commit or two).
     met = target is not None and min(med, pooled) >= target
     verdict = "" if target is None else ("met" if met else "NOT met") + f" (>= {target})"
-    return (f"{case.name:5} every {interval:3}  {len(ratios):5}  {med:6.3f}  {q1:5.3f}-{q3:5.3f}  "
-            f"{pooled:6.3f}  {per_commit}  {stall:6.2f}  {cost:7.2f}  {verdict}")
+    return (
+        f"{case.name:5} every {interval:3}  {len(ratios):5}  {med:6.3f}  {q1:5.3f}-{q3:5.3f}  "
+        f"{pooled:6.3f}  {per_commit}  {stall:6.2f}  {cost:7.2f}  {verdict}"
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -155,9 +177,16 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"--intervals: expected comma-separated integers, got {args.intervals!r}")
     if any(n < 1 for n in intervals):
         sys.exit(f"--intervals: every_steps values must be >= 1, got {args.intervals!r}")
-    cases = make_cases(argparse.Namespace(
-        quick=False, small_epochs=args.small_epochs, large_rows=args.large_rows,
-        large_epochs=args.large_epochs, large_kind="embedding", models=args.models))
+    cases = make_cases(
+        argparse.Namespace(
+            quick=False,
+            small_epochs=args.small_epochs,
+            large_rows=args.large_rows,
+            large_epochs=args.large_epochs,
+            large_kind="embedding",
+            models=args.models,
+        )
+    )
     tmp_root = Path(tempfile.mkdtemp(prefix="ckptd-ab-", dir=args.tmp_dir))
     start = time.monotonic()
     rows = []
@@ -171,8 +200,10 @@ def main(argv: list[str] | None = None) -> int:
                     print(rows[-1], flush=True)
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
-    print(f"\nckptd async, checkpointing on/off in alternating blocks inside one worker "
-          f"({time.monotonic() - start:.0f} s)")
+    print(
+        f"\nckptd async, checkpointing on/off in alternating blocks inside one worker "
+        f"({time.monotonic() - start:.0f} s)"
+    )
     print("model interval  pairs  median  quartiles    pooled  steps/commit  stall ms  cost ms  target")
     for row in rows:
         print(row)

@@ -26,8 +26,12 @@ THROUGHPUT_TARGETS = {20: 0.95, 100: 0.98}  # ckptd async, steady ratio
 BASELINES = ("none", "keras-none")
 CKPTD_METHODS = ("none", "ckptd-sync", "ckptd-async")
 CHECKPOINT_METHODS = ("ckptd-sync", "ckptd-async", "keras-ModelCheckpoint", "keras-BackupAndRestore")
-BASELINE_OF = {"ckptd-sync": "none", "ckptd-async": "none", "keras-ModelCheckpoint": "keras-none",
-               "keras-BackupAndRestore": "keras-none"}
+BASELINE_OF = {
+    "ckptd-sync": "none",
+    "ckptd-async": "none",
+    "keras-ModelCheckpoint": "keras-none",
+    "keras-BackupAndRestore": "keras-none",
+}
 
 
 @dataclass(frozen=True)

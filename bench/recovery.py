@@ -35,10 +35,13 @@ MODES = ("cold", "spare", "warm")
 
 
 def _job(directory: Path, spare: bool) -> Path:
-    return pima_job(directory, f"recovery-{int(spare)}-{time.monotonic_ns()}", 6,
-                    "every_steps: 40, every_seconds: 600, max_to_keep: 3",
-                    f"hot_spare: {str(spare).lower()}, backoff_initial_seconds: 0.05, "
-                    "backoff_max_seconds: 0.05")
+    return pima_job(
+        directory,
+        f"recovery-{int(spare)}-{time.monotonic_ns()}",
+        6,
+        "every_steps: 40, every_seconds: 600, max_to_keep: 3",
+        f"hot_spare: {str(spare).lower()}, backoff_initial_seconds: 0.05, backoff_max_seconds: 0.05",
+    )
 
 
 def _wait(what: str, probe: Any, timeout: float = 180) -> Any:
@@ -52,8 +55,12 @@ def _wait(what: str, probe: Any, timeout: float = 180) -> Any:
 
 
 def _ckptd(env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "ckptd.daemon", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [sys.executable, "-m", "ckptd.daemon", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def one_run(tmp: Path, mode: str) -> dict[str, float]:
@@ -65,8 +72,12 @@ def one_run(tmp: Path, mode: str) -> dict[str, float]:
         (home / "daemon.yaml").write_text("max_concurrent_jobs: 2\nwarm_workers: true\nspool: false\n")
         proc = _ckptd(env, "daemon")
         _wait("two warm workers", lambda: len(list((home / "warm").glob("*.ready"))) >= 2)
-        subprocess.run([sys.executable, "-m", "ckptd.daemon", "submit", str(job)], env=env,
-                       check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "ckptd.daemon", "submit", str(job)],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
     else:
         proc = _ckptd(env, "run", "--progress", "json", str(job))
     try:
@@ -78,12 +89,15 @@ def one_run(tmp: Path, mode: str) -> dict[str, float]:
 
 
 def _measure(home: Path, proc: subprocess.Popen[bytes], mode: str) -> dict[str, float]:
-    run = _wait("run dir", lambda: next(iter((home / "jobs").glob("*")), None)
-                if (home / "jobs").exists() else None)
+    run = _wait(
+        "run dir", lambda: next(iter((home / "jobs").glob("*")), None) if (home / "jobs").exists() else None
+    )
     sup = psutil.Process(proc.pid)
     cpu0, t0 = sup.cpu_times(), time.monotonic()
-    hb = _wait("two commits", lambda: (h := heartbeat(run)) and h["attempt"] == 1
-               and (h.get("committed_step") or 0) >= 80 and h)
+    hb = _wait(
+        "two commits",
+        lambda: (h := heartbeat(run)) and h["attempt"] == 1 and (h.get("committed_step") or 0) >= 80 and h,
+    )
     if mode == "spare":  # measure a warm spare: wait until it has imported TF and built the model
         _wait("a warm spare", lambda: (run / "attempts" / "spare" / "ready").exists())
     if mode == "warm":  # the free slot's warm worker is ready
@@ -125,18 +139,19 @@ def main() -> None:
     results: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
     with tempfile.TemporaryDirectory(prefix="ckptd-recovery-") as d:
         for i in range(args.repeats):
-            for mode in (MODES if i % 2 == 0 else tuple(reversed(MODES))):
+            for mode in MODES if i % 2 == 0 else tuple(reversed(MODES)):
                 results[mode].append(one_run(Path(d), mode))
-                print(f"repeat {i + 1} {mode}: "
-                      + " ".join(f"{k}={v:.3f}" for k, v in results[mode][-1].items()),
-                      file=sys.stderr)
+                print(
+                    f"repeat {i + 1} {mode}: "
+                    + " ".join(f"{k}={v:.3f}" for k, v in results[mode][-1].items()),
+                    file=sys.stderr,
+                )
 
     def med(mode: str, key: str) -> float:
         return statistics.median(r[key] for r in results[mode])
 
     cold = statistics.median([r["cold_start"] for r in results["cold"] + results["spare"]])
-    print(f"\nrecovery after kill -9 of the worker (medians of {args.repeats}, "
-          f"{os.cpu_count()} cores)")
+    print(f"\nrecovery after kill -9 of the worker (medians of {args.repeats}, {os.cpu_count()} cores)")
     print(f"{'measure':<44}{'seconds':>10}{'x cold start':>14}   target")
     rows = [
         ("cold start (spawn -> first step)", cold, None, ""),
@@ -152,10 +167,13 @@ def main() -> None:
         if name.startswith("crash"):
             verdict = "pass" if value <= 0.2 else "FAIL"
         print(f"{name:<44}{value:>10.3f}{ratio:>14.2f}   {target} {verdict}")
-    print(f"{'supervisor RSS while supervising (MB)':<44}{med('cold', 'sup_rss_mb'):>10.1f}"
-          f"{'':>14}   <= 60 MB")
-    print(f"{'supervisor CPU while supervising (% core)':<44}{med('cold', 'sup_cpu_pct'):>10.2f}"
-          f"{'':>14}   <= 1 %")
+    print(
+        f"{'supervisor RSS while supervising (MB)':<44}{med('cold', 'sup_rss_mb'):>10.1f}{'':>14}   <= 60 MB"
+    )
+    print(
+        f"{'supervisor CPU while supervising (% core)':<44}{med('cold', 'sup_cpu_pct'):>10.2f}"
+        f"{'':>14}   <= 1 %"
+    )
 
 
 if __name__ == "__main__":

@@ -61,8 +61,9 @@ class Backend(Protocol):
     def cancel(self, store: Store, peer: Peer, job_id: str) -> tuple[int, dict[str, Any]]: ...
     def job(self, store: Store, peer: Peer, job_id: str, detail: bool) -> dict[str, Any]: ...
     def jobs(self, store: Store, peer: Peer) -> list[dict[str, Any]]: ...
-    def checkpoints(self, store: Store, peer: Peer, job_id: str,
-                    include_retired: bool) -> list[dict[str, Any]]: ...
+    def checkpoints(
+        self, store: Store, peer: Peer, job_id: str, include_retired: bool
+    ) -> list[dict[str, Any]]: ...
     def events(self, store: Store, peer: Peer, job_id: str, cursor: str) -> dict[str, Any]: ...
 
 
@@ -73,7 +74,7 @@ def peer_of(sock: socket.socket) -> Peer:
     pid, uid, gid = struct.unpack("3i", raw)
     try:
         data = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 1024)  # up to 256 groups
-        groups = struct.unpack(f"{len(data) // 4}I", data[:len(data) // 4 * 4])
+        groups = struct.unpack(f"{len(data) // 4}I", data[: len(data) // 4 * 4])
     except OSError:  # an old kernel: the account database's groups stand in (ckptd.state)
         from ckptd.state.submissions import account_owner
 
@@ -135,8 +136,7 @@ class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
                     self.shutdown_request(conn)
             for conn in ready:
                 self._slots.acquire()  # only clients that spoke wait for a thread
-                threading.Thread(target=self.process_request_thread, args=(conn, None),
-                                 daemon=True).start()
+                threading.Thread(target=self.process_request_thread, args=(conn, None), daemon=True).start()
 
     def _take(self, conn: socket.socket) -> None:
         self._waiting.pop(conn, None)

@@ -45,9 +45,15 @@ class Registry:
 
 
 class ApiBackend:
-    def __init__(self, home: Path, registry: Registry, admin_group: str,
-                 wake: threading.Event, health: Callable[[], dict[str, Any]],
-                 log: FilteringBoundLogger) -> None:
+    def __init__(
+        self,
+        home: Path,
+        registry: Registry,
+        admin_group: str,
+        wake: threading.Event,
+        health: Callable[[], dict[str, Any]],
+        log: FilteringBoundLogger,
+    ) -> None:
         self.home, self.registry, self.admin_group = home, registry, admin_group
         self.wake, self._health, self.log = wake, health, log
         self._pool: queue.SimpleQueue[Store] = queue.SimpleQueue()
@@ -80,8 +86,11 @@ class ApiBackend:
         sub = submissions.submission(store, job_id)
         owner = sub.owner_uid if sub else -1
         if not may_act(peer.uid, owner, self._is_admin(peer)):
-            raise ApiError(403, f"uid {peer.uid} may not see job {job_id} (owner uid {owner}); "
-                           f"only its owner, root and group {self.admin_group} may")
+            raise ApiError(
+                403,
+                f"uid {peer.uid} may not see job {job_id} (owner uid {owner}); "
+                f"only its owner, root and group {self.admin_group} may",
+            )
         return job
 
     def job(self, store: Store, peer: Peer, job_id: str, detail: bool) -> dict[str, Any]:
@@ -104,8 +113,9 @@ class ApiBackend:
                 out.append(self._report(store, j, detail=False))
         return out
 
-    def checkpoints(self, store: Store, peer: Peer, job_id: str,
-                    include_retired: bool) -> list[dict[str, Any]]:
+    def checkpoints(
+        self, store: Store, peer: Peer, job_id: str, include_retired: bool
+    ) -> list[dict[str, Any]]:
         self._visible(store, peer, job_id)
         rows = store.checkpoints(job_id, include_retired)
         for r in rows:
@@ -120,8 +130,12 @@ class ApiBackend:
         worker, w_end = read_events(Path(job.run_dir), EVENTS_FILE, offsets[0])
         superv, s_end = read_events(supervision_dir(self.home, job.id), EVENTS_FILE, offsets[1])
         events = sorted(worker + superv, key=lambda ev: float(ev.get("ts") or 0))
-        return {"events": events, "offset": f"{w_end}:{s_end}",
-                "state": str(job.state), "terminal": job.state in TERMINAL | {JobState.FAILED}}
+        return {
+            "events": events,
+            "offset": f"{w_end}:{s_end}",
+            "state": str(job.state),
+            "terminal": job.state in TERMINAL | {JobState.FAILED},
+        }
 
     # -- writes ---------------------------------------------------------------------------------
 
@@ -142,22 +156,26 @@ class ApiBackend:
             return self._same_key(store, str(key), e.job_id, spec)
         except OSError as e:  # nothing was recorded: the submit can simply be retried
             full = e.errno in (errno.ENOSPC, errno.EDQUOT)
-            raise ApiError(507 if full else 500,
-                           f"cannot create the job's run directory under {self.home}/jobs: "
-                           f"{e.strerror or e}; " + ("free space there and submit again" if full
-                                                     else "see the daemon's log")) from e
-        self.log.info("job.submitted", job_id=job.id, name=job.name, owner_uid=peer.uid,
-                      priority=priority)
+            raise ApiError(
+                507 if full else 500,
+                f"cannot create the job's run directory under {self.home}/jobs: "
+                f"{e.strerror or e}; "
+                + ("free space there and submit again" if full else "see the daemon's log"),
+            ) from e
+        self.log.info("job.submitted", job_id=job.id, name=job.name, owner_uid=peer.uid, priority=priority)
         self.wake.set()
         return 201, {"created": True, "job": self._report(store, job, detail=False)}
 
-    def _same_key(self, store: Store, key: str, job_id: str,
-                  spec: JobSpec) -> tuple[int, dict[str, Any]]:
+    def _same_key(self, store: Store, key: str, job_id: str, spec: JobSpec) -> tuple[int, dict[str, Any]]:
         """A retry (same spec) gets the job it created; a different spec under the key is a
         mistake that must not silently run the first one instead."""
         if store.job(job_id).spec_digest != spec_digest(spec):
-            raise ApiError(409, f"key {key!r} was already used for job {job_id} with a different "
-                           "job spec; submit with a new key", job_id=job_id)
+            raise ApiError(
+                409,
+                f"key {key!r} was already used for job {job_id} with a different "
+                "job spec; submit with a new key",
+                job_id=job_id,
+            )
         return 200, {"created": False, "job": self._report(store, store.job(job_id), detail=False)}
 
     def cancel(self, store: Store, peer: Peer, job_id: str) -> tuple[int, dict[str, Any]]:
@@ -165,8 +183,11 @@ class ApiBackend:
         sub = submissions.submission(store, job_id)
         owner = sub.owner_uid if sub else -1
         if not may_act(peer.uid, owner, self._is_admin(peer)):
-            raise ApiError(403, f"uid {peer.uid} may not cancel job {job_id} (owner uid {owner}); "
-                           f"ask its owner, root or a member of group {self.admin_group}")
+            raise ApiError(
+                403,
+                f"uid {peer.uid} may not cancel job {job_id} (owner uid {owner}); "
+                f"ask its owner, root or a member of group {self.admin_group}",
+            )
         with self.registry.lock:  # the main loop starts jobs under the same lock
             rj = self.registry.running.get(job_id)
             if rj is not None and rj.end is None and job.state not in TERMINAL:
@@ -174,12 +195,18 @@ class ApiBackend:
                 self.log.info("job.cancelling", job_id=job_id, by_uid=peer.uid)
                 return 202, {"job_id": job_id, "state": "cancelling"}
             try:
-                job = store.transition(job_id, JobState.CANCELLED,
-                                       f"cancelled by uid {peer.uid} through the API",
-                                       expect=CANCEL_DIRECTLY)
+                job = store.transition(
+                    job_id,
+                    JobState.CANCELLED,
+                    f"cancelled by uid {peer.uid} through the API",
+                    expect=CANCEL_DIRECTLY,
+                )
             except Exception as e:
-                raise ApiError(409, f"job {job_id} is {store.job(job_id).state}; nothing to cancel",
-                               state=str(store.job(job_id).state)) from e
+                raise ApiError(
+                    409,
+                    f"job {job_id} is {store.job(job_id).state}; nothing to cancel",
+                    state=str(store.job(job_id).state),
+                ) from e
         self.log.info("job.cancelled", job_id=job_id, by_uid=peer.uid)
         return 200, {"job_id": job_id, "state": str(job.state)}
 
@@ -198,16 +225,19 @@ def read_events(directory: Path, name: str, offset: int) -> tuple[list[dict[str,
         data = read_under(directory, directory / name, offset, MAX_EVENTS_CHUNK)
     except OSError:
         return [], offset
-    complete = data[:data.rfind(b"\n") + 1]  # a line being appended waits for next time
+    complete = data[: data.rfind(b"\n") + 1]  # a line being appended waits for next time
     return list(iter_lines(complete)), offset + len(complete)
 
 
 def refuse_foreign(owner: Owner) -> None:
     """A daemon that cannot switch users runs only its own user's jobs."""
     if identity.needs_switch(owner) and not identity.can_switch_users():
-        raise ApiError(403, f"this ckptd daemon runs as uid {os.geteuid()} without the right to "
-                       f"start jobs as other users; uid {owner.uid} can run its own daemon "
-                       "(`ckptd daemon`, or the systemd user unit) or use `ckptd run`")
+        raise ApiError(
+            403,
+            f"this ckptd daemon runs as uid {os.geteuid()} without the right to "
+            f"start jobs as other users; uid {owner.uid} can run its own daemon "
+            "(`ckptd daemon`, or the systemd user unit) or use `ckptd run`",
+        )
 
 
 def _spec_from(body: dict[str, Any]) -> tuple[JobSpec, bytes, str]:
@@ -217,8 +247,11 @@ def _spec_from(body: dict[str, Any]) -> tuple[JobSpec, bytes, str]:
     if not isinstance(raw, str) or not raw:
         raise ApiError(400, "raw: the job file's text (use `ckptd submit`)")
     if not isinstance(job_file, str) or not job_file.startswith("/"):
-        raise ApiError(400, "job_file: the job file's absolute path (relative paths in it are "
-                       "resolved against its directory)")
+        raise ApiError(
+            400,
+            "job_file: the job file's absolute path (relative paths in it are "
+            "resolved against its directory)",
+        )
     data = raw.encode()
     try:
         spec = parse_job(data, job_file, Path(job_file).parent, check=False)
@@ -232,16 +265,45 @@ def _spec_from(body: dict[str, Any]) -> tuple[JobSpec, bytes, str]:
         try:
             given = spec_from_json(text)
         except ValidationError as e:
-            raise ApiError(400, "invalid job spec", problems=[
-                f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]) from e
+            raise ApiError(
+                400,
+                "invalid job spec",
+                problems=[f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()],
+            ) from e
         if spec_digest(given) != spec_digest(spec):
-            raise ApiError(400, f"spec_json does not match raw: the job file {job_file} as sent "
-                           "is what runs; send the spec parsed from it (`ckptd submit` does)")
+            raise ApiError(
+                400,
+                f"spec_json does not match raw: the job file {job_file} as sent "
+                "is what runs; send the spec parsed from it (`ckptd submit` does)",
+            )
     return spec, data, job_file
 
 
-def submit_job(store: Store, home: Path, spec: JobSpec, raw: bytes, job_file: str, owner: Owner,
-               priority: int, key: str | None) -> Job:
-    return create_run(home, spec, raw, lambda job_id, run: submissions.submit(
-        store, job_id, spec.name, spec_json(spec), spec_digest(spec), job_file, str(run.root),
-        owner, priority, key), owner)
+def submit_job(
+    store: Store,
+    home: Path,
+    spec: JobSpec,
+    raw: bytes,
+    job_file: str,
+    owner: Owner,
+    priority: int,
+    key: str | None,
+) -> Job:
+    return create_run(
+        home,
+        spec,
+        raw,
+        lambda job_id, run: submissions.submit(
+            store,
+            job_id,
+            spec.name,
+            spec_json(spec),
+            spec_digest(spec),
+            job_file,
+            str(run.root),
+            owner,
+            priority,
+            key,
+        ),
+        owner,
+    )

@@ -44,11 +44,17 @@ def build_check(spec: JobSpec, timeout: float = 900.0) -> CheckResult:
         atomic_write_text(run.spec_file, spec_json(spec))
         env = {**os.environ, CHECK_ENV: "1"}
         try:
-            r = subprocess.run([sys.executable, "-m", "ckptd.worker", tmp, "0"], cwd=tmp, env=env,
-                               capture_output=True, text=True, timeout=timeout)
+            r = subprocess.run(
+                [sys.executable, "-m", "ckptd.worker", tmp, "0"],
+                cwd=tmp,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
         except subprocess.TimeoutExpired:
             return CheckResult(False, [], f"the set-up did not finish within {timeout:.0f} s")
         for line in r.stdout.splitlines():
             if line.startswith(CHECK_PREFIX):
-                return CheckResult(True, list(json.loads(line[len(CHECK_PREFIX):])["inexact"]))
+                return CheckResult(True, list(json.loads(line[len(CHECK_PREFIX) :])["inexact"]))
         return CheckResult(False, [], _failure(run, r))

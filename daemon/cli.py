@@ -63,13 +63,16 @@ def _existing_store(home: Path, job_id: str | None) -> Store | None:
     service = service_home()
     if service != home and (service / "ckptd.db").exists():
         if os.access(service / "ckptd.db", os.R_OK):
-            click.echo(f"ckptd: the service is not running; its jobs as of its last stop "
-                       f"({service}):", err=True)
+            click.echo(
+                f"ckptd: the service is not running; its jobs as of its last stop ({service}):", err=True
+            )
             return _open_store(service)
         # Not "no jobs": the jobs exist, this user may not see them while the service is down.
-        _die(f"the service is not running (no answer on {SYSTEM_SOCKET}) and its store "
-             f"{service / 'ckptd.db'} is not readable by you: permission denied. Start it "
-             f"(systemctl start ckptd) or ask as root (sudo ckptd --home {service} status)")
+        _die(
+            f"the service is not running (no answer on {SYSTEM_SOCKET}) and its store "
+            f"{service / 'ckptd.db'} is not readable by you: permission denied. Start it "
+            f"(systemctl start ckptd) or ask as root (sudo ckptd --home {service} status)"
+        )
     if job_id:
         _die(f"no job {job_id!r}: {where}", EXIT_BAD_INPUT)
     click.echo(f"ckptd: {where}", err=True)
@@ -85,9 +88,12 @@ def _open_store(home: Path) -> Store:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--home", type=click.Path(file_okay=False, readable=False, path_type=Path),
-              envvar="CKPTD_HOME",
-              help="State directory (default: $CKPTD_HOME or ~/.local/state/ckptd).")
+@click.option(
+    "--home",
+    type=click.Path(file_okay=False, readable=False, path_type=Path),
+    envvar="CKPTD_HOME",
+    help="State directory (default: $CKPTD_HOME or ~/.local/state/ckptd).",
+)
 @click.pass_context
 def cli(ctx: click.Context, home: Path | None) -> None:
     """ckptd: fault-tolerant training for TensorFlow/Keras."""
@@ -96,9 +102,13 @@ def cli(ctx: click.Context, home: Path | None) -> None:
 
 @cli.command()
 @click.argument("job_files", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--build", "build_", is_flag=True,
-              help="Also set each job up in a worker (import, build, first batch) and report "
-                   "whatever would make a resumed run differ from an uninterrupted one.")
+@click.option(
+    "--build",
+    "build_",
+    is_flag=True,
+    help="Also set each job up in a worker (import, build, first batch) and report "
+    "whatever would make a resumed run differ from an uninterrupted one.",
+)
 def validate(job_files: tuple[Path, ...], build_: bool) -> None:
     """Check job files; print every problem with its field path. Records nothing."""
     bad = False
@@ -131,16 +141,19 @@ def _build_report(path: Path, spec: JobSpec) -> bool:
     return True
 
 
-def _pick_job(store: Store, home: Path, job_file: Path | None, resume: str | None,
-              new: bool) -> tuple[Job, JobSpec, bool]:
+def _pick_job(
+    store: Store, home: Path, job_file: Path | None, resume: str | None, new: bool
+) -> tuple[Job, JobSpec, bool]:
     if resume:
         try:
             job = store.job(resume)
         except StoreError as e:
             _die(str(e), EXIT_BAD_INPUT)
         if job.state not in RESUMABLE | jobs.STALE:
-            _die(f"job {job.id} is {job.state}; only {', '.join(sorted(RESUMABLE))} jobs resume",
-                 EXIT_BAD_INPUT)
+            _die(
+                f"job {job.id} is {job.state}; only {', '.join(sorted(RESUMABLE))} jobs resume",
+                EXIT_BAD_INPUT,
+            )
         return job, jobs.spec_of(job), True
     assert job_file is not None
     spec, raw = _load(str(job_file))
@@ -165,8 +178,13 @@ def _install_stop_handlers(stops: StopRequests) -> None:
 @click.argument("job_file", required=False, type=click.Path(path_type=Path))
 @click.option("--resume", "resume", metavar="JOB-ID", help="Resume this interrupted or failed job.")
 @click.option("--new", is_flag=True, help="Start a fresh job even if an identical one can resume.")
-@click.option("--progress", type=click.Choice(["auto", "bar", "json"]), default="auto",
-              show_default=True, help="Progress bar on a terminal, JSON log lines otherwise.")
+@click.option(
+    "--progress",
+    type=click.Choice(["auto", "bar", "json"]),
+    default="auto",
+    show_default=True,
+    help="Progress bar on a terminal, JSON log lines otherwise.",
+)
 @click.pass_obj
 def run(home: Path, job_file: Path | None, resume: str | None, new: bool, progress: str) -> None:
     """Run JOB_FILE in the foreground under supervision until it succeeds or fails.
@@ -186,8 +204,11 @@ def run(home: Path, job_file: Path | None, resume: str | None, new: bool, progre
     use_bar = progress == "bar" or (progress == "auto" and sys.stderr.isatty())
     logs.configure(json_lines=not use_bar)
     log = logs.get(job_id=job.id)
-    log.info("job.resumed" if resuming else "job.started", run_dir=str(run_dir.root),
-             last_committed_step=job.last_committed_step)
+    log.info(
+        "job.resumed" if resuming else "job.started",
+        run_dir=str(run_dir.root),
+        last_committed_step=job.last_committed_step,
+    )
     if spec.resources.memory_limit:
         how, detail = cgroups.enforcement()
         log.info("memory.enforcement", how=how, detail=detail)
@@ -196,12 +217,22 @@ def run(home: Path, job_file: Path | None, resume: str | None, new: bool, progre
     _install_stop_handlers(stops)
     gpus = detect_gpus() if spec.resources.gpus else []
     with BarDisplay() if use_bar else contextlib.nullcontext(LogDisplay(log)) as display:
-        end = JobRunner(store, job.id, spec, run_dir, RealProcessOps(), display, stops,
-                        hot_spare=spec.restart.hot_spare, gpus=gpus,
-                        record=jobs.supervision_dir(home, job.id) / EVENTS_FILE).run_job()
+        end = JobRunner(
+            store,
+            job.id,
+            spec,
+            run_dir,
+            RealProcessOps(),
+            display,
+            stops,
+            hot_spare=spec.restart.hot_spare,
+            gpus=gpus,
+            record=jobs.supervision_dir(home, job.id) / EVENTS_FILE,
+        ).run_job()
     final = store.job(job.id)
-    log.info("job.finished", state=str(end), reason=final.reason,
-             last_committed_step=final.last_committed_step)
+    log.info(
+        "job.finished", state=str(end), reason=final.reason, last_committed_step=final.last_committed_step
+    )
     print_outputs(final, spec)
     if end == JobState.INTERRUPTED:
         click.echo(f"ckptd: stopped; continue with: ckptd run --resume {job.id}", err=True)
@@ -235,8 +266,12 @@ def status(home: Path, job_id: str | None, as_json: bool) -> None:
 @cli.command()
 @click.argument("job_id")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--all", "include_retired", is_flag=True,
-              help="Include checkpoints already deleted by retention (max_to_keep).")
+@click.option(
+    "--all",
+    "include_retired",
+    is_flag=True,
+    help="Include checkpoints already deleted by retention (max_to_keep).",
+)
 @click.pass_obj
 def checkpoints(home: Path, job_id: str, as_json: bool, include_retired: bool) -> None:
     """List a job's committed checkpoints (newest last)."""
@@ -263,8 +298,13 @@ def checkpoints(home: Path, job_id: str, as_json: bool, include_retired: bool) -
         click.echo(f"step {r['step']:>8}  epoch {r['epoch']:>5}  {r['path']}  {metrics}{retired}")
 
 
-for _command in (cli_service.daemon_cmd, cli_service.submit, cli_service.logs_cmd,
-                 cli_service.cancel, cli_service.export):
+for _command in (
+    cli_service.daemon_cmd,
+    cli_service.submit,
+    cli_service.logs_cmd,
+    cli_service.cancel,
+    cli_service.export,
+):
     cli.add_command(_command)
 
 

@@ -46,8 +46,12 @@ def client_call(home: Path, method: str, url: str, body: dict[str, Any] | None =
 
 
 @click.command("daemon")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="Daemon settings (default: <state>/daemon.yaml if present).")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Daemon settings (default: <state>/daemon.yaml if present).",
+)
 @click.pass_obj
 def daemon_cmd(home: Path, config_file: Path | None) -> None:
     """Run the service in the foreground (systemd runs this): API, queue, spool, recovery."""
@@ -68,14 +72,18 @@ def daemon_cmd(home: Path, config_file: Path | None) -> None:
 
 @click.command()
 @click.argument("job_file", type=click.Path(path_type=Path))
-@click.option("--priority", type=click.IntRange(-100, 100), default=0, show_default=True,
-              help="Higher runs first; equal priorities run in submission order.")
+@click.option(
+    "--priority",
+    type=click.IntRange(-100, 100),
+    default=0,
+    show_default=True,
+    help="Higher runs first; equal priorities run in submission order.",
+)
 @click.option("--key", help="Idempotency key (default: a fresh one, reused by this command's retries).")
 @click.option("--wait", is_flag=True, help="Wait until the job ends; exit 0 only if it succeeded.")
 @click.option("--follow", is_flag=True, help="Like --wait, printing the job's events.")
 @click.pass_obj
-def submit(home: Path, job_file: Path, priority: int, key: str | None, wait: bool,
-           follow: bool) -> None:
+def submit(home: Path, job_file: Path, priority: int, key: str | None, wait: bool, follow: bool) -> None:
     """Validate JOB_FILE here, queue it on the daemon, print the job id."""
     try:
         spec, raw = load_job_file(job_file)
@@ -83,8 +91,13 @@ def submit(home: Path, job_file: Path, priority: int, key: str | None, wait: boo
         for problem in e.problems:
             click.echo(problem, err=True)
         sys.exit(EXIT_BAD_INPUT)
-    body = {"spec_json": spec_json(spec), "job_file": os.path.abspath(job_file),
-            "raw": raw.decode(), "priority": priority, "key": key or f"cli-{uuid.uuid4()}"}
+    body = {
+        "spec_json": spec_json(spec),
+        "job_file": os.path.abspath(job_file),
+        "raw": raw.decode(),
+        "priority": priority,
+        "key": key or f"cli-{uuid.uuid4()}",
+    }
     client = Client(find_socket(home))
     answer: Any = {}
     for attempt in range(SUBMIT_RETRIES):
@@ -154,8 +167,13 @@ def cancel(home: Path, job_id: str) -> None:
 @click.argument("job_id")
 @click.option("--best", "which", flag_value="best", help="The best weights file so far.")
 @click.option("--latest", "which", flag_value="latest", help="The newest verified checkpoint.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Where to write (.hdf5/.h5: Keras-2 layout, .weights.h5: Keras 3).")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Where to write (.hdf5/.h5: Keras-2 layout, .weights.h5: Keras 3).",
+)
 @click.pass_obj
 def export(home: Path, job_id: str, which: str | None, output: Path) -> None:
     """Write a job's weights to an HDF5 file that model.load_weights() reads."""
@@ -167,8 +185,10 @@ def export(home: Path, job_id: str, which: str | None, output: Path) -> None:
         if not best:
             _die(f"job {job_id} has no best file yet (best: not configured, or no epoch ended)")
         if Path(best[-1]).suffix != output.suffix:
-            _die(f"the best file is {Path(best[-1]).name}; name the output *{Path(best[-1]).suffix}",
-                 EXIT_BAD_INPUT)
+            _die(
+                f"the best file is {Path(best[-1]).name}; name the output *{Path(best[-1]).suffix}",
+                EXIT_BAD_INPUT,
+            )
         try:
             shutil.copyfile(best[-1], output)
         except OSError as e:
@@ -176,8 +196,11 @@ def export(home: Path, job_id: str, which: str | None, output: Path) -> None:
         click.echo(f"{output}: best weights from {best[-1]}")
         return
     # TensorFlow is only ever imported in a worker-side process.
-    r = subprocess.run([sys.executable, "-m", "ckptd.worker.export", job["run_dir"], str(output)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "ckptd.worker.export", job["run_dir"], str(output)],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         _die(f"export failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
     click.echo(f"{output}: weights of {r.stdout.strip()}")

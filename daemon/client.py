@@ -94,7 +94,8 @@ class Client:
         except PermissionError as e:
             raise SocketDenied(
                 f"permission denied on {self.path}: ask an administrator to add you to the "
-                "socket's group (ckptd-users)") from e
+                "socket's group (ckptd-users)"
+            ) from e
         except (OSError, http.client.HTTPException, ValueError) as e:
             raise DaemonUnavailable(f"the daemon on {self.path} did not answer properly: {e}") from e
         finally:

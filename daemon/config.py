@@ -48,8 +48,9 @@ def load_config(path: Path | None, state: Path) -> DaemonConfig:
     try:
         return DaemonConfig.model_validate(raw)
     except ValidationError as e:
-        raise JobFileError([f"{chosen}: {'.'.join(map(str, err['loc']))}: {err['msg']}"
-                            for err in e.errors()]) from e
+        raise JobFileError(
+            [f"{chosen}: {'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
+        ) from e
 
 
 def socket_path(config: DaemonConfig, state: Path) -> Path:

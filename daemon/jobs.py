@@ -30,8 +30,9 @@ class JobBusy(Exception):
 RUN_DIR_MODE = 0o2750  # setgid: what the worker writes keeps the daemon's group, which reads it
 
 
-def create_run(state: Path, spec: JobSpec, raw: bytes, record: Callable[[str, RunDir], Job],
-               owner: Owner | None = None) -> Job:
+def create_run(
+    state: Path, spec: JobSpec, raw: bytes, record: Callable[[str, RunDir], Job], owner: Owner | None = None
+) -> Job:
     """Run directory first (job file, spec, fsync), then `record` writes the store row(s) in one
     transaction: a job the store acknowledges is complete; a failure leaves no directory.
 
@@ -117,9 +118,14 @@ def supervision_dir(state: Path, job_id: str) -> Path:
 
 
 def create_job(store: Store, state: Path, spec: JobSpec, raw: bytes, job_file: Path) -> Job:
-    return create_run(state, spec, raw, lambda job_id, run: store.create_job(
-        job_id, spec.name, spec_json(spec), spec_digest(spec), str(job_file.resolve()),
-        str(run.root)))
+    return create_run(
+        state,
+        spec,
+        raw,
+        lambda job_id, run: store.create_job(
+            job_id, spec.name, spec_json(spec), spec_digest(spec), str(job_file.resolve()), str(run.root)
+        ),
+    )
 
 
 def find_resumable(store: Store, spec: JobSpec) -> Job | None:
@@ -137,15 +143,13 @@ def spec_of(job: Job) -> JobSpec:
 def lock_job(where: Path) -> int:
     """One supervisor per job: `ckptd run` twice on the same job must not start two workers.
     `where`: the run directory (`ckptd run`) or the job's supervision directory (the daemon)."""
-    fd = os.open(where / ".supervisor.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
-                 0o600)
+    fd = os.open(where / ".supervisor.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as e:
         os.close(fd)
         raise JobBusy(f"job in {where} is already being supervised by another ckptd") from e
     return fd
-
 
 
 STALE = frozenset({JobState.RUNNING, JobState.BACKOFF})
@@ -200,8 +204,16 @@ def reconcile_lost(store: Store, job: Job) -> Job:
     for a in store.attempts(job.id):
         if a.ended_at is None:
             what = stop_orphan(a.pid, run) if a.pid else "no worker"
-            store.end_attempt(job.id, a.n, exit_code=None, signal=None, klass=AttemptClass.LOST,
-                              evidence=f"supervisor lost; {what}", error_summary=None,
-                              restored_step=a.restored_step, last_step=a.last_step)
+            store.end_attempt(
+                job.id,
+                a.n,
+                exit_code=None,
+                signal=None,
+                klass=AttemptClass.LOST,
+                evidence=f"supervisor lost; {what}",
+                error_summary=None,
+                restored_step=a.restored_step,
+                last_step=a.last_step,
+            )
     ledger.catch_up(store, job.id, run.root)  # its commits since the lost supervisor's last read
     return store.transition(job.id, JobState.INTERRUPTED, "supervisor was lost")

@@ -12,8 +12,11 @@ from structlog.typing import FilteringBoundLogger
 
 def configure(json_lines: bool, stream: Any = None) -> None:
     out = stream or sys.stderr
-    renderer: Any = (structlog.processors.JSONRenderer() if json_lines
-                     else structlog.dev.ConsoleRenderer(colors=out.isatty()))
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if json_lines
+        else structlog.dev.ConsoleRenderer(colors=out.isatty())
+    )
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

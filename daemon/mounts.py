@@ -30,8 +30,8 @@ def _unescape(field: str) -> str:
     """mountinfo escapes space, tab, newline and backslash as \\ooo."""
     out, i = [], 0
     while i < len(field):
-        if field[i] == "\\" and i + 4 <= len(field) and field[i + 1:i + 4].isdigit():
-            out.append(chr(int(field[i + 1:i + 4], 8)))
+        if field[i] == "\\" and i + 4 <= len(field) and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
             i += 4
         else:
             out.append(field[i])
@@ -47,8 +47,7 @@ def parse_mountinfo(text: str) -> list[Mount]:
         if not sep or len(fields) < 6:
             continue
         super_opts = right.split()[2].split(",") if len(right.split()) >= 3 else []
-        mounts.append(Mount(_unescape(fields[4]),
-                            "ro" in fields[5].split(",") or "ro" in super_opts))
+        mounts.append(Mount(_unescape(fields[4]), "ro" in fields[5].split(",") or "ro" in super_opts))
     return mounts
 
 
@@ -64,8 +63,7 @@ def mount_of(path: str, mounts: list[Mount]) -> Mount | None:
     return best
 
 
-def read_only_outputs(spec: JobSpec, source: str, mounts: list[Mount],
-                      under_systemd: bool) -> list[str]:
+def read_only_outputs(spec: JobSpec, source: str, mounts: list[Mount], under_systemd: bool) -> list[str]:
     """One problem per absolute output path that lands on a read-only mount."""
     outputs = [("checkpoint.dir", spec.checkpoint.dir)]
     if spec.best:
@@ -79,13 +77,14 @@ def read_only_outputs(spec: JobSpec, source: str, mounts: list[Mount],
             continue
         why = f"{value} is on a read-only mount ({m.point}) for the ckptd daemon and its workers"
         if under_systemd:
-            setting = ("ProtectHome=read-only" if m.point.startswith(HOME_PREFIXES)
-                       else "ProtectSystem=strict")
-            why += (f": the unit's {setting} makes it so. Use a path relative to the run "
-                    f"directory, or let the service write there: create {value} first (systemd "
-                    f"refuses to start the unit over a ReadWritePaths= entry that does not "
-                    f"exist), then `systemctl edit ckptd`, add [Service] ReadWritePaths={value} "
-                    f"and restart the service")
+            setting = "ProtectHome=read-only" if m.point.startswith(HOME_PREFIXES) else "ProtectSystem=strict"
+            why += (
+                f": the unit's {setting} makes it so. Use a path relative to the run "
+                f"directory, or let the service write there: create {value} first (systemd "
+                f"refuses to start the unit over a ReadWritePaths= entry that does not "
+                f"exist), then `systemctl edit ckptd`, add [Service] ReadWritePaths={value} "
+                f"and restart the service"
+            )
         problems.append(f"{source}: {field}: {why}")
     return problems
 
@@ -96,5 +95,4 @@ def check_outputs(spec: JobSpec, source: str) -> list[str]:
         text = MOUNTINFO.read_text()
     except OSError:
         return []
-    return read_only_outputs(spec, source, parse_mountinfo(text),
-                             under_systemd="INVOCATION_ID" in os.environ)
+    return read_only_outputs(spec, source, parse_mountinfo(text), under_systemd="INVOCATION_ID" in os.environ)

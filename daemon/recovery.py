@@ -100,12 +100,19 @@ def _devices(proc: psutil.Process, run: RunDir) -> list[int]:
     return []
 
 
-def _close_lost(store: Store, job: Job, a: Attempt, what: str,
-                lost: list[tuple[str, int, str]]) -> None:
+def _close_lost(store: Store, job: Job, a: Attempt, what: str, lost: list[tuple[str, int, str]]) -> None:
     evidence = f"daemon restarted; {what}"
-    store.end_attempt(job.id, a.n, exit_code=None, signal=None, klass=AttemptClass.LOST,
-                      evidence=evidence, error_summary=None,
-                      restored_step=a.restored_step, last_step=a.last_step)
+    store.end_attempt(
+        job.id,
+        a.n,
+        exit_code=None,
+        signal=None,
+        klass=AttemptClass.LOST,
+        evidence=evidence,
+        error_summary=None,
+        restored_step=a.restored_step,
+        last_step=a.last_step,
+    )
     lost.append((job.id, a.n, evidence))
 
 

@@ -29,27 +29,44 @@ def _user(uid: int) -> str:
 
 def job_report(store: Store, job: Job, detail: bool) -> dict[str, Any]:
     report: dict[str, Any] = {
-        "id": job.id, "name": job.name, "state": str(job.state), "reason": job.reason,
-        "created_at": _ts(job.created_at), "updated_at": _ts(job.updated_at),
-        "last_committed_step": job.last_committed_step, "run_dir": job.run_dir,
+        "id": job.id,
+        "name": job.name,
+        "state": str(job.state),
+        "reason": job.reason,
+        "created_at": _ts(job.created_at),
+        "updated_at": _ts(job.updated_at),
+        "last_committed_step": job.last_committed_step,
+        "run_dir": job.run_dir,
         "job_file": job.job_file,
     }
     attempts = store.attempts(job.id)
     report["attempts"] = len(attempts)
-    problems = [e for e in store.events(job.id)
-                if e["kind"] in (Event.CHECKPOINT_FAILED, Event.CHECKPOINT_QUARANTINED)]
+    problems = [
+        e
+        for e in store.events(job.id)
+        if e["kind"] in (Event.CHECKPOINT_FAILED, Event.CHECKPOINT_QUARANTINED)
+    ]
     report["checkpoint_problems"] = [
-        {"time": _ts(e["ts"]), "kind": e["kind"], **json.loads(e["data_json"] or "{}")}
-        for e in problems[-5:]]
+        {"time": _ts(e["ts"]), "kind": e["kind"], **json.loads(e["data_json"] or "{}")} for e in problems[-5:]
+    ]
     if detail:
-        report["attempt_list"] = [{
-            "n": a.n, "pid": a.pid, "started_at": _ts(a.started_at), "ended_at": _ts(a.ended_at),
-            "class": str(a.klass) if a.klass else None, "evidence": a.evidence,
-            "exit_code": a.exit_code, "signal": a.signal, "error": a.error_summary,
-            "restored_step": a.restored_step, "last_step": a.last_step,
-            "steps_done": (None if a.last_step is None
-                           else max(0, a.last_step - (a.restored_step or 0))),
-        } for a in attempts]
+        report["attempt_list"] = [
+            {
+                "n": a.n,
+                "pid": a.pid,
+                "started_at": _ts(a.started_at),
+                "ended_at": _ts(a.ended_at),
+                "class": str(a.klass) if a.klass else None,
+                "evidence": a.evidence,
+                "exit_code": a.exit_code,
+                "signal": a.signal,
+                "error": a.error_summary,
+                "restored_step": a.restored_step,
+                "last_step": a.last_step,
+                "steps_done": (None if a.last_step is None else max(0, a.last_step - (a.restored_step or 0))),
+            }
+            for a in attempts
+        ]
         report["outputs"] = outputs(job, spec_from_json(job.spec_json))
     return report
 
@@ -60,18 +77,22 @@ def print_status(reports: list[dict[str, Any]], detail: bool) -> None:
     for r in reports:
         step = r["last_committed_step"]
         owner = f"owner={_user(r['owner_uid'])} " if r.get("owner_uid") is not None else ""
-        click.echo(f"{r['id']:<40} {r['state']:<12} {owner}attempts={r['attempts']:<3} "
-                   f"committed_step={'-' if step is None else step}"
-                   + (f"  ({r['reason']})" if r["reason"] else ""))
+        click.echo(
+            f"{r['id']:<40} {r['state']:<12} {owner}attempts={r['attempts']:<3} "
+            f"committed_step={'-' if step is None else step}" + (f"  ({r['reason']})" if r["reason"] else "")
+        )
         for prob in r["checkpoint_problems"]:
-            click.echo(f"  {prob['kind']} at step {prob.get('step')}: "
-                       f"{prob.get('error') or prob.get('reason')}")
+            click.echo(
+                f"  {prob['kind']} at step {prob.get('step')}: {prob.get('error') or prob.get('reason')}"
+            )
         if not detail:
             continue
         for a in r["attempt_list"]:
-            click.echo(f"  attempt {a['n']}: pid {a['pid']} {a['class'] or 'running'}"
-                       f" restored_step={a['restored_step']} last_step={a['last_step']}"
-                       f" — {a['evidence'] or ''}")
+            click.echo(
+                f"  attempt {a['n']}: pid {a['pid']} {a['class'] or 'running'}"
+                f" restored_step={a['restored_step']} last_step={a['last_step']}"
+                f" — {a['evidence'] or ''}"
+            )
             if a["error"]:
                 click.echo(f"    error: {a['error']}")
         shown = dict(r["outputs"], best_files=best_files(r["outputs"].get("best_template")))
@@ -83,10 +104,12 @@ def outputs(job: Job, spec: JobSpec) -> dict[str, Any]:
     rights; the daemon never lists a directory on anybody's behalf."""
     run = RunDir(Path(job.run_dir))
     return {
-        "run_dir": str(run.root), "checkpoints": str(run.checkpoint_dir(spec.checkpoint.dir)),
+        "run_dir": str(run.root),
+        "checkpoints": str(run.checkpoint_dir(spec.checkpoint.dir)),
         "history": str(run.history),
         "best_template": str(run.output_path(spec.best.filepath)) if spec.best else None,
-        "logs": str(run.root / "attempts"), "events": str(run.root / "events.jsonl"),
+        "logs": str(run.root / "attempts"),
+        "events": str(run.root / "events.jsonl"),
     }
 
 
@@ -98,8 +121,9 @@ def best_files(template: str | None) -> list[str]:
     path = Path(template)
     stem = path.name.split("{", 1)[0]
     try:
-        found = [p for p in path.parent.iterdir()
-                 if (p.name.startswith(stem) if "{" in path.name else p == path)]
+        found = [
+            p for p in path.parent.iterdir() if (p.name.startswith(stem) if "{" in path.name else p == path)
+        ]
         return [str(p) for p in sorted(found, key=lambda p: p.stat().st_mtime_ns)]
     except OSError:
         return []
@@ -113,6 +137,8 @@ def print_outputs(job: Job, spec: JobSpec) -> None:
     click.echo(f"  checkpoints: {out['checkpoints']}", err=True)
     click.echo(f"  history:     {out['history']}", err=True)
     if out["best_files"]:
-        click.echo(f"  best:        {out['best_files'][-1]}"
-                   + (f" (+{len(out['best_files']) - 1} earlier)"
-                      if len(out["best_files"]) > 1 else ""), err=True)
+        click.echo(
+            f"  best:        {out['best_files'][-1]}"
+            + (f" (+{len(out['best_files']) - 1} earlier)" if len(out["best_files"]) > 1 else ""),
+            err=True,
+        )

@@ -38,39 +38,67 @@ class RunningJob:
     end: JobState | None = None
 
 
-def start_job(home: Path, job_id: str, spec: JobSpec, run_dir: Path, devices: list[int],
-              log: FilteringBoundLogger, owner: Owner, adopt: Adopted | None = None,
-              warm: WarmPool | None = None,
-              first: subprocess.Popen[bytes] | None = None) -> RunningJob:
+def start_job(
+    home: Path,
+    job_id: str,
+    spec: JobSpec,
+    run_dir: Path,
+    devices: list[int],
+    log: FilteringBoundLogger,
+    owner: Owner,
+    adopt: Adopted | None = None,
+    warm: WarmPool | None = None,
+    first: subprocess.Popen[bytes] | None = None,
+) -> RunningJob:
     """`owner`: whose rights the workers run with; `warm`: the daemon's pool; `first`: a warm
     worker it took for this job's first attempt."""
     rj = RunningJob(job_id, devices)
     mine = jobs.supervision_dir(home, job_id)
     ops = RealProcessOps(warm, first, owner, mine)
-    rj.thread = threading.Thread(target=_supervise,
-                                 args=(home, rj, spec, RunDir(run_dir), mine, log, adopt, ops),
-                                 name=f"job-{job_id}", daemon=True)
+    rj.thread = threading.Thread(
+        target=_supervise,
+        args=(home, rj, spec, RunDir(run_dir), mine, log, adopt, ops),
+        name=f"job-{job_id}",
+        daemon=True,
+    )
     rj.thread.start()
     return rj
 
 
-def _supervise(home: Path, rj: RunningJob, spec: JobSpec, run: RunDir, mine: Path, log: FilteringBoundLogger,
-               adopt: Adopted | None, ops: RealProcessOps) -> None:
+def _supervise(
+    home: Path,
+    rj: RunningJob,
+    spec: JobSpec,
+    run: RunDir,
+    mine: Path,
+    log: FilteringBoundLogger,
+    adopt: Adopted | None,
+    ops: RealProcessOps,
+) -> None:
     store = Store.open(home, check=False)
     lock_fd = None
     jlog = log.bind(job_id=rj.job_id)
     try:
         lock_fd = jobs.lock_job(mine)
-        runner = JobRunner(store, rj.job_id, spec, run, ops, LogDisplay(jlog), rj.stops,
-                           hot_spare=spec.restart.hot_spare, gpus=rj.devices,
-                           record=mine / p.EVENTS_FILE)
+        runner = JobRunner(
+            store,
+            rj.job_id,
+            spec,
+            run,
+            ops,
+            LogDisplay(jlog),
+            rj.stops,
+            hot_spare=spec.restart.hot_spare,
+            gpus=rj.devices,
+            record=mine / p.EVENTS_FILE,
+        )
         rj.end = runner.run_job(adopt)
         job = store.job(rj.job_id)
-        jlog.info("job.finished", state=str(rj.end), reason=job.reason,
-                  last_committed_step=job.last_committed_step)
+        jlog.info(
+            "job.finished", state=str(rj.end), reason=job.reason, last_committed_step=job.last_committed_step
+        )
     except Exception as e:  # one job's trouble must never take the daemon down
-        jlog.error("job.supervisor_error", error=f"{type(e).__name__}: {e}",
-                   traceback=traceback.format_exc())
+        jlog.error("job.supervisor_error", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
         rj.end = _fail(store, rj.job_id, f"supervisor error: {type(e).__name__}: {e}")
     finally:
         ops.release_unused()

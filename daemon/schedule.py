@@ -21,8 +21,9 @@ def slot_count(configured: int | None, gpus: list[int]) -> int:
     return max(1, len(gpus))
 
 
-def pick_jobs(queue: list[Queued], running: int, slots: int,
-              free_gpus: list[int]) -> list[tuple[str, list[int]]]:
+def pick_jobs(
+    queue: list[Queued], running: int, slots: int, free_gpus: list[int]
+) -> list[tuple[str, list[int]]]:
     """Jobs to start now, in queue order, each with its GPUs.
 
     Strict order: when the head of the queue does not fit, nothing behind it starts (no
@@ -33,7 +34,7 @@ def pick_jobs(queue: list[Queued], running: int, slots: int,
     for q in queue:
         if running + len(started) >= slots or q.gpus > len(free):
             break
-        devices, free = free[:q.gpus], free[q.gpus:]
+        devices, free = free[: q.gpus], free[q.gpus :]
         started.append((q.job_id, devices))
     return started
 

@@ -58,8 +58,9 @@ def lock_instance(home: Path) -> int:
     except BlockingIOError as e:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
         os.close(fd)
-        raise AlreadyRunning(f"another ckptd daemon (pid {holder}) already serves {home}; "
-                             "stop it first (systemctl stop ckptd)") from e
+        raise AlreadyRunning(
+            f"another ckptd daemon (pid {holder}) already serves {home}; stop it first (systemctl stop ckptd)"
+        ) from e
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
@@ -89,16 +90,21 @@ def _ensure(path: Path, mode: int, gid: int | None) -> None:
         try:
             os.chmod(path, mode)
         except PermissionError as e:
-            raise OSError(e.errno, f"cannot set mode {mode:o} on {path} ({e.strerror}); create it "
-                          "as systemd/ckptd.tmpfiles says: systemd-tmpfiles --create") from e
+            raise OSError(
+                e.errno,
+                f"cannot set mode {mode:o} on {path} ({e.strerror}); create it "
+                "as systemd/ckptd.tmpfiles says: systemd-tmpfiles --create",
+            ) from e
 
 
 def _group_id(name: str) -> int:
     try:
         return grp.getgrnam(name).gr_gid
     except KeyError as e:
-        raise SocketError(f"socket_group {name!r} does not exist; create it (sysusers.d/ckptd.conf "
-                          "does) or fix the daemon config") from e
+        raise SocketError(
+            f"socket_group {name!r} does not exist; create it (sysusers.d/ckptd.conf "
+            "does) or fix the daemon config"
+        ) from e
 
 
 def default_socket_group(config: DaemonConfig) -> str | None:
@@ -115,8 +121,9 @@ def default_socket_group(config: DaemonConfig) -> str | None:
 
 
 class Daemon:
-    def __init__(self, home: Path, config: DaemonConfig, log: FilteringBoundLogger,
-                 notifier: Notifier | None = None) -> None:
+    def __init__(
+        self, home: Path, config: DaemonConfig, log: FilteringBoundLogger, notifier: Notifier | None = None
+    ) -> None:
         self.home, self.config, self.log = home, config, log
         self.notifier = notifier or Notifier()
         self.registry = Registry()
@@ -145,14 +152,22 @@ class Daemon:
                 share_dirs(self.home, group)
             self._recover(store)
             sock = socket_path(self.config, self.home)
-            backend = ApiBackend(self.home, self.registry, self.config.admin_group, self.wake,
-                                 self.health, self.log)
+            backend = ApiBackend(
+                self.home, self.registry, self.config.admin_group, self.wake, self.health, self.log
+            )
             server = bound(sock, lambda: ApiServer(str(sock), backend), group)
-            threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
-                             name="api", daemon=True).start()
+            threading.Thread(
+                target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="api", daemon=True
+            ).start()
             spool = self._start_spool()
-            self.log.info("daemon.ready", pid=os.getpid(), socket=str(sock), slots=self.slots,
-                          gpus=self.gpus, state_dir=str(self.home))
+            self.log.info(
+                "daemon.ready",
+                pid=os.getpid(),
+                socket=str(sock),
+                slots=self.slots,
+                gpus=self.gpus,
+                state_dir=str(self.home),
+            )
             how, detail = cgroups.enforcement()  # before any job asks for memory_limit
             self.log.info("memory.enforcement", how=how, detail=detail)
             self.notifier.send("READY=1", f"MAINPID={os.getpid()}")
@@ -169,15 +184,28 @@ class Daemon:
         found = recover(store)
         for job, adopted, devices in found.adopted:
             self.log.info(p.Event.WORKER_ADOPTED, job_id=job.id, attempt=adopted.n, pid=adopted.pid)
-            self.registry.running[job.id] = start_job(self.home, job.id, jobs.spec_of(job),
-                                                      Path(job.run_dir), devices, self.log,
-                                                      self._owner(store, job.id), adopted,
-                                                      self.warm)
+            self.registry.running[job.id] = start_job(
+                self.home,
+                job.id,
+                jobs.spec_of(job),
+                Path(job.run_dir),
+                devices,
+                self.log,
+                self._owner(store, job.id),
+                adopted,
+                self.warm,
+            )
         for job_id, n, evidence in found.lost:  # as the supervisor would have, had it lived
-            self.log.warning(p.Event.WORKER_EXITED, job_id=job_id, attempt=n, exit_class="lost",
-                             evidence=evidence)
-            p.append_event(jobs.supervision_dir(self.home, job_id) / p.EVENTS_FILE,
-                           p.Event.WORKER_EXITED, attempt=n, exit_class="lost", evidence=evidence)
+            self.log.warning(
+                p.Event.WORKER_EXITED, job_id=job_id, attempt=n, exit_class="lost", evidence=evidence
+            )
+            p.append_event(
+                jobs.supervision_dir(self.home, job_id) / p.EVENTS_FILE,
+                p.Event.WORKER_EXITED,
+                attempt=n,
+                exit_class="lost",
+                evidence=evidence,
+            )
         for job_id in found.requeued:
             self.log.info("job.requeued", job_id=job_id, reason="daemon restarted")
 
@@ -201,9 +229,16 @@ class Daemon:
     def health(self) -> dict[str, Any]:
         with self.registry.lock:
             running = sorted(self.registry.running)
-        return {"pid": os.getpid(), "state_dir": str(self.home), "slots": self.slots,
-                "gpus": self.gpus, "running": running, "queued": self.queued,
-                "warm_workers": self.warm.size(), "stopping": bool(self.signals)}
+        return {
+            "pid": os.getpid(),
+            "state_dir": str(self.home),
+            "slots": self.slots,
+            "gpus": self.gpus,
+            "running": running,
+            "queued": self.queued,
+            "warm_workers": self.warm.size(),
+            "stopping": bool(self.signals),
+        }
 
     def _loop(self, store: Store, spool: Spool | None) -> None:
         last_scan = 0.0
@@ -248,17 +283,26 @@ class Daemon:
 
     def _start(self, store: Store, job_id: str, devices: list[int]) -> None:
         try:
-            job = store.transition(job_id, JobState.RUNNING, "started by the daemon",
-                                   expect=frozenset({JobState.QUEUED}))
+            job = store.transition(
+                job_id, JobState.RUNNING, "started by the daemon", expect=frozenset({JobState.QUEUED})
+            )
         except Exception as e:  # cancelled a moment ago: the table said no
             self.log.info("job.not_started", job_id=job_id, reason=str(e))
             return
-        self.log.info("job.started", job_id=job_id, devices=devices,
-                      last_committed_step=job.last_committed_step)
-        self.registry.running[job_id] = start_job(self.home, job_id, jobs.spec_of(job),
-                                                  Path(job.run_dir), devices, self.log,
-                                                  self._owner(store, job_id), warm=self.warm,
-                                                  first=self.warm.take())
+        self.log.info(
+            "job.started", job_id=job_id, devices=devices, last_committed_step=job.last_committed_step
+        )
+        self.registry.running[job_id] = start_job(
+            self.home,
+            job_id,
+            jobs.spec_of(job),
+            Path(job.run_dir),
+            devices,
+            self.log,
+            self._owner(store, job_id),
+            warm=self.warm,
+            first=self.warm.take(),
+        )
 
     @staticmethod
     def _owner(store: Store, job_id: str) -> Owner:
@@ -281,8 +325,11 @@ class Daemon:
     def _shutdown(self, server: ApiServer, spool: Spool | None, sock: Path) -> None:
         """Stop taking work, let every worker save (0 steps lost), then exit."""
         self.notifier.send("STOPPING=1", "STATUS=stopping: workers are saving")
-        self.log.info("daemon.stopping", signal=signal.Signals(self.signals[0]).name,
-                      running=sorted(self.registry.running))
+        self.log.info(
+            "daemon.stopping",
+            signal=signal.Signals(self.signals[0]).name,
+            running=sorted(self.registry.running),
+        )
         self.warm.stop()
         server.shutdown()
         server.server_close()
@@ -291,8 +338,11 @@ class Daemon:
         asked = 0
         while True:
             with self.registry.lock:
-                live: list[RunningJob] = [rj for rj in self.registry.running.values()
-                                          if rj.thread is not None and rj.thread.is_alive()]
+                live: list[RunningJob] = [
+                    rj
+                    for rj in self.registry.running.values()
+                    if rj.thread is not None and rj.thread.is_alive()
+                ]
                 if len(self.signals) > asked:  # every further signal escalates: save, then kill
                     asked = len(self.signals)
                     for rj in live:

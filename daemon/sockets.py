@@ -34,8 +34,10 @@ def _is_live(path: Path) -> bool:
 def prepare_path(path: Path) -> None:
     """Make `path` free for bind(), or say clearly why it cannot be."""
     if len(os.fsencode(path)) >= 108:
-        raise SocketError(f"socket path {path} is longer than the 107 bytes Unix sockets allow; "
-                          "set `socket:` in the daemon config")
+        raise SocketError(
+            f"socket path {path} is longer than the 107 bytes Unix sockets allow; "
+            "set `socket:` in the daemon config"
+        )
     try:
         st = path.lstat()
     except FileNotFoundError:
@@ -69,7 +71,9 @@ def secure_socket(path: Path, group: str | None) -> None:
         try:
             gid = grp.getgrnam(group).gr_gid
         except KeyError as e:
-            raise SocketError(f"socket_group {group!r} does not exist; create it "
-                              "(sysusers.d/ckptd.conf does) or fix the daemon config") from e
+            raise SocketError(
+                f"socket_group {group!r} does not exist; create it "
+                "(sysusers.d/ckptd.conf does) or fix the daemon config"
+            ) from e
         with contextlib.suppress(PermissionError):
             os.chown(path, -1, gid)

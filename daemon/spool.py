@@ -56,8 +56,9 @@ def _read_own_file(path: Path) -> tuple[bytes, os.stat_result]:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
-        raise _Refused(f"cannot read: {e.strerror}; make it readable by the daemon "
-                       "(chmod o+r, or the daemon's group)") from e
+        raise _Refused(
+            f"cannot read: {e.strerror}; make it readable by the daemon (chmod o+r, or the daemon's group)"
+        ) from e
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -141,20 +142,25 @@ class Spool:
             self._move(path, "accepted")
             return Intake(path.name, "duplicate", existing)
         if identity.needs_switch(owner) and not identity.can_switch_users():
-            return self._reject(path, [f"{path}: owned by uid {owner.uid}, but this daemon runs "
-                                       f"as uid {os.geteuid()} and may not start jobs as other "
-                                       "users"])
+            return self._reject(
+                path,
+                [
+                    f"{path}: owned by uid {owner.uid}, but this daemon runs "
+                    f"as uid {os.geteuid()} and may not start jobs as other "
+                    "users"
+                ],
+            )
         try:
             spec = parse_job(data, str(path), self.dir, check=False)
         except JobFileError as e:
             return self._reject(path, e.problems)
         if problems := mounts.check_outputs(spec, str(path)):
             return self._reject(path, problems)
-        job = submit_job(store, home, spec, data, str(self.dir / "accepted" / path.name),
-                         owner, 0, key)
+        job = submit_job(store, home, spec, data, str(self.dir / "accepted" / path.name), owner, 0, key)
         self._move(path, "accepted")
-        self.log.info("job.submitted", job_id=job.id, name=job.name, owner_uid=owner.uid,
-                      source="spool", file=path.name)
+        self.log.info(
+            "job.submitted", job_id=job.id, name=job.name, owner_uid=owner.uid, source="spool", file=path.name
+        )
         return Intake(path.name, "accepted", job.id)
 
     def _reject(self, path: Path, problems: list[str]) -> Intake:
@@ -170,8 +176,9 @@ class Spool:
     def _move(self, path: Path, where: str) -> Path:
         target = self.dir / where / path.name
         if target.exists():  # never overwrite an earlier file of the same name
-            target = target.with_name(f"{path.stem}.{time.strftime('%Y%m%dT%H%M%S')}"
-                                      f".{os.getpid()}{path.suffix}")
+            target = target.with_name(
+                f"{path.stem}.{time.strftime('%Y%m%dT%H%M%S')}.{os.getpid()}{path.suffix}"
+            )
         os.rename(path, target)
         fsync_dir(target.parent)
         fsync_dir(self.dir)

@@ -64,12 +64,14 @@ def sha256_file(path: Path) -> str:
 
 
 def files_of(directory: Path, number: int) -> list[Path]:
-    return sorted(p for p in directory.iterdir()
-                  if (m := FILE_RE.match(p.name)) and int(m.group(1)) == number)
+    return sorted(
+        p for p in directory.iterdir() if (m := FILE_RE.match(p.name)) and int(m.group(1)) == number
+    )
 
 
-def build_manifest(directory: Path, number: int, step: int, epoch: int, step_in_epoch: int,
-                   metrics: dict[str, float]) -> Manifest:
+def build_manifest(
+    directory: Path, number: int, step: int, epoch: int, step_in_epoch: int, metrics: dict[str, float]
+) -> Manifest:
     """The commit record of ckpt-N: every file's size, and the SHA-256 of its `.index`.
 
     The index records each tensor's shard, offset, size and CRC32C, and TF checks that CRC32C on
@@ -86,8 +88,7 @@ def build_manifest(directory: Path, number: int, step: int, epoch: int, step_in_
         total.update(f"{f.name}:{entry.get('sha256', entry['size'])}\n".encode())
     if not any(name.endswith(".index") for name in files):
         raise OSError(f"{PREFIX}-{number}: no .index file was written")
-    return Manifest(number, step, epoch, step_in_epoch, time.time(), files, metrics,
-                    total.hexdigest())
+    return Manifest(number, step, epoch, step_in_epoch, time.time(), files, metrics, total.hexdigest())
 
 
 def read_manifests(directory: Path) -> tuple[list[Manifest], dict[int, str]]:
@@ -143,13 +144,15 @@ def pinned(directory: Path) -> Iterator[int]:
         parts = directory.parts[1:]
         for i, name in enumerate(parts):
             try:
-                nxt = os.open(name, _DIR_FLAGS if i == len(parts) - 1 else _PATH_FLAGS,
-                              dir_fd=fd)
+                nxt = os.open(name, _DIR_FLAGS if i == len(parts) - 1 else _PATH_FLAGS, dir_fd=fd)
             except OSError as e:
                 if e.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise DirectoryMoved(e.errno, f"{name} in the checkpoint directory's path "
-                                         "is now a symlink; nothing outside it is touched",
-                                         str(directory)) from e
+                    raise DirectoryMoved(
+                        e.errno,
+                        f"{name} in the checkpoint directory's path "
+                        "is now a symlink; nothing outside it is touched",
+                        str(directory),
+                    ) from e
                 raise
             os.close(fd)
             fd = nxt
@@ -182,10 +185,17 @@ def quarantine(directory: Path, number: int, reason: str) -> Path:
         finally:
             os.close(qfd)
         try:
-            names = [n for n in os.listdir(fd)
-                     if (m := FILE_RE.match(n) or MANIFEST_RE.match(n)) and int(m.group(1)) == number]
-            rfd = os.open("reason.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
-                          | os.O_CLOEXEC, 0o640, dir_fd=dfd)
+            names = [
+                n
+                for n in os.listdir(fd)
+                if (m := FILE_RE.match(n) or MANIFEST_RE.match(n)) and int(m.group(1)) == number
+            ]
+            rfd = os.open(
+                "reason.txt",
+                os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o640,
+                dir_fd=dfd,
+            )
             with os.fdopen(rfd, "w") as f:
                 f.write(reason + "\n")
                 f.flush()
@@ -210,8 +220,11 @@ def collect_garbage(directory: Path, committed: set[int]) -> list[str]:
     with pinned(directory) as fd:
         for name in os.listdir(fd):
             m = FILE_RE.match(name)
-            stray = bool(m and int(m.group(1)) not in committed) or name.startswith(
-                ("checkpoint.tmp", ".checkpoint.")) or ".tempstate" in name
+            stray = (
+                bool(m and int(m.group(1)) not in committed)
+                or name.startswith(("checkpoint.tmp", ".checkpoint."))
+                or ".tempstate" in name
+            )
             if not (stray or TEMP_DIR_RE.match(name)):
                 continue
             try:

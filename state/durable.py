@@ -66,8 +66,9 @@ def atomic_write_text(target: str | os.PathLike[str], text: str, mode: int = 0o6
     atomic_write_bytes(target, text.encode("utf-8"), mode)
 
 
-def atomic_write_with(target: str | os.PathLike[str], writer: Callable[[Path], None],
-                      suffix: str = "") -> None:
+def atomic_write_with(
+    target: str | os.PathLike[str], writer: Callable[[Path], None], suffix: str = ""
+) -> None:
     """Let `writer` produce the file at a temp path, then commit it durably under `target`."""
     with atomic_path(target, suffix) as tmp:
         writer(tmp)

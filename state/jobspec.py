@@ -34,9 +34,22 @@ NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 ENTRY_RE = re.compile(r"^(?P<target>[^:\s]+):(?P<func>[A-Za-z_][A-Za-z0-9_]*)$")
 FORMAT_FIELD_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::[^{}]*)?\}")
 WEIGHT_SUFFIXES = (".hdf5", ".h5", ".keras")
-_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9,
-          "GB": 10**9, "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
-          "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 10**3,
+    "KB": 10**3,
+    "M": 10**6,
+    "MB": 10**6,
+    "G": 10**9,
+    "GB": 10**9,
+    "T": 10**12,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 # Set by the program's own fit(...) call when the job runs an entrypoint script.
 FIT_OWNED = frozenset({"epochs", "batch_size", "validation_split", "shuffle"})
@@ -64,8 +77,10 @@ def _inside_run_dir(value: str) -> str:
     if "\0" in value:
         raise ValueError("contains a NUL character")
     if not value.startswith("/") and ".." in Path(value).parts:
-        raise ValueError("a relative path must stay inside the job's run directory (no '..'); "
-                         "give an absolute path you can write to put it elsewhere")
+        raise ValueError(
+            "a relative path must stay inside the job's run directory (no '..'); "
+            "give an absolute path you can write to put it elsewhere"
+        )
     return value
 
 
@@ -93,8 +108,9 @@ class Checkpoint(_Strict):
     @model_validator(mode="after")
     def _some_trigger(self) -> Checkpoint:
         if self.every_steps is None and self.every_seconds is None:
-            raise ValueError("set every_steps and/or every_seconds, or the run is only "
-                             "checkpointed at the end")
+            raise ValueError(
+                "set every_steps and/or every_seconds, or the run is only checkpointed at the end"
+            )
         return self
 
 
@@ -108,8 +124,10 @@ class Best(_Strict):
     @classmethod
     def _weights_file(cls, v: str) -> str:
         if not v.endswith(WEIGHT_SUFFIXES):
-            raise ValueError("must end in .hdf5 or .h5 (Keras-2 HDF5 weights), .weights.h5 "
-                             "(Keras 3 weights) or .keras (whole model)")
+            raise ValueError(
+                "must end in .hdf5 or .h5 (Keras-2 HDF5 weights), .weights.h5 "
+                "(Keras 3 weights) or .keras (whole model)"
+            )
         _check_template(v)
         return _inside_run_dir(v)
 
@@ -120,8 +138,7 @@ def _check_template(template: str) -> None:
     try:
         fields = list(string.Formatter().parse(template))
     except ValueError as e:
-        raise ValueError(f"not a valid template ({e}); double braces {{{{ }}}} for literal ones"
-                         ) from e
+        raise ValueError(f"not a valid template ({e}); double braces {{{{ }}}} for literal ones") from e
     for _, name, spec, conversion in fields:
         if name is None:
             continue
@@ -212,8 +229,7 @@ class JobSpec(_Strict):
     @classmethod
     def _build_function(cls, v: str | None) -> str | None:
         if v is not None and not ENTRY_RE.match(v):
-            raise ValueError("must be FILE.py:function (relative to the job file) or "
-                             "package.module:function")
+            raise ValueError("must be FILE.py:function (relative to the job file) or package.module:function")
         return v
 
     @field_validator("entrypoint")
@@ -232,16 +248,20 @@ class JobSpec(_Strict):
     @model_validator(mode="after")
     def _cross_fields(self, info: ValidationInfo) -> JobSpec:
         if (self.model is None) == (self.entrypoint is None):
-            raise ValueError("model: required field is missing (give either model: "
-                             "FILE.py:function or entrypoint: SCRIPT.py, not both)"
-                             if self.model is None else
-                             "model and entrypoint: give one of them, not both")
+            raise ValueError(
+                "model: required field is missing (give either model: "
+                "FILE.py:function or entrypoint: SCRIPT.py, not both)"
+                if self.model is None
+                else "model and entrypoint: give one of them, not both"
+            )
         fit_owned = self.train.model_fields_set & FIT_OWNED
         # Only for a job file: a stored spec (spec_from_json) lists every field.
         if self.entrypoint is not None and fit_owned and (info.context or {}).get("job_file"):
-            raise ValueError(f"train.{sorted(fit_owned)[0]}: with entrypoint, the script's "
-                             "ckptd.fit(...) call sets epochs, batch_size, validation_split and "
-                             "shuffle; remove it from the job file")
+            raise ValueError(
+                f"train.{sorted(fit_owned)[0]}: with entrypoint, the script's "
+                "ckptd.fit(...) call sets epochs, batch_size, validation_split and "
+                "shuffle; remove it from the job file"
+            )
         if self.best:
             for key in FORMAT_FIELD_RE.findall(self.best.filepath):
                 if key != "epoch" and not re.fullmatch(r"(val_)?[A-Za-z_][A-Za-z0-9_]*", key):
@@ -285,8 +305,14 @@ def _resolve_params(value: Any, base: Path) -> Any:
         return {k: _resolve_params(v, base) for k, v in value.items()}
     if isinstance(value, list):
         return [_resolve_params(v, base) for v in value]
-    if (isinstance(value, str) and value and not value.startswith("/") and "://" not in value
-            and "\n" not in value and len(value) < 4096):
+    if (
+        isinstance(value, str)
+        and value
+        and not value.startswith("/")
+        and "://" not in value
+        and "\n" not in value
+        and len(value) < 4096
+    ):
         try:
             candidate = base / value
             if candidate.exists():
@@ -349,8 +375,10 @@ def check_paths(spec: JobSpec, source: str) -> None:
     for field, text in (("model", spec.model), ("entrypoint", spec.entrypoint)):
         target = text.rsplit(":", 1)[0] if field == "model" and text else text
         if target and "/" in target and os.path.isdir(target):
-            problems.append(f"{source}: {field}: {target} is a directory; name the Python file "
-                            "in it" + (", e.g. model.py:build" if field == "model" else ""))
+            problems.append(
+                f"{source}: {field}: {target} is a directory; name the Python file "
+                "in it" + (", e.g. model.py:build" if field == "model" else "")
+            )
         elif target and target.endswith(".py") and not os.access(target, os.R_OK):
             problems.append(f"{source}: {field}: file {target} {_why_unreadable(target)}")
     outputs = [("checkpoint.dir", spec.checkpoint.dir)]
@@ -358,9 +386,11 @@ def check_paths(spec: JobSpec, source: str) -> None:
         outputs.append(("best.filepath", str(Path(spec.best.filepath).parent)))
     for field, value in outputs:
         if value.startswith("/") and _writable_parent(Path(value)) is None:
-            problems.append(f"{source}: {field}: {value} is not writable by you (uid "
-                            f"{os.geteuid()}); choose a directory you can write, or a path "
-                            "relative to the run directory")
+            problems.append(
+                f"{source}: {field}: {value} is not writable by you (uid "
+                f"{os.geteuid()}); choose a directory you can write, or a path "
+                "relative to the run directory"
+            )
     if problems:
         raise JobFileError(problems)
 

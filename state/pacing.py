@@ -40,8 +40,9 @@ def budget_start_time(last_start: float | None, cost: float | None, budget: floa
     return last_start + max(cost, 0.0) / budget
 
 
-def paced_start_time(writer_start: float, budget_start: float, last_start: float | None,
-                     longest: float | None) -> float:
+def paced_start_time(
+    writer_start: float, budget_start: float, last_start: float | None, longest: float | None
+) -> float:
     """When the next interval save may begin: the later of the two limits, but never more than
     `longest` seconds (the job's every_seconds) after the previous save began. A save that costs
     a lot is spaced out, yet no more work than every_seconds asks may go uncommitted."""
@@ -51,8 +52,12 @@ def paced_start_time(writer_start: float, budget_start: float, last_start: float
     return start
 
 
-def save_cost(stall: float, flight_seconds: float, flight_steps: int, idle_step: float | None,
-              ) -> float:
+def save_cost(
+    stall: float,
+    flight_seconds: float,
+    flight_steps: int,
+    idle_step: float | None,
+) -> float:
     """Training time one asynchronous save cost: the step loop's stall for it, plus what the
     steps taken while it was in flight lost against the idle step time (never negative: a
     save does not make training faster, a noisy window only looks like it)."""

@@ -117,24 +117,29 @@ class Heartbeat:
     def read(cls, path: Path, root: Path | None = None) -> Heartbeat | None:
         """`root`: a directory the reader does not own (see ckptd.state.safeopen)."""
         try:
-            data = json.loads(read_under(root, path, limit=MAX_RECORD) if root
-                              else path.read_bytes())
+            data = json.loads(read_under(root, path, limit=MAX_RECORD) if root else path.read_bytes())
             return cls(**data)
         except (OSError, ValueError, TypeError):
             return None
 
 
 # Events `ckptd logs` must still show after a power cut: the log never lags the last commit.
-DURABLE_EVENTS = frozenset({Event.CHECKPOINT_COMMITTED, Event.CHECKPOINT_RETIRED,
-                            Event.CHECKPOINT_QUARANTINED, Event.BEST_SAVED, Event.TRAINING_DONE})
+DURABLE_EVENTS = frozenset(
+    {
+        Event.CHECKPOINT_COMMITTED,
+        Event.CHECKPOINT_RETIRED,
+        Event.CHECKPOINT_QUARANTINED,
+        Event.BEST_SAVED,
+        Event.TRAINING_DONE,
+    }
+)
 
 
 def append_event(path: Path, kind: Event, /, **data: Any) -> None:
     """Append one JSON line. O_APPEND with one write() keeps lines whole between processes.
     DURABLE_EVENTS are fdatasync-ed (and a new file's directory entry fsync-ed); the rest ride
     along with the next durable one."""
-    line = json.dumps({"event": kind, "ts": time.time(), **data}, separators=(",", ":"),
-                      default=str) + "\n"
+    line = json.dumps({"event": kind, "ts": time.time(), **data}, separators=(",", ":"), default=str) + "\n"
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         os.write(fd, line.encode())
@@ -188,7 +193,6 @@ class EventTail:
 def read_exit_code(attempt_dir: Path, root: Path | None = None) -> int | None:
     path = attempt_dir / EXIT_FILE
     try:
-        return int((read_under(root, path, limit=MAX_RECORD) if root
-                    else path.read_bytes()).strip())
+        return int((read_under(root, path, limit=MAX_RECORD) if root else path.read_bytes()).strip())
     except (OSError, ValueError):
         return None

@@ -16,8 +16,7 @@ class Committed:
     wall_time: float
 
 
-def to_delete(committed: list[Committed], max_to_keep: int,
-              keep_every_n_hours: float | None) -> list[int]:
+def to_delete(committed: list[Committed], max_to_keep: int, keep_every_n_hours: float | None) -> list[int]:
     """Numbers of checkpoints to delete: all but the newest `max_to_keep`, except those preserved
     by `keep_every_n_hours` (the first checkpoint, then the first one at least N hours after the
     last preserved one, as TensorFlow's CheckpointManager does)."""

@@ -38,13 +38,23 @@ class AttemptClass(StrEnum):
 
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.QUEUED: frozenset({JobState.RUNNING, JobState.CANCELLED}),
-    JobState.RUNNING: frozenset({
-        JobState.BACKOFF, JobState.SUCCEEDED, JobState.FAILED,
-        JobState.INTERRUPTED, JobState.CANCELLED,
-    }),
-    JobState.BACKOFF: frozenset({
-        JobState.RUNNING, JobState.FAILED, JobState.INTERRUPTED, JobState.CANCELLED,
-    }),
+    JobState.RUNNING: frozenset(
+        {
+            JobState.BACKOFF,
+            JobState.SUCCEEDED,
+            JobState.FAILED,
+            JobState.INTERRUPTED,
+            JobState.CANCELLED,
+        }
+    ),
+    JobState.BACKOFF: frozenset(
+        {
+            JobState.RUNNING,
+            JobState.FAILED,
+            JobState.INTERRUPTED,
+            JobState.CANCELLED,
+        }
+    ),
     JobState.INTERRUPTED: frozenset({JobState.QUEUED, JobState.RUNNING, JobState.CANCELLED}),
     # A failed job may be resumed by an explicit `ckptd run --resume`, from its checkpoints.
     JobState.FAILED: frozenset({JobState.QUEUED, JobState.RUNNING, JobState.CANCELLED}),

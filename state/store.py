@@ -152,16 +152,22 @@ def _refuse_unusable(path: Path) -> None:
     except FileNotFoundError:
         return
     except PermissionError as e:
-        raise StoreError(f"permission denied on the job store {path} (uid {os.geteuid()}): it is "
-                         "the daemon's; ask it through the socket (ckptd status) instead") from e
+        raise StoreError(
+            f"permission denied on the job store {path} (uid {os.geteuid()}): it is "
+            "the daemon's; ask it through the socket (ckptd status) instead"
+        ) from e
     if not os.access(path, os.R_OK | os.W_OK):
-        raise StoreError(f"permission denied on the job store {path} (uid {os.geteuid()}): it is "
-                         "the daemon's; ask it through the socket (ckptd status) instead")
+        raise StoreError(
+            f"permission denied on the job store {path} (uid {os.geteuid()}): it is "
+            "the daemon's; ask it through the socket (ckptd status) instead"
+        )
     wal = path.with_name(path.name + "-wal")
     if st.st_size == 0 and not (wal.exists() and wal.stat().st_size > 0):
-        raise StoreError(f"job store {path} is empty (0 bytes): ckptd will not start as if no job "
-                         "ever existed. Restore it from a backup; or, to forget every job on "
-                         f"purpose, move it aside (run directories stay in {path.parent / 'jobs'})")
+        raise StoreError(
+            f"job store {path} is empty (0 bytes): ckptd will not start as if no job "
+            "ever existed. Restore it from a backup; or, to forget every job on "
+            f"purpose, move it aside (run directories stay in {path.parent / 'jobs'})"
+        )
 
 
 class Store:
@@ -175,8 +181,9 @@ class Store:
             fresh = not path.exists()
             old_umask = os.umask(0o027) if fresh else None  # born private (see _private)
             try:
-                self._db = sqlite3.connect(path, timeout=10.0, isolation_level=None,
-                                           check_same_thread=not threads)
+                self._db = sqlite3.connect(
+                    path, timeout=10.0, isolation_level=None, check_same_thread=not threads
+                )
             finally:
                 if old_umask is not None:
                     os.umask(old_umask)
@@ -188,8 +195,10 @@ class Store:
             self._configure()
         except sqlite3.DatabaseError as e:
             self._db.close()
-            raise StoreError(f"job store {path} is unreadable ({e}); it was left untouched — "
-                             "restore it from a backup or move it aside") from e
+            raise StoreError(
+                f"job store {path} is unreadable ({e}); it was left untouched — "
+                "restore it from a backup or move it aside"
+            ) from e
 
     def _configure(self) -> None:
         db = self._db
@@ -206,8 +215,7 @@ class Store:
         db.execute("PRAGMA foreign_keys = ON")
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
-            raise sqlite3.DatabaseError(f"store schema {version} is newer than this ckptd "
-                                        f"({SCHEMA_VERSION})")
+            raise sqlite3.DatabaseError(f"store schema {version} is newer than this ckptd ({SCHEMA_VERSION})")
         with self.write():
             if 0 < version < 3:  # keys become per owner; the owner's gid and groups are kept
                 db.execute("ALTER TABLE submissions RENAME TO submissions_v2")
@@ -217,9 +225,11 @@ class Store:
             if 0 < version < 2:  # v1 stores: attempts learn the worker's process start time
                 db.execute("ALTER TABLE attempts ADD COLUMN pid_started REAL")
             if 0 < version < 3:
-                db.execute("INSERT INTO submissions (job_id, owner_uid, priority, submit_key, "
-                           "submitted_at) SELECT job_id, owner_uid, priority, submit_key, "
-                           "submitted_at FROM submissions_v2")
+                db.execute(
+                    "INSERT INTO submissions (job_id, owner_uid, priority, submit_key, "
+                    "submitted_at) SELECT job_id, owner_uid, priority, submit_key, "
+                    "submitted_at FROM submissions_v2"
+                )
                 db.execute("DROP TABLE submissions_v2")
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
@@ -244,26 +254,39 @@ class Store:
             raise
         self._db.execute("COMMIT")
 
-    def _event(self, db: sqlite3.Connection, job_id: str | None, kind: str,
-               data: dict[str, Any] | None = None) -> None:
-        db.execute("INSERT INTO events (job_id, ts, kind, data_json) VALUES (?, ?, ?, ?)",
-                   (job_id, time.time(), kind, json.dumps(data or {}, sort_keys=True)))
+    def _event(
+        self, db: sqlite3.Connection, job_id: str | None, kind: str, data: dict[str, Any] | None = None
+    ) -> None:
+        db.execute(
+            "INSERT INTO events (job_id, ts, kind, data_json) VALUES (?, ?, ?, ?)",
+            (job_id, time.time(), kind, json.dumps(data or {}, sort_keys=True)),
+        )
 
     # -- jobs ---------------------------------------------------------------------------------
 
-    def create_job(self, job_id: str, name: str, spec_json: str, spec_digest: str, job_file: str,
-                   run_dir: str, state: JobState = JobState.QUEUED) -> Job:
+    def create_job(
+        self,
+        job_id: str,
+        name: str,
+        spec_json: str,
+        spec_digest: str,
+        job_file: str,
+        run_dir: str,
+        state: JobState = JobState.QUEUED,
+    ) -> Job:
         now = time.time()
         with self.write() as db:
             db.execute(
                 "INSERT INTO jobs (id, name, state, spec_json, spec_digest, job_file, run_dir,"
                 " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (job_id, name, str(state), spec_json, spec_digest, job_file, run_dir, now, now))
+                (job_id, name, str(state), spec_json, spec_digest, job_file, run_dir, now, now),
+            )
             self._event(db, job_id, "job.created", {"state": str(state)})
         return self.job(job_id)
 
-    def transition(self, job_id: str, new: JobState, reason: str | None = None,
-                   expect: frozenset[JobState] | None = None) -> Job:
+    def transition(
+        self, job_id: str, new: JobState, reason: str | None = None, expect: frozenset[JobState] | None = None
+    ) -> Job:
         """Change a job's state; the transition table is checked inside the write transaction.
         `expect` makes it a compare-and-set: the change happens only from one of those states."""
         with self.write() as db:
@@ -273,10 +296,11 @@ class Store:
             old = JobState(row["state"])
             if not is_legal(old, new) or (expect is not None and old not in expect):
                 raise IllegalTransition(job_id, old, new)
-            db.execute("UPDATE jobs SET state = ?, updated_at = ?, reason = ? WHERE id = ?",
-                       (str(new), time.time(), reason, job_id))
-            self._event(db, job_id, "job.state", {"from": str(old), "to": str(new),
-                                                   "reason": reason})
+            db.execute(
+                "UPDATE jobs SET state = ?, updated_at = ?, reason = ? WHERE id = ?",
+                (str(new), time.time(), reason, job_id),
+            )
+            self._event(db, job_id, "job.state", {"from": str(old), "to": str(new), "reason": reason})
         return self.job(job_id)
 
     def job(self, job_id: str) -> Job:
@@ -289,8 +313,9 @@ class Store:
         return [_job(r) for r in self._db.execute("SELECT * FROM jobs ORDER BY created_at")]
 
     def latest_by_name(self, name: str) -> Job | None:
-        row = self._db.execute("SELECT * FROM jobs WHERE name = ? ORDER BY created_at DESC LIMIT 1",
-                               (name,)).fetchone()
+        row = self._db.execute(
+            "SELECT * FROM jobs WHERE name = ? ORDER BY created_at DESC LIMIT 1", (name,)
+        ).fetchone()
         return _job(row) if row else None
 
     # -- attempts -----------------------------------------------------------------------------
@@ -298,25 +323,50 @@ class Store:
     def start_attempt(self, job_id: str, pid: int, pid_started: float | None = None) -> int:
         """`pid_started` (the process's start time) tells a live worker from a reused pid."""
         with self.write() as db:
-            n = db.execute("SELECT COALESCE(MAX(n), 0) + 1 FROM attempts WHERE job_id = ?",
-                           (job_id,)).fetchone()[0]
-            db.execute("INSERT INTO attempts (job_id, n, pid, started_at, pid_started)"
-                       " VALUES (?, ?, ?, ?, ?)", (job_id, n, pid, time.time(), pid_started))
+            n = db.execute(
+                "SELECT COALESCE(MAX(n), 0) + 1 FROM attempts WHERE job_id = ?", (job_id,)
+            ).fetchone()[0]
+            db.execute(
+                "INSERT INTO attempts (job_id, n, pid, started_at, pid_started) VALUES (?, ?, ?, ?, ?)",
+                (job_id, n, pid, time.time(), pid_started),
+            )
             self._event(db, job_id, "attempt.started", {"attempt": n, "pid": pid})
         return int(n)
 
-    def end_attempt(self, job_id: str, n: int, *, exit_code: int | None, signal: int | None,
-                    klass: AttemptClass, evidence: str, error_summary: str | None,
-                    restored_step: int | None, last_step: int | None) -> None:
+    def end_attempt(
+        self,
+        job_id: str,
+        n: int,
+        *,
+        exit_code: int | None,
+        signal: int | None,
+        klass: AttemptClass,
+        evidence: str,
+        error_summary: str | None,
+        restored_step: int | None,
+        last_step: int | None,
+    ) -> None:
         with self.write() as db:
             db.execute(
                 "UPDATE attempts SET ended_at = ?, exit_code = ?, signal = ?, class = ?,"
                 " evidence = ?, error_summary = ?, restored_step = ?, last_step = ?"
                 " WHERE job_id = ? AND n = ?",
-                (time.time(), exit_code, signal, str(klass), evidence, error_summary,
-                 restored_step, last_step, job_id, n))
-            self._event(db, job_id, "attempt.ended", {"attempt": n, "class": str(klass),
-                                                       "evidence": evidence})
+                (
+                    time.time(),
+                    exit_code,
+                    signal,
+                    str(klass),
+                    evidence,
+                    error_summary,
+                    restored_step,
+                    last_step,
+                    job_id,
+                    n,
+                ),
+            )
+            self._event(
+                db, job_id, "attempt.ended", {"attempt": n, "class": str(klass), "evidence": evidence}
+            )
 
     def attempts(self, job_id: str) -> list[Attempt]:
         rows = self._db.execute("SELECT * FROM attempts WHERE job_id = ? ORDER BY n", (job_id,))
@@ -324,8 +374,9 @@ class Store:
 
     # -- checkpoints --------------------------------------------------------------------------
 
-    def record_checkpoint(self, job_id: str, step: int, epoch: int, path: str,
-                          metrics: dict[str, Any], digest: str) -> bool:
+    def record_checkpoint(
+        self, job_id: str, step: int, epoch: int, path: str, metrics: dict[str, Any], digest: str
+    ) -> bool:
         """Record a committed checkpoint (idempotent). Returns True if it was new."""
         with self.write() as db:
             # A step committed again after its row was retired (a quarantined commit, trained
@@ -336,20 +387,25 @@ class Store:
                 " DO UPDATE SET retired_at = NULL, epoch = excluded.epoch, path = excluded.path,"
                 " committed_at = excluded.committed_at, metrics_json = excluded.metrics_json,"
                 " digest = excluded.digest WHERE retired_at IS NOT NULL",
-                (job_id, step, epoch, path, time.time(), json.dumps(metrics, sort_keys=True),
-                 digest))
+                (job_id, step, epoch, path, time.time(), json.dumps(metrics, sort_keys=True), digest),
+            )
             if cur.rowcount == 0:
                 return False
-            db.execute("UPDATE jobs SET last_committed_step = MAX(COALESCE(last_committed_step,"
-                       " -1), ?), updated_at = ? WHERE id = ?", (step, time.time(), job_id))
+            db.execute(
+                "UPDATE jobs SET last_committed_step = MAX(COALESCE(last_committed_step,"
+                " -1), ?), updated_at = ? WHERE id = ?",
+                (step, time.time(), job_id),
+            )
             self._event(db, job_id, Event.CHECKPOINT_COMMITTED, {"step": step, "epoch": epoch})
         return True
 
     def retire_checkpoints(self, job_id: str, steps: list[int]) -> None:
         """Mark checkpoints deleted by retention (kept as history, no longer restorable)."""
         with self.write() as db:
-            db.executemany("UPDATE checkpoints SET retired_at = ? WHERE job_id = ? AND step = ?",
-                           [(time.time(), job_id, s) for s in steps])
+            db.executemany(
+                "UPDATE checkpoints SET retired_at = ? WHERE job_id = ? AND step = ?",
+                [(time.time(), job_id, s) for s in steps],
+            )
 
     def reconcile_checkpoints(self, job_id: str, present: list[dict[str, Any]]) -> None:
         """Make the store agree with the manifests on disk (a worker's inventory at restore):
@@ -361,22 +417,35 @@ class Store:
                 db.execute(
                     "INSERT OR IGNORE INTO checkpoints (job_id, step, epoch, path, committed_at,"
                     " metrics_json, digest) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (job_id, int(c["step"]), int(c["epoch"]), str(c["path"]), time.time(),
-                     json.dumps(c.get("metrics") or {}, sort_keys=True), str(c.get("digest", ""))))
-                db.execute("UPDATE checkpoints SET retired_at = NULL, path = ? WHERE job_id = ? "
-                           "AND step = ?", (str(c["path"]), job_id, int(c["step"])))
-            live = db.execute("SELECT step FROM checkpoints WHERE job_id = ? AND retired_at IS "
-                              "NULL", (job_id,)).fetchall()
-            db.executemany("UPDATE checkpoints SET retired_at = ? WHERE job_id = ? AND step = ?",
-                           [(time.time(), job_id, r["step"]) for r in live
-                            if r["step"] not in steps])
-            db.execute("UPDATE jobs SET last_committed_step = ?, updated_at = ? WHERE id = ?",
-                       (max(steps) if steps else None, time.time(), job_id))
+                    (
+                        job_id,
+                        int(c["step"]),
+                        int(c["epoch"]),
+                        str(c["path"]),
+                        time.time(),
+                        json.dumps(c.get("metrics") or {}, sort_keys=True),
+                        str(c.get("digest", "")),
+                    ),
+                )
+                db.execute(
+                    "UPDATE checkpoints SET retired_at = NULL, path = ? WHERE job_id = ? AND step = ?",
+                    (str(c["path"]), job_id, int(c["step"])),
+                )
+            live = db.execute(
+                "SELECT step FROM checkpoints WHERE job_id = ? AND retired_at IS NULL", (job_id,)
+            ).fetchall()
+            db.executemany(
+                "UPDATE checkpoints SET retired_at = ? WHERE job_id = ? AND step = ?",
+                [(time.time(), job_id, r["step"]) for r in live if r["step"] not in steps],
+            )
+            db.execute(
+                "UPDATE jobs SET last_committed_step = ?, updated_at = ? WHERE id = ?",
+                (max(steps) if steps else None, time.time(), job_id),
+            )
 
     def checkpoints(self, job_id: str, include_retired: bool = False) -> list[dict[str, Any]]:
         where = "" if include_retired else " AND retired_at IS NULL"
-        rows = self._db.execute(f"SELECT * FROM checkpoints WHERE job_id = ?{where} ORDER BY step",
-                                (job_id,))
+        rows = self._db.execute(f"SELECT * FROM checkpoints WHERE job_id = ?{where} ORDER BY step", (job_id,))
         return [dict(r) for r in rows]
 
     def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:

@@ -43,27 +43,40 @@ class Owner:
     groups: tuple[int, ...] = ()
 
 
-def submit(store: Store, job_id: str, name: str, spec_json: str, spec_digest: str, job_file: str,
-           run_dir: str, owner: Owner, priority: int, key: str | None) -> Job:
+def submit(
+    store: Store,
+    job_id: str,
+    name: str,
+    spec_json: str,
+    spec_digest: str,
+    job_file: str,
+    run_dir: str,
+    owner: Owner,
+    priority: int,
+    key: str | None,
+) -> Job:
     """Create a queued job and its submission atomically; DuplicateKey if this owner used `key`."""
     with store.write() as db:
         if key is not None:
-            row = db.execute("SELECT job_id FROM submissions WHERE owner_uid = ? AND submit_key = ?",
-                             (owner.uid, key)).fetchone()
+            row = db.execute(
+                "SELECT job_id FROM submissions WHERE owner_uid = ? AND submit_key = ?", (owner.uid, key)
+            ).fetchone()
             if row is not None:
                 raise DuplicateKey(row["job_id"])
         store.create_job(job_id, name, spec_json, spec_digest, job_file, run_dir, JobState.QUEUED)
-        db.execute("INSERT INTO submissions (job_id, owner_uid, priority, submit_key, submitted_at,"
-                   " owner_gid, owner_groups) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                   (job_id, owner.uid, priority, key, time.time(), owner.gid,
-                    json.dumps(list(owner.groups))))
+        db.execute(
+            "INSERT INTO submissions (job_id, owner_uid, priority, submit_key, submitted_at,"
+            " owner_gid, owner_groups) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (job_id, owner.uid, priority, key, time.time(), owner.gid, json.dumps(list(owner.groups))),
+        )
     return store.job(job_id)
 
 
 def by_key(store: Store, owner_uid: int, key: str) -> str | None:
     """Idempotency keys are per owner: another user's key never names this user's job."""
-    rows = store.query("SELECT job_id FROM submissions WHERE owner_uid = ? AND submit_key = ?",
-                       (owner_uid, key))
+    rows = store.query(
+        "SELECT job_id FROM submissions WHERE owner_uid = ? AND submit_key = ?", (owner_uid, key)
+    )
     return str(rows[0]["job_id"]) if rows else None
 
 
@@ -93,7 +106,9 @@ def managed_jobs(store: Store, states: frozenset[JobState]) -> list[tuple[Job, S
     marks = ",".join("?" * len(states))
     rows = store.query(
         f"SELECT j.id FROM jobs j JOIN submissions s ON s.job_id = j.id WHERE j.state IN ({marks})"
-        " ORDER BY s.priority DESC, s.submitted_at, j.id", tuple(str(s) for s in states))
+        " ORDER BY s.priority DESC, s.submitted_at, j.id",
+        tuple(str(s) for s in states),
+    )
     out = []
     for r in rows:
         sub = submission(store, r["id"])

@@ -39,21 +39,27 @@ class _StrictResolver(yaml.resolver.BaseResolver):
 
 _INT = re.compile(r"^[-+]?(?:0|[1-9][0-9]*)$")
 # A float needs a dot or an exponent, and no leading zero: "0755" and "1.10.2" stay strings.
-_FLOAT = re.compile(r"^[-+]?(?:(?:(?:0|[1-9][0-9]*)\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
-                    r"|(?:0|[1-9][0-9]*)[eE][-+]?[0-9]+)$")
+_FLOAT = re.compile(
+    r"^[-+]?(?:(?:(?:0|[1-9][0-9]*)\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
+    r"|(?:0|[1-9][0-9]*)[eE][-+]?[0-9]+)$"
+)
 _NAN_INF = re.compile(r"^(?:[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
 
-_StrictResolver.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|false)$"),
-                                      list("tf"))
-_StrictResolver.add_implicit_resolver("tag:yaml.org,2002:null", re.compile(r"^(?:~|null|)$"),
-                                      ["~", "n", ""])
+_StrictResolver.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|false)$"), list("tf"))
+_StrictResolver.add_implicit_resolver("tag:yaml.org,2002:null", re.compile(r"^(?:~|null|)$"), ["~", "n", ""])
 _StrictResolver.add_implicit_resolver("tag:yaml.org,2002:int", _INT, list("-+0123456789"))
 _StrictResolver.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
 _StrictResolver.add_implicit_resolver("tag:yaml.org,2002:float", _NAN_INF, list("-+."))
 
 
-class _StrictLoader(yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser,
-                    yaml.composer.Composer, yaml.constructor.SafeConstructor, _StrictResolver):
+class _StrictLoader(
+    yaml.reader.Reader,
+    yaml.scanner.Scanner,
+    yaml.parser.Parser,
+    yaml.composer.Composer,
+    yaml.constructor.SafeConstructor,
+    _StrictResolver,
+):
     def __init__(self, stream: str) -> None:
         yaml.reader.Reader.__init__(self, stream)
         yaml.scanner.Scanner.__init__(self)
@@ -66,20 +72,22 @@ class _StrictLoader(yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser
     def compose_node(self, parent: Node | None, index: Any) -> Node | None:
         event = self.peek_event()  # type: ignore[no-untyped-call]
         if isinstance(event, AliasEvent):
-            raise yaml.MarkedYAMLError(None, None, "aliases (*name) are not allowed in job files",
-                                       _mark(event))
+            raise yaml.MarkedYAMLError(
+                None, None, "aliases (*name) are not allowed in job files", _mark(event)
+            )
         if isinstance(event, ScalarEvent | CollectionStartEvent):
             if event.anchor is not None:
-                raise yaml.MarkedYAMLError(None, None, "anchors (&name) are not allowed in job "
-                                           "files", _mark(event))
+                raise yaml.MarkedYAMLError(
+                    None, None, "anchors (&name) are not allowed in job files", _mark(event)
+                )
             implicit_scalar = isinstance(event, ScalarEvent) and event.tag in (None, "!")
             if event.tag is not None and not implicit_scalar and event.tag != "!":
-                raise yaml.MarkedYAMLError(None, None, f"explicit YAML tags ({event.tag}) are not "
-                                           "allowed in job files", _mark(event))
+                raise yaml.MarkedYAMLError(
+                    None, None, f"explicit YAML tags ({event.tag}) are not allowed in job files", _mark(event)
+                )
         self._depth += 1
         if self._depth > MAX_DEPTH:
-            raise yaml.MarkedYAMLError(None, None, f"nesting deeper than {MAX_DEPTH} levels",
-                                       _mark(event))
+            raise yaml.MarkedYAMLError(None, None, f"nesting deeper than {MAX_DEPTH} levels", _mark(event))
         try:
             return super().compose_node(parent, index)
         finally:
@@ -89,12 +97,14 @@ class _StrictLoader(yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser
         seen: set[Any] = set()
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge" or key_node.value == "<<":
-                raise yaml.MarkedYAMLError(None, None, "merge keys (<<) are not allowed in job files",
-                                           key_node.start_mark)
+                raise yaml.MarkedYAMLError(
+                    None, None, "merge keys (<<) are not allowed in job files", key_node.start_mark
+                )
             key = self.construct_object(key_node, deep=True)
             if not isinstance(key, str):
-                raise yaml.MarkedYAMLError(None, None, f"mapping keys must be strings, got {key!r}",
-                                           key_node.start_mark)
+                raise yaml.MarkedYAMLError(
+                    None, None, f"mapping keys must be strings, got {key!r}", key_node.start_mark
+                )
             if key in seen:
                 raise yaml.MarkedYAMLError(None, None, f"duplicate key '{key}'", key_node.start_mark)
             seen.add(key)
@@ -116,8 +126,9 @@ def _format_yaml_error(source: str, exc: yaml.YAMLError) -> str:
 
 def decode(data: bytes, source: str) -> str:
     if len(data) > MAX_BYTES:
-        raise JobFileError([f"{source}: file is {len(data)} bytes, over the {MAX_BYTES}-byte cap "
-                            "for job files"])
+        raise JobFileError(
+            [f"{source}: file is {len(data)} bytes, over the {MAX_BYTES}-byte cap for job files"]
+        )
     if data.startswith(b"\xef\xbb\xbf"):
         raise JobFileError([f"{source}: starts with a byte-order mark; save it as UTF-8 without BOM"])
     if b"\x00" in data:
@@ -145,6 +156,10 @@ def load_mapping(data: bytes, source: str) -> dict[str, Any]:
         loader.dispose()
     if not isinstance(obj, dict):
         kind = "null" if obj is None else type(obj).__name__
-        raise JobFileError([f"{source}: the top level is a {kind}; a job file is a YAML mapping "
-                            "(name: ..., model: ..., ...)"])
+        raise JobFileError(
+            [
+                f"{source}: the top level is a {kind}; a job file is a YAML mapping "
+                "(name: ..., model: ..., ...)"
+            ]
+        )
     return obj

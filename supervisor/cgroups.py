@@ -132,8 +132,10 @@ def enforcement() -> tuple[str, str]:
     except OSError:
         v2 = v1 = None
     if v1 is not None:
-        why = (f"the cgroup v1 memory cgroup {ROOT / 'memory' / v1.lstrip('/')} is not writable "
-               f"by uid {os.geteuid()} (not delegated)")
+        why = (
+            f"the cgroup v1 memory cgroup {ROOT / 'memory' / v1.lstrip('/')} is not writable "
+            f"by uid {os.geteuid()} (not delegated)"
+        )
     elif v2 is not None:
         why = f"the memory controller is not delegated to cgroup {v2}"
     else:

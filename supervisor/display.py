@@ -36,8 +36,9 @@ class LogDisplay:
         self.log.info(p.Event.WORKER_SPAWNED, attempt=n, pid=pid)
 
     def attempt_ended(self, n: int, klass: AttemptClass, evidence: str) -> None:
-        level = self.log.info if klass in (AttemptClass.SUCCEEDED,
-                                           AttemptClass.PREEMPTED) else self.log.warning
+        level = (
+            self.log.info if klass in (AttemptClass.SUCCEEDED, AttemptClass.PREEMPTED) else self.log.warning
+        )
         level(p.Event.WORKER_EXITED, attempt=n, exit_class=str(klass), evidence=evidence)
 
     def restarting(self, delay: float, reason: str) -> None:
@@ -55,7 +56,8 @@ class BarDisplay:
             TextColumn("step {task.fields[steps]}"),
             TextColumn("{task.fields[metrics]}"),
             TimeRemainingColumn(),
-            console=self.console, transient=False,
+            console=self.console,
+            transient=False,
         )
         self.task: TaskID | None = None
 
@@ -69,9 +71,12 @@ class BarDisplay:
     def heartbeat(self, hb: p.Heartbeat) -> None:
         total = (hb.steps_per_epoch or 0) * hb.epochs or None
         epoch = min(hb.epoch + 1, hb.epochs or hb.epoch + 1)
-        fields: dict[str, Any] = {"epoch": epoch, "epochs": hb.epochs or "?",
-                                  "steps": f"{hb.step}/{total or '?'}",
-                                  "metrics": _fmt_logs(hb.logs)}
+        fields: dict[str, Any] = {
+            "epoch": epoch,
+            "epochs": hb.epochs or "?",
+            "steps": f"{hb.step}/{total or '?'}",
+            "metrics": _fmt_logs(hb.logs),
+        }
         if self.task is None:
             self.task = self.progress.add_task("train", total=total, completed=hb.step, **fields)
         self.progress.update(self.task, total=total, completed=hb.step, **fields)

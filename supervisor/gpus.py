@@ -28,8 +28,7 @@ def choose_devices(available: list[int], excluded: set[int], wanted: int) -> lis
     return healthy[:wanted] if len(healthy) >= wanted else None
 
 
-def exclude_after_fault(available: list[int], excluded: set[int], used: list[int],
-                        wanted: int) -> set[int]:
+def exclude_after_fault(available: list[int], excluded: set[int], used: list[int], wanted: int) -> set[int]:
     """After a gpu_fault on `used`: exclude those devices if enough others remain to run the job;
     otherwise keep them (a retry on the same device beats not running at all)."""
     candidate = excluded | set(used)

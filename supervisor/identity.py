@@ -46,8 +46,7 @@ def popen_kwargs(owner: Owner) -> dict[str, Any]:
     """subprocess.Popen arguments that start the child as `owner` (none if it is us already)."""
     if not needs_switch(owner):
         return {"umask": WORKER_UMASK}
-    return {"user": owner.uid, "group": owner.gid, "extra_groups": list(owner.groups),
-            "umask": WORKER_UMASK}
+    return {"user": owner.uid, "group": owner.gid, "extra_groups": list(owner.groups), "umask": WORKER_UMASK}
 
 
 def owner_env(owner: Owner) -> dict[str, str]:
@@ -72,8 +71,7 @@ def drop_to(owner: Owner) -> None:
     os.setgroups(list(owner.groups))
     os.setresgid(owner.gid, owner.gid, owner.gid)
     os.setresuid(owner.uid, owner.uid, owner.uid)
-    if owner.uid != 0 and (_capabilities("CapEff") or _capabilities("CapPrm")
-                           or _capabilities("CapAmb")):
+    if owner.uid != 0 and (_capabilities("CapEff") or _capabilities("CapPrm") or _capabilities("CapAmb")):
         raise StillPrivileged(f"still holding capabilities after switching to uid {owner.uid}")
     os.umask(WORKER_UMASK)
     os.environ.update(owner_env(owner))

@@ -27,8 +27,9 @@ def apply(store: Store, job_id: str, ev: dict[str, Any], replay: bool = False) -
 def _apply(store: Store, job_id: str, ev: dict[str, Any], replay: bool) -> None:
     kind = ev.get("event")
     if kind == p.Event.CHECKPOINT_COMMITTED:
-        store.record_checkpoint(job_id, ev["step"], ev["epoch"], ev["path"],
-                                ev.get("metrics") or {}, ev.get("digest", ""))
+        store.record_checkpoint(
+            job_id, ev["step"], ev["epoch"], ev["path"], ev.get("metrics") or {}, ev.get("digest", "")
+        )
     elif kind == p.Event.CHECKPOINT_RETIRED:
         store.retire_checkpoints(job_id, ev["steps"])
     elif kind == p.Event.CHECKPOINT_INVENTORY:

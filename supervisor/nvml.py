@@ -34,10 +34,16 @@ def _probe(nvml: Any, handle: Any) -> list[str]:
     """Each check NVML does not support on this device (NotSupported) is skipped."""
     found = []
     checks = (
-        ("uncorrected ECC errors", lambda: nvml.nvmlDeviceGetTotalEccErrors(
-            handle, nvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, nvml.NVML_VOLATILE_ECC)),
-        ("page retirement pending (reset the GPU)", lambda: int(
-            nvml.nvmlDeviceGetRetiredPagesPendingStatus(handle) == nvml.NVML_FEATURE_ENABLED)),
+        (
+            "uncorrected ECC errors",
+            lambda: nvml.nvmlDeviceGetTotalEccErrors(
+                handle, nvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, nvml.NVML_VOLATILE_ECC
+            ),
+        ),
+        (
+            "page retirement pending (reset the GPU)",
+            lambda: int(nvml.nvmlDeviceGetRetiredPagesPendingStatus(handle) == nvml.NVML_FEATURE_ENABLED),
+        ),
         ("row remapping failed", lambda: int(bool(nvml.nvmlDeviceGetRemappedRows(handle)[3]))),
     )
     for what, read in checks:
@@ -68,8 +74,9 @@ def _query(nvml: Any, devices: list[int]) -> dict[int, str]:
     return problems
 
 
-def device_problems(devices: list[int], nvml: Any | None = None,
-                    timeout: float = QUERY_TIMEOUT_SECONDS) -> dict[int, str]:
+def device_problems(
+    devices: list[int], nvml: Any | None = None, timeout: float = QUERY_TIMEOUT_SECONDS
+) -> dict[int, str]:
     """{device index: what NVML reports wrong with it}; {} without NVML, GPUs or an answer."""
     nvml = nvml if nvml is not None else _nvml()
     if nvml is None or not devices:

@@ -18,7 +18,9 @@ from ckptd.state.states import AttemptClass as C
 CRASH_LOOP_REPEATS = 3
 _GPU_FAULT = re.compile(
     r"CUDA_ERROR_(?!OUT_OF_MEMORY)\w+|illegal memory access|fallen off the bus|ECC|Xid|"
-    r"CUBLAS_STATUS_EXECUTION_FAILED|cudaErrorLaunchFailure|GPU is lost|NVML_ERROR", re.I)
+    r"CUBLAS_STATUS_EXECUTION_FAILED|cudaErrorLaunchFailure|GPU is lost|NVML_ERROR",
+    re.I,
+)
 
 
 @dataclass(frozen=True)
@@ -40,8 +42,10 @@ def _signal_name(signum: int) -> str:
         return f"signal {signum}"
 
 
-_DISK_FULL = re.compile(r"No space left on device|errno 28\b|\[Errno 28\]|Disk quota exceeded|"
-                        r"errno 122\b|\[Errno 122\]")
+_DISK_FULL = re.compile(
+    r"No space left on device|errno 28\b|\[Errno 28\]|Disk quota exceeded|"
+    r"errno 122\b|\[Errno 122\]"
+)
 
 
 def _classify_error(o: ExitObservation) -> tuple[C, str]:
@@ -94,8 +98,7 @@ def _classify(o: ExitObservation) -> tuple[C, str]:
     if o.exit_code == p.EXIT_OK:  # a clean exit wins over any verdict reached while waiting
         return C.SUCCEEDED, "training finished"
     if o.finished and o.exit_code not in (p.EXIT_CONFIG, p.EXIT_PREEMPTED):
-        why = o.hang or (f"killed by {_signal_name(o.signal)}" if o.signal else
-                         f"exit code {o.exit_code}")
+        why = o.hang or (f"killed by {_signal_name(o.signal)}" if o.signal else f"exit code {o.exit_code}")
         return C.SUCCEEDED, f"training finished and its final commit is durable; then: {why}"
     if o.hang:
         return C.HANG, o.hang
@@ -182,8 +185,7 @@ def nan_restarts(history: list[AttemptOutcome]) -> int:
 
 def backoff(failures: int, policy: Restart, jitter: float) -> float:
     """Exponential backoff with 'equal jitter' (half fixed, half random), within the bounds."""
-    base = min(policy.backoff_max_seconds,
-               policy.backoff_initial_seconds * 2 ** max(0, failures - 1))
+    base = min(policy.backoff_max_seconds, policy.backoff_initial_seconds * 2 ** max(0, failures - 1))
     delay = base / 2 + base / 2 * min(max(jitter, 0.0), 1.0)
     return float(max(policy.backoff_initial_seconds, min(policy.backoff_max_seconds, delay)))
 
@@ -212,22 +214,35 @@ def decide_restart(history: list[AttemptOutcome], policy: Restart, jitter: float
     if last.klass in NEVER_RETRY:
         return Decision(Action.FAIL, reason=f"{last.klass}: not retried")
     if last.klass == C.NAN_LOSS and policy.on_nan == "fail":
-        return Decision(Action.FAIL, reason=f"nan_loss at step {last.last_step}: nothing "
-                        "non-finite was committed; restart.on_nan: restart retries from the "
-                        "last finite commit with a lower learning rate")
+        return Decision(
+            Action.FAIL,
+            reason=f"nan_loss at step {last.last_step}: nothing "
+            "non-finite was committed; restart.on_nan: restart retries from the "
+            "last finite commit with a lower learning rate",
+        )
     if last.klass in FREE_RESTART:
         return Decision(Action.RESTART, 0.0, f"{last.klass}: resuming without spending budget")
     if last.klass == C.DISK_FULL:  # space comes back; the budget is for failures of the job
         waits = len(_trailing(history, C.DISK_FULL))
-        return Decision(Action.RESTART, backoff(waits, policy, jitter),
-                        f"disk_full: waiting for space, then resuming from the last commit "
-                        f"(wait {waits}); it does not spend the restart budget")
+        return Decision(
+            Action.RESTART,
+            backoff(waits, policy, jitter),
+            f"disk_full: waiting for space, then resuming from the last commit "
+            f"(wait {waits}); it does not spend the restart budget",
+        )
     if _crash_loop(history):
-        return Decision(Action.FAIL, reason=f"crash loop: {last.klass} at step {last.last_step} "
-                        f"{CRASH_LOOP_REPEATS} times in a row")
+        return Decision(
+            Action.FAIL,
+            reason=f"crash loop: {last.klass} at step {last.last_step} {CRASH_LOOP_REPEATS} times in a row",
+        )
     failures = failures_without_progress(history)
     if failures > policy.max_restarts:
-        return Decision(Action.FAIL, reason=f"{failures} failures without progress; "
-                        f"max_restarts={policy.max_restarts}")
-    return Decision(Action.RESTART, backoff(failures, policy, jitter),
-                    f"{last.klass}: restart {failures}/{policy.max_restarts}", True)
+        return Decision(
+            Action.FAIL, reason=f"{failures} failures without progress; max_restarts={policy.max_restarts}"
+        )
+    return Decision(
+        Action.RESTART,
+        backoff(failures, policy, jitter),
+        f"{last.klass}: restart {failures}/{policy.max_restarts}",
+        True,
+    )

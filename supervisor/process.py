@@ -32,12 +32,20 @@ class ExitStatus:
 
 
 class ProcessOps(Protocol):
-    def spawn(self, argv: list[str], cwd: Path, stdout: Path, stderr: Path,
-              spare: bool = False, env: dict[str, str] | None = None,
-              memory_limit: int | None = None) -> int: ...
+    def spawn(
+        self,
+        argv: list[str],
+        cwd: Path,
+        stdout: Path,
+        stderr: Path,
+        spare: bool = False,
+        env: dict[str, str] | None = None,
+        memory_limit: int | None = None,
+    ) -> int: ...
     def assign(self, pid: int, attempt: int) -> bool: ...
-    def take_warm(self, run_dir: Path, mode: str, env: dict[str, str],
-                  memory_limit: int | None = None) -> int | None: ...
+    def take_warm(
+        self, run_dir: Path, mode: str, env: dict[str, str], memory_limit: int | None = None
+    ) -> int | None: ...
     def memory_enforced(self, pid: int) -> bool: ...
     def memory_evidence(self, pid: int) -> str | None: ...
     def gpu_problems(self, devices: list[int]) -> dict[int, str]: ...
@@ -64,12 +72,16 @@ def worker_module() -> str:
 
 def worker_argv(run_dir: Path, attempt: int | None) -> list[str]:
     """A worker for `attempt`, or a hot spare (None) that waits on stdin for its attempt."""
-    return [sys.executable, "-m", worker_module(), str(run_dir),
-            "--spare" if attempt is None else str(attempt)]
+    return [
+        sys.executable,
+        "-m",
+        worker_module(),
+        str(run_dir),
+        "--spare" if attempt is None else str(attempt),
+    ]
 
 
-def _outside_oom_evidence(pid: int, spawned_at: float,
-                          outer: tuple[cgroups.MemoryCgroup, int] | None) -> str:
+def _outside_oom_evidence(pid: int, spawned_at: float, outer: tuple[cgroups.MemoryCgroup, int] | None) -> str:
     """Outside ckptd's own cgroups (the host's memory, a unit's or container's limit), what tells
     an OOM kill of `pid` from an operator's kill -9: the kernel log names the pid; the enclosing
     cgroup's oom_kill counter (readable without CAP_SYSLOG) says one of its members was killed."""
@@ -77,15 +89,18 @@ def _outside_oom_evidence(pid: int, spawned_at: float,
     if (line := kmsg.evidence_for(kmsg.read_oom_kills(), pid, spawned_at)) is not None:
         found.append(line)
     if outer is not None and (now := outer[0].oom_kills()) > outer[1]:
-        found.append(f"oom_kill of enclosing cgroup {outer[0].path} rose {outer[1]}→{now} "
-                     "during the attempt")
+        found.append(f"oom_kill of enclosing cgroup {outer[0].path} rose {outer[1]}→{now} during the attempt")
     return "; ".join(found)
 
 
 class RealProcessOps:
-    def __init__(self, warm: WarmPool | None = None,
-                 first: subprocess.Popen[bytes] | None = None, owner: Owner | None = None,
-                 launch_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        warm: WarmPool | None = None,
+        first: subprocess.Popen[bytes] | None = None,
+        owner: Owner | None = None,
+        launch_dir: Path | None = None,
+    ) -> None:
         """`warm`: the daemon's pool of warm workers; `first`: one it set aside for this job.
         `owner`: whose rights workers run with (None: ours, as `ckptd run`); then `launch_dir`,
         the daemon's own directory for the job, takes what a worker prints before it opens its
@@ -100,9 +115,16 @@ class RealProcessOps:
         self._outer: dict[int, tuple[cgroups.MemoryCgroup, int]] = {}  # enclosing cgroup, oom_kill
         self._rss_base: dict[int, int] = {}  # a warm worker's RSS at hand-over (its import)
 
-    def spawn(self, argv: list[str], cwd: Path, stdout: Path, stderr: Path,
-              spare: bool = False, env: dict[str, str] | None = None,
-              memory_limit: int | None = None) -> int:
+    def spawn(
+        self,
+        argv: list[str],
+        cwd: Path,
+        stdout: Path,
+        stderr: Path,
+        spare: bool = False,
+        env: dict[str, str] | None = None,
+        memory_limit: int | None = None,
+    ) -> int:
         if self.launch_dir is not None:  # the run directory is the owner's: never open there
             stdout = stderr = self.launch_dir / "launch.log"
         stdout.parent.mkdir(parents=True, exist_ok=True)
@@ -110,17 +132,25 @@ class RealProcessOps:
             # Own session and process group: a terminal's Ctrl-C reaches only the supervisor,
             # which asks the worker to save; and killing the group leaves no orphan behind.
             try:
-                proc = subprocess.Popen(argv, cwd=cwd,
-                                        stdin=subprocess.PIPE if spare else subprocess.DEVNULL,
-                                        stdout=out, stderr=err,
-                                        env=worker_env() | identity.owner_env(self.owner)
-                                        | (env or {}),
-                                        close_fds=True, start_new_session=True,
-                                        **identity.popen_kwargs(self.owner))
+                proc = subprocess.Popen(
+                    argv,
+                    cwd=cwd,
+                    stdin=subprocess.PIPE if spare else subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=err,
+                    env=worker_env() | identity.owner_env(self.owner) | (env or {}),
+                    close_fds=True,
+                    start_new_session=True,
+                    **identity.popen_kwargs(self.owner),
+                )
             except PermissionError as e:
-                raise PermissionError(e.errno, f"cannot start the worker {argv[0]} as uid "
-                                      f"{self.owner.uid}: {e.strerror}; install ckptd where "
-                                      "every user can read and execute it", e.filename) from e
+                raise PermissionError(
+                    e.errno,
+                    f"cannot start the worker {argv[0]} as uid "
+                    f"{self.owner.uid}: {e.strerror}; install ckptd where "
+                    "every user can read and execute it",
+                    e.filename,
+                ) from e
         self._track(proc, memory_limit)
         return proc.pid
 
@@ -139,8 +169,9 @@ class RealProcessOps:
         if memory_limit:
             self._limit(proc.pid, memory_limit)
 
-    def take_warm(self, run_dir: Path, mode: str, env: dict[str, str],
-                  memory_limit: int | None = None) -> int | None:
+    def take_warm(
+        self, run_dir: Path, mode: str, env: dict[str, str], memory_limit: int | None = None
+    ) -> int | None:
         """Hand the run to a warm worker (None if there is none). The memory it charged while
         importing stays with the daemon's cgroup; the limit applies to what the job allocates."""
         proc, self.first = self.first or (self.warm.take() if self.warm else None), None
@@ -190,8 +221,10 @@ class RealProcessOps:
             return
         kills = cg.oom_kills()
         if kills:
-            self._oom[pid] = (f"kernel OOM kill in cgroup {cg.path} (oom_kill={kills}, "
-                              f"limit {cg.limit} bytes = resources.memory_limit)")
+            self._oom[pid] = (
+                f"kernel OOM kill in cgroup {cg.path} (oom_kill={kills}, "
+                f"limit {cg.limit} bytes = resources.memory_limit)"
+            )
         cg.remove()
 
     def assign(self, pid: int, attempt: int) -> bool:
@@ -253,8 +286,11 @@ class RealProcessOps:
         libraries): those are page cache, charged once to whoever read them first, and
         counting them killed cold workers under limits their cgroup kept to."""
         try:
-            fields = dict(line.split(":", 1) for line in
-                          Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+            fields = dict(
+                line.split(":", 1)
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                if ":" in line
+            )
             return sum(int(fields[k].split()[0]) * 1024 for k in ("RssAnon", "RssShmem"))
         except (OSError, KeyError, ValueError):
             pass

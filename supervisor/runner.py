@@ -90,10 +90,20 @@ class Watch:
 
 
 class JobRunner:
-    def __init__(self, store: Store, job_id: str, spec: JobSpec, run: RunDir, ops: ProcessOps,
-                 display: Display, stops: StopRequests,
-                 jitter: Callable[[], float] = random.random, hot_spare: bool = False,
-                 gpus: list[int] | None = None, record: Path | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        job_id: str,
+        spec: JobSpec,
+        run: RunDir,
+        ops: ProcessOps,
+        display: Display,
+        stops: StopRequests,
+        jitter: Callable[[], float] = random.random,
+        hot_spare: bool = False,
+        gpus: list[int] | None = None,
+        record: Path | None = None,
+    ) -> None:
         """`record`: the supervisor's own events file (never in the owner's run directory),
         where each attempt's start, end and restart are kept for `ckptd logs`."""
         self.store, self.job_id, self.spec, self.run = store, job_id, spec, run
@@ -127,9 +137,12 @@ class JobRunner:
                 self.store.transition(self.job_id, JobState.SUCCEEDED, "training finished")
                 return JobState.SUCCEEDED
             if not self.run.root.is_dir():
-                self.store.transition(self.job_id, JobState.FAILED,
-                                      f"the run directory {self.run.root} was deleted while the "
-                                      "job ran; its checkpoints and logs went with it")
+                self.store.transition(
+                    self.job_id,
+                    JobState.FAILED,
+                    f"the run directory {self.run.root} was deleted while the "
+                    "job ran; its checkpoints and logs went with it",
+                )
                 return JobState.FAILED
             if self.stops.signals:
                 end = self.stops.stopped_state()
@@ -146,8 +159,9 @@ class JobRunner:
                 return JobState.FAILED
             self.store.transition(self.job_id, JobState.BACKOFF, decision.reason)
             self.display.restarting(decision.delay, decision.reason)
-            self._record(p.Event.WORKER_RESTARTING, delay_seconds=round(decision.delay, 2),
-                         reason=decision.reason)
+            self._record(
+                p.Event.WORKER_RESTARTING, delay_seconds=round(decision.delay, 2), reason=decision.reason
+            )
             if not self._sleep(decision.delay):
                 end = self.stops.stopped_state()
                 self.store.transition(self.job_id, end, f"{end} during backoff")
@@ -172,9 +186,15 @@ class JobRunner:
         limit = self.spec.resources.memory_limit
         self.spare_pid = self.ops.take_warm(self.run.root, "--spare", env, limit)
         if self.spare_pid is None:
-            self.spare_pid = self.ops.spawn(worker_argv(self.run.root, None), self.run.root,
-                                            sdir / "stdout.log", sdir / "stderr.log", spare=True,
-                                            env=env, memory_limit=limit)
+            self.spare_pid = self.ops.spawn(
+                worker_argv(self.run.root, None),
+                self.run.root,
+                sdir / "stdout.log",
+                sdir / "stderr.log",
+                spare=True,
+                env=env,
+                memory_limit=limit,
+            )
 
     def _take_spare(self, n: int, env: dict[str, str]) -> int | None:
         pid, self.spare_pid = self.spare_pid, None
@@ -202,13 +222,14 @@ class JobRunner:
             return {}
         chosen = choose_devices(self.gpus, self.excluded_gpus, wanted)
         if chosen is None:
-            raise NoDevices(f"resources.gpus={wanted}, but only "
-                            f"{len(self.gpus) - len(self.excluded_gpus)} healthy GPU(s) "
-                            f"(found {self.gpus}, excluded {sorted(self.excluded_gpus)})")
+            raise NoDevices(
+                f"resources.gpus={wanted}, but only "
+                f"{len(self.gpus) - len(self.excluded_gpus)} healthy GPU(s) "
+                f"(found {self.gpus}, excluded {sorted(self.excluded_gpus)})"
+            )
         self.devices = chosen
         # nvidia-smi's and NVML's indices are in PCI bus order; CUDA's default order is not.
-        return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID",
-                "CUDA_VISIBLE_DEVICES": ",".join(map(str, chosen))}
+        return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": ",".join(map(str, chosen))}
 
     def _launch(self, n: int) -> tuple[int, p.Event | None]:
         """Start attempt `n`: in the job's hot spare, else in a warm worker, else cold. Returns
@@ -223,9 +244,14 @@ class JobRunner:
         if pid is None and (pid := self.ops.take_warm(self.run.root, str(n), env, limit)):
             how = p.Event.WORKER_WARM_ASSIGNED
         if pid is None:
-            pid = self.ops.spawn(worker_argv(self.run.root, n), self.run.root,
-                                 adir / "stdout.log", adir / "stderr.log", env=env,
-                                 memory_limit=limit)
+            pid = self.ops.spawn(
+                worker_argv(self.run.root, n),
+                self.run.root,
+                adir / "stdout.log",
+                adir / "stderr.log",
+                env=env,
+                memory_limit=limit,
+            )
         if self.hot_spare:
             self._start_spare(env)
         return pid, how
@@ -260,26 +286,40 @@ class JobRunner:
         self._drain_events(w)
         err = _read_error(self.run.root, adir / p.ERROR_FILE)
         sick = self._sick_devices(status)
-        obs = ExitObservation(status.exit_code, status.signal, err.get("type"), err.get("message"),
-                              w.hang, w.oom, nvml.describe(sick), w.phase == p.Phase.DONE)
+        obs = ExitObservation(
+            status.exit_code,
+            status.signal,
+            err.get("type"),
+            err.get("message"),
+            w.hang,
+            w.oom,
+            nvml.describe(sick),
+            w.phase == p.Phase.DONE,
+        )
         klass, evidence = classify_exit(obs)
         if isinstance(err.get("step"), int):
             w.last_step = err["step"]
-        self.store.end_attempt(self.job_id, n, exit_code=status.exit_code, signal=status.signal,
-                               klass=klass, evidence=evidence,
-                               error_summary=_summary(err), restored_step=w.restored_step,
-                               last_step=w.last_step)
+        self.store.end_attempt(
+            self.job_id,
+            n,
+            exit_code=status.exit_code,
+            signal=status.signal,
+            klass=klass,
+            evidence=evidence,
+            error_summary=_summary(err),
+            restored_step=w.restored_step,
+            last_step=w.last_step,
+        )
         self.display.attempt_ended(n, klass, evidence)
         self._record(p.Event.WORKER_EXITED, attempt=n, exit_class=str(klass), evidence=evidence)
         outcome = AttemptOutcome(klass, w.restored_step, w.committed_step, w.last_step)
         self.history.append(outcome)
         if klass == AttemptClass.GPU_FAULT and self.devices:
             # NVML names the sick device; an error message alone only says "one of these".
-            self.excluded_gpus = exclude_after_fault(self.gpus, self.excluded_gpus,
-                                                     sorted(sick) or self.devices,
-                                                     self.spec.resources.gpus)
-            self.store.add_event(self.job_id, p.Event.GPU_EXCLUDED,
-                                 {"devices": sorted(self.excluded_gpus)})
+            self.excluded_gpus = exclude_after_fault(
+                self.gpus, self.excluded_gpus, sorted(sick) or self.devices, self.spec.resources.gpus
+            )
+            self.store.add_event(self.job_id, p.Event.GPU_EXCLUDED, {"devices": sorted(self.excluded_gpus)})
         return outcome
 
     def _record(self, kind: p.Event, **data: Any) -> None:
@@ -315,8 +355,9 @@ class JobRunner:
         if limit and w.oom is None and not self.ops.memory_enforced(w.pid):  # no cgroup: watch RSS
             rss = self.ops.rss(w.pid)
             if rss is not None and rss > limit:
-                w.oom = (f"anonymous memory (RssAnon+RssShmem) {rss} bytes exceeded "
-                         f"resources.memory_limit {limit}")
+                w.oom = (
+                    f"anonymous memory (RssAnon+RssShmem) {rss} bytes exceeded resources.memory_limit {limit}"
+                )
                 self.ops.signal_group(w.pid, signal.SIGKILL)
 
     def _drain_events(self, w: Watch) -> None:
@@ -342,12 +383,21 @@ class JobRunner:
         if w.term_sent is None and w.hang is None:
             limit = silence_limit(w.phase, self.spec.restart)
             if now - w.last_change > limit:
-                w.hang = (f"no progress heartbeat for {now - w.last_change:.1f}s in phase "
-                          f"{w.phase} (last step {w.last_step}); Python stacks in "
-                          f"{self.run.attempt_dir(w.n) / 'stderr.log'}")
-                self.display.event({"event": "heartbeat.missed", "attempt": w.n, "pid": w.pid,
-                                    "phase": w.phase, "last_step": w.last_step,
-                                    "silent_seconds": round(now - w.last_change, 1)})
+                w.hang = (
+                    f"no progress heartbeat for {now - w.last_change:.1f}s in phase "
+                    f"{w.phase} (last step {w.last_step}); Python stacks in "
+                    f"{self.run.attempt_dir(w.n) / 'stderr.log'}"
+                )
+                self.display.event(
+                    {
+                        "event": "heartbeat.missed",
+                        "attempt": w.n,
+                        "pid": w.pid,
+                        "phase": w.phase,
+                        "last_step": w.last_step,
+                        "silent_seconds": round(now - w.last_change, 1),
+                    }
+                )
                 self.ops.signal_pid(w.pid, signal.SIGUSR1)  # faulthandler dumps every stack
                 self.ops.signal_group(w.pid, signal.SIGCONT)  # a stopped worker must see TERM
                 self.ops.signal_group(w.pid, signal.SIGTERM)

@@ -38,8 +38,12 @@ def assignment(run_dir: Path, mode: str, env: dict[str, str], owner: Owner | Non
     """The one line a warm worker waits for; with `owner`, it becomes that user first."""
     from ckptd.supervisor.identity import owner_to_json
 
-    return (json.dumps({"run": str(run_dir), "mode": mode, "env": env,
-                        "owner": owner_to_json(owner) if owner else None}) + "\n").encode()
+    return (
+        json.dumps(
+            {"run": str(run_dir), "mode": mode, "env": env, "owner": owner_to_json(owner) if owner else None}
+        )
+        + "\n"
+    ).encode()
 
 
 class WarmPool:
@@ -87,9 +91,16 @@ class WarmPool:
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             with open(self.dir / "output.log", "ab") as out:
-                return subprocess.Popen(warm_argv(), cwd=self.dir, stdin=subprocess.PIPE,
-                                        stdout=out, stderr=out, env=worker_env(), close_fds=True,
-                                        start_new_session=True)
+                return subprocess.Popen(
+                    warm_argv(),
+                    cwd=self.dir,
+                    stdin=subprocess.PIPE,
+                    stdout=out,
+                    stderr=out,
+                    env=worker_env(),
+                    close_fds=True,
+                    start_new_session=True,
+                )
         except OSError as e:  # a full disk or no memory: run without warm workers this time
             self.log.error("warm.spawn_failed", error=f"{type(e).__name__}: {e}")
             return None

@@ -18,17 +18,25 @@ GOLDEN_EPOCHS = 4
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
-        "--cpu-hogs", type=int, default=int(os.environ.get("CKPTD_TEST_CPU_HOGS", "0")),
-        metavar="N", help="run the tests with N busy processes competing for the CPUs, as on a "
-        "shared training box (CI runs the `timing` tests with 4; default $CKPTD_TEST_CPU_HOGS or 0)")
+        "--cpu-hogs",
+        type=int,
+        default=int(os.environ.get("CKPTD_TEST_CPU_HOGS", "0")),
+        metavar="N",
+        help="run the tests with N busy processes competing for the CPUs, as on a "
+        "shared training box (CI runs the `timing` tests with 4; default $CKPTD_TEST_CPU_HOGS or 0)",
+    )
 
 
 @pytest.fixture(scope="session", autouse=True)
 def cpu_hogs(request: pytest.FixtureRequest) -> Iterator[int]:
     """Busy loops for the whole session (nice 0, like the other work on a shared box)."""
     n = request.config.getoption("--cpu-hogs")
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"],
-                             stdin=subprocess.DEVNULL, start_new_session=True) for _ in range(n)]
+    hogs = [
+        subprocess.Popen(
+            [sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL, start_new_session=True
+        )
+        for _ in range(n)
+    ]
     try:
         yield n
     finally:
@@ -57,8 +65,15 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return h
 
 
-def write_job(directory: Path, name: str = "pima-test", epochs: int = 3, every_steps: int = 20,
-              extra: str = "", model: str | None = None, mode: str = "sync") -> Path:
+def write_job(
+    directory: Path,
+    name: str = "pima-test",
+    epochs: int = 3,
+    every_steps: int = 20,
+    extra: str = "",
+    model: str | None = None,
+    mode: str = "sync",
+) -> Path:
     """A small Pima job: few epochs, frequent checkpoints."""
     directory.mkdir(parents=True, exist_ok=True)
     job = directory / f"{name}.yaml"
@@ -70,8 +85,8 @@ def write_job(directory: Path, name: str = "pima-test", epochs: int = 3, every_s
         f"checkpoint: {{every_steps: {every_steps}, every_seconds: 600, max_to_keep: 3, "
         f"mode: {mode}}}\n"
         "best: {monitor: val_accuracy, mode: max, filepath: weights.best.hdf5}\n"
-        "restart: {max_restarts: 3, backoff_initial_seconds: 0.1, backoff_max_seconds: 0.5}\n"
-        + extra)
+        "restart: {max_restarts: 3, backoff_initial_seconds: 0.1, backoff_max_seconds: 0.5}\n" + extra
+    )
     return job
 
 

@@ -34,16 +34,22 @@ class DaemonProc:
 
     def submit(self, job: Path, priority: int = 0, key: str | None = None) -> str:
         spec, raw = load_job_file(job)
-        body = {"spec_json": spec_json(spec), "job_file": str(job), "raw": raw.decode(),
-                "priority": priority, "key": key}
+        body = {
+            "spec_json": spec_json(spec),
+            "job_file": str(job),
+            "raw": raw.decode(),
+            "priority": priority,
+            "key": key,
+        }
         return str(self.api("POST", "/v1/jobs", body)["job"]["id"])
 
     def job(self, job_id: str) -> dict[str, Any]:
         return dict(self.api("GET", f"/v1/jobs/{job_id}"))
 
     def wait_state(self, job_id: str, *states: str, timeout: float = 60) -> dict[str, Any]:
-        return wait_for(f"job {job_id} in {states}",
-                        lambda: (j := self.job(job_id))["state"] in states and j, timeout)
+        return wait_for(
+            f"job {job_id} in {states}", lambda: (j := self.job(job_id))["state"] in states and j, timeout
+        )
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         self.proc.send_signal(sig)
@@ -63,9 +69,15 @@ def daemon_env(home: Path, fake: bool = True, **extra: str) -> dict[str, str]:
     return env
 
 
-def start_daemon(home: Path, fake: bool = True, config: str | None = None,
-                 sock: Path | None = None, python: str | None = None,
-                 wrap: list[str] | None = None, **extra: str) -> DaemonProc:
+def start_daemon(
+    home: Path,
+    fake: bool = True,
+    config: str | None = None,
+    sock: Path | None = None,
+    python: str | None = None,
+    wrap: list[str] | None = None,
+    **extra: str,
+) -> DaemonProc:
     """`python`: the interpreter (tests/test_trust.py: one every test user may run); `wrap`: a
     command that execs the daemon's command line given as its arguments."""
     home.mkdir(parents=True, exist_ok=True)
@@ -77,9 +89,14 @@ def start_daemon(home: Path, fake: bool = True, config: str | None = None,
     with open(log, "w") as out:
         cmd = ckptd_cmd("daemon") if python is None else [python, "-m", "ckptd.daemon", "daemon"]
         cmd = (wrap or []) + cmd
-        proc = subprocess.Popen(cmd, env=daemon_env(home, fake, **extra),
-                                stdout=out, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            env=daemon_env(home, fake, **extra),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
     d = DaemonProc(home, proc, log, sock or home / "ckptd.sock")
     wait_for("the daemon to answer", lambda: proc.poll() is not None or d.client.available(), 60)
     assert proc.poll() is None, log.read_text()

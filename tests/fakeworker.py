@@ -32,8 +32,13 @@ def main() -> int:
     run, attempt = RunDir(Path(sys.argv[1])), int(sys.argv[2])
     log_to(run.attempt_dir(attempt))  # as the real worker: its own rights, its own logs
     if marker := os.environ.get("FAKE_WHOAMI"):  # the rights it runs with, for trust tests
-        who = {"uid": os.getuid(), "euid": os.geteuid(), "gid": os.getgid(),
-               "groups": sorted(os.getgroups()), "caps": _caps()}
+        who = {
+            "uid": os.getuid(),
+            "euid": os.geteuid(),
+            "gid": os.getgid(),
+            "groups": sorted(os.getgroups()),
+            "caps": _caps(),
+        }
         atomic_write_text(run.root / marker, json.dumps(who))
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     spec = spec_from_json(run.spec_file.read_text())
@@ -41,8 +46,15 @@ def main() -> int:
     total, pause = int(os.environ.get("FAKE_STEPS", "40")), float(os.environ.get("FAKE_STEP_SECONDS", "0.05"))
     events = run.root / p.EVENTS_FILE
     committed = _restored(events)
-    hb = p.Heartbeat(pid=os.getpid(), attempt=attempt, seq=0, phase=Phase.TRAINING, time=time.time(),
-                     restored_step=committed, step=committed or 0)
+    hb = p.Heartbeat(
+        pid=os.getpid(),
+        attempt=attempt,
+        seq=0,
+        phase=Phase.TRAINING,
+        time=time.time(),
+        restored_step=committed,
+        step=committed or 0,
+    )
     code = p.EXIT_OK
     crash_at = int(os.environ.get("FAKE_CRASH_AT", "0")) if attempt == 1 else 0
     for step in range((committed or 0) + 1, total + 1):
@@ -52,8 +64,15 @@ def main() -> int:
         hb.seq, hb.step, hb.time = hb.seq + 1, step, time.time()
         write_nondurable(run.heartbeat, hb.to_json())
         if step % 10 == 0 or stop:
-            p.append_event(events, "checkpoint.committed", step=step, epoch=0, path=f"ckpt-{step}",
-                           metrics={}, digest="fake")
+            p.append_event(
+                events,
+                "checkpoint.committed",
+                step=step,
+                epoch=0,
+                path=f"ckpt-{step}",
+                metrics={},
+                digest="fake",
+            )
         if stop:
             time.sleep(float(os.environ.get("FAKE_SAVE_SECONDS", "0")))  # a slow final save
             code = p.EXIT_PREEMPTED
@@ -85,8 +104,11 @@ def warm() -> int:
 
 def _caps() -> dict[str, str]:
     lines = Path("/proc/self/status").read_text().splitlines()
-    return {ln.split(":")[0]: ln.split()[1] for ln in lines
-            if ln.startswith(("CapInh", "CapPrm", "CapEff", "CapAmb"))}
+    return {
+        ln.split(":")[0]: ln.split()[1]
+        for ln in lines
+        if ln.startswith(("CapInh", "CapPrm", "CapEff", "CapAmb"))
+    }
 
 
 def _restored(events: Path) -> int | None:

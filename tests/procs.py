@@ -17,8 +17,7 @@ from .conftest import ckptd_cmd, env_with
 T = TypeVar("T")
 
 
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 120.0,
-             interval: float = 0.02) -> T:
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 120.0, interval: float = 0.02) -> T:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = probe()
@@ -32,19 +31,27 @@ def start_run(home: Path, *args: str, faults: str = "") -> subprocess.Popen[str]
     env = env_with(home)
     if faults:
         env["CKPTD_FAULTS"] = faults
-    return subprocess.Popen(ckptd_cmd("run", "--progress", "json", *args), env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        ckptd_cmd("run", "--progress", "json", *args),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def run_dir(home: Path) -> Path:
-    return wait_for("the run directory", lambda: next(iter((home / "jobs").glob("*")), None)
-                    if (home / "jobs").exists() else None)
+    return wait_for(
+        "the run directory",
+        lambda: next(iter((home / "jobs").glob("*")), None) if (home / "jobs").exists() else None,
+    )
 
 
 def heartbeat_when(run: Path, cond: Callable[[Heartbeat], bool], timeout: float = 120) -> Heartbeat:
     def probe() -> Heartbeat | None:
         hb = Heartbeat.read(run / "heartbeat.json")
         return hb if hb is not None and cond(hb) else None
+
     return wait_for("a heartbeat", probe, timeout)
 
 
@@ -54,8 +61,14 @@ def finish(proc: subprocess.Popen[str], timeout: float = 300) -> tuple[int, str]
 
 
 def status(home: Path, job_id: str) -> dict[str, Any]:
-    r = subprocess.run(ckptd_cmd("status", job_id, "--json"), env=env_with(home),
-                       capture_output=True, text=True, timeout=60, check=True)
+    r = subprocess.run(
+        ckptd_cmd("status", job_id, "--json"),
+        env=env_with(home),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     data: dict[str, Any] = json.loads(r.stdout)
     return data
 
@@ -72,8 +85,7 @@ def final_state_hash(run: Path) -> dict[str, str]:
     import tensorflow as tf
 
     ckdir = run / "checkpoints"
-    newest = max(ckdir.glob("ckpt-*.manifest.json"),
-                 key=lambda p: int(p.name.split("-")[1].split(".")[0]))
+    newest = max(ckdir.glob("ckpt-*.manifest.json"), key=lambda p: int(p.name.split("-")[1].split(".")[0]))
     prefix = str(ckdir / newest.name.replace(".manifest.json", ""))
     reader = tf.train.load_checkpoint(prefix)
     out = {}
@@ -81,8 +93,7 @@ def final_state_hash(run: Path) -> dict[str, str]:
         if "save_counter" in name or "host_state" in name or name.startswith("_CHECKPOINTABLE"):
             continue
         value = reader.get_tensor(name)
-        out[name] = hashlib.sha256(value if isinstance(value, bytes) else value.tobytes()
-                                   ).hexdigest()
+        out[name] = hashlib.sha256(value if isinstance(value, bytes) else value.tobytes()).hexdigest()
     return out
 
 

@@ -58,11 +58,17 @@ def manifest_commits(ops: list[Op]) -> list[tuple[Op, int]]:
 def state_file_commits(ops: list[Op]) -> list[tuple[Op, int]]:
     """TF's markers: the first rename onto `checkpoint` after ckpt-N.index was written."""
     out = []
-    for n in sorted({k for o in ops if o.call == "write" and (k := _number(o.path)) is not None
-                     and o.path.endswith(".index")}):
+    for n in sorted(
+        {
+            k
+            for o in ops
+            if o.call == "write" and (k := _number(o.path)) is not None and o.path.endswith(".index")
+        }
+    ):
         last = max(o.i for o in ops if o.call == "write" and o.path.endswith(f"/ckpt-{n}.index"))
-        marker = next((o for o in ops if o.call == "rename" and o.dest.endswith("/checkpoint")
-                       and o.i > last), None)
+        marker = next(
+            (o for o in ops if o.call == "rename" and o.dest.endswith("/checkpoint") and o.i > last), None
+        )
         if marker is not None:
             out.append((marker, n))
     return out
@@ -77,10 +83,22 @@ def audit(ops: list[Op], directory: str, commits: list[tuple[Op, int]]) -> list[
     if not commits:
         return ["no commit found in the trace"]
     for marker, n in commits:
-        files = {o.path for o in ops if o.call == "write" and _number(o.path) == n
-                 and re.search(r"\.(index|data-\d+-of-\d+)$", o.path) and o.i < marker.i}
-        files |= {o.dest for o in ops if o.call == "rename" and _number(o.dest) == n
-                  and re.search(r"\.(index|data-\d+-of-\d+)$", o.dest) and o.i < marker.i}
+        files = {
+            o.path
+            for o in ops
+            if o.call == "write"
+            and _number(o.path) == n
+            and re.search(r"\.(index|data-\d+-of-\d+)$", o.path)
+            and o.i < marker.i
+        }
+        files |= {
+            o.dest
+            for o in ops
+            if o.call == "rename"
+            and _number(o.dest) == n
+            and re.search(r"\.(index|data-\d+-of-\d+)$", o.dest)
+            and o.i < marker.i
+        }
         # Writes under TF's temp names end in a rename onto the final name, checked below.
         files = {f for f in files if "_temp/" not in f and ".tempstate" not in f}
         for f in sorted(files):
@@ -89,11 +107,13 @@ def audit(ops: list[Op], directory: str, commits: list[tuple[Op, int]]) -> list[
                 problems.append(f"ckpt-{n}: {f} not fsynced between its last write and the commit")
             if any(o.call == "write" and o.path == f and o.i > marker.i for o in ops):
                 problems.append(f"ckpt-{n}: {f} written after the commit")
-        renames_in = [o.i for o in ops if o.call == "rename" and _number(o.dest) == n
-                      and o.i < marker.i and o is not marker]
+        renames_in = [
+            o.i
+            for o in ops
+            if o.call == "rename" and _number(o.dest) == n and o.i < marker.i and o is not marker
+        ]
         start = max(renames_in, default=-1)
-        if not any(o.call == "fsync" and o.path == directory and start < o.i < marker.i
-                   for o in ops):
+        if not any(o.call == "fsync" and o.path == directory and start < o.i < marker.i for o in ops):
             problems.append(f"ckpt-{n}: directory not fsynced before the commit")
         if not any(o.call == "fsync" and o.path == directory and o.i > marker.i for o in ops):
             problems.append(f"ckpt-{n}: directory not fsynced after the commit")

@@ -10,22 +10,28 @@ from ckptd.supervisor import cgroups
 from ckptd.supervisor.cgroups import MemoryCgroup
 
 
-@pytest.mark.parametrize(("text", "v2", "v1"), [
-    ("0::/system.slice/ckptd.service\n", "/system.slice/ckptd.service", None),
-    ("4:memory:/process_api/abc\n0::/\n", "/", "/process_api/abc"),
-    ("5:cpu,memory:/x\n", None, "/x"),
-    ("1:name=systemd:/\n", None, None),
-])
+@pytest.mark.parametrize(
+    ("text", "v2", "v1"),
+    [
+        ("0::/system.slice/ckptd.service\n", "/system.slice/ckptd.service", None),
+        ("4:memory:/process_api/abc\n0::/\n", "/", "/process_api/abc"),
+        ("5:cpu,memory:/x\n", None, "/x"),
+        ("1:name=systemd:/\n", None, None),
+    ],
+)
 def test_own_paths(text: str, v2: str | None, v1: str | None) -> None:
     assert cgroups._own_paths(text) == (v2, v1)
 
 
-@pytest.mark.parametrize(("version", "name", "content", "kills"), [
-    (2, "memory.events", "low 0\nhigh 0\nmax 12\noom 2\noom_kill 1\n", 1),
-    (1, "memory.oom_control", "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n", 3),
-    (2, "memory.events", "low 0\n", 0),
-    (1, "missing", "", 0),
-])
+@pytest.mark.parametrize(
+    ("version", "name", "content", "kills"),
+    [
+        (2, "memory.events", "low 0\nhigh 0\nmax 12\noom 2\noom_kill 1\n", 1),
+        (1, "memory.oom_control", "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n", 3),
+        (2, "memory.events", "low 0\n", 0),
+        (1, "missing", "", 0),
+    ],
+)
 def test_oom_kills(tmp_path: Path, version: int, name: str, content: str, kills: int) -> None:
     (tmp_path / name).write_text(content)
     assert MemoryCgroup(tmp_path, version, 1).oom_kills() == kills
@@ -46,8 +52,7 @@ def test_no_cgroup_when_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
     assert cgroups.parent_cgroup() is None and cgroups.create("x", 1) is None
 
 
-def test_a_delegated_unit_cgroup_gets_a_supervisor_leaf_and_memory_for_its_children(
-        tmp_path: Path) -> None:
+def test_a_delegated_unit_cgroup_gets_a_supervisor_leaf_and_memory_for_its_children(tmp_path: Path) -> None:
     """systemd Delegate=memory: move every process of the unit's cgroup into `supervisor/` (v2's
     no-internal-processes rule), enable memory for the children, create workers beside it.
     (Plain files stand in for cgroupfs: the kernel would also refuse steps not permitted.)"""

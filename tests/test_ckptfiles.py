@@ -29,11 +29,12 @@ def ckdir(tmp_path: Path) -> Path:
 DAMAGE = {
     "index truncated": lambda d: (d / "ckpt-3.index").write_bytes(b"index"),
     "index empty": lambda d: (d / "ckpt-3.index").write_bytes(b""),
-    "index bit flip": lambda d: (d / "ckpt-3.index").write_bytes(
-        b"indez" + b"index" * 9 + bytes([3])),
+    "index bit flip": lambda d: (d / "ckpt-3.index").write_bytes(b"indez" + b"index" * 9 + bytes([3])),
     "data missing": lambda d: (d / "ckpt-3.data-00000-of-00001").unlink(),
-    "data is a symlink": lambda d: ((d / "ckpt-3.data-00000-of-00001").unlink(),
-                                    (d / "ckpt-3.data-00000-of-00001").symlink_to("/etc/hostname")),
+    "data is a symlink": lambda d: (
+        (d / "ckpt-3.data-00000-of-00001").unlink(),
+        (d / "ckpt-3.data-00000-of-00001").symlink_to("/etc/hostname"),
+    ),
 }
 
 
@@ -95,9 +96,16 @@ def test_gc_removes_debris_only_and_never_follows_symlinks(ckdir: Path, tmp_path
     (ckdir / "ckpt-6.index.tempstate123").write_text("x")
     (ckdir / "notes.txt").write_text("user file")
     removed = cf.collect_garbage(ckdir, {1, 2, 3})
-    assert sorted(removed) == sorted(["ckpt-9.index", "ckpt-7_temp", "ckpt-4.data-00000-of-00001",
-                                      "ckpt-5_temp_abc", "checkpoint.tmp1234",
-                                      "ckpt-6.index.tempstate123"])
+    assert sorted(removed) == sorted(
+        [
+            "ckpt-9.index",
+            "ckpt-7_temp",
+            "ckpt-4.data-00000-of-00001",
+            "ckpt-5_temp_abc",
+            "checkpoint.tmp1234",
+            "ckpt-6.index.tempstate123",
+        ]
+    )
     assert victim.read_text() == "precious" and (victim_dir / "f").read_text() == "precious"
     assert (ckdir / "notes.txt").exists()
     assert [m.number for m in cf.read_manifests(ckdir)[0]] == [1, 2, 3]
@@ -128,8 +136,7 @@ def _victim_dir(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
 
 
 @pytest.mark.parametrize("swap", ["directory", "parent"])
-def test_a_symlink_swapped_in_after_start_redirects_nothing(ckdir: Path, tmp_path: Path,
-                                                            swap: str) -> None:
+def test_a_symlink_swapped_in_after_start_redirects_nothing(ckdir: Path, tmp_path: Path, swap: str) -> None:
     """The job resolved its checkpoint directory when it started; then the directory (or a
     parent) is replaced by a symlink to a victim. GC, rotation and quarantine refuse and the
     victim keeps every file."""
@@ -147,9 +154,11 @@ def test_a_symlink_swapped_in_after_start_redirects_nothing(ckdir: Path, tmp_pat
         parent.rename(moved)
         parent.symlink_to(victim.parent)
         assert (pinned / "ckpt-9.index").read_bytes() == before["ckpt-9.index"]
-    for act in (lambda: cf.collect_garbage(pinned, set()),
-                lambda: cf.unlink_in(pinned, "ckpt-3.manifest.json"),
-                lambda: cf.quarantine(pinned, 3, "x")):
+    for act in (
+        lambda: cf.collect_garbage(pinned, set()),
+        lambda: cf.unlink_in(pinned, "ckpt-3.manifest.json"),
+        lambda: cf.quarantine(pinned, 3, "x"),
+    ):
         with pytest.raises(cf.DirectoryMoved):
             act()
     assert {p.name: p.read_bytes() for p in victim.iterdir()} == before

@@ -21,8 +21,9 @@ from .procs import final_state_hash, finish, run_dir, start_run, status
 pytestmark = [pytest.mark.tf, pytest.mark.conformance]
 
 EXAMPLES = ROOT / "examples"
-CORPUS = sorted(p.parent for p in EXAMPLES.glob("*/job.yaml")
-                if "entrypoint" in yaml.safe_load(p.read_text()))
+CORPUS = sorted(
+    p.parent for p in EXAMPLES.glob("*/job.yaml") if "entrypoint" in yaml.safe_load(p.read_text())
+)
 
 
 def _every_steps(job: Path) -> int:

@@ -39,8 +39,9 @@ def daemon(tmp_path: Path) -> DaemonProc:
 
 
 def _cli(home: Path, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(ckptd_cmd(*args), env=daemon_env(home, **extra), capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        ckptd_cmd(*args), env=daemon_env(home, **extra), capture_output=True, text=True, timeout=120
+    )
 
 
 def test_submit_status_logs_over_the_cli(tmp_path: Path, daemon: DaemonProc) -> None:
@@ -88,8 +89,9 @@ def test_daemon_not_running_is_a_clear_message(tmp_path: Path) -> None:
 def test_submit_with_the_same_key_creates_one_job(tmp_path: Path, daemon: DaemonProc) -> None:
     job = fake_job(tmp_path)
     results: list[str] = []
-    threads = [threading.Thread(target=lambda: results.append(daemon.submit(job, key="k" * 12)))
-               for _ in range(6)]
+    threads = [
+        threading.Thread(target=lambda: results.append(daemon.submit(job, key="k" * 12))) for _ in range(6)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -111,8 +113,10 @@ def test_queue_runs_by_priority_then_fifo(tmp_path: Path) -> None:
             d.wait_state(j, "succeeded")
         started = {j: d.job(j)["attempt_list"][0]["started_at"] for j in (first, low, low2, high)}
         assert sorted(started, key=lambda j: started[j]) == [first, high, low, low2]
-        spans = [(d.job(j)["attempt_list"][0]["started_at"], d.job(j)["attempt_list"][0]["ended_at"])
-                 for j in (first, high, low, low2)]
+        spans = [
+            (d.job(j)["attempt_list"][0]["started_at"], d.job(j)["attempt_list"][0]["ended_at"])
+            for j in (first, high, low, low2)
+        ]
         assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))  # one slot
     finally:
         d.stop()
@@ -212,8 +216,13 @@ def test_graceful_stop_interrupts_then_resumes_at_next_start(tmp_path: Path) -> 
 
 
 def _worker_pid(d: DaemonProc, job: str) -> int:
-    return int(wait_for("a worker", lambda: d.job(job)["attempt_list"][-1]["pid"]
-                        if d.job(job).get("attempt_list") else None, 30))
+    return int(
+        wait_for(
+            "a worker",
+            lambda: d.job(job)["attempt_list"][-1]["pid"] if d.job(job).get("attempt_list") else None,
+            30,
+        )
+    )
 
 
 def _sigkill_daemon_mid_job(tmp_path: Path) -> tuple[Path, str, int]:
@@ -264,8 +273,7 @@ def test_a_restarted_daemon_adopts_a_worker_that_started_warm(tmp_path: Path) ->
 def test_sigkilled_daemon_and_worker_relaunch_from_the_last_commit(tmp_path: Path) -> None:
     home, job, pid = _sigkill_daemon_mid_job(tmp_path)
     with sqlite3.connect(home / "ckptd.db") as db:
-        (known,) = db.execute("SELECT last_committed_step FROM jobs WHERE id = ?",
-                              (job,)).fetchone()
+        (known,) = db.execute("SELECT last_committed_step FROM jobs WHERE id = ?", (job,)).fetchone()
     events_file = home / "jobs" / job / "events.jsonl"
 
     def committed() -> int:
@@ -275,21 +283,27 @@ def test_sigkilled_daemon_and_worker_relaunch_from_the_last_commit(tmp_path: Pat
     # The orphan commits while no daemon reads its events; then it dies too.
     wait_for("a commit nobody read", lambda: committed() > known, 30)
     os.killpg(pid, signal.SIGKILL)
-    wait_for("the worker to die", lambda: not psutil.pid_exists(pid)
-             or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 10)
+    wait_for(
+        "the worker to die",
+        lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
+        10,
+    )
     last = committed()
     d2 = start_daemon(home, FAKE_STEPS="60", FAKE_STEP_SECONDS="0.01")
     try:
-        started = wait_for("job.started", lambda: [
-            json.loads(line) for line in d2.output().splitlines()
-            if '"job.started"' in line], 30)
+        started = wait_for(
+            "job.started",
+            lambda: [json.loads(line) for line in d2.output().splitlines() if '"job.started"' in line],
+            30,
+        )
         assert started[0]["last_committed_step"] == last, started  # not the stale `known`
         done = d2.wait_state(job, "succeeded", timeout=60)
         first, second = done["attempt_list"]
         assert first["class"] == "lost" and "daemon restarted" in first["evidence"]
         assert second["restored_step"] == last >= 10
-        exits = [ev for ev in d2.api("GET", f"/v1/jobs/{job}/events")["events"]
-                 if ev["event"] == "worker.exited"]
+        exits = [
+            ev for ev in d2.api("GET", f"/v1/jobs/{job}/events")["events"] if ev["event"] == "worker.exited"
+        ]
         assert [ev["exit_class"] for ev in exits] == ["lost", "succeeded"], exits
     finally:
         d2.stop()
@@ -365,8 +379,12 @@ def test_second_sigterm_stops_fast(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_curl_over_the_socket(daemon: DaemonProc) -> None:
-    r = subprocess.run(["curl", "-sf", "--unix-socket", str(daemon.sock), "http://ckptd/v1/jobs"],
-                       capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        ["curl", "-sf", "--unix-socket", str(daemon.sock), "http://ckptd/v1/jobs"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode == 0 and json.loads(r.stdout) == []
 
 
@@ -386,12 +404,13 @@ def test_a_worker_slow_to_exit_after_its_final_commit_still_succeeds(tmp_path: P
     limit: the hang verdict must not turn a trained job into a crash loop."""
     # The exit stall outlasts every silence limit; the start-up grace still leaves a loaded
     # box time to start the worker (a hang there is another test's subject).
-    d = start_daemon(tmp_path / "home", FAKE_STEPS="20", FAKE_STEP_SECONDS="0.01",
-                     FAKE_DONE_STALL="8")
+    d = start_daemon(tmp_path / "home", FAKE_STEPS="20", FAKE_STEP_SECONDS="0.01", FAKE_DONE_STALL="8")
     try:
         job = tmp_path / "slow-exit.yaml"
-        job.write_text("name: slow-exit\nmodel: m.py:build\ncheckpoint: {every_steps: 10}\n"
-                       "restart: {heartbeat_timeout_seconds: 3, startup_grace_seconds: 6}\n")
+        job.write_text(
+            "name: slow-exit\nmodel: m.py:build\ncheckpoint: {every_steps: 10}\n"
+            "restart: {heartbeat_timeout_seconds: 3, startup_grace_seconds: 6}\n"
+        )
         (tmp_path / "m.py").write_text("")  # the fake worker imports nothing
         job_id = d.submit(job)
         end = d.wait_state(job_id, "succeeded", "failed", timeout=60)
@@ -417,8 +436,7 @@ def test_hostile_requests_get_a_4xx_and_idle_clients_are_bounded(daemon: DaemonP
     deep = ("[" * 1_000_000 + "]" * 1_000_000).encode()
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(str(daemon.sock))
-        s.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(deep)
-                  + deep)
+        s.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(deep) + deep)
         assert s.recv(100).startswith(b"HTTP/1.1 400"), "nested JSON"
     with pytest.raises(ApiRefused) as e:
         daemon.api("GET", "/v1/jobs/x/events?offset=" + "9" * 30)
@@ -439,12 +457,10 @@ def test_hostile_requests_get_a_4xx_and_idle_clients_are_bounded(daemon: DaemonP
 
 
 @pytest.mark.timing
-def test_a_daemon_stop_just_after_the_final_commit_leaves_the_job_succeeded(
-        tmp_path: Path) -> None:
+def test_a_daemon_stop_just_after_the_final_commit_leaves_the_job_succeeded(tmp_path: Path) -> None:
     """SIGTERM to the daemon while a worker, its training done and committed, is exiting: the
     job succeeded; it must not be left interrupted (and re-run) for a stop it did not need."""
-    d = start_daemon(tmp_path / "home", FAKE_STEPS="20", FAKE_STEP_SECONDS="0.01",
-                     FAKE_DONE_STALL="2")
+    d = start_daemon(tmp_path / "home", FAKE_STEPS="20", FAKE_STEP_SECONDS="0.01", FAKE_DONE_STALL="2")
     job_id = d.submit(fake_job(tmp_path))
     run = Path(wait_for("the run", lambda: d.job(job_id)["run_dir"], 30))
     wait_for("phase done", lambda: '"phase":"done"' in _text(run / "heartbeat.json"), 30)
@@ -466,8 +482,9 @@ def test_deleting_a_running_jobs_run_directory_is_named(tmp_path: Path) -> None:
     d = start_daemon(tmp_path / "home", **SLOW)
     try:
         job_id = d.submit(fake_job(tmp_path))
-        run = Path(wait_for("a commit", lambda: (j := d.job(job_id))["last_committed_step"]
-                            and j["run_dir"], 30))
+        run = Path(
+            wait_for("a commit", lambda: (j := d.job(job_id))["last_committed_step"] and j["run_dir"], 30)
+        )
         # Gone from its path at once (the worker may still create files in it meanwhile).
         gone = run.with_name(run.name + ".deleted")
         run.rename(gone)
@@ -490,8 +507,9 @@ def test_status_with_the_service_stopped_finds_its_store(tmp_path: Path) -> None
         store.create_job("svc-job", "svc", "{}", "d", "job.yaml", str(service / "jobs" / "svc-job"))
         store.close()
         user_home = tmp_path / "user"
-        r = _cli(user_home, "status", CKPTD_SERVICE_HOME=str(service),
-                 CKPTD_SOCKET=str(tmp_path / "none.sock"))
+        r = _cli(
+            user_home, "status", CKPTD_SERVICE_HOME=str(service), CKPTD_SOCKET=str(tmp_path / "none.sock")
+        )
         assert r.returncode == 0 and "svc-job" in r.stdout, r
         assert "service is not running" in r.stderr and not (user_home / "ckptd.db").exists()
         if os.geteuid() != 0:
@@ -501,8 +519,7 @@ def test_status_with_the_service_stopped_finds_its_store(tmp_path: Path) -> None
         from ckptd.daemon.cli import cli
 
         def as_nobody() -> list[str]:
-            os.environ.update(CKPTD_SERVICE_HOME=str(service),
-                              CKPTD_SOCKET=str(service / "none.sock"))
+            os.environ.update(CKPTD_SERVICE_HOME=str(service), CKPTD_SOCKET=str(service / "none.sock"))
             got = CliRunner().invoke(cli, ["--home", "/nonexistent/ckptd", "status"])
             return [got.stdout, got.stderr, got.exit_code]
 

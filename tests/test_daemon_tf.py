@@ -42,21 +42,29 @@ def test_stop_resume_export(tmp_path: Path, golden: dict[str, str]) -> None:
         assert final_state_hash(Path(done["run_dir"])) == golden  # as if never stopped
         env = daemon_env(home, fake=False)
         for which, name in (("--best", "best.hdf5"), ("--latest", "latest.hdf5")):
-            r = subprocess.run(ckptd_cmd("export", job, which, "-o", str(tmp_path / name)),
-                               env=env, capture_output=True, text=True, timeout=180)
+            r = subprocess.run(
+                ckptd_cmd("export", job, which, "-o", str(tmp_path / name)),
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=180,
+            )
             assert r.returncode == 0, r.stderr
     finally:
         d.stop()
-    code = (f"import sys; sys.path.insert(0, {str(EXAMPLE)!r})\n"
-            "from model import build\n"
-            f"m, (x, y) = build({{'csv': {str(CSV)!r}}})\n"
-            f"m.load_weights({str(tmp_path / 'latest.hdf5')!r})\n"
-            "a = m.evaluate(x, y, verbose=0, return_dict=True)['accuracy']\n"
-            f"m.load_weights({str(tmp_path / 'best.hdf5')!r})\n"
-            "b = m.evaluate(x, y, verbose=0, return_dict=True)['accuracy']\n"
-            "print(a, b)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         check=True).stdout.split()
+    code = (
+        f"import sys; sys.path.insert(0, {str(EXAMPLE)!r})\n"
+        "from model import build\n"
+        f"m, (x, y) = build({{'csv': {str(CSV)!r}}})\n"
+        f"m.load_weights({str(tmp_path / 'latest.hdf5')!r})\n"
+        "a = m.evaluate(x, y, verbose=0, return_dict=True)['accuracy']\n"
+        f"m.load_weights({str(tmp_path / 'best.hdf5')!r})\n"
+        "b = m.evaluate(x, y, verbose=0, return_dict=True)['accuracy']\n"
+        "print(a, b)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    ).stdout.split()
     assert all(0.5 <= float(v) <= 1.0 for v in out[-2:]), out
 
 
@@ -68,8 +76,9 @@ def test_a_warm_worker_takes_the_next_job_and_none_outlives_the_daemon(tmp_path:
     warm_dir = home / "warm"
     d = start_daemon(home, fake=False, config="warm_workers: true\n")
     try:
-        first = wait_for("a warm worker with TensorFlow imported",
-                         lambda: sorted(warm_dir.glob("*.ready")), 120)
+        first = wait_for(
+            "a warm worker with TensorFlow imported", lambda: sorted(warm_dir.glob("*.ready")), 120
+        )
         warm_pid = int(first[0].name.split(".")[0])
         t0 = time.monotonic()
         job = d.submit(write_job(tmp_path, epochs=2))
@@ -81,8 +90,11 @@ def test_a_warm_worker_takes_the_next_job_and_none_outlives_the_daemon(tmp_path:
         first_step = steps[0]["ts"] - (time.time() - (time.monotonic() - t0))
         print(f"submit → first training step, in a warm worker: {first_step:.2f} s")
         assert "worker.warm_assigned" in d.output()
-        again = wait_for("a new warm worker for the free slot",
-                         lambda: [p for p in warm_dir.glob("*.ready") if p != first[0]], 120)
+        again = wait_for(
+            "a new warm worker for the free slot",
+            lambda: [p for p in warm_dir.glob("*.ready") if p != first[0]],
+            120,
+        )
         assert d.api("GET", "/v1/health")["warm_workers"] == 1
         survivor = int(again[0].name.split(".")[0])
     finally:
@@ -91,8 +103,7 @@ def test_a_warm_worker_takes_the_next_job_and_none_outlives_the_daemon(tmp_path:
 
 
 @pytest.mark.parametrize("enforcement", ["cgroup", "rss"])
-def test_a_warm_workers_import_is_not_charged_to_the_job(tmp_path: Path,
-                                                         enforcement: str) -> None:
+def test_a_warm_workers_import_is_not_charged_to_the_job(tmp_path: Path, enforcement: str) -> None:
     """resources.memory_limit below TensorFlow's import (~0.5 GB): a warm worker, whose import
     was made before it had a job, trains the job within the limit, whichever enforcement is in
     force (a cgroup keeps the import's charge where it was made; the RSS watch counts from the

@@ -15,20 +15,30 @@ import pytest
 from .conftest import env_with, write_job
 from .procs import events, finish, heartbeat_when, run_dir, status, wait_for
 
-pytestmark = [pytest.mark.tf,
-              pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
-                                 reason="needs root and unshare for a private tmpfs")]
+pytestmark = [
+    pytest.mark.tf,
+    pytest.mark.skipif(
+        os.geteuid() != 0 or shutil.which("unshare") is None,
+        reason="needs root and unshare for a private tmpfs",
+    ),
+]
 
 
-def _run_on_tmpfs(home: Path, ck: Path, job: Path, size: str,
-                  faults: str) -> subprocess.Popen[str]:
+def _run_on_tmpfs(home: Path, ck: Path, job: Path, size: str, faults: str) -> subprocess.Popen[str]:
     """`ckptd run JOB` in a private mount namespace where `ck` is a tmpfs of `size`."""
     env = env_with(home)
     env["CKPTD_FAULTS"] = faults
-    script = (f"mount -t tmpfs -o size={size} tmpfs {ck} && exec {sys.executable} -m "
-              f"ckptd.daemon run --progress json {job}")
-    return subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    script = (
+        f"mount -t tmpfs -o size={size} tmpfs {ck} && exec {sys.executable} -m "
+        f"ckptd.daemon run --progress json {job}"
+    )
+    return subprocess.Popen(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _fill(path: Path) -> None:
@@ -52,8 +62,9 @@ def test_enospc_on_a_full_tmpfs(tmp_path: Path) -> None:
     inside = Path(f"/proc/{hb.pid}/root") / str(ck).lstrip("/")  # the worker's view of tinyfs
     filler = inside / "filler"
     _fill(filler)
-    wait_for("a failed save", lambda: any(e["event"] == "checkpoint.failed"
-                                          for e in events(run)), timeout=120)
+    wait_for(
+        "a failed save", lambda: any(e["event"] == "checkpoint.failed" for e in events(run)), timeout=120
+    )
     filler.unlink()
     rc, out = finish(proc)
     assert rc == 0, out
@@ -74,20 +85,28 @@ def test_a_full_disk_at_epoch_ends_and_the_final_save_waits_then_resumes(tmp_pat
     ck = tmp_path / "tinyfs"
     ck.mkdir()
     job = write_job(tmp_path, name="diskfull2", epochs=3)
-    job.write_text(job.read_text()
-                   .replace("checkpoint: {", f"checkpoint: {{dir: {ck}/ck, ")
-                   .replace("filepath: weights.best.hdf5", f"filepath: '{ck}/best/w.hdf5'")
-                   .replace("max_restarts: 3", "max_restarts: 1"))
+    job.write_text(
+        job.read_text()
+        .replace("checkpoint: {", f"checkpoint: {{dir: {ck}/ck, ")
+        .replace("filepath: weights.best.hdf5", f"filepath: '{ck}/best/w.hdf5'")
+        .replace("max_restarts: 3", "max_restarts: 1")
+    )
     home = tmp_path / "home"
     proc = _run_on_tmpfs(home, ck, job, "5m", "step_delay=0.02")
     run = run_dir(home)
     heartbeat_when(run, lambda h: (h.committed_step or 0) >= 20)
     filler = Path(f"/proc/{proc.pid}/root") / str(ck).lstrip("/") / "filler"  # the job's view
     _fill(filler)
-    wait_for("a disk_full attempt", lambda: any(
-        a["class"] == "disk_full" for a in status(home, run.name)["attempt_list"]), timeout=180)
-    wait_for("a second disk_full wait", lambda: sum(
-        a["class"] == "disk_full" for a in status(home, run.name)["attempt_list"]) >= 2, 180)
+    wait_for(
+        "a disk_full attempt",
+        lambda: any(a["class"] == "disk_full" for a in status(home, run.name)["attempt_list"]),
+        timeout=180,
+    )
+    wait_for(
+        "a second disk_full wait",
+        lambda: sum(a["class"] == "disk_full" for a in status(home, run.name)["attempt_list"]) >= 2,
+        180,
+    )
     filler.unlink()
     rc, out = finish(proc)
     assert rc == 0, out

@@ -39,9 +39,12 @@ CASES = {
 def _job(tmp: Path, name: str) -> Path:
     body, _ = CASES[name]
     job = tmp / f"{name}.yaml"
-    job.write_text(f"name: {name.replace('_', '-')}\n" + body.format(dir=PROGRAMS)
-                   + "restart: {max_restarts: 3, backoff_initial_seconds: 0.1, "
-                     "backoff_max_seconds: 0.5}\n")
+    job.write_text(
+        f"name: {name.replace('_', '-')}\n"
+        + body.format(dir=PROGRAMS)
+        + "restart: {max_restarts: 3, backoff_initial_seconds: 0.1, "
+        "backoff_max_seconds: 0.5}\n"
+    )
     return job
 
 
@@ -66,8 +69,9 @@ def _clean_run(tmp: Path, name: str) -> Path:
 LONG = {"vae_dataset", "multi_io", "gan"}
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.conformance) if n in LONG
-                                  else n for n in sorted(CASES)])
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.conformance) if n in LONG else n for n in sorted(CASES)]
+)
 def test_sigkill_mid_run_resumes_bit_identical(tmp_path: Path, name: str) -> None:
     job = _job(tmp_path, name)
     clean = _clean_run(tmp_path, name)
@@ -83,8 +87,12 @@ def test_sigkill_mid_run_resumes_bit_identical(tmp_path: Path, name: str) -> Non
             assert [r["epoch"] for r in csv.DictReader(f)] == ["0", "1", "2", "3"]
     if name in ("random_layers", "custom_loop"):  # export reaches a script job's model
         out = tmp_path / "latest.h5"
-        r = subprocess.run([sys.executable, "-m", "ckptd.worker.export", str(killed), str(out)],
-                           capture_output=True, text=True, timeout=300)
+        r = subprocess.run(
+            [sys.executable, "-m", "ckptd.worker.export", str(killed), str(out)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert r.returncode == 0, r.stderr[-2000:]
         assert "step" in r.stdout and out.stat().st_size > 0
 
@@ -97,8 +105,7 @@ def test_entrypoint_job_hot_spare_takes_over_bit_identical(tmp_path: Path) -> No
     (tmp_path / "spare").mkdir()
     job = _job(tmp_path / "spare", "gan")
     job.write_text(job.read_text().replace("restart: {", "restart: {hot_spare: true, "))
-    run = _run(tmp_path / "spare", job, faults=f"step_delay=0.01,sigkill_at_step={CASES['gan'][1]},"
-                                             "attempt=1")
+    run = _run(tmp_path / "spare", job, faults=f"step_delay=0.01,sigkill_at_step={CASES['gan'][1]},attempt=1")
     a1, a2 = status(tmp_path / "spare", run.name)["attempt_list"]
     assert a1["class"] == "killed" and a2["class"] == "succeeded"
     assert [e for e in events(run) if e["event"] == "worker.spare_assigned"]
@@ -106,32 +113,42 @@ def test_entrypoint_job_hot_spare_takes_over_bit_identical(tmp_path: Path) -> No
 
 
 SETUP_FAILURES = {
-    "generator": ("import keras\nimport ckptd.worker.api as ckptd\n"
-                  "m = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])\n"
-                  "m.compile(optimizer='sgd', loss='mse')\n"
-                  "ckptd.fit(m, ((i, i) for i in range(9)))\n", "Python generator"),
-    "shape": ("import keras, numpy as np\nimport ckptd.worker.api as ckptd\n"
-              "m = keras.Sequential([keras.Input((8,)), keras.layers.Dense(1)])\n"
-              "m.compile(optimizer='sgd', loss='mse')\n"
-              "ckptd.fit(m, np.zeros((16, 4)), np.zeros(16))\n",
-              "building the model's variables on the first batch"),
-    "uncompiled": ("import keras, numpy as np\nimport ckptd.worker.api as ckptd\n"
-                   "m = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])\n"
-                   "ckptd.fit(m, np.zeros((4, 2)), np.zeros(4))\n", "not compiled"),
+    "generator": (
+        "import keras\nimport ckptd.worker.api as ckptd\n"
+        "m = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])\n"
+        "m.compile(optimizer='sgd', loss='mse')\n"
+        "ckptd.fit(m, ((i, i) for i in range(9)))\n",
+        "Python generator",
+    ),
+    "shape": (
+        "import keras, numpy as np\nimport ckptd.worker.api as ckptd\n"
+        "m = keras.Sequential([keras.Input((8,)), keras.layers.Dense(1)])\n"
+        "m.compile(optimizer='sgd', loss='mse')\n"
+        "ckptd.fit(m, np.zeros((16, 4)), np.zeros(16))\n",
+        "building the model's variables on the first batch",
+    ),
+    "uncompiled": (
+        "import keras, numpy as np\nimport ckptd.worker.api as ckptd\n"
+        "m = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])\n"
+        "ckptd.fit(m, np.zeros((4, 2)), np.zeros(4))\n",
+        "not compiled",
+    ),
     "no_fit": ("print('forgot to train')\n", "without calling ckptd.fit"),
     "import": ("import not_a_module_anywhere\n", "failed before training started"),
     # Traces fine (priming runs nothing), fails deterministically when the first step runs.
-    "first_step": ("import keras, numpy as np, tensorflow as tf\nimport ckptd.worker.api as ckptd\n"
-                   "class Strict(keras.Model):\n"
-                   "    def train_step(self, data):\n"
-                   "        x, y = data\n"
-                   "        tf.debugging.assert_equal(tf.shape(x)[0], 999, message='not 999')\n"
-                   "        return {'loss': tf.constant(0.0)}\n"
-                   "inputs = keras.Input((2,))\n"
-                   "m = Strict(inputs, keras.layers.Dense(1)(inputs))\n"
-                   "m.compile(optimizer='sgd', loss='mse')\n"
-                   "ckptd.fit(m, np.zeros((8, 2)), np.zeros((8, 1)))\n",
-                   "before the first training step: InvalidArgumentError"),
+    "first_step": (
+        "import keras, numpy as np, tensorflow as tf\nimport ckptd.worker.api as ckptd\n"
+        "class Strict(keras.Model):\n"
+        "    def train_step(self, data):\n"
+        "        x, y = data\n"
+        "        tf.debugging.assert_equal(tf.shape(x)[0], 999, message='not 999')\n"
+        "        return {'loss': tf.constant(0.0)}\n"
+        "inputs = keras.Input((2,))\n"
+        "m = Strict(inputs, keras.layers.Dense(1)(inputs))\n"
+        "m.compile(optimizer='sgd', loss='mse')\n"
+        "ckptd.fit(m, np.zeros((8, 2)), np.zeros((8, 1)))\n",
+        "before the first training step: InvalidArgumentError",
+    ),
 }
 
 
@@ -165,14 +182,16 @@ def test_validate_build_names_what_would_make_a_resume_differ(tmp_path: Path) ->
         "inputs = keras.Input((2,))\n"
         "m = Noisy(inputs, keras.layers.Dense(1)(inputs))\n"
         "m.compile(optimizer='sgd')\n"
-        "ckptd.fit(m, np.zeros((8, 2)), np.zeros((8, 1)))\n")
+        "ckptd.fit(m, np.zeros((8, 2)), np.zeros((8, 1)))\n"
+    )
     noisy = tmp_path / "noisy.yaml"
     noisy.write_text("name: noisy\nentrypoint: noisy.py\ntrain: {deterministic: false}\n")
     (tmp_path / "broken.py").write_text(SETUP_FAILURES["uncompiled"][0])
     broken = tmp_path / "broken.yaml"
     broken.write_text("name: broken\nentrypoint: broken.py\n")
-    r = subprocess.run(ckptd_cmd("validate", "--build", str(noisy), str(broken)),
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        ckptd_cmd("validate", "--build", str(noisy), str(broken)), capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 2, r.stdout + r.stderr
     warnings = [line for line in r.stderr.splitlines() if "noisy.yaml: warning" in line]
     assert any("RandomStandardNormal" in w for w in warnings), r.stderr

@@ -32,11 +32,16 @@ def _exact_datasets() -> dict[str, Any]:
         "shuffle unseeded": r.shuffle(8),
         "shuffle seeded": r.shuffle(8, seed=5),
         "shuffle once": r.shuffle(8, seed=5, reshuffle_each_iteration=False),
-        "legacy random op in parallel map": r.map(lambda x: _f(x) + tf.random.uniform([]),
-                                                  num_parallel_calls=tf.data.AUTOTUNE),
+        "legacy random op in parallel map": r.map(
+            lambda x: _f(x) + tf.random.uniform([]), num_parallel_calls=tf.data.AUTOTUNE
+        ),
         "stateless map": r.map(lambda x: _f(x) + tf.random.stateless_uniform([], seed=tf.stack([x, 1]))),
-        "interleave": r.interleave(lambda x: tf.data.Dataset.range(x, x + 2), cycle_length=2,
-                                   num_parallel_calls=2, deterministic=False),
+        "interleave": r.interleave(
+            lambda x: tf.data.Dataset.range(x, x + 2),
+            cycle_length=2,
+            num_parallel_calls=2,
+            deterministic=False,
+        ),
         "memory cache": r.cache().shuffle(8, seed=1),
         "Dataset.random": tf.data.Dataset.random(seed=4, rerandomize_each_iteration=True).take(8),
     }

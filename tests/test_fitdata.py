@@ -28,8 +28,7 @@ def test_x_alone_reaches_train_step_unwrapped_and_sample_weights_as_a_third_elem
     batches = _epoch(_data(x=x, batch_size=4, shuffle=False), 0)
     assert [b.shape for b in batches] == [(4, 1), (4, 1), (2, 1)]
     assert batches[0].dtype == np.float32  # floats in floatx, as fit's array adapter casts them
-    xb, yb, sw = _epoch(_data(x=x, y=x[:, 0], sample_weight=np.ones(10), batch_size=5,
-                              shuffle=False), 0)[0]
+    xb, yb, sw = _epoch(_data(x=x, y=x[:, 0], sample_weight=np.ones(10), batch_size=5, shuffle=False), 0)[0]
     assert xb.shape == (5, 1) and yb.shape == (5,) and sw.shape == (5,)
 
 
@@ -42,8 +41,9 @@ def test_dict_inputs_and_targets_keep_their_structure() -> None:
 
 def test_class_weight_becomes_per_example_weights() -> None:
     y = np.array([0, 1, 1, 0])
-    _, _, sw = _epoch(_data(x=np.zeros((4, 1)), y=y, batch_size=4, shuffle=False,
-                            class_weight={0: 1.0, 1: 3.0}), 0)[0]
+    _, _, sw = _epoch(
+        _data(x=np.zeros((4, 1)), y=y, batch_size=4, shuffle=False, class_weight={0: 1.0, 1: 3.0}), 0
+    )[0]
     assert sw.tolist() == [1.0, 3.0, 3.0, 1.0]
 
 
@@ -89,13 +89,18 @@ def test_batched_dataset_resume_replays_the_reshuffle() -> None:
     assert uninterrupted[1] != uninterrupted[2]  # it does reshuffle
 
 
-@pytest.mark.parametrize(("kw", "fragment"), [
-    ({"x": (i for i in range(3))}, "Python generator"),
-    ({"x": np.zeros((4, 1)), "y": np.zeros(5)}, "different numbers of rows"),
-    ({"x": np.zeros((4, 1)), "y": np.zeros(4), "sample_weight": np.ones(4),
-      "class_weight": {0: 1.0}}, "class_weight and sample_weight"),
-    ({"x": None}, "x is missing"),
-])
+@pytest.mark.parametrize(
+    ("kw", "fragment"),
+    [
+        ({"x": (i for i in range(3))}, "Python generator"),
+        ({"x": np.zeros((4, 1)), "y": np.zeros(5)}, "different numbers of rows"),
+        (
+            {"x": np.zeros((4, 1)), "y": np.zeros(4), "sample_weight": np.ones(4), "class_weight": {0: 1.0}},
+            "class_weight and sample_weight",
+        ),
+        ({"x": None}, "x is missing"),
+    ],
+)
 def test_bad_data_is_a_config_error_naming_the_cause(kw: dict[str, Any], fragment: str) -> None:
     from ckptd.worker.entry import ConfigError
 
@@ -128,18 +133,27 @@ def test_model_checkpoint_and_early_stopping_map_onto_the_job() -> None:
     from ckptd.worker.entry import ConfigError
 
     keep = keras.callbacks.ReduceLROnPlateau()
-    spec, kept, notes = map_callbacks([
-        keras.callbacks.ModelCheckpoint("best.weights.h5", monitor="val_accuracy", mode="max",
-                                        save_best_only=True, save_weights_only=True),
-        keras.callbacks.EarlyStopping(patience=4, restore_best_weights=True),
-        keras.callbacks.BackupAndRestore("backup"), keep], _spec())
+    spec, kept, notes = map_callbacks(
+        [
+            keras.callbacks.ModelCheckpoint(
+                "best.weights.h5",
+                monitor="val_accuracy",
+                mode="max",
+                save_best_only=True,
+                save_weights_only=True,
+            ),
+            keras.callbacks.EarlyStopping(patience=4, restore_best_weights=True),
+            keras.callbacks.BackupAndRestore("backup"),
+            keep,
+        ],
+        _spec(),
+    )
     assert kept == [keep] and len(notes) == 3
     assert spec.best is not None and spec.best.filepath == "best.weights.h5"
     assert spec.best.monitor == "val_accuracy" and spec.best.mode == "max"
     assert spec.early_stopping is not None and spec.early_stopping.patience == 4
     with pytest.raises(ConfigError, match="best"):
-        map_callbacks([keras.callbacks.ModelCheckpoint("m.keras")],
-                      _spec("best: {filepath: w.hdf5}\n"))
+        map_callbacks([keras.callbacks.ModelCheckpoint("m.keras")], _spec("best: {filepath: w.hdf5}\n"))
     with pytest.raises(ConfigError, match="save_freq"):
         map_callbacks([keras.callbacks.ModelCheckpoint("m.keras", save_freq=10)], _spec())
 

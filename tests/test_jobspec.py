@@ -43,7 +43,7 @@ BAD = [
     (GOOD + "early_stopping: {patience: -3}\n", "early_stopping.patience"),
     ("name: ok\n", "model: required field is missing"),
     ("name: ../evil\nmodel: a.b:c\n", "name"),
-    ("name: \"x\\e[31m\"\nmodel: a.b:c\n", "name"),
+    ('name: "x\\e[31m"\nmodel: a.b:c\n', "name"),
     ("name: ok\nmodel: not-an-entrypoint\n", "model"),
     ("name: 1.10\nmodel: a.b:c\n", "name"),
     ("name: a\nname: b\nmodel: a.b:c\n", "duplicate key 'name'"),
@@ -74,12 +74,15 @@ def test_bad_job_is_rejected_naming_the_field(doc: str, fragment: str) -> None:
     assert all(p.startswith("job.yaml") for p in e.value.problems)
 
 
-@pytest.mark.parametrize(("data", "fragment"), [
-    (b"\xff\xfename: x\n", "UTF-8"),
-    (b"\xef\xbb\xbfname: x\n", "byte-order mark"),
-    (b"name: x\x00\n", "NUL"),
-    (b"name: x\n" + b"#" * 300_000, "cap"),
-])
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        (b"\xff\xfename: x\n", "UTF-8"),
+        (b"\xef\xbb\xbfname: x\n", "byte-order mark"),
+        (b"name: x\x00\n", "NUL"),
+        (b"name: x\n" + b"#" * 300_000, "cap"),
+    ],
+)
 def test_bad_bytes_are_rejected(data: bytes, fragment: str) -> None:
     with pytest.raises(JobFileError) as e:
         parse_job(data, "job.yaml", Path("."))
@@ -96,7 +99,8 @@ def test_every_problem_is_reported_once() -> None:
 def test_alias_bomb_is_rejected_fast() -> None:
     bomb = "a: &a [x,x,x,x,x,x,x,x,x]\n" + "".join(
         f"{c}: &{c} [*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p}]\n"
-        for p, c in zip("abcdefgh", "bcdefghi", strict=True))
+        for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+    )
     with pytest.raises(JobFileError, match="anchors"):
         parse_job(bomb.encode(), "job.yaml", Path("."))
 
@@ -124,8 +128,11 @@ def test_a_model_naming_a_directory_says_so(tmp_path: Path, name: str) -> None:
     (tmp_path / name.split(":")[0]).mkdir(parents=True)
     job = tmp_path / "j.yaml"
     job.write_text(f"name: x\nmodel: {name}\n")
-    with pytest.raises(JobFileError, match=r"model: .*models(\.py)? is a directory; name the "
-                       r"Python file in it, e\.g\. model\.py:build"):
+    with pytest.raises(
+        JobFileError,
+        match=r"model: .*models(\.py)? is a directory; name the "
+        r"Python file in it, e\.g\. model\.py:build",
+    ):
         load_job_file(job)
 
 
@@ -139,8 +146,7 @@ def test_the_worker_says_a_model_naming_a_directory_is_one(tmp_path: Path) -> No
         load_callable(f"{tmp_path / 'models'}:build")
 
 
-def test_entrypoint_resolves_beside_the_job_file_and_keeps_its_train_fields(
-        tmp_path: Path) -> None:
+def test_entrypoint_resolves_beside_the_job_file_and_keeps_its_train_fields(tmp_path: Path) -> None:
     (tmp_path / "train.py").write_text("")
     job = tmp_path / "j.yaml"
     job.write_text("name: x\nentrypoint: train.py\ntrain: {seed: 4, deterministic: true}\n")
@@ -157,31 +163,34 @@ def test_cli_validate_exit_2_and_records_nothing(tmp_path: Path) -> None:
     job = tmp_path / "bad.yaml"
     job.write_text(GOOD + "train: {epochs: NO}\n")
     for cmd in (["validate", str(job)], ["run", str(job)]):
-        r = subprocess.run(ckptd_cmd(*cmd), env=env_with(home), capture_output=True, text=True,
-                           timeout=60)
+        r = subprocess.run(ckptd_cmd(*cmd), env=env_with(home), capture_output=True, text=True, timeout=60)
         assert r.returncode == 2, r.stderr
         assert "train.epochs" in r.stderr
     assert not (home / "jobs").exists() or not any((home / "jobs").iterdir())
-    r = subprocess.run(ckptd_cmd("status", "--json"), env=env_with(home), capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        ckptd_cmd("status", "--json"), env=env_with(home), capture_output=True, text=True, timeout=60
+    )
     assert r.stdout.strip() == "[]"
 
 
 def test_cli_validate_ok() -> None:
-    r = subprocess.run(ckptd_cmd("validate", str(EXAMPLE / "job.yaml")), capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        ckptd_cmd("validate", str(EXAMPLE / "job.yaml")), capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0 and "ok" in r.stdout
 
 
-@pytest.mark.parametrize(("field", "text"), [
-    ("checkpoint.dir", "checkpoint: {dir: ../../x}"),
-    ("checkpoint.dir", "checkpoint: {dir: a/../../x}"),
-    ("best.filepath", "best: {filepath: ../w.hdf5}"),
-])
+@pytest.mark.parametrize(
+    ("field", "text"),
+    [
+        ("checkpoint.dir", "checkpoint: {dir: ../../x}"),
+        ("checkpoint.dir", "checkpoint: {dir: a/../../x}"),
+        ("best.filepath", "best: {filepath: ../w.hdf5}"),
+    ],
+)
 def test_relative_output_paths_stay_in_the_run_directory(field: str, text: str) -> None:
     with pytest.raises(JobFileError, match=rf"{field}: a relative path must stay inside"):
-        parse_job(f"name: x\nmodel: m:build\n{text}\n".encode(), "j.yaml", Path("/"),
-                  check=False)
+        parse_job(f"name: x\nmodel: m:build\n{text}\n".encode(), "j.yaml", Path("/"), check=False)
 
 
 def test_absolute_output_paths_must_be_writable_by_the_caller(tmp_path: Path) -> None:
@@ -197,8 +206,9 @@ def test_absolute_output_paths_must_be_writable_by_the_caller(tmp_path: Path) ->
 
 def test_the_daemon_side_parse_touches_no_path(tmp_path: Path) -> None:
     """check=False is what the daemon uses: a missing model is the worker's to report."""
-    spec = parse_job(b"name: x\nmodel: nothere.py:build\nparams: {csv: d.csv}\n", "j.yaml",
-                     tmp_path, check=False)
+    spec = parse_job(
+        b"name: x\nmodel: nothere.py:build\nparams: {csv: d.csv}\n", "j.yaml", tmp_path, check=False
+    )
     assert spec.model == f"{tmp_path}/nothere.py:build" and spec.base_dir == str(tmp_path)
     assert resolved_params(spec) == {"csv": "d.csv"}  # no such file: left as written
 
@@ -208,19 +218,30 @@ def test_base_dir_cannot_be_set_by_a_job_file() -> None:
         parse_job(b"name: x\nmodel: m:build\nbase_dir: /etc\n", "j.yaml", Path("/"))
 
 
-@pytest.mark.parametrize(("template", "why"), [
-    ("w-{epoch:z}.hdf5", "bad format spec"),
-    ("w-{epoch.real}.hdf5", "bad template field"),
-    ("w-{epoch!r}.hdf5", "bad template field"),
-    ("w-{epoch.hdf5", "not a valid template"),
-    ("w-{val_accuracy:.2q}.hdf5", "bad format spec"),
-])
+@pytest.mark.parametrize(
+    ("template", "why"),
+    [
+        ("w-{epoch:z}.hdf5", "bad format spec"),
+        ("w-{epoch.real}.hdf5", "bad template field"),
+        ("w-{epoch!r}.hdf5", "bad template field"),
+        ("w-{epoch.hdf5", "not a valid template"),
+        ("w-{val_accuracy:.2q}.hdf5", "bad format spec"),
+    ],
+)
 def test_best_template_is_checked_at_validation(template: str, why: str) -> None:
     with pytest.raises(JobFileError, match=f"best.filepath: .*{why}"):
-        parse_job(f"name: x\nmodel: m:build\nbest: {{filepath: '{template}'}}\n".encode(),
-                  "j.yaml", Path("/"), check=False)
-    ok = parse_job(b"name: x\nmodel: m:build\nbest: {filepath: 'w-{epoch:02d}-{val_accuracy:.2f}"
-                   b".hdf5'}\n", "j.yaml", Path("/"), check=False)
+        parse_job(
+            f"name: x\nmodel: m:build\nbest: {{filepath: '{template}'}}\n".encode(),
+            "j.yaml",
+            Path("/"),
+            check=False,
+        )
+    ok = parse_job(
+        b"name: x\nmodel: m:build\nbest: {filepath: 'w-{epoch:02d}-{val_accuracy:.2f}.hdf5'}\n",
+        "j.yaml",
+        Path("/"),
+        check=False,
+    )
     assert ok.best is not None
 
 

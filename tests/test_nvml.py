@@ -64,8 +64,10 @@ CASES = [
     ({0: {}, 1: {"ecc": 3}}, {1: "uncorrected ECC errors: 3"}),
     ({0: "lost"}, {0: "GPU is lost"}),
     ({0: "unsupported"}, {}),  # a consumer card without ECC reporting: no evidence, no guess
-    ({0: {"pending": 1, "remap_failed": 1}},
-     {0: "page retirement pending (reset the GPU); row remapping failed"}),
+    (
+        {0: {"pending": 1, "remap_failed": 1}},
+        {0: "page retirement pending (reset the GPU); row remapping failed"},
+    ),
 ]
 
 

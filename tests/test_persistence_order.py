@@ -15,15 +15,18 @@ from ckptd.state.jobspec import load_job_file, spec_json
 from .conftest import EXAMPLE
 from .straceaudit import audit, manifest_commits, parse, state_file_commits
 
-pytestmark = [pytest.mark.tf,
-              pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")]
+pytestmark = [pytest.mark.tf, pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")]
 TRACED = "openat,write,pwrite64,fsync,fdatasync,rename,renameat,renameat2,unlink,unlinkat"
 
 
 def _strace(tmp_path: Path, argv: list[str]) -> str:
     log = tmp_path / "strace.log"
-    subprocess.run(["strace", "-f", "-qq", "-y", "-e", f"trace={TRACED}", "-o", str(log), *argv],
-                   check=True, timeout=300, capture_output=True)
+    subprocess.run(
+        ["strace", "-f", "-qq", "-y", "-e", f"trace={TRACED}", "-o", str(log), *argv],
+        check=True,
+        timeout=300,
+        capture_output=True,
+    )
     return log.read_text()
 
 
@@ -31,9 +34,12 @@ def test_ckptd_commits_follow_the_protocol(tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()
     spec, _ = load_job_file(EXAMPLE / "job.yaml")
-    spec = spec.model_copy(update={
-        "train": spec.train.model_copy(update={"epochs": 1}),
-        "checkpoint": spec.checkpoint.model_copy(update={"every_steps": 20, "max_to_keep": 1})})
+    spec = spec.model_copy(
+        update={
+            "train": spec.train.model_copy(update={"epochs": 1}),
+            "checkpoint": spec.checkpoint.model_copy(update={"every_steps": 20, "max_to_keep": 1}),
+        }
+    )
     (run / "spec.json").write_text(spec_json(spec))
     log = _strace(tmp_path, [sys.executable, "-m", "ckptd.worker", str(run), "1"])
     ops = parse(log)
@@ -44,8 +50,8 @@ def test_ckptd_commits_follow_the_protocol(tmp_path: Path) -> None:
     # `ckptd logs` never lags the last commit after a power cut: each commit's event is synced.
     events = str(run / "events.jsonl")
     for commit, _ in commits:
-        write = next(o for o in ops[commit.i:] if o.call == "write" and o.path == events)
-        after = next(o for o in ops[write.i + 1:] if o.path == events)
+        write = next(o for o in ops[commit.i :] if o.call == "write" and o.path == events)
+        after = next(o for o in ops[write.i + 1 :] if o.path == events)
         assert after.call == "fsync", (commit, after)
 
 

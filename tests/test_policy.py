@@ -29,12 +29,25 @@ CLASSIFY = [
     (ExitObservation(1, None, "builtins.ValueError", "boom"), C.CRASH),
     (ExitObservation(1, None), C.CRASH),
     (ExitObservation(3, None), C.CRASH),
-    (ExitObservation(1, None, "tensorflow.python.framework.errors_impl.ResourceExhaustedError",
-                     "OOM when allocating tensor"), C.GPU_OOM),
-    (ExitObservation(1, None, "tensorflow.python.framework.errors_impl.InternalError",
-                     "CUDA_ERROR_ECC_UNCORRECTABLE: uncorrectable ECC error"), C.GPU_FAULT),
-    (ExitObservation(1, None, "InternalError", "an illegal memory access was encountered"),
-     C.GPU_FAULT),
+    (
+        ExitObservation(
+            1,
+            None,
+            "tensorflow.python.framework.errors_impl.ResourceExhaustedError",
+            "OOM when allocating tensor",
+        ),
+        C.GPU_OOM,
+    ),
+    (
+        ExitObservation(
+            1,
+            None,
+            "tensorflow.python.framework.errors_impl.InternalError",
+            "CUDA_ERROR_ECC_UNCORRECTABLE: uncorrectable ECC error",
+        ),
+        C.GPU_FAULT,
+    ),
+    (ExitObservation(1, None, "InternalError", "an illegal memory access was encountered"), C.GPU_FAULT),
     (ExitObservation(1, None, "builtins.MemoryError", ""), C.HOST_OOM),
     (ExitObservation(None, signal.SIGKILL), C.KILLED),
     (ExitObservation(None, signal.SIGKILL, oom_evidence="RSS over limit"), C.HOST_OOM),
@@ -46,26 +59,29 @@ CLASSIFY = [
     # A clean exit wins over a hang verdict reached while it was slow to exit (a loaded box).
     (ExitObservation(0, None, hang="no heartbeat for 130s in phase training"), C.SUCCEEDED),
     # Stopped after its final commit (Phase.DONE): the job trained; it never ends failed.
-    (ExitObservation(None, signal.SIGKILL, hang="no heartbeat in phase done", finished=True),
-     C.SUCCEEDED),
+    (ExitObservation(None, signal.SIGKILL, hang="no heartbeat in phase done", finished=True), C.SUCCEEDED),
     (ExitObservation(None, signal.SIGTERM, finished=True), C.SUCCEEDED),
     (ExitObservation(1, None, "builtins.RuntimeError", "in atexit", finished=True), C.SUCCEEDED),
     (ExitObservation(p.EXIT_PREEMPTED, None, finished=True), C.PREEMPTED),
     (ExitObservation(p.EXIT_NONFINITE, None, "NonFinite", "loss is nan at step 15"), C.NAN_LOSS),
-    (ExitObservation(1, None, "ckptd.worker.keeper.SaveFailed",
-                     "ResourceExhaustedError: ...; No space left on device (errno 28)"), C.DISK_FULL),
-    (ExitObservation(1, None, "builtins.OSError", "[Errno 28] No space left on device"),
-     C.DISK_FULL),
+    (
+        ExitObservation(
+            1,
+            None,
+            "ckptd.worker.keeper.SaveFailed",
+            "ResourceExhaustedError: ...; No space left on device (errno 28)",
+        ),
+        C.DISK_FULL,
+    ),
+    (ExitObservation(1, None, "builtins.OSError", "[Errno 28] No space left on device"), C.DISK_FULL),
     (ExitObservation(p.EXIT_CONFIG, None, "ConfigError", "x", finished=True), C.CONFIG_ERROR),
     # NVML reports a sick device after the attempt: it explains failures, not clean endings.
     (ExitObservation(None, signal.SIGKILL, gpu_problems="NVML: GPU 1: GPU is lost"), C.GPU_FAULT),
-    (ExitObservation(None, signal.SIGKILL, hang="no heartbeat", gpu_problems="NVML: x"),
-     C.GPU_FAULT),
+    (ExitObservation(None, signal.SIGKILL, hang="no heartbeat", gpu_problems="NVML: x"), C.GPU_FAULT),
     (ExitObservation(1, None, "builtins.ValueError", "boom", gpu_problems="NVML: x"), C.GPU_FAULT),
     (ExitObservation(0, None, gpu_problems="NVML: x"), C.SUCCEEDED),
     (ExitObservation(p.EXIT_PREEMPTED, None, gpu_problems="NVML: x"), C.PREEMPTED),
-    (ExitObservation(p.EXIT_CONFIG, None, "ConfigError", "model", gpu_problems="NVML: x"),
-     C.CONFIG_ERROR),
+    (ExitObservation(p.EXIT_CONFIG, None, "ConfigError", "model", gpu_problems="NVML: x"), C.CONFIG_ERROR),
 ]
 
 
@@ -79,8 +95,9 @@ def test_classify_exit(obs: ExitObservation, expected: C) -> None:
 POLICY = Restart(max_restarts=2, backoff_initial_seconds=1, backoff_max_seconds=8)
 
 
-def A(klass: C, restored: int | None = None, committed: int | None = None,
-      last: int | None = None) -> AttemptOutcome:
+def A(
+    klass: C, restored: int | None = None, committed: int | None = None, last: int | None = None
+) -> AttemptOutcome:
     return AttemptOutcome(klass, restored, committed, last)
 
 
@@ -107,8 +124,9 @@ DECIDE = [
 ]
 
 
-@pytest.mark.parametrize("history", [
-    [A(C.KILLED)] * 3, [A(C.CRASH)] * 3, [A(C.LOST)] * 3, [A(C.KILLED, last=7)] * 3])
+@pytest.mark.parametrize(
+    "history", [[A(C.KILLED)] * 3, [A(C.CRASH)] * 3, [A(C.LOST)] * 3, [A(C.KILLED, last=7)] * 3]
+)
 def test_no_crash_loop_without_a_known_deterministic_step(history: list[AttemptOutcome]) -> None:
     d = decide_restart(history, Restart(max_restarts=10), 0.0)
     assert d.action == Action.RESTART and not d.reason.startswith("crash loop"), d
@@ -124,8 +142,9 @@ def test_every_phase_has_a_silence_limit(phase: p.Phase) -> None:
 
 @pytest.mark.parametrize(("history", "action"), DECIDE)
 def test_decide_restart(history: list[AttemptOutcome], action: Action) -> None:
-    big = Restart(max_restarts=2 if len(history) < 9 else 50, backoff_initial_seconds=1,
-                  backoff_max_seconds=8)
+    big = Restart(
+        max_restarts=2 if len(history) < 9 else 50, backoff_initial_seconds=1, backoff_max_seconds=8
+    )
     assert decide_restart(history, big, jitter=0.5).action == action
 
 
@@ -141,10 +160,19 @@ def test_failures_without_progress() -> None:
     assert failures_without_progress([A(C.CRASH), A(C.LOST), A(C.PREEMPTED)]) == 1
 
 
-@pytest.mark.parametrize(("failures", "jitter", "expected"), [
-    (1, 0.0, 1.0), (1, 1.0, 1.0), (2, 0.0, 1.0), (2, 1.0, 2.0), (3, 0.5, 3.0),
-    (4, 1.0, 8.0), (10, 1.0, 8.0), (10, 0.0, 4.0),
-])
+@pytest.mark.parametrize(
+    ("failures", "jitter", "expected"),
+    [
+        (1, 0.0, 1.0),
+        (1, 1.0, 1.0),
+        (2, 0.0, 1.0),
+        (2, 1.0, 2.0),
+        (3, 0.5, 3.0),
+        (4, 1.0, 8.0),
+        (10, 1.0, 8.0),
+        (10, 0.0, 4.0),
+    ],
+)
 def test_backoff_bounds(failures: int, jitter: float, expected: float) -> None:
     assert backoff(failures, POLICY, jitter) == pytest.approx(expected)
 

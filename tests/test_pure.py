@@ -14,23 +14,31 @@ from ckptd.worker.tracking import BestTracker, EarlyStopper, format_filepath, re
 H = 3600.0
 
 
-@pytest.mark.parametrize(("times", "keep", "hours", "deleted"), [
-    ([0, 1, 2, 3, 4], 3, None, [1, 2]),
-    ([0, 1, 2], 3, None, []),
-    ([0, 1, 2, 3], 1, None, [1, 2, 3]),
-    ([0, H, 2 * H, 2.5 * H, 3 * H], 1, 1.0, [4]),
-    ([0, 0.5 * H, H, 1.2 * H, 1.3 * H], 1, 1.0, [2, 4]),
-])
-def test_retention(times: list[float], keep: int, hours: float | None,
-                   deleted: list[int]) -> None:
+@pytest.mark.parametrize(
+    ("times", "keep", "hours", "deleted"),
+    [
+        ([0, 1, 2, 3, 4], 3, None, [1, 2]),
+        ([0, 1, 2], 3, None, []),
+        ([0, 1, 2, 3], 1, None, [1, 2, 3]),
+        ([0, H, 2 * H, 2.5 * H, 3 * H], 1, 1.0, [4]),
+        ([0, 0.5 * H, H, 1.2 * H, 1.3 * H], 1, 1.0, [2, 4]),
+    ],
+)
+def test_retention(times: list[float], keep: int, hours: float | None, deleted: list[int]) -> None:
     committed = [Committed(i + 1, t) for i, t in enumerate(times)]
     assert to_delete(committed, keep, hours) == deleted
 
 
-@pytest.mark.parametrize(("mode", "monitor", "expected"), [
-    ("auto", "val_accuracy", "max"), ("auto", "val_loss", "min"), ("auto", "auc", "max"),
-    ("min", "val_accuracy", "min"), ("auto", "mse", "min"),
-])
+@pytest.mark.parametrize(
+    ("mode", "monitor", "expected"),
+    [
+        ("auto", "val_accuracy", "max"),
+        ("auto", "val_loss", "min"),
+        ("auto", "auc", "max"),
+        ("min", "val_accuracy", "min"),
+        ("auto", "mse", "min"),
+    ],
+)
 def test_resolve_mode(mode: str, monitor: str, expected: str) -> None:
     assert resolve_mode(mode, monitor) == expected
 
@@ -51,8 +59,15 @@ def test_best_tracker_save_every_epoch() -> None:
 
 
 def test_early_stopping_keras_semantics() -> None:
-    e = EarlyStopper("val_loss", "min", patience=2, min_delta=0.0, baseline=None,
-                     start_from_epoch=0, restore_best_weights=True)
+    e = EarlyStopper(
+        "val_loss",
+        "min",
+        patience=2,
+        min_delta=0.0,
+        baseline=None,
+        start_from_epoch=0,
+        restore_best_weights=True,
+    )
     results = [e.update(i, {"val_loss": v}) for i, v in enumerate([1.0, 0.9, 0.95, 0.91, 0.92])]
     assert results == [(True, False), (True, False), (False, False), (False, True), (False, True)]
     assert (e.best, e.best_epoch, e.stopped_epoch) == (0.9, 1, 4)
@@ -63,7 +78,8 @@ def test_format_filepath_is_one_based() -> None:
 
 
 def test_atomic_write_fsyncs_file_then_renames_then_fsyncs_dir(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls: list[str] = []
     real_fsync, real_replace = os.fsync, os.replace
 

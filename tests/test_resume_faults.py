@@ -48,31 +48,38 @@ CK_DAMAGE: dict[str, tuple[Callable[[Path], None], str]] = {
     "index half": (lambda ck: _truncate(_newest(ck, ".index")), "bytes"),
     "index zero-length": (lambda ck: _truncate(_newest(ck, ".index"), 0), "bytes"),
     "data truncated": (lambda ck: _truncate(_newest(ck, ".data-00000-of-00001")), "bytes"),
-    "data bit flip": (lambda ck: _flip(_newest(ck, ".data-00000-of-00001")),
-                      "Checksum does not match"),
+    "data bit flip": (lambda ck: _flip(_newest(ck, ".data-00000-of-00001")), "Checksum does not match"),
     "index bit flip": (lambda ck: _flip(_newest(ck, ".index")), "SHA-256"),
     "data missing": (lambda ck: _newest(ck, ".data-00000-of-00001").unlink(), "missing"),
     "index missing": (lambda ck: _newest(ck, ".index").unlink(), "missing"),
-    "manifest garbage": (lambda ck: _newest(ck, ".manifest.json").write_text("{garbage"),
-                         "manifest unreadable"),
+    "manifest garbage": (
+        lambda ck: _newest(ck, ".manifest.json").write_text("{garbage"),
+        "manifest unreadable",
+    ),
 }
 STATE_FILE_DAMAGE: dict[str, Callable[[Path], None]] = {
     "state file empty": lambda ck: (ck / "checkpoint").write_text(""),
     "state file garbage": lambda ck: (ck / "checkpoint").write_bytes(b"\x00\xffgarbage{{"),
     "state file missing": lambda ck: (ck / "checkpoint").unlink(),
     "state file points at a deleted checkpoint": lambda ck: (ck / "checkpoint").write_text(
-        'model_checkpoint_path: "ckpt-99"\nall_model_checkpoint_paths: "ckpt-99"\n'),
+        'model_checkpoint_path: "ckpt-99"\nall_model_checkpoint_paths: "ckpt-99"\n'
+    ),
 }
 
 
 def _worker(run: Path, attempt: int = 9) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ckptd.worker", str(run), str(attempt)],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "ckptd.worker", str(run), str(attempt)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.mark.parametrize("kind", sorted(CK_DAMAGE))
 def test_damaged_newest_is_quarantined_and_previous_restored(
-        tmp_path: Path, finished: tuple[Path, dict[str, str]], kind: str) -> None:
+    tmp_path: Path, finished: tuple[Path, dict[str, str]], kind: str
+) -> None:
     base, golden = finished
     run = tmp_path / "run"
     shutil.copytree(base, run)
@@ -91,8 +98,9 @@ def test_damaged_newest_is_quarantined_and_previous_restored(
 
 
 @pytest.mark.parametrize("kind", sorted(STATE_FILE_DAMAGE))
-def test_state_file_is_never_trusted(tmp_path: Path, finished: tuple[Path, dict[str, str]],
-                                     kind: str) -> None:
+def test_state_file_is_never_trusted(
+    tmp_path: Path, finished: tuple[Path, dict[str, str]], kind: str
+) -> None:
     base, golden = finished
     run = tmp_path / "run"
     shutil.copytree(base, run)
@@ -102,13 +110,13 @@ def test_state_file_is_never_trusted(tmp_path: Path, finished: tuple[Path, dict[
     assert r.returncode == 0, r.stderr[-3000:]
     done = next(e for e in events(run) if e.get("attempt") == 9 and e["event"] == "restore.done")
     assert done["step"] == 156
-    assert (ck / "checkpoint").read_text().startswith(
-        f'model_checkpoint_path: "ckpt-{done["number"]}"')
+    assert (ck / "checkpoint").read_text().startswith(f'model_checkpoint_path: "ckpt-{done["number"]}"')
     assert final_state_hash(run) == golden
 
 
 def test_no_valid_checkpoint_fails_never_restarts_from_zero(
-        tmp_path: Path, finished: tuple[Path, dict[str, str]]) -> None:
+    tmp_path: Path, finished: tuple[Path, dict[str, str]]
+) -> None:
     base, _ = finished
     run = tmp_path / "run"
     shutil.copytree(base, run)
@@ -121,12 +129,14 @@ def test_no_valid_checkpoint_fails_never_restarts_from_zero(
     assert not any(e["event"] == "restore.fresh" for e in events(run) if e.get("attempt") == 9)
 
 
-def test_sigkill_inside_save_keeps_previous_commit(tmp_path: Path,
-                                                  finished: tuple[Path, dict[str, str]]) -> None:
+def test_sigkill_inside_save_keeps_previous_commit(
+    tmp_path: Path, finished: tuple[Path, dict[str, str]]
+) -> None:
     _, golden = finished
     home = tmp_path / "home"
-    rc, out = finish(start_run(home, str(write_job(tmp_path, epochs=EPOCHS)),
-                               faults="sigkill_in_save=60,attempt=1"))
+    rc, out = finish(
+        start_run(home, str(write_job(tmp_path, epochs=EPOCHS)), faults="sigkill_in_save=60,attempt=1")
+    )
     assert rc == 0, out
     run = run_dir(home)
     a1, a2 = status(home, run.name)["attempt_list"]
@@ -137,11 +147,17 @@ def test_sigkill_inside_save_keeps_previous_commit(tmp_path: Path,
 
 
 def test_kill_during_restore_and_restore_that_kills_twice_is_quarantined(
-        tmp_path: Path, finished: tuple[Path, dict[str, str]]) -> None:
+    tmp_path: Path, finished: tuple[Path, dict[str, str]]
+) -> None:
     _, golden = finished
     home = tmp_path / "home"
-    rc, out = finish(start_run(home, str(write_job(tmp_path, epochs=EPOCHS)),
-                               faults="sigkill_at_step=70,attempt=1,sigkill_in_restore=2-3"))
+    rc, out = finish(
+        start_run(
+            home,
+            str(write_job(tmp_path, epochs=EPOCHS)),
+            faults="sigkill_at_step=70,attempt=1,sigkill_in_restore=2-3",
+        )
+    )
     assert rc == 0, out
     run = run_dir(home)
     attempts = status(home, run.name)["attempt_list"]
@@ -153,11 +169,11 @@ def test_kill_during_restore_and_restore_that_kills_twice_is_quarantined(
 
 
 def test_disk_full_during_save_reports_and_training_carries_on(
-        tmp_path: Path, finished: tuple[Path, dict[str, str]]) -> None:
+    tmp_path: Path, finished: tuple[Path, dict[str, str]]
+) -> None:
     _, golden = finished
     home = tmp_path / "home"
-    rc, out = finish(start_run(home, str(write_job(tmp_path, epochs=EPOCHS)),
-                               faults="enospc_in_save=80"))
+    rc, out = finish(start_run(home, str(write_job(tmp_path, epochs=EPOCHS)), faults="enospc_in_save=80"))
     assert rc == 0, out
     run = run_dir(home)
     st = status(home, run.name)

@@ -51,13 +51,15 @@ def test_uninterrupted_run_succeeds_with_outputs(tmp_path: Path, golden: dict[st
 
 @pytest.mark.timing
 def test_sigkill_of_worker_resumes_from_checkpoint_bit_identical(
-        tmp_path: Path, golden: dict[str, str]) -> None:
+    tmp_path: Path, golden: dict[str, str]
+) -> None:
     home = tmp_path / "home"
     proc = start_run(home, str(write_job(tmp_path, epochs=EPOCHS)), faults="step_delay=0.02")
     run = run_dir(home)
     # Mid-interval, after at least three commits.
-    hb = heartbeat_when(run, lambda h: h.attempt == 1 and (h.committed_step or 0) >= 60
-                        and h.step > (h.committed_step or 0))
+    hb = heartbeat_when(
+        run, lambda h: h.attempt == 1 and (h.committed_step or 0) >= 60 and h.step > (h.committed_step or 0)
+    )
     # T15 fork hygiene: the worker holds no descriptor of the job store.
     fds = [os.readlink(f"/proc/{hb.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{hb.pid}/fd")]
     assert not [f for f in fds if "ckptd.db" in f], fds
@@ -72,7 +74,12 @@ def test_sigkill_of_worker_resumes_from_checkpoint_bit_identical(
     # directory): each attempt's start, end and the restart.
     lines = (home / "supervision" / run.name / "events.jsonl").read_text().splitlines()
     assert [json.loads(line)["event"] for line in lines] == [
-        "worker.spawned", "worker.exited", "worker.restarting", "worker.spawned", "worker.exited"]
+        "worker.spawned",
+        "worker.exited",
+        "worker.restarting",
+        "worker.spawned",
+        "worker.exited",
+    ]
     assert a2["class"] == "succeeded"
     assert a2["restored_step"] is not None and a2["restored_step"] >= 60  # not from step 0
     assert a2["restored_step"] >= (hb.committed_step or 0)
@@ -81,7 +88,8 @@ def test_sigkill_of_worker_resumes_from_checkpoint_bit_identical(
 
 
 def test_ctrl_c_saves_then_same_job_file_resumes_with_zero_lost_steps(
-        tmp_path: Path, golden: dict[str, str]) -> None:
+    tmp_path: Path, golden: dict[str, str]
+) -> None:
     home = tmp_path / "home"
     job = write_job(tmp_path, epochs=EPOCHS, every_steps=1000)  # no interval save: only SIGINT's
     proc = start_run(home, str(job), faults="step_delay=0.02")
@@ -122,28 +130,40 @@ def test_config_error_is_not_retried(tmp_path: Path) -> None:
 def test_example_best_weights_load_and_reach_70_percent(tmp_path: Path) -> None:
     """The tutorial's fixed-name variant, full length: `model.load_weights` reads the HDF5 file."""
     home = tmp_path / "home"
-    r = subprocess.run(ckptd_cmd("run", "--progress", "json", str(EXAMPLE / "job-best.yaml")),
-                       env=env_with(home), capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        ckptd_cmd("run", "--progress", "json", str(EXAMPLE / "job-best.yaml")),
+        env=env_with(home),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     best = run_dir(home) / "weights.best.hdf5"
-    code = (f"import sys; sys.path.insert(0, {str(EXAMPLE)!r})\n"
-            "from model import build\n"
-            f"m, (x, y) = build({{'csv': {str(CSV)!r}}})\n"
-            f"m.load_weights({str(best)!r})\n"
-            "print(m.evaluate(x, y, verbose=0, return_dict=True)['accuracy'])\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         check=True).stdout
+    code = (
+        f"import sys; sys.path.insert(0, {str(EXAMPLE)!r})\n"
+        "from model import build\n"
+        f"m, (x, y) = build({{'csv': {str(CSV)!r}}})\n"
+        f"m.load_weights({str(best)!r})\n"
+        "print(m.evaluate(x, y, verbose=0, return_dict=True)['accuracy'])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
     assert float(out.strip().splitlines()[-1]) >= 0.70
 
 
 @pytest.mark.parametrize("kill_at", [1, 60, 61, 104, 208])
-def test_sigkill_at_edge_points_resumes_bit_identical(tmp_path: Path, golden: dict[str, str],
-                                                      kill_at: int) -> None:
+def test_sigkill_at_edge_points_resumes_bit_identical(
+    tmp_path: Path, golden: dict[str, str], kill_at: int
+) -> None:
     """Before the first checkpoint, right after a commit (60), just after (61), at an epoch
     boundary (104), at the last step (208): the worker SIGKILLs itself there (test-only hook)."""
     home = tmp_path / "home"
-    rc, out = finish(start_run(home, str(write_job(tmp_path, epochs=EPOCHS)),
-                               faults=f"sigkill_at_step={kill_at},attempt=1"))
+    rc, out = finish(
+        start_run(
+            home, str(write_job(tmp_path, epochs=EPOCHS)), faults=f"sigkill_at_step={kill_at},attempt=1"
+        )
+    )
     assert rc == 0, out
     run = run_dir(home)
     a1, a2 = status(home, run.name)["attempt_list"]
@@ -156,7 +176,8 @@ def test_sigkill_at_edge_points_resumes_bit_identical(tmp_path: Path, golden: di
 
 @pytest.mark.timing
 def test_killed_supervisor_leaves_no_second_writer_and_job_resumes(
-        tmp_path: Path, golden: dict[str, str]) -> None:
+    tmp_path: Path, golden: dict[str, str]
+) -> None:
     """`ckptd run` itself SIGKILLed: its worker lives on (own session). The next `ckptd run` of the
     same job file stops that orphan (it saves on SIGTERM), records the attempt as lost, resumes."""
     import psutil
@@ -178,8 +199,9 @@ def test_killed_supervisor_leaves_no_second_writer_and_job_resumes(
     assert st["attempt_list"][-1]["restored_step"] >= 40
     # The start line already knows the orphan's commits (its events replayed), not the
     # step the killed supervisor last read.
-    started = [json.loads(line) for line in out.splitlines() if '"job.started"' in line
-               or '"job.resumed"' in line]
+    started = [
+        json.loads(line) for line in out.splitlines() if '"job.started"' in line or '"job.resumed"' in line
+    ]
     assert started[0]["last_committed_step"] == st["attempt_list"][-1]["restored_step"], started
     assert final_state_hash(run) == golden
     # The orphan committed and rotated while no supervisor read its events: the store agrees
@@ -187,21 +209,31 @@ def test_killed_supervisor_leaves_no_second_writer_and_job_resumes(
     from ckptd.state import ckptfiles as cf
 
     on_disk = [m.step for m in cf.read_manifests(run / "checkpoints")[0]]
-    r = subprocess.run(ckptd_cmd("checkpoints", run.name, "--json"), env=env_with(home),
-                       capture_output=True, text=True, timeout=60, check=True)
+    r = subprocess.run(
+        ckptd_cmd("checkpoints", run.name, "--json"),
+        env=env_with(home),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     assert [c["step"] for c in json.loads(r.stdout)] == on_disk
     assert st["last_committed_step"] == on_disk[-1]
 
 
 @pytest.mark.timing
 @pytest.mark.parametrize("kill_at", [150, 190])
-def test_async_saves_resume_bit_identical(tmp_path: Path, golden: dict[str, str],
-                                          kill_at: int) -> None:
+def test_async_saves_resume_bit_identical(tmp_path: Path, golden: dict[str, str], kill_at: int) -> None:
     """checkpoint.mode: async — a writer process commits snapshots; SIGKILL of the worker (and
     with it the writer) mid-run resumes from the newest async commit, bit-identical to sync."""
     home = tmp_path / "home"
-    rc, out = finish(start_run(home, str(write_job(tmp_path, epochs=EPOCHS, mode="async")),
-                               faults=f"step_delay=0.04,sigkill_at_step={kill_at},attempt=1"))
+    rc, out = finish(
+        start_run(
+            home,
+            str(write_job(tmp_path, epochs=EPOCHS, mode="async")),
+            faults=f"step_delay=0.04,sigkill_at_step={kill_at},attempt=1",
+        )
+    )
     assert rc == 0, out
     run = run_dir(home)
     a1, a2 = status(home, run.name)["attempt_list"]
@@ -217,18 +249,19 @@ def test_async_saves_resume_bit_identical(tmp_path: Path, golden: dict[str, str]
 
 @pytest.mark.timing
 def test_async_writer_killed_worker_carries_on_with_sync_saves(
-        tmp_path: Path, golden: dict[str, str]) -> None:
+    tmp_path: Path, golden: dict[str, str]
+) -> None:
     """The writer process dies (OOM killer, say) while the worker trains: the save in flight, if
     any, is reported as failed, later saves are synchronous, the attempt is not lost."""
     import psutil
 
     home = tmp_path / "home"
-    proc = start_run(home, str(write_job(tmp_path, epochs=EPOCHS, mode="async")),
-                     faults="step_delay=0.02")
+    proc = start_run(home, str(write_job(tmp_path, epochs=EPOCHS, mode="async")), faults="step_delay=0.02")
     run = run_dir(home)
     hb = heartbeat_when(run, lambda h: (h.committed_step or 0) >= 20)
-    writers = [c for c in psutil.Process(hb.pid).children()
-               if "resource_tracker" not in " ".join(c.cmdline())]
+    writers = [
+        c for c in psutil.Process(hb.pid).children() if "resource_tracker" not in " ".join(c.cmdline())
+    ]
     assert len(writers) == 1, [c.cmdline() for c in writers]
     writers[0].kill()
     rc, out = finish(proc)
@@ -240,8 +273,9 @@ def test_async_writer_killed_worker_carries_on_with_sync_saves(
 
 
 @pytest.mark.parametrize("seed", [2026, 7])
-def test_sigkill_at_random_points_resumes_bit_identical(tmp_path: Path, golden: dict[str, str],
-                                                        seed: int) -> None:
+def test_sigkill_at_random_points_resumes_bit_identical(
+    tmp_path: Path, golden: dict[str, str], seed: int
+) -> None:
     """Two kills per run at seeded random steps (attempt 1 and attempt 2)."""
     import random
 
@@ -266,8 +300,9 @@ def test_early_stopping_patience_survives_a_restart(tmp_path: Path) -> None:
     hashes, histories = [], []
     for i, faults in enumerate(("", "sigkill_at_step=125,attempt=1")):
         home = tmp_path / f"home{i}"
-        rc, out = finish(start_run(home, str(write_job(tmp_path / f"j{i}", epochs=6,
-                                                       extra=extra)), faults=faults))
+        rc, out = finish(
+            start_run(home, str(write_job(tmp_path / f"j{i}", epochs=6, extra=extra)), faults=faults)
+        )
         assert rc == 0, out
         run = run_dir(home)
         histories.append(_history_epochs(run))
@@ -282,9 +317,12 @@ def test_best_file_is_not_overwritten_by_a_worse_value_after_restart(tmp_path: P
     the checkpoint's older best value: the resumed run does not replace it with a worse model."""
     home = tmp_path / "home"
     job = write_job(tmp_path, epochs=EPOCHS, every_steps=1000)
-    job.write_text(job.read_text().replace(
-        "best: {monitor: val_accuracy, mode: max, filepath: weights.best.hdf5}",
-        "best: {monitor: val_loss, mode: min, filepath: weights.best.hdf5}"))
+    job.write_text(
+        job.read_text().replace(
+            "best: {monitor: val_accuracy, mode: max, filepath: weights.best.hdf5}",
+            "best: {monitor: val_loss, mode: min, filepath: weights.best.hdf5}",
+        )
+    )
     proc = start_run(home, str(job), faults="step_delay=0.02")
     run = run_dir(home)
     heartbeat_when(run, lambda h: h.step >= 60)  # epoch 0 ended: a best file exists
@@ -306,8 +344,11 @@ def test_control_best_file_improves_without_the_sidecar(tmp_path: Path) -> None:
     better value the resumed run does write the best file."""
     home = tmp_path / "home"
     job = write_job(tmp_path, epochs=EPOCHS, every_steps=1000)
-    job.write_text(job.read_text().replace("mode: max, filepath", "mode: max, filepath").replace(
-        "monitor: val_accuracy, mode: max", "monitor: val_loss, mode: min"))
+    job.write_text(
+        job.read_text()
+        .replace("mode: max, filepath", "mode: max, filepath")
+        .replace("monitor: val_accuracy, mode: max", "monitor: val_loss, mode: min")
+    )
     proc = start_run(home, str(job), faults="step_delay=0.02")
     run = run_dir(home)
     heartbeat_when(run, lambda h: h.step >= 60)
@@ -336,8 +377,7 @@ def test_hot_spare_takes_over_bit_identical(tmp_path: Path, golden: dict[str, st
     (took,) = [e for e in events(run) if e["event"] == "worker.spare_assigned"]
     assert took["attempt"] == 2 and took["pid"] == a2["pid"]
     assert final_state_hash(run) == golden
-    leftovers = [p for p in psutil.process_iter(["cmdline"])
-                 if str(run) in " ".join(p.info["cmdline"] or [])]
+    leftovers = [p for p in psutil.process_iter(["cmdline"]) if str(run) in " ".join(p.info["cmdline"] or [])]
     assert leftovers == []
 
 
@@ -350,10 +390,12 @@ def test_a_nan_loss_is_never_committed(tmp_path: Path, on_nan: str) -> None:
 
     shutil.copy(Path(__file__).parent / "programs" / "nan_at_high_lr.py", tmp_path / "train.py")
     job = tmp_path / "job.yaml"
-    job.write_text("name: nan\nentrypoint: train.py\n"
-                   "checkpoint: {every_steps: 5, max_to_keep: 2}\n"
-                   f"restart: {{on_nan: {on_nan}, nan_lr_factor: 0.1, "
-                   "backoff_initial_seconds: 0.1, backoff_max_seconds: 0.2}\n")
+    job.write_text(
+        "name: nan\nentrypoint: train.py\n"
+        "checkpoint: {every_steps: 5, max_to_keep: 2}\n"
+        f"restart: {{on_nan: {on_nan}, nan_lr_factor: 0.1, "
+        "backoff_initial_seconds: 0.1, backoff_max_seconds: 0.2}\n"
+    )
     home = tmp_path / "home"
     rc, out = finish(start_run(home, str(job)))
     run = run_dir(home)
@@ -384,26 +426,24 @@ def test_an_early_stopping_monitor_that_does_not_exist_is_named_once(tmp_path: P
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_interval_on_an_epochs_last_step_is_one_commit_and_resumes_exactly(
-        tmp_path: Path, golden: dict[str, str], mode: str) -> None:
+    tmp_path: Path, golden: dict[str, str], mode: str
+) -> None:
     """every_steps = the epoch's length: each interval save waits for the epoch end (same step),
     so the last step is committed once, not by an interval save and a final save both; a kill
     after such a commit resumes from it bit-identically."""
     home = tmp_path / "home"
     job = write_job(tmp_path, epochs=EPOCHS, every_steps=52, mode=mode)
-    rc, out = finish(start_run(home, str(job),
-                               faults="step_delay=0.04,sigkill_at_step=180,attempt=1"))
+    rc, out = finish(start_run(home, str(job), faults="step_delay=0.04,sigkill_at_step=180,attempt=1"))
     assert rc == 0, out
     run = run_dir(home)
     _, a2 = status(home, run.name)["attempt_list"]
     # Async commits may coalesce while the writer starts or paces (issue 18); each is an
     # epoch end all the same.
     assert a2["restored_step"] == 156 if mode == "sync" else a2["restored_step"] in (52, 104, 156)
-    steps = [e["step"] for e in events(run)
-             if e["event"] == "checkpoint.committed" and e["attempt"] == 2]
+    steps = [e["step"] for e in events(run) if e["event"] == "checkpoint.committed" and e["attempt"] == 2]
     assert steps[-1] == 208 and steps.count(208) == 1, steps
     assert all(s % 52 == 0 for s in steps), steps
-    manifests = [json.loads(p.read_text())["step"]
-                 for p in (run / "checkpoints").glob("*.manifest.json")]
+    manifests = [json.loads(p.read_text())["step"] for p in (run / "checkpoints").glob("*.manifest.json")]
     assert len(manifests) == len(set(manifests)) and max(manifests) == 208, manifests
     assert _history_epochs(run) == list(range(EPOCHS))
     assert final_state_hash(run) == golden

@@ -46,27 +46,35 @@ PICK = [
 
 
 @pytest.mark.parametrize(("queue", "running", "slots", "free", "started"), PICK)
-def test_pick_jobs(queue: list[tuple[str, int]], running: int, slots: int, free: list[int],
-                   started: list[tuple[str, list[int]]]) -> None:
+def test_pick_jobs(
+    queue: list[tuple[str, int]],
+    running: int,
+    slots: int,
+    free: list[int],
+    started: list[tuple[str, list[int]]],
+) -> None:
     assert pick_jobs([Queued(j, g) for j, g in queue], running, slots, free) == started
 
 
-@pytest.mark.parametrize(("configured", "gpus", "slots"),
-                         [(None, [], 1), (None, [0, 1, 2], 3), (4, [], 4), (1, [0, 1], 1)])
+@pytest.mark.parametrize(
+    ("configured", "gpus", "slots"), [(None, [], 1), (None, [0, 1, 2], 3), (4, [], 4), (1, [0, 1], 1)]
+)
 def test_slot_count(configured: int | None, gpus: list[int], slots: int) -> None:
     assert slot_count(configured, gpus) == slots
 
 
-@pytest.mark.parametrize(("enabled", "slots", "running", "warm"),
-                         [(True, 1, 0, 1), (True, 1, 1, 0), (True, 4, 1, 3), (True, 2, 3, 0),
-                          (False, 4, 0, 0)])
+@pytest.mark.parametrize(
+    ("enabled", "slots", "running", "warm"),
+    [(True, 1, 0, 1), (True, 1, 1, 0), (True, 4, 1, 3), (True, 2, 3, 0), (False, 4, 0, 0)],
+)
 def test_warm_wanted(enabled: bool, slots: int, running: int, warm: int) -> None:
     assert warm_wanted(enabled, slots, running) == warm
 
 
-@pytest.mark.parametrize(("peer", "owner", "admin", "ok"),
-                         [(1000, 1000, False, True), (1001, 1000, False, False),
-                          (1001, 1000, True, True), (0, 1000, False, True)])
+@pytest.mark.parametrize(
+    ("peer", "owner", "admin", "ok"),
+    [(1000, 1000, False, True), (1001, 1000, False, False), (1001, 1000, True, True), (0, 1000, False, True)],
+)
 def test_may_act(peer: int, owner: int, admin: bool, ok: bool) -> None:
     assert may_act(peer, owner, admin) is ok
 
@@ -195,15 +203,25 @@ def test_outputs_on_read_only_mounts(tmp_path: Path, ckdir: str, expect: str | N
         assert problem.startswith("job.yaml: checkpoint.dir: ") and expect in problem, problem
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
-                    reason="needs root for a read-only bind mount in a private mount namespace")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None,
+    reason="needs root for a read-only bind mount in a private mount namespace",
+)
 def test_a_daemon_refuses_outputs_its_sandbox_makes_read_only(tmp_path: Path) -> None:
     """The daemon sees a read-only mount its submitter does not (the unit's sandbox, here a
     private mount namespace): the submit is a 400 naming the field and the setting."""
     ro = tmp_path / "ro"
     ro.mkdir()
-    wrap = ["unshare", "-m", "--propagation", "private", "sh", "-c",
-            f'mount --bind -o ro "{ro}" "{ro}" && exec "$@"', "sh"]
+    wrap = [
+        "unshare",
+        "-m",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        f'mount --bind -o ro "{ro}" "{ro}" && exec "$@"',
+        "sh",
+    ]
     d = start_daemon(tmp_path / "home", wrap=wrap, INVOCATION_ID="test")
     try:
         job = write_job(tmp_path)
@@ -273,8 +291,9 @@ def test_the_loop_stops_pinging_when_blocked(tmp_path: Path) -> None:
 
 
 def test_notifier_understands_abstract_sockets_and_watchdog_pid() -> None:
-    n = Notifier({"NOTIFY_SOCKET": "@ckptd-test", "WATCHDOG_USEC": "10000000",
-                  "WATCHDOG_PID": str(os.getpid())})
+    n = Notifier(
+        {"NOTIFY_SOCKET": "@ckptd-test", "WATCHDOG_USEC": "10000000", "WATCHDOG_PID": str(os.getpid())}
+    )
     assert n.address == "\0ckptd-test" and n.watchdog_interval == 5.0
     assert Notifier({"WATCHDOG_USEC": "1000", "WATCHDOG_PID": "1"}).watchdog_interval is None
     assert not Notifier({}).enabled
@@ -314,8 +333,9 @@ def test_socket_path_refuses_symlinks_files_and_live_sockets(tmp_path: Path) -> 
 
 # -- the systemd unit ------------------------------------------------------------------------------
 
-needs_systemd = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
-                                   reason="systemd-analyze is not installed")
+needs_systemd = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed"
+)
 
 
 def _unit_copy(tmp_path: Path, which: str = "ckptd.service") -> Path:
@@ -329,8 +349,9 @@ def _unit_copy(tmp_path: Path, which: str = "ckptd.service") -> Path:
 
 @needs_systemd
 def test_unit_verifies(tmp_path: Path) -> None:
-    r = subprocess.run(["systemd-analyze", "verify", str(_unit_copy(tmp_path))],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        ["systemd-analyze", "verify", str(_unit_copy(tmp_path))], capture_output=True, text=True, timeout=60
+    )
     problems = [ln for ln in (r.stdout + r.stderr).splitlines() if "ckptd.service" in ln]
     assert r.returncode == 0 and not problems, r.stdout + r.stderr
 
@@ -338,8 +359,12 @@ def test_unit_verifies(tmp_path: Path) -> None:
 @needs_systemd
 def test_user_unit_verifies_and_asks_for_no_privilege(tmp_path: Path) -> None:
     """systemd/user/ckptd.service: a single-user box without root; every job is that user's."""
-    r = subprocess.run(["systemd-analyze", "verify", str(_unit_copy(tmp_path, "user/ckptd.service"))],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        ["systemd-analyze", "verify", str(_unit_copy(tmp_path, "user/ckptd.service"))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     problems = [ln for ln in (r.stdout + r.stderr).splitlines() if "ckptd.service" in ln]
     assert r.returncode == 0 and not problems, r.stdout + r.stderr
     text = (ROOT / "systemd" / "user" / "ckptd.service").read_text()
@@ -351,8 +376,12 @@ def test_user_unit_verifies_and_asks_for_no_privilege(tmp_path: Path) -> None:
 
 @needs_systemd
 def test_unit_security_exposure_is_low(tmp_path: Path) -> None:
-    r = subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager",
-                        str(_unit_copy(tmp_path))], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--no-pager", str(_unit_copy(tmp_path))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     m = re.search(r"Overall exposure level for ckptd\.service: ([\d.]+)", r.stdout + r.stderr)
     assert m, r.stdout + r.stderr
     # 3.3 measured: root with four capabilities (SETUID, SETGID, KILL, CHOWN) costs ~0.9 of it,
@@ -383,8 +412,12 @@ def test_bad_daemon_config_is_refused_with_the_field(tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()
     (home / "daemon.yaml").write_text("max_concurrent_jobs: 0\nsocket_grup: x\n")
-    r = subprocess.run([sys.executable, "-m", "ckptd.daemon", "--home", str(home), "daemon"],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "ckptd.daemon", "--home", str(home), "daemon"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2
     assert "max_concurrent_jobs" in r.stderr and "socket_grup" in r.stderr
     assert not (home / "ckptd.sock").exists()
@@ -397,9 +430,10 @@ def test_works_for_recognises_a_warm_worker_by_its_directory(tmp_path: Path) -> 
     run.root.mkdir()
     other.root.mkdir()
     code = "import sys, time; time.sleep(60)"
-    procs = [subprocess.Popen([sys.executable, "-c", code, "ckptd.worker", *args], cwd=cwd)
-             for args, cwd in ((["--warm"], run.root), ([str(run.root), "3"], tmp_path),
-                               (["--warm"], tmp_path))]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, "ckptd.worker", *args], cwd=cwd)
+        for args, cwd in ((["--warm"], run.root), ([str(run.root), "3"], tmp_path), (["--warm"], tmp_path))
+    ]
     try:
         for p in procs:  # exec'd (the fork still shows pytest's command line for a moment)
             wait_for("the exec", lambda p=p: "ckptd.worker" in psutil.Process(p.pid).cmdline(), 10)

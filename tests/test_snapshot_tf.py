@@ -23,32 +23,31 @@ def _setup(tmp_path: Path, width: int) -> tuple[Any, Any, Any, Any]:
     from ckptd.worker.snapshot import SnapshotPlan, object_graph_of
 
     keras.utils.set_random_seed(3)
-    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(width, activation="relu"),
-                              keras.layers.Dense(1)])
+    model = keras.Sequential(
+        [keras.Input((8,)), keras.layers.Dense(width, activation="relu"), keras.layers.Dense(1)]
+    )
     model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
     model.optimizer.build(model.trainable_variables)
     step = tf.Variable(0, dtype=tf.int64)
-    ckpt = tf.train.Checkpoint(model=model, optimizer=model.optimizer, step=step,
-                               note=tf.Variable("epoch 0"))
+    ckpt = tf.train.Checkpoint(model=model, optimizer=model.optimizer, step=step, note=tf.Variable("epoch 0"))
     plan = SnapshotPlan(ckpt, object_graph_of(ckpt.write(str(tmp_path / "probe" / "p"))))
     rng = np.random.default_rng(0)
-    batch = (rng.standard_normal((16, 8)).astype("float32"),
-             rng.standard_normal((16, 1)).astype("float32"))
+    batch = (rng.standard_normal((16, 8)).astype("float32"), rng.standard_normal((16, 1)).astype("float32"))
     return plan, model, step, batch
 
 
 def _values_now(plan: Any) -> dict[str, Any]:
     import numpy as np
 
-    return {k: np.array(v, copy=True) for k, v in plan._values(plan.capture())
-            if not isinstance(v, bytes)}
+    return {k: np.array(v, copy=True) for k, v in plan._values(plan.capture()) if not isinstance(v, bytes)}
 
 
 def _read_shm(plan: Any, shm: shared_memory.SharedMemory) -> dict[str, Any]:
     import numpy as np
 
-    return {s.key: np.ndarray(s.shape, dtype=s.dtype, buffer=shm.buf, offset=s.offset).copy()
-            for s in plan.slots}
+    return {
+        s.key: np.ndarray(s.shape, dtype=s.dtype, buffer=shm.buf, offset=s.offset).copy() for s in plan.slots
+    }
 
 
 def _train(model: Any, step: Any, batch: Any, n: int) -> None:
@@ -103,8 +102,7 @@ def test_snapshots_go_to_a_ready_writer_and_the_layout_is_sent_once(tmp_path: Pa
     from ckptd.worker.asyncsave import AsyncSaver
 
     _, model, step, _ = _setup(tmp_path, 16)
-    ckpt = tf.train.Checkpoint(model=model, optimizer=model.optimizer, step=step,
-                               note=tf.Variable("epoch 0"))
+    ckpt = tf.train.Checkpoint(model=model, optimizer=model.optimizer, step=step, note=tf.Variable("epoch 0"))
     ours, fake_writer = multiprocessing.Pipe()
     saver = AsyncSaver(ckpt, tmp_path / "ck", 3, None, writer=(_NoProcess(), ours))  # type: ignore[arg-type]
     (tmp_path / "ck").mkdir()

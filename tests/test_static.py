@@ -12,15 +12,31 @@ PACKAGES = ("daemon", "supervisor", "state", "worker")
 
 
 def test_ruff() -> None:
-    r = subprocess.run([sys.executable, "-m", "ruff", "check", str(ROOT)], capture_output=True,
-                       text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", str(ROOT)], capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_ruff_format() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "ruff", "format", "--check", str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_mypy_strict(tmp_path: Path) -> None:
     """From the plain checkout, as an editor or CI would run it: `ckptd/` is a real package."""
-    r = subprocess.run([sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path / ".mypy_cache"),
-                        "-p", "ckptd"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path / ".mypy_cache"), "-p", "ckptd"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "no issues found in" in r.stdout and int(r.stdout.split(" in ")[1].split()[0]) > 70
 
@@ -28,12 +44,15 @@ def test_mypy_strict(tmp_path: Path) -> None:
 def test_the_checkout_is_the_package() -> None:
     """With nothing on the path but the checkout (no site-packages, so no install hook), the
     `ckptd.*` names resolve through `ckptd/`'s symlinks to the card's top-level folders."""
-    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import ckptd.worker.faults as f, "
-            "ckptd.state.states as s; print(f.__file__, s.__file__)")
-    r = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True,
-                       timeout=120)
+    code = (
+        f"import sys; sys.path.insert(0, {str(ROOT)!r}); import ckptd.worker.faults as f, "
+        "ckptd.state.states as s; print(f.__file__, s.__file__)"
+    )
+    r = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == [str(ROOT / "ckptd" / "worker" / "faults.py"),
-                                str(ROOT / "ckptd" / "state" / "states.py")]
+    assert r.stdout.split() == [
+        str(ROOT / "ckptd" / "worker" / "faults.py"),
+        str(ROOT / "ckptd" / "state" / "states.py"),
+    ]
     for name in PACKAGES:
         assert (ROOT / "ckptd" / name).resolve() == ROOT / name

@@ -23,7 +23,8 @@ def _store_at(tmp_path: Path, state: JobState) -> Store:
     s.create_job("j", "n", "{}", "d", "f", "r")
     # Walk a legal path to `state` (the table itself, not a back door).
     path = {
-        JobState.QUEUED: [], JobState.RUNNING: [JobState.RUNNING],
+        JobState.QUEUED: [],
+        JobState.RUNNING: [JobState.RUNNING],
         JobState.BACKOFF: [JobState.RUNNING, JobState.BACKOFF],
         JobState.SUCCEEDED: [JobState.RUNNING, JobState.SUCCEEDED],
         JobState.FAILED: [JobState.RUNNING, JobState.FAILED],
@@ -36,8 +37,7 @@ def _store_at(tmp_path: Path, state: JobState) -> Store:
 
 
 @pytest.mark.parametrize(("old", "new"), ALL_PAIRS)
-def test_transition_table_is_enforced_in_the_store(tmp_path: Path, old: JobState,
-                                                   new: JobState) -> None:
+def test_transition_table_is_enforced_in_the_store(tmp_path: Path, old: JobState, new: JobState) -> None:
     s = _store_at(tmp_path, old)
     events_before = len(s.events("j"))
     if is_legal(old, new):
@@ -84,8 +84,17 @@ def test_corrupt_store_refuses_to_open_and_is_not_truncated(tmp_path: Path) -> N
 def test_attempts_and_checkpoints(tmp_path: Path) -> None:
     s = _store_at(tmp_path, JobState.RUNNING)
     n = s.start_attempt("j", 4242)
-    s.end_attempt("j", n, exit_code=None, signal=9, klass=AttemptClass.KILLED, evidence="e",
-                  error_summary=None, restored_step=None, last_step=57)
+    s.end_attempt(
+        "j",
+        n,
+        exit_code=None,
+        signal=9,
+        klass=AttemptClass.KILLED,
+        evidence="e",
+        error_summary=None,
+        restored_step=None,
+        last_step=57,
+    )
     (a,) = s.attempts("j")
     assert (a.n, a.pid, a.klass, a.last_step, a.signal) == (1, 4242, AttemptClass.KILLED, 57, 9)
     assert s.record_checkpoint("j", 40, 0, "/x/ckpt-2", {"loss": 0.5}, "abc")
@@ -97,8 +106,7 @@ def test_attempts_and_checkpoints(tmp_path: Path) -> None:
     assert [c["step"] for c in s.checkpoints("j", include_retired=True)] == [20, 40]
     # Committed again after its retirement (a quarantined step trained anew): live again.
     assert s.record_checkpoint("j", 20, 0, "/x/ckpt-3", {}, "abe")
-    assert [(c["step"], c["path"]) for c in s.checkpoints("j")] == [(20, "/x/ckpt-3"),
-                                                                     (40, "/x/ckpt-2")]
+    assert [(c["step"], c["path"]) for c in s.checkpoints("j")] == [(20, "/x/ckpt-3"), (40, "/x/ckpt-2")]
 
 
 def test_an_empty_store_is_refused_not_recreated(tmp_path: Path) -> None:
@@ -137,8 +145,9 @@ def test_reconcile_makes_the_store_agree_with_the_manifests(tmp_path: Path) -> N
     s.create_job("j", "n", "{}", "d", "f", "r")
     for step in (20, 40):
         s.record_checkpoint("j", step, 0, f"ckpt-{step}", {}, "x")
-    on_disk = [{"step": st, "epoch": 1, "path": f"/c/ckpt-{st}", "digest": "y", "metrics": {}}
-               for st in (40, 60, 80)]
+    on_disk = [
+        {"step": st, "epoch": 1, "path": f"/c/ckpt-{st}", "digest": "y", "metrics": {}} for st in (40, 60, 80)
+    ]
     s.reconcile_checkpoints("j", on_disk)
     assert [c["step"] for c in s.checkpoints("j")] == [40, 60, 80]
     assert [c["step"] for c in s.checkpoints("j", include_retired=True)] == [20, 40, 60, 80]

@@ -46,8 +46,9 @@ class FakeOps:
     warm: list[int] = field(default_factory=list)  # the daemon's warm workers
     warm_taken: list[tuple[int, str]] = field(default_factory=list)
 
-    def take_warm(self, run_dir: Path, mode: str, env: dict[str, str],
-                  memory_limit: int | None = None) -> int | None:
+    def take_warm(
+        self, run_dir: Path, mode: str, env: dict[str, str], memory_limit: int | None = None
+    ) -> int | None:
         if not self.warm:
             return None
         pid = self.warm.pop(0)
@@ -77,9 +78,16 @@ class FakeOps:
     def memory_evidence(self, pid: int) -> str | None:
         return self.oom_evidence.pop(pid, None)
 
-    def spawn(self, argv: list[str], cwd: Path, stdout: Path, stderr: Path,
-              spare: bool = False, env: dict[str, str] | None = None,
-              memory_limit: int | None = None) -> int:
+    def spawn(
+        self,
+        argv: list[str],
+        cwd: Path,
+        stdout: Path,
+        stderr: Path,
+        spare: bool = False,
+        env: dict[str, str] | None = None,
+        memory_limit: int | None = None,
+    ) -> int:
         self.next_pid += 1
         self.envs.append(env or {})
         if spare:
@@ -123,23 +131,37 @@ class FakeOps:
         self.now += seconds
 
 
-def exits_after(seconds: float, code: int | None, sig: int | None = None,
-                commit: int | None = None) -> Script:
+def exits_after(
+    seconds: float, code: int | None, sig: int | None = None, commit: int | None = None
+) -> Script:
     def tick(ops: FakeOps, t: float) -> ExitStatus | None:
         if t < seconds:
             return None
         if commit is not None:
-            append_event(ops.run.root / "events.jsonl", "checkpoint.committed", step=commit,
-                         epoch=0, path="p", metrics={}, digest="d")
+            append_event(
+                ops.run.root / "events.jsonl",
+                "checkpoint.committed",
+                step=commit,
+                epoch=0,
+                path="p",
+                metrics={},
+                digest="d",
+            )
         return ExitStatus(code, sig)
+
     return Script(tick)
 
 
 def _setup(tmp_path: Path, **restart: float) -> tuple[Store, RunDir, JobSpec]:
-    spec = JobSpec.model_validate({"name": "fake", "model": "m.mod:build",
-                                   "restart": {"backoff_initial_seconds": 1,
-                                               "backoff_max_seconds": 4, **restart},
-                                   "resources": {"memory_limit": "100MiB"}}, strict=False)
+    spec = JobSpec.model_validate(
+        {
+            "name": "fake",
+            "model": "m.mod:build",
+            "restart": {"backoff_initial_seconds": 1, "backoff_max_seconds": 4, **restart},
+            "resources": {"memory_limit": "100MiB"},
+        },
+        strict=False,
+    )
     store = Store.open(tmp_path)
     run = RunDir(tmp_path / "jobs" / "j")
     run.root.mkdir(parents=True)
@@ -148,12 +170,14 @@ def _setup(tmp_path: Path, **restart: float) -> tuple[Store, RunDir, JobSpec]:
     return store, run, spec
 
 
-def _runner(tmp_path: Path, scripts: list[Script], stops: StopRequests | None = None,
-            **restart: float) -> tuple[JobRunner, FakeOps, Store]:
+def _runner(
+    tmp_path: Path, scripts: list[Script], stops: StopRequests | None = None, **restart: float
+) -> tuple[JobRunner, FakeOps, Store]:
     store, run, spec = _setup(tmp_path, **restart)
     ops = FakeOps(run, scripts)
-    runner = JobRunner(store, "j", spec, run, ops, _NullDisplay(), stops or StopRequests(),
-                       jitter=lambda: 0.0)
+    runner = JobRunner(
+        store, "j", spec, run, ops, _NullDisplay(), stops or StopRequests(), jitter=lambda: 0.0
+    )
     return runner, ops, store
 
 
@@ -180,8 +204,7 @@ def test_crash_then_success(tmp_path: Path) -> None:
 
 
 def test_budget_exhausted_fails(tmp_path: Path) -> None:
-    runner, _, store = _runner(tmp_path, [exits_after(0.1, 1, None) for _ in range(3)],
-                               max_restarts=1)
+    runner, _, store = _runner(tmp_path, [exits_after(0.1, 1, None) for _ in range(3)], max_restarts=1)
     # Different steps each time would be needed to dodge crash-loop detection; budget 1 fails first.
     assert runner.run_job() == JobState.FAILED
     assert len(store.attempts("j")) == 2
@@ -190,8 +213,9 @@ def test_budget_exhausted_fails(tmp_path: Path) -> None:
 
 def test_hang_is_detected_and_killed(tmp_path: Path) -> None:
     never = Script(lambda ops, t: None)
-    runner, ops, store = _runner(tmp_path, [never, exits_after(0.1, 0)],
-                                 startup_grace_seconds=5, heartbeat_timeout_seconds=2)
+    runner, ops, store = _runner(
+        tmp_path, [never, exits_after(0.1, 0)], startup_grace_seconds=5, heartbeat_timeout_seconds=2
+    )
     assert runner.run_job() == JobState.SUCCEEDED
     first = store.attempts("j")[0]
     assert first.klass == AttemptClass.HANG
@@ -238,8 +262,9 @@ def test_config_errors_are_not_retried(tmp_path: Path, code: int) -> None:
 def test_hot_spare_takes_over_after_a_failure_and_is_reaped(tmp_path: Path) -> None:
     store, run, spec = _setup(tmp_path)
     ops = FakeOps(run, [exits_after(1, 1), exits_after(1, 0)])
-    runner = JobRunner(store, "j", spec, run, ops, _NullDisplay(), StopRequests(),
-                       jitter=lambda: 0.0, hot_spare=True)
+    runner = JobRunner(
+        store, "j", spec, run, ops, _NullDisplay(), StopRequests(), jitter=lambda: 0.0, hot_spare=True
+    )
     assert runner.run_job() == JobState.SUCCEEDED
     first, second = store.attempts("j")
     assert ops.assigned == [second.pid]  # the second attempt ran in the spare
@@ -250,10 +275,10 @@ def test_hot_spare_takes_over_after_a_failure_and_is_reaped(tmp_path: Path) -> N
 def test_warm_workers_take_attempts_then_cold_starts_when_none_is_left(tmp_path: Path) -> None:
     """Attempt 1 runs in a warm worker, attempt 2 (after a crash) in the other, attempt 3 cold."""
     store, run, spec = _setup(tmp_path)
-    ops = FakeOps(run, [exits_after(1, 1, commit=20), exits_after(1, 1, commit=40),
-                        exits_after(1, 0)], warm=[7, 8])
-    runner = JobRunner(store, "j", spec, run, ops, _NullDisplay(), StopRequests(),
-                       jitter=lambda: 0.0)
+    ops = FakeOps(
+        run, [exits_after(1, 1, commit=20), exits_after(1, 1, commit=40), exits_after(1, 0)], warm=[7, 8]
+    )
+    runner = JobRunner(store, "j", spec, run, ops, _NullDisplay(), StopRequests(), jitter=lambda: 0.0)
     assert runner.run_job() == JobState.SUCCEEDED
     assert [a.pid for a in store.attempts("j")][:2] == [7, 8]
     assert ops.warm_taken == [(7, "1"), (8, "2")]
@@ -263,8 +288,9 @@ def test_warm_workers_take_attempts_then_cold_starts_when_none_is_left(tmp_path:
 def test_a_jobs_hot_spare_comes_from_a_warm_worker(tmp_path: Path) -> None:
     store, run, spec = _setup(tmp_path)
     ops = FakeOps(run, [exits_after(1, 1), exits_after(1, 0)], warm=[7])
-    runner = JobRunner(store, "j", spec, run, ops, _NullDisplay(), StopRequests(),
-                       jitter=lambda: 0.0, hot_spare=True)
+    runner = JobRunner(
+        store, "j", spec, run, ops, _NullDisplay(), StopRequests(), jitter=lambda: 0.0, hot_spare=True
+    )
     assert runner.run_job() == JobState.SUCCEEDED
     first, second = store.attempts("j")
     assert ops.warm_taken == [(7, "1")] and first.pid == 7  # the warm one ran attempt 1
@@ -281,13 +307,14 @@ def test_gpu_fault_moves_the_job_to_another_gpu(tmp_path: Path) -> None:
     store, run, spec = _gpu_setup(tmp_path, 1)
     (run.attempt_dir(1)).mkdir(parents=True)
     (run.attempt_dir(1) / "error.json").write_text(
-        '{"type": "InternalError", "message": "an illegal memory access was encountered"}')
+        '{"type": "InternalError", "message": "an illegal memory access was encountered"}'
+    )
     ops = FakeOps(run, [exits_after(1, 1), exits_after(1, 0)])
-    runner = JobRunner(store, "j", spec, run, ops, _NullDisplay(), StopRequests(),
-                       jitter=lambda: 0.0, gpus=[0, 1])
+    runner = JobRunner(
+        store, "j", spec, run, ops, _NullDisplay(), StopRequests(), jitter=lambda: 0.0, gpus=[0, 1]
+    )
     assert runner.run_job() == JobState.SUCCEEDED
-    assert [a.klass for a in store.attempts("j")] == [AttemptClass.GPU_FAULT,
-                                                        AttemptClass.SUCCEEDED]
+    assert [a.klass for a in store.attempts("j")] == [AttemptClass.GPU_FAULT, AttemptClass.SUCCEEDED]
     assert [e["CUDA_VISIBLE_DEVICES"] for e in ops.envs] == ["0", "1"]
 
 
@@ -295,10 +322,14 @@ def test_nvml_names_the_sick_gpu_behind_a_bare_sigkill(tmp_path: Path) -> None:
     """The driver killed the worker without a word; NVML says GPU 1 has uncorrected ECC errors:
     gpu_fault, and only GPU 1 is excluded (GPU 0 was fine)."""
     store, run, spec = _gpu_setup(tmp_path, 2)
-    ops = FakeOps(run, [exits_after(1, None, signal.SIGKILL), exits_after(1, 0)],
-                  sick_gpus={1: "uncorrected ECC errors: 2"})
-    runner = JobRunner(store, "j", spec, run, ops, _NullDisplay(), StopRequests(),
-                       jitter=lambda: 0.0, gpus=[0, 1, 2])
+    ops = FakeOps(
+        run,
+        [exits_after(1, None, signal.SIGKILL), exits_after(1, 0)],
+        sick_gpus={1: "uncorrected ECC errors: 2"},
+    )
+    runner = JobRunner(
+        store, "j", spec, run, ops, _NullDisplay(), StopRequests(), jitter=lambda: 0.0, gpus=[0, 1, 2]
+    )
     assert runner.run_job() == JobState.SUCCEEDED
     first, second = store.attempts("j")
     assert (first.klass, second.klass) == (AttemptClass.GPU_FAULT, AttemptClass.SUCCEEDED)
@@ -309,8 +340,7 @@ def test_nvml_names_the_sick_gpu_behind_a_bare_sigkill(tmp_path: Path) -> None:
 
 def test_more_gpus_than_exist_fails_clearly(tmp_path: Path) -> None:
     store, run, spec = _gpu_setup(tmp_path, 2)
-    runner = JobRunner(store, "j", spec, run, FakeOps(run, []), _NullDisplay(), StopRequests(),
-                       gpus=[0])
+    runner = JobRunner(store, "j", spec, run, FakeOps(run, []), _NullDisplay(), StopRequests(), gpus=[0])
     assert runner.run_job() == JobState.FAILED
     assert "resources.gpus=2" in (store.job("j").reason or "")
     assert store.attempts("j") == []
@@ -318,16 +348,24 @@ def test_more_gpus_than_exist_fails_clearly(tmp_path: Path) -> None:
 
 def crashes_at(step: int, heartbeat_step: int) -> Script:
     """A worker whose last polled heartbeat lags the step its error file reports."""
+
     def tick(ops: FakeOps, t: float) -> ExitStatus | None:
         if t < 1:
-            hb = Heartbeat(pid=1, attempt=len(ops.envs), seq=int(t * 10) + 1, phase="training",
-                           time=t, step=heartbeat_step)
+            hb = Heartbeat(
+                pid=1,
+                attempt=len(ops.envs),
+                seq=int(t * 10) + 1,
+                phase="training",
+                time=t,
+                step=heartbeat_step,
+            )
             ops.run.heartbeat.write_bytes(hb.to_json())
             return None
         adir = ops.run.attempt_dir(len(ops.envs))
         adir.mkdir(parents=True, exist_ok=True)
         (adir / "error.json").write_text(f'{{"type": "RuntimeError", "message": "x", "step": {step}}}')
         return ExitStatus(1, None)
+
     return Script(tick)
 
 

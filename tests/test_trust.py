@@ -33,8 +33,10 @@ ROOT = Path(__file__).resolve().parent.parent
 USERS = ("ckptdtesta", "ckptdtestb")
 GROUP = "ckptdtestsub"  # may use the socket: both users are members
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("useradd"),
-                                reason="needs root and useradd to create the two test users")
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("useradd"),
+    reason="needs root and useradd to create the two test users",
+)
 
 
 def _run(*cmd: str) -> subprocess.CompletedProcess[str]:
@@ -49,8 +51,18 @@ def users() -> Iterator[tuple[Owner, Owner]]:
         with_group = ("--groups", GROUP)
         if name in {p.pw_name for p in pwd.getpwall()}:
             continue
-        r = _run("useradd", "--system", "--user-group", "--no-create-home", "--home-dir",
-                 "/nonexistent", "--shell", "/usr/sbin/nologin", *with_group, name)
+        r = _run(
+            "useradd",
+            "--system",
+            "--user-group",
+            "--no-create-home",
+            "--home-dir",
+            "/nonexistent",
+            "--shell",
+            "/usr/sbin/nologin",
+            *with_group,
+            name,
+        )
         if r.returncode != 0:
             pytest.skip(f"cannot create user {name}: {r.stderr.strip()}")
         made.append(name)
@@ -74,9 +86,15 @@ def base() -> Iterator[Path]:
 
 def _can_run(python: str, who: Owner) -> bool:
     try:
-        r = subprocess.run([python, "-c", "import ckptd.daemon.cli, tests.fakeworker"], cwd="/",
-                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
-                           capture_output=True, user=who.uid, group=who.gid, extra_groups=[])
+        r = subprocess.run(
+            [python, "-c", "import ckptd.daemon.cli, tests.fakeworker"],
+            cwd="/",
+            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            user=who.uid,
+            group=who.gid,
+            extra_groups=[],
+        )
     except OSError:
         return False
     return r.returncode == 0
@@ -97,7 +115,8 @@ def python(users: tuple[Owner, Owner], base: Path) -> str:
     subprocess.run([system, "-m", "venv", "--without-pip", str(venv)], check=True)
     site = next((venv / "lib").glob("python*/site-packages"))
     (site / "ckptd-tests.pth").write_text(
-        f"import site; site.addsitedir({sysconfig.get_paths()['purelib']!r})\n")
+        f"import site; site.addsitedir({sysconfig.get_paths()['purelib']!r})\n"
+    )
     py = str(venv / "bin" / "python")
     if not _can_run(py, users[0]):
         pytest.skip("the test users cannot import ckptd with any interpreter here")
@@ -123,44 +142,70 @@ def as_user(who: Owner, fn: Callable[[], Any]) -> dict[str, Any]:
     return as_uid(who.uid, who.gid, fn, who.groups)
 
 
-def _api(d: DaemonProc, who: Owner, method: str, url: str,
-         body: dict[str, Any] | None = None) -> dict[str, Any]:
+def _api(
+    d: DaemonProc, who: Owner, method: str, url: str, body: dict[str, Any] | None = None
+) -> dict[str, Any]:
     return as_user(who, lambda: Client(d.sock, timeout=10).call(method, url, body))
 
 
-def _submit(d: DaemonProc, who: Owner, job: Path, key: str | None = None,
-            text: str | None = None) -> dict[str, Any]:
+def _submit(
+    d: DaemonProc, who: Owner, job: Path, key: str | None = None, text: str | None = None
+) -> dict[str, Any]:
     """The API directly (no client-side checks): what a hostile client could send."""
-    body = {"raw": text if text is not None else job.read_text(), "job_file": str(job),
-            "key": key}
+    body = {"raw": text if text is not None else job.read_text(), "job_file": str(job), "key": key}
     return _api(d, who, "POST", "/v1/jobs", body)
 
 
 def _cli(python: str, d: DaemonProc, who: Owner, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "CKPTD_SOCKET": str(d.sock),
-           "HOME": "/nonexistent"}
-    return subprocess.run([python, "-m", "ckptd.daemon", *args], cwd="/", env=env, text=True,
-                          capture_output=True, user=who.uid, group=who.gid,
-                          extra_groups=list(who.groups), timeout=300)
+    env = {
+        "PYTHONPATH": str(ROOT),
+        "PATH": "/usr/bin:/bin",
+        "CKPTD_SOCKET": str(d.sock),
+        "HOME": "/nonexistent",
+    }
+    return subprocess.run(
+        [python, "-m", "ckptd.daemon", *args],
+        cwd="/",
+        env=env,
+        text=True,
+        capture_output=True,
+        user=who.uid,
+        group=who.gid,
+        extra_groups=list(who.groups),
+        timeout=300,
+    )
 
 
-def _job_text(name: str, model: str = f"{EXAMPLE / 'model.py'}:build", extra: str = "",
-              csv: str = str(CSV), ckpt: str = "") -> str:
-    return (f"name: {name}\nmodel: {model}\nparams: {{csv: {csv}}}\n"
-            "train: {epochs: 1, batch_size: 64}\n"
-            f"checkpoint: {{every_steps: 5{ckpt}}}\nrestart: {{max_restarts: 0}}\n{extra}")
+def _job_text(
+    name: str,
+    model: str = f"{EXAMPLE / 'model.py'}:build",
+    extra: str = "",
+    csv: str = str(CSV),
+    ckpt: str = "",
+) -> str:
+    return (
+        f"name: {name}\nmodel: {model}\nparams: {{csv: {csv}}}\n"
+        "train: {epochs: 1, batch_size: 64}\n"
+        f"checkpoint: {{every_steps: 5{ckpt}}}\nrestart: {{max_restarts: 0}}\n{extra}"
+    )
 
 
 @pytest.fixture
-def daemon(python: str, base: Path, users: tuple[Owner, Owner],
-           request: pytest.FixtureRequest) -> Iterator[DaemonProc]:
+def daemon(
+    python: str, base: Path, users: tuple[Owner, Owner], request: pytest.FixtureRequest
+) -> Iterator[DaemonProc]:
     fake = "tf" not in request.keywords
     warm = "warm" in request.node.name
     home = base / f"home-{request.node.name[:40]}"
-    d = start_daemon(home, fake=fake, python=python,
-                     config=f"socket_group: {GROUP}\nmax_concurrent_jobs: 2\n"
-                            f"warm_workers: {str(warm).lower()}\n",
-                     FAKE_WHOAMI="whoami.json", FAKE_STEPS="30", FAKE_STEP_SECONDS="0.01")
+    d = start_daemon(
+        home,
+        fake=fake,
+        python=python,
+        config=f"socket_group: {GROUP}\nmax_concurrent_jobs: 2\nwarm_workers: {str(warm).lower()}\n",
+        FAKE_WHOAMI="whoami.json",
+        FAKE_STEPS="30",
+        FAKE_STEP_SECONDS="0.01",
+    )
     try:
         yield d
     finally:
@@ -172,7 +217,8 @@ def _wait_end(d: DaemonProc, job_id: str, timeout: float = 180) -> dict[str, Any
 
 
 def test_the_worker_runs_as_its_submitter_and_its_outputs_are_theirs(
-        daemon: DaemonProc, users: tuple[Owner, Owner], base: Path, python: str) -> None:
+    daemon: DaemonProc, users: tuple[Owner, Owner], base: Path, python: str
+) -> None:
     a, b = users
     mine = _owned_dir(base / "a-own", a)
     job = _owned_file(mine / "job.yaml", _job_text("mine"), a)
@@ -184,8 +230,14 @@ def test_the_worker_runs_as_its_submitter_and_its_outputs_are_theirs(
     assert (who["uid"], who["euid"], who["gid"]) == (a.uid, a.uid, a.gid)
     assert who["groups"] == sorted(a.groups)
     assert all(int(v, 16) == 0 for v in who["caps"].values()), who["caps"]  # no capability
-    for path in (run, run / "events.jsonl", run / "heartbeat.json", run / "attempts" / "0001",
-                 run / "attempts" / "0001" / "stderr.log", run / "checkpoints"):
+    for path in (
+        run,
+        run / "events.jsonl",
+        run / "heartbeat.json",
+        run / "attempts" / "0001",
+        run / "attempts" / "0001" / "stderr.log",
+        run / "checkpoints",
+    ):
         assert path.stat().st_uid == a.uid, path
     assert run.stat().st_mode & 0o7777 == 0o2750  # setgid: the daemon's group reads, others not
     assert "best_files" not in daemon.job(job_id)["outputs"]  # the daemon lists nothing
@@ -199,9 +251,12 @@ def test_the_worker_runs_as_its_submitter_and_its_outputs_are_theirs(
     r = _cli(python, daemon, a, "status")
     assert r.returncode == 0 and job_id in r.stdout
     # B: not through the daemon, and not through the file system.
-    for method, url in (("GET", f"/v1/jobs/{job_id}"), ("GET", f"/v1/jobs/{job_id}/events"),
-                        ("GET", f"/v1/jobs/{job_id}/checkpoints"),
-                        ("POST", f"/v1/jobs/{job_id}/cancel")):
+    for method, url in (
+        ("GET", f"/v1/jobs/{job_id}"),
+        ("GET", f"/v1/jobs/{job_id}/events"),
+        ("GET", f"/v1/jobs/{job_id}/checkpoints"),
+        ("POST", f"/v1/jobs/{job_id}/cancel"),
+    ):
         got = _api(daemon, b, method, url)
         assert got.get("status") == 403, (url, got)
     assert _api(daemon, b, "GET", "/v1/jobs")["ok"] == []
@@ -216,7 +271,8 @@ def test_the_worker_runs_as_its_submitter_and_its_outputs_are_theirs(
 
 
 def test_idempotency_keys_are_per_owner_and_a_changed_spec_is_a_conflict(
-        daemon: DaemonProc, users: tuple[Owner, Owner], base: Path) -> None:
+    daemon: DaemonProc, users: tuple[Owner, Owner], base: Path
+) -> None:
     a, b = users
     ja = _owned_file(_owned_dir(base / "a-keys", a) / "job.yaml", _job_text("keys"), a)
     jb = _owned_file(_owned_dir(base / "b-keys", b) / "job.yaml", _job_text("keys"), b)
@@ -229,21 +285,27 @@ def test_idempotency_keys_are_per_owner_and_a_changed_spec_is_a_conflict(
     changed = _submit(daemon, a, ja, key="shared-key-1", text=_job_text("keys", extra="best: {}\n"))
     assert changed["status"] == 409 and "shared-key-1" in changed["error"], changed
     # What the client says it validated must be what the job file says.
-    body = {"raw": ja.read_text(), "job_file": str(ja),
-            "spec_json": json.dumps({"name": "other", "model": "m:build"})}
+    body = {
+        "raw": ja.read_text(),
+        "job_file": str(ja),
+        "spec_json": json.dumps({"name": "other", "model": "m:build"}),
+    }
     got = _api(daemon, a, "POST", "/v1/jobs", body)
     assert got["status"] == 400 and "does not match raw" in got["error"], got
 
 
 def test_paths_outside_the_run_directory_are_refused_at_submit(
-        daemon: DaemonProc, users: tuple[Owner, Owner], base: Path, python: str) -> None:
+    daemon: DaemonProc, users: tuple[Owner, Owner], base: Path, python: str
+) -> None:
     a, b = users
     mine = _owned_dir(base / "a-paths", a)
     locked = base / "root-only"
     locked.mkdir(exist_ok=True, mode=0o755)
-    for ckpt, extra, field in ((f", dir: {locked}/ck", "", "checkpoint.dir"),
-                               (", dir: ../../x", "", "checkpoint.dir"),
-                               ("", "best: {filepath: /etc/cron.d/x.hdf5}\n", "best.filepath")):
+    for ckpt, extra, field in (
+        (f", dir: {locked}/ck", "", "checkpoint.dir"),
+        (", dir: ../../x", "", "checkpoint.dir"),
+        ("", "best: {filepath: /etc/cron.d/x.hdf5}\n", "best.filepath"),
+    ):
         job = _owned_file(mine / "job.yaml", _job_text("paths", extra=extra, ckpt=ckpt), a)
         r = _cli(python, daemon, a, "submit", str(job))
         assert r.returncode == 2 and field in r.stderr, (extra, r.stderr)
@@ -257,15 +319,19 @@ def test_paths_outside_the_run_directory_are_refused_at_submit(
 
 @pytest.mark.tf
 def test_what_the_submitter_cannot_touch_fails_as_config_error_naming_it(
-        daemon: DaemonProc, users: tuple[Owner, Owner], base: Path) -> None:
+    daemon: DaemonProc, users: tuple[Owner, Owner], base: Path
+) -> None:
     """Sent straight to the API (no client-side check): the worker, running as A, meets A's
     rights. The model file of B's is never imported (its marker never appears)."""
     a, b = users
     mine = _owned_dir(base / "a-real", a)
     secret = _owned_dir(base / "b-real", b)
     marker = base / "imported-marker"
-    model = _owned_file(secret / "model.py", f"open({str(marker)!r}, 'w').write('x')\n"
-                        "def build(params):\n    raise SystemExit(1)\n", b)
+    model = _owned_file(
+        secret / "model.py",
+        f"open({str(marker)!r}, 'w').write('x')\ndef build(params):\n    raise SystemExit(1)\n",
+        b,
+    )
     data = _owned_file(secret / "data.csv", CSV.read_text(), b)
     locked = base / "root-only-real"
     locked.mkdir(exist_ok=True, mode=0o755)
@@ -290,18 +356,31 @@ def test_what_the_submitter_cannot_touch_fails_as_config_error_naming_it(
 
 
 def test_a_daemon_without_root_runs_only_its_own_users_jobs(
-        users: tuple[Owner, Owner], base: Path, python: str) -> None:
+    users: tuple[Owner, Owner], base: Path, python: str
+) -> None:
     a, b = users
     home = _owned_dir(base / "a-daemon", a, 0o711)
-    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": "/nonexistent",
-           "CKPTD_WORKER_MODULE": "tests.fakeworker", "FAKE_STEPS": "20",
-           "FAKE_STEP_SECONDS": "0.01"}
+    env = {
+        "PYTHONPATH": str(ROOT),
+        "PATH": "/usr/bin:/bin",
+        "HOME": "/nonexistent",
+        "CKPTD_WORKER_MODULE": "tests.fakeworker",
+        "FAKE_STEPS": "20",
+        "FAKE_STEP_SECONDS": "0.01",
+    }
     (home / "daemon.yaml").write_text("spool: false\n")
     with open(base / "a-daemon.log", "w") as log:
-        proc = subprocess.Popen([python, "-m", "ckptd.daemon", "--home", str(home), "daemon"],
-                                env=env, stdout=log, stderr=subprocess.STDOUT, cwd="/",
-                                user=a.uid, group=a.gid, extra_groups=list(a.groups),
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [python, "-m", "ckptd.daemon", "--home", str(home), "daemon"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd="/",
+            user=a.uid,
+            group=a.gid,
+            extra_groups=list(a.groups),
+            start_new_session=True,
+        )
     sock = home / "ckptd.sock"
     try:
         wait_for("A's daemon", lambda: proc.poll() is not None or sock.exists(), 60)
@@ -312,8 +391,13 @@ def test_a_daemon_without_root_runs_only_its_own_users_jobs(
         assert got["status"] == 403 and "other users" in got["error"], got
         ja = _owned_file(_owned_dir(base / "a-solo", a) / "job.yaml", _job_text("solo"), a)
         job_id = _submit(d, a, ja)["ok"]["job"]["id"]
-        end = wait_for("A's job", lambda: (j := _api(d, a, "GET", f"/v1/jobs/{job_id}")["ok"])
-                       ["state"] in ("succeeded", "failed") and j, 120)
+        end = wait_for(
+            "A's job",
+            lambda: (
+                (j := _api(d, a, "GET", f"/v1/jobs/{job_id}")["ok"])["state"] in ("succeeded", "failed") and j
+            ),
+            120,
+        )
         assert end["state"] == "succeeded", (base / "a-daemon.log").read_text()
     finally:
         proc.terminate()
@@ -321,25 +405,30 @@ def test_a_daemon_without_root_runs_only_its_own_users_jobs(
 
 
 def test_the_spool_runs_a_file_as_its_owner_and_refuses_hard_links(
-        daemon: DaemonProc, users: tuple[Owner, Owner], base: Path) -> None:
+    daemon: DaemonProc, users: tuple[Owner, Owner], base: Path
+) -> None:
     a, b = users
     spool = daemon.home / "spool"
-    assert spool.stat().st_mode & 0o7777 == 0o1770 and spool.stat().st_gid == grp.getgrnam(
-        GROUP).gr_gid
+    assert spool.stat().st_mode & 0o7777 == 0o1770 and spool.stat().st_gid == grp.getgrnam(GROUP).gr_gid
     job = as_user(a, lambda: Path(spool / "a-job.yaml").write_text(_job_text("spooled")))
     assert "ok" in job, job
-    b_file = _owned_file(_owned_dir(base / "b-spool", b, 0o755) / "b.yaml", _job_text("theirs"),
-                         b, 0o644)
+    b_file = _owned_file(_owned_dir(base / "b-spool", b, 0o755) / "b.yaml", _job_text("theirs"), b, 0o644)
     os.link(b_file, spool / "linked.yaml")  # B's file, dropped by someone else
-    wait_for("the spool intake", lambda: (spool / "rejected" / "linked.yaml.error.txt").exists()
-             and not (spool / "a-job.yaml").exists(), 60)
+    wait_for(
+        "the spool intake",
+        lambda: (
+            (spool / "rejected" / "linked.yaml.error.txt").exists() and not (spool / "a-job.yaml").exists()
+        ),
+        60,
+    )
     assert "hard links" in (spool / "rejected" / "linked.yaml.error.txt").read_text()
     listed = _api(daemon, a, "GET", "/v1/jobs")["ok"]
     assert [j["name"] for j in listed] == ["spooled"] and listed[0]["owner_uid"] == a.uid
 
 
 def test_a_warm_worker_becomes_the_submitter_before_it_runs_the_job(
-        daemon: DaemonProc, users: tuple[Owner, Owner], base: Path) -> None:
+    daemon: DaemonProc, users: tuple[Owner, Owner], base: Path
+) -> None:
     """Warm workers start as the daemon's user (root); the hand-over makes one the owner."""
     a, _ = users
     wait_for("a warm worker", lambda: daemon.api("GET", "/v1/health")["warm_workers"] > 0, 60)
@@ -358,11 +447,15 @@ def test_a_warm_worker_becomes_the_submitter_before_it_runs_the_job(
 
 @pytest.mark.tf
 def test_the_owner_exports_its_own_job_and_another_user_cannot(
-        daemon: DaemonProc, users: tuple[Owner, Owner], base: Path, python: str) -> None:
+    daemon: DaemonProc, users: tuple[Owner, Owner], base: Path, python: str
+) -> None:
     a, b = users
     mine = _owned_dir(base / "a-export", a)
-    job = _owned_file(mine / "job.yaml", _job_text(
-        "export", extra="best: {monitor: loss, filepath: 'w-{epoch:02d}.hdf5'}\n"), a)
+    job = _owned_file(
+        mine / "job.yaml",
+        _job_text("export", extra="best: {monitor: loss, filepath: 'w-{epoch:02d}.hdf5'}\n"),
+        a,
+    )
     r = _cli(python, daemon, a, "submit", "--wait", str(job))
     assert r.returncode == 0, r.stderr + daemon.output()
     job_id = r.stdout.split()[0]
@@ -378,7 +471,8 @@ def test_the_owner_exports_its_own_job_and_another_user_cannot(
 
 
 def test_a_run_directory_from_before_the_upgrade_becomes_its_owners(
-        users: tuple[Owner, Owner], base: Path, python: str) -> None:
+    users: tuple[Owner, Owner], base: Path, python: str
+) -> None:
     """A job queued by a ckptd whose run directories were its own (the service user's) runs as
     its submitter after the upgrade, in a directory that is now theirs."""
     from ckptd.daemon.backend import submit_job
@@ -399,8 +493,9 @@ def test_a_run_directory_from_before_the_upgrade_becomes_its_owners(
     run.chmod(0o750)
     (run / "attempts" / "0001").mkdir(parents=True)
     (run / "attempts" / "0001" / "stdout.log").write_text("from before\n")
-    d = start_daemon(home, python=python, FAKE_WHOAMI="whoami.json", FAKE_STEPS="20",
-                     FAKE_STEP_SECONDS="0.01")
+    d = start_daemon(
+        home, python=python, FAKE_WHOAMI="whoami.json", FAKE_STEPS="20", FAKE_STEP_SECONDS="0.01"
+    )
     try:
         assert _wait_end(d, created.id)["state"] == "succeeded", d.output()
     finally:

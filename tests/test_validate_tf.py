@@ -19,8 +19,13 @@ def _pima() -> tuple[Any, Any, Any, Any]:
     keras.utils.set_random_seed(7)
     data = np.loadtxt(ROOT / "examples" / "pima" / "pima-indians-diabetes.csv", delimiter=",")
     x, y = data[:, :8], data[:, 8]
-    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(12, activation="relu"),
-                              keras.layers.Dense(1, activation="sigmoid")])
+    model = keras.Sequential(
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(12, activation="relu"),
+            keras.layers.Dense(1, activation="sigmoid"),
+        ]
+    )
     model.compile(optimizer="adam", loss="binary_crossentropy", metrics=["accuracy"])
     model.fit(x[:514], y[:514], epochs=2, batch_size=10, verbose=0)
     return model, x[514:], y[514:], np

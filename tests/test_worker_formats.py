@@ -15,8 +15,14 @@ pytestmark = pytest.mark.tf
 def _model() -> object:
     import keras
 
-    return keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, activation="relu"),
-                             keras.layers.BatchNormalization(), keras.layers.Dense(1)])
+    return keras.Sequential(
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(4, activation="relu"),
+            keras.layers.BatchNormalization(),
+            keras.layers.Dense(1),
+        ]
+    )
 
 
 @pytest.mark.parametrize("name", ["w.hdf5", "w.h5", "w.weights.h5", "w.keras"])
@@ -51,10 +57,14 @@ def test_keras2_layout_attributes(tmp_path: Path) -> None:
         names = [n.decode() for n in f[layers[1]].attrs["weight_names"]]
         # Keras 2 order: trainable first (gamma, beta), then moving mean/variance.
         assert [n.split("/")[-1].split(":")[0] for n in names] == [
-            "gamma", "beta", "moving_mean", "moving_variance"]
+            "gamma",
+            "beta",
+            "moving_mean",
+            "moving_variance",
+        ]
 
 
-DATASET_MODEL = f'''
+DATASET_MODEL = f"""
 import keras, numpy as np, tensorflow as tf
 
 def build(params):
@@ -64,7 +74,7 @@ def build(params):
                               keras.layers.Dense(1, activation="sigmoid")])
     model.compile(loss="binary_crossentropy", optimizer="adam", metrics=["accuracy"])
     return model, ds
-'''
+"""
 
 
 def test_tf_data_input_resumes_exactly(tmp_path: Path) -> None:
@@ -92,8 +102,11 @@ def test_corrupt_hdf5_is_reported_not_hung(tmp_path: Path) -> None:
     save_weights_file(_model(), good)
     assert check_readable(good) is None
     data = good.read_bytes()
-    for name, damaged in {"truncated": data[: len(data) // 2], "empty": b"",
-                          "garbage": b"\x89HDF\r\n\x1a\n" + b"\xff" * 4000}.items():
+    for name, damaged in {
+        "truncated": data[: len(data) // 2],
+        "empty": b"",
+        "garbage": b"\x89HDF\r\n\x1a\n" + b"\xff" * 4000,
+    }.items():
         bad = tmp_path / f"{name}.hdf5"
         bad.write_bytes(damaged)
         problem = check_readable(bad, timeout=20)

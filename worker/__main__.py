@@ -43,8 +43,11 @@ def _basics(run: RunDir, attempt: int) -> tuple[JobSpec, Any, Any, Any]:
 
     spec = spec_from_json(run.spec_file.read_text())
     # Start the async writer first: its TensorFlow import overlaps with ours.
-    writer = (start_writer(run.checkpoint_dir(spec.checkpoint.dir))
-              if spec.checkpoint.mode == "async" and not os.environ.get(p.CHECK_ENV) else None)
+    writer = (
+        start_writer(run.checkpoint_dir(spec.checkpoint.dir))
+        if spec.checkpoint.mode == "async" and not os.environ.get(p.CHECK_ENV)
+        else None
+    )
     from ckptd.worker.runtime import Beater, StopFlag
 
     stop = StopFlag()
@@ -168,8 +171,7 @@ def _warm() -> int:
     run = RunDir(Path(job["run"]))
     os.chdir(run.root)  # with --warm in the command line, this tells a daemon whose run it is
     atomic_write_text(run.warm_env(os.getpid()), json.dumps(job["env"]))
-    log_to(run.attempt_dir(int(job["mode"])) if job["mode"].isdigit()
-            else run.root / "attempts" / "spare")
+    log_to(run.attempt_dir(int(job["mode"])) if job["mode"].isdigit() else run.root / "attempts" / "spare")
     return main([job["run"], job["mode"]])
 
 
@@ -205,8 +207,11 @@ def _dispatch(run: RunDir, mode: str) -> int:
         run.attempt_dir(attempt).mkdir(parents=True, exist_ok=True)
         write_error_file(run.attempt_dir(attempt), e)
         print(f"ckptd worker: {e}", file=sys.stderr)
-        codes = {ConfigError: p.EXIT_CONFIG, DirLocked: p.EXIT_LOCKED,
-                 NoValidCheckpoint: p.EXIT_NO_VALID_CHECKPOINT}
+        codes = {
+            ConfigError: p.EXIT_CONFIG,
+            DirLocked: p.EXIT_LOCKED,
+            NoValidCheckpoint: p.EXIT_NO_VALID_CHECKPOINT,
+        }
         return codes[type(e)]
     except Exception as e:
         attempt = holder[0].beater.hb.attempt if holder else attempt
@@ -215,8 +220,10 @@ def _dispatch(run: RunDir, mode: str) -> int:
         # flaky crashes; the heartbeat it polls may lag a few steps behind.
         step = int(holder[0].c.step.numpy()) if holder else None
         if not step and _program_error(e):  # nothing ever trained: it would fail the same way
-            err = ConfigError(f"before the first training step: {type(e).__name__}: {e} (see "
-                              f"{run.attempt_dir(attempt) / 'stderr.log'}); not retried")
+            err = ConfigError(
+                f"before the first training step: {type(e).__name__}: {e} (see "
+                f"{run.attempt_dir(attempt) / 'stderr.log'}); not retried"
+            )
             write_error_file(run.attempt_dir(attempt), err, step=step)
             traceback.print_exc()
             return p.EXIT_CONFIG
@@ -226,8 +233,18 @@ def _dispatch(run: RunDir, mode: str) -> int:
 
 # Errors of the program itself (shapes, names, types), not of the machine (memory, I/O, devices):
 # raised before any step ever completed, retrying cannot help.
-_PROGRAM_ERRORS = (ValueError, TypeError, LookupError, AttributeError, NameError, ImportError,
-                   SyntaxError, NotImplementedError, AssertionError, ArithmeticError)
+_PROGRAM_ERRORS = (
+    ValueError,
+    TypeError,
+    LookupError,
+    AttributeError,
+    NameError,
+    ImportError,
+    SyntaxError,
+    NotImplementedError,
+    AssertionError,
+    ArithmeticError,
+)
 
 
 def _program_error(e: BaseException) -> bool:
@@ -242,8 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     if args == ["--warm"]:
         return _warm()
     if len(args) != 2 or not (args[1] == "--spare" or args[1].isdigit()):
-        print("usage: python -m ckptd.worker (RUN_DIR (ATTEMPT | --spare) | --warm)",
-              file=sys.stderr)
+        print("usage: python -m ckptd.worker (RUN_DIR (ATTEMPT | --spare) | --warm)", file=sys.stderr)
         return p.EXIT_CONFIG
     # Fatal signals print every thread's Python stack; the supervisor sends SIGUSR1 before it
     # kills a hung worker, so the attempt's stderr log shows where it was stuck.
@@ -251,8 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
     run = RunDir(Path(args[0]))
     if not os.environ.get(p.CHECK_ENV):  # `ckptd validate --build` reads the verdict on stdout
-        log_to(run.root / "attempts" / "spare" if args[1] == "--spare"
-               else run.attempt_dir(int(args[1])))
+        log_to(run.root / "attempts" / "spare" if args[1] == "--spare" else run.attempt_dir(int(args[1])))
     code = 1
     try:
         code = _dispatch(run, args[1])

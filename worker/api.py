@@ -63,31 +63,86 @@ class FitArgs:
         return kw
 
 
-def fit_args(model: Any, x: Any = None, y: Any = None, batch_size: int | None = None,
-             epochs: int = 1, verbose: Any = "auto", callbacks: list[Any] | None = None,
-             validation_split: float = 0.0, validation_data: Any = None, shuffle: Any = True,
-             class_weight: dict[int, float] | None = None, sample_weight: Any = None,
-             initial_epoch: int = 0, steps_per_epoch: int | None = None,
-             validation_steps: int | None = None, validation_batch_size: int | None = None,
-             validation_freq: int = 1) -> FitArgs:
+def fit_args(
+    model: Any,
+    x: Any = None,
+    y: Any = None,
+    batch_size: int | None = None,
+    epochs: int = 1,
+    verbose: Any = "auto",
+    callbacks: list[Any] | None = None,
+    validation_split: float = 0.0,
+    validation_data: Any = None,
+    shuffle: Any = True,
+    class_weight: dict[int, float] | None = None,
+    sample_weight: Any = None,
+    initial_epoch: int = 0,
+    steps_per_epoch: int | None = None,
+    validation_steps: int | None = None,
+    validation_batch_size: int | None = None,
+    validation_freq: int = 1,
+) -> FitArgs:
     """Record a `model.fit(...)` call for ckptd to run (same arguments, model first)."""
-    return FitArgs(model, x, y, batch_size, epochs, verbose, list(callbacks or []),
-                   validation_split, validation_data, shuffle, class_weight, sample_weight,
-                   initial_epoch, steps_per_epoch, validation_steps, validation_batch_size,
-                   validation_freq)
+    return FitArgs(
+        model,
+        x,
+        y,
+        batch_size,
+        epochs,
+        verbose,
+        list(callbacks or []),
+        validation_split,
+        validation_data,
+        shuffle,
+        class_weight,
+        sample_weight,
+        initial_epoch,
+        steps_per_epoch,
+        validation_steps,
+        validation_batch_size,
+        validation_freq,
+    )
 
 
-def fit(model: Any, x: Any = None, y: Any = None, batch_size: int | None = None,
-        epochs: int = 1, verbose: Any = "auto", callbacks: list[Any] | None = None,
-        validation_split: float = 0.0, validation_data: Any = None, shuffle: Any = True,
-        class_weight: dict[int, float] | None = None, sample_weight: Any = None,
-        initial_epoch: int = 0, steps_per_epoch: int | None = None,
-        validation_steps: int | None = None, validation_batch_size: int | None = None,
-        validation_freq: int = 1) -> Any:
+def fit(
+    model: Any,
+    x: Any = None,
+    y: Any = None,
+    batch_size: int | None = None,
+    epochs: int = 1,
+    verbose: Any = "auto",
+    callbacks: list[Any] | None = None,
+    validation_split: float = 0.0,
+    validation_data: Any = None,
+    shuffle: Any = True,
+    class_weight: dict[int, float] | None = None,
+    sample_weight: Any = None,
+    initial_epoch: int = 0,
+    steps_per_epoch: int | None = None,
+    validation_steps: int | None = None,
+    validation_batch_size: int | None = None,
+    validation_freq: int = 1,
+) -> Any:
     """`model.fit(...)` under ckptd's supervision; returns a `keras.callbacks.History`."""
-    args = fit_args(model, x, y, batch_size, epochs, verbose, callbacks, validation_split,
-                    validation_data, shuffle, class_weight, sample_weight, initial_epoch,
-                    steps_per_epoch, validation_steps, validation_batch_size, validation_freq)
+    args = fit_args(
+        model,
+        x,
+        y,
+        batch_size,
+        epochs,
+        verbose,
+        callbacks,
+        validation_split,
+        validation_data,
+        shuffle,
+        class_weight,
+        sample_weight,
+        initial_epoch,
+        steps_per_epoch,
+        validation_steps,
+        validation_batch_size,
+        validation_freq,
+    )
     if _runner is None:
         return model.fit(**args.keras_kwargs())
     return _runner.fit(args)
@@ -117,4 +172,5 @@ def install(runner: Runner | None) -> Callable[[], None]:
     def undo() -> None:
         global _runner
         _runner = previous
+
     return undo

@@ -41,18 +41,21 @@ class Filler:
         self.strings: dict[str, Any] = {}
         self.error: Exception | None = None
 
-    def start(self, plan: SnapshotPlan, shm: shared_memory.SharedMemory,
-              captured: list[tuple[str, Any]]) -> None:
+    def start(
+        self, plan: SnapshotPlan, shm: shared_memory.SharedMemory, captured: list[tuple[str, Any]]
+    ) -> None:
         self.error = None
         if plan.nbytes < FILL_IN_THREAD_BYTES:
             self._run(plan, shm, captured)
             return
-        self.thread = threading.Thread(target=self._run, args=(plan, shm, captured),
-                                       name="ckptd-snapshot", daemon=True)
+        self.thread = threading.Thread(
+            target=self._run, args=(plan, shm, captured), name="ckptd-snapshot", daemon=True
+        )
         self.thread.start()
 
-    def _run(self, plan: SnapshotPlan, shm: shared_memory.SharedMemory,
-             captured: list[tuple[str, Any]]) -> None:
+    def _run(
+        self, plan: SnapshotPlan, shm: shared_memory.SharedMemory, captured: list[tuple[str, Any]]
+    ) -> None:
         try:
             self.strings = plan.fill(shm, captured)
         except Exception as e:  # reported by AsyncSaver.poll as a failed save
@@ -76,10 +79,17 @@ class InFlight(TypedDict):
 
 
 class AsyncSaver:
-    def __init__(self, ckpt: tf.train.Checkpoint, directory: Path, max_to_keep: int,
-                 keep_every_n_hours: float | None, writer: Writer | None = None,
-                 writer_share: float = 1.0, budget: float = 1.0,
-                 longest: float | None = None) -> None:
+    def __init__(
+        self,
+        ckpt: tf.train.Checkpoint,
+        directory: Path,
+        max_to_keep: int,
+        keep_every_n_hours: float | None,
+        writer: Writer | None = None,
+        writer_share: float = 1.0,
+        budget: float = 1.0,
+        longest: float | None = None,
+    ) -> None:
         self.ckpt, self.dir = ckpt, directory
         self.retention = {"max_to_keep": max_to_keep, "keep_every_n_hours": keep_every_n_hours}
         # The writer is best started before the worker imports TensorFlow, so both imports
@@ -172,14 +182,17 @@ class AsyncSaver:
         return paced_start_time(
             writer_start_time(self.last_done, self.last_seconds, self.writer_share),
             budget_start_time(self.last_start, self.meter.cost, self.budget),
-            self.last_start, self.longest)
+            self.last_start,
+            self.longest,
+        )
 
     def next_look(self, now: float, pending: bool, poll: float) -> float:
         """When the step loop should look at the writer again (see ckptd.state.pacing)."""
         return next_look(now, self.in_flight is not None, pending, self.start_time(), poll)
 
-    def submit(self, step: int, epoch: int, step_in_epoch: int, metrics: dict[str, float],
-               reason: str) -> None:
+    def submit(
+        self, step: int, epoch: int, step_in_epoch: int, metrics: dict[str, float], reason: str
+    ) -> None:
         """Capture now; copy and hand over in the background (see Filler)."""
         assert self.plan is not None and self.shm is not None and self.in_flight is None
         self.last_start = time.monotonic()
@@ -187,9 +200,15 @@ class AsyncSaver:
         number = self.take_number()
         self.in_flight = {"number": number, "step": step, "epoch": epoch, "reason": reason}
         assert self.ready  # until then saves are synchronous (Checkpointing._save_async)
-        msg: dict[str, Any] = {"number": number, "step": step, "epoch": epoch,
-                               "step_in_epoch": step_in_epoch, "metrics": metrics,
-                               "shm": self.shm.name, **self.retention}
+        msg: dict[str, Any] = {
+            "number": number,
+            "step": step,
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "metrics": metrics,
+            "shm": self.shm.name,
+            **self.retention,
+        }
         if not self.graph_sent:
             # The layout never changes during an attempt: the writer keeps it after the first save.
             msg["slots"] = [(s.key, s.dtype, s.shape, s.offset) for s in self.plan.slots]
@@ -211,8 +230,11 @@ class AsyncSaver:
         elif self.unsent is not None and not (block or self.dead):
             return None
         elif self.unsent is not None:
-            reply = failed | {"error": "the checkpoint writer process died" if self.ready
-                              else "the checkpoint writer process did not start"}
+            reply = failed | {
+                "error": "the checkpoint writer process died"
+                if self.ready
+                else "the checkpoint writer process did not start"
+            }
         elif not self._readable(None if block else 0):
             return None
         else:
@@ -225,8 +247,7 @@ class AsyncSaver:
         # Final and preemption saves are waited for at once: their cost is not an interval's.
         self.meter.save_done(counted=reply["ok"] and self.in_flight["reason"] == "interval")
         flight = self.in_flight
-        reply["step"], reply["epoch"], reply["reason"] = (flight["step"], flight["epoch"],
-                                                          flight["reason"])
+        reply["step"], reply["epoch"], reply["reason"] = (flight["step"], flight["epoch"], flight["reason"])
         self.in_flight = self.unsent = None
         self.filler.error = None
         return reply

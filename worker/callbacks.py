@@ -37,25 +37,33 @@ _NOT_SAVED = (keras.callbacks.History, keras.callbacks.ProgbarLogger)
 
 def _ckpt_to_best(cb: Any) -> Best:
     if cb.save_freq != "epoch":
-        raise ConfigError(f"ModelCheckpoint(save_freq={cb.save_freq!r}): ckptd checkpoints "
-                          "every checkpoint.every_steps steps itself; keep ModelCheckpoint for "
-                          "per-epoch best files (save_freq='epoch') or remove it")
+        raise ConfigError(
+            f"ModelCheckpoint(save_freq={cb.save_freq!r}): ckptd checkpoints "
+            "every checkpoint.every_steps steps itself; keep ModelCheckpoint for "
+            "per-epoch best files (save_freq='epoch') or remove it"
+        )
     path = cb.filepath
     if cb.save_weights_only and not path.endswith((".weights.h5", ".h5", ".hdf5")):
-        raise ConfigError(f"ModelCheckpoint({path!r}, save_weights_only=True): name the file "
-                          "*.weights.h5 (or *.h5/*.hdf5 for the Keras-2 layout)")
+        raise ConfigError(
+            f"ModelCheckpoint({path!r}, save_weights_only=True): name the file "
+            "*.weights.h5 (or *.h5/*.hdf5 for the Keras-2 layout)"
+        )
     try:
-        return Best(monitor=cb.monitor, mode=cb.mode, save_best_only=cb.save_best_only,
-                    filepath=path)
+        return Best(monitor=cb.monitor, mode=cb.mode, save_best_only=cb.save_best_only, filepath=path)
     except ValueError as e:
         raise ConfigError(f"ModelCheckpoint({path!r}): {e}") from e
 
 
 def _early_to_spec(cb: Any) -> EarlyStopping:
-    return EarlyStopping(monitor=cb.monitor, mode=cb.mode, patience=cb.patience,
-                         min_delta=abs(float(cb.min_delta)), baseline=cb.baseline,
-                         start_from_epoch=cb.start_from_epoch,
-                         restore_best_weights=cb.restore_best_weights)
+    return EarlyStopping(
+        monitor=cb.monitor,
+        mode=cb.mode,
+        patience=cb.patience,
+        min_delta=abs(float(cb.min_delta)),
+        baseline=cb.baseline,
+        start_from_epoch=cb.start_from_epoch,
+        restore_best_weights=cb.restore_best_weights,
+    )
 
 
 def map_callbacks(callbacks: list[Any], spec: JobSpec) -> tuple[JobSpec, list[Any], list[str]]:
@@ -72,15 +80,19 @@ def map_callbacks(callbacks: list[Any], spec: JobSpec) -> tuple[JobSpec, list[An
         elif isinstance(cb, keras.callbacks.EarlyStopping):
             field, value = "early_stopping", _early_to_spec(cb)
         elif isinstance(cb, keras.callbacks.BackupAndRestore):
-            notes.append("BackupAndRestore dropped: ckptd checkpoints and restores the run "
-                         "(checkpoint.every_steps / every_seconds)")
+            notes.append(
+                "BackupAndRestore dropped: ckptd checkpoints and restores the run "
+                "(checkpoint.every_steps / every_seconds)"
+            )
             continue
         else:
             kept.append(cb)
             continue
         if getattr(spec, field) is not None or field in update:
-            raise ConfigError(f"{name} callback and the job file's `{field}:` section (or a "
-                              f"second {name}) both given; keep one")
+            raise ConfigError(
+                f"{name} callback and the job file's `{field}:` section (or a "
+                f"second {name}) both given; keep one"
+            )
         update[field] = value
         notes.append(f"{name} runs as ckptd's {field} (durable across restarts)")
     return (spec.model_copy(update=update) if update else spec), kept, notes

@@ -50,18 +50,31 @@ class NonFinite(BaseException):
 
 
 class Checkpointing:
-    def __init__(self, spec: JobSpec, run: RunDir, trackables: dict[str, Any],
-                 state_variables: list[Any], beater: Beater, stop: StopFlag,
-                 writer: Writer | None = None) -> None:
+    def __init__(
+        self,
+        spec: JobSpec,
+        run: RunDir,
+        trackables: dict[str, Any],
+        state_variables: list[Any],
+        beater: Beater,
+        stop: StopFlag,
+        writer: Writer | None = None,
+    ) -> None:
         self.spec, self.run, self.beater, self.stop = spec, run, beater, stop
         self.c = Counters.new()
         self.rng = tf.random.Generator.from_seed(spec.train.seed)
         tf.random.set_global_generator(self.rng)
         self.host_random = HostRandom()
         self.ckpt = tf.train.Checkpoint(
-            **trackables, step=self.c.step, epoch=self.c.epoch,
-            step_in_epoch=self.c.step_in_epoch, host_state=self.c.host, rng=self.rng,
-            keras_rng=keras_global_generator().state, host_rng=self.host_random.var)
+            **trackables,
+            step=self.c.step,
+            epoch=self.c.epoch,
+            step_in_epoch=self.c.step_in_epoch,
+            host_state=self.c.host,
+            rng=self.rng,
+            keras_rng=keras_global_generator().state,
+            host_rng=self.host_random.var,
+        )
         # Seed-generator states and whatever else the objects' graphs do not reach.
         self.ckpt.untracked = untracked_variables(self.ckpt, state_variables)
         self.writer = writer
@@ -75,23 +88,31 @@ class Checkpointing:
         self.poll_at = 0.0
         self.committed_step: int | None = None
         # Per attempt: time in the step loops, and how long saves stalled them (benchmarks).
-        self.stats = {"due": 0, "saves": 0, "stall_seconds": 0.0, "poll_seconds": 0.0,
-                      "loop_seconds": 0.0, "steps": 0}
+        self.stats = {
+            "due": 0,
+            "saves": 0,
+            "stall_seconds": 0.0,
+            "poll_seconds": 0.0,
+            "loop_seconds": 0.0,
+            "steps": 0,
+        }
         self.dirty = False
         self.last_logs: dict[str, float] = {}
         self.last_save = time.monotonic()
         # State kept outside TF variables, written into the checkpoint's variables per save.
         self.before_save: list[Callable[[], None]] = [self.host_random.capture]
-        self.weights = [v for v in state_variables
-                        if getattr(v, "trainable", False) and "float" in str(v.dtype)]
-        self.learning_rates = [v for v in state_variables
-                               if str(getattr(v, "path", getattr(v, "name", ""))).endswith(
-                                   "learning_rate")]
+        self.weights = [
+            v for v in state_variables if getattr(v, "trainable", False) and "float" in str(v.dtype)
+        ]
+        self.learning_rates = [
+            v
+            for v in state_variables
+            if str(getattr(v, "path", getattr(v, "name", ""))).endswith("learning_rate")
+        ]
 
     def event(self, kind: Event, **data: Any) -> None:
         try:
-            append_event(self.run.root / EVENTS_FILE, kind, attempt=self.beater.hb.attempt,
-                         **data)
+            append_event(self.run.root / EVENTS_FILE, kind, attempt=self.beater.hb.attempt, **data)
         except OSError as e:  # a full disk must not stop training; the inventory at the next
             # restore tells the supervisor about commits whose events were lost here
             print(f"ckptd worker: event {kind} not recorded: {e}", file=sys.stderr)
@@ -108,13 +129,26 @@ class Checkpointing:
         ck = self.spec.checkpoint
         ckdir = self.run.checkpoint_dir(ck.dir)
         attempt: Callable[[], int] = lambda: self.beater.hb.attempt  # noqa: E731
-        self.keeper = Keeper(ckdir, self.ckpt, ck.max_to_keep, ck.keep_every_n_hours, self.event,
-                             before_commit=lambda step: self.faults.in_save(step, attempt()),
-                             during_restore=lambda: self.faults.in_restore(attempt()))
+        self.keeper = Keeper(
+            ckdir,
+            self.ckpt,
+            ck.max_to_keep,
+            ck.keep_every_n_hours,
+            self.event,
+            before_commit=lambda step: self.faults.in_save(step, attempt()),
+            during_restore=lambda: self.faults.in_restore(attempt()),
+        )
         if ck.mode == "async":
-            self.async_saver = AsyncSaver(self.ckpt, ckdir, ck.max_to_keep, ck.keep_every_n_hours,
-                                          self.writer, ck.async_writer_share,
-                                          ck.async_overhead_budget, ck.every_seconds)
+            self.async_saver = AsyncSaver(
+                self.ckpt,
+                ckdir,
+                ck.max_to_keep,
+                ck.keep_every_n_hours,
+                self.writer,
+                ck.async_writer_share,
+                ck.async_overhead_budget,
+                ck.every_seconds,
+            )
 
     def restore(self) -> Manifest | None:
         """Restore the newest valid commit into the checkpoint's objects (None: fresh start)."""
@@ -128,9 +162,19 @@ class Checkpointing:
             self.event(Event.CHECKPOINT_GC, removed=removed)
         # What is on disk, for the supervisor's store: commits and retirements made after it
         # last read this worker's events (its crash, a power cut) would otherwise never reach it.
-        self.event(Event.CHECKPOINT_INVENTORY, checkpoints=[
-            {"step": m.step, "epoch": m.epoch, "path": str(self.keeper.dir / m.prefix),
-             "digest": m.digest, "metrics": m.metrics} for m in self.keeper.committed()])
+        self.event(
+            Event.CHECKPOINT_INVENTORY,
+            checkpoints=[
+                {
+                    "step": m.step,
+                    "epoch": m.epoch,
+                    "path": str(self.keeper.dir / m.prefix),
+                    "digest": m.digest,
+                    "metrics": m.metrics,
+                }
+                for m in self.keeper.committed()
+            ],
+        )
         if self.async_saver is not None:
             self.async_saver.prepare(manifest)
         if manifest is None:
@@ -140,10 +184,13 @@ class Checkpointing:
         # The last step's logs become the epoch's logs if the commit fell on its last step.
         self.last_logs = dict(manifest.metrics)
         self.committed_step = manifest.step
-        self.event(Event.RESTORE_DONE, number=manifest.number, step=manifest.step,
-                   epoch=manifest.epoch)
-        self.beater.beat(restored_step=manifest.step, committed_step=manifest.step,
-                         step=manifest.step, epoch=manifest.epoch)
+        self.event(Event.RESTORE_DONE, number=manifest.number, step=manifest.step, epoch=manifest.epoch)
+        self.beater.beat(
+            restored_step=manifest.step,
+            committed_step=manifest.step,
+            step=manifest.step,
+            epoch=manifest.epoch,
+        )
         return manifest
 
     # -- saving -------------------------------------------------------------------------------
@@ -170,8 +217,13 @@ class Checkpointing:
                 self.async_saver.meter.stalled(stalled)
             return done
         except SaveFailed as e:
-            self.event(Event.CHECKPOINT_FAILED, step=self.step, reason=reason,
-                       error=str(e), committed_step=self.committed_step)
+            self.event(
+                Event.CHECKPOINT_FAILED,
+                step=self.step,
+                reason=reason,
+                error=str(e),
+                committed_step=self.committed_step,
+            )
             self.beater.beat(Phase.TRAINING, force=True)
             if reason != "interval":
                 raise
@@ -182,21 +234,28 @@ class Checkpointing:
         step, epoch = self.step, int(self.c.epoch.numpy())
         t0 = time.monotonic()
         number = self.async_saver.take_number() if self.async_saver is not None else None
-        m = self.keeper.save(step, epoch, int(self.c.step_in_epoch.numpy()), self.last_logs,
-                             number)
+        m = self.keeper.save(step, epoch, int(self.c.step_in_epoch.numpy()), self.last_logs, number)
         self.dirty = False
         self._committed(m, reason, time.monotonic() - t0, self.keeper.retired)
         self.beater.beat(Phase.TRAINING, force=True)
 
-    def _committed(self, m: Manifest, reason: str, seconds: float,
-                   retired: list[Manifest]) -> None:
+    def _committed(self, m: Manifest, reason: str, seconds: float, retired: list[Manifest]) -> None:
         self.committed_step = m.step
-        self.event(Event.CHECKPOINT_COMMITTED, number=m.number, step=m.step, epoch=m.epoch,
-                   path=str(self.keeper.dir / m.prefix), digest=m.digest, metrics=m.metrics,
-                   reason=reason, seconds=round(seconds, 4))
+        self.event(
+            Event.CHECKPOINT_COMMITTED,
+            number=m.number,
+            step=m.step,
+            epoch=m.epoch,
+            path=str(self.keeper.dir / m.prefix),
+            digest=m.digest,
+            metrics=m.metrics,
+            reason=reason,
+            seconds=round(seconds, 4),
+        )
         if retired:
-            self.event(Event.CHECKPOINT_RETIRED, steps=[r.step for r in retired],
-                       numbers=[r.number for r in retired])
+            self.event(
+                Event.CHECKPOINT_RETIRED, steps=[r.step for r in retired], numbers=[r.number for r in retired]
+            )
         # Not forced: the supervisor learns of commits from the event above; the heartbeat's copy
         # goes out with the next regular beat (a forced write per commit costs throughput when
         # async commits land every few steps).
@@ -216,8 +275,9 @@ class Checkpointing:
             self.poll_at = 0.0  # the next step works out when to look again
             return False
         self.drain_async(block=True)
-        saver.submit(self.step, int(self.c.epoch.numpy()), int(self.c.step_in_epoch.numpy()),
-                     self.last_logs, reason)
+        saver.submit(
+            self.step, int(self.c.epoch.numpy()), int(self.c.step_in_epoch.numpy()), self.last_logs, reason
+        )
         self.save_pending = self.dirty = False
         self.poll_at = 0.0
         if reason != "interval" and not self.drain_async(block=True):
@@ -233,12 +293,16 @@ class Checkpointing:
             return True
         if reply["ok"]:
             m = Manifest(**reply["manifest"])
-            self._committed(m, reply["reason"], reply["seconds"],
-                            [Manifest(**r) for r in reply["retired"]])
+            self._committed(m, reply["reason"], reply["seconds"], [Manifest(**r) for r in reply["retired"]])
             return True
         self.dirty = True
-        self.event(Event.CHECKPOINT_FAILED, step=reply["step"], reason=reply["reason"],
-                   error=reply["error"], committed_step=self.committed_step)
+        self.event(
+            Event.CHECKPOINT_FAILED,
+            step=reply["step"],
+            reason=reply["reason"],
+            error=reply["error"],
+            committed_step=self.committed_step,
+        )
         return False
 
     # -- the step loop's hooks ----------------------------------------------------------------
@@ -263,10 +327,10 @@ class Checkpointing:
     def _interval_save(self, step: int) -> None:
         ck = self.spec.checkpoint
         if (ck.every_steps and step % ck.every_steps == 0) or (
-                ck.every_seconds and time.monotonic() - self.last_save >= ck.every_seconds):
+            ck.every_seconds and time.monotonic() - self.last_save >= ck.every_seconds
+        ):
             self.stats["due"] += 1
-            if self.epoch_steps is not None and int(
-                    self.c.step_in_epoch.numpy()) >= self.epoch_steps:
+            if self.epoch_steps is not None and int(self.c.step_in_epoch.numpy()) >= self.epoch_steps:
                 self.due_at_epoch_end = True  # same step, after validation and callbacks
             elif not self.save_pending:  # else _step_async takes it when the writer may
                 self.save("interval")
@@ -293,8 +357,9 @@ class Checkpointing:
         bad = [k for k, v in self.last_logs.items() if "loss" in k and not math.isfinite(v)]
         if bad:
             raise NonFinite(self.step, f"{bad[0]} is {self.last_logs[bad[0]]}")
-        if self.weights and not bool(tf.reduce_all(
-                [tf.reduce_all(tf.math.is_finite(tf.convert_to_tensor(v))) for v in self.weights])):
+        if self.weights and not bool(
+            tf.reduce_all([tf.reduce_all(tf.math.is_finite(tf.convert_to_tensor(v))) for v in self.weights])
+        ):
             raise NonFinite(self.step, "a weight is NaN or infinite")
 
     def lower_learning_rate(self, restarts: int, factor: float) -> None:
@@ -302,12 +367,20 @@ class Checkpointing:
         learning_rate * factor**k (from the restored value, so it compounds once)."""
         for v in self.learning_rates:
             before = float(tf.convert_to_tensor(v))
-            v.assign(before * factor ** restarts)
-            self.event(Event.NAN_LEARNING_RATE_LOWERED, variable=str(getattr(v, "path", v.name)),
-                       before=before, after=before * factor ** restarts, nan_restarts=restarts)
+            v.assign(before * factor**restarts)
+            self.event(
+                Event.NAN_LEARNING_RATE_LOWERED,
+                variable=str(getattr(v, "path", v.name)),
+                before=before,
+                after=before * factor**restarts,
+                nan_restarts=restarts,
+            )
         if not self.learning_rates:
-            self.event(Event.NAN_LEARNING_RATE_NOT_FOUND, nan_restarts=restarts,
-                       hint="a LearningRateSchedule cannot be lowered; the attempt retries as is")
+            self.event(
+                Event.NAN_LEARNING_RATE_NOT_FOUND,
+                nan_restarts=restarts,
+                hint="a LearningRateSchedule cannot be lowered; the attempt retries as is",
+            )
 
     def epoch_done(self) -> None:
         self.check_finite()

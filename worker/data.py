@@ -48,16 +48,18 @@ def _as_arrays(pair: Any, what: str) -> ArrayPair:
 def _looks_batched(ds: tf.data.Dataset) -> bool:
     specs = tf.nest.flatten(ds.element_spec)
     return bool(specs) and all(
-        getattr(s, "shape", None) is not None and s.shape.rank and s.shape[0] is None
-        for s in specs)
+        getattr(s, "shape", None) is not None and s.shape.rank and s.shape[0] is None for s in specs
+    )
 
 
 def _split_at(n: int, validation_split: float) -> int:
     # Keras's validation_split semantics: the *last* fraction, split at floor(n * (1 - split)).
     split_at = math.floor(n * (1.0 - validation_split))
     if split_at in (0, n):
-        raise ConfigError(f"train.validation_split={validation_split} leaves an empty training or "
-                          f"validation set with {n} examples")
+        raise ConfigError(
+            f"train.validation_split={validation_split} leaves an empty training or "
+            f"validation set with {n} examples"
+        )
     return split_at
 
 
@@ -89,12 +91,15 @@ class Batches:
                 "train: the dataset looks batched (every component has a leading dimension of "
                 "unknown size), but build() returns unbatched examples that ckptd batches and "
                 "shuffles: return dataset.unbatch(), or keep your batches with "
-                "ckptd.worker.api.fit_args(model, dataset, ...)")
+                "ckptd.worker.api.fit_args(model, dataset, ...)"
+            )
         n = int(train.cardinality())
         if validation is None and self.cfg.validation_split > 0:
             if n < 0:
-                raise ConfigError("train.validation_split needs a dataset of known size; return "
-                                  "validation data from build() instead")
+                raise ConfigError(
+                    "train.validation_split needs a dataset of known size; return "
+                    "validation data from build() instead"
+                )
             at = _split_at(n, self.cfg.validation_split)
             validation, train, n = train.skip(at), train.take(at), at
         self.ds = train
@@ -120,14 +125,17 @@ class Batches:
             order = np.arange(self.n)
         assert self.steps_per_epoch is not None
         for i in range(start_step, self.steps_per_epoch):
-            idx = order[i * bs:(i + 1) * bs]
+            idx = order[i * bs : (i + 1) * bs]
             yield _take(self.x, idx), self.y[idx]
 
     def _dataset_epoch(self, epoch: int, start_step: int) -> Iterator[ArrayPair]:
         ds = self.ds
         if self.cfg.shuffle:
-            ds = ds.shuffle(self.cfg.shuffle_buffer, seed=self.cfg.seed * 1_000_003 + epoch,
-                            reshuffle_each_iteration=False)
+            ds = ds.shuffle(
+                self.cfg.shuffle_buffer,
+                seed=self.cfg.seed * 1_000_003 + epoch,
+                reshuffle_each_iteration=False,
+            )
         ds = ds.batch(self.cfg.batch_size).skip(start_step).prefetch(2)
         yield from ds
 
@@ -146,5 +154,4 @@ class Batches:
             return batches
         x, y = self.validation
         bs = self.cfg.batch_size
-        return ((_take(x, np.arange(i, min(i + bs, len(y)))), y[i:i + bs])
-                for i in range(0, len(y), bs))
+        return ((_take(x, np.arange(i, min(i + bs, len(y)))), y[i : i + bs]) for i in range(0, len(y), bs))

@@ -37,8 +37,10 @@ def load_callable(entry: str) -> Any:
         raise ConfigError(f"model: {entry!r} is not FILE.py:function or package.module:function")
     target, func = m.group("target"), m.group("func")
     if "/" in target and Path(target).is_dir():
-        raise ConfigError(f"model: {target} is a directory; name the Python file in it and its "
-                          f"function ({target.rstrip('/')}/model.py:build, say)")
+        raise ConfigError(
+            f"model: {target} is a directory; name the Python file in it and its "
+            f"function ({target.rstrip('/')}/model.py:build, say)"
+        )
     try:
         if target.endswith(".py"):
             path = Path(target)
@@ -73,9 +75,11 @@ def _unpack(result: Any) -> Built:
         return Built(result["model"], result["train"], result.get("validation"))
     if isinstance(result, tuple) and len(result) in (2, 3):
         return Built(result[0], result[1], result[2] if len(result) == 3 else None)
-    raise ConfigError("build(params) must return ckptd.worker.api.fit_args(model, x, y, ...), "
-                      "(model, train), (model, train, validation) or a dict; got "
-                      f"{type(result).__name__}")
+    raise ConfigError(
+        "build(params) must return ckptd.worker.api.fit_args(model, x, y, ...), "
+        "(model, train), (model, train, validation) or a dict; got "
+        f"{type(result).__name__}"
+    )
 
 
 def build(entry: str, params: dict[str, Any]) -> Built:
@@ -94,8 +98,8 @@ def check_model(model: Any, where: str) -> None:
     import keras
 
     if not isinstance(model, keras.Model):
-        raise ConfigError(f"{where}: got {type(model).__name__} as the model; expected a "
-                          "keras.Model")
+        raise ConfigError(f"{where}: got {type(model).__name__} as the model; expected a keras.Model")
     if not model.compiled:
-        raise ConfigError(f"{where}: the model is not compiled; call model.compile(...) first, "
-                          "as model.fit requires")
+        raise ConfigError(
+            f"{where}: the model is not compiled; call model.compile(...) first, as model.fit requires"
+        )

@@ -29,30 +29,65 @@ if TYPE_CHECKING:
 # a resumed process restarts the stream at step 0's numbers (step_random.py). Inside tf.data functions the
 # same ops are harmless: each iterator re-instantiates the kernel (map_uniform_* scenarios), so they are
 # not looked for there.
-STATEFUL_RANDOM_OPS = frozenset({
-    "RandomUniform", "RandomUniformInt", "RandomStandardNormal", "TruncatedNormal",
-    "ParameterizedTruncatedNormal", "RandomShuffle", "Multinomial", "RandomGamma", "RandomPoisson",
-    "RandomPoissonV2", "RandomCrop", "SampleDistortedBoundingBox", "SampleDistortedBoundingBoxV2",
-    "UniformCandidateSampler", "LogUniformCandidateSampler", "LearnedUnigramCandidateSampler",
-    "FixedUnigramCandidateSampler", "ThreadUnsafeUnigramCandidateSampler", "AllCandidateSampler",
-})
+STATEFUL_RANDOM_OPS = frozenset(
+    {
+        "RandomUniform",
+        "RandomUniformInt",
+        "RandomStandardNormal",
+        "TruncatedNormal",
+        "ParameterizedTruncatedNormal",
+        "RandomShuffle",
+        "Multinomial",
+        "RandomGamma",
+        "RandomPoisson",
+        "RandomPoissonV2",
+        "RandomCrop",
+        "SampleDistortedBoundingBox",
+        "SampleDistortedBoundingBoxV2",
+        "UniformCandidateSampler",
+        "LogUniformCandidateSampler",
+        "LearnedUnigramCandidateSampler",
+        "FixedUnigramCandidateSampler",
+        "ThreadUnsafeUnigramCandidateSampler",
+        "AllCandidateSampler",
+    }
+)
 # Reads OS entropy: different in every process whatever is checkpointed.
 ENTROPY_OPS = frozenset({"NonDeterministicInts"})
 # Python called from a graph: its state (NumPy/random RNGs, counters, file positions) is invisible to ckptd.
 PYTHON_OPS = frozenset({"PyFunc", "PyFuncStateless", "EagerPyFunc"})
 # A tf.random.Generator advances its state variable with these (map_tf_generator scenario).
-GENERATOR_OPS = frozenset({
-    "RngReadAndSkip", "RngSkip", "StatefulUniform", "StatefulUniformInt", "StatefulUniformFullInt",
-    "StatefulStandardNormal", "StatefulStandardNormalV2", "StatefulTruncatedNormal",
-    "StatefulRandomBinomial",
-})
+GENERATOR_OPS = frozenset(
+    {
+        "RngReadAndSkip",
+        "RngSkip",
+        "StatefulUniform",
+        "StatefulUniformInt",
+        "StatefulUniformFullInt",
+        "StatefulStandardNormal",
+        "StatefulStandardNormalV2",
+        "StatefulTruncatedNormal",
+        "StatefulRandomBinomial",
+    }
+)
 # Writes to a captured variable, e.g. a keras SeedGenerator's state (map_keras_flip scenario).
-VARIABLE_WRITE_OPS = frozenset({
-    "AssignVariableOp", "AssignAddVariableOp", "AssignSubVariableOp", "ResourceScatterUpdate",
-    "ResourceScatterAdd", "ResourceScatterSub", "ResourceScatterMul", "ResourceScatterDiv",
-    "ResourceScatterMin", "ResourceScatterMax", "ResourceScatterNdUpdate", "ResourceScatterNdAdd",
-    "ResourceScatterNdSub",
-})
+VARIABLE_WRITE_OPS = frozenset(
+    {
+        "AssignVariableOp",
+        "AssignAddVariableOp",
+        "AssignSubVariableOp",
+        "ResourceScatterUpdate",
+        "ResourceScatterAdd",
+        "ResourceScatterSub",
+        "ResourceScatterMul",
+        "ResourceScatterDiv",
+        "ResourceScatterMin",
+        "ResourceScatterMax",
+        "ResourceScatterNdUpdate",
+        "ResourceScatterNdAdd",
+        "ResourceScatterNdSub",
+    }
+)
 CACHE_OPS = frozenset({"CacheDataset", "CacheDatasetV2"})
 GENERATOR_DATASET_OPS = frozenset({"GeneratorDataset"})
 
@@ -75,8 +110,9 @@ def _library(graph_def: GraphDef) -> dict[str, list[NodeDef]]:
     return {f.signature.name: list(f.node_def) for f in graph_def.library.function}
 
 
-def _function_nodes(graph_def: GraphDef, roots: Iterable[NodeDef],
-                    skip: frozenset[str] = frozenset()) -> Iterator[NodeDef]:
+def _function_nodes(
+    graph_def: GraphDef, roots: Iterable[NodeDef], skip: frozenset[str] = frozenset()
+) -> Iterator[NodeDef]:
     """Every node of every function reachable from `roots`, once, except those under `skip`."""
     library = _library(graph_def)
     seen: set[str] = set(skip)
@@ -126,23 +162,31 @@ def _generator_risks(graph_def: GraphDef, fn_nodes: list[NodeDef]) -> list[str]:
     ops = {n.op for n in graph_def.node} | {n.op for n in fn_nodes}
     if not ops & GENERATOR_DATASET_OPS:
         return []
-    return ["tf.data: Dataset.from_generator wraps a Python generator whose position and random state "
-            "ckptd cannot restore; a resumed run is exact only if every call of the generator yields the "
-            "same sequence — otherwise build the dataset from tensors/files (from_tensor_slices, "
-            "TFRecordDataset) and shuffle with ds.shuffle(..., seed=...)"]
+    return [
+        "tf.data: Dataset.from_generator wraps a Python generator whose position and random state "
+        "ckptd cannot restore; a resumed run is exact only if every call of the generator yields the "
+        "same sequence — otherwise build the dataset from tensors/files (from_tensor_slices, "
+        "TFRecordDataset) and shuffle with ds.shuffle(..., seed=...)"
+    ]
 
 
 def _python_op_risks(graph_def: GraphDef) -> list[str]:
     # map_numpy_rand scenario: np.random inside tf.numpy_function gives epoch k a different draw after a
     # resume. The generator's own PyFuncs are reported by _generator_risks, so skip its functions.
-    gen_funcs = frozenset(name for node in _all_nodes(graph_def) if node.op in GENERATOR_DATASET_OPS
-                          for name in _func_names(node))
+    gen_funcs = frozenset(
+        name
+        for node in _all_nodes(graph_def)
+        if node.op in GENERATOR_DATASET_OPS
+        for name in _func_names(node)
+    )
     op = _first((n.op for n in _function_nodes(graph_def, graph_def.node, gen_funcs)), PYTHON_OPS)
     if op is None:
         return []
-    return [f"tf.data: a dataset function calls Python through tf.py_function/tf.numpy_function ({op}); "
-            "if that code draws random numbers (NumPy, random) or keeps state, ckptd cannot restore it "
-            "and a resumed run diverges — use tf.random.stateless_* ops seeded from the element instead"]
+    return [
+        f"tf.data: a dataset function calls Python through tf.py_function/tf.numpy_function ({op}); "
+        "if that code draws random numbers (NumPy, random) or keeps state, ckptd cannot restore it "
+        "and a resumed run diverges — use tf.random.stateless_* ops seeded from the element instead"
+    ]
 
 
 def _all_nodes(graph_def: GraphDef) -> list[NodeDef]:
@@ -160,21 +204,27 @@ def _state_risks(fn_nodes: list[NodeDef], state_restored: bool) -> list[str]:
     # does not advance it, so epoch k's draws differ after a resume.
     op = _first(ops, GENERATOR_OPS)
     if op is not None:
-        risks.append(f"tf.data: a dataset function draws from a tf.random.Generator ({op}) whose state "
-                     "advances per element and is not replayed on resume; use "
-                     "tf.random.stateless_* ops seeded from the element (or a per-epoch seed) instead")
+        risks.append(
+            f"tf.data: a dataset function draws from a tf.random.Generator ({op}) whose state "
+            "advances per element and is not replayed on resume; use "
+            "tf.random.stateless_* ops seeded from the element (or a per-epoch seed) instead"
+        )
     # map_keras_flip / map_keras_random_stateful_fn: a keras random layer (or keras.random with a
     # SeedGenerator) in ds.map updates its seed variable per element: same failure as above.
     op = _first(ops, VARIABLE_WRITE_OPS)
     if op is not None:
-        risks.append(f"tf.data: a dataset function updates a variable per element ({op}), e.g. a Keras "
-                     "random layer (RandomFlip, RandomRotation, ...) or keras.random with a SeedGenerator "
-                     "inside ds.map; ckptd does not replay that state on resume — move the random layer "
-                     "into the model (its SeedGenerator is checkpointed) or use tf.random.stateless_* ops")
+        risks.append(
+            f"tf.data: a dataset function updates a variable per element ({op}), e.g. a Keras "
+            "random layer (RandomFlip, RandomRotation, ...) or keras.random with a SeedGenerator "
+            "inside ds.map; ckptd does not replay that state on resume — move the random layer "
+            "into the model (its SeedGenerator is checkpointed) or use tf.random.stateless_* ops"
+        )
     op = _first(ops, ENTROPY_OPS)
     if op is not None:
-        risks.append(f"tf.data: a dataset function reads OS entropy ({op}), different in every process; "
-                     "seed it instead (tf.random.Generator.from_seed, stateless ops)")
+        risks.append(
+            f"tf.data: a dataset function reads OS entropy ({op}), different in every process; "
+            "seed it instead (tf.random.Generator.from_seed, stateless ops)"
+        )
     return risks
 
 
@@ -185,10 +235,12 @@ def _cache_risks(graph_def: GraphDef) -> list[str]:
         if node.op in CACHE_OPS and len(node.input) > 1:
             filename = _const_string(graph_def, node.input[1])
             if filename:
-                return [f"tf.data: ds.cache({filename.decode(errors='replace')!r}) writes a file cache that "
-                        "a killed process leaves locked (<filename>_0.lockfile), so the resumed run fails "
-                        "with AlreadyExistsError until the lockfile is removed; use ds.cache() in memory "
-                        "or a cache file that is complete before training starts"]
+                return [
+                    f"tf.data: ds.cache({filename.decode(errors='replace')!r}) writes a file cache that "
+                    "a killed process leaves locked (<filename>_0.lockfile), so the resumed run fails "
+                    "with AlreadyExistsError until the lockfile is removed; use ds.cache() in memory "
+                    "or a cache file that is complete before training starts"
+                ]
     return []
 
 
@@ -206,9 +258,11 @@ def _determinism_risks(graph_def: GraphDef) -> list[str]:
         return []
     for node in _all_nodes(graph_def):
         if "deterministic" in node.attr and node.attr["deterministic"].s == b"false":
-            return [f"tf.data: {node.op} runs with deterministic=False and op determinism is off, so "
-                    "element order varies between runs; drop deterministic=False or enable "
-                    "train.deterministic"]
+            return [
+                f"tf.data: {node.op} runs with deterministic=False and op determinism is off, so "
+                "element order varies between runs; drop deterministic=False or enable "
+                "train.deterministic"
+            ]
     return []
 
 
@@ -221,12 +275,18 @@ def dataset_risks(ds: tf.data.Dataset, state_restored: bool = False) -> list[str
     try:
         graph_def = _dataset_graph(ds)
     except Exception as exc:  # an unserializable dataset: say so rather than claim it is safe
-        return [f"tf.data: ckptd could not inspect this dataset's graph ({type(exc).__name__}: {exc}); "
-                "its exact resume is unverified"]
+        return [
+            f"tf.data: ckptd could not inspect this dataset's graph ({type(exc).__name__}: {exc}); "
+            "its exact resume is unverified"
+        ]
     fn_nodes = list(_function_nodes(graph_def, graph_def.node))
-    risks = (_generator_risks(graph_def, fn_nodes) + _python_op_risks(graph_def)
-             + _state_risks(fn_nodes, state_restored)
-             + _cache_risks(graph_def) + _determinism_risks(graph_def))
+    risks = (
+        _generator_risks(graph_def, fn_nodes)
+        + _python_op_risks(graph_def)
+        + _state_risks(fn_nodes, state_restored)
+        + _cache_risks(graph_def)
+        + _determinism_risks(graph_def)
+    )
     return list(dict.fromkeys(risks))
 
 
@@ -284,16 +344,23 @@ def graph_risks(fn: Any) -> list[str]:
     ops = _step_ops(fn)
     if ops is None:
         return ["train step: no traced graph found (call it once first); its random ops are unverified"]
-    risks = [f"train step: the stateful random op {op} keeps its random stream in the kernel, which no "
-             "checkpoint saves, so after a resume it repeats the numbers of the first steps; use "
-             "keras.random.* with a keras.random.SeedGenerator, or tf.random.stateless_* ops"
-             for op in sorted(ops & STATEFUL_RANDOM_OPS)]
-    risks += [f"train step: {op} reads OS entropy, different in every process; use seeded "
-              "keras.random / tf.random.stateless_* ops" for op in sorted(ops & ENTROPY_OPS)]
+    risks = [
+        f"train step: the stateful random op {op} keeps its random stream in the kernel, which no "
+        "checkpoint saves, so after a resume it repeats the numbers of the first steps; use "
+        "keras.random.* with a keras.random.SeedGenerator, or tf.random.stateless_* ops"
+        for op in sorted(ops & STATEFUL_RANDOM_OPS)
+    ]
+    risks += [
+        f"train step: {op} reads OS entropy, different in every process; use seeded "
+        "keras.random / tf.random.stateless_* ops"
+        for op in sorted(ops & ENTROPY_OPS)
+    ]
     op = _first(ops, PYTHON_OPS)
     if op is not None:
-        risks.append(f"train step: it calls Python through tf.py_function/tf.numpy_function ({op}); if that "
-                     "code draws random numbers or keeps state, ckptd cannot restore it on resume")
+        risks.append(
+            f"train step: it calls Python through tf.py_function/tf.numpy_function ({op}); if that "
+            "code draws random numbers or keeps state, ckptd cannot restore it on resume"
+        )
     return risks
 
 
@@ -306,17 +373,26 @@ def python_data_risks(obj: Any) -> list[str]:
 
     if isinstance(obj, keras.utils.PyDataset):
         base = keras.utils.PyDataset
-        hooks = [name for name in ("on_epoch_begin", "on_epoch_end")
-                 if getattr(type(obj), name, None) is not getattr(base, name)]
-        return [f"PyDataset {type(obj).__name__} overrides {name} (typically a reshuffle with its own RNG); "
-                "ckptd cannot restore that RNG or replay the calls, so a resumed run sees other batches — "
-                "derive the order from the epoch number (e.g. np.random.default_rng((seed, epoch)))"
-                for name in hooks]
+        hooks = [
+            name
+            for name in ("on_epoch_begin", "on_epoch_end")
+            if getattr(type(obj), name, None) is not getattr(base, name)
+        ]
+        return [
+            f"PyDataset {type(obj).__name__} overrides {name} (typically a reshuffle with its own RNG); "
+            "ckptd cannot restore that RNG or replay the calls, so a resumed run sees other batches — "
+            "derive the order from the epoch number (e.g. np.random.default_rng((seed, epoch)))"
+            for name in hooks
+        ]
     if inspect.isgenerator(obj):
-        return [f"a Python generator ({getattr(obj, '__name__', type(obj).__name__)}) feeds training; its "
-                "position and random state cannot be restored after a kill — pass arrays, a "
-                "tf.data.Dataset or a keras.utils.PyDataset instead"]
+        return [
+            f"a Python generator ({getattr(obj, '__name__', type(obj).__name__)}) feeds training; its "
+            "position and random state cannot be restored after a kill — pass arrays, a "
+            "tf.data.Dataset or a keras.utils.PyDataset instead"
+        ]
     if isinstance(obj, collections.abc.Iterator):
-        return [f"an iterator ({type(obj).__name__}) feeds training; its position cannot be restored after "
-                "a kill — pass the dataset or sequence itself, not an iterator over it"]
+        return [
+            f"an iterator ({type(obj).__name__}) feeds training; its position cannot be restored after "
+            "a kill — pass the dataset or sequence itself, not an iterator over it"
+        ]
     return []

@@ -46,8 +46,13 @@ class Faults:
         for item in filter(None, spec.split(",")):
             key, _, value = item.partition("=")
             key = key.strip()
-            kw[key] = (float(value) if key in ("step_delay", "save_delay", "val_delay")
-                       else value if key == "sigkill_in_restore" else int(value))
+            kw[key] = (
+                float(value)
+                if key in ("step_delay", "save_delay", "val_delay")
+                else value
+                if key == "sigkill_in_restore"
+                else int(value)
+            )
         return cls(**kw)  # type: ignore[arg-type]
 
     def _armed(self, attempt: int) -> bool:
@@ -90,7 +95,7 @@ class Faults:
             hog = []
             while True:
                 hog.append(bytearray(64 * 2**20))
-                hog[-1][:: 4096] = b"x" * len(hog[-1][:: 4096])  # touch every page
+                hog[-1][::4096] = b"x" * len(hog[-1][::4096])  # touch every page
                 time.sleep(0.01)
 
     def _device_faults(self, step: int) -> None:
@@ -98,8 +103,9 @@ class Faults:
 
         if step == self.gpu_fault_at_step:
             raise tf.errors.InternalError(
-                None, None, "CUDA_ERROR_ECC_UNCORRECTABLE: uncorrectable ECC error encountered "
-                "(injected)")
+                None, None, "CUDA_ERROR_ECC_UNCORRECTABLE: uncorrectable ECC error encountered (injected)"
+            )
         if step == self.gpu_oom_at_step:
             raise tf.errors.ResourceExhaustedError(
-                None, None, "OOM when allocating tensor with shape[4096,4096] (injected)")
+                None, None, "OOM when allocating tensor with shape[4096,4096] (injected)"
+            )

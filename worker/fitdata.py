@@ -36,9 +36,11 @@ def _to_array(value: Any) -> Any:
 def _rows(structure: Any, what: str) -> int | None:
     sizes = {len(leaf) for leaf in keras.tree.flatten(structure) if leaf is not None}
     if len(sizes) > 1:
-        raise ConfigError(f"fit(): the arrays of {what} have different numbers of rows "
-                          f"({sorted(sizes)}); every input, target and weight needs one row "
-                          "per example")
+        raise ConfigError(
+            f"fit(): the arrays of {what} have different numbers of rows "
+            f"({sorted(sizes)}); every input, target and weight needs one row "
+            "per example"
+        )
     return sizes.pop() if sizes else None
 
 
@@ -49,11 +51,19 @@ def _take(structure: Any, idx: np.ndarray) -> Any:
 class ArraySource:
     """Arrays (or nested dicts/lists/tuples of arrays), batched and shuffled by ckptd."""
 
-    def __init__(self, x: Any, y: Any, sw: Any, batch_size: int, shuffle: Any, seed: int,
-                 class_weight: dict[int, float] | None, what: str) -> None:
+    def __init__(
+        self,
+        x: Any,
+        y: Any,
+        sw: Any,
+        batch_size: int,
+        shuffle: Any,
+        seed: int,
+        class_weight: dict[int, float] | None,
+        what: str,
+    ) -> None:
         try:
-            x, y, sw = (keras.tree.map_structure(_to_array, v) if v is not None else None
-                        for v in (x, y, sw))
+            x, y, sw = (keras.tree.map_structure(_to_array, v) if v is not None else None for v in (x, y, sw))
         except (TypeError, ValueError) as e:
             raise ConfigError(f"fit(): {what} cannot be read as arrays: {e}") from e
         if class_weight:
@@ -78,7 +88,7 @@ class ArraySource:
         order, bs = self._order(plan.pass_index), self.batch_size
         end = plan.first_batch + (plan.steps if plan.steps is not None else self.num_batches or 0)
         for i in range(plan.first_batch + start, end):
-            x, y, sw = _take(self.data, order[i * bs:(i + 1) * bs])
+            x, y, sw = _take(self.data, order[i * bs : (i + 1) * bs])
             yield keras.utils.pack_x_y_sample_weight(x, y, sw)
 
 
@@ -88,11 +98,15 @@ def _class_weights(y: Any, sw: Any, class_weight: dict[int, float]) -> Any:
     )
 
     if sw is not None:
-        raise ConfigError("fit(): class_weight and sample_weight cannot both be given "
-                          "(as in Keras); fold the class weights into sample_weight")
+        raise ConfigError(
+            "fit(): class_weight and sample_weight cannot both be given "
+            "(as in Keras); fold the class weights into sample_weight"
+        )
     if not isinstance(y, np.ndarray):
-        raise ConfigError("fit(): class_weight needs a single target array (as in Keras); for "
-                          "several outputs pass sample_weight instead")
+        raise ConfigError(
+            "fit(): class_weight needs a single target array (as in Keras); for "
+            "several outputs pass sample_weight instead"
+        )
     return class_weight_to_sample_weights(y, class_weight)
 
 
@@ -108,6 +122,7 @@ class DatasetSource:
             from keras.src.trainers.data_adapters.tf_dataset_adapter import (
                 make_class_weight_map_fn,
             )
+
             ds = ds.map(make_class_weight_map_fn(class_weight))
         self.ds = ds
         card = int(ds.cardinality())
@@ -125,8 +140,7 @@ class DatasetSource:
         return batch
 
     def _iterator(self, pass_index: int, position: int) -> Iterator[Any]:
-        if self.current is not None and self.current[0] == pass_index \
-                and self.position == position:
+        if self.current is not None and self.current[0] == pass_index and self.position == position:
             return self.current[1]
         while self.made < pass_index + 1:
             iter(self.ds)  # replays the iterator creations of the passes before this one
@@ -182,25 +196,29 @@ def _is_pydataset(x: Any) -> bool:
     return isinstance(x, keras.utils.PyDataset)
 
 
-def make_source(x: Any, y: Any, sw: Any, args: FitArgs, batch_size: int, shuffle: Any,
-                seed: int, what: str) -> Source:
+def make_source(
+    x: Any, y: Any, sw: Any, args: FitArgs, batch_size: int, shuffle: Any, seed: int, what: str
+) -> Source:
     if isinstance(x, tf.data.Dataset) or _is_pydataset(x):
         given = [k for k, v in (("y", y), ("sample_weight", sw)) if v is not None]
         if given:
-            raise ConfigError(f"fit(): {what} is a {type(x).__name__}; it must yield the "
-                              f"targets and weights itself, so {', '.join(given)} must be None "
-                              "(as in Keras)")
+            raise ConfigError(
+                f"fit(): {what} is a {type(x).__name__}; it must yield the "
+                f"targets and weights itself, so {', '.join(given)} must be None "
+                "(as in Keras)"
+            )
         if isinstance(x, tf.data.Dataset):
             return DatasetSource(x, args.class_weight if what == "x" else None)
         return PySource(x)
     if hasattr(x, "__next__") or (hasattr(x, "__iter__") and not hasattr(x, "__len__")):
-        raise ConfigError(f"fit(): {what} is a Python generator or iterator, whose position "
-                          "ckptd cannot restore after a restart; pass arrays, a tf.data.Dataset "
-                          "or a keras.utils.PyDataset")
+        raise ConfigError(
+            f"fit(): {what} is a Python generator or iterator, whose position "
+            "ckptd cannot restore after a restart; pass arrays, a tf.data.Dataset "
+            "or a keras.utils.PyDataset"
+        )
     if x is None:
         raise ConfigError(f"fit(): {what} is missing")
-    return ArraySource(x, y, sw, batch_size, shuffle, seed,
-                       args.class_weight if what == "x" else None, what)
+    return ArraySource(x, y, sw, batch_size, shuffle, seed, args.class_weight if what == "x" else None, what)
 
 
 def _split(args: FitArgs) -> tuple[Any, Any]:
@@ -208,11 +226,13 @@ def _split(args: FitArgs) -> tuple[Any, Any]:
     from keras.src.trainers.data_adapters.array_slicing import train_validation_split
 
     if isinstance(args.x, tf.data.Dataset) or _is_pydataset(args.x):
-        raise ConfigError("fit(): validation_split needs arrays (as in Keras); pass "
-                          "validation_data for a dataset")
+        raise ConfigError(
+            "fit(): validation_split needs arrays (as in Keras); pass validation_data for a dataset"
+        )
     try:
         (x, y, sw), val = train_validation_split(
-            (args.x, args.y, args.sample_weight), validation_split=args.validation_split)
+            (args.x, args.y, args.sample_weight), validation_split=args.validation_split
+        )
     except ValueError as e:
         raise ConfigError(f"fit(): validation_split={args.validation_split}: {e}") from e
     return (x, y, sw), val
@@ -231,21 +251,29 @@ class FitData:
         self.train = make_source(x, y, sw, args, self.batch_size, args.shuffle, seed, "x")
         self.validation: Source | None = None
         if validation is not None:
-            vx, vy, vsw = (keras.utils.unpack_x_y_sample_weight(validation)
-                           if isinstance(validation, tuple | list) else (validation, None, None))
-            self.validation = make_source(vx, vy, vsw, args,
-                                          args.validation_batch_size or self.batch_size,
-                                          False, seed, "validation_data")
-        self.steps_per_epoch = (args.steps_per_epoch if args.steps_per_epoch
-                                else self.train.num_batches)
+            vx, vy, vsw = (
+                keras.utils.unpack_x_y_sample_weight(validation)
+                if isinstance(validation, tuple | list)
+                else (validation, None, None)
+            )
+            self.validation = make_source(
+                vx,
+                vy,
+                vsw,
+                args,
+                args.validation_batch_size or self.batch_size,
+                False,
+                seed,
+                "validation_data",
+            )
+        self.steps_per_epoch = args.steps_per_epoch if args.steps_per_epoch else self.train.num_batches
 
     def state_variables(self) -> list[Any]:
         """What the checkpoint must carry for the pipeline (see ckptd.worker.pipestate)."""
         return self.train.state.variables() if isinstance(self.train, DatasetSource) else []
 
     def plan(self, epoch: int) -> EpochPlan:
-        return epoch_plan(epoch - self.args.initial_epoch, self.train.num_batches,
-                          self.args.steps_per_epoch)
+        return epoch_plan(epoch - self.args.initial_epoch, self.train.num_batches, self.args.steps_per_epoch)
 
     def epoch_steps(self, epoch: int) -> int | None:
         return self.plan(epoch).steps
@@ -268,6 +296,5 @@ class FitData:
         (with validation_steps it continues where the previous validation stopped)."""
         if self.validation is None:
             return None
-        plan = epoch_plan(evaluations_done, self.validation.num_batches,
-                          self.args.validation_steps)
+        plan = epoch_plan(evaluations_done, self.validation.num_batches, self.args.validation_steps)
         return self.validation.batches(plan, 0)

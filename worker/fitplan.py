@@ -19,8 +19,7 @@ class EpochPlan:
     steps: int | None  # batches in this epoch; None: until the data runs out
 
 
-def epoch_plan(epochs_done: int, num_batches: int | None,
-               steps_per_epoch: int | None) -> EpochPlan:
+def epoch_plan(epochs_done: int, num_batches: int | None, steps_per_epoch: int | None) -> EpochPlan:
     """The plan of the epoch after `epochs_done` epochs of this fit call."""
     if steps_per_epoch is None:
         return EpochPlan(epochs_done, 0, num_batches)

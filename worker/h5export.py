@@ -35,8 +35,7 @@ def _write_keras2_layout(path: Path, model: Any) -> None:
             group = f.create_group(layer.name)
             weights = _legacy_weights(layer)
             names = [f"{layer.name}/{w.name}:{i}".encode() for i, w in enumerate(weights)]
-            group.attrs["weight_names"] = np.array(names, dtype="S") if names else np.array(
-                [], dtype="S1")
+            group.attrs["weight_names"] = np.array(names, dtype="S") if names else np.array([], dtype="S1")
             for name, w in zip(names, weights, strict=True):
                 value = np.asarray(keras.ops.convert_to_numpy(w))
                 dset = group.create_dataset(name.decode(), value.shape, dtype=value.dtype)
@@ -77,8 +76,9 @@ def check_readable(path: Path, timeout: float = 30.0) -> str | None:
     import sys
 
     try:
-        r = subprocess.run([sys.executable, "-c", _READ_ALL, str(path)], capture_output=True,
-                           text=True, timeout=timeout)
+        r = subprocess.run(
+            [sys.executable, "-c", _READ_ALL, str(path)], capture_output=True, text=True, timeout=timeout
+        )
     except subprocess.TimeoutExpired:
         return f"{path}: reading it did not finish within {timeout:.0f}s"
     if r.returncode != 0:

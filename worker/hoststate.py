@@ -23,13 +23,16 @@ class HostState:
     train_seconds: float = 0.0
 
     def dumps(self) -> str:
-        return json.dumps({
-            "history": self.history,
-            "best": self.best.to_dict() if self.best else None,
-            "early": self.early.to_dict() if self.early else None,
-            "stopped_early": self.stopped_early,
-            "train_seconds": self.train_seconds,
-        }, sort_keys=True)
+        return json.dumps(
+            {
+                "history": self.history,
+                "best": self.best.to_dict() if self.best else None,
+                "early": self.early.to_dict() if self.early else None,
+                "stopped_early": self.stopped_early,
+                "train_seconds": self.train_seconds,
+            },
+            sort_keys=True,
+        )
 
     @classmethod
     def loads(cls, text: str, best: BestTracker | None, early: EarlyStopper | None) -> HostState:
@@ -41,6 +44,10 @@ class HostState:
             e = d["early"]
             early.best, early.best_epoch = e["best"], e["best_epoch"]
             early.wait, early.stopped_epoch = e["wait"], e["stopped_epoch"]
-        return cls(history=d["history"], best=best, early=early,
-                   stopped_early=d.get("stopped_early", False),
-                   train_seconds=d.get("train_seconds", 0.0))
+        return cls(
+            history=d["history"],
+            best=best,
+            early=early,
+            stopped_early=d.get("stopped_early", False),
+            train_seconds=d.get("train_seconds", 0.0),
+        )

@@ -31,8 +31,17 @@ Log = Callable[..., None]
 
 
 # Objects of a checkpoint written by ckptd 0.1; a checkpoint without LEGACY_MARKER is one.
-LEGACY_NAMES = ("model", "optimizer", "step", "epoch", "step_in_epoch", "host_state", "rng",
-                "best_weights", "metrics")
+LEGACY_NAMES = (
+    "model",
+    "optimizer",
+    "step",
+    "epoch",
+    "step_in_epoch",
+    "host_state",
+    "rng",
+    "best_weights",
+    "metrics",
+)
 LEGACY_MARKER = "keras_rng/.ATTRIBUTES/VARIABLE_VALUE"
 
 
@@ -45,10 +54,16 @@ class SaveFailed(Exception):
 
 
 class Keeper:
-    def __init__(self, directory: Path, ckpt: tf.train.Checkpoint, max_to_keep: int,
-                 keep_every_n_hours: float | None, log: Log,
-                 before_commit: Callable[[int], None] | None = None,
-                 during_restore: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        ckpt: tf.train.Checkpoint,
+        max_to_keep: int,
+        keep_every_n_hours: float | None,
+        log: Log,
+        before_commit: Callable[[int], None] | None = None,
+        during_restore: Callable[[], None] | None = None,
+    ) -> None:
         # Resolved once: rotation, garbage collection and quarantine then follow no symlink.
         self.dir = cf.real_dir(directory)
         self.ckpt = ckpt
@@ -64,8 +79,9 @@ class Keeper:
         # checkpoints. ckptd's manifests decide, so TF's file is dropped and rewritten later.
         cf.unlink_in(self.dir, "checkpoint")
         # max_to_keep=None: TF never deletes anything; retention runs after ckptd's commit.
-        self.manager = tf.train.CheckpointManager(ckpt, str(self.dir), max_to_keep=None,
-                                                  checkpoint_name=cf.PREFIX)
+        self.manager = tf.train.CheckpointManager(
+            ckpt, str(self.dir), max_to_keep=None, checkpoint_name=cf.PREFIX
+        )
 
     def committed(self) -> list[cf.Manifest]:
         return cf.read_manifests(self.dir)[0]
@@ -102,7 +118,8 @@ class Keeper:
         if manifests or bad:
             raise NoValidCheckpoint(
                 f"{len(manifests) + len(bad)} committed checkpoint(s) in {self.dir}, none valid "
-                f"(see {self.dir / cf.QUARANTINE}); refusing to restart from step 0")
+                f"(see {self.dir / cf.QUARANTINE}); refusing to restart from step 0"
+            )
         cf.write_state_file(self.dir, [])
         return None
 
@@ -122,8 +139,9 @@ class Keeper:
         return problem
 
     def _restore_objects(self, prefix: str, m: cf.Manifest) -> None:
-        if LEGACY_MARKER in tf.train.load_checkpoint(prefix).get_variable_to_shape_map() or \
-                not all(hasattr(self.ckpt, name) for name in LEGACY_NAMES):
+        if LEGACY_MARKER in tf.train.load_checkpoint(prefix).get_variable_to_shape_map() or not all(
+            hasattr(self.ckpt, name) for name in LEGACY_NAMES
+        ):
             self.ckpt.restore(prefix).assert_existing_objects_matched()
             return
         # Written by ckptd 0.1, before random state was checkpointed: restore what it holds
@@ -132,15 +150,20 @@ class Keeper:
         _ = legacy.save_counter  # created lazily; the numbering of later saves continues from it
         legacy.restore(prefix).assert_existing_objects_matched()
         self.ckpt.save_counter.assign(legacy.save_counter)
-        self.log(Event.EXACTNESS_WARNING, number=m.number, step=m.step,
-                 cause=f"checkpoint {m.prefix} was written by an earlier ckptd without the "
-                       "random generators' state: random layers restart from their seeds, so "
-                       "this resume is not bit-identical")
+        self.log(
+            Event.EXACTNESS_WARNING,
+            number=m.number,
+            step=m.step,
+            cause=f"checkpoint {m.prefix} was written by an earlier ckptd without the "
+            "random generators' state: random layers restart from their seeds, so "
+            "this resume is not bit-identical",
+        )
 
     # -- save -----------------------------------------------------------------------------
 
-    def save(self, step: int, epoch: int, step_in_epoch: int,
-             metrics: dict[str, float], number: int | None = None) -> cf.Manifest:
+    def save(
+        self, step: int, epoch: int, step_in_epoch: int, metrics: dict[str, float], number: int | None = None
+    ) -> cf.Manifest:
         """Commit a checkpoint now. `number` overrides TF's save counter (the async path and
         this one share one numbering)."""
         self.retired = []
@@ -153,18 +176,18 @@ class Keeper:
             with contextlib.suppress(OSError):
                 self.collect_garbage()  # remove the uncommitted files of this attempt
             errno = getattr(e, "errno", None)
-            raise SaveFailed(f"{type(e).__name__}: {e}" + (f" (errno {errno})" if errno else "")
-                             ) from e
+            raise SaveFailed(f"{type(e).__name__}: {e}" + (f" (errno {errno})" if errno else "")) from e
 
-    def _commit(self, step: int, epoch: int, step_in_epoch: int,
-                metrics: dict[str, float], number: int | None) -> cf.Manifest:
+    def _commit(
+        self, step: int, epoch: int, step_in_epoch: int, metrics: dict[str, float], number: int | None
+    ) -> cf.Manifest:
         with cf.pinned(self.dir):  # still the directory the job started with: no symlink since
             pass
         path = Path(self.manager.save(checkpoint_number=number))
         point = CommitPoint(int(path.name.rsplit("-", 1)[1]), step, epoch, step_in_epoch, metrics)
         manifest, self.retired, self.expected_keys = commit_written(
-            self.dir, point, self.expected_keys, self.max_to_keep, self.keep_every_n_hours,
-            self.before_commit)
+            self.dir, point, self.expected_keys, self.max_to_keep, self.keep_every_n_hours, self.before_commit
+        )
         return manifest
 
 
@@ -189,10 +212,14 @@ class CommitPoint:
     metrics: dict[str, float]
 
 
-def commit_written(directory: Path, point: CommitPoint, expected_keys: set[str] | None,
-                   max_to_keep: int, keep_every_n_hours: float | None,
-                   before_commit: Callable[[int], None] | None = None,
-                   ) -> tuple[cf.Manifest, list[cf.Manifest], set[str]]:
+def commit_written(
+    directory: Path,
+    point: CommitPoint,
+    expected_keys: set[str] | None,
+    max_to_keep: int,
+    keep_every_n_hours: float | None,
+    before_commit: Callable[[int], None] | None = None,
+) -> tuple[cf.Manifest, list[cf.Manifest], set[str]]:
     """Turn the files TF just wrote for ckpt-N into a commit: fsync them and the directory,
     verify the index lists the expected variables, write the manifest durably, then apply
     retention. Shared by synchronous saves and the asynchronous writer process."""
@@ -202,24 +229,28 @@ def commit_written(directory: Path, point: CommitPoint, expected_keys: set[str] 
     fsync_dir(directory)
     keys = set(tf.train.load_checkpoint(str(prefix)).get_variable_to_shape_map())
     if expected_keys is not None and keys != expected_keys:
-        raise ValueError(f"{prefix.name}: written checkpoint lists {len(keys)} variables, "
-                         f"expected {len(expected_keys)}")
+        raise ValueError(
+            f"{prefix.name}: written checkpoint lists {len(keys)} variables, expected {len(expected_keys)}"
+        )
     if before_commit:
         before_commit(point.step)
-    manifest = cf.build_manifest(directory, point.number, point.step, point.epoch,
-                                 point.step_in_epoch, point.metrics)
+    manifest = cf.build_manifest(
+        directory, point.number, point.step, point.epoch, point.step_in_epoch, point.metrics
+    )
     atomic_write_text(directory / f"{manifest.prefix}.manifest.json", manifest.to_json())
     retired, kept = _rotate(directory, max_to_keep, keep_every_n_hours)
     cf.write_state_file(directory, kept)
     return manifest, retired, keys
 
 
-def _rotate(directory: Path, max_to_keep: int, keep_every_n_hours: float | None,
-            ) -> tuple[list[cf.Manifest], list[cf.Manifest]]:
+def _rotate(
+    directory: Path,
+    max_to_keep: int,
+    keep_every_n_hours: float | None,
+) -> tuple[list[cf.Manifest], list[cf.Manifest]]:
     """Apply retention after a commit; returns the manifests deleted and kept."""
     committed = cf.read_manifests(directory)[0]
-    doomed = to_delete([Committed(m.number, m.wall_time) for m in committed],
-                       max_to_keep, keep_every_n_hours)
+    doomed = to_delete([Committed(m.number, m.wall_time) for m in committed], max_to_keep, keep_every_n_hours)
     for number in doomed:
         # Manifest first: a crash midway leaves uncommitted files, which GC removes.
         cf.unlink_in(directory, f"{cf.PREFIX}-{number}.manifest.json")

@@ -37,9 +37,18 @@ def report_exactness(event: Any, causes: list[str]) -> None:
 class Loop:
     checkpointing_class = Checkpointing  # bench/ab_loop.py switches saves on and off
 
-    def __init__(self, spec: JobSpec, run: RunDir, model: Any, data: Any, step_fn: Any,
-                 beater: Beater, stop: StopFlag, writer: Writer | None = None,
-                 fit: Any = None) -> None:
+    def __init__(
+        self,
+        spec: JobSpec,
+        run: RunDir,
+        model: Any,
+        data: Any,
+        step_fn: Any,
+        beater: Beater,
+        stop: StopFlag,
+        writer: Writer | None = None,
+        fit: Any = None,
+    ) -> None:
         self.run, self.model, self.data, self.step_fn = run, model, data, step_fn
         self.beater, self.stop = beater, stop
         self.epochs = fit.epochs if fit is not None else spec.train.epochs
@@ -51,23 +60,37 @@ class Loop:
         self.host = HostState(best=best, early=early)
         self.out = EpochOutputs(run, model, self.host, self.event)
         self.callback_list = keras.callbacks.CallbackList(
-            user_callbacks, add_history=True, add_progbar=False, model=model,
-            epochs=self.epochs, steps=data.steps_per_epoch, verbose=0)
+            user_callbacks,
+            add_history=True,
+            add_progbar=False,
+            model=model,
+            epochs=self.epochs,
+            steps=data.steps_per_epoch,
+            verbose=0,
+        )
         self.user_callbacks = user_callbacks
         self.callbacks_var = tf.Variable("", dtype=tf.string, trainable=False)
         optimizer = model.optimizer if model.optimizer is not None else []  # a GAN has none
         self.ck = self.checkpointing_class(
-            self.spec, run, {"model": model, "optimizer": optimizer,
-                             "best_weights": self.out.best_weights,
-                             "metrics": list(model.metrics_variables),
-                             "callbacks": self.callbacks_var,
-                             "data_state": data.state_variables()},
-            model_state_variables(model), beater, stop, writer)
+            self.spec,
+            run,
+            {
+                "model": model,
+                "optimizer": optimizer,
+                "best_weights": self.out.best_weights,
+                "metrics": list(model.metrics_variables),
+                "callbacks": self.callbacks_var,
+                "data_state": data.state_variables(),
+            },
+            model_state_variables(model),
+            beater,
+            stop,
+            writer,
+        )
         self.c = self.ck.c
         self.ck.epoch_steps = data.steps_per_epoch
         if user_callbacks:
-            self.ck.before_save.append(lambda: self.callbacks_var.assign(
-                cbs.callback_state(user_callbacks)))
+            self.ck.before_save.append(lambda: self.callbacks_var.assign(cbs.callback_state(user_callbacks)))
         self.ck.c.epoch.assign(self.initial_epoch)
         self.first_step_seen = False
         self.inexact: list[str] = []  # why a resume might not be exact (ckptd.worker.setup)
@@ -83,8 +106,7 @@ class Loop:
     def restore(self) -> Manifest | None:
         manifest = self.ck.restore()
         if manifest is not None:
-            self.host = HostState.loads(self.c.host.numpy().decode(), self.host.best,
-                                        self.host.early)
+            self.host = HostState.loads(self.c.host.numpy().decode(), self.host.best, self.host.early)
             self.out.host = self.host
             self.out.merge_best_sidecar()
             self._sync_host()
@@ -114,8 +136,9 @@ class Loop:
         self._begin_callbacks()
         report_exactness(self.event, self.inexact)
         self.ck.last_save = time.monotonic()
-        self.beater.beat(Phase.TRAINING, force=True, epochs=self.epochs,
-                         steps_per_epoch=self.data.steps_per_epoch)
+        self.beater.beat(
+            Phase.TRAINING, force=True, epochs=self.epochs, steps_per_epoch=self.data.steps_per_epoch
+        )
         while int(self.c.epoch.numpy()) < self.epochs and not self.host.stopped_early:
             self._epoch(int(self.c.epoch.numpy()))
             if self.stop.requested:
@@ -155,9 +178,14 @@ class Loop:
         done = int(self.c.step_in_epoch.numpy()) - start
         elapsed = time.monotonic() - t_epoch
         rate = done * self.batch_size / elapsed if elapsed > 0 else None
-        self.beater.beat(Phase.TRAINING, step=self.ck.step, epoch=epoch,
-                         loss=self.ck.last_logs.get("loss"), logs=self.ck.last_logs,
-                         examples_per_sec=rate)
+        self.beater.beat(
+            Phase.TRAINING,
+            step=self.ck.step,
+            epoch=epoch,
+            loss=self.ck.last_logs.get("loss"),
+            logs=self.ck.last_logs,
+            examples_per_sec=rate,
+        )
 
     def epoch_end(self, epoch: int) -> None:
         self.beater.beat(Phase.VALIDATING, force=True)
@@ -167,8 +195,7 @@ class Loop:
             done = validations_between(self.initial_epoch, epoch, self.validation_freq)
             val = self.data.validation_batches(done)
         if val is not None:
-            logs.update({f"val_{k}": v for k, v in evaluate(self.model, val,
-                                                             self._validation_batch).items()})
+            logs.update({f"val_{k}": v for k, v in evaluate(self.model, val, self._validation_batch).items()})
         self.callback_list.on_epoch_end(epoch, logs)
         self.out.record(epoch, self.ck.step, logs)
         if self.model.stop_training and not self.host.stopped_early:
@@ -191,6 +218,10 @@ class Loop:
         self.ck.finish()
         self.callback_list.on_train_end(self.host.history[-1] if self.host.history else None)
         self.beater.beat(Phase.DONE, force=True)
-        self.event(Event.TRAINING_DONE, step=self.ck.step,
-                   epochs=len(self.host.history), stopped_early=self.host.stopped_early,
-                   **{k: round(v, 6) for k, v in self.ck.stats.items()})
+        self.event(
+            Event.TRAINING_DONE,
+            step=self.ck.step,
+            epochs=len(self.host.history),
+            stopped_early=self.host.stopped_early,
+            **{k: round(v, 6) for k, v in self.ck.stats.items()},
+        )

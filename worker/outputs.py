@@ -24,8 +24,7 @@ from ckptd.worker.tracking import better_of
 
 
 class EpochOutputs:
-    def __init__(self, run: RunDir, model: Any, host: HostState,
-                 event: Callable[..., None]) -> None:
+    def __init__(self, run: RunDir, model: Any, host: HostState, event: Callable[..., None]) -> None:
         self.run, self.model, self.host, self.event = run, model, host, event
         self._real_dirs: dict[Path, Path] = {}
         self._warned_early = False
@@ -43,8 +42,13 @@ class EpochOutputs:
     def _failed(self, what: str, path: Path, e: OSError) -> None:
         """An output that could not be written (ENOSPC, EIO): training carries on, as after a
         failed interval save; nothing half-written replaces a good file (atomic writes)."""
-        self.event(Event.OUTPUT_FAILED, what=what, path=str(path), errno=e.errno,
-                   error=f"{type(e).__name__}: {e.strerror or e}")
+        self.event(
+            Event.OUTPUT_FAILED,
+            what=what,
+            path=str(path),
+            errno=e.errno,
+            error=f"{type(e).__name__}: {e.strerror or e}",
+        )
 
     def record(self, epoch: int, step: int, logs: dict[str, float]) -> None:
         """Append the epoch's row, then the best file and early stopping's decision."""
@@ -96,15 +100,25 @@ class EpochOutputs:
             with cf.pinned(real):
                 pass
             save_weights_file(self.model, real / path.name)
-            atomic_write_text(self.run.best_state, json.dumps({
-                "monitor": best.monitor, "mode": best.mode, "best": best.best,
-                "epoch": best.best_epoch, "path": str(path)}))
+            atomic_write_text(
+                self.run.best_state,
+                json.dumps(
+                    {
+                        "monitor": best.monitor,
+                        "mode": best.mode,
+                        "best": best.best,
+                        "epoch": best.best_epoch,
+                        "path": str(path),
+                    }
+                ),
+            )
         except OSError as e:  # not written: the next improvement tries again
             best.best, best.best_epoch = before
             self._failed("best", path, e)
             return
-        self.event(Event.BEST_SAVED, epoch=epoch, path=str(path), monitor=best.monitor,
-                   value=logs[best.monitor])
+        self.event(
+            Event.BEST_SAVED, epoch=epoch, path=str(path), monitor=best.monitor, value=logs[best.monitor]
+        )
 
     def _early_stopping(self, epoch: int, logs: dict[str, float]) -> None:
         early = self.host.early
@@ -113,18 +127,26 @@ class EpochOutputs:
         if early.monitor not in logs and not self._warned_early:
             # As Keras does: once, naming the field and what exists (a typo never stops anything).
             self._warned_early = True
-            self.event(Event.EARLY_STOPPING_MONITOR_MISSING, field="early_stopping.monitor",
-                       monitor=early.monitor, available=sorted(logs))
-            print(f"ckptd: early_stopping.monitor {early.monitor!r} is not among this job's "
-                  f"metrics {sorted(logs)}; early stopping never triggers", file=sys.stderr)
+            self.event(
+                Event.EARLY_STOPPING_MONITOR_MISSING,
+                field="early_stopping.monitor",
+                monitor=early.monitor,
+                available=sorted(logs),
+            )
+            print(
+                f"ckptd: early_stopping.monitor {early.monitor!r} is not among this job's "
+                f"metrics {sorted(logs)}; early stopping never triggers",
+                file=sys.stderr,
+            )
         snapshot, stop = early.update(epoch, logs)
         if snapshot:
             for var, w in zip(self.best_weights, self.model.get_weights(), strict=True):
                 var.assign(w)
         if stop:
             self.host.stopped_early = True
-            self.event(Event.EARLY_STOPPING_STOPPED, epoch=epoch, best=early.best,
-                       best_epoch=early.best_epoch)
+            self.event(
+                Event.EARLY_STOPPING_STOPPED, epoch=epoch, best=early.best, best_epoch=early.best_epoch
+            )
 
     def restore_best_weights(self, dirty: bool) -> None:
         """At the end: EarlyStopping(restore_best_weights=True) semantics."""

@@ -27,8 +27,12 @@ class Counters:
     @classmethod
     def new(cls) -> Counters:
         i64 = tf.int64
-        return cls(tf.Variable(0, dtype=i64), tf.Variable(0, dtype=i64), tf.Variable(0, dtype=i64),
-                   tf.Variable("", dtype=tf.string))
+        return cls(
+            tf.Variable(0, dtype=i64),
+            tf.Variable(0, dtype=i64),
+            tf.Variable(0, dtype=i64),
+            tf.Variable("", dtype=tf.string),
+        )
 
 
 def make_trackers(spec: JobSpec) -> tuple[BestTracker | None, EarlyStopper | None]:
@@ -39,8 +43,15 @@ def make_trackers(spec: JobSpec) -> tuple[BestTracker | None, EarlyStopper | Non
     early = None
     if spec.early_stopping:
         e = spec.early_stopping
-        early = EarlyStopper(e.monitor, resolve_mode(e.mode, e.monitor), e.patience, e.min_delta,
-                             e.baseline, e.start_from_epoch, e.restore_best_weights)
+        early = EarlyStopper(
+            e.monitor,
+            resolve_mode(e.mode, e.monitor),
+            e.patience,
+            e.min_delta,
+            e.baseline,
+            e.start_from_epoch,
+            e.restore_best_weights,
+        )
     return best, early
 
 

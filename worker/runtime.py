@@ -51,11 +51,17 @@ def output_dir(directory: Path, field: str) -> None:
         if not os.access(directory, os.W_OK | os.X_OK):
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(directory))
     except OSError as e:
-        hint = (" (read-only for jobs here: under the systemd unit, ProtectSystem=strict and "
-                "ProtectHome=read-only leave only /var/lib/ckptd writable; an operator can add "
-                "ReadWritePaths= in a drop-in)" if e.errno == errno.EROFS else "")
-        raise ConfigError(f"{field}: cannot create or write {directory}: {e.strerror}{hint} (the "
-                          f"job runs as uid {os.geteuid()}); choose a directory it can write") from e
+        hint = (
+            " (read-only for jobs here: under the systemd unit, ProtectSystem=strict and "
+            "ProtectHome=read-only leave only /var/lib/ckptd writable; an operator can add "
+            "ReadWritePaths= in a drop-in)"
+            if e.errno == errno.EROFS
+            else ""
+        )
+        raise ConfigError(
+            f"{field}: cannot create or write {directory}: {e.strerror}{hint} (the "
+            f"job runs as uid {os.geteuid()}); choose a directory it can write"
+        ) from e
 
 
 def log_to(directory: Path) -> None:
@@ -66,8 +72,9 @@ def log_to(directory: Path) -> None:
         with contextlib.suppress(ValueError, OSError):
             sys.stdout.flush()
             sys.stderr.flush()
-        target = os.open(directory / name,
-                         os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+        target = os.open(
+            directory / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640
+        )
         os.dup2(target, fd)
         os.close(target)
 
@@ -80,8 +87,10 @@ def lock_dir(directory: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as e:
         os.close(fd)
-        raise DirLocked(f"{directory} is in use by another ckptd worker (only one writer per "
-                        "checkpoint directory); stop it or give this job another checkpoint.dir") from e
+        raise DirLocked(
+            f"{directory} is in use by another ckptd worker (only one writer per "
+            "checkpoint directory); stop it or give this job another checkpoint.dir"
+        ) from e
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd
@@ -101,8 +110,7 @@ class Beater:
 
     def __init__(self, path: Path, attempt: int, interval: float = 0.25) -> None:
         self.path, self.interval = path, interval
-        self.hb = Heartbeat(pid=os.getpid(), attempt=attempt, seq=0, phase=Phase.STARTING,
-                            time=time.time())
+        self.hb = Heartbeat(pid=os.getpid(), attempt=attempt, seq=0, phase=Phase.STARTING, time=time.time())
         self._last = 0.0
 
     def beat(self, phase: str | None = None, force: bool = False, **fields: Any) -> None:

@@ -35,8 +35,15 @@ class ScriptRunner(api.Runner):
     """Serves `ckptd.fit` / `ckptd.session` inside the worker; `start` (the worker's) takes a
     primed loop or session, locks the checkpoint directory, restores and returns it ready."""
 
-    def __init__(self, spec: JobSpec, run: RunDir, beater: Beater, stop: StopFlag,
-                 writer: Writer | None, start: Callable[[Any], None]) -> None:
+    def __init__(
+        self,
+        spec: JobSpec,
+        run: RunDir,
+        beater: Beater,
+        stop: StopFlag,
+        writer: Writer | None,
+        start: Callable[[Any], None],
+    ) -> None:
         self.spec, self.run, self.beater, self.stop, self.writer = spec, run, beater, stop, writer
         self.params = resolved_params(spec)
         self.start = start
@@ -44,13 +51,14 @@ class ScriptRunner(api.Runner):
 
     def _once(self, what: str) -> None:
         if self.loop is not None:
-            raise ConfigError(f"the entrypoint called {what} after ckptd.fit/ckptd.session "
-                              "already ran; one training run per job")
+            raise ConfigError(
+                f"the entrypoint called {what} after ckptd.fit/ckptd.session "
+                "already ran; one training run per job"
+            )
 
     def fit(self, args: api.FitArgs) -> Any:
         self._once("ckptd.fit")
-        self.loop = make_loop(self.spec, self.run, args.model, args, self.beater, self.stop,
-                              self.writer)
+        self.loop = make_loop(self.spec, self.run, args.model, args, self.beater, self.stop, self.writer)
         self.start(self.loop)
         return self.loop.train()
 
@@ -59,12 +67,18 @@ class ScriptRunner(api.Runner):
 
         self._once("ckptd.session")
         if os.environ.get(CHECK_ENV):
-            raise CheckDone(["custom training loop: the data position is the program's own "
-                             "(resume it from sess.epoch and sess.step_in_epoch); ckptd checks "
-                             "the state it saves, not the loop's data"])
+            raise CheckDone(
+                [
+                    "custom training loop: the data position is the program's own "
+                    "(resume it from sess.epoch and sess.step_in_epoch); ckptd checks "
+                    "the state it saves, not the loop's data"
+                ]
+            )
         if not trackables:
-            raise ConfigError("ckptd.session() needs the objects to checkpoint, e.g. "
-                              "ckptd.session(model=model, optimizer=optimizer)")
+            raise ConfigError(
+                "ckptd.session() needs the objects to checkpoint, e.g. "
+                "ckptd.session(model=model, optimizer=optimizer)"
+            )
         self.loop = Session(self.spec, self.run, trackables, self.beater, self.stop, self.writer)
         self.start(self.loop)
         return self.loop
@@ -90,12 +104,15 @@ def run_entrypoint(runner: ScriptRunner, path: str) -> None:
         raise
     except Exception as e:
         if runner.loop is None:  # before training: the program or its data, not bad luck
-            raise ConfigError(f"entrypoint {script.name} failed before training started: "
-                              f"{type(e).__name__}: {str(e)[:400]}") from e
+            raise ConfigError(
+                f"entrypoint {script.name} failed before training started: {type(e).__name__}: {str(e)[:400]}"
+            ) from e
         raise
     finally:
         undo()
     if runner.loop is None:
-        raise ConfigError(f"entrypoint {script.name} finished without calling ckptd.fit(...) "
-                          "or ckptd.session(...): nothing was trained (see README, 'Porting a "
-                          "program')")
+        raise ConfigError(
+            f"entrypoint {script.name} finished without calling ckptd.fit(...) "
+            "or ckptd.session(...): nothing was trained (see README, 'Porting a "
+            "program')"
+        )

@@ -47,21 +47,31 @@ def _build_optimizers(trackables: dict[str, Any], models: list[Any]) -> None:
         if not isinstance(obj, keras.optimizers.Optimizer) or obj.built:
             continue
         if len(models) != 1:
-            raise ConfigError(f"ckptd.session({name}=...): the optimizer is not built yet and "
-                              "there is not exactly one model to build it for; call "
-                              f"{name}.build(model.trainable_variables) first")
+            raise ConfigError(
+                f"ckptd.session({name}=...): the optimizer is not built yet and "
+                "there is not exactly one model to build it for; call "
+                f"{name}.build(model.trainable_variables) first"
+            )
         obj.build(models[0].trainable_variables)
 
 
 class Session:
-    def __init__(self, spec: JobSpec, run: RunDir, trackables: dict[str, Any], beater: Beater,
-                 stop: StopFlag, writer: Writer | None) -> None:
+    def __init__(
+        self,
+        spec: JobSpec,
+        run: RunDir,
+        trackables: dict[str, Any],
+        beater: Beater,
+        stop: StopFlag,
+        writer: Writer | None,
+    ) -> None:
         self.spec, self.run, self.beater, self.stop = spec, run, beater, stop
         models = [v for v in trackables.values() if isinstance(v, keras.Model)]
         best, early = make_trackers(spec)
         if (best or early) and not models:
-            raise ConfigError("best/early_stopping in the job file need a keras.Model among "
-                              "ckptd.session(...)'s objects")
+            raise ConfigError(
+                "best/early_stopping in the job file need a keras.Model among ckptd.session(...)'s objects"
+            )
         _build_optimizers(trackables, models)
         self.host = HostState(best=best, early=early)
         self.model = models[0] if models else None  # what `ckptd export` writes
@@ -70,8 +80,15 @@ class Session:
             named = {k: as_trackable(v) for k, v in trackables.items()}
         except TypeError as e:
             raise ConfigError(f"ckptd.session(...): {e}") from e
-        self.ck = Checkpointing(spec, run, {**named, "best_weights": self.out.best_weights},
-                                _state_variables(trackables), beater, stop, writer)
+        self.ck = Checkpointing(
+            spec,
+            run,
+            {**named, "best_weights": self.out.best_weights},
+            _state_variables(trackables),
+            beater,
+            stop,
+            writer,
+        )
         self.c = self.ck.c
         self.c.host.assign(self.host.dumps())
         self.restored = False
@@ -85,8 +102,7 @@ class Session:
         """Called by the worker before the program gets the session."""
         manifest = self.ck.restore()
         if manifest is not None:
-            self.host = HostState.loads(self.ck.c.host.numpy().decode(), self.host.best,
-                                        self.host.early)
+            self.host = HostState.loads(self.ck.c.host.numpy().decode(), self.host.best, self.host.early)
             self.out.host = self.host
             self.out.merge_best_sidecar()
             self.restored = True
@@ -120,8 +136,13 @@ class Session:
         the heartbeat, saves when due; on SIGTERM saves and ends the program (exit 75)."""
         now = time.monotonic()
         self.ck.count(floats(logs))
-        self.beater.beat(Phase.TRAINING, step=self.ck.step, epoch=self.epoch,
-                         loss=self.ck.last_logs.get("loss"), logs=self.ck.last_logs)
+        self.beater.beat(
+            Phase.TRAINING,
+            step=self.ck.step,
+            epoch=self.epoch,
+            loss=self.ck.last_logs.get("loss"),
+            logs=self.ck.last_logs,
+        )
         self.ck.after_step(now - self._t_step)
         self._t_step = time.monotonic()
 
@@ -146,8 +167,12 @@ class Session:
         self.out.restore_best_weights(self.ck.dirty)
         self.ck.finish()
         self.beater.beat(Phase.DONE, force=True)
-        self.ck.event(Event.TRAINING_DONE, step=self.ck.step, epochs=len(self.host.history),
-                      stopped_early=self.host.stopped_early)
+        self.ck.event(
+            Event.TRAINING_DONE,
+            step=self.ck.step,
+            epochs=len(self.host.history),
+            stopped_early=self.host.stopped_early,
+        )
 
     def close(self) -> None:
         self.ck.close()

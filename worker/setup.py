@@ -32,9 +32,16 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:400] if text else ''}".rstrip(": ")
 
 
-def make_loop(spec: JobSpec, run: RunDir, model: Any, data_args: FitArgs | tuple[Any, Any],
-              beater: Beater, stop: StopFlag, writer: Writer | None,
-              loop_class: Any = None) -> Any:
+def make_loop(
+    spec: JobSpec,
+    run: RunDir,
+    model: Any,
+    data_args: FitArgs | tuple[Any, Any],
+    beater: Beater,
+    stop: StopFlag,
+    writer: Writer | None,
+    loop_class: Any = None,
+) -> Any:
     """A primed Loop. `data_args` is a fit call's arguments, or the legacy (train, validation)
     that build() returned."""
     from ckptd.worker.data import Batches
@@ -74,8 +81,10 @@ def exactness_causes(spec: JobSpec, data: Any, step_fn: Any) -> list[str]:
 
     causes = []
     if not spec.train.deterministic:
-        causes.append("train.deterministic is false: TensorFlow may pick non-deterministic "
-                      "kernels, so recomputed steps can differ in the last bits")
+        causes.append(
+            "train.deterministic is false: TensorFlow may pick non-deterministic "
+            "kernels, so recomputed steps can differ in the last bits"
+        )
     sources = [data.train, data.validation] if isinstance(data, FitData) else []
     for source in sources:
         if isinstance(source, DatasetSource):
@@ -84,4 +93,3 @@ def exactness_causes(spec: JobSpec, data: Any, step_fn: Any) -> list[str]:
             causes += exactness.python_data_risks(source.ds)
     causes += exactness.graph_risks(step_fn)
     return list(dict.fromkeys(causes))
-

@@ -72,7 +72,8 @@ class SnapshotPlan:
         # them into shared memory can then overlap the next training steps. Calling the concrete
         # function skips tf.function's argument binding: ~100 instead of ~150 µs per capture.
         self._read = tf.function(
-            lambda: [tf.convert_to_tensor(v) for v in plain_vars]).get_concrete_function()
+            lambda: [tf.convert_to_tensor(v) for v in plain_vars]
+        ).get_concrete_function()
         self.slots: list[Slot] = []
         offset = 0
         for key, value in self._values(self.capture()):
@@ -104,8 +105,11 @@ class SnapshotPlan:
                 out.append((key, t))
         return out
 
-    def fill(self, shm: shared_memory.SharedMemory, captured: list[tuple[str, Any]],
-             ) -> dict[str, Any]:
+    def fill(
+        self,
+        shm: shared_memory.SharedMemory,
+        captured: list[tuple[str, Any]],
+    ) -> dict[str, Any]:
         """Copy the captured numeric values into `shm` (numpy releases the GIL for large
         copies); return the string values (small) by key."""
         strings: dict[str, Any] = {}

@@ -63,7 +63,8 @@ def model_state_variables(model: Any) -> list[Any]:
     # model.optimizer is absent on a model never compiled; a GAN keeps its two optimizers in
     # attributes of its own (compile(d_optimizer=..., g_optimizer=...)).
     optimizers = [getattr(model, "optimizer", None)] + [
-        v for v in vars(model).values() if isinstance(v, keras.optimizers.Optimizer)]
+        v for v in vars(model).values() if isinstance(v, keras.optimizers.Optimizer)
+    ]
     for optimizer in dict.fromkeys(o for o in optimizers if o is not None):
         out += list(optimizer.variables)
     out += list(model.metrics_variables)
@@ -80,15 +81,23 @@ class HostRandom:
 
     def capture(self) -> None:
         py, npy = random.getstate(), np.random.get_state(legacy=False)
-        key = (py, (npy["state"]["key"].tobytes(), npy["state"]["pos"], npy["has_gauss"],
-                    npy["gauss"]))
+        key = (py, (npy["state"]["key"].tobytes(), npy["state"]["pos"], npy["has_gauss"], npy["gauss"]))
         if key == self._last:
             return
         self._last = key
-        self.var.assign(json.dumps({
-            "python": [py[0], list(py[1]), py[2]],
-            "numpy": {"key": npy["state"]["key"].tolist(), "pos": npy["state"]["pos"],
-                      "has_gauss": npy["has_gauss"], "gauss": npy["gauss"]}}))
+        self.var.assign(
+            json.dumps(
+                {
+                    "python": [py[0], list(py[1]), py[2]],
+                    "numpy": {
+                        "key": npy["state"]["key"].tolist(),
+                        "pos": npy["state"]["pos"],
+                        "has_gauss": npy["has_gauss"],
+                        "gauss": npy["gauss"],
+                    },
+                }
+            )
+        )
 
     def apply(self) -> None:
         """Set the global generators to the restored state (no-op for a fresh start)."""
@@ -99,10 +108,14 @@ class HostRandom:
         py = d["python"]
         random.setstate((py[0], tuple(py[1]), py[2]))
         n = d["numpy"]
-        np.random.set_state({"bit_generator": "MT19937", "has_gauss": n["has_gauss"],
-                             "gauss": n["gauss"],
-                             "state": {"key": np.asarray(n["key"], dtype=np.uint32),
-                                       "pos": n["pos"]}})
+        np.random.set_state(
+            {
+                "bit_generator": "MT19937",
+                "has_gauss": n["has_gauss"],
+                "gauss": n["gauss"],
+                "state": {"key": np.asarray(n["key"], dtype=np.uint32), "pos": n["pos"]},
+            }
+        )
         self._last = None
 
 
@@ -119,8 +132,10 @@ def make_step_function(model: Any) -> Callable[[Any], Any]:
 
     if model.run_eagerly:
         return one_step_on_data
-    return tf.function(one_step_on_data, reduce_retracing=True,  # type: ignore[no-any-return]
-                       jit_compile=model.jit_compile)
+    step: Callable[[Any], Any] = tf.function(
+        one_step_on_data, reduce_retracing=True, jit_compile=model.jit_compile
+    )
+    return step
 
 
 def prime(model: Any, step: Callable[[Any], Any], batch: Any) -> None:

@@ -93,8 +93,7 @@ class EarlyStopper:
         first = self.best is None
         if is_improvement(self.mode, current, self.best, self.min_delta) or first:
             self.best, self.best_epoch = current, epoch
-            if self.baseline is None or is_improvement(self.mode, current, self.baseline,
-                                                       self.min_delta):
+            if self.baseline is None or is_improvement(self.mode, current, self.baseline, self.min_delta):
                 self.wait = 0
             return self.restore_best_weights, False
         if self.wait >= self.patience and epoch > 0:

@@ -14,8 +14,9 @@ from typing import Any
 from ckptd.worker.prep import floats
 
 
-def evaluate(model: Any, batches: Iterable[Any],
-             progress: Callable[[], None] | None = None) -> dict[str, float]:
+def evaluate(
+    model: Any, batches: Iterable[Any], progress: Callable[[], None] | None = None
+) -> dict[str, float]:
     """The model's compiled metrics over `batches` (in order, each packed as fit packs it:
     x, (x, y) or (x, y, sample_weight)), as `evaluate()` reports them; empty if none.
     `progress` runs after each batch: a validation longer than the heartbeat timeout is

@@ -23,7 +23,6 @@ from ckptd.state import ckptfiles as cf
 WRITER_NICENESS = 10
 
 
-
 class WriterReply(TypedDict):
     """The writer process's answer to one save (and AsyncSaver.poll's, which adds the save's
     step, epoch and reason): the committed manifest and what retention retired, or the error."""
@@ -38,6 +37,7 @@ class WriterReply(TypedDict):
     epoch: NotRequired[int]
     reason: NotRequired[str]
 
+
 def _view(array: Any) -> Any | None:
     """A tensor viewing `array`'s memory (DLPack, zero-copy: tf.constant would copy a large
     model's every byte once more), or None for a dtype DLPack cannot carry."""
@@ -49,22 +49,31 @@ def _view(array: Any) -> Any | None:
         return None
 
 
-def _slot_tensors(layout: dict[str, Any], shm: shared_memory.SharedMemory,
-                  ) -> list[tuple[str, Any, Any | None]]:
+def _slot_tensors(
+    layout: dict[str, Any],
+    shm: shared_memory.SharedMemory,
+) -> list[tuple[str, Any, Any | None]]:
     """(key, array in shared memory, zero-copy tensor or None) per slot, made once per layout:
     a view stays valid across saves, so remaking it at every commit is wasted work."""
     import numpy as np
 
     if "views" not in layout:
-        arrays = [(key, np.ndarray(shape, dtype=dtype, buffer=shm.buf, offset=offset))
-                  for key, dtype, shape, offset in layout["slots"]]
+        arrays = [
+            (key, np.ndarray(shape, dtype=dtype, buffer=shm.buf, offset=offset))
+            for key, dtype, shape, offset in layout["slots"]
+        ]
         layout["views"] = [(key, array, _view(array)) for key, array in arrays]
     views: list[tuple[str, Any, Any | None]] = layout["views"]
     return views
 
 
-def _write(msg: dict[str, Any], layout: dict[str, Any], shm: shared_memory.SharedMemory,
-           directory: Path, expected: set[str] | None) -> tuple[WriterReply, set[str]]:
+def _write(
+    msg: dict[str, Any],
+    layout: dict[str, Any],
+    shm: shared_memory.SharedMemory,
+    directory: Path,
+    expected: set[str] | None,
+) -> tuple[WriterReply, set[str]]:
     import tensorflow as tf
 
     from ckptd.worker.keeper import CommitPoint, commit_written
@@ -82,14 +91,20 @@ def _write(msg: dict[str, Any], layout: dict[str, Any], shm: shared_memory.Share
     names.append(OBJECT_GRAPH_KEY)
     tensors.append(layout["graph"])
     prefix = directory / f"{cf.PREFIX}-{msg['number']}"
-    tf.raw_ops.SaveV2(prefix=str(prefix), tensor_names=names, shape_and_slices=[""] * len(names),
-                      tensors=tensors)
-    point = CommitPoint(msg["number"], msg["step"], msg["epoch"], msg["step_in_epoch"],
-                        msg["metrics"])
-    manifest, retired, keys = commit_written(directory, point, expected, msg["max_to_keep"],
-                                             msg["keep_every_n_hours"])
-    return {"ok": True, "seconds": 0.0, "number": msg["number"], "manifest": manifest.to_dict(),
-            "retired": [r.to_dict() for r in retired]}, keys
+    tf.raw_ops.SaveV2(
+        prefix=str(prefix), tensor_names=names, shape_and_slices=[""] * len(names), tensors=tensors
+    )
+    point = CommitPoint(msg["number"], msg["step"], msg["epoch"], msg["step_in_epoch"], msg["metrics"])
+    manifest, retired, keys = commit_written(
+        directory, point, expected, msg["max_to_keep"], msg["keep_every_n_hours"]
+    )
+    return {
+        "ok": True,
+        "seconds": 0.0,
+        "number": msg["number"],
+        "manifest": manifest.to_dict(),
+        "retired": [r.to_dict() for r in retired],
+    }, keys
 
 
 def writer_main(conn: Connection, directory: str) -> None:
@@ -131,8 +146,12 @@ def writer_main(conn: Connection, directory: str) -> None:
                 committed = {m.number for m in cf.read_manifests(Path(directory))[0]}
                 cf.collect_garbage(Path(directory), committed)
             errno = getattr(e, "errno", None)
-            reply = {"ok": False, "seconds": 0.0, "number": msg["number"],
-                     "error": f"{type(e).__name__}: {e}" + (f" (errno {errno})" if errno else "")}
+            reply = {
+                "ok": False,
+                "seconds": 0.0,
+                "number": msg["number"],
+                "error": f"{type(e).__name__}: {e}" + (f" (errno {errno})" if errno else ""),
+            }
         reply["seconds"] = time.monotonic() - t0
         reply["number"] = msg["number"]
         conn.send(reply)
@@ -144,8 +163,7 @@ Writer = tuple[multiprocessing.process.BaseProcess, Connection]
 def start_writer(directory: Path) -> Writer:
     ctx = multiprocessing.get_context("spawn")  # never fork a process that runs TensorFlow
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=writer_main, args=(child, str(directory)), daemon=True,
-                       name="ckptd-writer")
+    proc = ctx.Process(target=writer_main, args=(child, str(directory)), daemon=True, name="ckptd-writer")
     proc.start()
     child.close()
     return proc, parent

@@ -55,9 +55,7 @@ outputs = layers.Dense(1, activation="sigmoid")(x)
 model = keras.Model(inputs, outputs)
 model.summary()
 
-(x_train, y_train), (x_val, y_val) = load_data(
-    num_words=max_features
-)
+(x_train, y_train), (x_val, y_val) = load_data(num_words=max_features)
 print(len(x_train), "Training sequences")
 print(len(x_val), "Validation sequences")
 # Use pad_sequence to standardize sequence length:

@@ -135,9 +135,7 @@ for epoch in range(sess.epoch, epochs):
 
         # Log every 100 batches.
         if step % 100 == 0:
-            print(
-                f"Training loss (for 1 batch) at step {step}: {float(loss_value):.4f}"
-            )
+            print(f"Training loss (for 1 batch) at step {step}: {float(loss_value):.4f}")
             print(f"Seen so far: {(step + 1) * batch_size} samples")
 
     # Display metrics at the end of each epoch.

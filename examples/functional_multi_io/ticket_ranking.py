@@ -27,13 +27,9 @@ num_tags = 12  # Number of unique issue tags
 num_words = 10000  # Size of vocabulary obtained when preprocessing text data
 num_departments = 4  # Number of departments for predictions
 
-title_input = keras.Input(
-    shape=(None,), name="title"
-)  # Variable-length sequence of ints
+title_input = keras.Input(shape=(None,), name="title")  # Variable-length sequence of ints
 body_input = keras.Input(shape=(None,), name="body")  # Variable-length sequence of ints
-tags_input = keras.Input(
-    shape=(num_tags,), name="tags"
-)  # Binary vectors of size `num_tags`
+tags_input = keras.Input(shape=(num_tags,), name="tags")  # Binary vectors of size `num_tags`
 
 # Embed each word in the title into a 64-dimensional vector
 title_features = layers.Embedding(num_words, 64)(title_input)

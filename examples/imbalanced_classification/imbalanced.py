@@ -102,9 +102,7 @@ metrics = [
     keras.metrics.Recall(name="recall"),
 ]
 
-model.compile(
-    optimizer=keras.optimizers.Adam(1e-2), loss="binary_crossentropy", metrics=metrics
-)
+model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="binary_crossentropy", metrics=metrics)
 
 callbacks = [keras.callbacks.ModelCheckpoint("fraud_model_at_epoch_{epoch}.keras")]
 class_weight = {0: weight_for_0, 1: weight_for_1}

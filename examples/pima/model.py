@@ -19,13 +19,17 @@ def load(csv: str) -> tuple[np.ndarray, np.ndarray]:
 
 def build(params: dict[str, Any]) -> tuple[keras.Model, tuple[np.ndarray, np.ndarray]]:
     x, y = load(params["csv"])
-    model = keras.Sequential([
-        keras.Input(shape=(8,)),
-        keras.layers.Dense(12, activation="relu"),
-        keras.layers.Dense(8, activation="relu"),
-        keras.layers.Dense(1, activation="sigmoid"),
-    ])
-    model.compile(loss="binary_crossentropy",
-                  optimizer=keras.optimizers.Adam(learning_rate=params.get("learning_rate", 0.001)),
-                  metrics=["accuracy"])
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(8,)),
+            keras.layers.Dense(12, activation="relu"),
+            keras.layers.Dense(8, activation="relu"),
+            keras.layers.Dense(1, activation="sigmoid"),
+        ]
+    )
+    model.compile(
+        loss="binary_crossentropy",
+        optimizer=keras.optimizers.Adam(learning_rate=params.get("learning_rate", 0.001)),
+        metrics=["accuracy"],
+    )
     return model, (x, y)

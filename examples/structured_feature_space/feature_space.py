@@ -175,14 +175,10 @@ for x, _ in train_ds.take(1):
     print("preprocessed_x.shape:", preprocessed_x.shape)
     print("preprocessed_x.dtype:", preprocessed_x.dtype)
 
-preprocessed_train_ds = train_ds.map(
-    lambda x, y: (feature_space(x), y), num_parallel_calls=tf.data.AUTOTUNE
-)
+preprocessed_train_ds = train_ds.map(lambda x, y: (feature_space(x), y), num_parallel_calls=tf.data.AUTOTUNE)
 preprocessed_train_ds = preprocessed_train_ds.prefetch(tf.data.AUTOTUNE)
 
-preprocessed_val_ds = val_ds.map(
-    lambda x, y: (feature_space(x), y), num_parallel_calls=tf.data.AUTOTUNE
-)
+preprocessed_val_ds = val_ds.map(lambda x, y: (feature_space(x), y), num_parallel_calls=tf.data.AUTOTUNE)
 preprocessed_val_ds = preprocessed_val_ds.prefetch(tf.data.AUTOTUNE)
 
 dict_inputs = feature_space.get_inputs()
@@ -193,15 +189,11 @@ x = keras.layers.Dropout(0.5)(x)
 predictions = keras.layers.Dense(1, activation="sigmoid")(x)
 
 training_model = keras.Model(inputs=encoded_features, outputs=predictions)
-training_model.compile(
-    optimizer="adam", loss="binary_crossentropy", metrics=["accuracy"]
-)
+training_model.compile(optimizer="adam", loss="binary_crossentropy", metrics=["accuracy"])
 
 inference_model = keras.Model(inputs=dict_inputs, outputs=predictions)
 
-ckptd.fit(
-    training_model, preprocessed_train_ds, epochs=20, validation_data=preprocessed_val_ds, verbose=2
-)
+ckptd.fit(training_model, preprocessed_train_ds, epochs=20, validation_data=preprocessed_val_ds, verbose=2)
 
 sample = {
     "age": 60,

@@ -86,14 +86,7 @@ class Decoder(layers.Layer):
 class VariationalAutoEncoder(keras.Model):
     """Combines the encoder and decoder into an end-to-end model for training."""
 
-    def __init__(
-        self,
-        original_dim,
-        intermediate_dim=64,
-        latent_dim=32,
-        name="autoencoder",
-        **kwargs
-    ):
+    def __init__(self, original_dim, intermediate_dim=64, latent_dim=32, name="autoencoder", **kwargs):
         super().__init__(name=name, **kwargs)
         self.original_dim = original_dim
         self.encoder = Encoder(latent_dim=latent_dim, intermediate_dim=intermediate_dim)
@@ -103,9 +96,7 @@ class VariationalAutoEncoder(keras.Model):
         z_mean, z_log_var, z = self.encoder(inputs)
         reconstructed = self.decoder(z)
         # Add KL divergence regularization loss.
-        kl_loss = -0.5 * ops.mean(
-            z_log_var - ops.square(z_mean) - ops.exp(z_log_var) + 1
-        )
+        kl_loss = -0.5 * ops.mean(z_log_var - ops.square(z_mean) - ops.exp(z_log_var) + 1)
         self.add_loss(kl_loss)
         return reconstructed
 

@@ -114,9 +114,7 @@ import re  # noqa: E402
 def custom_standardization(input_data):
     lowercase = tf.strings.lower(input_data)
     stripped_html = tf.strings.regex_replace(lowercase, "<br />", " ")
-    return tf.strings.regex_replace(
-        stripped_html, f"[{re.escape(string.punctuation)}]", ""
-    )
+    return tf.strings.regex_replace(stripped_html, f"[{re.escape(string.punctuation)}]", "")
 
 
 # Model constants.
@@ -204,9 +202,7 @@ outputs = model(indices)
 
 # Our end to end model
 end_to_end_model = keras.Model(inputs, outputs)
-end_to_end_model.compile(
-    loss="binary_crossentropy", optimizer="adam", metrics=["accuracy"]
-)
+end_to_end_model.compile(loss="binary_crossentropy", optimizer="adam", metrics=["accuracy"])
 
 # Test it with `raw_test_ds`, which yields raw strings
 end_to_end_model.evaluate(raw_test_ds)

@@ -16,9 +16,17 @@ ds = tf.data.Dataset.from_tensor_slices((images, labels)).shuffle(192).batch(16)
 ds = ds.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
 ds = ds.map(lambda x, y: (x + 0.01 * noise.normal(tf.shape(x)), y)).prefetch(tf.data.AUTOTUNE)
 
-model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3),
-                          keras.layers.BatchNormalization(), keras.layers.ReLU(),
-                          keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(2)])
-model.compile(optimizer="adam", metrics=["accuracy"],
-              loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+model = keras.Sequential(
+    [
+        keras.Input((8, 8, 3)),
+        keras.layers.Conv2D(4, 3),
+        keras.layers.BatchNormalization(),
+        keras.layers.ReLU(),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(2),
+    ]
+)
+model.compile(
+    optimizer="adam", metrics=["accuracy"], loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+)
 ckptd.fit(model, ds, epochs=4)

@@ -8,9 +8,15 @@ import tensorflow as tf
 import ckptd.worker.api as ckptd
 
 LATENT = 4
-discriminator = keras.Sequential([keras.Input((8,)), keras.layers.Dense(8),
-                                  keras.layers.LeakyReLU(0.2), keras.layers.Dropout(0.2),
-                                  keras.layers.Dense(1)])
+discriminator = keras.Sequential(
+    [
+        keras.Input((8,)),
+        keras.layers.Dense(8),
+        keras.layers.LeakyReLU(0.2),
+        keras.layers.Dropout(0.2),
+        keras.layers.Dense(1),
+    ]
+)
 generator = keras.Sequential([keras.Input((LATENT,)), keras.layers.Dense(8)])
 
 
@@ -53,6 +59,9 @@ class GAN(keras.Model):
 
 real = np.random.default_rng(3).normal(1.0, 0.5, size=(320, 8)).astype("float32")
 gan = GAN(discriminator, generator)
-gan.compile(d_optimizer=keras.optimizers.Adam(1e-3), g_optimizer=keras.optimizers.Adam(1e-3),
-            loss_fn=keras.losses.BinaryCrossentropy(from_logits=True))
+gan.compile(
+    d_optimizer=keras.optimizers.Adam(1e-3),
+    g_optimizer=keras.optimizers.Adam(1e-3),
+    loss_fn=keras.losses.BinaryCrossentropy(from_logits=True),
+)
 ckptd.fit(gan, real, batch_size=32, epochs=4)

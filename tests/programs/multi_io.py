@@ -22,19 +22,30 @@ def build(params):
     t = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(50, 8)(title_in))
     b = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(50, 8)(body_in))
     h = keras.layers.Dropout(0.2)(keras.layers.concatenate([t, b, tags_in]))
-    model = keras.Model({"title": title_in, "body": body_in, "tags": tags_in},
-                        {"priority": keras.layers.Dense(1, name="priority")(h),
-                         "department": keras.layers.Dense(3, name="department")(h)})
-    model.compile(optimizer="rmsprop",
-                  loss={"priority": "mse",
-                        "department": keras.losses.SparseCategoricalCrossentropy(from_logits=True)},
-                  loss_weights={"priority": 1.0, "department": 0.2})
+    model = keras.Model(
+        {"title": title_in, "body": body_in, "tags": tags_in},
+        {
+            "priority": keras.layers.Dense(1, name="priority")(h),
+            "department": keras.layers.Dense(3, name="department")(h),
+        },
+    )
+    model.compile(
+        optimizer="rmsprop",
+        loss={"priority": "mse", "department": keras.losses.SparseCategoricalCrossentropy(from_logits=True)},
+        loss_weights={"priority": 1.0, "department": 0.2},
+    )
     x = {"title": title, "body": body, "tags": tags}
     y = {"priority": priority, "department": department}
     weights = rng.random(size=(n,)).astype("float32")
     split = 200
     take = lambda d, s: {k: v[s] for k, v in d.items()}  # noqa: E731
-    return ckptd.fit_args(model, take(x, slice(0, split)), take(y, slice(0, split)),
-                          sample_weight=weights[:split], batch_size=16, epochs=4,
-                          validation_data=(take(x, slice(split, n)), take(y, slice(split, n))),
-                          validation_freq=2)
+    return ckptd.fit_args(
+        model,
+        take(x, slice(0, split)),
+        take(y, slice(0, split)),
+        sample_weight=weights[:split],
+        batch_size=16,
+        epochs=4,
+        validation_data=(take(x, slice(split, n)), take(y, slice(split, n))),
+        validation_freq=2,
+    )

@@ -44,7 +44,8 @@ class VAE(keras.Model):
             jitter = 0.01 * keras.random.normal(keras.ops.shape(z))  # unseeded: global generator
             reconstruction = self.decoder(z + jitter)
             loss = keras.ops.mean(keras.ops.square(data - reconstruction)) - 0.5 * keras.ops.mean(
-                1 + z_log_var - keras.ops.square(z_mean) - keras.ops.exp(z_log_var))
+                1 + z_log_var - keras.ops.square(z_mean) - keras.ops.exp(z_log_var)
+            )
         grads = tape.gradient(loss, self.trainable_weights)
         self.optimizer.apply_gradients(zip(grads, self.trainable_weights))
         self.loss_tracker.update_state(loss)
