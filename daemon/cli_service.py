@@ -179,6 +179,11 @@ def export(home: Path, job_id: str, which: str | None, output: Path) -> None:
     """Write a job's weights to an HDF5 file that model.load_weights() reads."""
     if which is None:
         raise click.UsageError("give --best or --latest")
+    if not output.parent.is_dir():
+        what = "is not a directory" if output.parent.exists() else "does not exist"
+        _die(f"-o {output}: {output.parent} {what}", EXIT_BAD_INPUT)
+    if not os.access(output.parent, os.W_OK | os.X_OK):
+        _die(f"-o {output}: the directory {output.parent} is not writable by you", EXIT_BAD_INPUT)
     job = client_call(home, "GET", f"/v1/jobs/{job_id}")
     if which == "best":
         best = best_files(job["outputs"].get("best_template"))  # listed with our own rights

@@ -81,6 +81,15 @@ def test_api_answers_json_and_clear_errors(daemon: DaemonProc) -> None:
     assert st.st_mode & 0o777 == 0o660
 
 
+@pytest.mark.parametrize(
+    ("output", "why"),
+    [("/nonexistent/dir/x.h5", "does not exist"), ("/etc/hostname/x.h5", "is not a directory")],
+)
+def test_export_to_a_place_it_cannot_write_is_one_line(tmp_path: Path, output: str, why: str) -> None:
+    r = _cli(tmp_path / "home", "export", "some-job", "--latest", "-o", output)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and why in r.stderr, r.stderr
+
+
 def test_daemon_not_running_is_a_clear_message(tmp_path: Path) -> None:
     r = _cli(tmp_path / "home", "cancel", "some-job")
     assert r.returncode == 1 and "daemon is not running" in r.stderr
