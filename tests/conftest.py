@@ -27,6 +27,34 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+# How much slower than a quiet box this session is expected to run: the declared hogs and the
+# load already there when it starts, per CPU (at most 4x). Test deadlines and pytest-timeout
+# scale by it, so a loaded CI stretches the tests' patience, never the product's timing rules.
+SLOWDOWN = 1.0
+
+
+def slow(seconds: float) -> float:
+    """A test deadline, stretched for a loaded box (see SLOWDOWN)."""
+    return seconds * SLOWDOWN
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global SLOWDOWN
+    cpus = os.cpu_count() or 1
+    hogs = config.getoption("--cpu-hogs")
+    SLOWDOWN = min(4.0, max(1.0, (hogs + os.getloadavg()[0]) / cpus))
+    base = getattr(config.option, "timeout", None) or config.getini("timeout")
+    if SLOWDOWN > 1.0 and base:  # pytest-timeout reads the option before the ini value
+        config.option.timeout = float(base) * SLOWDOWN
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return (
+        f"ckptd: cpu hogs {config.getoption('--cpu-hogs')}, test deadlines x{SLOWDOWN:.2f}, "
+        f"timeout {config.option.timeout or config.getini('timeout')} s"
+    )
+
+
 @pytest.fixture(scope="session", autouse=True)
 def cpu_hogs(request: pytest.FixtureRequest) -> Iterator[int]:
     """Busy loops for the whole session (nice 0, like the other work on a shared box)."""

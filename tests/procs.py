@@ -12,12 +12,14 @@ from typing import Any, TypeVar
 
 from ckptd.state.protocol import Heartbeat
 
+from . import conftest
 from .conftest import ckptd_cmd, env_with
 
 T = TypeVar("T")
 
 
 def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 120.0, interval: float = 0.02) -> T:
+    timeout = conftest.slow(timeout)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = probe()
@@ -56,7 +58,7 @@ def heartbeat_when(run: Path, cond: Callable[[Heartbeat], bool], timeout: float 
 
 
 def finish(proc: subprocess.Popen[str], timeout: float = 300) -> tuple[int, str]:
-    out, _ = proc.communicate(timeout=timeout)
+    out, _ = proc.communicate(timeout=conftest.slow(timeout))
     return proc.returncode, out
 
 

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+from .conftest import slow
+
 DAEMON_SIDE = [
     "ckptd.daemon.cli",
     "ckptd.daemon.jobs",
@@ -35,12 +37,12 @@ def test_daemon_side_does_not_import_tensorflow() -> None:
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras'))\n"
         "print(','.join(bad))\nsys.exit(1 if bad else 0)\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=slow(60))
     assert r.returncode == 0, f"daemon side imported: {r.stdout} {r.stderr}"
 
 
 def test_worker_side_does_import_tensorflow() -> None:
     """Control: the check above can fail."""
     code = "import sys, ckptd.worker.loop; sys.exit(0 if 'tensorflow' in sys.modules else 1)"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=slow(120))
     assert r.returncode == 0

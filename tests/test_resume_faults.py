@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import write_job
+from .conftest import slow, write_job
 from .procs import events, final_state_hash, finish, heartbeat_when, run_dir, start_run, status
 
 pytestmark = pytest.mark.tf
@@ -72,7 +72,7 @@ def _worker(run: Path, attempt: int = 9) -> subprocess.CompletedProcess[str]:
         [sys.executable, "-m", "ckptd.worker", str(run), str(attempt)],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=slow(300),
     )
 
 
