@@ -442,7 +442,8 @@ def test_interval_on_an_epochs_last_step_is_one_commit_and_resumes_exactly(
     assert a2["restored_step"] == 156 if mode == "sync" else a2["restored_step"] in (52, 104, 156)
     steps = [e["step"] for e in events(run) if e["event"] == "checkpoint.committed" and e["attempt"] == 2]
     assert steps[-1] == 208 and steps.count(208) == 1, steps
-    assert all(s % 52 == 0 for s in steps), steps
+    if mode == "sync":  # async saves the writer could not take at once land later (issue 18)
+        assert all(s % 52 == 0 for s in steps), steps
     manifests = [json.loads(p.read_text())["step"] for p in (run / "checkpoints").glob("*.manifest.json")]
     assert len(manifests) == len(set(manifests)) and max(manifests) == 208, manifests
     assert _history_epochs(run) == list(range(EPOCHS))

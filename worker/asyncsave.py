@@ -167,6 +167,10 @@ class AsyncSaver:
         self.next_number += 1
         return number
 
+    def died(self) -> bool:
+        """The writer process is gone (the save in flight failed with it)."""
+        return self.dead
+
     def is_ready(self) -> bool:
         return self._check_ready(block=False)
 

@@ -281,7 +281,9 @@ class Checkpointing:
         self.save_pending = self.dirty = False
         self.poll_at = 0.0
         if reason != "interval" and not self.drain_async(block=True):
-            raise SaveFailed(f"the {reason} checkpoint was not committed")
+            if not saver.died():
+                raise SaveFailed(f"the {reason} checkpoint was not committed")
+            self._save(reason)  # the writer died under it (OOM killer): the save must still land
         return True
 
     def drain_async(self, block: bool) -> bool:

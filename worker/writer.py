@@ -114,12 +114,14 @@ def writer_main(conn: Connection, directory: str) -> None:
     # (it waits for the save in flight); SIGUSR1 asks the worker for stacks, not the writer.
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(s, signal.SIG_IGN)
-    # Background work yields the CPU to training when both want it (2 cores are common here):
-    # a commit then lands a little later instead of every step running slower.
-    os.nice(WRITER_NICENESS)
+    # TensorFlow's import first, at normal priority: until it is done every save is synchronous
+    # (Checkpointing._save_async), and niced on a busy box it took minutes.
     import tensorflow as tf
 
     tf.config.threading.set_intra_op_parallelism_threads(1)
+    # Then background work yields the CPU to training when both want it (2 cores are common):
+    # a commit lands a little later instead of every step running slower.
+    os.nice(WRITER_NICENESS)
     shm: shared_memory.SharedMemory | None = None
     expected: set[str] | None = None
     layout: dict[str, Any] = {}
