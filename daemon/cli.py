@@ -20,7 +20,7 @@ from ckptd.daemon.report import job_report, print_outputs, print_status
 from ckptd.state.jobspec import JobSpec, load_job_file
 from ckptd.state.paths import RunDir, state_dir
 from ckptd.state.protocol import EVENTS_FILE
-from ckptd.state.states import RESUMABLE, JobState
+from ckptd.state.states import RESUMABLE, STALE, JobState
 from ckptd.state.store import Job, Store, StoreError
 from ckptd.state.yamlstrict import JobFileError
 from ckptd.supervisor import cgroups
@@ -149,7 +149,7 @@ def _pick_job(
             job = store.job(resume)
         except StoreError as e:
             _die(str(e), EXIT_BAD_INPUT)
-        if job.state not in RESUMABLE | jobs.STALE:
+        if job.state not in RESUMABLE | STALE:
             _die(
                 f"job {job.id} is {job.state}; only {', '.join(sorted(RESUMABLE))} jobs resume",
                 EXIT_BAD_INPUT,

@@ -16,11 +16,12 @@ import psutil
 from ckptd.state.durable import atomic_write_bytes, atomic_write_text, fsync_dir
 from ckptd.state.jobspec import JobSpec, spec_digest, spec_from_json, spec_json
 from ckptd.state.paths import RunDir
-from ckptd.state.states import RESUMABLE, AttemptClass, JobState
+from ckptd.state.states import RESUMABLE, STALE, AttemptClass, JobState
 from ckptd.state.store import Job, Store, new_job_id
 from ckptd.state.submissions import Owner
 from ckptd.supervisor import identity, ledger
 from ckptd.supervisor.process import worker_module
+from ckptd.supervisor.runner import STOP_GRACE_SECONDS
 
 
 class JobBusy(Exception):
@@ -152,9 +153,6 @@ def lock_job(where: Path) -> int:
     return fd
 
 
-STALE = frozenset({JobState.RUNNING, JobState.BACKOFF})
-
-
 def works_for(proc: psutil.Process, run: RunDir) -> bool:
     """Whether `proc` is a worker of `run`: its command line names the run directory, or it is a
     warm worker (ckptd.supervisor.warm) that was handed this run and moved into it."""
@@ -176,7 +174,7 @@ def works_for(proc: psutil.Process, run: RunDir) -> bool:
         return False
 
 
-def stop_orphan(pid: int, run: RunDir, timeout: float = 60.0) -> str:
+def stop_orphan(pid: int, run: RunDir, timeout: float = STOP_GRACE_SECONDS) -> str:
     """A worker of a lost supervisor may still run (own session): ask it to save, then kill."""
     try:
         proc = psutil.Process(pid)

@@ -20,7 +20,7 @@ import psutil
 from ckptd.daemon import jobs
 from ckptd.state.paths import RunDir
 from ckptd.state.safeopen import read_under
-from ckptd.state.states import AttemptClass, JobState
+from ckptd.state.states import STALE, AttemptClass, JobState
 from ckptd.state.store import Attempt, Job, Store
 from ckptd.state.submissions import managed_jobs
 from ckptd.supervisor import ledger
@@ -139,7 +139,7 @@ def recover(store: Store) -> Recovered:
     adopted: list[tuple[Job, Adopted, list[int]]] = []
     requeued: list[str] = []
     lost: list[tuple[str, int, str]] = []
-    for job, _sub in managed_jobs(store, jobs.STALE):
+    for job, _sub in managed_jobs(store, STALE):
         found = _reconcile(store, job, lost)
         if found is not None:
             devices: list[int] = []

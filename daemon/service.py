@@ -34,7 +34,7 @@ from ckptd.daemon.sockets import SocketError, bound
 from ckptd.daemon.spool import Spool
 from ckptd.state import protocol as p
 from ckptd.state.paths import RunDir
-from ckptd.state.states import RESUMABLE, JobState
+from ckptd.state.states import RESUMABLE, STALE, JobState
 from ckptd.state.store import Store, StoreError
 from ckptd.state.submissions import Owner, managed_jobs, owner_of, submission
 from ckptd.supervisor import cgroups
@@ -211,7 +211,7 @@ class Daemon:
 
     def _reclaim_legacy_runs(self, store: Store) -> None:
         """Jobs still to run that were queued by a ckptd whose run directories were its own."""
-        for job, sub in managed_jobs(store, RESUMABLE | jobs.STALE | {JobState.QUEUED}):
+        for job, sub in managed_jobs(store, RESUMABLE | STALE | {JobState.QUEUED}):
             run = RunDir(Path(job.run_dir))
             try:
                 if jobs.reclaim_run(run, owner_of(sub)):

@@ -64,6 +64,8 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 
 TERMINAL: frozenset[JobState] = frozenset(s for s, nxt in TRANSITIONS.items() if not nxt)
 RESUMABLE: frozenset[JobState] = frozenset({JobState.INTERRUPTED, JobState.FAILED})
+# What the store says of a job whose supervisor may be gone (found at a restart: lost or adopted).
+STALE: frozenset[JobState] = frozenset({JobState.RUNNING, JobState.BACKOFF})
 
 
 class IllegalTransition(Exception):
