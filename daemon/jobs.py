@@ -17,7 +17,7 @@ from ckptd.state.durable import atomic_write_bytes, atomic_write_text, fsync_dir
 from ckptd.state.jobspec import JobSpec, spec_digest, spec_from_json, spec_json
 from ckptd.state.paths import RunDir
 from ckptd.state.states import RESUMABLE, STALE, AttemptClass, JobState
-from ckptd.state.store import Job, Store, new_job_id
+from ckptd.state.store import Attempt, Job, Store, new_job_id
 from ckptd.state.submissions import Owner
 from ckptd.supervisor import identity, ledger
 from ckptd.supervisor.process import worker_module
@@ -193,6 +193,21 @@ def stop_orphan(pid: int, run: RunDir, timeout: float = STOP_GRACE_SECONDS) -> s
         return "orphan worker killed with SIGKILL"
 
 
+def end_lost(store: Store, job_id: str, a: Attempt, evidence: str) -> None:
+    """Close an attempt whose supervisor disappeared: class `lost`, what was found as evidence."""
+    store.end_attempt(
+        job_id,
+        a.n,
+        exit_code=None,
+        signal=None,
+        klass=AttemptClass.LOST,
+        evidence=evidence,
+        error_summary=None,
+        restored_step=a.restored_step,
+        last_step=a.last_step,
+    )
+
+
 def reconcile_lost(store: Store, job: Job) -> Job:
     """With the job lock held: a job the store says is running, but that no supervisor holds, lost
     its supervisor (crash, SIGKILL, power cut). Close its open attempts as `lost`."""
@@ -202,16 +217,6 @@ def reconcile_lost(store: Store, job: Job) -> Job:
     for a in store.attempts(job.id):
         if a.ended_at is None:
             what = stop_orphan(a.pid, run) if a.pid else "no worker"
-            store.end_attempt(
-                job.id,
-                a.n,
-                exit_code=None,
-                signal=None,
-                klass=AttemptClass.LOST,
-                evidence=f"supervisor lost; {what}",
-                error_summary=None,
-                restored_step=a.restored_step,
-                last_step=a.last_step,
-            )
+            end_lost(store, job.id, a, f"supervisor lost; {what}")
     ledger.catch_up(store, job.id, run.root)  # its commits since the lost supervisor's last read
     return store.transition(job.id, JobState.INTERRUPTED, "supervisor was lost")

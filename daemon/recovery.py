@@ -20,7 +20,7 @@ import psutil
 from ckptd.daemon import jobs
 from ckptd.state.paths import RunDir
 from ckptd.state.safeopen import read_under
-from ckptd.state.states import STALE, AttemptClass, JobState
+from ckptd.state.states import STALE, JobState
 from ckptd.state.store import Attempt, Job, Store
 from ckptd.state.submissions import managed_jobs
 from ckptd.supervisor import ledger
@@ -102,17 +102,7 @@ def _devices(proc: psutil.Process, run: RunDir) -> list[int]:
 
 def _close_lost(store: Store, job: Job, a: Attempt, what: str, lost: list[tuple[str, int, str]]) -> None:
     evidence = f"daemon restarted; {what}"
-    store.end_attempt(
-        job.id,
-        a.n,
-        exit_code=None,
-        signal=None,
-        klass=AttemptClass.LOST,
-        evidence=evidence,
-        error_summary=None,
-        restored_step=a.restored_step,
-        last_step=a.last_step,
-    )
+    jobs.end_lost(store, job.id, a, evidence)
     lost.append((job.id, a.n, evidence))
 
 
