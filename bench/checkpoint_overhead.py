@@ -255,7 +255,7 @@ def keras_child(config_path: Path) -> int:
     first: list[float] = []
     ends: list[tuple[float, int]] = []
     clock = keras.callbacks.LambdaCallback(  # the same window as ckptd's events (wall clock)
-        on_train_batch_end=lambda batch, logs: first or first.append(time.time()),
+        on_train_batch_end=lambda batch, logs: None if first else first.append(time.time()),
         on_epoch_end=lambda epoch, logs: ends.append((time.time(), (epoch + 1) * per_epoch)),
     )
     callbacks = keras_callbacks(cfg["method"], cfg["interval"], out)

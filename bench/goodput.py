@@ -89,7 +89,8 @@ def one_run(
 
 
 def schedule(rng: random.Random, mean: float, horizon: float) -> list[float]:
-    out, t = [], 0.0
+    out: list[float] = []
+    t = 0.0
     while True:
         t += rng.expovariate(1 / mean)
         if t >= horizon:

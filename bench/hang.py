@@ -73,6 +73,8 @@ def detect_once(tmp: Path, i: int, timeout: float) -> float:
         if hb and hb["phase"] == "training" and (hb.get("committed_step") or 0) >= 50:
             break
         time.sleep(0.01)
+    if not hb:
+        raise RuntimeError(f"no heartbeat in {home} within 180 s")
     t_stop = time.time()
     os.kill(hb["pid"], signal.SIGSTOP)
     _, err = proc.communicate(timeout=300)

@@ -58,25 +58,25 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
 
 
 def child(run_root: Path, block_target: int) -> int:
-    """Train the job in `run_root` (its spec.json) with the ABLoop, set up exactly as the worker
-    sets up its Loop; print the blocks."""
-    from ab_loop import ABLoop  # imports TensorFlow: only in the child
+    """Train the job in `run_root` (its spec.json) with the worker's Loop, set up as the worker
+    sets it up, saves switched on and off in blocks; print the blocks."""
+    from ab_loop import ABBlocks  # imports TensorFlow: only in the child
 
     from ckptd.state import protocol
     from ckptd.state.paths import RunDir
-    from ckptd.worker.__main__ import _prepare, _train
+    from ckptd.worker.__main__ import prepare, train
 
-    loop = _prepare(RunDir(run_root), 1, ABLoop)
-    loop.set_blocks(block_target)
-    if _train(loop) != protocol.EXIT_OK:
+    loop = prepare(RunDir(run_root), 1)
+    ab = ABBlocks(loop, block_target)
+    if train(loop) != protocol.EXIT_OK:
         return 1
     print(
         RESULT_PREFIX
         + json.dumps(
             {
-                "blocks": loop.blocks,
-                "first_commit": loop.first_commit,
-                "block_len": loop.block_len,
+                "blocks": ab.blocks,
+                "first_commit": ab.first_commit,
+                "block_len": ab.block_len,
                 "stats": loop.ck.stats,
             }
         )

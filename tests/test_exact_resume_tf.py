@@ -87,6 +87,7 @@ def test_sigkill_mid_run_resumes_bit_identical(tmp_path: Path, name: str) -> Non
             assert [r["epoch"] for r in csv.DictReader(f)] == ["0", "1", "2", "3"]
     if name in ("random_layers", "custom_loop"):  # export reaches a script job's model
         out = tmp_path / "latest.h5"
+        before = sorted((p.name, p.stat().st_mtime_ns) for p in killed.iterdir())
         r = subprocess.run(
             [sys.executable, "-m", "ckptd.worker.export", str(killed), str(out)],
             capture_output=True,
@@ -95,6 +96,8 @@ def test_sigkill_mid_run_resumes_bit_identical(tmp_path: Path, name: str) -> Non
         )
         assert r.returncode == 0, r.stderr[-2000:]
         assert "step" in r.stdout and out.stat().st_size > 0
+        # Read-only: no heartbeat, history or event written into the run (a worker may own it).
+        assert sorted((p.name, p.stat().st_mtime_ns) for p in killed.iterdir()) == before
 
 
 @pytest.mark.conformance

@@ -41,6 +41,19 @@ def test_mypy_strict(tmp_path: Path) -> None:
     assert "no issues found in" in r.stdout and int(r.stdout.split(" in ")[1].split()[0]) > 70
 
 
+def test_mypy_benchmarks(tmp_path: Path) -> None:
+    """The benchmarks use the worker's public hooks; a renamed hook must fail here, not in the
+    next person's benchmark run."""
+    r = subprocess.run(
+        [sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path / ".mypy_cache"), "bench"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 def test_the_checkout_is_the_package() -> None:
     """With nothing on the path but the checkout (no site-packages, so no install hook), the
     `ckptd.*` names resolve through `ckptd/`'s symlinks to the card's top-level folders."""

@@ -18,7 +18,7 @@ import signal
 import sys
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckptd.state import protocol as p
 from ckptd.state.durable import atomic_write_text
@@ -27,14 +27,8 @@ from ckptd.state.paths import RunDir
 from ckptd.state.protocol import Phase
 from ckptd.worker.runtime import log_to
 
-
-def _configure_tf(spec: JobSpec) -> None:
-    import keras
-    import tensorflow as tf
-
-    if spec.train.deterministic:
-        tf.config.experimental.enable_op_determinism()
-    keras.utils.set_random_seed(spec.train.seed)
+if TYPE_CHECKING:
+    from ckptd.worker.loop import Loop
 
 
 def _basics(run: RunDir, attempt: int) -> tuple[JobSpec, Any, Any, Any]:
@@ -49,19 +43,19 @@ def _basics(run: RunDir, attempt: int) -> tuple[JobSpec, Any, Any, Any]:
         else None
     )
     from ckptd.worker.runtime import Beater, StopFlag
+    from ckptd.worker.setup import configure_tf
 
     stop = StopFlag()
     stop.install()
     beater = Beater(run.heartbeat, attempt)
     if attempt:
         beater.beat(Phase.STARTING, force=True)
-    _configure_tf(spec)
+    configure_tf(spec)
     return spec, beater, stop, writer
 
 
-def _prepare(run: RunDir, attempt: int, loop_class: Any = None) -> Any:
-    """Everything before the checkpoint directory is touched: import, build, prime.
-    `loop_class` replaces the Loop (bench/overhead_ab.py switches saves on and off with one)."""
+def prepare(run: RunDir, attempt: int) -> Loop:
+    """Everything before the checkpoint directory is touched: import, build, prime."""
     from ckptd.worker.entry import build
     from ckptd.worker.setup import make_loop
 
@@ -69,7 +63,7 @@ def _prepare(run: RunDir, attempt: int, loop_class: Any = None) -> Any:
     assert spec.model is not None
     built = build(spec.model, resolved_params(spec))
     data = built.fit if built.fit is not None else (built.train, built.validation)
-    return make_loop(spec, run, built.model, data, beater, stop, writer, loop_class)
+    return make_loop(spec, run, built.model, data, beater, stop, writer)
 
 
 def _start(loop: Any) -> None:
@@ -82,7 +76,7 @@ def _start(loop: Any) -> None:
     loop.restore()
 
 
-def _train(loop: Any) -> int:
+def train(loop: Any) -> int:
     from ckptd.worker.checkpointing import Preempted
 
     try:
@@ -188,11 +182,11 @@ def _dispatch(run: RunDir, mode: str) -> int:
     try:
         if spec_from_json(run.spec_file.read_text()).entrypoint is not None:
             return _run_entrypoint(run, attempt, spare, holder)
-        loop = _prepare(run, attempt)
+        loop = prepare(run, attempt)
         holder.append(loop)
         if spare and _become_assigned(run, loop) is None:
             return p.EXIT_OK
-        return _train(loop)
+        return train(loop)
     except CheckDone as done:
         print(p.CHECK_PREFIX + json.dumps({"inexact": done.causes}), flush=True)
         return p.EXIT_OK

@@ -190,6 +190,13 @@ class AsyncSaver:
             self.longest,
         )
 
+    def shift_clocks(self, seconds: float) -> None:
+        """Pacing as if the last `seconds` had not been (benchmarks that pause saving)."""
+        if self.last_start is not None:
+            self.last_start += seconds
+        if self.last_done is not None:
+            self.last_done += seconds
+
     def next_look(self, now: float, pending: bool, poll: float) -> float:
         """When the step loop should look at the writer again (see ckptd.state.pacing)."""
         return next_look(now, self.in_flight is not None, pending, self.start_time(), poll)

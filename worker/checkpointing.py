@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from enum import StrEnum
 from typing import Any
 
 import tensorflow as tf
@@ -25,13 +26,15 @@ from ckptd.worker.faults import Faults
 from ckptd.worker.keeper import Keeper, SaveFailed
 from ckptd.worker.prep import Counters
 from ckptd.worker.runtime import Beater, StopFlag
+from ckptd.worker.saveschedule import SaveSchedule
 from ckptd.worker.trackables import HostRandom, keras_global_generator, untracked_variables
 from ckptd.worker.writer import Writer
 
-# While a save is in flight the step loop looks at the writer (a pipe poll) at most this often:
-# a poll every step costs a measurable share of a small model's step; a reply noticed 2 ms late
-# changes nothing.
-ASYNC_POLL_SECONDS = 0.002
+
+class Saved(StrEnum):
+    DONE = "done"  # committed (sync) or handed to the writer (async)
+    BUSY = "busy"  # async interval save: the writer is busy or paces; try again later
+    FAILED = "failed"  # an interval save that failed (reported); training goes on
 
 
 class Preempted(BaseException):
@@ -80,12 +83,9 @@ class Checkpointing:
         self.writer = writer
         self.faults = Faults.from_env()
         self.async_saver: AsyncSaver | None = None
-        self.save_pending = False
-        # Set by the fit loop: a save due on an epoch's last step waits for the epoch end, so
-        # that the last epoch's interval and final saves are one commit, not two of one step.
-        self.epoch_steps: int | None = None
-        self.due_at_epoch_end = False
-        self.poll_at = 0.0
+        self.schedule = SaveSchedule(spec.checkpoint, self)
+        # Called with each commit and its reason (benchmarks count them).
+        self.on_commit: list[Callable[[Manifest, str], None]] = []
         self.committed_step: int | None = None
         # Per attempt: time in the step loops, and how long saves stalled them (benchmarks).
         self.stats = {
@@ -98,7 +98,6 @@ class Checkpointing:
         }
         self.dirty = False
         self.last_logs: dict[str, float] = {}
-        self.last_save = time.monotonic()
         # State kept outside TF variables, written into the checkpoint's variables per save.
         self.before_save: list[Callable[[], None]] = [self.host_random.capture]
         self.weights = [
@@ -195,7 +194,7 @@ class Checkpointing:
 
     # -- saving -------------------------------------------------------------------------------
 
-    def save(self, reason: str) -> bool:
+    def save(self, reason: str) -> Saved:
         """Commit a checkpoint. An interval save that fails (disk full, EIO) is reported and
         training carries on from the previous commit; final and preemption saves must succeed."""
         t0 = time.monotonic()
@@ -215,7 +214,7 @@ class Checkpointing:
                 self.stats["stall_seconds"] += stalled
             if self.async_saver is not None:
                 self.async_saver.meter.stalled(stalled)
-            return done
+            return Saved.DONE if done else Saved.BUSY
         except SaveFailed as e:
             self.event(
                 Event.CHECKPOINT_FAILED,
@@ -227,7 +226,7 @@ class Checkpointing:
             self.beater.beat(Phase.TRAINING, force=True)
             if reason != "interval":
                 raise
-            return False
+            return Saved.FAILED
 
     def _save(self, reason: str) -> None:
         self.beater.beat(Phase.SAVING, force=True)
@@ -256,6 +255,8 @@ class Checkpointing:
             self.event(
                 Event.CHECKPOINT_RETIRED, steps=[r.step for r in retired], numbers=[r.number for r in retired]
             )
+        for listener in self.on_commit:
+            listener(m, reason)
         # Not forced: the supervisor learns of commits from the event above; the heartbeat's copy
         # goes out with the next regular beat (a forced write per commit costs throughput when
         # async commits land every few steps).
@@ -271,15 +272,12 @@ class Checkpointing:
             self._save(reason)
             return True
         if reason == "interval" and saver.busy():
-            self.save_pending = True  # one in flight, or the writer paces: save when it may
-            self.poll_at = 0.0  # the next step works out when to look again
-            return False
+            return False  # one in flight, or the writer paces: the schedule keeps it pending
         self.drain_async(block=True)
         saver.submit(
             self.step, int(self.c.epoch.numpy()), int(self.c.step_in_epoch.numpy()), self.last_logs, reason
         )
-        self.save_pending = self.dirty = False
-        self.poll_at = 0.0
+        self.dirty = False
         if reason != "interval" and not self.drain_async(block=True):
             if not saver.died():
                 raise SaveFailed(f"the {reason} checkpoint was not committed")
@@ -318,41 +316,12 @@ class Checkpointing:
 
     def after_step(self, step_seconds: float) -> None:
         """Save if due, stop if asked, inject test faults."""
-        if self.async_saver is not None:
-            self._step_async(step_seconds)
+        self.schedule.after_step(step_seconds)
         if self.stop.requested:
             self.preempt()
         step = self.step
-        self._interval_save(step)
+        self.schedule.interval(step, int(self.c.step_in_epoch.numpy()))
         self.faults.after_step(step, self.beater.hb.attempt)
-
-    def _interval_save(self, step: int) -> None:
-        ck = self.spec.checkpoint
-        if (ck.every_steps and step % ck.every_steps == 0) or (
-            ck.every_seconds and time.monotonic() - self.last_save >= ck.every_seconds
-        ):
-            self.stats["due"] += 1
-            if self.epoch_steps is not None and int(self.c.step_in_epoch.numpy()) >= self.epoch_steps:
-                self.due_at_epoch_end = True  # same step, after validation and callbacks
-            elif not self.save_pending:  # else _step_async takes it when the writer may
-                self.save("interval")
-            self.last_save = time.monotonic()
-
-    def _step_async(self, step_seconds: float) -> None:
-        saver = self.async_saver
-        assert saver is not None
-        saver.meter.step(step_seconds, saver.in_flight is not None)
-        now = time.monotonic()
-        if now < self.poll_at:
-            return
-        self.drain_async(block=False)
-        may_save = self.save_pending and not saver.busy()
-        self.poll_at = saver.next_look(now, self.save_pending and not may_save, ASYNC_POLL_SECONDS)
-        looked = time.monotonic() - now
-        self.stats["poll_seconds"] += looked
-        saver.meter.stalled(looked)
-        if may_save:
-            self.save("interval")
 
     def check_finite(self) -> None:
         """Before a commit and at each epoch end: a NaN/inf loss or weight stops the attempt."""
@@ -389,14 +358,6 @@ class Checkpointing:
         self.c.epoch.assign_add(1)
         self.c.step_in_epoch.assign(0)
         self.dirty = True
-
-    def epoch_recorded(self) -> None:
-        """The fit loop's epoch end is complete (host state serialised): the save that was due
-        on the epoch's last step is taken now."""
-        if self.due_at_epoch_end:
-            self.due_at_epoch_end = False
-            if not self.save_pending:
-                self.save("interval")
 
     def preempt(self) -> None:
         if self.dirty:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from ckptd.state import ckptfiles as cf
-from ckptd.state.jobspec import spec_from_json
+from ckptd.state.jobspec import resolved_params, spec_from_json
 from ckptd.state.paths import RunDir
 
 EXIT_OK, EXIT_NONE = 0, 1
@@ -24,23 +25,30 @@ class _Ready(BaseException):
         self.loop = loop
 
 
-def _loop_for(run: RunDir) -> Any:
-    """The job's loop (or custom-loop session), built as a worker builds it, not restored."""
-    from ckptd.worker.__main__ import _basics, _prepare
+def _loop_for(run: RunDir, scratch: Path) -> Any:
+    """The job's loop (or custom-loop session), built as its worker builds it but for reading
+    only: no async writer, no signal handlers, heartbeats into `scratch` (never the job's own
+    heartbeat, which a running worker owns), nothing restored."""
+    from ckptd.worker.entry import build
+    from ckptd.worker.runtime import Beater, StopFlag
     from ckptd.worker.script import ScriptRunner, run_entrypoint
+    from ckptd.worker.setup import configure_tf, make_loop
 
-    if spec_from_json(run.spec_file.read_text()).entrypoint is None:
-        return _prepare(run, 0)
+    spec = spec_from_json(run.spec_file.read_text())
+    configure_tf(spec)
+    beater, stop = Beater(scratch / "heartbeat", 0), StopFlag()
+    if spec.entrypoint is None:
+        assert spec.model is not None
+        built = build(spec.model, resolved_params(spec))
+        data = built.fit if built.fit is not None else (built.train, built.validation)
+        return make_loop(spec, run, built.model, data, beater, stop, None)
     os.chdir(run.root)  # as for its worker: files the script makes land in its run directory
-    spec, beater, stop, writer = _basics(run, 0)
-
-    assert spec.entrypoint is not None
 
     def ready(loop: Any) -> None:
         raise _Ready(loop)  # the script stops in its fit / session call
 
     try:
-        run_entrypoint(ScriptRunner(spec, run, beater, stop, writer, ready), spec.entrypoint)
+        run_entrypoint(ScriptRunner(spec, run, beater, stop, None, ready), spec.entrypoint)
     except _Ready as r:
         return r.loop
     raise LookupError("the entrypoint never handed ckptd a model")
@@ -49,7 +57,8 @@ def _loop_for(run: RunDir) -> Any:
 def export_latest(run: RunDir, out: Path) -> str:
     from ckptd.worker.h5export import save_weights_file
 
-    loop = _loop_for(run)
+    with tempfile.TemporaryDirectory(prefix="ckptd-export-") as scratch:
+        loop = _loop_for(run, Path(scratch))
     if loop.model is None:
         raise LookupError("this job's session holds no keras.Model to export")
     ckdir = run.checkpoint_dir(loop.spec.checkpoint.dir)

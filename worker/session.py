@@ -108,7 +108,8 @@ class Session:
             self.restored = True
         self.out.write_history()
         self.beater.beat(Phase.TRAINING, force=True)
-        self.ck.last_save = self._t_step = time.monotonic()
+        self.ck.schedule.start()
+        self._t_step = time.monotonic()
         return manifest
 
     @property

@@ -8,7 +8,7 @@ with the job file. It becomes a ConfigError with one readable line, never retrie
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckptd.state.jobspec import JobSpec
 from ckptd.state.paths import RunDir
@@ -18,6 +18,9 @@ from ckptd.worker.entry import ConfigError, check_model
 from ckptd.worker.runtime import Beater, StopFlag
 from ckptd.worker.writer import Writer
 
+if TYPE_CHECKING:
+    from ckptd.worker.loop import Loop
+
 
 class CheckDone(BaseException):
     """The set-up of a check run is complete; `causes` says what would make resume inexact."""
@@ -25,6 +28,16 @@ class CheckDone(BaseException):
     def __init__(self, causes: list[str]) -> None:
         super().__init__("check done")
         self.causes = causes
+
+
+def configure_tf(spec: JobSpec) -> None:
+    """Before the job's program builds anything: determinism and the seed it asks for."""
+    import keras
+    import tensorflow as tf
+
+    if spec.train.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    keras.utils.set_random_seed(spec.train.seed)
 
 
 def _one_line(e: BaseException) -> str:
@@ -40,8 +53,7 @@ def make_loop(
     beater: Beater,
     stop: StopFlag,
     writer: Writer | None,
-    loop_class: Any = None,
-) -> Any:
+) -> Loop:
     """A primed Loop. `data_args` is a fit call's arguments, or the legacy (train, validation)
     that build() returned."""
     from ckptd.worker.data import Batches
@@ -62,7 +74,7 @@ def make_loop(
         step_fn = make_step_function(model)
         prime(model, step_fn, data.first_batch())
         stage = "setting up the training loop"
-        loop = (loop_class or Loop)(spec, run, model, data, step_fn, beater, stop, writer, fit)
+        loop = Loop(spec, run, model, data, step_fn, beater, stop, writer, fit)
     except ConfigError:
         raise
     except Exception as e:

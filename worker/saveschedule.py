@@ -1,0 +1,139 @@
+"""When the step loop takes an interval save: the decisions, apart from how a save is made
+(ckptd.worker.checkpointing).
+
+- A save is due at every `every_steps`-th step and whenever `every_seconds` have passed.
+- In the fit loop, a save due on an epoch's last step waits for the epoch end (after validation
+  and callbacks), so that the last epoch's interval and final saves are one commit, not two of
+  one step.
+- In async mode a save due while the writer is busy (one in flight, or its pacing) is pending:
+  the step loop looks at the writer now and then and takes it as soon as the writer may.
+
+Benchmarks switch interval saves off and on with `set_enabled` (bench/ab_loop.py).
+"""
+
+from __future__ import annotations
+
+import time
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+from ckptd.state.jobspec import Checkpoint
+
+if TYPE_CHECKING:
+    from ckptd.worker.checkpointing import Checkpointing
+
+# While a save is in flight the step loop looks at the writer (a pipe poll) at most this often:
+# a poll every step costs a measurable share of a small model's step; a reply noticed 2 ms late
+# changes nothing.
+ASYNC_POLL_SECONDS = 0.002
+
+
+class Due(StrEnum):
+    NO = "no"
+    NOW = "now"
+    EPOCH_END = "epoch_end"  # at this epoch's end, once its row is recorded
+    PENDING = "pending"  # already waiting for the writer: it stays one save
+
+
+def interval_due(
+    step: int, since_last_save: float, every_steps: int | None, every_seconds: float | None
+) -> bool:
+    return bool(every_steps and step % every_steps == 0) or bool(
+        every_seconds and since_last_save >= every_seconds
+    )
+
+
+def when_due(step_in_epoch: int, epoch_steps: int | None, pending: bool) -> Due:
+    """Where a due save goes: the epoch's end if this is its last step (fit loop only)."""
+    if epoch_steps is not None and step_in_epoch >= epoch_steps:
+        return Due.EPOCH_END
+    return Due.PENDING if pending else Due.NOW
+
+
+class SaveSchedule:
+    def __init__(self, spec: Checkpoint, ck: Checkpointing) -> None:
+        self.spec, self.ck = spec, ck
+        # Set by the fit loop only: custom loops (sessions) have no epoch end to defer to.
+        self.epoch_steps: int | None = None
+        self.last_save = time.monotonic()
+        self.pending = False
+        self.due_at_epoch_end = False
+        self.poll_at = 0.0
+        self.enabled = True
+        self._off_since: float | None = None
+
+    def start(self) -> None:
+        """Training starts now: every_seconds counts from here, not from the process start."""
+        self.last_save = time.monotonic()
+
+    def after_step(self, step_seconds: float) -> None:
+        if self.ck.async_saver is not None:
+            self._look_at_writer(step_seconds)
+
+    def interval(self, step: int, step_in_epoch: int) -> None:
+        """The step is counted (and a stop request dealt with): take the save if due."""
+        now = time.monotonic()
+        if not interval_due(step, now - self.last_save, self.spec.every_steps, self.spec.every_seconds):
+            return
+        self.ck.stats["due"] += 1
+        where = when_due(step_in_epoch, self.epoch_steps, self.pending)
+        if where is Due.EPOCH_END:
+            self.due_at_epoch_end = True
+        elif where is Due.NOW:
+            self._take()
+        self.last_save = time.monotonic()
+
+    def epoch_recorded(self) -> None:
+        """The fit loop's epoch end is complete: the save due on its last step is taken now."""
+        if self.due_at_epoch_end:
+            self.due_at_epoch_end = False
+            if not self.pending:
+                self._take()
+
+    def _take(self) -> None:
+        from ckptd.worker.checkpointing import Saved
+
+        if not self.enabled:
+            return
+        outcome = self.ck.save("interval")
+        if outcome is not Saved.FAILED:
+            # Busy: the writer has one in flight or paces, save when it may. Either way the
+            # next step works out when to look at the writer again.
+            self.pending = outcome is Saved.BUSY
+            self.poll_at = 0.0
+
+    def _look_at_writer(self, step_seconds: float) -> None:
+        saver = self.ck.async_saver
+        assert saver is not None
+        saver.meter.step(step_seconds, saver.in_flight is not None)
+        now = time.monotonic()
+        if now < self.poll_at:
+            return
+        self.ck.drain_async(block=False)
+        may_save = self.pending and not saver.busy()
+        self.poll_at = saver.next_look(now, self.pending and not may_save, ASYNC_POLL_SECONDS)
+        looked = time.monotonic() - now
+        self.ck.stats["poll_seconds"] += looked
+        saver.meter.stalled(looked)
+        if may_save:
+            self._take()
+
+    def settle(self) -> None:
+        """Benchmarks: wait for the save in flight and drop a pending one, so that a block of
+        steps is charged with the saves it started."""
+        self.ck.drain_async(block=True)
+        self.pending = False
+
+    def set_enabled(self, on: bool) -> None:
+        """Benchmarks: interval saves off or back on. Turning them on moves the async pacing
+        clocks on by the time they were off, so pacing continues as if the off period had not
+        been (otherwise every on-period would begin with a save pacing would not have allowed)."""
+        now = time.monotonic()
+        if not on and self.enabled:
+            self.settle()
+            self._off_since = now
+        elif on and not self.enabled and self._off_since is not None:
+            saver = self.ck.async_saver
+            if saver is not None:
+                saver.shift_clocks(now - self._off_since)
+        self.enabled = on
