@@ -27,9 +27,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
-# How much slower than a quiet box this session is expected to run: the declared hogs and the
-# load already there when it starts, per CPU (at most 4x). Test deadlines and pytest-timeout
-# scale by it, so a loaded CI stretches the tests' patience, never the product's timing rules.
+# How much slower than a quiet box this session is expected to run: the declared hogs, the other
+# pytest-xdist workers and the load already there when it starts, per CPU (at most 4x). Test
+# deadlines and pytest-timeout scale by it, so a loaded CI stretches the tests' patience, never
+# the product's timing rules.
 SLOWDOWN = 1.0
 
 
@@ -42,7 +43,8 @@ def pytest_configure(config: pytest.Config) -> None:
     global SLOWDOWN
     cpus = os.cpu_count() or 1
     hogs = config.getoption("--cpu-hogs")
-    SLOWDOWN = min(4.0, max(1.0, (hogs + os.getloadavg()[0]) / cpus))
+    peers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) - 1
+    SLOWDOWN = min(4.0, max(1.0, (hogs + peers + os.getloadavg()[0]) / cpus))
     base = getattr(config.option, "timeout", None) or config.getini("timeout")
     if SLOWDOWN > 1.0 and base:  # pytest-timeout reads the option before the ini value
         config.option.timeout = float(base) * SLOWDOWN
