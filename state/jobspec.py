@@ -208,6 +208,20 @@ class Resources(_Strict):
         return n
 
 
+class Distribute(_Strict):
+    """Several devices in one job (tf.distribute). `mirrored`: one worker process, one replica
+    per device, each step's global batch (train.batch_size) split across the replicas."""
+
+    strategy: Literal["none", "mirrored"] = "none"
+    # Replicas: the job's GPUs (resources.gpus, the default); on a box without GPUs, this many
+    # logical CPU devices (to try a configuration, and for ckptd's tests).
+    replicas: int | None = Field(None, ge=1, le=64)
+    # After a gpu_fault, relaunch on the healthy GPUs left if there are at least this many
+    # (default: the full count, i.e. wait for enough healthy GPUs). Fewer replicas resume with
+    # the same global batch and data order, but not bit-identically (reported at start).
+    min_replicas: int | None = Field(None, ge=1, le=64)
+
+
 class JobSpec(_Strict):
     name: str = Field(pattern=NAME_RE)
     description: str | None = Field(None, max_length=4096)
@@ -221,6 +235,7 @@ class JobSpec(_Strict):
     early_stopping: EarlyStopping | None = None
     restart: Restart = Field(default_factory=Restart)
     resources: Resources = Field(default_factory=Resources)
+    distribute: Distribute = Field(default_factory=Distribute)
     # The job file's directory (set by the loader, never by the file): relative paths in params
     # are resolved against it by the worker, with the submitter's rights.
     base_dir: str | None = Field(None, max_length=4096)
@@ -262,11 +277,39 @@ class JobSpec(_Strict):
                 "ckptd.fit(...) call sets epochs, batch_size, validation_split and "
                 "shuffle; remove it from the job file"
             )
+        _check_distribute(self.distribute, self.resources.gpus)
         if self.best:
             for key in FORMAT_FIELD_RE.findall(self.best.filepath):
                 if key != "epoch" and not re.fullmatch(r"(val_)?[A-Za-z_][A-Za-z0-9_]*", key):
                     raise ValueError(f"best.filepath: bad template field {{{key}}}")
         return self
+
+
+def _check_distribute(d: Distribute, gpus: int) -> None:
+    if d.strategy == "none":
+        if d.replicas not in (None, 1) or d.min_replicas is not None:
+            raise ValueError("distribute.replicas: set distribute.strategy: mirrored to use several devices")
+        return
+    if gpus and d.replicas not in (None, gpus):
+        raise ValueError(
+            f"distribute.replicas: {d.replicas} replicas on resources.gpus: {gpus}: with GPUs, "
+            "one replica per GPU (leave replicas out)"
+        )
+    replicas = d.replicas or gpus
+    if replicas < 2:
+        raise ValueError(
+            "distribute.replicas: mirrored needs at least 2 devices: set resources.gpus, or "
+            "replicas: N for N logical CPU devices"
+        )
+    if d.min_replicas is not None and d.min_replicas > replicas:
+        raise ValueError(f"distribute.min_replicas: {d.min_replicas} is more than the {replicas} replicas")
+
+
+def replica_counts(spec: JobSpec) -> tuple[int, int]:
+    """(wanted, fewest acceptable) devices of the job: GPUs when it has any."""
+    d = spec.distribute
+    wanted = spec.resources.gpus or (d.replicas or 1)
+    return wanted, min(wanted, d.min_replicas or wanted)
 
 
 def _check_plain(value: Any, path: str) -> None:

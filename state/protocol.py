@@ -68,6 +68,7 @@ class Event(StrEnum):
     NAN_LEARNING_RATE_NOT_FOUND = "nan.learning_rate_not_found"
     EXACTNESS_WARNING = "exactness.warning"
     CALLBACK_MAPPED = "callback.mapped"
+    TRAINING_DISTRIBUTED = "training.distributed"
     TRAINING_DONE = "training.done"
     TRAINING_FIRST_STEP = "training.first_step"
     TRAINING_STOPPED_BY_CALLBACK = "training.stopped_by_callback"

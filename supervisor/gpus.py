@@ -22,14 +22,20 @@ def detect_gpus(timeout: float = 10.0) -> list[int]:
     return [int(m) for m in _GPU_LINE.findall(out)]
 
 
-def choose_devices(available: list[int], excluded: set[int], wanted: int) -> list[int] | None:
-    """The first `wanted` healthy devices, or None when there are not enough."""
+def choose_devices(
+    available: list[int], excluded: set[int], wanted: int, fewest: int | None = None
+) -> list[int] | None:
+    """The first `wanted` healthy devices, or as many as there are if at least `fewest` (a
+    mirrored job's distribute.min_replicas; default: `wanted`); None when there are fewer."""
     healthy = [d for d in available if d not in excluded]
-    return healthy[:wanted] if len(healthy) >= wanted else None
+    enough = wanted if fewest is None else min(fewest, wanted)
+    return healthy[:wanted] if len(healthy) >= enough else None
 
 
-def exclude_after_fault(available: list[int], excluded: set[int], used: list[int], wanted: int) -> set[int]:
+def exclude_after_fault(
+    available: list[int], excluded: set[int], used: list[int], wanted: int, fewest: int | None = None
+) -> set[int]:
     """After a gpu_fault on `used`: exclude those devices if enough others remain to run the job;
     otherwise keep them (a retry on the same device beats not running at all)."""
     candidate = excluded | set(used)
-    return candidate if choose_devices(available, candidate, wanted) is not None else excluded
+    return candidate if choose_devices(available, candidate, wanted, fewest) is not None else excluded

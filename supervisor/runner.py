@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ckptd.state import protocol as p
-from ckptd.state.jobspec import JobSpec
+from ckptd.state.jobspec import JobSpec, replica_counts
 from ckptd.state.paths import RunDir
 from ckptd.state.safeopen import read_under
 from ckptd.state.states import AttemptClass, JobState
@@ -220,10 +220,10 @@ class JobRunner:
         wanted = self.spec.resources.gpus
         if wanted == 0:
             return {}
-        chosen = choose_devices(self.gpus, self.excluded_gpus, wanted)
+        chosen = choose_devices(self.gpus, self.excluded_gpus, wanted, replica_counts(self.spec)[1])
         if chosen is None:
             raise NoDevices(
-                f"resources.gpus={wanted}, but only "
+                f"resources.gpus={wanted} (fewest {replica_counts(self.spec)[1]}), but only "
                 f"{len(self.gpus) - len(self.excluded_gpus)} healthy GPU(s) "
                 f"(found {self.gpus}, excluded {sorted(self.excluded_gpus)})"
             )
@@ -317,7 +317,11 @@ class JobRunner:
         if klass == AttemptClass.GPU_FAULT and self.devices:
             # NVML names the sick device; an error message alone only says "one of these".
             self.excluded_gpus = exclude_after_fault(
-                self.gpus, self.excluded_gpus, sorted(sick) or self.devices, self.spec.resources.gpus
+                self.gpus,
+                self.excluded_gpus,
+                sorted(sick) or self.devices,
+                self.spec.resources.gpus,
+                replica_counts(self.spec)[1],
             )
             self.store.add_event(self.job_id, p.Event.GPU_EXCLUDED, {"devices": sorted(self.excluded_gpus)})
         return outcome

@@ -33,6 +33,18 @@ CASES = {
     "augment_in_map": ("entrypoint: {dir}/augment_in_map.py\ncheckpoint: {{every_steps: 10}}\n", 29),
     "gan": ("entrypoint: {dir}/gan.py\ncheckpoint: {{every_steps: 8}}\n", 21),
     "custom_loop": ("entrypoint: {dir}/custom_loop.py\ncheckpoint: {{every_steps: 15}}\n", 50),
+    # Two replicas on two logical CPU devices: the script builds in ckptd.strategy().scope();
+    # the model: job is built in the scope by ckptd, and saves asynchronously.
+    "mirrored": (
+        "entrypoint: {dir}/mirrored.py\ndistribute: {{strategy: mirrored, replicas: 2}}\n"
+        "checkpoint: {{every_steps: 10}}\n",
+        27,
+    ),
+    "mirrored_build_async": (
+        "model: {dir}/mirrored.py:build\ndistribute: {{strategy: mirrored, replicas: 2}}\n"
+        "checkpoint: {{every_steps: 10, mode: async}}\n",
+        23,
+    ),
 }
 
 
@@ -85,7 +97,11 @@ def test_sigkill_mid_run_resumes_bit_identical(tmp_path: Path, name: str) -> Non
     if name == "random_layers":  # CSVLogger: one row per epoch across the restart
         with open(killed / "log.csv") as f:
             assert [r["epoch"] for r in csv.DictReader(f)] == ["0", "1", "2", "3"]
-    if name in ("random_layers", "custom_loop"):  # export reaches a script job's model
+    if name.startswith("mirrored"):  # each replica got half of each global batch of 16
+        (dist,) = [e for e in events(killed) if e["event"] == "training.distributed" and e["attempt"] == 2]
+        assert (dist["replicas"], dist["global_batch"], dist["replica_rows"]) == (2, 16, [8, 8])
+        assert [d.rsplit(":", 2)[-2:] for d in dist["devices"]] == [["CPU", "0"], ["CPU", "1"]]
+    if name in ("random_layers", "custom_loop", "mirrored"):  # export reaches a script job's model
         out = tmp_path / "latest.h5"
         before = sorted((p.name, p.stat().st_mtime_ns) for p in killed.iterdir())
         r = subprocess.run(

@@ -63,6 +63,12 @@ BAD = [
     (GOOD + "entrypoint: train.py\n", "give one of them, not both"),
     ("name: ok\nentrypoint: t.py\ntrain: {epochs: 3}\n", "train.epochs: with entrypoint"),
     ("name: ok\nentrypoint: t.py\ntrain: {batch_size: 3, seed: 1}\n", "train.batch_size"),
+    (GOOD + "distribute: {strategy: mirrored}\n", "distribute.replicas: mirrored needs at least 2"),
+    (GOOD + "distribute: {strategy: mirrored, replicas: 1}\n", "distribute.replicas"),
+    (GOOD + "distribute: {replicas: 2}\n", "set distribute.strategy: mirrored"),
+    (GOOD + "distribute: {strategy: mirrored, replicas: 2}\nresources: {gpus: 4}\n", "one replica per GPU"),
+    (GOOD + "distribute: {strategy: mirrored, min_replicas: 5}\nresources: {gpus: 4}\n", "min_replicas: 5"),
+    (GOOD + "distribute: {strategy: horovod}\n", "distribute.strategy"),
 ]
 
 
@@ -266,3 +272,20 @@ def test_one_strictness_for_job_files_and_stored_or_sent_specs(tmp_path: Path) -
     job.write_text(job.read_text().replace("every_steps: 20", 'every_steps: "100"'))
     with pytest.raises(JobFileError, match=r"checkpoint\.every_steps"):
         load_job_file(job)
+
+
+@pytest.mark.parametrize(
+    ("text", "counts"),
+    [
+        ("", (1, 1)),  # one device: the CPU
+        ("resources: {gpus: 2}\n", (2, 2)),
+        ("distribute: {strategy: mirrored, replicas: 3}\n", (3, 3)),  # logical CPU devices
+        ("distribute: {strategy: mirrored}\nresources: {gpus: 4}\n", (4, 4)),
+        ("distribute: {strategy: mirrored, min_replicas: 2}\nresources: {gpus: 4}\n", (4, 2)),
+    ],
+)
+def test_replica_counts(text: str, counts: tuple[int, int]) -> None:
+    from ckptd.state.jobspec import replica_counts
+
+    spec = parse_job((GOOD + text).encode(), "j.yaml", Path("/"), check=False)
+    assert replica_counts(spec) == counts

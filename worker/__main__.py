@@ -56,12 +56,14 @@ def _basics(run: RunDir, attempt: int) -> tuple[JobSpec, Any, Any, Any]:
 
 def prepare(run: RunDir, attempt: int) -> Loop:
     """Everything before the checkpoint directory is touched: import, build, prime."""
+    from ckptd.worker.distribute import job_strategy
     from ckptd.worker.entry import build
     from ckptd.worker.setup import make_loop
 
     spec, beater, stop, writer = _basics(run, attempt)
     assert spec.model is not None
-    built = build(spec.model, resolved_params(spec))
+    with job_strategy().scope():  # mirrored variables for a mirrored job; else TF's default
+        built = build(spec.model, resolved_params(spec))
     data = built.fit if built.fit is not None else (built.train, built.validation)
     return make_loop(spec, run, built.model, data, beater, stop, writer)
 

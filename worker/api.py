@@ -8,6 +8,9 @@
   function to return.
 - `ckptd.params()`: the job file's `params`.
 - `ckptd.session(**trackables)`: checkpointing for a custom (GradientTape) training loop.
+- `ckptd.strategy()`: the job's `tf.distribute` strategy (`distribute:` in the job file); build
+  the model inside `with ckptd.strategy().scope():`. Outside ckptd, or for a one-device job,
+  TensorFlow's default strategy.
 
 Importing this module does not import TensorFlow: the daemon side imports the worker package.
 """
@@ -151,6 +154,13 @@ def fit(
 def params() -> dict[str, Any]:
     """The job file's `params` (relative paths beside the job file made absolute); {} outside."""
     return dict(_runner.params) if _runner is not None else {}
+
+
+def strategy() -> Any:
+    """The job's tf.distribute strategy (imports TensorFlow)."""
+    from ckptd.worker.distribute import job_strategy
+
+    return job_strategy()
 
 
 def session(**trackables: Any) -> Any:

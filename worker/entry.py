@@ -104,3 +104,7 @@ def check_model(model: Any, where: str) -> None:
         raise ConfigError(
             f"{where}: the model is not compiled; call model.compile(...) first, as model.fit requires"
         )
+    from ckptd.worker.distribute import check_strategy
+
+    if problem := check_strategy(model, where):
+        raise ConfigError(problem)

@@ -29,6 +29,7 @@ def _loop_for(run: RunDir, scratch: Path) -> Any:
     """The job's loop (or custom-loop session), built as its worker builds it but for reading
     only: no async writer, no signal handlers, heartbeats into `scratch` (never the job's own
     heartbeat, which a running worker owns), nothing restored."""
+    from ckptd.worker.distribute import job_strategy
     from ckptd.worker.entry import build
     from ckptd.worker.runtime import Beater, StopFlag
     from ckptd.worker.script import ScriptRunner, run_entrypoint
@@ -39,7 +40,8 @@ def _loop_for(run: RunDir, scratch: Path) -> Any:
     beater, stop = Beater(scratch / "heartbeat", 0), StopFlag()
     if spec.entrypoint is None:
         assert spec.model is not None
-        built = build(spec.model, resolved_params(spec))
+        with job_strategy().scope():  # as its worker builds it
+            built = build(spec.model, resolved_params(spec))
         data = built.fit if built.fit is not None else (built.train, built.validation)
         return make_loop(spec, run, built.model, data, beater, stop, None)
     os.chdir(run.root)  # as for its worker: files the script makes land in its run directory

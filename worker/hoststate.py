@@ -21,6 +21,7 @@ class HostState:
     early: EarlyStopper | None = None
     stopped_early: bool = False
     train_seconds: float = 0.0
+    replicas: int = 1  # how many replicas trained it (a resume on fewer is not bit-identical)
 
     def dumps(self) -> str:
         return json.dumps(
@@ -30,6 +31,7 @@ class HostState:
                 "early": self.early.to_dict() if self.early else None,
                 "stopped_early": self.stopped_early,
                 "train_seconds": self.train_seconds,
+                "replicas": self.replicas,
             },
             sort_keys=True,
         )
@@ -50,4 +52,5 @@ class HostState:
             early=early,
             stopped_early=d.get("stopped_early", False),
             train_seconds=d.get("train_seconds", 0.0),
+            replicas=d.get("replicas", 1),
         )

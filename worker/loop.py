@@ -20,12 +20,13 @@ from ckptd.state.paths import RunDir
 from ckptd.state.protocol import Event, Phase
 from ckptd.worker import callbacks as cbs
 from ckptd.worker.checkpointing import Checkpointing
+from ckptd.worker.distribute import ReplicaFeed, replicas
 from ckptd.worker.epochend import EpochEnd
 from ckptd.worker.hoststate import HostState
 from ckptd.worker.outputs import EpochOutputs
 from ckptd.worker.prep import floats, make_trackers
 from ckptd.worker.runtime import Beater, StopFlag
-from ckptd.worker.trackables import model_state_variables
+from ckptd.worker.trackables import model_state_variables, replica_parts
 from ckptd.worker.writer import Writer
 
 
@@ -55,7 +56,7 @@ class Loop:
         self.batch_size = getattr(data, "batch_size", spec.train.batch_size)
         self.spec, user_callbacks, notes = cbs.map_callbacks(fit.callbacks if fit else [], spec)
         best, early = make_trackers(self.spec)
-        self.host = HostState(best=best, early=early)
+        self.host = HostState(best=best, early=early, replicas=replicas(model.distribute_strategy))
         self.out = EpochOutputs(run, model, self.host, self.event)
         self.callbacks_var = tf.Variable("", dtype=tf.string, trainable=False)
         optimizer = model.optimizer if model.optimizer is not None else []  # a GAN has none
@@ -66,11 +67,11 @@ class Loop:
                 "model": model,
                 "optimizer": optimizer,
                 "best_weights": self.out.best_weights,
-                "metrics": list(model.metrics_variables),
+                "metrics": replica_parts(model.metrics_variables),
                 "callbacks": self.callbacks_var,
                 "data_state": data.state_variables(),
             },
-            model_state_variables(model),
+            replica_parts(model_state_variables(model)),
             beater,
             stop,
             writer,
@@ -87,9 +88,9 @@ class Loop:
         self.before_step: list[Callable[[], None]] = []
         self.first_step_seen = False
         self.inexact: list[str] = []  # why a resume might not be exact (ckptd.worker.setup)
+        self.feed: ReplicaFeed | None = None  # several replicas (ckptd.worker.setup)
+        self.notes = notes
         self._sync_host()
-        for note in notes:
-            self.event(Event.CALLBACK_MAPPED, note=note)
 
     def event(self, kind: Event, **data: Any) -> None:
         self.ck.event(kind, **data)
@@ -100,9 +101,19 @@ class Loop:
             self.host = HostState.loads(self.c.host.numpy().decode(), self.host.best, self.host.early)
             self.out.host = self.host
             self.out.merge_best_sidecar()
+            self._replicas_now()
             self._sync_host()
         self.out.write_history()
         return manifest
+
+    def _replicas_now(self) -> None:
+        now = replicas(self.model.distribute_strategy)
+        if self.host.replicas != now:  # a mirrored job relaunched on fewer healthy GPUs
+            self.inexact.append(
+                f"the checkpoint was trained on {self.host.replicas} replica(s), this attempt has "
+                f"{now}: the same global batches in the same order, but summed in another order"
+            )
+            self.host.replicas = now
 
     def _sync_host(self) -> None:
         """Host state changes only at epoch ends (and restores): serialise it then, not per save."""
@@ -112,7 +123,7 @@ class Loop:
         """Train to the end; returns the History (every epoch, also before a restart)."""
         resumed = self.ck.committed_step is not None
         self.ends.begin(int(self.c.epoch.numpy()), self.callbacks_var.numpy().decode() if resumed else None)
-        report_exactness(self.event, self.inexact)
+        self._announce()
         self.ck.schedule.start()
         self.beater.beat(
             Phase.TRAINING, force=True, epochs=self.epochs, steps_per_epoch=self.data.steps_per_epoch
@@ -123,6 +134,22 @@ class Loop:
                 self.ck.preempt()
         self.finish()
         return self.model.history
+
+    def _announce(self) -> None:
+        """The set-up's notes, when training starts (never while `ckptd export` builds a loop
+        only to read a checkpoint into it)."""
+        for note in self.notes:
+            self.event(Event.CALLBACK_MAPPED, note=note)
+        if self.feed is not None:
+            self.event(
+                Event.TRAINING_DISTRIBUTED,
+                strategy=self.spec.distribute.strategy,
+                replicas=self.feed.n,
+                devices=list(self.model.distribute_strategy.extended.worker_devices),
+                global_batch=self.batch_size,
+                replica_rows=self.feed.traced_rows,
+            )
+        report_exactness(self.event, self.inexact)
 
     def _epoch(self, epoch: int) -> None:
         start = int(self.c.step_in_epoch.numpy())

@@ -35,6 +35,9 @@ def configure_tf(spec: JobSpec) -> None:
     import keras
     import tensorflow as tf
 
+    from ckptd.worker.distribute import configure_devices
+
+    configure_devices(spec)  # first: logical devices can only be set before TensorFlow starts
     if spec.train.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(spec.train.seed)
@@ -57,6 +60,7 @@ def make_loop(
     """A primed Loop. `data_args` is a fit call's arguments, or the legacy (train, validation)
     that build() returned."""
     from ckptd.worker.data import Batches
+    from ckptd.worker.distribute import ReplicaFeed, replicas
     from ckptd.worker.fitdata import FitData
     from ckptd.worker.loop import Loop
     from ckptd.worker.trackables import make_step_function, prime
@@ -71,7 +75,8 @@ def make_loop(
         else:
             data = Batches(data_args[0], data_args[1], spec.train)
         stage = "building the model's variables on the first batch (as fit's first step would)"
-        step_fn = make_step_function(model)
+        feed = ReplicaFeed(model.distribute_strategy) if replicas(model.distribute_strategy) > 1 else None
+        step_fn = make_step_function(model, feed)
         prime(model, step_fn, data.first_batch())
         stage = "setting up the training loop"
         loop = Loop(spec, run, model, data, step_fn, beater, stop, writer, fit)
@@ -79,6 +84,7 @@ def make_loop(
         raise
     except Exception as e:
         raise ConfigError(f"{where}: {stage} failed: {_one_line(e)}") from e
+    loop.feed = feed
     loop.inexact = exactness_causes(spec, data, step_fn)
     if os.environ.get(CHECK_ENV):
         raise CheckDone(loop.inexact)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
@@ -54,6 +54,24 @@ def as_trackable(obj: Any) -> Any:
     if hasattr(obj, "variables"):
         return list(obj.variables)
     raise TypeError(f"{type(obj).__name__} holds no TensorFlow state ckptd can checkpoint")
+
+
+def replica_parts(variables: Iterable[Any]) -> list[Any]:
+    """Under several replicas a metric's variable is on-read: one value per replica, summed when
+    read. TensorFlow's checkpoint saves the sum and restores sum/N into each replica, so a
+    resume in mid-epoch would change that epoch's metrics (each replica reports its own, and
+    Keras averages them). Checkpoint every replica's own variable instead."""
+    out = []
+    for v in variables:
+        inner = getattr(v, "_value", v)  # a Keras 3 Variable wraps the TensorFlow one
+        if (
+            isinstance(inner, tf.distribute.DistributedValues)
+            and getattr(inner, "synchronization", None) == tf.VariableSynchronization.ON_READ
+        ):
+            out.extend(inner._distribute_strategy.experimental_local_results(inner))
+        else:
+            out.append(v)
+    return out
 
 
 def model_state_variables(model: Any) -> list[Any]:
@@ -119,15 +137,27 @@ class HostRandom:
         self._last = None
 
 
-def make_step_function(model: Any) -> Callable[[Any], Any]:
+if TYPE_CHECKING:
+    from ckptd.worker.distribute import ReplicaFeed
+
+
+def make_step_function(model: Any, feed: ReplicaFeed | None = None) -> Callable[[Any], Any]:
     """One training step, built as `model.fit` builds it for the TensorFlow backend
     (keras.src.backend.tensorflow.trainer._make_function): the strategy runs `train_step` on the
-    batch fit would hand it, the outputs reduced across replicas."""
+    batch fit would hand it, the outputs reduced across replicas. With several replicas, `feed`
+    splits the global batch among them as fit's distributed dataset would."""
     from keras.src.backend.tensorflow.trainer import reduce_per_replica
+
+    def replica_step(data: Any) -> Any:
+        if feed is not None:
+            feed.seen(data)
+        return model.train_step(data)
 
     def one_step_on_data(data: Any) -> Any:
         strategy = model.distribute_strategy
-        outputs = strategy.run(model.train_step, args=(data,))
+        if feed is not None:
+            data = feed.split(data)
+        outputs = strategy.run(replica_step, args=(data,))
         return reduce_per_replica(outputs, strategy, reduction="auto")
 
     if model.run_eagerly:
@@ -146,6 +176,13 @@ def prime(model: Any, step: Callable[[Any], Any], batch: Any) -> None:
     would not (no `call()` for a VAE that has none, no compiled loss for a model without one)."""
     keras_global_generator()
     tensors = keras.tree.map_structure(tf.convert_to_tensor, batch)
+    strategy = model.distribute_strategy
+    if strategy.num_replicas_in_sync > 1:
+        # Under several replicas, variables cannot be created inside the traced step (Keras 3
+        # builds optimizer slots lazily, and a MirroredVariable's initializer cannot be lifted
+        # out of the function): build them first, as fit does before its first step.
+        with strategy.scope():
+            model._symbolic_build(data_batch=tensors)
     if isinstance(step, tf.types.experimental.PolymorphicFunction):
         step.get_concrete_function(tensors)
     elif not model.built or (model.optimizer is not None and not model.optimizer.built):

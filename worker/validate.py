@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from ckptd.worker.distribute import ReplicaFeed, replicas
 from ckptd.worker.prep import floats
 
 
@@ -24,9 +25,11 @@ def evaluate(
     model.make_test_function()
     model.reset_metrics()
     logs: dict[str, Any] = {}
+    # Several replicas: each gets its share of the batch, as fit's distributed dataset gives it.
+    feed = ReplicaFeed(model.distribute_strategy) if replicas(model.distribute_strategy) > 1 else None
     for data in batches:
         # Each call runs one step and returns every metric accumulated so far.
-        logs = model.test_function(iter([data]))
+        logs = model.test_function(iter([feed.split(data) if feed is not None else data]))
         if progress is not None:
             progress()
     return floats(logs)

@@ -1,0 +1,90 @@
+"""Several devices in one worker: the job's `tf.distribute` strategy and how a step's global
+batch reaches its replicas.
+
+`distribute: {strategy: mirrored}` makes one `tf.distribute.MirroredStrategy` per worker over the
+job's GPUs (the supervisor's CUDA_VISIBLE_DEVICES), or over `replicas` logical CPU devices on a
+box without GPUs. The data position stays a function of the global step alone: ckptd still
+reads one global batch (train.batch_size) per step and splits it across the replicas as
+`experimental_distribute_dataset` would (the first replicas take ceil(B/N) rows each), so a
+resume with the same replica count replays the same per-replica batches.
+
+Models are built inside the strategy's scope: ckptd enters it around a `model:` job's build()
+function; an entrypoint script writes `with ckptd.strategy().scope():` (ckptd.worker.api).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from ckptd.state.jobspec import JobSpec
+
+_strategy: tf.distribute.Strategy | None = None
+
+
+def configure_devices(spec: JobSpec) -> None:
+    """Before TensorFlow initialises its devices (the first op): the logical CPU devices a
+    mirrored job without GPUs asks for, and the job's strategy."""
+    global _strategy
+    if spec.distribute.strategy != "mirrored":
+        _strategy = None
+        return
+    if spec.resources.gpus == 0:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        replicas = spec.distribute.replicas or 1
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
+        devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+    else:
+        devices = [d.name for d in tf.config.list_logical_devices("GPU")]
+    _strategy = tf.distribute.MirroredStrategy(devices)
+
+
+def job_strategy() -> tf.distribute.Strategy:
+    """The job's strategy: the mirrored one, or TensorFlow's default (one device)."""
+    return _strategy if _strategy is not None else tf.distribute.get_strategy()
+
+
+def replicas(strategy: tf.distribute.Strategy | None = None) -> int:
+    return int((strategy or job_strategy()).num_replicas_in_sync)
+
+
+def check_strategy(model: Any, where: str) -> str | None:
+    """Why `model` cannot train under the job's strategy (built outside its scope), if so."""
+    if _strategy is None or model.distribute_strategy is _strategy:
+        return None
+    return (
+        f"{where}: the model was built outside the job's distribution strategy; build it inside "
+        "`with ckptd.strategy().scope():` (distribute.strategy is mirrored)"
+    )
+
+
+class ReplicaFeed:
+    """Splits a global batch into one slice per replica; remembers the per-replica row counts
+    each traced step saw (the start-up event reports them)."""
+
+    def __init__(self, strategy: tf.distribute.Strategy) -> None:
+        self.strategy = strategy
+        self.n = replicas(strategy)
+        self.traced_rows: list[int | None] = []
+
+    def split(self, batch: Any) -> Any:
+        n = self.n
+
+        def part(ctx: tf.distribute.InputContext) -> Any:
+            i = ctx.replica_id_in_sync_group
+
+            def cut(t: Any) -> Any:
+                rows = tf.shape(t)[0]
+                per = (rows + n - 1) // n
+                return t[tf.minimum(i * per, rows) : tf.minimum((i + 1) * per, rows)]
+
+            return keras.tree.map_structure(cut, batch)
+
+        return self.strategy.experimental_distribute_values_from_function(part)
+
+    def seen(self, data: Any) -> None:
+        """Called inside a replica's step while it is traced: the rows it was handed."""
+        first = keras.tree.flatten(data)[0]
+        self.traced_rows.append(first.shape[0])
