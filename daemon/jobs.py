@@ -193,6 +193,27 @@ def stop_orphan(pid: int, run: RunDir, timeout: float = STOP_GRACE_SECONDS) -> s
         return "orphan worker killed with SIGKILL"
 
 
+def stop_gang(chief: int | None, run: RunDir) -> str:
+    """A multi_worker gang of a lost supervisor: never adopted (its members would need a
+    supervisor that watches them all). The chief saves and leaves; the other members, blocked
+    in a collective without it, are killed."""
+    what = stop_orphan(chief, run) if chief else "no chief"
+    killed = 0
+    for proc in psutil.process_iter():
+        if proc.pid != chief and works_for(proc, run) and "--warm" not in _cmdline(proc):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+                killed += 1
+    return f"gang: {what}; {killed} other member(s) killed"
+
+
+def _cmdline(proc: psutil.Process) -> list[str]:
+    try:
+        return proc.cmdline()
+    except psutil.Error:
+        return []
+
+
 def end_lost(store: Store, job_id: str, a: Attempt, evidence: str) -> None:
     """Close an attempt whose supervisor disappeared: class `lost`, what was found as evidence."""
     store.end_attempt(

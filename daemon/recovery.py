@@ -108,16 +108,18 @@ def _close_lost(store: Store, job: Job, a: Attempt, what: str, lost: list[tuple[
 
 def _reconcile(store: Store, job: Job, lost: list[tuple[str, int, str]]) -> Adopted | None:
     run = RunDir(Path(job.run_dir))
-    ckpt_dir = run.checkpoint_dir(jobs.spec_of(job).checkpoint.dir)
+    spec = jobs.spec_of(job)
+    ckpt_dir = run.checkpoint_dir(spec.checkpoint.dir)
+    gang = spec.distribute.strategy == "multi_worker"
     adopted = None
     for a in store.attempts(job.id):
         if a.ended_at is not None:
             continue
-        proc = live_worker(a, run, ckpt_dir) if adopted is None else None
+        proc = live_worker(a, run, ckpt_dir) if adopted is None and not gang else None
         if proc is not None:
             adopted = Adopted(a.n, proc.pid)
             continue
-        what = jobs.stop_orphan(a.pid, run) if a.pid else "no worker"
+        what = jobs.stop_gang(a.pid, run) if gang else jobs.stop_orphan(a.pid, run) if a.pid else "no worker"
         _close_lost(store, job, a, what, lost)
         # Its commits since the lost supervisor last read its events (an adopted worker's
         # supervisor replays them itself).

@@ -212,7 +212,7 @@ class Distribute(_Strict):
     """Several devices in one job (tf.distribute). `mirrored`: one worker process, one replica
     per device, each step's global batch (train.batch_size) split across the replicas."""
 
-    strategy: Literal["none", "mirrored"] = "none"
+    strategy: Literal["none", "mirrored", "multi_worker"] = "none"
     # Replicas: the job's GPUs (resources.gpus, the default); on a box without GPUs, this many
     # logical CPU devices (to try a configuration, and for ckptd's tests).
     replicas: int | None = Field(None, ge=1, le=64)
@@ -220,6 +220,15 @@ class Distribute(_Strict):
     # (default: the full count, i.e. wait for enough healthy GPUs). Fewer replicas resume with
     # the same global batch and data order, but not bit-identically (reported at start).
     min_replicas: int | None = Field(None, ge=1, le=64)
+    # multi_worker: a gang of `nodes` members, one worker process each (one replica per GPU of
+    # resources.gpus, or one CPU device), trained in step by TensorFlow's collectives.
+    nodes: int | None = Field(None, ge=2, le=1024)
+    # Who places the members: `local` runs them all on this box (127.0.0.1), `slurm` on the
+    # nodes of a Slurm allocation.
+    engine: Literal["local", "slurm"] = "local"
+    # A member stuck in a collective gives up after this long. Only a backstop: ckptd's own
+    # heartbeats find a stuck member first. Keep it longer than the slowest save or validation.
+    collective_timeout_seconds: float = Field(600.0, ge=10, le=86400)
 
 
 class JobSpec(_Strict):
@@ -286,6 +295,17 @@ class JobSpec(_Strict):
 
 
 def _check_distribute(d: Distribute, gpus: int) -> None:
+    if d.strategy == "multi_worker":
+        if d.nodes is None:
+            raise ValueError("distribute.nodes: multi_worker needs the number of members (nodes: 2 or more)")
+        if d.replicas is not None or d.min_replicas is not None:
+            raise ValueError(
+                "distribute.replicas: a multi_worker member uses its resources.gpus (or one CPU); "
+                "leave replicas and min_replicas out"
+            )
+        return
+    if d.nodes is not None:
+        raise ValueError("distribute.nodes: only for distribute.strategy: multi_worker")
     if d.strategy == "none":
         if d.replicas not in (None, 1) or d.min_replicas is not None:
             raise ValueError("distribute.replicas: set distribute.strategy: mirrored to use several devices")
@@ -308,6 +328,8 @@ def _check_distribute(d: Distribute, gpus: int) -> None:
 def replica_counts(spec: JobSpec) -> tuple[int, int]:
     """(wanted, fewest acceptable) devices of the job: GPUs when it has any."""
     d = spec.distribute
+    if d.strategy == "multi_worker":  # per member; a gang is never degraded
+        return spec.resources.gpus, spec.resources.gpus
     wanted = spec.resources.gpus or (d.replicas or 1)
     return wanted, min(wanted, d.min_replicas or wanted)
 

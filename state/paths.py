@@ -59,3 +59,26 @@ class RunDir:
     def output_path(self, configured: str) -> Path:
         p = Path(configured)
         return p if p.is_absolute() else self.root / p
+
+    def member(self, index: int) -> RunDir:
+        """What gang member `index` of a multi_worker job reads and writes: the chief (0) is the
+        job itself; another member has its own heartbeat, events, history, best file and
+        attempt logs under members/<index>/ (the chief's outputs are the job's), and shares
+        the job's spec and checkpoints."""
+        return self if index == 0 else MemberRunDir(self.root / "members" / str(index), self.root)
+
+
+@dataclass(frozen=True)
+class MemberRunDir(RunDir):
+    job_root: Path
+
+    @property
+    def spec_file(self) -> Path:
+        return self.job_root / "spec.json"
+
+    def checkpoint_dir(self, configured: str) -> Path:
+        return RunDir(self.job_root).checkpoint_dir(configured)
+
+    def output_path(self, configured: str) -> Path:
+        # Even an absolute best.filepath: the chief writes the job's copy.
+        return self.root / "outputs" / Path(configured).as_posix().lstrip("/")

@@ -19,6 +19,9 @@ from ckptd.state.safeopen import read_under
 # by ckptd.supervisor.policy from the evidence.
 EXIT_OK = 0
 EXIT_CRASH = 1
+# A multi_worker gang member's index (0: the chief) and the gang's size; TF_CONFIG carries the
+# cluster for TensorFlow itself.
+MEMBER_ENV = "CKPTD_MEMBER"
 NAN_RESTARTS_ENV = "CKPTD_NAN_RESTARTS"  # attempts that ended non-finite so far (restart.on_nan)
 EXIT_NONFINITE = 74  # the loss or the weights became NaN/inf: nothing non-finite was committed
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved a checkpoint on SIGTERM/SIGINT and stopped as asked
@@ -63,6 +66,7 @@ class Event(StrEnum):
     RESTORE_BEGIN = "restore.begin"
     RESTORE_DONE = "restore.done"
     RESTORE_FRESH = "restore.fresh"
+    RESTORE_SKIPPED = "restore.skipped"
     # worker: training, epochs, outputs
     NAN_LEARNING_RATE_LOWERED = "nan.learning_rate_lowered"
     NAN_LEARNING_RATE_NOT_FOUND = "nan.learning_rate_not_found"
@@ -87,6 +91,7 @@ class Event(StrEnum):
     WORKER_WARM_ASSIGNED = "worker.warm_assigned"
     WORKER_ADOPTED = "worker.adopted"
     WORKER_EXITED = "worker.exited"
+    GANG_MEMBER_ENDED = "gang.member_ended"
     WORKER_RESTARTING = "worker.restarting"
     GPU_EXCLUDED = "gpu.excluded"
 

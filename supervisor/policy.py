@@ -148,7 +148,7 @@ class Decision:
 
 
 NEVER_RETRY = frozenset({C.CONFIG_ERROR})
-FREE_RESTART = frozenset({C.PREEMPTED, C.LOST})
+FREE_RESTART = frozenset({C.PREEMPTED, C.LOST, C.PEER_LOST})
 
 
 def _made_progress(a: AttemptOutcome) -> bool:

@@ -54,6 +54,7 @@ class ProcessOps(Protocol):
     def signal_group(self, pid: int, sig: int) -> None: ...
     def signal_pid(self, pid: int, sig: int) -> None: ...
     def rss(self, pid: int) -> int | None: ...  # what counts against memory_limit
+    def stopped(self, pid: int) -> bool: ...  # SIGSTOPped or held by a tracer
     def monotonic(self) -> float: ...
     def sleep(self, seconds: float) -> None: ...
 
@@ -274,6 +275,12 @@ class RealProcessOps:
     def signal_pid(self, pid: int, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, sig)
+
+    def stopped(self, pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            return False
 
     def rss(self, pid: int) -> int | None:
         raw = self._raw_rss(pid)

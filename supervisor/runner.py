@@ -20,7 +20,7 @@ from ckptd.state.paths import RunDir
 from ckptd.state.safeopen import read_under
 from ckptd.state.states import AttemptClass, JobState
 from ckptd.state.store import Store
-from ckptd.supervisor import ledger, nvml
+from ckptd.supervisor import gang, ledger, nvml
 from ckptd.supervisor.gpus import choose_devices, exclude_after_fault
 from ckptd.supervisor.policy import (
     Action,
@@ -268,6 +268,8 @@ class JobRunner:
         return n, pid
 
     def _attempt(self, adopt: Adopted | None = None) -> AttemptOutcome:
+        if self.spec.distribute.strategy == "multi_worker":
+            return self._gang_attempt()
         if adopt is None:
             n, pid = self._start()
         else:  # its events so far were recorded by the previous supervisor or are replayed
@@ -299,6 +301,18 @@ class JobRunner:
         klass, evidence = classify_exit(obs)
         if isinstance(err.get("step"), int):
             w.last_step = err["step"]
+        return self._end_attempt(n, w, status, klass, evidence, _summary(err), sick)
+
+    def _end_attempt(
+        self,
+        n: int,
+        w: Watch,
+        status: ExitStatus,
+        klass: AttemptClass,
+        evidence: str,
+        summary: str | None,
+        sick: dict[int, str],
+    ) -> AttemptOutcome:
         self.store.end_attempt(
             self.job_id,
             n,
@@ -306,7 +320,7 @@ class JobRunner:
             signal=status.signal,
             klass=klass,
             evidence=evidence,
-            error_summary=_summary(err),
+            error_summary=summary,
             restored_step=w.restored_step,
             last_step=w.last_step,
         )
@@ -325,6 +339,38 @@ class JobRunner:
             )
             self.store.add_event(self.job_id, p.Event.GPU_EXCLUDED, {"devices": sorted(self.excluded_gpus)})
         return outcome
+
+    def _gang_attempt(self) -> AttemptOutcome:
+        """A multi_worker attempt (engine local): every member on this box, ended together."""
+        n = len(self.store.attempts(self.job_id)) + 1
+        self.events.offset = _size(self.run.root / p.EVENTS_FILE)
+        members = gang.spawn_local(self.ops, self.run, n, self.spec.distribute.nodes or 2, worker_argv)
+        for m in members:
+            self._record(p.Event.WORKER_SPAWNED, attempt=n, pid=m.pid, member=m.index, host=m.host)
+        chief = members[0]
+        self.store.start_attempt(self.job_id, chief.pid, self.ops.start_time(chief.pid))
+        self.display.attempt_started(n, chief.pid)
+        w = Watch(n=n, pid=chief.pid, started=chief.last_change, last_change=chief.last_change)
+        watch = gang.GangWatch(
+            self.ops, self.spec.restart, members, lambda: len(self.stops.signals), self.ops.stopped
+        )
+        watch.run(lambda: self._drain_events(w), POLL_SECONDS)
+        errors = {m.index: _read_error(m.run.root, m.run.attempt_dir(n) / p.ERROR_FILE) for m in members}
+        verdict = gang.judge(watch, errors, n)
+        for i, (klass, evidence) in verdict.classes.items():
+            self._record(
+                p.Event.GANG_MEMBER_ENDED,
+                attempt=n,
+                member=i,
+                exit_class=str(klass),
+                evidence=evidence,
+                root_cause=i == verdict.root,
+            )
+        self._drain_events(w)
+        w.last_step = chief.last_step
+        assert chief.status is not None
+        klass, evidence = verdict.attempt
+        return self._end_attempt(n, w, chief.status, klass, evidence, _summary(errors[verdict.root]), {})
 
     def _record(self, kind: p.Event, **data: Any) -> None:
         if self.record is not None:

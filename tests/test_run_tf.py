@@ -188,7 +188,7 @@ def test_killed_supervisor_leaves_no_second_writer_and_job_resumes(
     run = run_dir(home)
     hb = heartbeat_when(run, lambda h: (h.committed_step or 0) >= 40)
     proc.kill()
-    proc.wait(timeout=30)
+    proc.communicate(timeout=30)  # reaps it and closes its pipe
     assert psutil.pid_exists(hb.pid)  # the orphan is still training
     rc, out = finish(start_run(home, str(job)))
     assert rc == 0, out

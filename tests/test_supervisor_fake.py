@@ -123,6 +123,9 @@ class FakeOps:
     def rss(self, pid: int) -> int | None:
         return self.live[pid][0].rss if pid in self.live else None
 
+    def stopped(self, pid: int) -> bool:
+        return False
+
     def monotonic(self) -> float:
         return self.now
 

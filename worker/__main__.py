@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from ckptd.state import protocol as p
 from ckptd.state.durable import atomic_write_text
 from ckptd.state.jobspec import JobSpec, resolved_params, spec_from_json
-from ckptd.state.paths import RunDir
+from ckptd.state.paths import MemberRunDir, RunDir
 from ckptd.state.protocol import Phase
 from ckptd.worker.runtime import log_to
 
@@ -37,9 +37,10 @@ def _basics(run: RunDir, attempt: int) -> tuple[JobSpec, Any, Any, Any]:
 
     spec = spec_from_json(run.spec_file.read_text())
     # Start the async writer first: its TensorFlow import overlaps with ours.
+    chief = int(os.environ.get(p.MEMBER_ENV, "0")) == 0  # only the chief writes checkpoints
     writer = (
         start_writer(run.checkpoint_dir(spec.checkpoint.dir))
-        if spec.checkpoint.mode == "async" and not os.environ.get(p.CHECK_ENV)
+        if spec.checkpoint.mode == "async" and chief and not os.environ.get(p.CHECK_ENV)
         else None
     )
     from ckptd.worker.runtime import Beater, StopFlag
@@ -74,7 +75,8 @@ def _start(loop: Any) -> None:
 
     if loop.spec.best is not None:
         output_dir(loop.run.output_path(loop.spec.best.filepath).parent, "best.filepath")
-    lock_dir(loop.run.checkpoint_dir(loop.spec.checkpoint.dir))
+    if not isinstance(loop.run, MemberRunDir):  # the chief holds it for the whole gang
+        lock_dir(loop.run.checkpoint_dir(loop.spec.checkpoint.dir))
     loop.restore()
 
 
@@ -261,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     # kills a hung worker, so the attempt's stderr log shows where it was stuck.
     faulthandler.enable(file=sys.stderr, all_threads=True)
     faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
-    run = RunDir(Path(args[0]))
+    # A multi_worker gang member other than the chief reads the job and keeps its own files.
+    run = RunDir(Path(args[0])).member(int(os.environ.get(p.MEMBER_ENV, "0")))
     if not os.environ.get(p.CHECK_ENV):  # `ckptd validate --build` reads the verdict on stdout
         log_to(run.root / "attempts" / "spare" if args[1] == "--spare" else run.attempt_dir(int(args[1])))
     code = 1

@@ -22,8 +22,9 @@ from ckptd.state.jobspec import JobSpec
 from ckptd.state.paths import RunDir
 from ckptd.state.protocol import EVENTS_FILE, NAN_RESTARTS_ENV, Event, Phase, append_event
 from ckptd.worker.asyncsave import AsyncSaver
+from ckptd.worker.distribute import agree_on_step, is_chief, job_strategy, multi_worker
 from ckptd.worker.faults import Faults
-from ckptd.worker.keeper import Keeper, SaveFailed
+from ckptd.worker.keeper import Keeper, SaveFailed, restore_readonly
 from ckptd.worker.prep import Counters
 from ckptd.worker.runtime import Beater, StopFlag
 from ckptd.worker.saveschedule import SaveSchedule
@@ -152,6 +153,8 @@ class Checkpointing:
     def restore(self) -> Manifest | None:
         """Restore the newest valid commit into the checkpoint's objects (None: fresh start)."""
         self.beater.beat(Phase.RESTORING)
+        if not is_chief():
+            return self._restore_as_member()
         self.open()
         manifest = self.keeper.restore()  # quarantines damaged commits before GC sees them
         if restarts := int(os.environ.get(NAN_RESTARTS_ENV, "0")):  # restart.on_nan: restart
@@ -176,6 +179,21 @@ class Checkpointing:
         )
         if self.async_saver is not None:
             self.async_saver.prepare(manifest)
+        return self._restored(manifest)
+
+    def _restore_as_member(self) -> Manifest | None:
+        """A gang member other than the chief reads the chief's newest valid commit; the chief
+        alone quarantines, collects garbage and commits."""
+        ckdir = self.run.checkpoint_dir(self.spec.checkpoint.dir)
+        manifest = restore_readonly(
+            ckdir, self.ckpt, lambda m, why: self.event(Event.RESTORE_SKIPPED, number=m.number, reason=why)
+        )
+        return self._restored(manifest)
+
+    def _restored(self, manifest: Manifest | None) -> Manifest | None:
+        strategy = job_strategy()
+        if multi_worker(strategy):
+            agree_on_step(strategy, manifest.step if manifest is not None else 0)
         if manifest is None:
             self.event(Event.RESTORE_FRESH, reason="no committed checkpoint")
             return None
@@ -197,6 +215,9 @@ class Checkpointing:
     def save(self, reason: str) -> Saved:
         """Commit a checkpoint. An interval save that fails (disk full, EIO) is reported and
         training carries on from the previous commit; final and preemption saves must succeed."""
+        if not is_chief():  # the chief commits for the whole gang (every variable it saves
+            self.dirty = False  # is its own local copy: no collective, no member takes part)
+            return Saved.DONE
         t0 = time.monotonic()
         self.check_finite()
         for capture in self.before_save:

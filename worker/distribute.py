@@ -14,20 +14,40 @@ function; an entrypoint script writes `with ckptd.strategy().scope():` (ckptd.wo
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import keras
 import tensorflow as tf
 
 from ckptd.state.jobspec import JobSpec
+from ckptd.state.protocol import MEMBER_ENV
 
 _strategy: tf.distribute.Strategy | None = None
+
+
+def member_index() -> int:
+    """This worker's place in a multi_worker gang (0, the chief, for every other job)."""
+    return int(os.environ.get(MEMBER_ENV, "0"))
+
+
+def is_chief() -> bool:
+    """The chief commits checkpoints and writes the job's outputs; the other members train in
+    step with it and keep their own files in members/<index>/ (ckptd.state.paths)."""
+    return member_index() == 0
 
 
 def configure_devices(spec: JobSpec) -> None:
     """Before TensorFlow initialises its devices (the first op): the logical CPU devices a
     mirrored job without GPUs asks for, and the job's strategy."""
     global _strategy
+    if spec.distribute.strategy == "multi_worker":
+        # The cluster comes from TF_CONFIG (set by the engine that placed the members).
+        timeout = tf.distribute.experimental.CommunicationOptions(
+            timeout_seconds=spec.distribute.collective_timeout_seconds
+        )
+        _strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=timeout)
+        return
     if spec.distribute.strategy != "mirrored":
         _strategy = None
         return
@@ -48,6 +68,31 @@ def job_strategy() -> tf.distribute.Strategy:
 
 def replicas(strategy: tf.distribute.Strategy | None = None) -> int:
     return int((strategy or job_strategy()).num_replicas_in_sync)
+
+
+def multi_worker(strategy: tf.distribute.Strategy) -> bool:
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
+def reduce_logs(strategy: tf.distribute.Strategy, outputs: Any) -> Any:
+    """A step's logs, averaged over every replica of the gang. Keras 3's own reduction fails on
+    scalar logs under MultiWorkerMirroredStrategy (tensorflow#72388: "Invalid reduction
+    dimension 0 for input with 0 dimensions"), so ckptd reduces them itself."""
+    return keras.tree.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), outputs)
+
+
+def agree_on_step(strategy: tf.distribute.Strategy, step: int) -> None:
+    """After a restore, every member must hold the same commit: a member that restored another
+    one (a commit quarantined by the chief meanwhile) would train on silently different
+    weights. One all-gather; the attempt fails if the members disagree."""
+    values = strategy.experimental_distribute_values_from_function(lambda _ctx: tf.constant([step], tf.int64))
+    steps = [int(x) for x in strategy.gather(values, axis=0).numpy()]
+    low, high = min(steps), max(steps)
+    if high != low:
+        raise RuntimeError(
+            f"gang members restored different steps ({low}..{high}; this member {step}): "
+            "the gang restarts from the chief's newest valid commit"
+        )
 
 
 def check_strategy(model: Any, where: str) -> str | None:

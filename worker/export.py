@@ -58,25 +58,22 @@ def _loop_for(run: RunDir, scratch: Path) -> Any:
 
 def export_latest(run: RunDir, out: Path) -> str:
     from ckptd.worker.h5export import save_weights_file
+    from ckptd.worker.keeper import restore_readonly
 
     with tempfile.TemporaryDirectory(prefix="ckptd-export-") as scratch:
         loop = _loop_for(run, Path(scratch))
     if loop.model is None:
         raise LookupError("this job's session holds no keras.Model to export")
     ckdir = run.checkpoint_dir(loop.spec.checkpoint.dir)
-    manifests, _bad = cf.read_manifests(ckdir)
-    for m in reversed(manifests):
-        problem = cf.verify_files(ckdir, m)
-        if problem is None:
-            try:
-                loop.ck.ckpt.read(str(ckdir / m.prefix)).expect_partial()
-            except Exception as e:  # a torn or foreign file: try the next older one
-                problem = f"{type(e).__name__}: {str(e)[:200]}"
-        if problem is None:
-            save_weights_file(loop.model, out)
-            return f"step {m.step} (epoch {m.epoch}, checkpoint {m.number})"
+
+    def skipped(m: cf.Manifest, problem: str) -> None:
         print(f"ckptd export: skipping checkpoint {m.number}: {problem}", file=sys.stderr)
-    raise LookupError(f"no verified checkpoint in {ckdir}")
+
+    m = restore_readonly(ckdir, loop.ck.ckpt, skipped)
+    if m is None:
+        raise LookupError(f"no verified checkpoint in {ckdir}")
+    save_weights_file(loop.model, out)
+    return f"step {m.step} (epoch {m.epoch}, checkpoint {m.number})"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,8 @@ Format: comma-separated `key=value`:
 - `sigkill_in_restore=A-B`: while restoring, in attempts A..B (not limited by `attempt`);
 - `hang_at_step`, `gpu_fault_at_step`, `gpu_oom_at_step`, `hog_at_step`: a deadlock, a CUDA-like
   error, a GPU out-of-memory error, unbounded host allocation;
-- `attempt=K`: apply kills and errors only in attempt K.
+- `attempt=K`: apply kills and errors only in attempt K;
+- `member=M`: only in gang member M of a multi_worker job (step delays apply to every member).
 Never set it in production: it exists so every failure class is testable on a machine without a GPU.
 """
 
@@ -38,6 +39,7 @@ class Faults:
     gpu_oom_at_step: int | None = None  # raise ResourceExhaustedError
     hog_at_step: int | None = None  # allocate host memory without bound
     attempt: int | None = None
+    member: int | None = None
 
     @classmethod
     def from_env(cls) -> Faults:
@@ -56,7 +58,8 @@ class Faults:
         return cls(**kw)  # type: ignore[arg-type]
 
     def _armed(self, attempt: int) -> bool:
-        return self.attempt is None or attempt == self.attempt
+        mine = self.member is None or self.member == int(os.environ.get("CKPTD_MEMBER", "0"))
+        return mine and (self.attempt is None or attempt == self.attempt)
 
     def in_save(self, step: int, attempt: int) -> None:
         if not self._armed(attempt):
@@ -81,7 +84,7 @@ class Faults:
     def after_step(self, step: int, attempt: int) -> None:
         if self.step_delay:
             time.sleep(self.step_delay)
-        if self.attempt is not None and attempt != self.attempt:
+        if not self._armed(attempt):
             return
         if step == self.sigkill_at_step:
             os.kill(os.getpid(), signal.SIGKILL)

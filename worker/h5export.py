@@ -37,7 +37,9 @@ def _write_keras2_layout(path: Path, model: Any) -> None:
             names = [f"{layer.name}/{w.name}:{i}".encode() for i, w in enumerate(weights)]
             group.attrs["weight_names"] = np.array(names, dtype="S") if names else np.array([], dtype="S1")
             for name, w in zip(names, weights, strict=True):
-                value = np.asarray(keras.ops.convert_to_numpy(w))
+                # The variable's own numpy(): keras.ops.convert_to_numpy passes copy=False to an
+                # __array__ that does not take it (a NumPy 2 DeprecationWarning).
+                value = np.asarray(w.numpy() if hasattr(w, "numpy") else keras.ops.convert_to_numpy(w))
                 dset = group.create_dataset(name.decode(), value.shape, dtype=value.dtype)
                 if value.shape:
                     dset[:] = value

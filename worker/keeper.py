@@ -191,6 +191,29 @@ class Keeper:
         return manifest
 
 
+def restore_readonly(
+    directory: Path, ckpt: tf.train.Checkpoint, skipped: Callable[[cf.Manifest, str], None]
+) -> cf.Manifest | None:
+    """The newest committed checkpoint whose files match its manifest and that reads back,
+    restored into `ckpt`, changing nothing on disk (no quarantine, restore marker or state
+    file): for readers beside the worker that owns the directory (`ckptd export`, the members
+    of a gang other than its chief). `skipped` hears of each one passed over, and why."""
+    if not directory.is_dir():  # the owner has not created it yet: nothing was ever committed
+        return None
+    manifests, _bad = cf.read_manifests(directory)
+    for m in reversed(manifests):
+        problem = cf.verify_files(directory, m)
+        if problem is None:
+            try:
+                ckpt.read(str(directory / m.prefix)).expect_partial()
+            except Exception as e:  # a torn or foreign file: try the next older one
+                problem = f"{type(e).__name__}: {str(e)[:200]}"
+        if problem is None:
+            return m
+        skipped(m, problem)
+    return None
+
+
 def read_every_tensor(prefix: str) -> str | None:
     """Read every tensor of a checkpoint, so TF checks each one's CRC32C against the index (whose
     SHA-256 the manifest holds), including tensors no live object restores."""

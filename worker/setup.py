@@ -60,7 +60,7 @@ def make_loop(
     """A primed Loop. `data_args` is a fit call's arguments, or the legacy (train, validation)
     that build() returned."""
     from ckptd.worker.data import Batches
-    from ckptd.worker.distribute import ReplicaFeed, replicas
+    from ckptd.worker.distribute import ReplicaFeed, multi_worker, replicas
     from ckptd.worker.fitdata import FitData
     from ckptd.worker.loop import Loop
     from ckptd.worker.trackables import make_step_function, prime
@@ -86,6 +86,12 @@ def make_loop(
         raise ConfigError(f"{where}: {stage} failed: {_one_line(e)}") from e
     loop.feed = feed
     loop.inexact = exactness_causes(spec, data, step_fn)
+    if multi_worker(model.distribute_strategy):
+        loop.inexact.append(
+            "multi_worker: only the chief commits, so an epoch interrupted mid-way resumes its "
+            "running loss and metrics from the chief's replicas (weights, optimizer, data order and "
+            "random state resume exactly; that epoch's reported figures may differ)"
+        )
     if os.environ.get(CHECK_ENV):
         raise CheckDone(loop.inexact)
     return loop

@@ -148,6 +148,8 @@ def make_step_function(model: Any, feed: ReplicaFeed | None = None) -> Callable[
     splits the global batch among them as fit's distributed dataset would."""
     from keras.src.backend.tensorflow.trainer import reduce_per_replica
 
+    from ckptd.worker.distribute import multi_worker, reduce_logs
+
     def replica_step(data: Any) -> Any:
         if feed is not None:
             feed.seen(data)
@@ -158,6 +160,8 @@ def make_step_function(model: Any, feed: ReplicaFeed | None = None) -> Callable[
         if feed is not None:
             data = feed.split(data)
         outputs = strategy.run(replica_step, args=(data,))
+        if multi_worker(strategy):
+            return reduce_logs(strategy, outputs)
         return reduce_per_replica(outputs, strategy, reduction="auto")
 
     if model.run_eagerly:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ckptd.worker.distribute import ReplicaFeed, replicas
+from ckptd.worker.distribute import ReplicaFeed, multi_worker, reduce_logs, replicas
 from ckptd.worker.prep import floats
 
 
@@ -22,14 +22,38 @@ def evaluate(
     x, (x, y) or (x, y, sample_weight)), as `evaluate()` reports them; empty if none.
     `progress` runs after each batch: a validation longer than the heartbeat timeout is
     progress, not a hang."""
-    model.make_test_function()
+    strategy = model.distribute_strategy
+    test = _gang_test_function(model) if multi_worker(strategy) else None
+    if test is None:
+        model.make_test_function()
     model.reset_metrics()
     logs: dict[str, Any] = {}
     # Several replicas: each gets its share of the batch, as fit's distributed dataset gives it.
-    feed = ReplicaFeed(model.distribute_strategy) if replicas(model.distribute_strategy) > 1 else None
+    feed = ReplicaFeed(strategy) if replicas(strategy) > 1 else None
     for data in batches:
         # Each call runs one step and returns every metric accumulated so far.
-        logs = model.test_function(iter([feed.split(data) if feed is not None else data]))
+        if test is not None:
+            logs = test(feed.split(data) if feed is not None else data)
+        else:
+            logs = model.test_function(iter([feed.split(data) if feed is not None else data]))
         if progress is not None:
             progress()
     return floats(logs)
+
+
+_gang_tests: dict[int, Callable[[Any], Any]] = {}
+
+
+def _gang_test_function(model: Any) -> Callable[[Any], Any]:
+    """Keras's test function, with ckptd's reduction of the logs: Keras's own fails under
+    MultiWorkerMirroredStrategy (ckptd.worker.distribute.reduce_logs)."""
+    import tensorflow as tf
+
+    if id(model) not in _gang_tests:
+        strategy = model.distribute_strategy
+
+        def one_step(data: Any) -> Any:
+            return reduce_logs(strategy, strategy.run(model.test_step, args=(data,)))
+
+        _gang_tests[id(model)] = tf.function(one_step, reduce_retracing=True)
+    return _gang_tests[id(model)]

@@ -1,0 +1,86 @@
+"""A gang's decisions (ckptd.supervisor.gang): which member's ending is the attempt's, what the
+others are recorded as, what a member's error says. Pure functions, table-driven."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ckptd.state.states import AttemptClass as C
+from ckptd.supervisor.gang import MemberEnd, free_ports, gang_root, member_class, peer_error, tf_config
+
+
+@pytest.mark.parametrize(
+    ("ends", "root"),
+    [
+        # member 1 SIGKILLed first; the chief failed after it, naming the aborted collective
+        ([MemberEnd(0, 1, peer_error=True), MemberEnd(1, 0)], 1),
+        # the chief noticed first, but only because member 1 was gone: still member 1
+        ([MemberEnd(0, 0, peer_error=True), MemberEnd(1, 1)], 1),
+        # member 1 crashed of its own; the chief was ended by the supervisor
+        ([MemberEnd(0, None), MemberEnd(1, 0)], 1),
+        # two own endings: the first
+        ([MemberEnd(0, 1), MemberEnd(1, 0), MemberEnd(2, None)], 1),
+        # every member blamed a peer: the first to go
+        ([MemberEnd(0, 1, peer_error=True), MemberEnd(1, 0, peer_error=True)], 1),
+        # a silent gang (all ended by the supervisor): the stopped member
+        ([MemberEnd(0, None, last_step=30), MemberEnd(1, None, stopped=True, last_step=30)], 1),
+        # none stopped: the one furthest behind
+        ([MemberEnd(0, None, last_step=29), MemberEnd(1, None, last_step=30)], 0),
+        # same step: the one silent longest
+        (
+            [
+                MemberEnd(0, None, last_step=30, silent_seconds=9.0),
+                MemberEnd(1, None, last_step=30, silent_seconds=9.5),
+            ],
+            1,
+        ),
+        # a member that never beat (no step) is behind every one that did
+        ([MemberEnd(0, None, last_step=3), MemberEnd(1, None, last_step=None)], 1),
+    ],
+)
+def test_gang_root(ends: list[MemberEnd], root: int) -> None:
+    assert gang_root(ends) == root
+
+
+@pytest.mark.parametrize(
+    ("root", "index", "own", "recorded"),
+    [
+        (1, 1, C.KILLED, C.KILLED),  # the root keeps its class
+        (1, 0, C.CRASH, C.PEER_LOST),  # the chief died of the aborted collective
+        (1, 0, C.KILLED, C.PEER_LOST),  # or was ended by the supervisor
+        (1, 0, C.SUCCEEDED, C.SUCCEEDED),  # finished before the peer went: a clean end stays one
+        (0, 2, C.CONFIG_ERROR, C.CONFIG_ERROR),  # a configuration error is never a peer's fault
+    ],
+)
+def test_member_class(root: int, index: int, own: C, recorded: C) -> None:
+    assert member_class(root, index, own) is recorded
+
+
+@pytest.mark.parametrize(
+    ("etype", "message", "peer"),
+    [
+        (
+            "tensorflow.python.framework.errors_impl.UnavailableError",
+            "Collective ops is aborted by: ...",
+            True,
+        ),
+        ("tensorflow.python.framework.errors_impl.DeadlineExceededError", "Collective ops timed out", True),
+        ("RuntimeError", "injected fault at step 27", False),
+        ("tensorflow.python.framework.errors_impl.InternalError", "CUDA_ERROR_ECC_UNCORRECTABLE", False),
+        (None, None, False),
+    ],
+)
+def test_peer_error(etype: str | None, message: str | None, peer: bool) -> None:
+    assert peer_error(etype, message) is peer
+
+
+def test_tf_config_and_ports() -> None:
+    ports = free_ports(3)
+    assert len(set(ports)) == 3
+    hosts = [f"127.0.0.1:{p}" for p in ports]
+    assert json.loads(tf_config(hosts, 2)) == {
+        "cluster": {"worker": hosts},
+        "task": {"type": "worker", "index": 2},
+    }

@@ -1,0 +1,98 @@
+"""multi_worker gangs on this box (engine local: two members on 127.0.0.1, one CPU each): a
+member SIGKILLed or SIGSTOPped ends the whole gang, which restarts from the chief's newest
+commit and ends tensor for tensor where an uninterrupted two-member run ends."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ckptd.state.protocol import Heartbeat
+
+from .conftest import ROOT
+from .procs import final_state_hash, finish, run_dir, start_run, status, wait_for
+
+pytestmark = pytest.mark.tf
+PROGRAM = ROOT / "tests" / "programs" / "mirrored.py"
+
+
+def _job(tmp: Path, extra: str = "") -> Path:
+    job = tmp / "gang.yaml"
+    job.write_text(
+        f"name: gang\nentrypoint: {PROGRAM}\n"
+        "distribute: {strategy: multi_worker, nodes: 2}\n"
+        "checkpoint: {every_steps: 10}\n"
+        "restart: {max_restarts: 3, backoff_initial_seconds: 0.1, backoff_max_seconds: 0.5" + extra + "}\n"
+    )
+    return job
+
+
+_clean: dict[str, Path] = {}
+
+
+def _clean_run(tmp: Path) -> Path:
+    """The uninterrupted two-member run, once per session."""
+    if "run" not in _clean:
+        home = tmp / "clean"
+        rc, out = finish(start_run(home, str(_job(tmp))))
+        assert rc == 0, out
+        _clean["run"] = run_dir(home)
+    return _clean["run"]
+
+
+def _record(home: Path, job_id: str) -> list[dict[str, Any]]:
+    """The supervisor's own events for the job (worker.spawned, gang.member_ended, ...)."""
+    path = home / "supervision" / job_id / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _check_gang_resume(home: Path, clean: Path, root_class: str) -> None:
+    killed = run_dir(home)
+    attempts = status(home, killed.name)["attempt_list"]
+    assert [a["class"] for a in attempts] == [root_class, "succeeded"], attempts
+    assert "gang member 1" in attempts[0]["evidence"]
+    assert attempts[1]["restored_step"] and attempts[1]["restored_step"] > 0
+    want, got = final_state_hash(clean), final_state_hash(killed)
+    assert got == want, sorted(k for k in want if got.get(k) != want[k])
+    ended = [e for e in _record(home, killed.name) if e["event"] == "gang.member_ended"]
+    first = {e["member"]: (e["exit_class"], e["root_cause"]) for e in ended if e["attempt"] == 1}
+    assert first == {0: ("peer_lost", False), 1: (root_class, True)}
+    spawned = [e for e in _record(home, killed.name) if e["event"] == "worker.spawned"]
+    assert sorted((e["attempt"], e["member"]) for e in spawned) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    # Only the chief commits: member 1 kept its own files and never a checkpoint.
+    member = killed / "members" / "1"
+    assert (member / "heartbeat.json").exists() and not list(member.rglob("*.manifest.json"))
+    assert all(m.parent == killed / "checkpoints" for m in killed.rglob("*.manifest.json"))
+
+
+def test_a_member_sigkill_restarts_the_gang_bit_identical(tmp_path: Path) -> None:
+    clean = _clean_run(tmp_path)
+    home = tmp_path / "killed"
+    rc, out = finish(start_run(home, str(_job(tmp_path)), faults="sigkill_at_step=27,attempt=1,member=1"))
+    assert rc == 0, out
+    _check_gang_resume(home, clean, "killed")
+
+
+@pytest.mark.timing
+def test_a_stopped_member_is_found_and_the_gang_restarts(tmp_path: Path) -> None:
+    """SIGSTOP member 1: every member goes silent inside a collective; the stopped one is the
+    root cause (hang), the chief is peer_lost; the gang restarts from the last commit."""
+    clean = _clean_run(tmp_path)
+    home = tmp_path / "stopped"
+    job = _job(tmp_path, ", heartbeat_timeout_seconds: 4")
+    proc = start_run(home, str(job), faults="step_delay=0.05")
+    member = run_dir(home) / "members" / "1" / "heartbeat.json"
+
+    def at_step_25() -> Heartbeat | None:
+        hb = Heartbeat.read(member)
+        return hb if hb is not None and hb.attempt == 1 and (hb.step or 0) >= 25 else None
+
+    os.kill(wait_for("member 1 past step 25", at_step_25, 180).pid, signal.SIGSTOP)
+    rc, out = finish(proc)
+    assert rc == 0, out
+    _check_gang_resume(home, clean, "hang")
