@@ -50,6 +50,13 @@ def job_report(store: Store, job: Job, detail: bool) -> dict[str, Any]:
         {"time": _ts(e["ts"]), "kind": e["kind"], **json.loads(e["data_json"] or "{}")} for e in problems[-5:]
     ]
     if detail:
+        members: dict[int, list[dict[str, Any]]] = {}
+        for e in store.events(job.id):
+            if e["kind"] == Event.GANG_MEMBER_ENDED:
+                m = json.loads(e["data_json"] or "{}")
+                members.setdefault(m.get("attempt", 0), []).append(
+                    {k: m.get(k) for k in ("member", "host", "pid", "exit_class", "root_cause")}
+                )
         report["attempt_list"] = [
             {
                 "n": a.n,
@@ -64,6 +71,8 @@ def job_report(store: Store, job: Job, detail: bool) -> dict[str, Any]:
                 "restored_step": a.restored_step,
                 "last_step": a.last_step,
                 "steps_done": (None if a.last_step is None else max(0, a.last_step - (a.restored_step or 0))),
+                # a multi_worker gang: each member's host and class (the attempt's is the root's)
+                "members": members.get(a.n, []),
             }
             for a in attempts
         ]
@@ -95,6 +104,9 @@ def print_status(reports: list[dict[str, Any]], detail: bool) -> None:
             )
             if a["error"]:
                 click.echo(f"    error: {a['error']}")
+            for m in a["members"]:
+                root = "  (root cause)" if m["root_cause"] else ""
+                click.echo(f"    member {m['member']} on {m['host']}: pid {m['pid']} {m['exit_class']}{root}")
         shown = dict(r["outputs"], best_files=best_files(r["outputs"].get("best_template")))
         click.echo(json.dumps(shown, indent=2))
 

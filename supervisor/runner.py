@@ -357,15 +357,19 @@ class JobRunner:
         watch.run(lambda: self._drain_events(w), POLL_SECONDS)
         errors = {m.index: _read_error(m.run.root, m.run.attempt_dir(n) / p.ERROR_FILE) for m in members}
         verdict = gang.judge(watch, errors, n)
-        for i, (klass, evidence) in verdict.classes.items():
-            self._record(
-                p.Event.GANG_MEMBER_ENDED,
-                attempt=n,
-                member=i,
-                exit_class=str(klass),
-                evidence=evidence,
-                root_cause=i == verdict.root,
-            )
+        for m in members:
+            klass, evidence = verdict.classes[m.index]
+            ended = {
+                "attempt": n,
+                "member": m.index,
+                "host": m.host,
+                "pid": m.pid,
+                "exit_class": str(klass),
+                "evidence": evidence,
+                "root_cause": m.index == verdict.root,
+            }
+            self._record(p.Event.GANG_MEMBER_ENDED, **ended)
+            self.store.add_event(self.job_id, p.Event.GANG_MEMBER_ENDED, ended)  # for `ckptd status`
         self._drain_events(w)
         w.last_step = chief.last_step
         assert chief.status is not None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,8 @@ import pytest
 
 from ckptd.state.protocol import Heartbeat
 
-from .conftest import ROOT
+from .conftest import ROOT, ckptd_cmd
+from .daemonproc import daemon_env, start_daemon
 from .procs import final_state_hash, finish, run_dir, start_run, status, wait_for
 
 pytestmark = pytest.mark.tf
@@ -96,3 +98,35 @@ def test_a_stopped_member_is_found_and_the_gang_restarts(tmp_path: Path) -> None
     rc, out = finish(proc)
     assert rc == 0, out
     _check_gang_resume(home, clean, "hang")
+
+
+def test_a_gang_submitted_to_the_daemon_survives_a_member_sigkill(tmp_path: Path) -> None:
+    """End to end through the service: submit, member 1 SIGKILLed, the daemon restarts the
+    gang; `ckptd status` shows each member's host and class."""
+    clean = _clean_run(tmp_path)
+    home = tmp_path / "home"
+    d = start_daemon(home, fake=False, CKPTD_FAULTS="sigkill_at_step=27,attempt=1,member=1")
+    try:
+        job = d.submit(_job(tmp_path))
+        done = d.wait_state(job, "succeeded", "failed", timeout=300)
+        assert done["state"] == "succeeded", done
+        first, second = done["attempt_list"]
+        assert (first["class"], second["class"]) == ("killed", "succeeded")
+        assert [(m["member"], m["exit_class"], m["root_cause"]) for m in first["members"]] == [
+            (0, "peer_lost", False),
+            (1, "killed", True),
+        ]
+        assert all(m["host"].startswith("127.0.0.1:") for m in first["members"] + second["members"])
+        assert final_state_hash(Path(done["run_dir"])) == final_state_hash(clean)
+        shown = subprocess.run(
+            ckptd_cmd("status", job),
+            env=daemon_env(home, fake=False),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert "member 1 on 127.0.0.1:" in shown.stdout and "killed  (root cause)" in shown.stdout, (
+            shown.stdout
+        )
+    finally:
+        d.stop()
