@@ -229,6 +229,12 @@ class Distribute(_Strict):
     # A member stuck in a collective gives up after this long. Only a backstop: ckptd's own
     # heartbeats find a stuck member first. Keep it longer than the slowest save or validation.
     collective_timeout_seconds: float = Field(600.0, ge=10, le=86400)
+    # engine slurm: extra `srun` arguments, e.g. ["--partition=gpu", "--nodes=4",
+    # "--ntasks-per-node=1", "--gpus-per-task=2"] (ckptd adds --ntasks, --kill-on-bad-exit and
+    # a job name).
+    slurm_args: list[Annotated[str, Field(min_length=1, max_length=4096)]] = Field(
+        default_factory=list, max_length=64
+    )
 
 
 class JobSpec(_Strict):
@@ -295,6 +301,8 @@ class JobSpec(_Strict):
 
 
 def _check_distribute(d: Distribute, gpus: int) -> None:
+    if d.slurm_args and (d.strategy != "multi_worker" or d.engine != "slurm"):
+        raise ValueError("distribute.slurm_args: only with strategy: multi_worker and engine: slurm")
     if d.strategy == "multi_worker":
         if d.nodes is None:
             raise ValueError("distribute.nodes: multi_worker needs the number of members (nodes: 2 or more)")

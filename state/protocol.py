@@ -22,6 +22,9 @@ EXIT_CRASH = 1
 # A multi_worker gang member's index (0: the chief) and the gang's size; TF_CONFIG carries the
 # cluster for TensorFlow itself.
 MEMBER_ENV = "CKPTD_MEMBER"
+# Under Slurm (engine slurm) the member index is SLURM_PROCID, and TensorFlow's
+# SlurmClusterResolver builds the cluster from Slurm's variables, its ports from this base.
+SLURM_PORT_BASE_ENV = "CKPTD_SLURM_PORT_BASE"
 NAN_RESTARTS_ENV = "CKPTD_NAN_RESTARTS"  # attempts that ended non-finite so far (restart.on_nan)
 EXIT_NONFINITE = 74  # the loss or the weights became NaN/inf: nothing non-finite was committed
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved a checkpoint on SIGTERM/SIGINT and stopped as asked
@@ -115,6 +118,7 @@ class Heartbeat:
     rss_bytes: int | None = None
     committed_step: int | None = None
     restored_step: int | None = None
+    host: str = ""  # where it runs (a gang's members may be on other machines)
 
     def to_json(self) -> bytes:
         return json.dumps(self.__dict__, separators=(",", ":")).encode()

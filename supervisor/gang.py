@@ -17,8 +17,7 @@ import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ckptd.state import protocol as p
 from ckptd.state.jobspec import Restart
@@ -103,6 +102,21 @@ class Member:
     silent: float = 0.0
     stopped: bool = False
     killed: bool = False  # by the supervisor, as the gang ended
+    kill_sent: bool = False
+
+
+class Launch(Protocol):
+    """How the supervisor reaches a gang's members: each a local process (engine local), or
+    tasks of one `srun` (engine slurm)."""
+
+    def ended(self) -> list[tuple[int, ExitStatus, bool]]:
+        """Members that ended since the last call: (index, status, of its own accord)."""
+        ...
+
+    def stop_chief(self) -> None: ...
+    def dump_stacks(self, index: int) -> None: ...
+    def stopped(self, index: int) -> bool: ...
+    def kill(self, index: int) -> None: ...
 
 
 @dataclass
@@ -112,14 +126,13 @@ class GangWatch:
     ops: ProcessOps
     restart: Restart
     members: list[Member]
+    launch: Launch
     stop_requests: Callable[[], int]  # how many stop requests (signals) so far
-    is_stopped: Callable[[int], bool]  # the OS seam: is this pid stopped (SIGSTOP, tracer)?
     hang: str | None = None
     ended: int = 0
-    _term_sent: float | None = None
+    _term_sent: bool = False
     _kill_at: float | None = None
     _stops_seen: int = 0
-    events: list[dict[str, object]] = field(default_factory=list)
 
     def run(self, observe: Callable[[], None], poll_seconds: float) -> None:
         while any(m.status is None for m in self.members):
@@ -130,12 +143,12 @@ class GangWatch:
             self.ops.sleep(poll_seconds)
 
     def _poll(self) -> None:
-        for m in self.members:
-            if m.status is None and (status := self.ops.poll(m.pid)) is not None:
-                m.status = status
-                if not m.killed:  # it ended of itself (its error file says whether a peer did it)
-                    m.exit_order = self.ended
-                self.ended += 1
+        for index, status, own in self.launch.ended():
+            m = self.members[index]
+            m.status = status
+            if own and not m.killed:  # its error file says whether a peer's end caused it
+                m.exit_order = self.ended
+            self.ended += 1
         first = next((m for m in self.members if m.exit_order == 0), None)
         if first is not None and self._kill_at is None:
             # A clean end: the others finish their last step and exit too; any other end: the
@@ -150,19 +163,21 @@ class GangWatch:
             hb = p.Heartbeat.read(m.run.heartbeat, m.run.root)
             if hb is not None and hb.seq != m.last_seq:
                 m.last_seq, m.phase, m.last_change = hb.seq, hb.phase, now
+                if hb.host and not m.host.startswith("127.0.0.1"):  # placed by Slurm: its node
+                    m.host = hb.host
                 m.last_step = hb.step if hb.step is not None else m.last_step
             m.silent = now - m.last_change
 
     def _enforce(self) -> None:
         now = self.ops.monotonic()
-        chief = self.members[0]
         if self.stop_requests() > self._stops_seen:
             # The chief saves for the gang (no collective takes part); the others wait in
-            # their next step and are ended once it has left.
+            # their next step and are ended once it has left. Asked twice: end them all now.
             self._stops_seen = self.stop_requests()
-            sig = signal.SIGTERM if self._term_sent is None else signal.SIGKILL
-            self.ops.signal_group(chief.pid, sig)
-            self._term_sent = self._term_sent or now
+            if self._term_sent:
+                self._kill_at = now
+            self.launch.stop_chief()
+            self._term_sent = True
         alive = [m for m in self.members if m.status is None]
         if self.hang is None and self._kill_at is None and alive:
             silent = [m for m in alive if m.silent > silence_limit(m.phase, self.restart)]
@@ -171,12 +186,13 @@ class GangWatch:
         if self._kill_at is not None and now >= self._kill_at:
             for m in alive:
                 m.killed = True
-                self.ops.signal_group(m.pid, signal.SIGKILL)
+                if not m.kill_sent:
+                    m.kill_sent = True
+                    self.launch.kill(m.index)
 
     def _declare_hang(self, silent: list[Member], now: float) -> None:
         for m in self.members:
-            m.stopped = m.status is None and self.is_stopped(m.pid)
-            m.killed = m.status is None  # whatever happens next, the supervisor ends it
+            m.stopped = m.status is None and self.launch.stopped(m.index)
         worst = max(silent, key=lambda m: m.silent)
         self.hang = (
             f"no progress heartbeat for {worst.silent:.1f}s from gang member {worst.index} in phase "
@@ -187,21 +203,46 @@ class GangWatch:
             # faulthandler dumps every stack. Not SIGCONT to a stopped member: it would go on
             # and unblock the others, and the gang would train on after the verdict.
             if m.status is None and not m.stopped:
-                self.ops.signal_pid(m.pid, signal.SIGUSR1)
+                self.launch.dump_stacks(m.index)
+            m.killed = m.status is None  # whatever happens next, the supervisor ends it
         self._kill_at = now + DUMP_SECONDS
 
     def ends(self, peer_errors: dict[int, bool]) -> list[MemberEnd]:
         return [
             MemberEnd(
-                m.index,
-                m.exit_order,
-                peer_errors.get(m.index, False),
-                m.stopped,
-                m.last_step,
-                m.silent,
+                m.index, m.exit_order, peer_errors.get(m.index, False), m.stopped, m.last_step, m.silent
             )
             for m in self.members
         ]
+
+
+@dataclass
+class LocalLaunch:
+    """Engine local: one process (and process group) per member."""
+
+    ops: ProcessOps
+    pids: list[int]
+    _done: set[int] = field(default_factory=set)
+
+    def ended(self) -> list[tuple[int, ExitStatus, bool]]:
+        out = []
+        for i, pid in enumerate(self.pids):
+            if i not in self._done and (status := self.ops.poll(pid)) is not None:
+                self._done.add(i)
+                out.append((i, status, True))
+        return out
+
+    def stop_chief(self) -> None:
+        self.ops.signal_group(self.pids[0], signal.SIGTERM)
+
+    def dump_stacks(self, index: int) -> None:
+        self.ops.signal_pid(self.pids[index], signal.SIGUSR1)
+
+    def stopped(self, index: int) -> bool:
+        return self.ops.stopped(self.pids[index])
+
+    def kill(self, index: int) -> None:
+        self.ops.signal_group(self.pids[index], signal.SIGKILL)
 
 
 def member_class(root: int, index: int, own: AttemptClass) -> AttemptClass:
@@ -213,17 +254,17 @@ def member_class(root: int, index: int, own: AttemptClass) -> AttemptClass:
 
 
 def spawn_local(
-    ops: ProcessOps, run: RunDir, n: int, count: int, argv: Callable[[Path, int], list[str]]
-) -> list[Member]:
+    ops: ProcessOps, run: RunDir, n: int, count: int, argv: list[str]
+) -> tuple[list[Member], LocalLaunch]:
     """The local engine: `count` members of attempt `n` on 127.0.0.1, member 0 the chief."""
     hosts = [f"127.0.0.1:{port}" for port in free_ports(count)]
     members = []
     for i in range(count):
         env = {p.MEMBER_ENV: str(i), "TF_CONFIG": tf_config(hosts, i)}
         adir = run.member(i).attempt_dir(n)
-        pid = ops.spawn(argv(run.root, n), run.root, adir / "stdout.log", adir / "stderr.log", env=env)
+        pid = ops.spawn(argv, run.root, adir / "stdout.log", adir / "stderr.log", env=env)
         members.append(Member(i, pid, run.member(i), last_change=ops.monotonic(), host=hosts[i]))
-    return members
+    return members, LocalLaunch(ops, [m.pid for m in members])
 
 
 @dataclass(frozen=True)

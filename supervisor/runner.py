@@ -20,7 +20,7 @@ from ckptd.state.paths import RunDir
 from ckptd.state.safeopen import read_under
 from ckptd.state.states import AttemptClass, JobState
 from ckptd.state.store import Store
-from ckptd.supervisor import gang, ledger, nvml
+from ckptd.supervisor import gang, ledger, nvml, slurm
 from ckptd.supervisor.gpus import choose_devices, exclude_after_fault
 from ckptd.supervisor.policy import (
     Action,
@@ -344,16 +344,22 @@ class JobRunner:
         """A multi_worker attempt (engine local): every member on this box, ended together."""
         n = len(self.store.attempts(self.job_id)) + 1
         self.events.offset = _size(self.run.root / p.EVENTS_FILE)
-        members = gang.spawn_local(self.ops, self.run, n, self.spec.distribute.nodes or 2, worker_argv)
+        count, argv = self.spec.distribute.nodes or 2, worker_argv(self.run.root, n)
+        launch: gang.Launch
+        if self.spec.distribute.engine == "slurm":
+            name = f"ckptd-{self.job_id}-{n}"
+            members, launch = slurm.spawn(
+                self.ops, self.run, n, count, argv, self.spec.distribute.slurm_args, name
+            )
+        else:
+            members, launch = gang.spawn_local(self.ops, self.run, n, count, argv)
         for m in members:
             self._record(p.Event.WORKER_SPAWNED, attempt=n, pid=m.pid, member=m.index, host=m.host)
         chief = members[0]
         self.store.start_attempt(self.job_id, chief.pid, self.ops.start_time(chief.pid))
         self.display.attempt_started(n, chief.pid)
         w = Watch(n=n, pid=chief.pid, started=chief.last_change, last_change=chief.last_change)
-        watch = gang.GangWatch(
-            self.ops, self.spec.restart, members, lambda: len(self.stops.signals), self.ops.stopped
-        )
+        watch = gang.GangWatch(self.ops, self.spec.restart, members, launch, lambda: len(self.stops.signals))
         watch.run(lambda: self._drain_events(w), POLL_SECONDS)
         errors = {m.index: _read_error(m.run.root, m.run.attempt_dir(n) / p.ERROR_FILE) for m in members}
         verdict = gang.judge(watch, errors, n)
@@ -366,7 +372,7 @@ class JobRunner:
                 "pid": m.pid,
                 "exit_class": str(klass),
                 "evidence": evidence,
-                "root_cause": m.index == verdict.root,
+                "root_cause": m.index == verdict.root and verdict.attempt[0] != AttemptClass.SUCCEEDED,
             }
             self._record(p.Event.GANG_MEMBER_ENDED, **ended)
             self.store.add_event(self.job_id, p.Event.GANG_MEMBER_ENDED, ended)  # for `ckptd status`

@@ -263,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     # kills a hung worker, so the attempt's stderr log shows where it was stuck.
     faulthandler.enable(file=sys.stderr, all_threads=True)
     faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+    if p.SLURM_PORT_BASE_ENV in os.environ and "SLURM_PROCID" in os.environ:  # a task of srun
+        os.environ[p.MEMBER_ENV] = os.environ["SLURM_PROCID"]
     # A multi_worker gang member other than the chief reads the job and keeps its own files.
     run = RunDir(Path(args[0])).member(int(os.environ.get(p.MEMBER_ENV, "0")))
     if not os.environ.get(p.CHECK_ENV):  # `ckptd validate --build` reads the verdict on stdout

@@ -21,7 +21,7 @@ import keras
 import tensorflow as tf
 
 from ckptd.state.jobspec import JobSpec
-from ckptd.state.protocol import MEMBER_ENV
+from ckptd.state.protocol import MEMBER_ENV, SLURM_PORT_BASE_ENV
 
 _strategy: tf.distribute.Strategy | None = None
 
@@ -46,7 +46,9 @@ def configure_devices(spec: JobSpec) -> None:
         timeout = tf.distribute.experimental.CommunicationOptions(
             timeout_seconds=spec.distribute.collective_timeout_seconds
         )
-        _strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=timeout)
+        _strategy = tf.distribute.MultiWorkerMirroredStrategy(
+            cluster_resolver=_slurm_resolver(spec), communication_options=timeout
+        )
         return
     if spec.distribute.strategy != "mirrored":
         _strategy = None
@@ -59,6 +61,30 @@ def configure_devices(spec: JobSpec) -> None:
     else:
         devices = [d.name for d in tf.config.list_logical_devices("GPU")]
     _strategy = tf.distribute.MirroredStrategy(devices)
+
+
+class _CpuSlurmResolver(tf.distribute.cluster_resolver.SlurmClusterResolver):  # type: ignore[misc]
+    """Members without GPUs. The resolver divides a node's GPUs among its tasks even when told
+    to set none (a zero count divides by zero), and then reports them as accelerators, which
+    would place each replica on a GPU that does not exist: count none."""
+
+    def num_accelerators(
+        self, task_type: Any = None, task_id: Any = None, config_proto: Any = None
+    ) -> dict[str, int]:
+        return {}
+
+
+def _slurm_resolver(spec: JobSpec) -> Any:
+    """Under srun (engine slurm): TensorFlow's SlurmClusterResolver builds the cluster from
+    Slurm's variables (hosts, tasks per node, this task's rank); else None, and TF_CONFIG says."""
+    base = os.environ.get(SLURM_PORT_BASE_ENV)
+    if base is None or "SLURM_PROCID" not in os.environ:
+        return None
+    gpus = spec.resources.gpus
+    if not gpus:
+        return _CpuSlurmResolver(port_base=int(base), gpus_per_node=1024, gpus_per_task=1, auto_set_gpu=False)
+    # CUDA_VISIBLE_DEVICES per task from the node's GPUs (what srun's --gpus-per-task gave).
+    return tf.distribute.cluster_resolver.SlurmClusterResolver(port_base=int(base), gpus_per_task=gpus)
 
 
 def job_strategy() -> tf.distribute.Strategy:

@@ -8,6 +8,7 @@ import fcntl
 import json
 import os
 import signal
+import socket
 import sys
 import time
 import traceback
@@ -110,7 +111,14 @@ class Beater:
 
     def __init__(self, path: Path, attempt: int, interval: float = 0.25) -> None:
         self.path, self.interval = path, interval
-        self.hb = Heartbeat(pid=os.getpid(), attempt=attempt, seq=0, phase=Phase.STARTING, time=time.time())
+        self.hb = Heartbeat(
+            pid=os.getpid(),
+            attempt=attempt,
+            seq=0,
+            phase=Phase.STARTING,
+            time=time.time(),
+            host=socket.gethostname(),
+        )
         self._last = 0.0
 
     def beat(self, phase: str | None = None, force: bool = False, **fields: Any) -> None:
