@@ -100,6 +100,17 @@ def test_a_stopped_member_is_found_and_the_gang_restarts(tmp_path: Path) -> None
     _check_gang_resume(home, clean, "hang")
 
 
+def test_a_member_that_cannot_see_the_checkpoints_is_a_config_error(tmp_path: Path) -> None:
+    """Members on machines without shared storage: found before the first step, named, not
+    retried (it would fail the same way)."""
+    home = tmp_path / "unshared"
+    rc, out = finish(start_run(home, str(_job(tmp_path)), faults="unshared_storage=1,member=1"))
+    assert rc != 0, out
+    (attempt,) = status(home, run_dir(home).name)["attempt_list"]
+    assert attempt["class"] == "config_error", attempt
+    assert "is not shared by the gang" in attempt["evidence"], attempt["evidence"]
+
+
 def test_a_gang_submitted_to_the_daemon_survives_a_member_sigkill(tmp_path: Path) -> None:
     """End to end through the service: submit, member 1 SIGKILLed, the daemon restarts the
     gang; `ckptd status` shows each member's host and class."""

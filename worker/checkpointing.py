@@ -22,7 +22,7 @@ from ckptd.state.jobspec import JobSpec
 from ckptd.state.paths import RunDir
 from ckptd.state.protocol import EVENTS_FILE, NAN_RESTARTS_ENV, Event, Phase, append_event
 from ckptd.worker.asyncsave import AsyncSaver
-from ckptd.worker.distribute import agree_on_step, is_chief, job_strategy, multi_worker
+from ckptd.worker.distribute import check_gang, is_chief, job_strategy, multi_worker
 from ckptd.worker.faults import Faults
 from ckptd.worker.keeper import Keeper, SaveFailed, restore_readonly
 from ckptd.worker.prep import Counters
@@ -193,7 +193,8 @@ class Checkpointing:
     def _restored(self, manifest: Manifest | None) -> Manifest | None:
         strategy = job_strategy()
         if multi_worker(strategy):
-            agree_on_step(strategy, manifest.step if manifest is not None else 0)
+            ckdir = self.run.checkpoint_dir(self.spec.checkpoint.dir)
+            check_gang(strategy, ckdir, self.beater.hb.attempt, manifest.step if manifest is not None else 0)
         if manifest is None:
             self.event(Event.RESTORE_FRESH, reason="no committed checkpoint")
             return None

@@ -15,13 +15,18 @@ function; an entrypoint script writes `with ckptd.strategy().scope():` (ckptd.wo
 from __future__ import annotations
 
 import os
+import secrets
+from pathlib import Path
 from typing import Any
 
 import keras
 import tensorflow as tf
 
+from ckptd.state.durable import atomic_write_text
 from ckptd.state.jobspec import JobSpec
 from ckptd.state.protocol import MEMBER_ENV, SLURM_PORT_BASE_ENV
+from ckptd.worker.entry import ConfigError
+from ckptd.worker.faults import Faults
 
 _strategy: tf.distribute.Strategy | None = None
 
@@ -107,16 +112,41 @@ def reduce_logs(strategy: tf.distribute.Strategy, outputs: Any) -> Any:
     return keras.tree.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), outputs)
 
 
-def agree_on_step(strategy: tf.distribute.Strategy, step: int) -> None:
-    """After a restore, every member must hold the same commit: a member that restored another
-    one (a commit quarantined by the chief meanwhile) would train on silently different
-    weights. One all-gather; the attempt fails if the members disagree."""
-    values = strategy.experimental_distribute_values_from_function(lambda _ctx: tf.constant([step], tf.int64))
-    steps = [int(x) for x in strategy.gather(values, axis=0).numpy()]
-    low, high = min(steps), max(steps)
-    if high != low:
+def _gather(strategy: tf.distribute.Strategy, values: list[int]) -> list[list[int]]:
+    """Every member's `values` (one row per replica), through one all-gather."""
+    per = strategy.experimental_distribute_values_from_function(lambda _ctx: tf.constant([values], tf.int64))
+    return [[int(x) for x in row] for row in strategy.gather(per, axis=0).numpy()]
+
+
+def check_gang(strategy: tf.distribute.Strategy, ckdir: Path, attempt: int, step: int) -> None:
+    """After a restore, before the first step: every member sees the chief's files (the run
+    and checkpoint directories are on storage the gang shares) and holds the same commit (a
+    member that restored another one would train on silently different weights)."""
+    probe = ckdir / f".gang-probe-{attempt}"
+    if is_chief():
+        atomic_write_text(probe, f"{secrets.randbits(62)}\n")  # durable: fsynced, renamed
+    _gather(strategy, [0])  # a barrier: the probe exists before anyone looks
+    if Faults.from_env().unshared_storage_for(attempt):  # test-only: as if on a local disk
+        probe = probe.with_name(probe.name + ".on-another-disk")
+    try:
+        seen = int(probe.read_text())
+    except (OSError, ValueError):
+        seen = -1
+    rows = _gather(strategy, [seen, step])
+    _gather(strategy, [0])  # every member has looked: the chief removes the probe
+    if is_chief():
+        probe.unlink(missing_ok=True)
+    if len({r[0] for r in rows}) > 1 or rows[0][0] < 0:
+        raise ConfigError(
+            f"checkpoint.dir {ckdir} is not shared by the gang: a member cannot read the chief's "
+            "files there. With members on several machines, the run directory and "
+            "checkpoint.dir must be on one shared file system (NFS, Lustre, ...) that honours "
+            "fsync and rename; see README, Several machines"
+        )
+    steps = sorted({r[1] for r in rows})
+    if len(steps) > 1:
         raise RuntimeError(
-            f"gang members restored different steps ({low}..{high}; this member {step}): "
+            f"gang members restored different steps ({steps}; this member {step}): "
             "the gang restarts from the chief's newest valid commit"
         )
 

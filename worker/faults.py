@@ -11,7 +11,9 @@ Format: comma-separated `key=value`:
 - `hang_at_step`, `gpu_fault_at_step`, `gpu_oom_at_step`, `hog_at_step`: a deadlock, a CUDA-like
   error, a GPU out-of-memory error, unbounded host allocation;
 - `attempt=K`: apply kills and errors only in attempt K;
-- `member=M`: only in gang member M of a multi_worker job (step delays apply to every member).
+- `member=M`: only in gang member M of a multi_worker job (step delays apply to every member);
+- `unshared_storage=1`: the member does not see the chief's files (as on a machine whose
+  checkpoint.dir is a local disk).
 Never set it in production: it exists so every failure class is testable on a machine without a GPU.
 """
 
@@ -40,6 +42,7 @@ class Faults:
     hog_at_step: int | None = None  # allocate host memory without bound
     attempt: int | None = None
     member: int | None = None
+    unshared_storage: int = 0
 
     @classmethod
     def from_env(cls) -> Faults:
@@ -70,6 +73,9 @@ class Faults:
             os.kill(os.getpid(), signal.SIGKILL)
         if step == self.enospc_in_save:
             raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+    def unshared_storage_for(self, attempt: int) -> bool:
+        return bool(self.unshared_storage) and self._armed(attempt)
 
     def in_validation(self) -> None:
         if self.val_delay:
