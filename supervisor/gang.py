@@ -254,13 +254,18 @@ def member_class(root: int, index: int, own: AttemptClass) -> AttemptClass:
 
 
 def spawn_local(
-    ops: ProcessOps, run: RunDir, n: int, count: int, argv: list[str]
+    ops: ProcessOps, run: RunDir, n: int, count: int, argv: list[str], gpus: list[int]
 ) -> tuple[list[Member], LocalLaunch]:
-    """The local engine: `count` members of attempt `n` on 127.0.0.1, member 0 the chief."""
+    """The local engine: `count` members of attempt `n` on 127.0.0.1, member 0 the chief, each
+    with its own share of `gpus` (none: CPU only)."""
     hosts = [f"127.0.0.1:{port}" for port in free_ports(count)]
+    per = len(gpus) // count
     members = []
     for i in range(count):
         env = {p.MEMBER_ENV: str(i), "TF_CONFIG": tf_config(hosts, i)}
+        if per:
+            env |= {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus[i * per : (i + 1) * per]))
         adir = run.member(i).attempt_dir(n)
         pid = ops.spawn(argv, run.root, adir / "stdout.log", adir / "stderr.log", env=env)
         members.append(Member(i, pid, run.member(i), last_change=ops.monotonic(), host=hosts[i]))

@@ -6,7 +6,6 @@ Signal handlers elsewhere only append to `StopRequests`; this loop dispatches th
 
 from __future__ import annotations
 
-import json
 import random
 import signal
 from collections.abc import Callable
@@ -17,10 +16,11 @@ from typing import Any, Protocol
 from ckptd.state import protocol as p
 from ckptd.state.jobspec import JobSpec, replica_counts
 from ckptd.state.paths import RunDir
-from ckptd.state.safeopen import read_under
 from ckptd.state.states import AttemptClass, JobState
 from ckptd.state.store import Store
-from ckptd.supervisor import gang, ledger, nvml, slurm
+from ckptd.supervisor import ledger, nvml
+from ckptd.supervisor.evidence import error_summary, file_size, read_error
+from ckptd.supervisor.gangattempt import gang_attempt
 from ckptd.supervisor.gpus import choose_devices, exclude_after_fault
 from ckptd.supervisor.policy import (
     Action,
@@ -159,7 +159,7 @@ class JobRunner:
                 return JobState.FAILED
             self.store.transition(self.job_id, JobState.BACKOFF, decision.reason)
             self.display.restarting(decision.delay, decision.reason)
-            self._record(
+            self.record_event(
                 p.Event.WORKER_RESTARTING, delay_seconds=round(decision.delay, 2), reason=decision.reason
             )
             if not self._sleep(decision.delay):
@@ -258,18 +258,18 @@ class JobRunner:
 
     def _start(self) -> tuple[int, int]:
         n = len(self.store.attempts(self.job_id)) + 1
-        self.events.offset = _size(self.run.root / p.EVENTS_FILE)
+        self.events.offset = file_size(self.run.root / p.EVENTS_FILE)
         pid, how = self._launch(n)
         self.store.start_attempt(self.job_id, pid, self.ops.start_time(pid))
         self.display.attempt_started(n, pid)
-        self._record(p.Event.WORKER_SPAWNED, attempt=n, pid=pid)
+        self.record_event(p.Event.WORKER_SPAWNED, attempt=n, pid=pid)
         if how is not None:
             self.display.event({"event": how, "attempt": n, "pid": pid})
         return n, pid
 
     def _attempt(self, adopt: Adopted | None = None) -> AttemptOutcome:
         if self.spec.distribute.strategy == "multi_worker":
-            return self._gang_attempt()
+            return gang_attempt(self)
         if adopt is None:
             n, pid = self._start()
         else:  # its events so far were recorded by the previous supervisor or are replayed
@@ -285,8 +285,8 @@ class JobRunner:
         last = p.Heartbeat.read(self.run.heartbeat, self.run.root)  # its last word: DONE?
         if last is not None and last.attempt == n:
             w.phase = last.phase
-        self._drain_events(w)
-        err = _read_error(self.run.root, adir / p.ERROR_FILE)
+        self.drain_events(w)
+        err = read_error(self.run.root, adir / p.ERROR_FILE)
         sick = self._sick_devices(status)
         obs = ExitObservation(
             status.exit_code,
@@ -301,9 +301,9 @@ class JobRunner:
         klass, evidence = classify_exit(obs)
         if isinstance(err.get("step"), int):
             w.last_step = err["step"]
-        return self._end_attempt(n, w, status, klass, evidence, _summary(err), sick)
+        return self.end_attempt(n, w, status, klass, evidence, error_summary(err), sick)
 
-    def _end_attempt(
+    def end_attempt(
         self,
         n: int,
         w: Watch,
@@ -325,7 +325,7 @@ class JobRunner:
             last_step=w.last_step,
         )
         self.display.attempt_ended(n, klass, evidence)
-        self._record(p.Event.WORKER_EXITED, attempt=n, exit_class=str(klass), evidence=evidence)
+        self.record_event(p.Event.WORKER_EXITED, attempt=n, exit_class=str(klass), evidence=evidence)
         outcome = AttemptOutcome(klass, w.restored_step, w.committed_step, w.last_step)
         self.history.append(outcome)
         if klass == AttemptClass.GPU_FAULT and self.devices:
@@ -340,49 +340,7 @@ class JobRunner:
             self.store.add_event(self.job_id, p.Event.GPU_EXCLUDED, {"devices": sorted(self.excluded_gpus)})
         return outcome
 
-    def _gang_attempt(self) -> AttemptOutcome:
-        """A multi_worker attempt (engine local): every member on this box, ended together."""
-        n = len(self.store.attempts(self.job_id)) + 1
-        self.events.offset = _size(self.run.root / p.EVENTS_FILE)
-        count, argv = self.spec.distribute.nodes or 2, worker_argv(self.run.root, n)
-        launch: gang.Launch
-        if self.spec.distribute.engine == "slurm":
-            name = f"ckptd-{self.job_id}-{n}"
-            members, launch = slurm.spawn(
-                self.ops, self.run, n, count, argv, self.spec.distribute.slurm_args, name
-            )
-        else:
-            members, launch = gang.spawn_local(self.ops, self.run, n, count, argv)
-        for m in members:
-            self._record(p.Event.WORKER_SPAWNED, attempt=n, pid=m.pid, member=m.index, host=m.host)
-        chief = members[0]
-        self.store.start_attempt(self.job_id, chief.pid, self.ops.start_time(chief.pid))
-        self.display.attempt_started(n, chief.pid)
-        w = Watch(n=n, pid=chief.pid, started=chief.last_change, last_change=chief.last_change)
-        watch = gang.GangWatch(self.ops, self.spec.restart, members, launch, lambda: len(self.stops.signals))
-        watch.run(lambda: self._drain_events(w), POLL_SECONDS)
-        errors = {m.index: _read_error(m.run.root, m.run.attempt_dir(n) / p.ERROR_FILE) for m in members}
-        verdict = gang.judge(watch, errors, n)
-        for m in members:
-            klass, evidence = verdict.classes[m.index]
-            ended = {
-                "attempt": n,
-                "member": m.index,
-                "host": m.host,
-                "pid": m.pid,
-                "exit_class": str(klass),
-                "evidence": evidence,
-                "root_cause": m.index == verdict.root and verdict.attempt[0] != AttemptClass.SUCCEEDED,
-            }
-            self._record(p.Event.GANG_MEMBER_ENDED, **ended)
-            self.store.add_event(self.job_id, p.Event.GANG_MEMBER_ENDED, ended)  # for `ckptd status`
-        self._drain_events(w)
-        w.last_step = chief.last_step
-        assert chief.status is not None
-        klass, evidence = verdict.attempt
-        return self._end_attempt(n, w, chief.status, klass, evidence, _summary(errors[verdict.root]), {})
-
-    def _record(self, kind: p.Event, **data: Any) -> None:
+    def record_event(self, kind: p.Event, **data: Any) -> None:
         if self.record is not None:
             p.append_event(self.record, kind, **data)
 
@@ -410,7 +368,7 @@ class JobRunner:
             if hb.restored_step is not None:
                 w.restored_step = hb.restored_step
             self.display.heartbeat(hb)
-        self._drain_events(w)
+        self.drain_events(w)
         limit = self.spec.resources.memory_limit
         if limit and w.oom is None and not self.ops.memory_enforced(w.pid):  # no cgroup: watch RSS
             rss = self.ops.rss(w.pid)
@@ -420,7 +378,7 @@ class JobRunner:
                 )
                 self.ops.signal_group(w.pid, signal.SIGKILL)
 
-    def _drain_events(self, w: Watch) -> None:
+    def drain_events(self, w: Watch) -> None:
         for ev in self.events.read():
             ledger.apply(self.store, self.job_id, ev)
             step = ev.get("step")
@@ -466,24 +424,3 @@ class JobRunner:
         if w.term_sent is not None and not w.kill_sent and now - w.term_sent > grace:
             self.ops.signal_group(w.pid, signal.SIGKILL)
             w.kill_sent = True
-
-
-def _size(path: Path) -> int:
-    try:
-        return int(path.lstat().st_size)  # the owner's directory: never follow a symlink
-    except OSError:
-        return 0
-
-
-def _read_error(root: Path, path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(read_under(root, path, limit=p.MAX_RECORD))
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def _summary(err: dict[str, Any]) -> str | None:
-    if not err:
-        return None
-    return f"{str(err.get('type', '')).rsplit('.', 1)[-1]}: {err.get('message', '')}"[:1000]
