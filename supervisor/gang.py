@@ -35,6 +35,7 @@ _PEER_ERROR = re.compile(
     re.I,
 )
 DUMP_SECONDS = 2.0  # after SIGUSR1, time for every member's faulthandler to write its stacks
+PEER_EXIT_SECONDS = 1.0  # after a member's error exit, the others may still exit of themselves
 
 
 def peer_error(error_type: str | None, message: str | None) -> bool:
@@ -153,8 +154,15 @@ class GangWatch:
         if first is not None and self._kill_at is None:
             # A clean end: the others finish their last step and exit too; any other end: the
             # rest are waiting in a collective that will never complete.
-            clean = first.status is not None and first.status.exit_code == p.EXIT_OK
-            grace = self.restart.startup_grace_seconds if clean else 1.0
+            # A member killed by a signal did not see a peer go first: the rest are ended at
+            # once. One that exited with an error may have died of a peer that is still on its
+            # way out: a moment for that one to say so itself (its error file names the cause).
+            status = first.status
+            assert status is not None
+            if status.exit_code == p.EXIT_OK:
+                grace = self.restart.startup_grace_seconds
+            else:
+                grace = 0.0 if status.signal is not None else PEER_EXIT_SECONDS
             self._kill_at = self.ops.monotonic() + grace
 
     def _heartbeats(self) -> None:
