@@ -100,6 +100,36 @@ def test_a_stopped_member_is_found_and_the_gang_restarts(tmp_path: Path) -> None
     _check_gang_resume(home, clean, "hang")
 
 
+def test_ctrl_c_the_chief_saves_for_the_gang_and_it_resumes(tmp_path: Path) -> None:
+    """A stop goes to the chief, which saves (no member takes part) and leaves; the members are
+    ended after it. 0 steps lost; the same job file resumes the gang to the clean result."""
+    clean = _clean_run(tmp_path)
+    home = tmp_path / "stop"
+    job = _job(tmp_path)
+    job.write_text(job.read_text().replace("every_steps: 10", "every_steps: 1000"))  # only the stop's save
+    proc = start_run(home, str(job), faults="step_delay=0.05")
+    chief = run_dir(home) / "heartbeat.json"
+    wait_for(
+        "the chief past step 20", lambda: (hb := Heartbeat.read(chief)) is not None and hb.step >= 20, 180
+    )
+    proc.send_signal(signal.SIGINT)
+    rc, out = finish(proc)
+    assert rc == 130, out
+    run = run_dir(home)
+    st = status(home, run.name)
+    assert st["state"] == "interrupted" and st["attempt_list"][-1]["class"] == "preempted", st
+    preempted = next(e for e in _events(run) if e["event"] == "worker.preempted")
+    assert st["last_committed_step"] == preempted["step"] >= 20  # 0 steps lost
+    rc, out = finish(start_run(home, str(job)))
+    assert rc == 0, out
+    assert status(home, run.name)["attempt_list"][-1]["restored_step"] == preempted["step"]
+    assert final_state_hash(run) == final_state_hash(clean)
+
+
+def _events(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+
+
 def test_a_member_that_cannot_see_the_checkpoints_is_a_config_error(tmp_path: Path) -> None:
     """Members on machines without shared storage: found before the first step, named, not
     retried (it would fail the same way)."""

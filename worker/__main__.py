@@ -52,6 +52,9 @@ def _basics(run: RunDir, attempt: int) -> tuple[JobSpec, Any, Any, Any]:
     if attempt:
         beater.beat(Phase.STARTING, force=True)
     configure_tf(spec)
+    # Again: a multi_worker strategy starts TensorFlow's coordination service, whose preemption
+    # notifier takes SIGTERM for itself; the chief would then never save on a stop.
+    stop.install()
     return spec, beater, stop, writer
 
 

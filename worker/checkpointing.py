@@ -382,6 +382,11 @@ class Checkpointing:
         self.dirty = True
 
     def preempt(self) -> None:
+        if not is_chief():
+            # A gang's chief saves for every member. A member that left now could abandon the
+            # chief inside a collective before it saved: it trains on until the chief has left
+            # and the supervisor (or srun) ends it.
+            return
         if self.dirty:
             self.save("preempted")
         self.drain_async(block=True)
