@@ -157,12 +157,12 @@ class GangWatch:
             # A member killed by a signal did not see a peer go first: the rest are ended at
             # once. One that exited with an error may have died of a peer that is still on its
             # way out: a moment for that one to say so itself (its error file names the cause).
-            status = first.status
-            assert status is not None
-            if status.exit_code == p.EXIT_OK:
+            ended = first.status
+            assert ended is not None
+            if ended.exit_code == p.EXIT_OK:
                 grace = self.restart.startup_grace_seconds
             else:
-                grace = 0.0 if status.signal is not None else PEER_EXIT_SECONDS
+                grace = 0.0 if ended.signal is not None else PEER_EXIT_SECONDS
             self._kill_at = self.ops.monotonic() + grace
 
     def _heartbeats(self) -> None:
