@@ -23,7 +23,8 @@ from ckptd.daemon.report import job_report
 from ckptd.daemon.running import RunningJob, ask_stop
 from ckptd.daemon.schedule import may_act
 from ckptd.state import submissions
-from ckptd.state.jobspec import JobSpec, parse_job, spec_digest, spec_from_json, spec_json
+from ckptd.state.jobfile import parse_job
+from ckptd.state.jobspec import JobSpec, spec_digest, spec_from_json, spec_json
 from ckptd.state.protocol import EVENTS_FILE
 from ckptd.state.safeopen import read_under
 from ckptd.state.states import TERMINAL, JobState

@@ -17,7 +17,8 @@ from ckptd.daemon import cli_service, jobs, logs
 from ckptd.daemon.cli_service import client_call
 from ckptd.daemon.client import SYSTEM_SOCKET, Client, SocketDenied, find_socket, service_home
 from ckptd.daemon.report import job_report, print_outputs, print_status
-from ckptd.state.jobspec import JobSpec, load_job_file
+from ckptd.state.jobfile import load_job_file
+from ckptd.state.jobspec import JobSpec
 from ckptd.state.paths import RunDir, state_dir
 from ckptd.state.protocol import EVENTS_FILE
 from ckptd.state.states import RESUMABLE, STALE, JobState

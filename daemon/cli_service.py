@@ -20,7 +20,8 @@ from ckptd.daemon.config import load_config
 from ckptd.daemon.report import best_files
 from ckptd.daemon.service import AlreadyRunning, Daemon
 from ckptd.daemon.sockets import SocketError
-from ckptd.state.jobspec import load_job_file, spec_json
+from ckptd.state.jobfile import load_job_file
+from ckptd.state.jobspec import spec_json
 from ckptd.state.store import StoreError
 from ckptd.state.yamlstrict import JobFileError
 

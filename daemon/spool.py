@@ -26,7 +26,7 @@ from ckptd.daemon import mounts
 from ckptd.daemon.backend import submit_job
 from ckptd.state import submissions
 from ckptd.state.durable import atomic_write_text, fsync_dir
-from ckptd.state.jobspec import parse_job
+from ckptd.state.jobfile import parse_job
 from ckptd.state.states import TERMINAL, JobState
 from ckptd.state.store import Store
 from ckptd.state.submissions import account_owner

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from ckptd.daemon.client import Client
-from ckptd.state.jobspec import load_job_file, spec_json
+from ckptd.state.jobfile import load_job_file
+from ckptd.state.jobspec import spec_json
 
 from .conftest import ckptd_cmd, env_with, write_job
 from .procs import wait_for

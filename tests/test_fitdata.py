@@ -121,7 +121,7 @@ def test_legacy_build_dataset_that_looks_batched_names_unbatch() -> None:
 
 
 def _spec(extra: str = "") -> Any:
-    from ckptd.state.jobspec import parse_job
+    from ckptd.state.jobfile import parse_job
 
     return parse_job(f"name: x\nmodel: a.b:c\n{extra}".encode(), "job.yaml", Path("."))
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ckptd.state.jobspec import load_job_file, parse_job, resolved_params
+from ckptd.state.jobfile import load_job_file, parse_job, resolved_params
 from ckptd.state.yamlstrict import JobFileError
 
 from .conftest import EXAMPLE, ckptd_cmd, env_with, write_job

@@ -41,7 +41,7 @@ RO_CASES = [
 @pytest.mark.parametrize(("ckdir", "expect"), RO_CASES)
 def test_outputs_on_read_only_mounts(tmp_path: Path, ckdir: str, expect: str | None) -> None:
     from ckptd.daemon.mounts import parse_mountinfo, read_only_outputs
-    from ckptd.state.jobspec import parse_job
+    from ckptd.state.jobfile import parse_job
 
     job = write_job(tmp_path)
     job.write_text(job.read_text().replace("every_steps: 20,", f"dir: '{ckdir}', every_steps: 20,"))

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from ckptd.state.jobspec import load_job_file, spec_json
+from ckptd.state.jobfile import load_job_file
+from ckptd.state.jobspec import spec_json
 
 from .conftest import EXAMPLE
 from .straceaudit import audit, manifest_commits, parse, state_file_commits

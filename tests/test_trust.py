@@ -476,7 +476,7 @@ def test_a_run_directory_from_before_the_upgrade_becomes_its_owners(
     """A job queued by a ckptd whose run directories were its own (the service user's) runs as
     its submitter after the upgrade, in a directory that is now theirs."""
     from ckptd.daemon.backend import submit_job
-    from ckptd.state.jobspec import parse_job
+    from ckptd.state.jobfile import parse_job
     from ckptd.state.store import Store
 
     a, _ = users

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from ckptd.state import protocol as p
 from ckptd.state.durable import atomic_write_text
-from ckptd.state.jobspec import JobSpec, resolved_params, spec_from_json
+from ckptd.state.jobfile import resolved_params
+from ckptd.state.jobspec import JobSpec, spec_from_json
 from ckptd.state.paths import MemberRunDir, RunDir
 from ckptd.state.protocol import Phase
 from ckptd.worker.runtime import log_to

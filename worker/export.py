@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ckptd.state import ckptfiles as cf
-from ckptd.state.jobspec import resolved_params, spec_from_json
+from ckptd.state.jobfile import resolved_params
+from ckptd.state.jobspec import spec_from_json
 from ckptd.state.paths import RunDir
 
 EXIT_OK, EXIT_NONE = 0, 1
