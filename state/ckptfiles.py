@@ -41,6 +41,12 @@ class Manifest:
     files: dict[str, dict[str, Any]]
     metrics: dict[str, float]
     digest: str
+    # Who committed it: the attempt (a gang's generation: a stale gang's chief finds a newer
+    # one and stops instead of committing), the gang's members and replicas. Defaults: a
+    # manifest written before they were recorded.
+    generation: int = 0
+    world_size: int = 1
+    replicas: int = 1
 
     @property
     def prefix(self) -> str:
@@ -70,7 +76,13 @@ def files_of(directory: Path, number: int) -> list[Path]:
 
 
 def build_manifest(
-    directory: Path, number: int, step: int, epoch: int, step_in_epoch: int, metrics: dict[str, float]
+    directory: Path,
+    number: int,
+    step: int,
+    epoch: int,
+    step_in_epoch: int,
+    metrics: dict[str, float],
+    who: tuple[int, int, int] = (0, 1, 1),
 ) -> Manifest:
     """The commit record of ckpt-N: every file's size, and the SHA-256 of its `.index`.
 
@@ -88,7 +100,7 @@ def build_manifest(
         total.update(f"{f.name}:{entry.get('sha256', entry['size'])}\n".encode())
     if not any(name.endswith(".index") for name in files):
         raise OSError(f"{PREFIX}-{number}: no .index file was written")
-    return Manifest(number, step, epoch, step_in_epoch, time.time(), files, metrics, total.hexdigest())
+    return Manifest(number, step, epoch, step_in_epoch, time.time(), files, metrics, total.hexdigest(), *who)
 
 
 def read_manifests(directory: Path) -> tuple[list[Manifest], dict[int, str]]:

@@ -92,6 +92,7 @@ class AsyncSaver:
     ) -> None:
         self.ckpt, self.dir = ckpt, directory
         self.retention = {"max_to_keep": max_to_keep, "keep_every_n_hours": keep_every_n_hours}
+        self.who = (0, 1, 1)  # generation, world size, replicas (keeper.CommitPoint): set at open
         # The writer is best started before the worker imports TensorFlow, so both imports
         # overlap (see ckptd.worker.__main__); otherwise start it now.
         self.proc, self.conn = writer or start_writer(directory)
@@ -217,6 +218,7 @@ class AsyncSaver:
             "epoch": epoch,
             "step_in_epoch": step_in_epoch,
             "metrics": metrics,
+            "who": self.who,
             "shm": self.shm.name,
             **self.retention,
         }

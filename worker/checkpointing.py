@@ -24,7 +24,7 @@ from ckptd.state.protocol import EVENTS_FILE, NAN_RESTARTS_ENV, Event, Phase, ap
 from ckptd.worker.asyncsave import AsyncSaver
 from ckptd.worker.distribute import check_gang, is_chief, job_strategy, multi_worker
 from ckptd.worker.faults import Faults
-from ckptd.worker.keeper import Keeper, SaveFailed, restore_readonly
+from ckptd.worker.keeper import Fenced, Keeper, SaveFailed, restore_readonly
 from ckptd.worker.prep import Counters
 from ckptd.worker.runtime import Beater, StopFlag
 from ckptd.worker.saveschedule import SaveSchedule
@@ -138,6 +138,10 @@ class Checkpointing:
             before_commit=lambda step: self.faults.in_save(step, attempt()),
             during_restore=lambda: self.faults.in_restore(attempt()),
         )
+        # The manifest says who committed: the attempt fences a stale gang (keeper.Fenced).
+        world = self.spec.distribute.nodes if self.spec.distribute.strategy == "multi_worker" else 1
+        replicas = int(job_strategy().num_replicas_in_sync)
+        self.keeper.who = (self.beater.hb.attempt, world or 1, replicas)
         if ck.mode == "async":
             self.async_saver = AsyncSaver(
                 self.ckpt,
@@ -149,6 +153,7 @@ class Checkpointing:
                 ck.async_overhead_budget,
                 ck.every_seconds,
             )
+            self.async_saver.who = self.keeper.who
 
     def restore(self) -> Manifest | None:
         """Restore the newest valid commit into the checkpoint's objects (None: fresh start)."""
@@ -313,6 +318,8 @@ class Checkpointing:
         reply = self.async_saver.poll(block)
         if reply is None:
             return True
+        if reply.get("fenced"):
+            raise Fenced(reply["error"])
         if reply["ok"]:
             m = Manifest(**reply["manifest"])
             self._committed(m, reply["reason"], reply["seconds"], [Manifest(**r) for r in reply["retired"]])

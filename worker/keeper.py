@@ -73,6 +73,7 @@ class Keeper:
         self.before_commit = before_commit  # test-only fault hooks
         self.during_restore = during_restore
         self.retired: list[cf.Manifest] = []
+        self.who = (0, 1, 1)  # generation (the attempt), world size, replicas: set by the worker
         self.expected_keys: set[str] | None = None
         self.next_number = 1
         # An empty state file makes CheckpointManager raise; a garbage one makes TF forget valid
@@ -184,7 +185,7 @@ class Keeper:
         with cf.pinned(self.dir):  # still the directory the job started with: no symlink since
             pass
         path = Path(self.manager.save(checkpoint_number=number))
-        point = CommitPoint(int(path.name.rsplit("-", 1)[1]), step, epoch, step_in_epoch, metrics)
+        point = CommitPoint(int(path.name.rsplit("-", 1)[1]), step, epoch, step_in_epoch, metrics, self.who)
         manifest, self.retired, self.expected_keys = commit_written(
             self.dir, point, self.expected_keys, self.max_to_keep, self.keep_every_n_hours, self.before_commit
         )
@@ -233,6 +234,12 @@ class CommitPoint:
     epoch: int
     step_in_epoch: int
     metrics: dict[str, float]
+    who: tuple[int, int, int] = (0, 1, 1)  # generation (attempt), world size, replicas
+
+
+class Fenced(Exception):
+    """A newer attempt of the job has committed: this worker belongs to a stale gang (its
+    supervisor was lost and a new gang started) and must not commit or go on."""
 
 
 def commit_written(
@@ -257,8 +264,14 @@ def commit_written(
         )
     if before_commit:
         before_commit(point.step)
+    newest = max((m.generation for m in cf.read_manifests(directory)[0]), default=0)
+    if newest > point.who[0]:
+        raise Fenced(
+            f"attempt {newest} of this job has committed in {directory}; this worker (attempt "
+            f"{point.who[0]}) is stale and stops without committing"
+        )
     manifest = cf.build_manifest(
-        directory, point.number, point.step, point.epoch, point.step_in_epoch, point.metrics
+        directory, point.number, point.step, point.epoch, point.step_in_epoch, point.metrics, point.who
     )
     atomic_write_text(directory / f"{manifest.prefix}.manifest.json", manifest.to_json())
     retired, kept = _rotate(directory, max_to_keep, keep_every_n_hours)

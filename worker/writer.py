@@ -33,6 +33,7 @@ class WriterReply(TypedDict):
     manifest: NotRequired[dict[str, Any]]  # ok
     retired: NotRequired[list[dict[str, Any]]]  # ok
     error: NotRequired[str]  # not ok
+    fenced: NotRequired[bool]  # not ok because a newer attempt has committed (keeper.Fenced)
     step: NotRequired[int]
     epoch: NotRequired[int]
     reason: NotRequired[str]
@@ -94,7 +95,9 @@ def _write(
     tf.raw_ops.SaveV2(
         prefix=str(prefix), tensor_names=names, shape_and_slices=[""] * len(names), tensors=tensors
     )
-    point = CommitPoint(msg["number"], msg["step"], msg["epoch"], msg["step_in_epoch"], msg["metrics"])
+    point = CommitPoint(
+        msg["number"], msg["step"], msg["epoch"], msg["step_in_epoch"], msg["metrics"], tuple(msg["who"])
+    )
     manifest, retired, keys = commit_written(
         directory, point, expected, msg["max_to_keep"], msg["keep_every_n_hours"]
     )
@@ -153,6 +156,7 @@ def writer_main(conn: Connection, directory: str) -> None:
                 "seconds": 0.0,
                 "number": msg["number"],
                 "error": f"{type(e).__name__}: {e}" + (f" (errno {errno})" if errno else ""),
+                "fenced": type(e).__name__ == "Fenced",  # keeper.Fenced (imported with TF)
             }
         reply["seconds"] = time.monotonic() - t0
         reply["number"] = msg["number"]
