@@ -235,9 +235,10 @@ def reconcile_lost(store: Store, job: Job) -> Job:
     if job.state not in STALE:
         return job
     run = RunDir(Path(job.run_dir))
+    gang = spec_of(job).distribute.strategy == "multi_worker"
     for a in store.attempts(job.id):
         if a.ended_at is None:
-            what = stop_orphan(a.pid, run) if a.pid else "no worker"
+            what = stop_gang(a.pid, run) if gang else stop_orphan(a.pid, run) if a.pid else "no worker"
             end_lost(store, job.id, a, f"supervisor lost; {what}")
     ledger.catch_up(store, job.id, run.root)  # its commits since the lost supervisor's last read
     return store.transition(job.id, JobState.INTERRUPTED, "supervisor was lost")

@@ -126,6 +126,34 @@ def test_ctrl_c_the_chief_saves_for_the_gang_and_it_resumes(tmp_path: Path) -> N
     assert final_state_hash(run) == final_state_hash(clean)
 
 
+def test_a_lost_supervisors_gang_is_stopped_and_resumed(tmp_path: Path) -> None:
+    """`ckptd run` SIGKILLed: its gang trains on (own sessions). The next `ckptd run` asks the
+    chief to save, kills the other members, records the attempt lost and restarts the gang."""
+    import psutil
+
+    clean = _clean_run(tmp_path)
+    home = tmp_path / "lost"
+    job = _job(tmp_path)
+    proc = start_run(home, str(job), faults="step_delay=0.05")
+    run = run_dir(home)
+    member = run / "members" / "1" / "heartbeat.json"
+    chief = wait_for(
+        "a commit",
+        lambda: (hb := Heartbeat.read(run / "heartbeat.json")) and (hb.committed_step or 0) >= 10 and hb,
+    )
+    pids = [chief.pid, wait_for("member 1", lambda: Heartbeat.read(member)).pid]
+    proc.kill()
+    proc.communicate(timeout=30)
+    assert all(psutil.pid_exists(p) for p in pids)  # the gang is still training
+    rc, out = finish(start_run(home, str(job)))
+    assert rc == 0, out
+    attempts = status(home, run.name)["attempt_list"]
+    assert attempts[0]["class"] == "lost" and "gang:" in attempts[0]["evidence"], attempts[0]
+    assert attempts[-1]["class"] == "succeeded"
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids)
+    assert final_state_hash(run) == final_state_hash(clean)
+
+
 def _events(run: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
 
