@@ -44,7 +44,7 @@ def job_report(store: Store, job: Job, detail: bool) -> dict[str, Any]:
     problems = [
         e
         for e in store.events(job.id)
-        if e["kind"] in (Event.CHECKPOINT_FAILED, Event.CHECKPOINT_QUARANTINED)
+        if e["kind"] in (Event.CHECKPOINT_FAILED, Event.CHECKPOINT_QUARANTINED, Event.CHECKPOINT_COALESCED)
     ]
     report["checkpoint_problems"] = [
         {"time": _ts(e["ts"]), "kind": e["kind"], **json.loads(e["data_json"] or "{}")} for e in problems[-5:]

@@ -78,15 +78,20 @@ def _inside_run_dir(value: str) -> str:
 
 class Checkpoint(_Strict):
     dir: str = Field("checkpoints", min_length=1, max_length=4096)
-    every_steps: int | None = Field(100, ge=1, le=10**9)
+    # A commit every N steps, exactly: a save due while the previous one is still being written
+    # waits for it (saves coalesce only when the disk cannot keep up, and ckptd says so).
+    # `auto` (async only): as often as async_writer_share and async_overhead_budget allow
+    # (cost-based pacing, CheckFreq-style), at least every every_seconds.
+    every_steps: Annotated[int, Field(ge=1, le=10**9)] | Literal["auto"] | None = 100
     every_seconds: PosSeconds | None = 60.0
     max_to_keep: int = Field(3, ge=1, le=10_000)
     keep_every_n_hours: Annotated[float, Field(gt=0, le=10**6)] | None = None
     # async: the step loop only takes an in-memory snapshot; a writer process writes and fsyncs.
     mode: Literal["sync", "async"] = "sync"
-    # async only: the most of wall time the writer may spend writing (see ckptd.state.pacing).
+    # every_steps: auto only: the most of wall time the writer may spend writing (see
+    # ckptd.state.pacing).
     async_writer_share: float = Field(0.1, gt=0.0, le=1.0)
-    # async only: the most of training time interval saves may cost, as the step loop measures
+    # every_steps: auto only: the most of training time interval saves may cost, as the step loop measures
     # it (stall + slower steps while a save is in flight); 1.0: no limit. 1 % by default: the
     # loop sees only part of a large checkpoint's cost (~55 % of a 104 MB commit's on 2 cores;
     # the rest falls outside the save's window), and the true cost should stay within 2 %.
@@ -102,6 +107,11 @@ class Checkpoint(_Strict):
         if self.every_steps is None and self.every_seconds is None:
             raise ValueError(
                 "set every_steps and/or every_seconds, or the run is only checkpointed at the end"
+            )
+        if self.every_steps == "auto" and self.mode != "async":
+            raise ValueError(
+                "checkpoint.every_steps: auto paces asynchronous saves by their measured cost; "
+                "set mode: async, or give a number of steps"
             )
         return self
 

@@ -66,6 +66,7 @@ class Event(StrEnum):
     CHECKPOINT_GC = "checkpoint.gc"
     CHECKPOINT_INVENTORY = "checkpoint.inventory"
     CHECKPOINT_QUARANTINED = "checkpoint.quarantined"
+    CHECKPOINT_COALESCED = "checkpoint.coalesced"
     RESTORE_BEGIN = "restore.begin"
     RESTORE_DONE = "restore.done"
     RESTORE_FRESH = "restore.fresh"

@@ -34,7 +34,7 @@ def _apply(store: Store, job_id: str, ev: dict[str, Any], replay: bool) -> None:
         store.retire_checkpoints(job_id, ev["steps"])
     elif kind == p.Event.CHECKPOINT_INVENTORY:
         store.reconcile_checkpoints(job_id, ev.get("checkpoints") or [])
-    elif kind in (p.Event.CHECKPOINT_QUARANTINED, p.Event.CHECKPOINT_FAILED):
+    elif kind in (p.Event.CHECKPOINT_QUARANTINED, p.Event.CHECKPOINT_FAILED, p.Event.CHECKPOINT_COALESCED):
         if kind == p.Event.CHECKPOINT_QUARANTINED and ev.get("step") is not None:
             store.retire_checkpoints(job_id, [ev["step"]])
         if not replay:

@@ -63,6 +63,8 @@ BAD = [
     (GOOD + "entrypoint: train.py\n", "give one of them, not both"),
     ("name: ok\nentrypoint: t.py\ntrain: {epochs: 3}\n", "train.epochs: with entrypoint"),
     ("name: ok\nentrypoint: t.py\ntrain: {batch_size: 3, seed: 1}\n", "train.batch_size"),
+    (GOOD + "checkpoint: {every_steps: auto}\n", "every_steps: auto paces asynchronous saves"),
+    (GOOD + "checkpoint: {every_steps: often, mode: async}\n", "checkpoint.every_steps"),
     (GOOD + "distribute: {strategy: mirrored}\n", "distribute.replicas: mirrored needs at least 2"),
     (GOOD + "distribute: {strategy: mirrored, replicas: 1}\n", "distribute.replicas"),
     (GOOD + "distribute: {replicas: 2}\n", "set distribute.strategy: mirrored"),

@@ -448,3 +448,25 @@ def test_interval_on_an_epochs_last_step_is_one_commit_and_resumes_exactly(
     assert len(manifests) == len(set(manifests)) and max(manifests) == 208, manifests
     assert _history_epochs(run) == list(range(EPOCHS))
     assert final_state_hash(run) == golden
+
+
+def test_async_saves_honour_every_steps_and_say_when_the_disk_cannot_keep_up(tmp_path: Path) -> None:
+    """Async at every 20 steps with a writer that keeps up: a commit at every 20th step, none
+    skipped. With a writer slower than the interval (save_delay 1 s at 0.01 s a step): saves
+    coalesce, and the job says so in its events and its status."""
+    home = tmp_path / "fast"
+    rc, out = finish(start_run(home, str(write_job(tmp_path, epochs=2, every_steps=20, mode="async"))))
+    assert rc == 0, out
+    commits = [e for e in events(run_dir(home)) if e["event"] == "checkpoint.committed"]
+    assert [e["step"] for e in commits if e["reason"] == "interval"] == [20, 40, 60, 80, 100], commits
+    assert not [e for e in events(run_dir(home)) if e["event"] == "checkpoint.coalesced"]
+
+    home = tmp_path / "slow"
+    job = write_job(tmp_path / "slow-job", epochs=2, every_steps=20, mode="async")
+    rc, out = finish(start_run(home, str(job), faults="step_delay=0.01,save_delay=1.0"))
+    assert rc == 0, out
+    run = run_dir(home)
+    (first, *_rest) = [e for e in events(run) if e["event"] == "checkpoint.coalesced"]
+    assert first["asked_every_steps"] == 20 and first["step"] - first["since_step"] > 20, first
+    st = status(home, run.name)
+    assert any(p["kind"] == "checkpoint.coalesced" for p in st["checkpoint_problems"]), st

@@ -19,10 +19,12 @@ from ckptd.worker.saveschedule import Due, interval_due, when_due
         (7, 1.0, None, 60.0, False),
         (5, 1e9, 5, None, True),
         (4, 1e9, 5, None, False),  # no every_seconds: time never makes it due
+        (7, 0.0, "auto", None, True),  # auto: every step is due, the writer's pacing decides
+        (1, 0.0, "auto", 60.0, True),
     ],
 )
 def test_interval_due(
-    step: int, since: float, every_steps: int | None, every_seconds: float | None, due: bool
+    step: int, since: float, every_steps: int | str | None, every_seconds: float | None, due: bool
 ) -> None:
     assert interval_due(step, since, every_steps, every_seconds) is due
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import select
 import shutil
 import threading
@@ -92,6 +93,7 @@ class AsyncSaver:
     ) -> None:
         self.ckpt, self.dir = ckpt, directory
         self.retention = {"max_to_keep": max_to_keep, "keep_every_n_hours": keep_every_n_hours}
+        self.paced = False  # every_steps: auto (set by Checkpointing.open)
         self.who = (0, 1, 1)  # generation, world size, replicas (keeper.CommitPoint): set at open
         # The writer is best started before the worker imports TensorFlow, so both imports
         # overlap (see ckptd.worker.__main__); otherwise start it now.
@@ -182,8 +184,11 @@ class AsyncSaver:
         return time.monotonic() < self.start_time()
 
     def start_time(self) -> float:
-        """When the next interval save may begin: the later of the writer's wall-time share and
-        the training-time budget, capped by every_seconds (ckptd.state.pacing)."""
+        """When the next interval save may begin: with every_steps: auto, the later of the
+        writer's wall-time share and the training-time budget, capped by every_seconds
+        (ckptd.state.pacing); else at once (the job file's interval, exactly)."""
+        if not self.paced:
+            return -math.inf
         return paced_start_time(
             writer_start_time(self.last_done, self.last_seconds, self.writer_share),
             budget_start_time(self.last_start, self.meter.cost, self.budget),

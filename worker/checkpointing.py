@@ -154,6 +154,7 @@ class Checkpointing:
                 ck.every_seconds,
             )
             self.async_saver.who = self.keeper.who
+            self.async_saver.paced = ck.every_steps == "auto"
 
     def restore(self) -> Manifest | None:
         """Restore the newest valid commit into the checkpoint's objects (None: fresh start)."""

@@ -5,7 +5,8 @@ Format: comma-separated `key=value`:
 - `sigkill_at_step=N`, `raise_at_step=N`: SIGKILL itself, or raise RuntimeError, after step N;
 - `sigkill_in_save=N`, `enospc_in_save=N`: inside the save at step N, after TF wrote its files and
   before ckptd's commit;
-- `save_delay=SECONDS`: every save takes that much longer (no heartbeat meanwhile);
+- `save_delay=SECONDS`: every save takes that much longer (no heartbeat meanwhile; in async mode
+  the writer process's commit does);
 - `val_delay=SECONDS`: every validation batch takes that much longer (a big validation set);
 - `sigkill_in_restore=A-B`: while restoring, in attempts A..B (not limited by `attempt`);
 - `hang_at_step`, `gpu_fault_at_step`, `gpu_oom_at_step`, `hog_at_step`: a deadlock, a CUDA-like
@@ -73,6 +74,11 @@ class Faults:
             os.kill(os.getpid(), signal.SIGKILL)
         if step == self.enospc_in_save:
             raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+    def in_writer(self) -> None:
+        """The async writer process, before its commit: only the delay (a slow disk)."""
+        if self.save_delay:
+            time.sleep(self.save_delay)
 
     def unshared_storage_for(self, attempt: int) -> bool:
         return bool(self.unshared_storage) and self._armed(attempt)

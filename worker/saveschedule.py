@@ -5,19 +5,24 @@
 - In the fit loop, a save due on an epoch's last step waits for the epoch end (after validation
   and callbacks), so that the last epoch's interval and final saves are one commit, not two of
   one step.
-- In async mode a save due while the writer is busy (one in flight, or its pacing) is pending:
-  the step loop looks at the writer now and then and takes it as soon as the writer may.
+- In async mode a save due while the previous one is still being written is pending: the step
+  loop looks at the writer now and then and takes it as soon as the writer is free. Saves that
+  fall due meanwhile coalesce into that one; ckptd says so (`checkpoint.coalesced`: the interval
+  asked for and the one achieved), because the job file's interval was not met.
+- `every_steps: auto`: every step is due, and the writer's pacing (ckptd.state.pacing) decides.
 
 Benchmarks switch interval saves off and on with `set_enabled` (bench/ab_loop.py).
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from ckptd.state.jobspec import Checkpoint
+from ckptd.state.protocol import Event
 
 if TYPE_CHECKING:
     from ckptd.worker.checkpointing import Checkpointing
@@ -26,6 +31,7 @@ if TYPE_CHECKING:
 # a poll every step costs a measurable share of a small model's step; a reply noticed 2 ms late
 # changes nothing.
 ASYNC_POLL_SECONDS = 0.002
+REPORT_SECONDS = 60.0  # checkpoint.coalesced: at most once a minute after the first
 
 
 class Due(StrEnum):
@@ -36,9 +42,11 @@ class Due(StrEnum):
 
 
 def interval_due(
-    step: int, since_last_save: float, every_steps: int | None, every_seconds: float | None
+    step: int, since_last_save: float, every_steps: int | str | None, every_seconds: float | None
 ) -> bool:
-    return bool(every_steps and step % every_steps == 0) or bool(
+    if every_steps == "auto":  # the pacer holds it back (AsyncSaver.busy)
+        return True
+    return bool(isinstance(every_steps, int) and step % every_steps == 0) or bool(
         every_seconds and since_last_save >= every_seconds
     )
 
@@ -61,6 +69,10 @@ class SaveSchedule:
         self.poll_at = 0.0
         self.enabled = True
         self._off_since: float | None = None
+        # Saves that fell due while one was pending (coalesced into it), since the last report.
+        self.coalesced = 0
+        self._taken_step: int | None = None
+        self._reported_at: float | None = None
 
     def start(self) -> None:
         """Training starts now: every_seconds counts from here, not from the process start."""
@@ -81,6 +93,8 @@ class SaveSchedule:
             self.due_at_epoch_end = True
         elif where is Due.NOW:
             self._take()
+        elif self.spec.every_steps != "auto":  # pacing holds saves back on purpose: not news
+            self.coalesced += 1
         self.last_save = time.monotonic()
 
     def epoch_recorded(self) -> None:
@@ -101,6 +115,38 @@ class SaveSchedule:
             # next step works out when to look at the writer again.
             self.pending = outcome is Saved.BUSY
             self.poll_at = 0.0
+        if outcome is Saved.DONE:
+            self._report_coalesced()
+
+    def _report_coalesced(self) -> None:
+        """The interval the job asked for was not met: say what was achieved (at once the
+        first time, then at most once a minute)."""
+        step, now = self.ck.step, time.monotonic()
+        since, self._taken_step = self._taken_step, step
+        if not self.coalesced or since is None:
+            return
+        if self._reported_at is not None and now - self._reported_at < REPORT_SECONDS:
+            return
+        asked = self.spec.every_steps
+        self.ck.event(
+            Event.CHECKPOINT_COALESCED,
+            step=step,
+            since_step=since,
+            asked_every_steps=asked,
+            coalesced=self.coalesced,
+            reason=f"asked for a commit every {asked} steps, achieved {step - since} (the writer "
+            f"could not keep up: {self.coalesced} save(s) coalesced); a faster disk, a longer "
+            "interval, or every_steps: auto",
+        )
+        if self._reported_at is None:
+            print(
+                f"ckptd: checkpoint interval not met: every {asked} steps asked, {step - since} "
+                "achieved (saves coalesced while the writer was busy)",
+                file=sys.stderr,
+                flush=True,
+            )
+        self.ck.stats["coalesced"] = self.ck.stats.get("coalesced", 0) + self.coalesced
+        self.coalesced, self._reported_at = 0, now
 
     def _look_at_writer(self, step_seconds: float) -> None:
         saver = self.ck.async_saver

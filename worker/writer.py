@@ -77,6 +77,7 @@ def _write(
 ) -> tuple[WriterReply, set[str]]:
     import tensorflow as tf
 
+    from ckptd.worker.faults import Faults
     from ckptd.worker.keeper import CommitPoint, commit_written
     from ckptd.worker.snapshot import OBJECT_GRAPH_KEY
 
@@ -99,7 +100,12 @@ def _write(
         msg["number"], msg["step"], msg["epoch"], msg["step_in_epoch"], msg["metrics"], tuple(msg["who"])
     )
     manifest, retired, keys = commit_written(
-        directory, point, expected, msg["max_to_keep"], msg["keep_every_n_hours"]
+        directory,
+        point,
+        expected,
+        msg["max_to_keep"],
+        msg["keep_every_n_hours"],
+        lambda _step: Faults.from_env().in_writer(),  # test-only: a slow disk
     )
     return {
         "ok": True,
