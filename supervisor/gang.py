@@ -129,6 +129,7 @@ class GangWatch:
     members: list[Member]
     launch: Launch
     stop_requests: Callable[[], int]  # how many stop requests (signals) so far
+    attempt: int  # heartbeats of earlier attempts (still in the files at start) are not news
     hang: str | None = None
     ended: int = 0
     _term_sent: bool = False
@@ -169,7 +170,7 @@ class GangWatch:
         now = self.ops.monotonic()
         for m in self.members:
             hb = p.Heartbeat.read(m.run.heartbeat, m.run.root)
-            if hb is not None and hb.seq != m.last_seq:
+            if hb is not None and hb.attempt == self.attempt and hb.seq != m.last_seq:
                 m.last_seq, m.phase, m.last_change = hb.seq, hb.phase, now
                 if hb.host and not m.host.startswith("127.0.0.1"):  # placed by Slurm: its node
                     m.host = hb.host

@@ -38,7 +38,7 @@ def gang_attempt(self: JobRunner) -> AttemptOutcome:
     self.store.start_attempt(self.job_id, chief.pid, self.ops.start_time(chief.pid))
     self.display.attempt_started(n, chief.pid)
     w = Watch(n=n, pid=chief.pid, started=chief.last_change, last_change=chief.last_change)
-    watch = gang.GangWatch(self.ops, self.spec.restart, members, launch, lambda: len(self.stops.signals))
+    watch = gang.GangWatch(self.ops, self.spec.restart, members, launch, lambda: len(self.stops.signals), n)
     watch.run(lambda: self.drain_events(w), POLL_SECONDS)
     errors = {m.index: read_error(m.run.root, m.run.attempt_dir(n) / p.ERROR_FILE) for m in members}
     verdict = gang.judge(watch, errors, n)

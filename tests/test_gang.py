@@ -4,11 +4,26 @@ others are recorded as, what a member's error says. Pure functions, table-driven
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from ckptd.state.jobspec import Restart
+from ckptd.state.paths import RunDir
+from ckptd.state.protocol import Heartbeat, Phase
 from ckptd.state.states import AttemptClass as C
-from ckptd.supervisor.gang import MemberEnd, free_ports, gang_root, member_class, peer_error, tf_config
+from ckptd.supervisor.gang import (
+    GangWatch,
+    Member,
+    MemberEnd,
+    free_ports,
+    gang_root,
+    member_class,
+    peer_error,
+    tf_config,
+)
+from ckptd.supervisor.process import ExitStatus
 
 
 @pytest.mark.parametrize(
@@ -84,3 +99,60 @@ def test_tf_config_and_ports() -> None:
         "cluster": {"worker": hosts},
         "task": {"type": "worker", "index": 2},
     }
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class _Launch:
+    """Members that exit 0 at `end` seconds; records what the watch asked of them."""
+
+    def __init__(self, clock: _Clock, count: int, end: float) -> None:
+        self.clock, self.count, self.end = clock, count, end
+        self.asked: list[str] = []
+        self.done = False
+
+    def ended(self) -> list[tuple[int, Any, bool]]:
+        if self.done or self.clock.now < self.end:
+            return []
+        self.done = True
+        return [(i, ExitStatus(0, None), True) for i in range(self.count)]
+
+    def stop_chief(self) -> None:
+        self.asked.append("stop")
+
+    def dump_stacks(self, index: int) -> None:
+        self.asked.append(f"stacks {index}")
+
+    def stopped(self, index: int) -> bool:
+        return False
+
+    def kill(self, index: int) -> None:
+        self.asked.append(f"kill {index}")
+
+
+def test_the_previous_attempts_heartbeats_are_not_this_gangs(tmp_path: Path) -> None:
+    """At a restart the members' heartbeat files still hold the last attempt's (phase training):
+    taken as this gang's, a slow start (TensorFlow's import on a loaded box) would be a hang
+    after heartbeat_timeout instead of startup_grace."""
+    run = RunDir(tmp_path)
+    for i in range(2):
+        hb = Heartbeat(pid=1, attempt=1, seq=9, phase=Phase.TRAINING, time=0.0, step=27)
+        run.member(i).root.mkdir(parents=True, exist_ok=True)
+        run.member(i).heartbeat.write_bytes(hb.to_json())
+    clock = _Clock()
+    restart = Restart(heartbeat_timeout_seconds=4, startup_grace_seconds=300)
+    members = [Member(i, 100 + i, run.member(i), last_change=0.0) for i in range(2)]
+    launch = _Launch(clock, 2, end=60.0)  # a minute to start: within the start-up grace
+    watch = GangWatch(clock, restart, members, launch, lambda: 0, 2)  # type: ignore[arg-type]
+    watch.run(lambda: None, 0.5)
+    assert watch.hang is None and launch.asked == [], launch.asked
+    assert [m.phase for m in members] == [Phase.STARTING, Phase.STARTING]
