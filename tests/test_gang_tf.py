@@ -17,7 +17,7 @@ from ckptd.state.protocol import Heartbeat
 
 from .conftest import ROOT, ckptd_cmd
 from .daemonproc import daemon_env, start_daemon
-from .procs import final_state_hash, finish, run_dir, start_run, status, wait_for
+from .procs import events, final_state_hash, finish, run_dir, start_run, status, wait_for
 
 pytestmark = pytest.mark.tf
 PROGRAM = ROOT / "tests" / "programs" / "mirrored.py"
@@ -118,7 +118,7 @@ def test_ctrl_c_the_chief_saves_for_the_gang_and_it_resumes(tmp_path: Path) -> N
     run = run_dir(home)
     st = status(home, run.name)
     assert st["state"] == "interrupted" and st["attempt_list"][-1]["class"] == "preempted", st
-    preempted = next(e for e in _events(run) if e["event"] == "worker.preempted")
+    preempted = next(e for e in events(run) if e["event"] == "worker.preempted")
     assert st["last_committed_step"] == preempted["step"] >= 20  # 0 steps lost
     rc, out = finish(start_run(home, str(job)))
     assert rc == 0, out
@@ -152,10 +152,6 @@ def test_a_lost_supervisors_gang_is_stopped_and_resumed(tmp_path: Path) -> None:
     assert attempts[-1]["class"] == "succeeded"
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids)
     assert final_state_hash(run) == final_state_hash(clean)
-
-
-def _events(run: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
 
 
 def test_a_member_that_cannot_see_the_checkpoints_is_a_config_error(tmp_path: Path) -> None:
