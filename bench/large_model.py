@@ -7,6 +7,9 @@ Two kinds (params["kind"]):
   floats, ~102 MB) feeding a small trainable head (~131k weights, Adam). A checkpoint is ~104 MB
   while a training step takes a few ms on 2 CPU cores, so 300 steps x 5 repeats fit the benchmark's
   time budget. Saves are large relative to compute: a pessimistic case for checkpoint overhead.
+- "wide": Input(features) -> Dense(width) -> Dense(1) with Adam, sized by params["state_gb"]: the
+  checkpoint holds each weight three times (value, two Adam slots), so width is chosen to make
+  ~state_gb GB of state. The GB-scale benchmark (bench/scale.py) uses it.
 - "dense": Input(1024) -> Dense(4096) -> Dense(4096) -> Dense(1), all trainable with Adam: 21M
   weights, ~252 MB checkpoint, but ~300 ms per step on 2 CPU cores (Adam alone ~6 ns/weight).
 
@@ -66,9 +69,28 @@ def dense_model(params: dict[str, Any]) -> tuple[keras.Model, tuple[np.ndarray, 
     return model, data
 
 
+def wide_width(state_gb: float, features: int) -> int:
+    """The width whose kernel, bias and output weights, with Adam's two slots, make ~state_gb GB."""
+    return max(1, round(state_gb * 1e9 / 12 / (features + 2)))
+
+
+def wide_model(params: dict[str, Any]) -> tuple[keras.Model, tuple[np.ndarray, np.ndarray]]:
+    features = int(params.get("features", 256))
+    width = wide_width(float(params.get("state_gb", 0.1)), features)
+    data = dense_data(int(params.get("rows", 800)), features, int(params.get("seed", 7)))
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(features,)),
+            keras.layers.Dense(width, activation="relu"),
+            keras.layers.Dense(1, activation="sigmoid"),
+        ]
+    )
+    return model, data
+
+
 def build(params: dict[str, Any]) -> tuple[keras.Model, tuple[np.ndarray, np.ndarray]]:
     kind = params.get("kind", "embedding")
-    builders = {"embedding": embedding_model, "dense": dense_model}
+    builders = {"embedding": embedding_model, "dense": dense_model, "wide": wide_model}
     if kind not in builders:
         raise ValueError(f"params.kind must be one of {sorted(builders)}, got {kind!r}")
     model, data = builders[kind](params)
