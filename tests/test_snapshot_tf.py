@@ -129,3 +129,69 @@ def test_snapshots_go_to_a_ready_writer_and_the_layout_is_sent_once(tmp_path: Pa
         assert reply is not None and not reply["ok"] and "died" in reply["error"] and saver.dead
     finally:
         saver.close()
+
+
+def test_the_object_graph_is_known_without_writing_the_state(tmp_path: Path) -> None:
+    """A fresh start learns the object graph from TF's own save path instead of one throw-away
+    write of the whole state (minutes of disk time at GB scale)."""
+    import tensorflow as tf
+
+    from ckptd.worker.snapshot import object_graph_now, object_graph_of
+
+    _, model, step, _ = _setup(tmp_path, 16)
+    ckpt = tf.train.Checkpoint(model=model, optimizer=model.optimizer, step=step, note=tf.Variable("x"))
+    _ = ckpt.save_counter
+    assert object_graph_now(ckpt) == object_graph_of(ckpt.write(str(tmp_path / "w" / "w")))
+
+
+def test_thread_writer_commits_the_capture_and_refuses_a_nan_weight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large states are written by a thread from the captured tensors themselves (no
+    shared-memory copy): the commit holds the values of the capture's instant although training
+    went on, and a snapshot with a NaN weight is refused (the weights' finiteness is checked by
+    the writer, off the step loop)."""
+    import multiprocessing
+
+    import numpy as np
+    import tensorflow as tf
+
+    from ckptd.state import ckptfiles as cf
+    from ckptd.worker import asyncsave
+
+    monkeypatch.setattr(asyncsave, "THREAD_WRITER_BYTES", 0)
+    _, model, step, batch = _setup(tmp_path, 16)
+    ckpt = tf.train.Checkpoint(model=model, optimizer=model.optimizer, step=step, note=tf.Variable("epoch 0"))
+    ours, _theirs = multiprocessing.Pipe()
+    directory = tmp_path / "ck"
+    directory.mkdir()
+    saver = asyncsave.AsyncSaver(
+        ckpt,
+        directory,
+        3,
+        None,
+        writer=(_NoProcess(), ours),
+        finite=model.trainable_variables,  # type: ignore[arg-type]
+    )
+    saver.prepare(None)
+    try:
+        assert saver.thread is not None and saver.shm is None
+        wait_for("the thread writer to be ready", saver.is_ready, 5)
+        _train(model, step, batch, 2)
+        expected = [np.array(v) for v in model.trainable_variables + model.optimizer.variables]
+        saver.submit(2, 0, 2, {"loss": 1.0}, "interval")
+        _train(model, step, batch, 3)
+        reply = saver.poll(block=True)
+        assert reply is not None and reply["ok"], reply
+        kernel = model.trainable_variables[0]
+        kernel.assign(tf.fill(kernel.shape, float("nan")))
+        saver.submit(5, 0, 5, {"loss": 1.0}, "interval")
+        refused = saver.poll(block=True)
+    finally:
+        saver.close()
+    assert refused is not None and refused.get("nonfinite") and kernel.path in refused["error"], refused
+    manifests = cf.read_manifests(directory)[0]
+    assert [m.step for m in manifests] == [2]
+    ckpt.restore(str(directory / manifests[0].prefix)).assert_existing_objects_matched()
+    got = [np.array(v) for v in model.trainable_variables + model.optimizer.variables]
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))

@@ -12,11 +12,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import multiprocessing
+import os
 import select
 import shutil
 import threading
 import time
+from collections.abc import Sequence
 from multiprocessing import shared_memory
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -25,10 +29,16 @@ import tensorflow as tf
 from ckptd.state import ckptfiles as cf
 from ckptd.state.pacing import budget_start_time, next_look, paced_start_time, writer_start_time
 from ckptd.worker.costmeter import CostMeter
-from ckptd.worker.snapshot import SnapshotPlan, object_graph_of
-from ckptd.worker.writer import Writer, WriterReply, start_writer
+from ckptd.worker.snapshot import SnapshotPlan, object_graph_now, object_graph_of
+from ckptd.worker.writer import ThreadWriter, Writer, WriterReply, start_writer
 
 WRITER_START_TIMEOUT = 120.0
+# From this size of state on, the writer is a thread of the training process (ThreadWriter): the
+# process writer's shared-memory copy would hold one more full copy of the state for the whole
+# attempt, on top of the copy-on-write copies a save in flight makes. Below it, the process keeps
+# the save's Python work from competing with a fast step loop for the GIL. An environment variable
+# sets it for tests.
+THREAD_WRITER_BYTES = int(os.environ.get("CKPTD_THREAD_WRITER_BYTES", 64 * 2**20))
 # Below this the copy takes well under a millisecond: a thread would cost more than it saves.
 FILL_IN_THREAD_BYTES = 4 * 2**20
 
@@ -90,6 +100,7 @@ class AsyncSaver:
         writer_share: float = 1.0,
         budget: float = 1.0,
         longest: float | None = None,
+        finite: Sequence[Any] = (),
     ) -> None:
         self.ckpt, self.dir = ckpt, directory
         self.retention = {"max_to_keep": max_to_keep, "keep_every_n_hours": keep_every_n_hours}
@@ -97,7 +108,10 @@ class AsyncSaver:
         self.who = (0, 1, 1)  # generation, world size, replicas (keeper.CommitPoint): set at open
         # The writer is best started before the worker imports TensorFlow, so both imports
         # overlap (see ckptd.worker.__main__); otherwise start it now.
-        self.proc, self.conn = writer or start_writer(directory)
+        self.proc, conn = writer or start_writer(directory)
+        self.conn: Connection[Any, Any] | ThreadWriter = conn
+        self.thread: ThreadWriter | None = None  # replaces the process for large states
+        self.finite = finite  # the weights the writer checks before committing
         self.ready = False
         self.writer_share, self.budget, self.longest = writer_share, budget, longest
         self.meter = CostMeter()
@@ -132,11 +146,11 @@ class AsyncSaver:
         if restored is not None:
             graph = object_graph_of(str(self.dir / restored.prefix))
         else:
-            probe = self.dir / ".graph-probe"
-            shutil.rmtree(probe, ignore_errors=True)
-            graph = object_graph_of(self.ckpt.write(str(probe / "probe")))
-            shutil.rmtree(probe, ignore_errors=True)
-        self.plan = SnapshotPlan(self.ckpt, graph)
+            graph = object_graph_now(self.ckpt) or self._probe_graph()
+        self.plan = SnapshotPlan(self.ckpt, graph, self.finite)
+        if self.plan.nbytes >= THREAD_WRITER_BYTES:
+            self._use_thread_writer()
+            return
         # One segment name per checkpoint directory: a worker killed with SIGKILL cannot unlink
         # its segment, so the next one (holding the directory lock) removes the stale one.
         name = "ckptd-" + hashlib.sha256(str(self.dir.resolve()).encode()).hexdigest()[:20]
@@ -145,6 +159,26 @@ class AsyncSaver:
             stale.close()
             stale.unlink()
         self.shm = shared_memory.SharedMemory(name=name, create=True, size=self.plan.nbytes)
+
+    def _probe_graph(self) -> bytes:
+        """The object graph from one throw-away synchronous write (if TF's internals moved)."""
+        probe = self.dir / ".graph-probe"
+        shutil.rmtree(probe, ignore_errors=True)
+        graph = object_graph_of(self.ckpt.write(str(probe / "probe")))
+        shutil.rmtree(probe, ignore_errors=True)
+        return graph
+
+    def _use_thread_writer(self) -> None:
+        """Stop the writer process (it may still be importing TensorFlow) and write from a thread."""
+        proc = self.proc
+        if isinstance(proc, multiprocessing.process.BaseProcess):
+            proc.kill()
+            proc.join(timeout=30)
+        self.poller.unregister(self.conn.fileno())
+        self.conn.close()
+        self.thread = ThreadWriter(self.dir)
+        self.conn, self.ready, self.dead = self.thread, False, False
+        self.poller.register(self.conn.fileno(), select.POLLIN)
 
     def _check_ready(self, block: bool) -> bool:
         if not self.ready and not self.dead and self._readable(WRITER_START_TIMEOUT if block else 0):
@@ -210,8 +244,9 @@ class AsyncSaver:
     def submit(
         self, step: int, epoch: int, step_in_epoch: int, metrics: dict[str, float], reason: str
     ) -> None:
-        """Capture now; copy and hand over in the background (see Filler)."""
-        assert self.plan is not None and self.shm is not None and self.in_flight is None
+        """Capture now; copy and hand over in the background (see Filler), or hand the captured
+        tensors themselves to the thread writer."""
+        assert self.plan is not None and self.in_flight is None
         self.last_start = time.monotonic()
         captured = self.plan.capture()
         number = self.take_number()
@@ -224,16 +259,21 @@ class AsyncSaver:
             "step_in_epoch": step_in_epoch,
             "metrics": metrics,
             "who": self.who,
-            "shm": self.shm.name,
             **self.retention,
         }
         if not self.graph_sent:
             # The layout never changes during an attempt: the writer keeps it after the first save.
             msg["slots"] = [(s.key, s.dtype, s.shape, s.offset) for s in self.plan.slots]
             msg["object_graph"] = self.plan.object_graph
+            msg["finite"] = self.plan.finite_keys
             self.graph_sent = True
         self.unsent = msg
-        self.filler.start(self.plan, self.shm, captured)
+        if self.thread is not None:
+            msg["captured"] = captured
+        else:
+            assert self.shm is not None
+            msg["shm"] = self.shm.name
+            self.filler.start(self.plan, self.shm, captured)
         self._check_ready(block=False)
 
     def poll(self, block: bool) -> WriterReply | None:
@@ -275,6 +315,9 @@ class AsyncSaver:
         with contextlib.suppress(OSError, BrokenPipeError):
             self.conn.send({"op": "stop"})
         self.proc.join(timeout=30)
+        if self.thread is not None:
+            self.thread.join(timeout=30)
+            self.thread.close()
         if self.shm is not None:
             self.shm.close()
             with contextlib.suppress(FileNotFoundError):

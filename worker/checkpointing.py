@@ -152,6 +152,7 @@ class Checkpointing:
                 ck.async_writer_share,
                 ck.async_overhead_budget,
                 ck.every_seconds,
+                finite=self.weights,
             )
             self.async_saver.who = self.keeper.who
             self.async_saver.paced = ck.every_steps == "auto"
@@ -226,7 +227,7 @@ class Checkpointing:
             self.dirty = False  # is its own local copy: no collective, no member takes part)
             return Saved.DONE
         t0 = time.monotonic()
-        self.check_finite()
+        self.check_loss()  # the weights: by _save, or by the writer (a pass over every weight)
         for capture in self.before_save:
             capture()
         try:
@@ -257,6 +258,7 @@ class Checkpointing:
             return Saved.FAILED
 
     def _save(self, reason: str) -> None:
+        self.check_weights()
         self.beater.beat(Phase.SAVING, force=True)
         step, epoch = self.step, int(self.c.epoch.numpy())
         t0 = time.monotonic()
@@ -321,6 +323,8 @@ class Checkpointing:
             return True
         if reply.get("fenced"):
             raise Fenced(reply["error"])
+        if reply.get("nonfinite"):
+            raise NonFinite(reply["step"], reply["error"].removeprefix("NonFiniteSnapshot: "))
         if reply["ok"]:
             m = Manifest(**reply["manifest"])
             self._committed(m, reply["reason"], reply["seconds"], [Manifest(**r) for r in reply["retired"]])
@@ -354,10 +358,17 @@ class Checkpointing:
         self.faults.after_step(step, self.beater.hb.attempt)
 
     def check_finite(self) -> None:
-        """Before a commit and at each epoch end: a NaN/inf loss or weight stops the attempt."""
+        """At each epoch end (and, in parts, before each commit): a NaN/inf loss or weight
+        stops the attempt."""
+        self.check_loss()
+        self.check_weights()
+
+    def check_loss(self) -> None:
         bad = [k for k, v in self.last_logs.items() if "loss" in k and not math.isfinite(v)]
         if bad:
             raise NonFinite(self.step, f"{bad[0]} is {self.last_logs[bad[0]]}")
+
+    def check_weights(self) -> None:
         if self.weights and not bool(
             tf.reduce_all([tf.reduce_all(tf.math.is_finite(tf.convert_to_tensor(v))) for v in self.weights])
         ):

@@ -12,6 +12,7 @@ a checkpoint written by TF): node i of the proto is the i-th object of the bread
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 from typing import Any
@@ -32,6 +33,18 @@ def object_graph_of(prefix: str) -> bytes:
     return value if isinstance(value, bytes) else bytes(value)
 
 
+def object_graph_now(ckpt: tf.train.Checkpoint) -> bytes | None:
+    """The object graph a save of `ckpt` would write, without writing it (a fresh start of a
+    GB-scale model otherwise pays one throw-away write of the whole state). TF's own save path
+    builds it this way; None if that internal API is not there."""
+    try:
+        proto = ckpt._saver._gather_serialized_tensors(None)[3]
+    except (AttributeError, TypeError, IndexError):
+        return None
+    graph: bytes = proto.SerializeToString()
+    return graph
+
+
 @dataclass(frozen=True)
 class Slot:
     key: str
@@ -49,7 +62,7 @@ def _value(t: Any) -> Any:
 
 
 class SnapshotPlan:
-    def __init__(self, ckpt: tf.train.Checkpoint, object_graph: bytes) -> None:
+    def __init__(self, ckpt: tf.train.Checkpoint, object_graph: bytes, finite: Sequence[Any] = ()) -> None:
         proto = trackable_object_graph_pb2.TrackableObjectGraph()
         proto.ParseFromString(object_graph)
         nodes = tf.train.TrackableView(ckpt).descendants()
@@ -59,11 +72,16 @@ class SnapshotPlan:
         self.plain_keys: list[str] = []
         plain_vars: list[Any] = []
         self.others: list[tuple[Any, list[tuple[str, str]]]] = []
+        # The writer refuses to commit a snapshot in which one of these (the trainable weights)
+        # is NaN or infinite: the check is a pass over every weight, too long for the step loop.
+        self.finite_keys: dict[str, str] = {}  # checkpoint key -> the weight's name
         for obj, node in zip(nodes, proto.nodes, strict=True):
             attrs = [(a.name, a.checkpoint_key) for a in node.attributes]
             if len(attrs) == 1 and attrs[0][0] == "VARIABLE_VALUE" and hasattr(obj, "numpy"):
                 self.plain_keys.append(attrs[0][1])
                 plain_vars.append(obj)
+                if any(obj is v for v in finite):
+                    self.finite_keys[attrs[0][1]] = str(getattr(obj, "path", attrs[0][1]))
             elif attrs:
                 self.others.append((obj, attrs))
         # One call reads every plain variable. The outputs share the variables' buffers, and TF

@@ -2,6 +2,7 @@
 training process (ckptd.worker.snapshot) and commits them with the same protocol as synchronous
 saves (fsync files and directory, verify, durable manifest, retention after commit).
 
+For large states the writer is a thread of the training process instead (ThreadWriter).
 At most one snapshot is in flight. If the worker dies, the writer sees EOF and exits; a write
 interrupted by a crash leaves only uncommitted files, which garbage collection removes.
 """
@@ -11,8 +12,12 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import queue
 import signal
+import threading
 import time
+from collections.abc import Callable
+from functools import partial
 from multiprocessing import shared_memory
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -34,6 +39,7 @@ class WriterReply(TypedDict):
     retired: NotRequired[list[dict[str, Any]]]  # ok
     error: NotRequired[str]  # not ok
     fenced: NotRequired[bool]  # not ok because a newer attempt has committed (keeper.Fenced)
+    nonfinite: NotRequired[bool]  # not ok because a trainable weight is NaN or infinite
     step: NotRequired[int]
     epoch: NotRequired[int]
     reason: NotRequired[str]
@@ -68,30 +74,42 @@ def _slot_tensors(
     return views
 
 
-def _write(
+class NonFiniteSnapshot(ValueError):
+    """A trainable weight of the snapshot is NaN or infinite: it is never committed."""
+
+
+def _check_finite(named: list[tuple[str, Any]], keys: dict[str, str]) -> None:
+    """check_numerics scans a tensor without allocating (is_finite would make a bool tensor of
+    each weight's size)."""
+    import tensorflow as tf
+
+    for key, tensor in named:
+        if key in keys:
+            try:
+                tf.debugging.check_numerics(tensor, key)
+            except tf.errors.InvalidArgumentError:
+                raise NonFiniteSnapshot(f"weight {keys[key]} is NaN or infinite") from None
+
+
+def _commit(
     msg: dict[str, Any],
     layout: dict[str, Any],
-    shm: shared_memory.SharedMemory,
+    named: list[tuple[str, Any]],
     directory: Path,
     expected: set[str] | None,
 ) -> tuple[WriterReply, set[str]]:
+    """Check, write and commit one snapshot given as (checkpoint key, tensor) pairs."""
     import tensorflow as tf
 
     from ckptd.worker.faults import Faults
     from ckptd.worker.keeper import CommitPoint, commit_written
     from ckptd.worker.snapshot import OBJECT_GRAPH_KEY
 
-    names, tensors = [], []
-    for key, array, view in _slot_tensors(layout, shm):
-        names.append(key)
-        tensors.append(view if view is not None else tf.constant(array))  # copied at every save
-    for key, value in msg["strings"].items():
-        names.append(key)
-        tensors.append(tf.constant(value, dtype=tf.string))
+    _check_finite(named, layout.get("finite", {}))
     if "graph" not in layout:
         layout["graph"] = tf.constant(layout["object_graph"], dtype=tf.string)
-    names.append(OBJECT_GRAPH_KEY)
-    tensors.append(layout["graph"])
+    names = [key for key, _ in named] + [OBJECT_GRAPH_KEY]
+    tensors = [tensor for _, tensor in named] + [layout["graph"]]
     prefix = directory / f"{cf.PREFIX}-{msg['number']}"
     tf.raw_ops.SaveV2(
         prefix=str(prefix), tensor_names=names, shape_and_slices=[""] * len(names), tensors=tensors
@@ -114,6 +132,72 @@ def _write(
         "manifest": manifest.to_dict(),
         "retired": [r.to_dict() for r in retired],
     }, keys
+
+
+def _from_shared_memory(
+    msg: dict[str, Any], layout: dict[str, Any], shm: shared_memory.SharedMemory
+) -> list[tuple[str, Any]]:
+    import tensorflow as tf
+
+    named = [
+        (key, view if view is not None else tf.constant(array))  # copied at every save
+        for key, array, view in _slot_tensors(layout, shm)
+    ]
+    return named + [(key, tf.constant(v, dtype=tf.string)) for key, v in msg["strings"].items()]
+
+
+def _from_captured(msg: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The thread writer's tensors: the captured values themselves (no copy)."""
+    import numpy as np
+    import tensorflow as tf
+
+    named = []
+    for key, value in msg["captured"]:
+        if isinstance(value, tf.Tensor):
+            named.append((key, value))
+        elif isinstance(value, bytes) or (isinstance(value, np.ndarray) and value.dtype == object):
+            named.append((key, tf.constant(value, dtype=tf.string)))
+        else:
+            named.append((key, tf.convert_to_tensor(value)))
+    return named
+
+
+def _handle(
+    msg: dict[str, Any],
+    layout: dict[str, Any],
+    directory: Path,
+    expected: set[str] | None,
+    tensors: Callable[[], list[tuple[str, Any]]],
+) -> tuple[WriterReply, set[str] | None]:
+    """One save, as a reply: committed, or failed with the error (never raises)."""
+    t0 = time.monotonic()
+    reply: WriterReply
+    try:
+        reply, expected = _commit(msg, layout, tensors(), directory, expected)
+    except Exception as e:  # reported to the training loop as a failed save
+        with contextlib.suppress(OSError):
+            committed = {m.number for m in cf.read_manifests(directory)[0]}
+            cf.collect_garbage(directory, committed)
+        errno = getattr(e, "errno", None)
+        reply = {
+            "ok": False,
+            "seconds": 0.0,
+            "number": msg["number"],
+            "error": f"{type(e).__name__}: {e}" + (f" (errno {errno})" if errno else ""),
+            "fenced": type(e).__name__ == "Fenced",  # keeper.Fenced (imported with TF)
+            "nonfinite": isinstance(e, NonFiniteSnapshot),
+        }
+    reply["seconds"] = time.monotonic() - t0
+    reply["number"] = msg["number"]
+    return reply, expected
+
+
+def _new_layout(msg: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "slots": msg.get("slots", []),
+        "object_graph": msg["object_graph"],
+        "finite": msg.get("finite", {}),
+    }
 
 
 def writer_main(conn: Connection, directory: str) -> None:
@@ -147,26 +231,66 @@ def writer_main(conn: Connection, directory: str) -> None:
             # new, and the training process, which created the segment, unlinks it.
             shm = shared_memory.SharedMemory(name=msg["shm"])
             layout.pop("views", None)  # they view the previous segment
-        if "slots" in msg:  # the first save of the attempt carries the layout
-            layout = {"slots": msg["slots"], "object_graph": msg["object_graph"]}
-        t0 = time.monotonic()
-        try:
-            reply, expected = _write(msg, layout, shm, Path(directory), expected)
-        except Exception as e:  # reported to the training loop as a failed save
-            with contextlib.suppress(OSError):
-                committed = {m.number for m in cf.read_manifests(Path(directory))[0]}
-                cf.collect_garbage(Path(directory), committed)
-            errno = getattr(e, "errno", None)
-            reply = {
-                "ok": False,
-                "seconds": 0.0,
-                "number": msg["number"],
-                "error": f"{type(e).__name__}: {e}" + (f" (errno {errno})" if errno else ""),
-                "fenced": type(e).__name__ == "Fenced",  # keeper.Fenced (imported with TF)
-            }
-        reply["seconds"] = time.monotonic() - t0
-        reply["number"] = msg["number"]
+        if "object_graph" in msg:  # the first save of the attempt carries the layout
+            layout = _new_layout(msg)
+        reply, expected = _handle(
+            msg, layout, Path(directory), expected, partial(_from_shared_memory, msg, layout, shm)
+        )
         conn.send(reply)
+
+
+class ThreadWriter:
+    """The writer as a thread of the training process, for large states (see
+    AsyncSaver.prepare). It writes the captured tensors themselves, frozen copy-on-write: no
+    shared-memory copy exists, so a save in flight holds at most one extra copy of the state
+    (of the variables training updates before the write ends), and no second process imports
+    TensorFlow. SaveV2, fsync and the checksums release the GIL. Speaks like the writer
+    process's end of the pipe (send / poll / recv / fileno), so AsyncSaver drives both alike."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = cf.real_dir(directory)
+        self._replies, self._out = multiprocessing.Pipe(duplex=False)
+        self._inbox: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._main, name="ckptd-writer", daemon=True)
+        self._thread.start()
+
+    def send(self, msg: dict[str, Any]) -> None:
+        self._inbox.put(msg)
+
+    def poll(self, timeout: float | None = 0.0) -> bool:
+        return self._replies.poll(timeout)
+
+    def recv(self) -> Any:
+        return self._replies.recv()
+
+    def fileno(self) -> int:
+        return self._replies.fileno()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    def close(self) -> None:
+        self._replies.close()
+        self._out.close()
+
+    def _main(self) -> None:
+        # Linux nices threads one by one: the writer yields the CPU to the step loop.
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
+        self._out.send({"ready": True})
+        layout: dict[str, Any] = {}
+        expected: set[str] | None = None
+        while True:
+            msg = self._inbox.get()
+            if msg.get("op") == "stop":
+                return
+            if "object_graph" in msg:
+                layout = _new_layout(msg)
+            reply, expected = _handle(msg, layout, self.directory, expected, partial(_from_captured, msg))
+            # Drop the captured tensors now: while held, each variable training updates is
+            # copied before the update (copy-on-write).
+            del msg
+            self._out.send(reply)
 
 
 Writer = tuple[multiprocessing.process.BaseProcess, Connection]
