@@ -86,8 +86,10 @@ class Checkpoint(_Strict):
     every_seconds: PosSeconds | None = 60.0
     max_to_keep: int = Field(3, ge=1, le=10_000)
     keep_every_n_hours: Annotated[float, Field(gt=0, le=10**6)] | None = None
-    # async: the step loop only takes an in-memory snapshot; a writer process writes and fsyncs.
-    mode: Literal["sync", "async"] = "sync"
+    # async (default): the step loop only takes an in-memory snapshot; a writer writes, fsyncs and
+    # commits it with the same protocol while training goes on. sync: the step loop waits for the
+    # whole commit (no writer, no snapshot memory).
+    mode: Literal["sync", "async"] = "async"
     # every_steps: auto only: the most of wall time the writer may spend writing (see
     # ckptd.state.pacing).
     async_writer_share: float = Field(0.1, gt=0.0, le=1.0)

@@ -63,7 +63,7 @@ BAD = [
     (GOOD + "entrypoint: train.py\n", "give one of them, not both"),
     ("name: ok\nentrypoint: t.py\ntrain: {epochs: 3}\n", "train.epochs: with entrypoint"),
     ("name: ok\nentrypoint: t.py\ntrain: {batch_size: 3, seed: 1}\n", "train.batch_size"),
-    (GOOD + "checkpoint: {every_steps: auto}\n", "every_steps: auto paces asynchronous saves"),
+    (GOOD + "checkpoint: {every_steps: auto, mode: sync}\n", "every_steps: auto paces asynchronous saves"),
     (GOOD + "checkpoint: {every_steps: often, mode: async}\n", "checkpoint.every_steps"),
     (GOOD + "distribute: {strategy: mirrored}\n", "distribute.replicas: mirrored needs at least 2"),
     (GOOD + "distribute: {strategy: mirrored, replicas: 1}\n", "distribute.replicas"),
@@ -291,3 +291,17 @@ def test_replica_counts(text: str, counts: tuple[int, int]) -> None:
 
     spec = parse_job((GOOD + text).encode(), "j.yaml", Path("/"), check=False)
     assert replica_counts(spec) == counts
+
+
+@pytest.mark.parametrize(
+    ("checkpoint", "mode", "every_steps"),
+    [
+        ("", "async", 100),  # the default: the faster mode at equal guarantees (docs/benchmarks.md)
+        ("checkpoint: {mode: sync}\n", "sync", 100),
+        ("checkpoint: {every_steps: auto}\n", "async", "auto"),
+        ("checkpoint: {every_steps: 20}\n", "async", 20),
+    ],
+)
+def test_checkpoint_mode_defaults_to_async(checkpoint: str, mode: str, every_steps: int | str) -> None:
+    spec = parse_job((GOOD + checkpoint).encode(), "job.yaml", Path("/nonexistent"), check=False)
+    assert (spec.checkpoint.mode, spec.checkpoint.every_steps) == (mode, every_steps)
