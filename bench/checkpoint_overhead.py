@@ -101,8 +101,15 @@ def ckptd_spec_json(unit: Unit) -> str:
     from ckptd.state.jobspec import JobSpec, spec_json
 
     every = unit.interval or OFF_EVERY_STEPS
-    mode = "async" if unit.method == "ckptd-async" else "sync"
     case = unit.case
+    checkpoint: dict[str, Any] = {
+        "dir": "checkpoints",
+        "every_steps": every,
+        "every_seconds": OFF_EVERY_SECONDS,
+        "max_to_keep": 3,
+    }
+    if unit.method != "ckptd-default":
+        checkpoint["mode"] = "async" if unit.method == "ckptd-async" else "sync"
     spec = JobSpec.model_validate(
         {
             "name": f"bench-{case.name}",
@@ -115,13 +122,7 @@ def ckptd_spec_json(unit: Unit) -> str:
                 "seed": SEED,
                 "deterministic": True,
             },
-            "checkpoint": {
-                "dir": "checkpoints",
-                "every_steps": every,
-                "every_seconds": OFF_EVERY_SECONDS,
-                "max_to_keep": 3,
-                "mode": mode,
-            },
+            "checkpoint": checkpoint,
         },
         strict=False,
     )

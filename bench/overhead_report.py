@@ -135,6 +135,10 @@ def async_verdict(case: Case, interval: int, results: Results) -> str:
     return verdict(stall / sync if stall is not None and sync else None, ASYNC_STALL_TARGET, True)
 
 
+def ratio_of(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
 def method_row(case: Case, method: str, interval: int, results: Results) -> tuple[str, ...]:
     runs = results.get((case.name, method, interval), [])
     base_runs = results.get((case.name, BASELINE_OF[method], None), [])
@@ -155,6 +159,14 @@ def method_row(case: Case, method: str, interval: int, results: Results) -> tupl
             f"{async_verdict(case, interval, results)}; steady "
             f"{verdict(steady_ratio, goal, False)}, paired {verdict(paired, goal, False)}"
         )
+    if method == "ckptd-default":
+        keras = results.get((case.name, "keras-BackupAndRestore", interval), [])
+        keras_ratio = ratio_of(
+            median_steady(keras), median_steady(results.get((case.name, "keras-none", None), []))
+        )
+        target = "steady >= keras-BackupAndRestore's"
+        result = verdict(steady_ratio / keras_ratio if steady_ratio and keras_ratio else None, 1.0, False)
+        result += f" (Keras {fmt(keras_ratio, '.3f')})"
     return (
         case.name,
         str(interval),

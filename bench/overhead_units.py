@@ -24,9 +24,17 @@ WARMUP_SECONDS = 6.0
 THROUGHPUT_TARGETS = {20: 0.95, 100: 0.98}  # ckptd async, steady ratio
 
 BASELINES = ("none", "keras-none")
-CKPTD_METHODS = ("none", "ckptd-sync", "ckptd-async")
-CHECKPOINT_METHODS = ("ckptd-sync", "ckptd-async", "keras-ModelCheckpoint", "keras-BackupAndRestore")
+# ckptd-default: the job file names no checkpoint.mode (what a user who changes nothing gets).
+CKPTD_METHODS = ("none", "ckptd-default", "ckptd-sync", "ckptd-async")
+CHECKPOINT_METHODS = (
+    "ckptd-default",
+    "ckptd-sync",
+    "ckptd-async",
+    "keras-ModelCheckpoint",
+    "keras-BackupAndRestore",
+)
 BASELINE_OF = {
+    "ckptd-default": "none",
     "ckptd-sync": "none",
     "ckptd-async": "none",
     "keras-ModelCheckpoint": "keras-none",

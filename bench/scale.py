@@ -5,15 +5,19 @@ with the size of the state, beside the disk's own bandwidth, in one run.
 
 Per size S (GB of checkpointed state: bench/large_model.py's "wide" model, Adam):
 - disk: `dd if=/dev/zero bs=16M conv=fsync` writes S GB in the run directory (write bandwidth);
-  the file is evicted from the page cache (posix_fadvise DONTNEED) and `dd` reads it back (cold read).
-- base: a worker (`python -m ckptd.worker RUN 1`) trains N steps without interval saves; its steps /
-  loop seconds are the uncheckpointed throughput.
-- checkpointed: the same model trains 2N steps with a save every N steps, where N makes the
-  interval >= 10x one checkpoint's disk time (from dd). Printed: stall per save (the step loop's
-  wait, from the worker's stats), save bandwidth (checkpoint bytes / the writer's commit time),
-  throughput ÷ base, and the peak extra memory of a save: the largest PSS of the worker and its
-  writer while saves are in flight, minus the largest PSS while training before the first save
-  (sampled every 50 ms from /proc/PID/smaps_rollup, so shared memory counts once).
+  the file is evicted from the page cache (posix_fadvise DONTNEED) and `dd` reads it back (cold
+  read). Three samples, median (this box's virtual disk varies several-fold between writes).
+- base: a worker (`python -m ckptd.worker RUN 1`) trains 4N steps without interval saves; steps /
+  seconds from its first step's end to its epoch's end is the uncheckpointed throughput.
+- checkpointed: the same model trains 4N steps with a save every N steps, where N makes the
+  interval >= 10x one checkpoint's disk time (from dd, after a 10-step calibration run). Printed:
+  stall per save (the step loop's wait, from the worker's stats); save bandwidth (checkpoint bytes
+  / the writer's time from hand-over to commit) for the interval saves, written beside training,
+  and for the final save, which training waits for (the writer alone); throughput ÷ base; and the
+  peak extra memory of saving: the largest PSS of the worker and its children (a writer process,
+  if any) while it trains with saves, minus the same while the base run trains (sampled every
+  50 ms from /proc/PID/smaps_rollup, so shared memory counts once; the final save, after the
+  epoch's end, is outside both windows).
 - restore: the checkpoint directory is evicted from the page cache and a worker with one more
   epoch restores it; restore time is restore.begin -> restore.done (every tensor read and its CRC
   checked, then the objects restored), read bandwidth = checkpoint bytes / that time, and time to
@@ -29,6 +33,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,6 +49,8 @@ BATCH = 8
 FEATURES = 256
 RUN_TIMEOUT = 3600.0
 SAMPLE_SECONDS = 0.05
+DISK_SAMPLES = 3
+INTERVALS = 4  # interval saves per checkpointed run (the base run trains as many steps)
 
 
 # -- disk ----------------------------------------------------------------------------------------
@@ -68,21 +75,27 @@ def dd_rate(stderr: str) -> float:
     return int(m.group(1)) / float(m.group(2))
 
 
-def disk_bandwidth(directory: Path, nbytes: int) -> tuple[float, float]:
+def disk_bandwidth(directory: Path, nbytes: int) -> tuple[list[float], list[float]]:
+    """DISK_SAMPLES write and cold-read bandwidths of a file of `nbytes` (this box's virtual disk
+    varies several-fold from one write to the next)."""
     path = directory / "dd.bin"
     count = max(1, math.ceil(nbytes / 2**24))
-    write = subprocess.run(
-        ["dd", "if=/dev/zero", f"of={path}", "bs=16M", f"count={count}", "conv=fsync"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    evict([path])
-    read = subprocess.run(
-        ["dd", f"if={path}", "of=/dev/null", "bs=16M"], capture_output=True, text=True, check=True
-    )
-    path.unlink()
-    return dd_rate(write.stderr), dd_rate(read.stderr)
+    writes, reads = [], []
+    for _ in range(DISK_SAMPLES):
+        write = subprocess.run(
+            ["dd", "if=/dev/zero", f"of={path}", "bs=16M", f"count={count}", "conv=fsync"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        evict([path])
+        read = subprocess.run(
+            ["dd", f"if={path}", "of=/dev/null", "bs=16M"], capture_output=True, text=True, check=True
+        )
+        path.unlink()
+        writes.append(dd_rate(write.stderr))
+        reads.append(dd_rate(read.stderr))
+    return writes, reads
 
 
 # -- memory --------------------------------------------------------------------------------------
@@ -116,7 +129,10 @@ class Sampler(threading.Thread):
         while not self.done.wait(SAMPLE_SECONDS):
             self.samples.append((time.time(), pss(self.pid) + sum(pss(c) for c in children(self.pid))))
 
-    def peak(self, start: float, end: float) -> int:
+    def peak(self, evs: list[dict[str, Any]]) -> int:
+        """The largest sample from the first step to the epoch's end."""
+        start = float(named(evs, "training.first_step")[0]["ts"])
+        end = float(named(evs, "epoch.end")[-1]["ts"])
         return max((b for t, b in self.samples if start <= t <= end), default=0)
 
 
@@ -208,18 +224,20 @@ def checkpoint_bytes(ckpt_dir: Path) -> tuple[int, list[Path]]:
 class Row:
     gb: float
     state_bytes: int = 0
-    disk_write: float = 0.0
+    disk_write: float = 0.0  # median of the samples
     disk_read: float = 0.0
+    disk_writes: list[float] = field(default_factory=list)
+    disk_reads: list[float] = field(default_factory=list)
     every: int = 0
     step_seconds: float = 0.0
     saves: int = 0
     asked: int = 0
     stall_ms: float = 0.0
-    save_bw: float = 0.0
+    save_bw: float = 0.0  # interval saves, written beside training (median)
     save_seconds: float = 0.0
+    final_bw: float = 0.0  # the final save, which training waits for (the writer alone)
     throughput: float = 0.0
     extra_bytes: int = 0
-    writer_bytes: int = 0
     restore_seconds: float = 0.0
     restore_bw: float = 0.0
     first_step_seconds: float = 0.0
@@ -237,7 +255,8 @@ def loop_rate(evs: list[dict[str, Any]]) -> tuple[int, float]:
 
 def measure(gb: float, root: Path, mode: str | None, base_steps: int | None) -> Row:
     row = Row(gb)
-    row.disk_write, row.disk_read = disk_bandwidth(root, int(gb * 1e9))
+    row.disk_writes, row.disk_reads = disk_bandwidth(root, int(gb * 1e9))
+    row.disk_write, row.disk_read = statistics.median(row.disk_writes), statistics.median(row.disk_reads)
     disk_seconds = gb * 1e9 / row.disk_write
     # base: a short calibration of the step time first decides N
     base = root / f"base-{gb}"
@@ -249,16 +268,17 @@ def measure(gb: float, root: Path, mode: str | None, base_steps: int | None) -> 
     row.every = max(5, math.ceil(10 * disk_seconds / row.step_seconds))
     shutil.rmtree(base)
     base.mkdir()
-    (base / "spec.json").write_text(spec(gb, 2 * row.every, 1, None, mode))
-    evs, _ = run_worker(base)
+    (base / "spec.json").write_text(spec(gb, INTERVALS * row.every, 1, None, mode))
+    evs, base_sampler = run_worker(base)
     steps, seconds = loop_rate(evs)
     base_rate = steps / seconds
+    base_peak = base_sampler.peak(evs)
     row.step_seconds = seconds / steps
     shutil.rmtree(base)
     # checkpointed
     run = root / f"ckpt-{gb}"
     run.mkdir()
-    (run / "spec.json").write_text(spec(gb, 2 * row.every, 1, row.every, mode))
+    (run / "spec.json").write_text(spec(gb, INTERVALS * row.every, 1, row.every, mode))
     evs, sampler = run_worker(run)
     steps, seconds = loop_rate(evs)
     row.throughput = (steps / seconds) / base_rate
@@ -270,16 +290,15 @@ def measure(gb: float, root: Path, mode: str | None, base_steps: int | None) -> 
     if interval:
         row.save_seconds = sorted(float(e["seconds"]) for e in interval)[len(interval) // 2]
         row.save_bw = row.state_bytes / row.save_seconds
-        first_step = float(named(evs, "training.first_step")[0]["ts"])
-        first_save = float(interval[0]["ts"]) - float(interval[0]["seconds"])
-        before = sampler.peak(first_step, first_save - 1.0)
-        during = sampler.peak(first_save, float(interval[-1]["ts"]))
-        row.extra_bytes = during - before
+        row.extra_bytes = sampler.peak(evs) - base_peak
+    final = [e for e in named(evs, "checkpoint.committed") if e.get("reason") == "final"]
+    if final:
+        row.final_bw = row.state_bytes / float(final[-1]["seconds"])
     else:
         row.notes.append("no interval save committed")
     # restore, cold
     evict(files)
-    (run / "spec.json").write_text(spec(gb, 2 * row.every, 2, row.every, mode))
+    (run / "spec.json").write_text(spec(gb, INTERVALS * row.every, 2, row.every, mode))
     for stale in ("events.jsonl",):
         (run / stale).unlink(missing_ok=True)
     evs, _ = run_worker(run, until="training.first_step")
@@ -301,7 +320,8 @@ def mb(n: float) -> str:
 
 def print_table(rows: list[Row]) -> None:
     head = (
-        "state GB | disk write MB/s | save MB/s (×disk) | stall ms/save | every N steps (step s) | "
+        "state GB | disk write MB/s (min-max) | save MB/s beside training (×disk) | "
+        "final save MB/s (×disk) | stall ms/save | every N steps (step s) | "
         "saves/asked | throughput ÷ none | extra memory MB (×state) | disk read MB/s | "
         "restore s (MB/s, ×disk) | restore→first step s"
     )
@@ -310,7 +330,9 @@ def print_table(rows: list[Row]) -> None:
     for r in rows:
         s = r.state_bytes or 1
         print(
-            f"{s / 1e9:.2f} | {mb(r.disk_write)} | {mb(r.save_bw)} ({r.save_bw / r.disk_write:.2f}) | "
+            f"{s / 1e9:.2f} | {mb(r.disk_write)} ({mb(min(r.disk_writes))}-{mb(max(r.disk_writes))}) | "
+            f"{mb(r.save_bw)} ({r.save_bw / r.disk_write:.2f}) | "
+            f"{mb(r.final_bw)} ({r.final_bw / r.disk_write:.2f}) | "
             f"{r.stall_ms:.1f} | {r.every} ({r.step_seconds:.3f}) | {r.saves}/{r.asked} | "
             f"{r.throughput:.3f} | {mb(r.extra_bytes)} ({r.extra_bytes / s:.2f}) | {mb(r.disk_read)} | "
             f"{r.restore_seconds:.1f} ({mb(r.restore_bw)}, {r.restore_bw / r.disk_read:.2f}) | "
@@ -326,7 +348,8 @@ def plot(rows: list[Row], path: Path) -> None:
 
     gbs = [r.state_bytes / 1e9 for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    axes[0].plot(gbs, [r.save_bw / 1e6 for r in rows], "o-", label="ckptd save")
+    axes[0].plot(gbs, [r.save_bw / 1e6 for r in rows], "o-", label="ckptd save beside training")
+    axes[0].plot(gbs, [r.final_bw / 1e6 for r in rows], "o-", label="ckptd final save")
     axes[0].plot(gbs, [r.disk_write / 1e6 for r in rows], "s--", label="disk write (dd+fsync)")
     axes[0].plot(gbs, [r.restore_bw / 1e6 for r in rows], "o-", label="ckptd restore (cold)")
     axes[0].plot(gbs, [r.disk_read / 1e6 for r in rows], "s--", label="disk read (cold)")
