@@ -7,13 +7,15 @@ Per size S (GB of checkpointed state: bench/large_model.py's "wide" model, Adam)
 - disk: `dd if=/dev/zero bs=16M conv=fsync` writes S GB in the run directory (write bandwidth);
   the file is evicted from the page cache (posix_fadvise DONTNEED) and `dd` reads it back (cold
   read). Three samples, median (this box's virtual disk varies several-fold between writes).
-- base: a worker (`python -m ckptd.worker RUN 1`) trains 4N steps without interval saves; steps /
+- base: a worker (`python -m ckptd.worker RUN 1`) trains 4N+1 steps without interval saves; steps /
   seconds from its first step's end to its epoch's end is the uncheckpointed throughput.
-- checkpointed: the same model trains 4N steps with a save every N steps, where N makes the
-  interval >= 10x one checkpoint's disk time (from dd, after a 10-step calibration run). Printed:
+- checkpointed: the same model trains 4N+1 steps with a save every N steps (the extra step makes
+  the final save one of its own), where N makes the interval >= 10x one checkpoint's disk time
+  (from dd, after a 10-step calibration run). Printed:
   stall per save (the step loop's wait, from the worker's stats); save bandwidth (checkpoint bytes
   / the writer's time from hand-over to commit) for the interval saves, written beside training,
-  and for the final save, which training waits for (the writer alone); throughput ÷ base; and the
+  and for the final save, which training waits for (the writer alone); throughput ÷ base and the
+  training seconds each save cost (window time minus the base rate's time for as many steps); the
   peak extra memory of saving: the largest PSS of the worker and its children (a writer process,
   if any) while it trains with saves, minus the same while the base run trains (sampled every
   50 ms from /proc/PID/smaps_rollup, so shared memory counts once; the final save, after the
@@ -236,6 +238,7 @@ class Row:
     save_bw: float = 0.0  # interval saves, written beside training (median)
     save_seconds: float = 0.0
     final_bw: float = 0.0  # the final save, which training waits for (the writer alone)
+    lost_per_save: float = 0.0  # training seconds each save cost (window time - base-rate time)
     throughput: float = 0.0
     extra_bytes: int = 0
     restore_seconds: float = 0.0
@@ -268,7 +271,7 @@ def measure(gb: float, root: Path, mode: str | None, base_steps: int | None) -> 
     row.every = max(5, math.ceil(10 * disk_seconds / row.step_seconds))
     shutil.rmtree(base)
     base.mkdir()
-    (base / "spec.json").write_text(spec(gb, INTERVALS * row.every, 1, None, mode))
+    (base / "spec.json").write_text(spec(gb, INTERVALS * row.every + 1, 1, None, mode))
     evs, base_sampler = run_worker(base)
     steps, seconds = loop_rate(evs)
     base_rate = steps / seconds
@@ -278,7 +281,7 @@ def measure(gb: float, root: Path, mode: str | None, base_steps: int | None) -> 
     # checkpointed
     run = root / f"ckpt-{gb}"
     run.mkdir()
-    (run / "spec.json").write_text(spec(gb, INTERVALS * row.every, 1, row.every, mode))
+    (run / "spec.json").write_text(spec(gb, INTERVALS * row.every + 1, 1, row.every, mode))
     evs, sampler = run_worker(run)
     steps, seconds = loop_rate(evs)
     row.throughput = (steps / seconds) / base_rate
@@ -291,14 +294,17 @@ def measure(gb: float, root: Path, mode: str | None, base_steps: int | None) -> 
         row.save_seconds = sorted(float(e["seconds"]) for e in interval)[len(interval) // 2]
         row.save_bw = row.state_bytes / row.save_seconds
         row.extra_bytes = sampler.peak(evs) - base_peak
+    else:
+        row.notes.append("no interval save committed")
+    row.lost_per_save = (seconds - steps / base_rate) / max(row.saves, 1)
     final = [e for e in named(evs, "checkpoint.committed") if e.get("reason") == "final"]
     if final:
         row.final_bw = row.state_bytes / float(final[-1]["seconds"])
     else:
-        row.notes.append("no interval save committed")
+        row.notes.append("no final save")
     # restore, cold
     evict(files)
-    (run / "spec.json").write_text(spec(gb, INTERVALS * row.every, 2, row.every, mode))
+    (run / "spec.json").write_text(spec(gb, INTERVALS * row.every + 1, 2, row.every, mode))
     for stale in ("events.jsonl",):
         (run / stale).unlink(missing_ok=True)
     evs, _ = run_worker(run, until="training.first_step")
@@ -321,7 +327,7 @@ def mb(n: float) -> str:
 def print_table(rows: list[Row]) -> None:
     head = (
         "state GB | disk write MB/s (min-max) | save MB/s beside training (×disk) | "
-        "final save MB/s (×disk) | stall ms/save | every N steps (step s) | "
+        "final save MB/s (×disk) | stall ms/save | every N steps (step s) | training s lost/save | "
         "saves/asked | throughput ÷ none | extra memory MB (×state) | disk read MB/s | "
         "restore s (MB/s, ×disk) | restore→first step s"
     )
@@ -333,7 +339,8 @@ def print_table(rows: list[Row]) -> None:
             f"{s / 1e9:.2f} | {mb(r.disk_write)} ({mb(min(r.disk_writes))}-{mb(max(r.disk_writes))}) | "
             f"{mb(r.save_bw)} ({r.save_bw / r.disk_write:.2f}) | "
             f"{mb(r.final_bw)} ({r.final_bw / r.disk_write:.2f}) | "
-            f"{r.stall_ms:.1f} | {r.every} ({r.step_seconds:.3f}) | {r.saves}/{r.asked} | "
+            f"{r.stall_ms:.1f} | {r.every} ({r.step_seconds:.3f}) | {r.lost_per_save:.2f} | "
+            f"{r.saves}/{r.asked} | "
             f"{r.throughput:.3f} | {mb(r.extra_bytes)} ({r.extra_bytes / s:.2f}) | {mb(r.disk_read)} | "
             f"{r.restore_seconds:.1f} ({mb(r.restore_bw)}, {r.restore_bw / r.disk_read:.2f}) | "
             f"{r.first_step_seconds:.1f}" + (f"  [{'; '.join(r.notes)}]" if r.notes else "")
