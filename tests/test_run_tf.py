@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -417,6 +418,39 @@ def test_a_nan_loss_is_never_committed(tmp_path: Path, on_nan: str) -> None:
         lowered = [e for e in events(run) if e["event"] == "nan.learning_rate_lowered"]
         assert lowered and abs(lowered[0]["after"] - 0.01) < 1e-6, lowered
         assert steps[-1] == 32  # 2 epochs of 16 steps
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_nan_weight_with_a_finite_loss_is_never_committed(
+    tmp_path: Path, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A weight NaN from step 13 while the loss stays finite: sync saves check the weights in
+    the step loop, async saves in the writer (off the loop); either way the step-15 save is
+    refused and the attempt ends nan_loss, the finite commits kept. (The thread writer, ready at
+    once: until the writer process has imported TensorFlow, saves are synchronous.)"""
+    from ckptd.state import ckptfiles as cf
+
+    monkeypatch.setenv("CKPTD_THREAD_WRITER_BYTES", "0")
+
+    shutil.copy(Path(__file__).parent / "programs" / "nan_weight.py", tmp_path / "train.py")
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        f"name: nanw\nentrypoint: train.py\ncheckpoint: {{every_steps: 5, max_to_keep: 2, mode: {mode}}}\n"
+    )
+    home = tmp_path / "home"
+    rc, out = finish(start_run(home, str(job)))
+    run = run_dir(home)
+    st = status(home, run.name)
+    first = st["attempt_list"][0]
+    assert rc == 1 and first["class"] == "nan_loss", (first, out)
+    error = first["error"] or ""
+    refused = int(re.search(r"at step (\d+)", error).group(1))  # type: ignore[union-attr]
+    committed = [m.step for m in cf.read_manifests(run / "checkpoints")[0]]
+    assert "weight" in error and committed and max(committed) < 13 <= refused, (error, committed)
+    if mode == "sync":
+        assert refused == 15 and committed == [5, 10], (error, committed)
+    else:  # the writer names the weight; on a busy box its saves may coalesce (a later step)
+        assert "unused" in error, error
 
 
 def test_an_early_stopping_monitor_that_does_not_exist_is_named_once(tmp_path: Path) -> None:
