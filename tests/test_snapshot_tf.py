@@ -195,3 +195,19 @@ def test_thread_writer_commits_the_capture_and_refuses_a_nan_weight(
     ckpt.restore(str(directory / manifests[0].prefix)).assert_existing_objects_matched()
     got = [np.array(v) for v in model.trainable_variables + model.optimizer.variables]
     assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the bug, on purpose
+def test_a_thread_writer_that_dies_looks_like_a_dead_writer_process(tmp_path: Path) -> None:
+    """A bug that kills the writer thread closes its end of the reply pipe: the training side
+    sees EOF ("the writer died": saves go synchronous), not a save to wait for forever."""
+    from ckptd.worker.writer import ThreadWriter
+
+    writer = ThreadWriter(tmp_path)
+    assert writer.poll(5) and writer.recv() == {"ready": True}
+    writer.send({})  # no number: the error reply itself fails, and the thread ends
+    assert writer.poll(5)
+    with pytest.raises(EOFError):
+        writer.recv()
+    writer.join(5)
+    writer.close()

@@ -274,6 +274,14 @@ class ThreadWriter:
         self._out.close()
 
     def _main(self) -> None:
+        try:
+            self._serve()
+        finally:
+            # Like a writer process's exit: the reader sees EOF, so a thread that died of a bug
+            # is "the writer died" (saves go synchronous), never a save waited for forever.
+            self._out.close()
+
+    def _serve(self) -> None:
         # Linux nices threads one by one: the writer yields the CPU to the step loop.
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
