@@ -9,6 +9,7 @@ interrupted by a crash leaves only uncommitted files, which garbage collection r
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import multiprocessing
 import os
@@ -310,4 +311,16 @@ def start_writer(directory: Path) -> Writer:
     proc = ctx.Process(target=writer_main, args=(child, str(directory)), daemon=True, name="ckptd-writer")
     proc.start()
     child.close()
+    # Every way out of the worker stops the writer. A config error before the checkpointing
+    # existed left it waiting for a message while multiprocessing's exit handler (registered
+    # earlier, so run later) waited for it: the job hung instead of failing as config_error.
+    atexit.register(_kill_at_exit, proc, parent)
     return proc, parent
+
+
+def _kill_at_exit(proc: multiprocessing.process.BaseProcess, conn: Connection) -> None:
+    """At the worker's exit (by then the saver has stopped the writer, or nothing of value is
+    in flight: an interrupted write is uncommitted debris)."""
+    if proc.is_alive():
+        proc.kill()
+    conn.close()
