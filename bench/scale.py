@@ -256,7 +256,9 @@ def loop_rate(evs: list[dict[str, Any]]) -> tuple[int, float]:
     return int(done["steps"]) - 1, end - first
 
 
-def measure(gb: float, root: Path, mode: str | None, base_steps: int | None) -> Row:
+def measure(gb: float, root: Path, mode: str | None, per_gb: float | None) -> Row:
+    """One size; `per_gb`: an interval of that many seconds per GB of state instead of 10x the
+    disk time."""
     row = Row(gb)
     row.disk_writes, row.disk_reads = disk_bandwidth(root, int(gb * 1e9))
     row.disk_write, row.disk_read = statistics.median(row.disk_writes), statistics.median(row.disk_reads)
@@ -264,11 +266,12 @@ def measure(gb: float, root: Path, mode: str | None, base_steps: int | None) -> 
     # base: a short calibration of the step time first decides N
     base = root / f"base-{gb}"
     base.mkdir()
-    (base / "spec.json").write_text(spec(gb, base_steps or 10, 1, None, mode))
+    (base / "spec.json").write_text(spec(gb, 10, 1, None, mode))
     evs, _ = run_worker(base)
     steps, seconds = loop_rate(evs)
     row.step_seconds = seconds / steps
-    row.every = max(5, math.ceil(10 * disk_seconds / row.step_seconds))
+    every_seconds = per_gb * gb if per_gb else 10 * disk_seconds
+    row.every = max(5, math.ceil(every_seconds / row.step_seconds))
     shutil.rmtree(base)
     base.mkdir()
     (base / "spec.json").write_text(spec(gb, INTERVALS * row.every + 1, 1, None, mode))
@@ -384,13 +387,18 @@ def main() -> int:
     ap.add_argument("--dir", type=Path, help="where to run (default: a temporary directory under /var/tmp)")
     ap.add_argument("--plot", type=Path, help="write a plot (SVG/PNG) of the figures")
     ap.add_argument("--json", type=Path, help="write the rows as JSON")
+    ap.add_argument(
+        "--interval-per-gb",
+        type=float,
+        help="save every this many seconds per GB of state (default: 10x the disk time from dd)",
+    )
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="ckptd-scale-", dir=args.dir or "/var/tmp"))
     rows = []
     try:
         for gb in [float(s) for s in args.sizes.split(",")]:
             print(f"# size {gb} GB ...", file=sys.stderr, flush=True)
-            rows.append(measure(gb, root, args.mode, None))
+            rows.append(measure(gb, root, args.mode, args.interval_per_gb))
             print(f"# {rows[-1]}", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
