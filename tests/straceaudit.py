@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 _LINE = re.compile(r"^(?:\d+\s+)?(?P<call>\w+)\((?P<args>.*)\)\s+=\s+(?P<ret>-?\d+)")
@@ -18,9 +19,29 @@ class Op:
     dest: str = ""
 
 
+_UNFINISHED = " <unfinished ...>"
+_RESUMED = re.compile(r"^(?P<pid>\d+)\s+<\.\.\. \w+ resumed>(?P<rest>.*)$")
+
+
+def _joined(log: str) -> Iterator[str]:
+    """strace -f splits a call that another process interrupts into "<unfinished ...>" and
+    "<... call resumed>" lines (the async writer process and the worker make calls at once):
+    join them, placed where the call returned."""
+    pending: dict[str, str] = {}
+    for line in log.splitlines():
+        if line.endswith(_UNFINISHED):
+            pending[line.split(None, 1)[0]] = line[: -len(_UNFINISHED)]
+            continue
+        m = _RESUMED.match(line)
+        if m and m.group("pid") in pending:
+            yield pending.pop(m.group("pid")) + m.group("rest")
+            continue
+        yield line
+
+
 def parse(log: str) -> list[Op]:
     ops: list[Op] = []
-    for line in log.splitlines():
+    for line in _joined(log):
         m = _LINE.match(line)
         if not m or m.group("ret").startswith("-"):
             continue
