@@ -75,12 +75,13 @@ class SnapshotPlan:
         # The writer refuses to commit a snapshot in which one of these (the trainable weights)
         # is NaN or infinite: the check is a pass over every weight, too long for the step loop.
         self.finite_keys: dict[str, str] = {}  # checkpoint key -> the weight's name
+        finite_ids = {id(v) for v in finite}  # one lookup per node, not a scan of the weights
         for obj, node in zip(nodes, proto.nodes, strict=True):
             attrs = [(a.name, a.checkpoint_key) for a in node.attributes]
             if len(attrs) == 1 and attrs[0][0] == "VARIABLE_VALUE" and hasattr(obj, "numpy"):
                 self.plain_keys.append(attrs[0][1])
                 plain_vars.append(obj)
-                if any(obj is v for v in finite):
+                if id(obj) in finite_ids:
                     self.finite_keys[attrs[0][1]] = str(getattr(obj, "path", attrs[0][1]))
             elif attrs:
                 self.others.append((obj, attrs))
