@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -129,8 +129,11 @@ class Heartbeat:
         """`root`: a directory the reader does not own (see ckptd.state.safeopen)."""
         try:
             data = json.loads(read_under(root, path, limit=MAX_RECORD) if root else path.read_bytes())
-            return cls(**data)
-        except (OSError, ValueError, TypeError):
+            # A newer worker (an upgrade with jobs running) may send fields this reader does not
+            # know: they are ignored, never a reason to read a live worker as silent.
+            known = {f.name for f in fields(cls)}
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except (OSError, ValueError, TypeError, AttributeError):
             return None
 
 
