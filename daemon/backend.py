@@ -70,6 +70,14 @@ class ApiBackend:
         finally:
             self._pool.put(s)
 
+    def close(self) -> None:
+        """Close the pooled connections (the API has stopped answering)."""
+        while True:
+            try:
+                self._pool.get_nowait().close()
+            except queue.Empty:
+                return
+
     def health(self) -> dict[str, Any]:
         return self._health()
 

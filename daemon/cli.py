@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 
 import click
 
-from ckptd.daemon import cli_service, jobs, logs
+from ckptd.daemon import cli_service, cli_store, jobs, logs
 from ckptd.daemon.cli_service import client_call
 from ckptd.daemon.client import SYSTEM_SOCKET, Client, SocketDenied, find_socket, service_home
 from ckptd.daemon.report import job_report, print_outputs, print_status
@@ -59,7 +59,7 @@ def _existing_store(home: Path, job_id: str | None) -> Store | None:
     store if this user may read it; None (and why, on stderr) rather than a store created just
     to say it is empty: that would hide a stopped daemon's jobs behind an empty list."""
     if (home / "ckptd.db").exists():
-        return _open_store(home)
+        return _open_store(home, readonly=True)
     where = f"no daemon answers on {find_socket(home)} and no `ckptd run` job is in {home}"
     service = service_home()
     if service != home and (service / "ckptd.db").exists():
@@ -67,7 +67,7 @@ def _existing_store(home: Path, job_id: str | None) -> Store | None:
             click.echo(
                 f"ckptd: the service is not running; its jobs as of its last stop ({service}):", err=True
             )
-            return _open_store(service)
+            return _open_store(service, readonly=True)
         # Not "no jobs": the jobs exist, this user may not see them while the service is down.
         _die(
             f"the service is not running (no answer on {SYSTEM_SOCKET}) and its store "
@@ -80,11 +80,13 @@ def _existing_store(home: Path, job_id: str | None) -> Store | None:
     return None
 
 
-def _open_store(home: Path) -> Store:
+def _open_store(home: Path, readonly: bool = False) -> Store:
     try:
         home.mkdir(parents=True, exist_ok=True)
-        return Store.open(home)
-    except (OSError, StoreError) as e:
+        return Store.open(home, readonly=readonly)
+    except StoreError as e:  # a damaged or foreign store: the operator's to look at
+        _die(str(e), EXIT_BAD_INPUT)
+    except OSError as e:
         _die(f"cannot use state directory {home}: {e}")
 
 
@@ -235,6 +237,7 @@ def run(home: Path, job_file: Path | None, resume: str | None, new: bool, progre
         "job.finished", state=str(end), reason=final.reason, last_committed_step=final.last_committed_step
     )
     print_outputs(final, spec)
+    store.checkpoint_wal()  # a clean end: ckptd.db alone holds every job
     if end == JobState.INTERRUPTED:
         click.echo(f"ckptd: stopped; continue with: ckptd run --resume {job.id}", err=True)
     sys.exit({JobState.SUCCEEDED: 0, JobState.INTERRUPTED: EXIT_INTERRUPTED}.get(end, EXIT_FAILED))
@@ -305,6 +308,8 @@ for _command in (
     cli_service.logs_cmd,
     cli_service.cancel,
     cli_service.export,
+    cli_store.recover,
+    cli_store.backup,
 ):
     cli.add_command(_command)
 

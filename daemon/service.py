@@ -32,6 +32,7 @@ from ckptd.daemon.running import RunningJob, ask_stop, start_job
 from ckptd.daemon.schedule import Queued, pick_jobs, slot_count, warm_wanted
 from ckptd.daemon.sockets import SocketError, bound
 from ckptd.daemon.spool import Spool
+from ckptd.state import orphans
 from ckptd.state import protocol as p
 from ckptd.state.paths import RunDir
 from ckptd.state.states import RESUMABLE, STALE, JobState
@@ -173,6 +174,9 @@ class Daemon:
             self.notifier.send("READY=1", f"MAINPID={os.getpid()}")
             self._loop(store, spool)
             self._shutdown(server, spool, sock)
+            backend.close()
+            # A clean stop leaves nothing in the WAL: ckptd.db alone is then a full backup.
+            store.checkpoint_wal()
             return 0
         finally:
             store.close()
@@ -208,6 +212,19 @@ class Daemon:
             )
         for job_id in found.requeued:
             self.log.info("job.requeued", job_id=job_id, reason="daemon restarted")
+        self._report_orphans(store)
+
+    def _report_orphans(self, store: Store) -> None:
+        """Run directories the store does not know (a lost WAL, a store restored from an old
+        backup): never silently forgotten; `ckptd recover --adopt` puts them back."""
+        lost = orphans.find(store, self.home)
+        if lost:
+            self.log.warning(
+                p.Event.STORE_ORPHANS,
+                count=len(lost),
+                run_dirs=[str(o.run.root) for o in lost[:20]],
+                advice=f"ckptd --home {self.home} recover lists them; recover --adopt queues them again",
+            )
 
     def _reclaim_legacy_runs(self, store: Store) -> None:
         """Jobs still to run that were queued by a ckptd whose run directories were its own."""

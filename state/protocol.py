@@ -98,6 +98,9 @@ class Event(StrEnum):
     GANG_MEMBER_ENDED = "gang.member_ended"
     WORKER_RESTARTING = "worker.restarting"
     GPU_EXCLUDED = "gpu.excluded"
+    # The store: a run directory it did not know, put back by `ckptd recover --adopt`.
+    JOB_ADOPTED = "job.adopted"
+    STORE_ORPHANS = "store.orphan_runs"
 
 
 @dataclass

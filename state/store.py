@@ -144,6 +144,27 @@ def _private(path: Path) -> None:
                 os.chmod(f, stat.S_IMODE(st.st_mode) & ~0o007)
 
 
+SQLITE_MAGIC = b"SQLite format 3\x00"
+SQLITE_HEADER = 100  # a database file is at least its header
+
+
+def _refuse_foreign(path: Path, size: int) -> None:
+    """A file that is not an SQLite database (a 1-byte stub, a text file copied over it): SQLite
+    would take it as empty and write a new store over it, destroying the evidence. Checked
+    before any connection, so not even a -wal or -shm file is made beside it."""
+    if size == 0:
+        return  # an empty file: see the size check in _refuse_unusable
+    with open(path, "rb") as f:
+        head = f.read(SQLITE_HEADER)
+    if len(head) < SQLITE_HEADER or not head.startswith(SQLITE_MAGIC):
+        raise StoreError(
+            f"job store {path} is not an SQLite database ({size} bytes, starts {head[:16]!r}); "
+            "it was left untouched. Restore it from a backup (README: 'Backing up the store'), or "
+            "move it aside to start with an empty store (run directories stay in "
+            f"{path.parent / 'jobs'}; `ckptd recover --adopt` queues them again)"
+        )
+
+
 def _refuse_unusable(path: Path) -> None:
     """An empty store (truncated by a bad restore, a full disk, a mistake) would be re-created
     empty and every job forgotten; a store this user may not open is not 'unreadable'."""
@@ -161,6 +182,7 @@ def _refuse_unusable(path: Path) -> None:
             f"permission denied on the job store {path} (uid {os.geteuid()}): it is "
             "the daemon's; ask it through the socket (ckptd status) instead"
         )
+    _refuse_foreign(path, st.st_size)
     wal = path.with_name(path.name + "-wal")
     if st.st_size == 0 and not (wal.exists() and wal.stat().st_size > 0):
         raise StoreError(
@@ -171,7 +193,8 @@ def _refuse_unusable(path: Path) -> None:
 
 
 class Store:
-    def __init__(self, path: Path, check: bool = True, threads: bool = False) -> None:
+    def __init__(self, path: Path, check: bool = True, threads: bool = False, readonly: bool = False) -> None:
+        """`readonly`: a reader (ckptd status) that may fall back to a frozen copy on a full disk."""
         self.path, self.check = path, check
         path.parent.mkdir(parents=True, exist_ok=True)
         _refuse_unusable(path)
@@ -193,12 +216,31 @@ class Store:
         self._db.row_factory = sqlite3.Row
         try:
             self._configure()
+        except sqlite3.OperationalError as e:
+            self._db.close()
+            if not (readonly and self._frozen_copy()):
+                raise StoreError(f"cannot open job store {path}: {e}") from e
         except sqlite3.DatabaseError as e:
             self._db.close()
             raise StoreError(
                 f"job store {path} is unreadable ({e}); it was left untouched — "
                 "restore it from a backup or move it aside"
             ) from e
+
+    def _frozen_copy(self) -> bool:
+        """A full disk: WAL mode cannot make its -shm file, so no connection opens. With no
+        -wal file the database file holds everything (nobody writes: a writer keeps a -wal),
+        and it is read as immutable — `ckptd status` works when the disk is full."""
+        wal = self.path.with_name(self.path.name + "-wal")
+        if not self.path.exists() or (wal.exists() and wal.stat().st_size > 0):
+            return False
+        try:
+            self._db = sqlite3.connect(f"file:{self.path}?mode=ro&immutable=1", uri=True)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("SELECT count(*) FROM jobs").fetchone()
+        except sqlite3.Error:
+            return False
+        return True
 
     def _configure(self) -> None:
         db = self._db
@@ -208,6 +250,12 @@ class Store:
         if [tuple(r) for r in check] != [("ok",)]:
             detail = "; ".join(str(r[0]) for r in check[:5])
             raise sqlite3.DatabaseError(f"integrity_check failed: {detail}")
+        # Before anything writes (WAL mode rewrites the header): another program's database.
+        if (
+            not db.execute("PRAGMA user_version").fetchone()[0]
+            and db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        ):
+            raise sqlite3.DatabaseError("it is an SQLite database of something else (no ckptd schema)")
         mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode != "wal":
             raise sqlite3.DatabaseError(f"cannot enable WAL (journal_mode={mode})")
@@ -216,6 +264,8 @@ class Store:
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise sqlite3.DatabaseError(f"store schema {version} is newer than this ckptd ({SCHEMA_VERSION})")
+        if version == SCHEMA_VERSION:
+            return  # nothing to migrate: a reader (ckptd status) writes nothing, even on a full disk
         with self.write():
             if 0 < version < 3:  # keys become per owner; the owner's gid and groups are kept
                 db.execute("ALTER TABLE submissions RENAME TO submissions_v2")
@@ -234,11 +284,24 @@ class Store:
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @classmethod
-    def open(cls, state: Path, check: bool = True, threads: bool = False) -> Store:
-        return cls(state / "ckptd.db", check, threads)
+    def open(cls, state: Path, check: bool = True, threads: bool = False, readonly: bool = False) -> Store:
+        return cls(state / "ckptd.db", check, threads, readonly)
 
     def close(self) -> None:
         self._db.close()
+
+    def backup_to(self, target: sqlite3.Connection) -> None:
+        """A consistent copy of the whole store, WAL included (SQLite's online backup)."""
+        self._db.backup(target)
+
+    def checkpoint_wal(self) -> bool:
+        """Move the WAL's transactions into the database file and empty the WAL (at a clean
+        stop, when no other connection is busy). False if a reader kept part of it."""
+        try:
+            busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.Error:
+            return False
+        return not busy
 
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
