@@ -16,6 +16,7 @@ import psutil
 from ckptd.state.durable import atomic_write_bytes, atomic_write_text, fsync_dir
 from ckptd.state.jobspec import JobSpec, spec_digest, spec_from_json, spec_json
 from ckptd.state.paths import RunDir
+from ckptd.state.protocol import EXIT_OK, Heartbeat, Phase, read_exit_code
 from ckptd.state.states import RESUMABLE, STALE, AttemptClass, JobState
 from ckptd.state.store import Attempt, Job, Store, new_job_id
 from ckptd.state.submissions import Owner
@@ -214,19 +215,41 @@ def _cmdline(proc: psutil.Process) -> list[str]:
         return []
 
 
-def end_lost(store: Store, job_id: str, a: Attempt, evidence: str) -> None:
-    """Close an attempt whose supervisor disappeared: class `lost`, what was found as evidence."""
+def unsupervised_end(exit_code: int | None, done_beat: bool) -> AttemptClass:
+    """How an attempt whose supervisor was gone (frozen, killed) ended, from its own records:
+    the worker's exit_code file, and whether its last heartbeat said DONE (the final commit is
+    durable: nothing of the job was at stake any more). Anything else is `lost`."""
+    if exit_code == EXIT_OK or (exit_code is None and done_beat):
+        return AttemptClass.SUCCEEDED
+    return AttemptClass.LOST
+
+
+def finished_unsupervised(run: RunDir, a: Attempt) -> tuple[AttemptClass, int | None]:
+    """(class, exit code) of a dead attempt, read from the files its worker left."""
+    code = read_exit_code(run.attempt_dir(a.n), run.root)
+    beat = Heartbeat.read(run.heartbeat, run.root)
+    done = beat is not None and beat.attempt == a.n and beat.phase == Phase.DONE
+    return unsupervised_end(code, done), code
+
+
+def end_lost(store: Store, job_id: str, a: Attempt, evidence: str, run: RunDir | None = None) -> AttemptClass:
+    """Close an attempt whose supervisor disappeared: `lost`, unless (given its run directory)
+    its worker's own records say it finished; what was found as evidence."""
+    klass, code = finished_unsupervised(run, a) if run is not None else (AttemptClass.LOST, None)
+    if klass == AttemptClass.SUCCEEDED:
+        evidence += f"; it had finished (exit code {code}, last heartbeat phase done)"
     store.end_attempt(
         job_id,
         a.n,
-        exit_code=None,
+        exit_code=code,
         signal=None,
-        klass=AttemptClass.LOST,
+        klass=klass,
         evidence=evidence,
         error_summary=None,
         restored_step=a.restored_step,
         last_step=a.last_step,
     )
+    return klass
 
 
 def reconcile_lost(store: Store, job: Job) -> Job:
@@ -236,9 +259,13 @@ def reconcile_lost(store: Store, job: Job) -> Job:
         return job
     run = RunDir(Path(job.run_dir))
     gang = spec_of(job).distribute.strategy == "multi_worker"
+    finished = False
     for a in store.attempts(job.id):
         if a.ended_at is None:
             what = stop_gang(a.pid, run) if gang else stop_orphan(a.pid, run) if a.pid else "no worker"
-            end_lost(store, job.id, a, f"supervisor lost; {what}")
+            klass = end_lost(store, job.id, a, f"supervisor lost; {what}", None if gang else run)
+            finished = klass == AttemptClass.SUCCEEDED
     ledger.catch_up(store, job.id, run.root)  # its commits since the lost supervisor's last read
+    if finished and job.state == JobState.RUNNING:
+        return store.transition(job.id, JobState.SUCCEEDED, "finished while its supervisor was lost")
     return store.transition(job.id, JobState.INTERRUPTED, "supervisor was lost")

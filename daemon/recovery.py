@@ -20,7 +20,7 @@ import psutil
 from ckptd.daemon import jobs
 from ckptd.state.paths import RunDir
 from ckptd.state.safeopen import read_under
-from ckptd.state.states import STALE, JobState
+from ckptd.state.states import STALE, AttemptClass, JobState
 from ckptd.state.store import Attempt, Job, Store
 from ckptd.state.submissions import managed_jobs
 from ckptd.supervisor import ledger
@@ -100,18 +100,25 @@ def _devices(proc: psutil.Process, run: RunDir) -> list[int]:
     return []
 
 
-def _close_lost(store: Store, job: Job, a: Attempt, what: str, lost: list[tuple[str, int, str]]) -> None:
+def _close_lost(
+    store: Store, job: Job, a: Attempt, what: str, lost: list[tuple[str, int, str]], run: RunDir | None
+) -> bool:
+    """Close the attempt; True if its worker's own records say it finished (not lost)."""
     evidence = f"daemon restarted; {what}"
-    jobs.end_lost(store, job.id, a, evidence)
+    if jobs.end_lost(store, job.id, a, evidence, run) == AttemptClass.SUCCEEDED:
+        return True
     lost.append((job.id, a.n, evidence))
+    return False
 
 
-def _reconcile(store: Store, job: Job, lost: list[tuple[str, int, str]]) -> Adopted | None:
+def _reconcile(store: Store, job: Job, lost: list[tuple[str, int, str]]) -> Adopted | bool:
+    """The adopted worker; else whether the job finished while no daemon watched it."""
     run = RunDir(Path(job.run_dir))
     spec = jobs.spec_of(job)
     ckpt_dir = run.checkpoint_dir(spec.checkpoint.dir)
     gang = spec.distribute.strategy == "multi_worker"
-    adopted = None
+    adopted: Adopted | None = None
+    finished = False
     for a in store.attempts(job.id):
         if a.ended_at is not None:
             continue
@@ -120,11 +127,11 @@ def _reconcile(store: Store, job: Job, lost: list[tuple[str, int, str]]) -> Adop
             adopted = Adopted(a.n, proc.pid)
             continue
         what = jobs.stop_gang(a.pid, run) if gang else jobs.stop_orphan(a.pid, run) if a.pid else "no worker"
-        _close_lost(store, job, a, what, lost)
+        finished = _close_lost(store, job, a, what, lost, None if gang else run)
         # Its commits since the lost supervisor last read its events (an adopted worker's
         # supervisor replays them itself).
         ledger.catch_up(store, job.id, run.root)
-    return adopted
+    return adopted if adopted is not None else finished
 
 
 def recover(store: Store) -> Recovered:
@@ -133,7 +140,10 @@ def recover(store: Store) -> Recovered:
     lost: list[tuple[str, int, str]] = []
     for job, _sub in managed_jobs(store, STALE):
         found = _reconcile(store, job, lost)
-        if found is not None:
+        if found is True and job.state == JobState.RUNNING:  # it finished while no daemon watched
+            store.transition(job.id, JobState.SUCCEEDED, "finished while the daemon was gone")
+            continue
+        if isinstance(found, Adopted):
             devices: list[int] = []
             with contextlib.suppress(psutil.Error):
                 devices = _devices(psutil.Process(found.pid), RunDir(Path(job.run_dir)))

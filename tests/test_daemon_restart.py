@@ -236,3 +236,49 @@ def _text(path: Path) -> str:
         return path.read_text()
     except OSError:
         return ""
+
+
+@pytest.mark.timing
+def test_a_job_that_finished_while_the_daemon_was_frozen_is_succeeded_not_rerun(tmp_path: Path) -> None:
+    """Issue 25: a daemon frozen (SIGSTOP, then the watchdog's kill) while its job finished gave
+    the job a `lost` attempt and a new worker. The worker's exit_code file says it finished."""
+    home = tmp_path / "home"
+    d = start_daemon(home, FAKE_STEPS="150", FAKE_STEP_SECONDS="0.02")
+    job = d.submit(fake_job(tmp_path))
+    pid = _worker_pid(d, job)
+    d.proc.send_signal(signal.SIGSTOP)
+
+    def ended() -> bool:
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE  # its parent cannot reap it
+        except psutil.NoSuchProcess:
+            return True
+
+    wait_for("the worker to finish unwatched", ended, 60)
+    d.stop(signal.SIGKILL)
+    d2 = start_daemon(home)
+    try:
+        done = d2.wait_state(job, "succeeded", timeout=60)
+        assert [a["class"] for a in done["attempt_list"]] == ["succeeded"]
+        assert done["attempt_list"][0]["exit_code"] == 0
+    finally:
+        d2.stop()
+
+
+@pytest.mark.parametrize(
+    ("exit_code", "done_beat", "klass"),
+    [
+        (0, False, "succeeded"),
+        (0, True, "succeeded"),
+        (None, True, "succeeded"),  # killed after its final commit: nothing was at stake
+        (None, False, "lost"),
+        (1, True, "lost"),  # it said it failed: not ours to call a success
+        (75, False, "lost"),
+    ],
+)
+def test_what_an_unsupervised_attempt_left_says_how_it_ended(
+    exit_code: int | None, done_beat: bool, klass: str
+) -> None:
+    from ckptd.daemon.jobs import unsupervised_end
+
+    assert unsupervised_end(exit_code, done_beat) == klass
