@@ -128,6 +128,20 @@ def test_config_error_is_not_retried(tmp_path: Path) -> None:
     assert "KeyError" in a["error"] and "csv" in a["error"]
 
 
+def test_an_unknown_best_filepath_field_is_a_config_error_in_one_attempt(tmp_path: Path) -> None:
+    """Issue 25: `{nosuchfield}` passed validation and crash-looped on KeyError."""
+    job = write_job(tmp_path, epochs=2)
+    job.write_text(job.read_text().replace("filepath: weights.best.hdf5", "filepath: 'w-{nosuchfield}.hdf5'"))
+    home = tmp_path / "home"
+    rc, out = finish(start_run(home, str(job)))
+    assert rc == 1, out
+    st = status(home, run_dir(home).name)
+    assert st["state"] == "failed" and st["attempts"] == 1
+    (a,) = st["attempt_list"]
+    assert a["class"] == "config_error"
+    assert "best.filepath" in a["error"] and "{nosuchfield}" in a["error"]
+
+
 def test_example_best_weights_load_and_reach_70_percent(tmp_path: Path) -> None:
     """The tutorial's fixed-name variant, full length: `model.load_weights` reads the HDF5 file."""
     home = tmp_path / "home"

@@ -53,3 +53,23 @@ def test_early_stopping_keras_semantics() -> None:
 
 def test_format_filepath_is_one_based() -> None:
     assert format_filepath("x-{epoch:03d}-{loss:.1f}.h5", 0, {"loss": 0.25}) == "x-001-0.2.h5"
+
+
+@pytest.mark.parametrize(
+    ("template", "name"),
+    [
+        ("w-{epoch:02d}-{val_accuracy:.2f}.hdf5", "w-03-0.75.hdf5"),
+        ("w-{loss:.1f}.weights.h5", "w-0.5.weights.h5"),
+        ("w-{nosuchfield}.hdf5", None),
+        ("w-{val_auc:.2f}.hdf5", None),
+    ],
+)
+def test_format_filepath_names_an_unknown_field_as_a_config_error(template: str, name: str | None) -> None:
+    from ckptd.worker.entry import ConfigError
+
+    logs = {"loss": 0.5, "val_accuracy": 0.75}
+    if name is not None:
+        assert format_filepath(template, 2, logs) == name
+        return
+    with pytest.raises(ConfigError, match=r"best\.filepath: .* names \{\w+\}.*epoch, loss, val_accuracy"):
+        format_filepath(template, 2, logs)

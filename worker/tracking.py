@@ -41,8 +41,20 @@ def better_of(mode: Mode, a: float | None, b: float | None) -> float | None:
 
 
 def format_filepath(template: str, epoch: int, logs: dict[str, float]) -> str:
-    """Keras ModelCheckpoint naming: `{epoch}` is 1-based, other fields come from the epoch's logs."""
-    return template.format(epoch=epoch + 1, **logs)
+    """Keras ModelCheckpoint naming: `{epoch}` is 1-based, other fields come from the epoch's logs.
+
+    A field the logs do not hold is the job file's mistake, the same in every attempt: a
+    ConfigError (never retried), not a KeyError that would crash-loop the job."""
+    fields = {"epoch": epoch + 1, **logs}
+    try:
+        return template.format(**fields)
+    except KeyError as e:
+        from ckptd.worker.entry import ConfigError  # entry imports the worker's API: keep it lazy
+
+        raise ConfigError(
+            f"best.filepath: {template!r} names {{{e.args[0]}}}, which this job's logs do not "
+            f"hold; the fields available are {', '.join(sorted(fields))}"
+        ) from None
 
 
 @dataclass
