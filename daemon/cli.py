@@ -104,7 +104,7 @@ def cli(ctx: click.Context, home: Path | None) -> None:
 
 
 @cli.command()
-@click.argument("job_files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("job_files", nargs=-1, required=True, type=click.Path(readable=False, path_type=Path))
 @click.option(
     "--build",
     "build_",
@@ -178,7 +178,7 @@ def _install_stop_handlers(stops: StopRequests) -> None:
 
 
 @cli.command()
-@click.argument("job_file", required=False, type=click.Path(path_type=Path))
+@click.argument("job_file", required=False, type=click.Path(readable=False, path_type=Path))
 @click.option("--resume", "resume", metavar="JOB-ID", help="Resume this interrupted or failed job.")
 @click.option("--new", is_flag=True, help="Start a fresh job even if an identical one can resume.")
 @click.option(

@@ -72,7 +72,7 @@ def daemon_cmd(home: Path, config_file: Path | None) -> None:
 
 
 @click.command()
-@click.argument("job_file", type=click.Path(path_type=Path))
+@click.argument("job_file", type=click.Path(readable=False, path_type=Path))
 @click.option(
     "--priority",
     type=click.IntRange(-100, 100),

@@ -87,8 +87,13 @@ def pure_spec(spec: JobSpec, job_dir: Path) -> JobSpec:
 def _writable_parent(path: Path) -> Path | None:
     """The nearest existing ancestor of `path` (itself included), if the caller can write it."""
     for candidate in (path, *path.parents):
-        if candidate.exists():
-            return candidate if os.access(candidate, os.W_OK | os.X_OK) else None
+        try:
+            candidate.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError:  # a directory on the way that the caller may not search
+            return None
+        return candidate if os.access(candidate, os.W_OK | os.X_OK) else None
     return None
 
 
@@ -144,12 +149,23 @@ def parse_job(data: bytes, source: str, job_dir: Path, check: bool = True) -> Jo
     return spec
 
 
+def _not_a_job_file(p: Path) -> str:
+    """What stands at `p` instead of a job file, in the words an operator acts on."""
+    if p.is_symlink() and not p.exists():
+        return f"a symlink to {os.readlink(p)}, which does not exist"
+    if p.is_dir():
+        return "is a directory; name the job file (a .yaml file) in it"
+    if p.exists():
+        return "is not a regular file (a FIFO, socket or device); give a job file"
+    return "no such job file"
+
+
 def load_job_file(path: str | Path) -> tuple[JobSpec, bytes]:
     """Read, parse and validate a job file. Returns the spec to store and the raw bytes."""
     p = Path(path)
     try:
         if not p.is_file():
-            raise JobFileError([f"{p}: no such job file"])
+            raise JobFileError([f"{p}: {_not_a_job_file(p)}"])
         with open(p, "rb") as f:
             data = f.read(1024 * 1024 + 1)
     except OSError as e:
