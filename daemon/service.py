@@ -30,7 +30,7 @@ from ckptd.daemon.notify import Notifier
 from ckptd.daemon.recovery import recover
 from ckptd.daemon.running import RunningJob, ask_stop, start_job
 from ckptd.daemon.schedule import Queued, pick_jobs, slot_count, warm_wanted
-from ckptd.daemon.sockets import SocketError, bound
+from ckptd.daemon.sockets import bound
 from ckptd.daemon.spool import Spool
 from ckptd.state import orphans
 from ckptd.state import protocol as p
@@ -67,17 +67,17 @@ def lock_instance(home: Path) -> int:
     return fd
 
 
-def share_dirs(home: Path, group: str | None) -> None:
+def share_dirs(home: Path) -> None:
     """A daemon that runs users' jobs as those users: each can reach their own run directory
     (`<state>/jobs/ID`, theirs) by name, but list nothing; the store and the daemon's own files
-    stay private (ckptd.state.store); members of the socket's group may drop job files in the
-    spool, whose sticky bit keeps them from moving each other's. Under the unit,
+    stay private (ckptd.state.store); members of the socket's group drop job files in spool
+    directories of their own (ckptd.daemon.spool). Under the unit,
     systemd-tmpfiles made these already (RestrictSUIDSGID= would refuse the setgid chmod)."""
     gid = os.getegid()
     _ensure(home, 0o711, None)
     _ensure(home / "jobs", 0o2711, gid)  # run directories inherit the group and the bit
-    spool_gid = _group_id(group) if group else gid
-    _ensure(home / "spool", 0o1770, spool_gid)
+    # Not writable by users: each submitter drops files in spool/<name>/, theirs (daemon/spool.py).
+    _ensure(home / "spool", 0o711, gid)
     for sub in ("accepted", "rejected"):  # a submitter reads its own file's error by name
         _ensure(home / "spool" / sub, 0o711, None)
 
@@ -96,16 +96,6 @@ def _ensure(path: Path, mode: int, gid: int | None) -> None:
                 f"cannot set mode {mode:o} on {path} ({e.strerror}); create it "
                 "as systemd/ckptd.tmpfiles says: systemd-tmpfiles --create",
             ) from e
-
-
-def _group_id(name: str) -> int:
-    try:
-        return grp.getgrnam(name).gr_gid
-    except KeyError as e:
-        raise SocketError(
-            f"socket_group {name!r} does not exist; create it (sysusers.d/ckptd.conf "
-            "does) or fix the daemon config"
-        ) from e
 
 
 def default_socket_group(config: DaemonConfig) -> str | None:
@@ -150,7 +140,7 @@ class Daemon:
         try:
             group = default_socket_group(self.config)
             if can_switch_users():
-                share_dirs(self.home, group)
+                share_dirs(self.home)
             self._recover(store)
             sock = socket_path(self.config, self.home)
             backend = ApiBackend(
@@ -239,7 +229,8 @@ class Daemon:
     def _start_spool(self) -> Spool | None:
         if not self.config.spool:
             return None
-        spool = Spool(self.home, self.config.spool_settle_seconds, self.log)
+        group = default_socket_group(self.config) if can_switch_users() else None
+        spool = Spool(self.home, self.config.spool_settle_seconds, self.log, group)
         spool.watch(self.wake)
         return spool
 

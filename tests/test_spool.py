@@ -6,7 +6,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ckptd.daemon.spool import Spool
+import pytest
+
+from ckptd.daemon.spool import Spool, refusal
 from ckptd.state.states import JobState
 from ckptd.state.store import Store
 
@@ -96,3 +98,35 @@ def test_spool_in_the_running_daemon(tmp_path: Path) -> None:
         d.wait_state(jobs[0]["id"], "succeeded")
     finally:
         d.stop()
+
+
+def _st(uid: int, mode: int, gid: int = 50) -> os.stat_result:
+    return os.stat_result((mode, 0, 0, 1, uid, gid, 0, 0, 0, 0))
+
+
+@pytest.mark.parametrize(
+    ("file", "directory", "problem"),
+    [
+        (_st(1001, 0o100644), _st(1001, 0o40700), None),
+        (_st(1001, 0o100600), _st(1001, 0o40770, gid=7), None),  # group: the daemon's (7)
+        (
+            _st(1001, 0o100644),
+            _st(1002, 0o40700),
+            "owned by uid 1001 but found in the spool directory of uid 1002",
+        ),
+        (_st(1001, 0o100644), _st(1001, 0o40777), "directory is writable by other users"),
+        (_st(1001, 0o100644), _st(1001, 0o40770, gid=50), "directory is writable by other users"),
+        (
+            _st(1001, 0o101777),
+            _st(1001, 0o41777),
+            "directory is writable by other users",
+        ),  # sticky: still theirs
+        (_st(1001, 0o100666), _st(1001, 0o40700), "writable by group or others"),
+        (_st(1001, 0o100664), _st(1001, 0o40700), "writable by group or others"),
+    ],
+)
+def test_who_put_a_file_there_decides_whose_job_it_is(
+    file: os.stat_result, directory: os.stat_result, problem: str | None
+) -> None:
+    found = refusal(file, directory, daemon_gid=7)
+    assert found == problem if problem is None else (found is not None and problem in found)

@@ -7,7 +7,6 @@ daemon does not do for A; what A's job makes is A's; B sees none of it through t
 
 from __future__ import annotations
 
-import grp
 import json
 import os
 import pwd
@@ -409,21 +408,51 @@ def test_the_spool_runs_a_file_as_its_owner_and_refuses_hard_links(
 ) -> None:
     a, b = users
     spool = daemon.home / "spool"
-    assert spool.stat().st_mode & 0o7777 == 0o1770 and spool.stat().st_gid == grp.getgrnam(GROUP).gr_gid
-    job = as_user(a, lambda: Path(spool / "a-job.yaml").write_text(_job_text("spooled")))
+    assert spool.stat().st_mode & 0o7777 == 0o711 and spool.stat().st_uid == 0  # no user writes here
+    mine, theirs = spool / USERS[0], spool / USERS[1]
+    wait_for("spool directories of the submitters", lambda: mine.is_dir() and theirs.is_dir(), 30)
+    assert (mine.stat().st_uid, mine.stat().st_mode & 0o7777) == (a.uid, 0o770)
+    job = as_user(a, lambda: Path(mine / "a-job.yaml").write_text(_job_text("spooled")))
     assert "ok" in job, job
     b_file = _owned_file(_owned_dir(base / "b-spool", b, 0o755) / "b.yaml", _job_text("theirs"), b, 0o644)
-    os.link(b_file, spool / "linked.yaml")  # B's file, dropped by someone else
+    os.link(b_file, mine / "linked.yaml")  # B's file, dropped by someone else
     wait_for(
         "the spool intake",
         lambda: (
-            (spool / "rejected" / "linked.yaml.error.txt").exists() and not (spool / "a-job.yaml").exists()
+            (spool / "rejected" / "linked.yaml.error.txt").exists() and not (mine / "a-job.yaml").exists()
         ),
         60,
     )
     assert "hard links" in (spool / "rejected" / "linked.yaml.error.txt").read_text()
     listed = _api(daemon, a, "GET", "/v1/jobs")["ok"]
     assert [j["name"] for j in listed] == ["spooled"] and listed[0]["owner_uid"] == a.uid
+
+
+def test_a_file_moved_into_the_spool_by_another_user_never_runs_as_its_owner(
+    daemon: DaemonProc, users: tuple[Owner, Owner], base: Path
+) -> None:
+    """Issue 25: B rewrote A's world-writable file in a shared directory and moved it into the
+    spool; it ran as A and read A's 0600 secret. Where it lies and its mode now say who put it."""
+    a, b = users
+    spool = daemon.home / "spool"
+    mine, theirs = spool / USERS[0], spool / USERS[1]
+    wait_for("spool directories of the submitters", lambda: mine.is_dir() and theirs.is_dir(), 30)
+    shared = _owned_dir(base / "shared", a, 0o777)  # a shared scratch directory, not sticky
+    bait = _owned_file(shared / "victim.yaml", _job_text("draft"), a, 0o666)
+    rewrite = as_user(b, lambda: bait.write_text(_job_text("stolen")))
+    assert "ok" in rewrite, rewrite
+    into_a = as_user(b, lambda: os.rename(bait, mine / "victim.yaml"))
+    assert "exc" in into_a and "Permission denied" in into_a["exc"]  # A's directory is A's alone
+    moved = as_user(b, lambda: os.rename(bait, theirs / "victim.yaml"))
+    assert "ok" in moved, moved
+    weak = _owned_file(mine / "group-writable.yaml", _job_text("weak"), a, 0o664)
+    note = spool / "rejected" / "victim.yaml.error.txt"
+    weak_note = spool / "rejected" / "group-writable.yaml.error.txt"
+    wait_for("the spool intake", lambda: note.exists() and weak_note.exists(), 60)
+    assert f"owned by uid {a.uid} but found in the spool directory of uid {b.uid}" in note.read_text()
+    assert "writable by group or others" in weak_note.read_text() and weak.exists() is False
+    for who in (a, b):
+        assert _api(daemon, who, "GET", "/v1/jobs")["ok"] == []
 
 
 def test_a_warm_worker_becomes_the_submitter_before_it_runs_the_job(
