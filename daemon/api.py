@@ -23,6 +23,7 @@ import selectors
 import socket
 import socketserver
 import struct
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -84,21 +85,44 @@ def peer_of(sock: socket.socket) -> Peer:
 
 MAX_CONNECTIONS = 64  # requests being served at once, one thread each
 MAX_WAITING = 4096  # accepted connections that have not sent anything yet (no thread each)
-IDLE_SECONDS = 10.0  # a client silent this long (before or within its request) is dropped
+MAX_PER_UID = 16  # one user's connections at once (root's aside): the rest stay for everyone else
+REQUEST_SECONDS = 10.0  # a whole request, from accept to the last byte of the answer
+
+
+@dataclass
+class _Conn:
+    uid: int
+    since: float
+    serving: bool = False
+
+
+def _peer_uid(sock: socket.socket) -> int:
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return int(struct.unpack("3i", raw)[1])
 
 
 class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     """A thread per request, but only once the client has sent something: a silent connection
-    waits in a selector, costing a descriptor, and is dropped after IDLE_SECONDS."""
+    waits in a selector, costing a descriptor. Every connection has REQUEST_SECONDS in all (a
+    client dribbling a byte every few seconds never trips a per-read timeout, and 70 of them held
+    every thread), and one uid at most MAX_PER_UID connections: one user cannot take the API
+    from the others, nor `health` from anyone."""
 
     daemon_threads = True
     allow_reuse_address = False
     request_queue_size = 1024  # connections not yet accepted (the kernel caps it at somaxconn)
 
-    def __init__(self, path: str, backend: Backend) -> None:
+    def __init__(
+        self,
+        path: str,
+        backend: Backend,
+        request_seconds: float = REQUEST_SECONDS,
+        max_per_uid: int = MAX_PER_UID,
+    ) -> None:
         self.backend = backend
+        self.request_seconds, self.max_per_uid = request_seconds, max_per_uid
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-        self._waiting: dict[socket.socket, float] = {}
+        self._conns: dict[socket.socket, _Conn] = {}
         self._lock = threading.Lock()
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -108,19 +132,30 @@ class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         threading.Thread(target=self._waiting_room, name="api-waiting", daemon=True).start()
 
     def process_request(self, request: Any, client_address: Any) -> None:
+        try:
+            uid = _peer_uid(request)
+        except OSError:
+            self.shutdown_request(request)
+            return
         with self._lock:
-            if len(self._waiting) >= MAX_WAITING:
-                self.shutdown_request(request)
-                return
-            self._waiting[request] = time.monotonic()
-            self._selector.register(request, selectors.EVENT_READ)
+            waiting = sum(not c.serving for c in self._conns.values())
+            mine = sum(c.uid == uid for c in self._conns.values())
+            if waiting >= MAX_WAITING or (uid != 0 and mine >= self.max_per_uid):
+                refuse = True
+            else:
+                refuse = False
+                self._conns[request] = _Conn(uid, time.monotonic())
+                self._selector.register(request, selectors.EVENT_READ)
+        if refuse:
+            _too_many(request, self.max_per_uid)
+            self.shutdown_request(request)
+            return
         with contextlib.suppress(OSError):
             self._wake_w.send(b"x")
 
     def _waiting_room(self) -> None:
         while True:
-            events = self._selector.select(timeout=0.5)
-            now = time.monotonic()
+            events = self._selector.select(timeout=0.25)
             ready: list[socket.socket] = []
             with self._lock:
                 for key, _ in events:
@@ -129,30 +164,61 @@ class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
                             self._wake_r.recv(4096)
                         continue
                     conn: socket.socket = key.fileobj  # type: ignore[assignment]
-                    self._take(conn)
+                    self._unwatch(conn)
+                    self._conns[conn].serving = True
                     ready.append(conn)
-                for conn in [c for c, t in self._waiting.items() if now - t > IDLE_SECONDS]:
-                    self._take(conn)
-                    self.shutdown_request(conn)
+                self._expire(time.monotonic())
             for conn in ready:
                 self._slots.acquire()  # only clients that spoke wait for a thread
                 threading.Thread(target=self.process_request_thread, args=(conn, None), daemon=True).start()
 
-    def _take(self, conn: socket.socket) -> None:
-        self._waiting.pop(conn, None)
+    def _expire(self, now: float) -> None:
+        """Connections past their whole-request time: a waiting one is closed here; a served one
+        is shut down under its thread, whose read or write then fails and ends the request."""
+        for conn, c in list(self._conns.items()):
+            if now - c.since <= self.request_seconds:
+                continue
+            if c.serving:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+            else:
+                self._unwatch(conn)
+                self._conns.pop(conn, None)
+                with contextlib.suppress(OSError):
+                    conn.close()
+
+    def _unwatch(self, conn: socket.socket) -> None:
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(conn)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client gone, or cut at its whole-request time, is not news; anything else is."""
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
+            with self._lock:
+                self._conns.pop(request, None)
             self._slots.release()
+
+
+def _too_many(conn: socket.socket, limit: int) -> None:
+    """A short refusal the client can show, written without waiting on it."""
+    body = json.dumps({"error": f"too many connections from your uid (at most {limit} at once); retry"})
+    head = (
+        f"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    )
+    with contextlib.suppress(OSError):
+        conn.setblocking(False)
+        conn.send((head + "Connection: close\r\n\r\n" + body).encode())
 
 
 class Handler(BaseHTTPRequestHandler):
     server: ApiServer
-    timeout = IDLE_SECONDS  # socket timeout for every read: an idle client is dropped
+    timeout = REQUEST_SECONDS  # no single read outlasts the whole request's time either
     protocol_version = "HTTP/1.1"
     server_version = "ckptd"
 
