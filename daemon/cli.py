@@ -24,7 +24,7 @@ from ckptd.state.protocol import EVENTS_FILE
 from ckptd.state.states import RESUMABLE, STALE, JobState
 from ckptd.state.store import Job, Store, StoreError
 from ckptd.state.yamlstrict import JobFileError
-from ckptd.supervisor import cgroups
+from ckptd.supervisor import cgroups, contain
 from ckptd.supervisor.display import BarDisplay, LogDisplay
 from ckptd.supervisor.gpus import detect_gpus
 from ckptd.supervisor.process import RealProcessOps
@@ -215,6 +215,8 @@ def run(home: Path, job_file: Path | None, resume: str | None, new: bool, progre
     if spec.resources.memory_limit:
         how, detail = cgroups.enforcement()
         log.info("memory.enforcement", how=how, detail=detail)
+    held = contain.instance().choice
+    log.info("containment", how=held.kind, detail=held.why)
     store.transition(job.id, JobState.RUNNING, "resumed" if resuming else "started")
     stops = StopRequests()
     _install_stop_handlers(stops)

@@ -20,7 +20,7 @@ from ckptd.state.protocol import EXIT_OK, Heartbeat, Phase, read_exit_code
 from ckptd.state.states import RESUMABLE, STALE, AttemptClass, JobState
 from ckptd.state.store import Attempt, Job, Store, new_job_id
 from ckptd.state.submissions import Owner
-from ckptd.supervisor import identity, ledger
+from ckptd.supervisor import contain, identity, ledger
 from ckptd.supervisor.process import worker_module
 from ckptd.supervisor.runner import STOP_GRACE_SECONDS
 
@@ -194,6 +194,17 @@ def stop_orphan(pid: int, run: RunDir, timeout: float = STOP_GRACE_SECONDS) -> s
         return "orphan worker killed with SIGKILL"
 
 
+def end_tree(a: Attempt) -> str:
+    """Whatever a lost attempt's worker left running in its cgroup (a setsid child that
+    outlived it): killed, the cgroup removed (ckptd.supervisor.contain)."""
+    if a.pid is None:
+        return ""
+    tree = contain.instance().of(a.pid, a.pid_started)
+    killed = tree.kill()
+    tree.remove()
+    return f"; {killed} leftover process(es) of the attempt killed" if killed else ""
+
+
 def stop_gang(chief: int | None, run: RunDir) -> str:
     """A multi_worker gang of a lost supervisor: never adopted (its members would need a
     supervisor that watches them all). The chief saves and leaves; the other members, blocked
@@ -263,6 +274,7 @@ def reconcile_lost(store: Store, job: Job) -> Job:
     for a in store.attempts(job.id):
         if a.ended_at is None:
             what = stop_gang(a.pid, run) if gang else stop_orphan(a.pid, run) if a.pid else "no worker"
+            what += end_tree(a)
             klass = end_lost(store, job.id, a, f"supervisor lost; {what}", None if gang else run)
             finished = klass == AttemptClass.SUCCEEDED
     ledger.catch_up(store, job.id, run.root)  # its commits since the lost supervisor's last read

@@ -127,6 +127,7 @@ def _reconcile(store: Store, job: Job, lost: list[tuple[str, int, str]]) -> Adop
             adopted = Adopted(a.n, proc.pid)
             continue
         what = jobs.stop_gang(a.pid, run) if gang else jobs.stop_orphan(a.pid, run) if a.pid else "no worker"
+        what += jobs.end_tree(a)
         finished = _close_lost(store, job, a, what, lost, None if gang else run)
         # Its commits since the lost supervisor last read its events (an adopted worker's
         # supervisor replays them itself).

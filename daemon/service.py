@@ -38,7 +38,7 @@ from ckptd.state.paths import RunDir
 from ckptd.state.states import RESUMABLE, STALE, JobState
 from ckptd.state.store import Store, StoreError
 from ckptd.state.submissions import Owner, managed_jobs, owner_of, submission
-from ckptd.supervisor import cgroups
+from ckptd.supervisor import cgroups, contain
 from ckptd.supervisor.gpus import detect_gpus
 from ckptd.supervisor.identity import can_switch_users
 from ckptd.supervisor.warm import WarmPool
@@ -161,6 +161,8 @@ class Daemon:
             )
             how, detail = cgroups.enforcement()  # before any job asks for memory_limit
             self.log.info("memory.enforcement", how=how, detail=detail)
+            held = contain.instance().choice  # how every attempt's processes end with it
+            self.log.info("containment", how=held.kind, detail=held.why)
             self.notifier.send("READY=1", f"MAINPID={os.getpid()}")
             self._loop(store, spool)
             self._shutdown(server, spool, sock)

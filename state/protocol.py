@@ -172,6 +172,28 @@ def append_event(path: Path, kind: Event, /, **data: Any) -> None:
         os.close(fd)
 
 
+CONTAINED_ENV = "CKPTD_CONTAINED"  # "1": the supervisor is moving this worker into its attempt's cgroup
+CGROUP_PREFIX = "ckptd-attempt-"
+
+
+def wait_contained(timeout: float = 5.0) -> bool:
+    """Before a worker runs anything of the job (which may fork): wait until the supervisor has
+    moved it into its attempt's cgroup, so every child is born inside it (ckptd.supervisor.contain
+    moves it right after the fork, which a fast child could outrun). False if it never came."""
+    if os.environ.get(CONTAINED_ENV) != "1":
+        return True
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            lines = Path("/proc/self/cgroup").read_text().splitlines()
+        except OSError:
+            return False
+        if any(line.rsplit("/", 1)[-1].startswith(CGROUP_PREFIX) for line in lines):
+            return True
+        time.sleep(0.002)
+    return False
+
+
 # A job's files are its owner's to fill: the daemon reads bounded pieces of them.
 MAX_RECORD = 1 << 20  # a heartbeat, an exit code, an error record
 MAX_EVENTS_READ = 4 << 20  # events per poll; the rest waits for the next one

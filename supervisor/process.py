@@ -17,8 +17,9 @@ from typing import Protocol
 
 import psutil
 
+from ckptd.state.protocol import CONTAINED_ENV
 from ckptd.state.submissions import Owner
-from ckptd.supervisor import cgroups, identity, kmsg, nvml, warm
+from ckptd.supervisor import cgroups, contain, identity, kmsg, nvml, warm
 from ckptd.supervisor.warm import WarmPool
 
 # Never hand these to a worker: systemd's notify socket and watchdog belong to the daemon.
@@ -115,6 +116,9 @@ class RealProcessOps:
         self._spawned_at: dict[int, float] = {}  # CLOCK_MONOTONIC, to match kernel-log records
         self._outer: dict[int, tuple[cgroups.MemoryCgroup, int]] = {}  # enclosing cgroup, oom_kill
         self._rss_base: dict[int, int] = {}  # a warm worker's RSS at hand-over (its import)
+        self.containment = contain.instance()
+        self._trees: dict[int, contain.Tree] = {}  # every process of the attempt (ckptd.supervisor.contain)
+        self._tokens: dict[int, str] = {}
 
     def spawn(
         self,
@@ -129,6 +133,10 @@ class RealProcessOps:
         if self.launch_dir is not None:  # the run directory is the owner's: never open there
             stdout = stderr = self.launch_dir / "launch.log"
         stdout.parent.mkdir(parents=True, exist_ok=True)
+        token = self.containment.token()
+        env = {**(env or {}), contain.TOKEN_ENV: token}  # the subreaper's mark on the tree
+        if self.containment.choice.base is not None:  # it waits to be in its cgroup (see _track)
+            env[CONTAINED_ENV] = "1"
         with open(stdout, "ab") as out, open(stderr, "ab") as err:
             # Own session and process group: a terminal's Ctrl-C reaches only the supervisor,
             # which asks the worker to save; and killing the group leaves no orphan behind.
@@ -152,7 +160,7 @@ class RealProcessOps:
                     "every user can read and execute it",
                     e.filename,
                 ) from e
-        self._track(proc, memory_limit)
+        self._track(proc, memory_limit, token)
         return proc.pid
 
     def release_unused(self) -> None:
@@ -161,7 +169,7 @@ class RealProcessOps:
             warm.kill(self.first, self.warm.dir if self.warm else None)
             self.first = None
 
-    def _track(self, proc: subprocess.Popen[bytes], memory_limit: int | None) -> None:
+    def _track(self, proc: subprocess.Popen[bytes], memory_limit: int | None, token: str = "") -> None:
         self._procs[proc.pid] = proc
         self._spawned_at[proc.pid] = time.monotonic()
         outer = cgroups.enclosing()  # the worker's too, unless _limit moves it into its own
@@ -169,6 +177,19 @@ class RealProcessOps:
             self._outer[proc.pid] = (outer, outer.oom_kills())
         if memory_limit:
             self._limit(proc.pid, memory_limit)
+        cg = self._cgroups.get(proc.pid)
+        self._trees[proc.pid] = self.containment.start(
+            proc.pid, token, cg.path if cg is not None and cg.version == 2 else None
+        )
+
+    def end_tree(self, pid: int, started: float | None = None) -> int:
+        """Kill whatever the attempt of `pid` left running (a setsid or double-forked child
+        included) and remove its cgroup; how many were killed. For a worker this object did not
+        start (adopted, or a lost supervisor's), its tree is found by pid and start time."""
+        tree = self._trees.pop(pid, None) or self.containment.of(pid, started)
+        killed = tree.kill()
+        tree.remove()
+        return killed
 
     def take_warm(
         self, run_dir: Path, mode: str, env: dict[str, str], memory_limit: int | None = None
@@ -178,6 +199,7 @@ class RealProcessOps:
         proc, self.first = self.first or (self.warm.take() if self.warm else None), None
         if proc is None or proc.stdin is None:
             return None
+        self._track(proc, memory_limit)  # contained before it learns its job (and may fork)
         try:
             proc.stdin.write(warm.assignment(run_dir, mode, env, self.owner))
             proc.stdin.flush()
@@ -185,8 +207,8 @@ class RealProcessOps:
                 proc.stdin.close()
         except OSError:  # it died meanwhile
             proc.wait()
+            self.poll(proc.pid)  # its tree and cgroups go with it
             return None
-        self._track(proc, memory_limit)
         if memory_limit and proc.pid not in self._cgroups:
             # The RSS watch counts what the job allocates, as a cgroup does: not the import
             # the warm worker made for nobody in particular.
@@ -196,7 +218,7 @@ class RealProcessOps:
     def _limit(self, pid: int, limit: int) -> None:
         """Move the worker into its own memory cgroup; without one, the runner watches RSS.
         (Moved right after the fork: the interpreter has allocated little by then.)"""
-        cg = cgroups.create(f"ckptd-worker-{pid}", limit)
+        cg = cgroups.create(contain.cgroup_name(pid), limit)
         if cg is None:
             return
         try:
@@ -253,13 +275,22 @@ class RealProcessOps:
                 alive = psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
             except psutil.NoSuchProcess:
                 alive = False
+            if not alive:
+                self.end_tree(pid)
             return None if alive else ExitStatus(None, None)
         rc = proc.poll()
         if rc is None:
+            if (tree := self._trees.get(pid)) is not None:
+                tree.look()
             return None
         del self._procs[pid]
         self.signal_group(pid, signal.SIGKILL)  # reap anything the worker left in its group
-        self._release_cgroup(pid)
+        tree = self._trees.pop(pid, None)
+        if tree is not None:
+            tree.kill()  # a setsid or double-forked child too: the whole attempt ends with it
+        self._release_cgroup(pid)  # its OOM evidence first, then the memory cgroup
+        if tree is not None:
+            tree.remove()
         self._rss_base.pop(pid, None)
         spawned_at, outer = self._spawned_at.pop(pid, 0.0), self._outer.pop(pid, None)
         if rc == -signal.SIGKILL and pid not in self._oom:
@@ -283,8 +314,16 @@ class RealProcessOps:
             return False
 
     def rss(self, pid: int) -> int | None:
+        """The whole tree's, as a memory cgroup would count it: a child that forked away from
+        the worker allocates against the job's limit too."""
         raw = self._raw_rss(pid)
-        return None if raw is None else max(0, raw - self._rss_base.get(pid, 0))
+        if raw is None:
+            return None
+        tree = self._trees.get(pid)
+        if tree is not None:
+            tree.look()
+            raw += sum(self._raw_rss(m) or 0 for m in tree.known() if m != pid)
+        return max(0, raw - self._rss_base.get(pid, 0))
 
     @staticmethod
     def _raw_rss(pid: int) -> int | None:

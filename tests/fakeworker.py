@@ -4,7 +4,8 @@ It does what the supervisor observes of a real worker: holds the checkpoint lock
 step loop, appends `checkpoint.committed` events, saves and exits 75 on SIGTERM, records its exit
 code. Selected with CKPTD_WORKER_MODULE=tests.fakeworker (daemon tests only; the real worker is
 exercised by the TensorFlow tests). FAKE_STEPS and FAKE_STEP_SECONDS shape the run;
-FAKE_CRASH_AT=N makes attempt 1 crash at step N; FAKE_SAVE_SECONDS slows the save on SIGTERM.
+FAKE_CRASH_AT=N makes attempt 1 crash at step N; FAKE_SAVE_SECONDS slows the save on SIGTERM;
+FAKE_ESCAPE=1 starts a setsid child and a double-forked grandchild (tests/escaper.py).
 With --warm it waits for its hand-over line like a warm worker (ckptd.supervisor.warm).
 """
 
@@ -29,6 +30,7 @@ stop = []
 
 
 def main() -> int:
+    p.wait_contained()
     run, attempt = RunDir(Path(sys.argv[1])), int(sys.argv[2])
     log_to(run.attempt_dir(attempt))  # as the real worker: its own rights, its own logs
     if marker := os.environ.get("FAKE_WHOAMI"):  # the rights it runs with, for trust tests
@@ -41,6 +43,10 @@ def main() -> int:
         }
         atomic_write_text(run.root / marker, json.dumps(who))
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    if os.environ.get("FAKE_ESCAPE") == "1":  # children that leave its process group
+        from tests.escaper import escape
+
+        escape(run.root)
     spec = spec_from_json(run.spec_file.read_text())
     lock_dir(run.checkpoint_dir(spec.checkpoint.dir))
     total, pause = int(os.environ.get("FAKE_STEPS", "40")), float(os.environ.get("FAKE_STEP_SECONDS", "0.05"))

@@ -263,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 2 or not (args[1] == "--spare" or args[1].isdigit()):
         print("usage: python -m ckptd.worker (RUN_DIR (ATTEMPT | --spare) | --warm)", file=sys.stderr)
         return p.EXIT_CONFIG
+    p.wait_contained()  # every process of the attempt is the attempt's (ckptd.supervisor.contain)
     # Fatal signals print every thread's Python stack; the supervisor sends SIGUSR1 before it
     # kills a hung worker, so the attempt's stderr log shows where it was stuck.
     faulthandler.enable(file=sys.stderr, all_threads=True)
