@@ -3,6 +3,11 @@
 The batches of an epoch are a pure function of (seed, epoch): arrays are permuted with a generator
 seeded by both, datasets are shuffled with a per-epoch seed. Resuming at (epoch, step) therefore
 replays exactly the batches an uninterrupted run would have seen, with no iterator state to save.
+
+A dataset the program shuffles itself (`ds.shuffle(n)`, reshuffle_each_iteration=True) draws each
+iterator's order from a seed generator that every iterator creation advances. So the iterator of
+an epoch is made as the same n-th creation in every run, resumed or not: a resumed run first
+creates (and drops, without pulling) the iterators the epochs before it made.
 """
 
 from __future__ import annotations
@@ -86,6 +91,9 @@ class Batches:
         self.steps_per_epoch: int | None = math.ceil(self.n / self.cfg.batch_size)
 
     def _init_dataset(self, train: tf.data.Dataset, validation: Any | None) -> None:
+        self._shared_validation = False
+        self._made = {"train": 0, "validation": 0}  # iterator creations per pipeline
+        self._last_epoch = 0
         if _looks_batched(train):
             raise ConfigError(
                 "train: the dataset looks batched (every component has a leading dimension of "
@@ -102,19 +110,36 @@ class Batches:
                 )
             at = _split_at(n, self.cfg.validation_split)
             validation, train, n = train.skip(at), train.take(at), at
+            # Both halves share the program's shuffle (and its seed generator): one count.
+            self._shared_validation = True
         self.ds = train
         self.n = n
         self.validation = validation
         self.steps_per_epoch = math.ceil(n / self.cfg.batch_size) if n >= 0 else None
 
     def first_batch(self) -> ArrayPair:
-        for batch in self.epoch(0, 0):
+        for batch in self.epoch(0, 0, replay=False):
             return batch
         raise ConfigError("train: no examples")
 
-    def epoch(self, epoch: int, start_step: int) -> Iterator[ArrayPair]:
+    def _replay(self, pipeline: str, ds: tf.data.Dataset, before: int) -> None:
+        """Create (and drop) iterators until `before` were made on `pipeline`."""
+        key = "train" if self._shared_validation else pipeline
+        while self._made[key] < before:
+            iter(ds)
+            self._made[key] += 1
+        self._made[key] += 1
+
+    def _train_creations(self, epoch: int) -> int:
+        # Every run makes one iterator to prime the model, then per epoch the training one and
+        # (model: jobs validate every epoch) the validation one, on the same pipeline if split.
+        return 1 + epoch * (2 if self._shared_validation else 1)
+
+    def epoch(self, epoch: int, start_step: int, replay: bool = True) -> Iterator[ArrayPair]:
         """Yield the batches of `epoch` from batch index `start_step` on."""
         if self.dataset_mode:
+            self._last_epoch = epoch
+            self._replay("train", self.ds, self._train_creations(epoch) if replay else 0)
             yield from self._dataset_epoch(epoch, start_step)
             return
         bs = self.cfg.batch_size
@@ -150,6 +175,11 @@ class Batches:
         if self.validation is None:
             return None
         if isinstance(self.validation, tf.data.Dataset):
+            # The validation after epoch e; with a split, it follows that epoch's training iterator.
+            before = (
+                self._train_creations(self._last_epoch) + 1 if self._shared_validation else evaluations_done
+            )
+            self._replay("validation", self.validation, before)
             batches: Iterator[ArrayPair] = iter(self.validation.batch(self.cfg.batch_size))
             return batches
         x, y = self.validation
