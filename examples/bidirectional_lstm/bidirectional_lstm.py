@@ -20,7 +20,7 @@ import numpy as np
 import keras
 from keras import layers
 
-import ckptd.worker.api as ckptd
+import ckptd
 
 max_features = 20000  # Only consider the top 20k words
 maxlen = 32  # Only consider the first 32 words of each movie review

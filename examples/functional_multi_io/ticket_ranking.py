@@ -21,7 +21,7 @@ import keras
 from keras import layers
 from keras import ops  # noqa: F401 (the guide's setup; used by its later sections)
 
-import ckptd.worker.api as ckptd
+import ckptd
 
 num_tags = 12  # Number of unique issue tags
 num_words = 10000  # Size of vocabulary obtained when preprocessing text data

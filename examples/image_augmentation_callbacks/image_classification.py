@@ -27,7 +27,7 @@ import tensorflow as tf
 import keras
 from keras import layers
 
-import ckptd.worker.api as ckptd
+import ckptd
 
 
 def image_dataset(n=640, validation_split=0.2, seed=1337, image_size=(32, 32), batch_size=32):

@@ -19,7 +19,7 @@ Changes from the original, and why:
 import csv  # noqa: F401 (as in the original)
 import numpy as np
 
-import ckptd.worker.api as ckptd
+import ckptd
 
 
 def read_creditcard_rows(n=12000, seed=284807):

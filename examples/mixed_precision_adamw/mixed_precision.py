@@ -30,7 +30,7 @@ import numpy as np
 import keras
 from keras import layers
 
-import ckptd.worker.api as ckptd
+import ckptd
 
 keras.mixed_precision.set_global_policy("mixed_float16")
 

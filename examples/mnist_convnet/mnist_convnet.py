@@ -17,7 +17,7 @@ import numpy as np
 import keras
 from keras import layers
 
-import ckptd.worker.api as ckptd
+import ckptd
 
 
 def load_data(n_train=3000, n_test=500, seed=20240601):

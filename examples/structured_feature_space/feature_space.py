@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 import keras
 
-import ckptd.worker.api as ckptd
+import ckptd
 
 
 def load_heart_dataframe(n=303, seed=1303):

@@ -20,7 +20,7 @@ import keras
 from keras import ops
 from keras import layers
 
-import ckptd.worker.api as ckptd
+import ckptd
 
 
 def load_data(n_train=3000, n_test=500, seed=60000):

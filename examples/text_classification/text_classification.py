@@ -26,7 +26,7 @@ import tensorflow as tf
 import numpy as np
 from keras import layers
 
-import ckptd.worker.api as ckptd
+import ckptd
 
 
 def make_reviews(n, seed):

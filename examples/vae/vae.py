@@ -26,7 +26,7 @@ import keras
 from keras import ops
 from keras import layers
 
-import ckptd.worker.api as ckptd
+import ckptd
 
 
 def load_data(n_train=1700, n_test=300, seed=70000):

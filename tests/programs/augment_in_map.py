@@ -5,7 +5,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-import ckptd.worker.api as ckptd
+import ckptd
 
 rng = np.random.default_rng(4)
 images = rng.random((192, 8, 8, 3)).astype("float32")

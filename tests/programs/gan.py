@@ -5,7 +5,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-import ckptd.worker.api as ckptd
+import ckptd
 
 LATENT = 4
 discriminator = keras.Sequential(

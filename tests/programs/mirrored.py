@@ -7,7 +7,7 @@ inside `ckptd.strategy().scope()` itself."""
 import keras
 import numpy as np
 
-import ckptd.worker.api as ckptd
+import ckptd
 
 
 def make_model():

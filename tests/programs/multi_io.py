@@ -5,7 +5,7 @@ second epoch. `build(params)` returns ckptd.fit_args(...), for a `model:` job.""
 import keras
 import numpy as np
 
-import ckptd.worker.api as ckptd
+import ckptd
 
 
 def build(params):

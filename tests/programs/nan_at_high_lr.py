@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-import ckptd.worker.api as ckptd
+import ckptd
 
 
 class Diverging(keras.Model):

@@ -7,7 +7,7 @@ track; the callbacks keep state across epochs. A resume must restore all of it.
 import keras
 import numpy as np
 
-import ckptd.worker.api as ckptd
+import ckptd
 
 rng = np.random.default_rng(0)
 x = rng.normal(size=(400, 8, 8, 1)).astype("float32")
