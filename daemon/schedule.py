@@ -6,6 +6,7 @@ No I/O here: the daemon's loop observes (store, running jobs), calls these, and 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
 
 @dataclass(frozen=True)
@@ -39,9 +40,16 @@ def pick_jobs(
     return started
 
 
-def warm_wanted(enabled: bool, slots: int, running: int) -> int:
-    """Warm workers to keep: one per free slot (a running job's own hot spare is its business)."""
-    return max(0, slots - running) if enabled else 0
+T = TypeVar("T")
+
+
+def warm_wanted(enabled: bool, slots: int, running: int, likely: list[T]) -> list[T]:
+    """Warm workers to keep: one per free slot (a running job's own hot spare is its business),
+    each started as the user who will likely use it — `likely`: the owners of queued, running
+    and recent jobs, in that order — so none waits with the daemon's identity. Nobody likely:
+    none (a first job of a user pays the import once)."""
+    free = max(0, slots - running) if enabled else 0
+    return [likely[i % len(likely)] for i in range(free)] if likely else []
 
 
 def may_act(peer_uid: int, owner_uid: int, admin: bool) -> bool:

@@ -37,10 +37,10 @@ from ckptd.state import protocol as p
 from ckptd.state.paths import RunDir
 from ckptd.state.states import RESUMABLE, STALE, JobState
 from ckptd.state.store import Store, StoreError
-from ckptd.state.submissions import Owner, managed_jobs, owner_of, submission
+from ckptd.state.submissions import Owner, managed_jobs, owner_of, recent_owners, submission
 from ckptd.supervisor import cgroups, contain
 from ckptd.supervisor.gpus import detect_gpus
-from ckptd.supervisor.identity import can_switch_users
+from ckptd.supervisor.identity import can_switch_users, me
 from ckptd.supervisor.warm import WarmPool
 
 LOOP_SECONDS = 0.5
@@ -262,7 +262,7 @@ class Daemon:
                 self._guarded("spool", lambda: spool.scan(store, self.home))
                 last_scan = now
             self._guarded("schedule", lambda: self._schedule(store))
-            self._guarded("warm", self._keep_warm)
+            self._guarded("warm", lambda: self._keep_warm(store))
             self._report_status()
             self.wake.wait(LOOP_SECONDS)
 
@@ -302,6 +302,7 @@ class Daemon:
         self.log.info(
             "job.started", job_id=job_id, devices=devices, last_committed_step=job.last_committed_step
         )
+        owner = self._owner(store, job_id)
         self.registry.running[job_id] = start_job(
             self.home,
             job_id,
@@ -309,9 +310,9 @@ class Daemon:
             Path(job.run_dir),
             devices,
             self.log,
-            self._owner(store, job_id),
+            owner,
             warm=self.warm,
-            first=self.warm.take(),
+            first=self.warm.take(owner),
         )
 
     @staticmethod
@@ -321,10 +322,18 @@ class Daemon:
             raise StoreError(f"job {job_id} has no submission row")
         return owner_of(sub)
 
-    def _keep_warm(self) -> None:
+    def _keep_warm(self, store: Store) -> None:
+        if not self.config.warm_workers:
+            self.warm.reconcile([])
+            return
         with self.registry.lock:
-            running = len(self.registry.running)
-        self.warm.reconcile(warm_wanted(self.config.warm_workers, self.slots, running))
+            running = list(self.registry.running)
+        likely = [owner_of(sub) for _, sub in managed_jobs(store, frozenset({JobState.QUEUED}))]
+        likely += [self._owner(store, job_id) for job_id in running]
+        likely += recent_owners(store, self.slots)
+        if not can_switch_users():
+            likely = [me()]  # a daemon of one user runs only its own user's jobs
+        self.warm.reconcile(warm_wanted(True, self.slots, len(running), list(dict.fromkeys(likely))))
 
     def _report_status(self) -> None:
         status = f"STATUS={len(self.registry.running)} running, {self.queued} queued"

@@ -116,3 +116,16 @@ def managed_jobs(store: Store, states: frozenset[JobState]) -> list[tuple[Job, S
             raise StoreError(f"job {r['id']} lost its submission row")
         out.append((store.job(r["id"]), sub))
     return out
+
+
+def recent_owners(store: Store, limit: int) -> list[Owner]:
+    """The owners of the latest submissions, newest first, each once: whose next job is likely."""
+    rows = store.query(
+        "SELECT owner_uid, MAX(submitted_at) AS last, owner_gid, owner_groups FROM submissions "
+        "GROUP BY owner_uid ORDER BY last DESC LIMIT ?",
+        (limit,),
+    )
+    return [
+        owner_of(Submission("", r["owner_uid"], 0, None, r["last"], r["owner_gid"], r["owner_groups"]))
+        for r in rows
+    ]

@@ -166,7 +166,7 @@ class RealProcessOps:
     def release_unused(self) -> None:
         """The warm worker set aside for this job was never used (it failed before starting)."""
         if self.first is not None:
-            warm.kill(self.first, self.warm.dir if self.warm else None)
+            warm.kill(self.first, self.warm.dir_of(self.owner) if self.warm else None)
             self.first = None
 
     def _track(self, proc: subprocess.Popen[bytes], memory_limit: int | None, token: str = "") -> None:
@@ -196,7 +196,7 @@ class RealProcessOps:
     ) -> int | None:
         """Hand the run to a warm worker (None if there is none). The memory it charged while
         importing stays with the daemon's cgroup; the limit applies to what the job allocates."""
-        proc, self.first = self.first or (self.warm.take() if self.warm else None), None
+        proc, self.first = self.first or (self.warm.take(self.owner) if self.warm else None), None
         if proc is None or proc.stdin is None:
             return None
         self._track(proc, memory_limit)  # contained before it learns its job (and may fork)

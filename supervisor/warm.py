@@ -47,59 +47,78 @@ def assignment(run_dir: Path, mode: str, env: dict[str, str], owner: Owner | Non
 
 
 class WarmPool:
+    """Warm workers, each started as the user whose job will take it (never with the daemon's
+    identity and capabilities while it waits): `take(owner)` gives one of that owner's."""
+
     def __init__(self, state_dir: Path, log: FilteringBoundLogger) -> None:
         self.dir = state_dir / WARM_DIR
         self.log = log
         self._lock = threading.Lock()
-        self._procs: list[subprocess.Popen[bytes]] = []
+        self._procs: list[tuple[Owner, subprocess.Popen[bytes]]] = []
 
     def size(self) -> int:
         with self._lock:
             return len(self._procs)
 
-    def take(self) -> subprocess.Popen[bytes] | None:
-        """A live warm worker, now the caller's to assign (and to reap)."""
+    def take(self, owner: Owner) -> subprocess.Popen[bytes] | None:
+        """A live warm worker of `owner`, now the caller's to assign (and to reap)."""
         with self._lock:
-            while self._procs:
-                proc = self._procs.pop(0)
-                if proc.poll() is None:
+            for i, (who, proc) in enumerate(self._procs):
+                if who == owner and proc.poll() is None:
+                    del self._procs[i]
                     return proc
         return None
 
-    def reconcile(self, wanted: int) -> None:
-        """Called by the daemon's loop: reap dead ones, start or stop to have `wanted`."""
+    def reconcile(self, wanted: list[Owner]) -> None:
+        """Called by the daemon's loop: reap dead ones, start or stop to have `wanted` (one
+        warm worker per entry, as that owner)."""
         with self._lock:
-            self._procs = [p for p in self._procs if p.poll() is None]
-            while len(self._procs) > wanted:
-                kill(self._procs.pop(), self.dir)
-            while len(self._procs) < wanted:
-                proc = self._spawn()
-                if proc is None:
+            self._procs = [(w, p) for w, p in self._procs if p.poll() is None]
+            need = list(wanted)
+            keep = []
+            for who, proc in self._procs:
+                if who in need:
+                    need.remove(who)
+                    keep.append((who, proc))
+                else:
+                    kill(proc, self.dir_of(who))
+            self._procs = keep
+            for who in need:
+                started = self._spawn(who)
+                if started is None:
                     return
-                self._procs.append(proc)
-                self.log.info("warm.started", pid=proc.pid)
+                self._procs.append((who, started))
+                self.log.info("warm.started", pid=started.pid, uid=who.uid)
 
     def stop(self) -> None:
         with self._lock:
-            for proc in self._procs:
-                kill(proc, self.dir)
+            for who, proc in self._procs:
+                kill(proc, self.dir_of(who))
             self._procs = []
 
-    def _spawn(self) -> subprocess.Popen[bytes] | None:
+    def dir_of(self, owner: Owner) -> Path:
+        return self.dir / str(owner.uid)
+
+    def _spawn(self, owner: Owner) -> subprocess.Popen[bytes] | None:
+        from ckptd.supervisor import identity
         from ckptd.supervisor.process import worker_env
 
+        where = self.dir_of(owner)
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            with open(self.dir / "output.log", "ab") as out:
+            where.mkdir(parents=True, exist_ok=True)
+            if identity.needs_switch(owner):  # its ready marker is its own to write
+                os.chown(where, owner.uid, owner.gid)
+            with open(where / "output.log", "ab") as out:
                 return subprocess.Popen(
                     warm_argv(),
-                    cwd=self.dir,
+                    cwd=where,
                     stdin=subprocess.PIPE,
                     stdout=out,
                     stderr=out,
-                    env=worker_env(),
+                    env=worker_env() | identity.owner_env(owner),
                     close_fds=True,
                     start_new_session=True,
+                    **identity.popen_kwargs(owner),
                 )
         except OSError as e:  # a full disk or no memory: run without warm workers this time
             self.log.error("warm.spawn_failed", error=f"{type(e).__name__}: {e}")

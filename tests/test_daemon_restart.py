@@ -84,8 +84,14 @@ def test_sigkilled_daemon_adopts_the_live_worker(tmp_path: Path) -> None:
 def test_a_restarted_daemon_adopts_a_worker_that_started_warm(tmp_path: Path) -> None:
     """A warm worker's command line names no run; its directory does (jobs.works_for)."""
     home = tmp_path / "home"
+    d = start_daemon(home, config="warm_workers: true\n", FAKE_STEPS="20", FAKE_STEP_SECONDS="0.01")
+    # Warm workers wait as the user of a likely job (issue 25): a first job makes its user likely.
+    d.wait_state(d.submit(fake_job(tmp_path, name="first")), "succeeded")
+    wait_for("a warm worker", lambda: sorted((home / "warm").glob("*/*.ready")), 30)
+    assert d.stop() == 0  # a clean stop takes its warm workers with it
+    assert not list((home / "warm").glob("*/*.ready"))
     d = start_daemon(home, config="warm_workers: true\n", **SLOW)
-    ready = wait_for("a warm worker", lambda: sorted((home / "warm").glob("*.ready")), 30)
+    ready = wait_for("a warm worker", lambda: sorted((home / "warm").glob("*/*.ready")), 30)
     job = d.submit(fake_job(tmp_path))
     wait_for("a commit", lambda: (d.job(job)["last_committed_step"] or 0) >= 10, 30)
     pid = _worker_pid(d, job)

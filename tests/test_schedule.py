@@ -45,11 +45,18 @@ def test_slot_count(configured: int | None, gpus: list[int], slots: int) -> None
 
 
 @pytest.mark.parametrize(
-    ("enabled", "slots", "running", "warm"),
-    [(True, 1, 0, 1), (True, 1, 1, 0), (True, 4, 1, 3), (True, 2, 3, 0), (False, 4, 0, 0)],
+    ("enabled", "slots", "running", "likely", "warm"),
+    [
+        (True, 1, 0, ["a"], ["a"]),
+        (True, 1, 1, ["a"], []),
+        (True, 4, 1, ["a", "b"], ["a", "b", "a"]),  # free slots go round the likely owners
+        (True, 2, 3, ["a"], []),
+        (False, 4, 0, ["a"], []),
+        (True, 4, 0, [], []),  # nobody likely: no warm worker, never one as the daemon's user
+    ],
 )
-def test_warm_wanted(enabled: bool, slots: int, running: int, warm: int) -> None:
-    assert warm_wanted(enabled, slots, running) == warm
+def test_warm_wanted(enabled: bool, slots: int, running: int, likely: list[str], warm: list[str]) -> None:
+    assert warm_wanted(enabled, slots, running, likely) == warm
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from ckptd.daemon.client import Client
@@ -458,9 +459,19 @@ def test_a_file_moved_into_the_spool_by_another_user_never_runs_as_its_owner(
 def test_a_warm_worker_becomes_the_submitter_before_it_runs_the_job(
     daemon: DaemonProc, users: tuple[Owner, Owner], base: Path
 ) -> None:
-    """Warm workers start as the daemon's user (root); the hand-over makes one the owner."""
+    """Warm workers wait as the user whose job will take them, never as root with the daemon's
+    capabilities (issue 25): a user's first job starts cold, the next one takes a warm worker."""
     a, _ = users
+    first = _owned_file(_owned_dir(base / "a-cold", a) / "job.yaml", _job_text("cold"), a)
+    assert _wait_end(daemon, _submit(daemon, a, first)["ok"]["job"]["id"])["state"] == "succeeded"
     wait_for("a warm worker", lambda: daemon.api("GET", "/v1/health")["warm_workers"] > 0, 60)
+    pool = str(daemon.home / "warm")
+    waiting = [
+        p
+        for p in psutil.process_iter(["cmdline", "uids", "cwd"])
+        if "--warm" in (p.info["cmdline"] or []) and (p.info["cwd"] or "").startswith(pool)
+    ]
+    assert waiting and all(p.info["uids"].real == p.info["uids"].effective == a.uid for p in waiting)
     job = _owned_file(_owned_dir(base / "a-warm", a) / "job.yaml", _job_text("warm"), a)
     job_id = _submit(daemon, a, job)["ok"]["job"]["id"]
     end = _wait_end(daemon, job_id)
