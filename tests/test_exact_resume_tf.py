@@ -242,3 +242,34 @@ def test_custom_loop_saves_on_ctrl_c_and_resumes_with_zero_lost_steps(tmp_path: 
     assert st["state"] == "succeeded"
     assert st["attempt_list"][-1]["restored_step"] == preempted["step"]
     assert final_state_hash(run) == final_state_hash(_clean_run(tmp_path, "custom_loop"))
+
+
+def _epoch_end_job(tmp: Path, extra: str = "") -> Path:
+    """The custom loop with a commit due on every epoch's last step (20 steps an epoch)."""
+    job = _job(tmp, "custom_loop")
+    job.write_text(job.read_text().replace("every_steps: 15", "every_steps: 20") + extra)
+    return job
+
+
+def test_custom_loop_commit_on_an_epochs_last_step_resumes_bit_identical(tmp_path: Path) -> None:
+    """Issue 26: the commit at step 20 is taken in step_done, before epoch_done; the resumed
+    program runs no batch of epoch 0 and must still end its epoch (and the run) exactly."""
+    clean = _clean_run(tmp_path, "custom_loop")
+    killed = _run(tmp_path / "killed", _epoch_end_job(tmp_path), faults="sigkill_at_step=25,attempt=1")
+    attempts = status(tmp_path / "killed", killed.name)["attempt_list"]
+    assert [a["class"] for a in attempts] == ["killed", "succeeded"]
+    assert attempts[1]["restored_step"] == 20
+    assert final_state_hash(killed) == final_state_hash(clean)
+    assert (killed / "history.csv").read_text() == (clean / "history.csv").read_text()
+
+
+def test_custom_loop_sigterm_on_an_epochs_last_step_resumes_bit_identical(tmp_path: Path) -> None:
+    """A preemption landing on epoch 0's last step commits there and resumes into epoch_done."""
+    clean = _clean_run(tmp_path, "custom_loop")
+    extra = f"params: {{sigterm_at_step: 20, marker: {tmp_path / 'sigterm-sent'}}}\n"
+    run = _run(tmp_path / "term", _epoch_end_job(tmp_path, extra))
+    attempts = status(tmp_path / "term", run.name)["attempt_list"]
+    assert [a["class"] for a in attempts] == ["preempted", "succeeded"]
+    assert attempts[1]["restored_step"] == 20
+    assert final_state_hash(run) == final_state_hash(clean)
+    assert (run / "history.csv").read_text() == (clean / "history.csv").read_text()

@@ -128,6 +128,13 @@ class Session:
         return int(self.ck.c.step_in_epoch.numpy())
 
     @property
+    def logs(self) -> dict[str, float]:
+        """The figures the last `step_done` reported, also across a restart: a commit taken on an
+        epoch's last step resumes with no batch left in that epoch, so the epoch-end code must
+        take its figures from here, not from the loop's own variables (unset then)."""
+        return dict(self.ck.last_logs)
+
+    @property
     def should_stop(self) -> bool:
         """Early stopping decided to stop (check it after `epoch_done`)."""
         return self.host.stopped_early
@@ -187,8 +194,10 @@ class DetachedSession:
     def __init__(self) -> None:
         self.step = self.epoch = self.step_in_epoch = 0
         self.should_stop = False
+        self.logs: dict[str, float] = {}
 
     def step_done(self, **logs: Any) -> None:
+        self.logs = floats(logs)
         self.step += 1
         self.step_in_epoch += 1
 

@@ -15,10 +15,12 @@ Changes from the original, and why:
   generates uint8 (n, 28, 28) "digits" from a fixed numpy seed (ten blurry prototypes plus noise).
   Sizes: 6,000 train images with the last 1,000 reserved for validation (the original: 60,000 and
   10,000), 157 steps an epoch, 2 epochs as in the original.
-- ckptd: `sess = ckptd.session(model=model, optimizer=optimizer)` restores the newest commit; the
+- ckptd: `sess = ckptd.session(model=model, optimizer=optimizer, accuracy=train_acc_metric)` restores the newest commit; the
   loop runs `for epoch in range(sess.epoch, epochs)`, takes its batches from `batches(epoch,
   sess.step_in_epoch)`, and calls `sess.step_done(...)` after each step, `sess.epoch_done(...)`
-  after each epoch and `sess.finish()` at the end. `batches()` gives every epoch its own seeded
+  after each epoch with the epoch's figures (the loss from `sess.logs`: a run resumed from a commit
+  taken on an epoch's last step runs no batch of that epoch, so the loop's own `loss_value` is
+  unset there) and `sess.finish()` at the end. `batches()` gives every epoch its own seeded
   shuffle (`seed=epoch`) and skips the batches already taken: a restarted program must see the
   same batches as an uninterrupted one, which the original's unseeded, reshuffle-each-iteration
   `train_dataset` cannot promise when the loop starts again at a later epoch.
@@ -34,7 +36,7 @@ import tensorflow as tf
 import keras
 import numpy as np
 
-import ckptd.worker.api as ckptd
+import ckptd
 
 
 def load_data(n_train=6000, n_test=1000, seed=784):
@@ -153,6 +155,6 @@ for epoch in range(sess.epoch, epochs):
     val_acc_metric.reset_state()
     print(f"Validation acc: {float(val_acc):.4f}")
     print(f"Time taken: {time.time() - start_time:.2f}s")
-    sess.epoch_done({"loss": float(loss_value), "acc": float(train_acc), "val_acc": float(val_acc)})
+    sess.epoch_done({"loss": sess.logs["loss"], "acc": float(train_acc), "val_acc": float(val_acc)})
 
 sess.finish()

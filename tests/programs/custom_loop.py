@@ -2,11 +2,15 @@
 with ckptd.session: Dropout, unseeded keras.random in the step, a metric object, data resumed
 at (epoch, step_in_epoch)."""
 
+import os
+import signal
+from pathlib import Path
+
 import keras
 import numpy as np
 import tensorflow as tf
 
-import ckptd.worker.api as ckptd
+import ckptd
 
 rng = np.random.default_rng(0)
 x = rng.normal(size=(640, 8)).astype("float32")
@@ -30,12 +34,23 @@ def train_step(xb, yb):
     return loss
 
 
+def sigterm_once(step):
+    """params `sigterm_at_step` + `marker`: SIGTERM this worker once, before that step's
+    step_done (a preemption landing on exactly that step)."""
+    p = ckptd.params()
+    if p.get("sigterm_at_step") == step and not Path(p["marker"]).exists():
+        Path(p["marker"]).touch()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 sess = ckptd.session(model=model, optimizer=optimizer, accuracy=accuracy)  # ckptd
 for epoch in range(sess.epoch, 4):  # ckptd: was range(epochs)
     ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(1024, seed=epoch).batch(32)
     for xb, yb in ds.skip(sess.step_in_epoch):  # ckptd: skip the batches already taken
         loss = train_step(xb, yb)
+        sigterm_once(sess.step + 1)
         sess.step_done(loss=float(loss))  # ckptd
-    sess.epoch_done({"loss": float(loss), "accuracy": float(accuracy.result())})  # ckptd
+    # ckptd: the epoch's figures from the session (a resume may start after the epoch's last step)
+    sess.epoch_done({"loss": sess.logs["loss"], "accuracy": float(accuracy.result())})
     accuracy.reset_state()
 sess.finish()  # ckptd
