@@ -23,8 +23,9 @@ from ckptd.state.protocol import CHECK_ENV
 from ckptd.worker import api
 from ckptd.worker.checkpointing import Preempted
 from ckptd.worker.entry import ConfigError
+from ckptd.worker.loop import report_exactness
 from ckptd.worker.runtime import Beater, StopFlag
-from ckptd.worker.setup import CheckDone, make_loop
+from ckptd.worker.setup import CheckDone, make_loop, session_causes
 from ckptd.worker.writer import Writer
 
 
@@ -67,14 +68,9 @@ class ScriptRunner(api.Runner):
         from ckptd.worker.session import Session
 
         self._once("ckptd.session")
+        causes = session_causes(self.spec)
         if os.environ.get(CHECK_ENV):
-            raise CheckDone(
-                [
-                    "custom training loop: the data position is the program's own "
-                    "(resume it from sess.epoch and sess.step_in_epoch); ckptd checks "
-                    "the state it saves, not the loop's data"
-                ]
-            )
+            raise CheckDone(causes)
         if not trackables:
             raise ConfigError(
                 "ckptd.session() needs the objects to checkpoint, e.g. "
@@ -82,6 +78,7 @@ class ScriptRunner(api.Runner):
             )
         self.loop = Session(self.spec, self.run, trackables, self.beater, self.stop, self.writer)
         self.start(self.loop)
+        report_exactness(self.loop.event, causes)  # the run says what validate --build says
         return self.loop
 
 

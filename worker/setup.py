@@ -101,15 +101,16 @@ def exactness_causes(spec: JobSpec, data: Any, step_fn: Any) -> list[str]:
     """Why a resumed run of this job might not end bit-identical to an uninterrupted one:
     ckptd says so at start-up instead of differing silently."""
     from ckptd.worker import exactness
+    from ckptd.worker.data import Batches
     from ckptd.worker.fitdata import DatasetSource, FitData, PySource
 
-    causes = []
-    if not spec.train.deterministic:
-        causes.append(
-            "train.deterministic is false: TensorFlow may pick non-deterministic "
-            "kernels, so recomputed steps can differ in the last bits"
-        )
+    causes = spec_causes(spec)
     sources = [data.train, data.validation] if isinstance(data, FitData) else []
+    if isinstance(data, Batches) and data.dataset_mode:
+        # ckptd batches and shuffles these itself, but the program's own pipeline functions
+        # (a generator, Python, a random layer in ds.map) still run per element; no pipeline
+        # state is restored on this route.
+        causes += exactness.dataset_risks(data.ds.batch(spec.train.batch_size))
     for source in sources:
         if isinstance(source, DatasetSource):
             causes += exactness.dataset_risks(source.ds, state_restored=source.state.all_integer)
@@ -117,3 +118,24 @@ def exactness_causes(spec: JobSpec, data: Any, step_fn: Any) -> list[str]:
             causes += exactness.python_data_risks(source.ds)
     causes += exactness.graph_risks(step_fn)
     return list(dict.fromkeys(causes))
+
+
+def spec_causes(spec: JobSpec) -> list[str]:
+    """The causes the job file alone implies, whatever the program does."""
+    if spec.train.deterministic:
+        return []
+    return [
+        "train.deterministic is false: TensorFlow may pick non-deterministic "
+        "kernels, so recomputed steps can differ in the last bits"
+    ]
+
+
+def session_causes(spec: JobSpec) -> list[str]:
+    """Why a custom loop's (ckptd.session) resume might not be exact: one list for
+    `validate --build` and for the run's exactness.warning events alike."""
+    return [
+        *spec_causes(spec),
+        "custom training loop: the data position is the program's own "
+        "(resume it from sess.epoch and sess.step_in_epoch); ckptd checks "
+        "the state it saves, not the loop's data",
+    ]
