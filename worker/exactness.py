@@ -269,7 +269,8 @@ def _determinism_risks(graph_def: GraphDef) -> list[str]:
 def dataset_risks(ds: tf.data.Dataset, state_restored: bool = False) -> list[str]:
     """One sentence per cause that makes ckptd's resume of this (batched) dataset inexact.
 
-    Exact, hence not reported: shuffle with or without a seed, reshuffle_each_iteration either way,
+    Exact, hence not reported: shuffle with or without a seed, reshuffle_each_iteration either way
+    (ckptd.worker.fitdata and ckptd.worker.data replay the iterator creations before a resumed pass),
     Dataset.random / sample_from_datasets, legacy random ops (tf.random.uniform) and stateless ops in map,
     parallel map, interleave(deterministic=False) under op determinism, in-memory cache."""
     try:
