@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import pytest
 
-from ckptd.worker.saveschedule import Due, interval_due, when_due
+from ckptd.state.jobspec import Checkpoint
+from ckptd.state.protocol import Event
+from ckptd.worker.checkpointing import Saved
+from ckptd.worker.saveschedule import Due, SaveSchedule, interval_due, when_due
+
+if TYPE_CHECKING:
+    from ckptd.worker.checkpointing import Checkpointing
 
 
 @pytest.mark.parametrize(
@@ -42,3 +50,83 @@ def test_interval_due(
 )
 def test_when_due(step_in_epoch: int, epoch_steps: int | None, pending: bool, where: Due) -> None:
     assert when_due(step_in_epoch, epoch_steps, pending) is where
+
+
+class _Meter:
+    def step(self, seconds: float, in_flight: bool) -> None:
+        pass
+
+    def stalled(self, seconds: float) -> None:
+        pass
+
+
+class _Writer:
+    """One save in flight at a time; the test frees it."""
+
+    def __init__(self) -> None:
+        self.in_flight: int | None = None
+        self.meter = _Meter()
+
+    def busy(self) -> bool:
+        return self.in_flight is not None
+
+    def next_look(self, now: float, waiting: bool, poll: float) -> float:
+        return 0.0
+
+
+class _Ck:
+    """What SaveSchedule uses of Checkpointing: saves go to a writer the test frees."""
+
+    def __init__(self) -> None:
+        self.async_saver = _Writer()
+        self.stats: dict[str, float] = {"due": 0, "poll_seconds": 0.0}
+        self.step, self.committed_step, self.made = 0, None, 0
+        self.events: list[dict[str, object]] = []
+
+    def save(self, reason: str) -> Saved:
+        if self.async_saver.busy():
+            return Saved.BUSY
+        self.async_saver.in_flight, self.made = self.step, self.made + 1
+        return Saved.DONE
+
+    def drain_async(self, block: bool) -> bool:
+        return True
+
+    def event(self, kind: Event, **data: object) -> None:
+        self.events.append({"event": kind, **data})
+
+
+# ops: an int = one step taken (every step is due), "free" = the writer finishes its save,
+# "epoch" = the fit loop's epoch end, "close" = the final save comes next.
+@pytest.mark.parametrize(
+    ("ops", "epoch_steps", "made", "coalesced"),
+    [
+        ([1, "free", 2, "free", 3, "close"], None, 3, 0),  # a free writer: every due save made
+        ([1, 2, 3, "free", 4, "close"], None, 2, 2),  # 2 pending then taken late, 3 and 4 coalesced
+        ([1, 2, 3, "close"], None, 1, 2),  # 2 pending, 3 coalesced into it, then into the final
+        ([1, 2, "epoch", "close"], 2, 1, 1),  # due at the epoch end while 1 is in flight
+        ([1, "free", 2, "epoch", "close"], 2, 2, 0),  # the epoch end's save made
+        ([1, 2, "epoch", "free", 3, 4, "epoch", "close"], 2, 2, 2),
+    ],
+)
+def test_every_due_save_is_made_or_reported(
+    ops: list[int | str], epoch_steps: int | None, made: int, coalesced: int
+) -> None:
+    ck = _Ck()
+    sched = SaveSchedule(Checkpoint(every_steps=1, every_seconds=None), cast("Checkpointing", ck))
+    sched.epoch_steps = epoch_steps
+    for op in ops:
+        if op == "free":
+            ck.async_saver.in_flight = None
+            sched.after_step(0.0)
+        elif op == "epoch":
+            sched.epoch_recorded()
+        elif op == "close":
+            sched.closing()
+        else:
+            ck.step = int(op)
+            sched.interval(ck.step, (ck.step - 1) % (epoch_steps or 10**9) + 1)
+    reported = sum(int(str(e["coalesced"])) for e in ck.events)
+    assert (ck.made, reported) == (made, coalesced)
+    assert ck.made + reported == ck.stats["due"]
+    assert all(e["event"] == Event.CHECKPOINT_COALESCED for e in ck.events)

@@ -406,6 +406,7 @@ class Checkpointing:
             # chief inside a collective before it saved: it trains on until the chief has left
             # and the supervisor (or srun) ends it.
             return
+        self.schedule.closing()  # a pending interval save is coalesced into this one
         if self.dirty:
             self.save("preempted")
         self.drain_async(block=True)
@@ -414,6 +415,7 @@ class Checkpointing:
 
     def finish(self) -> None:
         """The final commit (if anything changed since the last one), waited for."""
+        self.schedule.closing()
         if self.dirty:
             self.save("final")
         self.drain_async(block=True)

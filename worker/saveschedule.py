@@ -8,7 +8,10 @@
 - In async mode a save due while the previous one is still being written is pending: the step
   loop looks at the writer now and then and takes it as soon as the writer is free. Saves that
   fall due meanwhile coalesce into that one; ckptd says so (`checkpoint.coalesced`: the interval
-  asked for and the one achieved), because the job file's interval was not met.
+  asked for and the one achieved), because the job file's interval was not met. Every due save
+  is made, failed (`checkpoint.failed`) or coalesced: also one due at an epoch end while another
+  is pending, and one still pending when the final or preemption save takes its place; the
+  reports are throttled to one a minute, and the last ones go out before that final save.
 - `every_steps: auto`: every step is due, and the writer's pacing (ckptd.state.pacing) decides.
 
 Benchmarks switch interval saves off and on with `set_enabled` (bench/ab_loop.py).
@@ -58,6 +61,11 @@ def when_due(step_in_epoch: int, epoch_steps: int | None, pending: bool) -> Due:
     return Due.PENDING if pending else Due.NOW
 
 
+def _asked(spec: Checkpoint) -> str:
+    parts = [f"{spec.every_steps} steps"] if isinstance(spec.every_steps, int) else []
+    return " or ".join(parts + ([f"{spec.every_seconds:g} s"] if spec.every_seconds else [])) or "?"
+
+
 class SaveSchedule:
     def __init__(self, spec: Checkpoint, ck: Checkpointing) -> None:
         self.spec, self.ck = spec, ck
@@ -93,16 +101,30 @@ class SaveSchedule:
             self.due_at_epoch_end = True
         elif where is Due.NOW:
             self._take()
-        elif self.spec.every_steps != "auto":  # pacing holds saves back on purpose: not news
-            self.coalesced += 1
+        else:
+            self._coalesce()
         self.last_save = time.monotonic()
 
     def epoch_recorded(self) -> None:
         """The fit loop's epoch end is complete: the save due on its last step is taken now."""
         if self.due_at_epoch_end:
             self.due_at_epoch_end = False
-            if not self.pending:
+            if self.pending:
+                self._coalesce()
+            else:
                 self._take()
+
+    def closing(self) -> None:
+        """The final or preemption save comes next: a save still pending is coalesced into it,
+        and what was coalesced since the last report is reported now, unthrottled."""
+        if self.pending:
+            self.pending = False
+            self._coalesce()
+        self._report_coalesced(final=True)
+
+    def _coalesce(self) -> None:
+        if self.spec.every_steps != "auto":  # pacing holds saves back on purpose: not news
+            self.coalesced += 1
 
     def _take(self) -> None:
         from ckptd.worker.checkpointing import Saved
@@ -118,29 +140,32 @@ class SaveSchedule:
         if outcome is Saved.DONE:
             self._report_coalesced()
 
-    def _report_coalesced(self) -> None:
+    def _report_coalesced(self, final: bool = False) -> None:
         """The interval the job asked for was not met: say what was achieved (at once the
-        first time, then at most once a minute)."""
+        first time, then at most once a minute, and before the final save)."""
         step, now = self.ck.step, time.monotonic()
         since, self._taken_step = self._taken_step, step
-        if not self.coalesced or since is None:
+        if not self.coalesced:
             return
-        if self._reported_at is not None and now - self._reported_at < REPORT_SECONDS:
+        if since is None:  # nothing taken yet in this attempt: since the restored commit
+            since = self.ck.committed_step or 0
+        if not final and self._reported_at is not None and now - self._reported_at < REPORT_SECONDS:
             return
-        asked = self.spec.every_steps
+        asked = _asked(self.spec)
         self.ck.event(
             Event.CHECKPOINT_COALESCED,
             step=step,
             since_step=since,
-            asked_every_steps=asked,
+            asked_every_steps=self.spec.every_steps,
+            asked_every_seconds=self.spec.every_seconds,
             coalesced=self.coalesced,
-            reason=f"asked for a commit every {asked} steps, achieved {step - since} (the writer "
+            reason=f"asked for a commit every {asked}, achieved {step - since} steps (the writer "
             f"could not keep up: {self.coalesced} save(s) coalesced); a faster disk, a longer "
             "interval, or every_steps: auto",
         )
         if self._reported_at is None:
             print(
-                f"ckptd: checkpoint interval not met: every {asked} steps asked, {step - since} "
+                f"ckptd: checkpoint interval not met: every {asked} asked, {step - since} steps "
                 "achieved (saves coalesced while the writer was busy)",
                 file=sys.stderr,
                 flush=True,
