@@ -77,14 +77,27 @@ def test_enospc_on_a_full_tmpfs(tmp_path: Path) -> None:
     assert failed[0]["step"] > failed[0]["committed_step"]  # the previous commit stayed
 
 
-def test_a_full_disk_at_epoch_ends_and_the_final_save_waits_then_resumes(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("mode", "writer"),
+    [
+        ("sync", ""),
+        ("async", "process"),  # the default: below 64 MiB the writer is a process
+        pytest.param("async", "thread", marks=pytest.mark.conformance),  # large states' writer
+    ],
+)
+def test_a_full_disk_at_epoch_ends_and_the_final_save_waits_then_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, writer: str
+) -> None:
     """Checkpoints and best files on a tmpfs that fills up: epoch ends carry on (the best file
     is reported not written), the final save that must succeed ends the attempt disk_full, which
     waits without spending the restart budget (max_restarts: 1), and when space is back the job
-    resumes from its last commit and finishes."""
+    resumes from its last commit and finishes. Async final saves ended `crash` (the writer's
+    ENOSPC was not passed on) and crash-looped the job (issue 25)."""
+    if writer == "thread":
+        monkeypatch.setenv("CKPTD_THREAD_WRITER_BYTES", "1")
     ck = tmp_path / "tinyfs"
     ck.mkdir()
-    job = write_job(tmp_path, name="diskfull2", epochs=3)
+    job = write_job(tmp_path, name="diskfull2", epochs=3, mode=mode)
     job.write_text(
         job.read_text()
         .replace("checkpoint: {", f"checkpoint: {{dir: {ck}/ck, ")
@@ -112,6 +125,7 @@ def test_a_full_disk_at_epoch_ends_and_the_final_save_waits_then_resumes(tmp_pat
     assert rc == 0, out
     st = status(home, run.name)
     assert st["state"] == "succeeded", st
+    assert {a["class"] for a in st["attempt_list"][:-1]} == {"disk_full"}, st["attempt_list"]
     assert any(e["event"] == "output.failed" and e["what"] == "best" for e in events(run))
     committed = [e for e in events(run) if e["event"] == "checkpoint.committed"]
     assert committed[-1]["step"] == 156

@@ -98,6 +98,7 @@ class Checkpointing:
             "steps": 0,
         }
         self.dirty = False
+        self.last_failure = ""  # the writer's error for the last save that failed
         self.last_logs: dict[str, float] = {}
         # State kept outside TF variables, written into the checkpoint's variables per save.
         self.before_save: list[Callable[[], None]] = [self.host_random.capture]
@@ -309,8 +310,8 @@ class Checkpointing:
         )
         self.dirty = False
         if reason != "interval" and not self.drain_async(block=True):
-            if not saver.died():
-                raise SaveFailed(f"the {reason} checkpoint was not committed")
+            if not saver.died():  # its cause (ENOSPC: disk_full) goes with it, to be classified
+                raise SaveFailed(f"the {reason} checkpoint was not committed: {self.last_failure}")
             self._save(reason)  # the writer died under it (OOM killer): the save must still land
         return True
 
@@ -330,6 +331,7 @@ class Checkpointing:
             self._committed(m, reply["reason"], reply["seconds"], [Manifest(**r) for r in reply["retired"]])
             return True
         self.dirty = True
+        self.last_failure = reply["error"]
         self.event(
             Event.CHECKPOINT_FAILED,
             step=reply["step"],
