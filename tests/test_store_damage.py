@@ -20,7 +20,9 @@ from ckptd.state.jobfile import load_job_file
 from ckptd.state.states import JobState
 from ckptd.state.store import Store, StoreError
 
-from .conftest import write_job
+from .conftest import ckptd_cmd, write_job
+from .daemonproc import daemon_env, start_daemon
+from .procs import wait_for
 
 
 def _digest(path: Path) -> str:
@@ -167,3 +169,45 @@ exec {sys.executable} -m ckptd.daemon --home {home} status --json
     )
     assert r.returncode == 0, r.stderr
     assert "full-disk-job" in r.stdout
+
+
+def test_the_daemon_refuses_to_start_on_a_file_that_is_not_a_store(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "ckptd.db").write_bytes(b"x")
+    r = subprocess.run(
+        ckptd_cmd("--home", str(home), "daemon"),
+        env=daemon_env(home),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode != 0
+    said = [line for line in r.stderr.splitlines() if "not an SQLite database" in line]
+    assert len(said) == 1 and str(home / "ckptd.db") in said[0], r.stderr
+    assert (home / "ckptd.db").read_bytes() == b"x"
+    assert not (home / "ckptd.db-wal").exists() and not (home / "ckptd.db-shm").exists()
+
+
+def test_the_daemon_warns_at_start_of_run_directories_the_store_forgot(tmp_path: Path) -> None:
+    """The cut-WAL case: every acknowledged job's run directory exists, the store lost some."""
+    home = tmp_path / "home"
+    ids = _jobs(home, 3)
+    store = Store.open(home)
+    with store.write() as db:  # what a lost WAL does: the rows are gone, the directories stay
+        for job_id in ids[1:]:
+            db.execute("DELETE FROM submissions WHERE job_id = ?", (job_id,))
+            db.execute("DELETE FROM events WHERE job_id = ?", (job_id,))
+            db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+    store.close()
+    d = start_daemon(home)
+    try:
+        line = wait_for(
+            "the orphan warning",
+            lambda: next((ln for ln in d.output().splitlines() if "store.orphan_runs" in ln), None),
+            30,
+        )
+    finally:
+        d.stop()
+    assert '"count": 2' in line, line
+    assert all(job_id in line for job_id in ids[1:]) and ids[0] not in line, line
