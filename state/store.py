@@ -13,6 +13,7 @@ import os
 import sqlite3
 import stat
 import time
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -194,18 +195,22 @@ def _refuse_unusable(path: Path) -> None:
 
 class Store:
     def __init__(self, path: Path, check: bool = True, threads: bool = False, readonly: bool = False) -> None:
-        """`readonly`: a reader (ckptd status) that may fall back to a frozen copy on a full disk."""
-        self.path, self.check = path, check
+        """`readonly`: a reader (ckptd status) that never writes the store: opened with SQLite's
+        mode=ro, it neither migrates nor checkpoints a crashed writer's WAL into ckptd.db at close;
+        on a full disk it may fall back to a frozen copy."""
+        self.path, self.check, self.readonly = path, check, readonly
         path.parent.mkdir(parents=True, exist_ok=True)
         _refuse_unusable(path)
         try:
             # threads=True: a pooled connection, used by one thread at a time but not always the same.
-            _private(path)
+            if not readonly:
+                _private(path)
             fresh = not path.exists()
             old_umask = os.umask(0o027) if fresh else None  # born private (see _private)
+            target = f"file:{urllib.parse.quote(str(path))}?mode=ro" if readonly else str(path)
             try:
                 self._db = sqlite3.connect(
-                    path, timeout=10.0, isolation_level=None, check_same_thread=not threads
+                    target, timeout=10.0, isolation_level=None, check_same_thread=not threads, uri=readonly
                 )
             finally:
                 if old_umask is not None:
@@ -266,6 +271,11 @@ class Store:
             raise sqlite3.DatabaseError(f"store schema {version} is newer than this ckptd ({SCHEMA_VERSION})")
         if version == SCHEMA_VERSION:
             return  # nothing to migrate: a reader (ckptd status) writes nothing, even on a full disk
+        if self.readonly:
+            raise sqlite3.DatabaseError(
+                f"store schema {version} is older than this ckptd's ({SCHEMA_VERSION}) and a reader "
+                "does not update it: start the daemon (or ckptd run) once, then ask again"
+            )
         with self.write():
             if 0 < version < 3:  # keys become per owner; the owner's gid and groups are kept
                 db.execute("ALTER TABLE submissions RENAME TO submissions_v2")

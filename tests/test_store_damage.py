@@ -211,3 +211,23 @@ def test_the_daemon_warns_at_start_of_run_directories_the_store_forgot(tmp_path:
         d.stop()
     assert '"count": 2' in line, line
     assert all(job_id in line for job_id in ids[1:]) and ids[0] not in line, line
+
+
+def test_a_reader_never_writes_the_store(tmp_path: Path) -> None:
+    """A writer that died with its jobs in the WAL: a reader sees them, and does not checkpoint
+    them into ckptd.db at close as a read-write connection would (its close writes)."""
+    home, image = tmp_path / "home", tmp_path / "image"
+    store = Store.open(home)
+    store.query("PRAGMA wal_autocheckpoint = 0")
+    for i in range(30):
+        store.create_job(f"j{i}", "n", "{}", "d", "f", "r")
+    image.mkdir()
+    for name in ("ckptd.db", "ckptd.db-wal"):  # what a SIGKILLed daemon leaves
+        shutil.copy2(home / name, image / name)
+    store.close()
+    before = _digest(image / "ckptd.db")
+    reader = Store.open(image, readonly=True)
+    assert len(reader.jobs()) == 30
+    reader.close()
+    assert _digest(image / "ckptd.db") == before
+    assert (image / "ckptd.db-wal").stat().st_size > 0  # still there for the daemon to recover
