@@ -35,6 +35,7 @@ class AttemptClass(StrEnum):
     NAN_LOSS = "nan_loss"  # the loss or weights became non-finite (never committed)
     DISK_FULL = "disk_full"  # a save that had to succeed found no space: waits, then resumes
     PEER_LOST = "peer_lost"  # a gang member that died because another one did (never an attempt's)
+    RESOURCE_LIMIT = "resource_limit"  # no thread could be created (RLIMIT_NPROC, TasksMax): retried
 
 
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {

@@ -8,6 +8,7 @@ from typing import Any
 
 from ckptd.state import protocol as p
 from ckptd.state.safeopen import read_under
+from ckptd.supervisor import limits
 
 
 def file_size(path: Path) -> int:
@@ -18,11 +19,24 @@ def file_size(path: Path) -> int:
 
 
 def read_error(root: Path, path: Path) -> dict[str, Any]:
+    """The worker's error file; without one, what its stderr says of an abort the error file
+    could not record (a thread that could not be created: ckptd.supervisor.limits)."""
     try:
         data = json.loads(read_under(root, path, limit=p.MAX_RECORD))
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
+        pass
+    stderr = path.parent / "stderr.log"
+    try:
+        tail = read_under(root, stderr, offset=max(0, file_size(stderr) - limits.TAIL_BYTES)).decode(
+            errors="replace"
+        )
+    except OSError:
         return {}
+    line = limits.thread_abort(tail)
+    if line is None:
+        return {}
+    return {"type": limits.THREAD_ABORT, "message": f"{line}; {limits.in_force(limits.own_pids_cgroup())}"}
 
 
 def error_summary(err: dict[str, Any]) -> str | None:

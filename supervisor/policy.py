@@ -14,6 +14,7 @@ from enum import StrEnum
 from ckptd.state import protocol as p
 from ckptd.state.jobspec import Restart
 from ckptd.state.states import AttemptClass as C
+from ckptd.supervisor.limits import THREAD_ABORT
 
 CRASH_LOOP_REPEATS = 3
 _GPU_FAULT = re.compile(
@@ -112,6 +113,8 @@ def _classify(o: ExitObservation) -> tuple[C, str]:
             return C.KILLED, "SIGKILL without evidence of an out-of-memory kill"
         if o.signal in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             return C.KILLED, f"{name} before the worker could save"
+        if o.error_type == THREAD_ABORT:  # its stderr: a thread could not be created
+            return C.RESOURCE_LIMIT, f"died of {name}: {o.error_message}"
         return C.CRASH, f"died of {name}"
     codes = {  # EXIT_OK is decided first, above
         p.EXIT_PREEMPTED: (C.PREEMPTED, "saved a checkpoint on request and stopped"),
@@ -192,7 +195,7 @@ def backoff(failures: int, policy: Restart, jitter: float) -> float:
 
 # Endings that say nothing about the job's own code: they spend the restart budget, never make
 # a crash loop (a loaded box killing slow starters three times is not a deterministic failure).
-NOT_DETERMINISTIC = frozenset({C.KILLED, C.LOST, C.PREEMPTED, C.DISK_FULL})
+NOT_DETERMINISTIC = frozenset({C.KILLED, C.LOST, C.PREEMPTED, C.DISK_FULL, C.RESOURCE_LIMIT})
 
 
 def _crash_loop(history: list[AttemptOutcome]) -> bool:

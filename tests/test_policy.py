@@ -22,6 +22,11 @@ from ckptd.supervisor.policy import (
 
 CLASSIFY = [
     (ExitObservation(0, None), C.SUCCEEDED),
+    (
+        ExitObservation(None, 6, "ThreadCreationFailed", "std::system_error ... Resource temporarily"),
+        C.RESOURCE_LIMIT,
+    ),
+    (ExitObservation(None, 6), C.CRASH),  # an abort with no such evidence stays a crash
     (ExitObservation(p.EXIT_PREEMPTED, None), C.PREEMPTED),
     (ExitObservation(p.EXIT_CONFIG, None, "ConfigError", "model: no build"), C.CONFIG_ERROR),
     (ExitObservation(p.EXIT_LOCKED, None), C.CONFIG_ERROR),
@@ -117,6 +122,8 @@ DECIDE = [
     ([A(C.GPU_FAULT, last=9)], Action.RESTART),
     ([A(C.HANG, last=9)], Action.RESTART),
     ([A(C.HOST_OOM, last=9)], Action.RESTART),
+    # no thread could be created (a busy box's limits): retried, not deterministic
+    ([A(C.RESOURCE_LIMIT, 100, 100, 120)] * 2, Action.RESTART),
     # Kills before the first step (a slow start on a loaded box) are no crash loop: the budget
     # decides (3 failures > max_restarts 2 here, so FAIL by budget; see the reason test below).
     ([A(C.KILLED)] * 2, Action.RESTART),
