@@ -13,7 +13,7 @@ import pytest
 from ckptd.state.store import Store
 
 from .conftest import CSV, EXAMPLE, GOLDEN_EPOCHS, ckptd_cmd, write_job
-from .daemonproc import daemon_env, start_daemon
+from .daemonproc import DaemonProc, daemon_env, start_daemon
 from .procs import events, final_state_hash, wait_for
 
 pytestmark = pytest.mark.tf
@@ -68,17 +68,24 @@ def test_stop_resume_export(tmp_path: Path, golden: dict[str, str]) -> None:
     assert all(0.5 <= float(v) <= 1.0 for v in out[-2:]), out
 
 
+def _warm_for_a_likely_user(d: DaemonProc, tmp_path: Path) -> list[Path]:
+    """Warm workers wait as the user of a likely job (issue 25): a first job of this user makes
+    one likely; then a warm worker with TensorFlow imported, as that user, is ready."""
+    first = d.submit(write_job(tmp_path / "first", name="first", epochs=1))
+    assert d.wait_state(first, "succeeded", "failed", timeout=180)["state"] == "succeeded"
+    return list(
+        wait_for("a warm worker with TensorFlow imported", lambda: sorted(d.home.glob("warm/*/*.ready")), 120)
+    )
+
+
 def test_a_warm_worker_takes_the_next_job_and_none_outlives_the_daemon(tmp_path: Path) -> None:
     """One warm worker per free slot: the job's first attempt runs in it (no TensorFlow import
     on the critical path), a new one is started once the slot is free again, and stopping the
     daemon leaves no warm worker behind."""
     home = tmp_path / "home"
-    warm_dir = home / "warm"
     d = start_daemon(home, fake=False, config="warm_workers: true\n")
     try:
-        first = wait_for(
-            "a warm worker with TensorFlow imported", lambda: sorted(warm_dir.glob("*.ready")), 120
-        )
+        first = _warm_for_a_likely_user(d, tmp_path)
         warm_pid = int(first[0].name.split(".")[0])
         t0 = time.monotonic()
         job = d.submit(write_job(tmp_path, epochs=2))
@@ -92,7 +99,7 @@ def test_a_warm_worker_takes_the_next_job_and_none_outlives_the_daemon(tmp_path:
         assert "worker.warm_assigned" in d.output()
         again = wait_for(
             "a new warm worker for the free slot",
-            lambda: [p for p in warm_dir.glob("*.ready") if p != first[0]],
+            lambda: [p for p in home.glob("warm/*/*.ready") if p != first[0]],
             120,
         )
         assert d.api("GET", "/v1/health")["warm_workers"] == 1
@@ -119,7 +126,7 @@ def test_a_warm_workers_import_is_not_charged_to_the_job(tmp_path: Path, enforce
     limit = 300 * 2**20
     d = start_daemon(home, fake=False, config="warm_workers: true\n", **extra)
     try:
-        ready = wait_for("a warm worker", lambda: sorted((home / "warm").glob("*.ready")), 120)
+        ready = _warm_for_a_likely_user(d, tmp_path)
         imported = psutil.Process(int(ready[0].name.split(".")[0])).memory_info().rss
         assert imported > limit, imported  # else this test proves nothing
         job = d.submit(write_job(tmp_path, epochs=1, extra="resources: {memory_limit: 300MiB}\n"))
