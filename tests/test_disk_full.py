@@ -50,10 +50,23 @@ def _fill(path: Path) -> None:
             pass
 
 
-def test_enospc_on_a_full_tmpfs(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("mode", "writer"),
+    [
+        ("async", "process"),  # the default: below 64 MiB the writer is a process
+        pytest.param("sync", "", marks=pytest.mark.conformance),
+        pytest.param("async", "thread", marks=pytest.mark.conformance),  # large states' writer
+    ],
+)
+def test_enospc_on_a_full_tmpfs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, writer: str
+) -> None:
+    """Interval saves on a full disk fail, training carries on, later saves commit again."""
+    if writer == "thread":
+        monkeypatch.setenv("CKPTD_THREAD_WRITER_BYTES", "1")
     ck = tmp_path / "tinyfs"
     ck.mkdir()
-    job = write_job(tmp_path, name="diskfull", epochs=3)
+    job = write_job(tmp_path, name="diskfull", epochs=3, mode=mode)
     job.write_text(job.read_text().replace("checkpoint: {", f"checkpoint: {{dir: {ck}, "))
     home = tmp_path / "home"
     proc = _run_on_tmpfs(home, ck, job, "1m", "step_delay=0.03")
