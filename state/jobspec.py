@@ -198,6 +198,9 @@ def parse_bytes(value: int | str) -> int:
 class Resources(_Strict):
     gpus: int = Field(0, ge=0, le=64)
     memory_limit: int | None = None  # bytes; the job file may say "8GiB"
+    # TensorFlow's intra-/inter-op pools (and a gang member's gRPC queues) per worker: `auto` is
+    # its CPU share, the CPUs it may run on divided among the gang's members on this host.
+    threads: Literal["auto"] | Annotated[int, Field(ge=1, le=1024)] = "auto"
 
     @field_validator("memory_limit", mode="before")
     @classmethod
@@ -232,7 +235,9 @@ class Distribute(_Strict):
     engine: Literal["local", "slurm"] = "local"
     # A member stuck in a collective gives up after this long. Only a backstop: ckptd's own
     # heartbeats find a stuck member first. Keep it longer than the slowest save or validation.
-    collective_timeout_seconds: float = Field(600.0, ge=10, le=86400)
+    # Off by default: TensorFlow gives every collective with a timeout its own thread sleeping
+    # that long, so a member holds (collectives per second x timeout) threads (issue 25).
+    collective_timeout_seconds: float | None = Field(None, ge=10, le=86400)
     # engine slurm: extra `srun` arguments, e.g. ["--partition=gpu", "--nodes=4",
     # "--ntasks-per-node=1", "--gpus-per-task=2"] (ckptd adds --ntasks, --kill-on-bad-exit and
     # a job name).

@@ -27,6 +27,7 @@ from ckptd.state.jobspec import JobSpec
 from ckptd.state.protocol import MEMBER_ENV, SLURM_PORT_BASE_ENV
 from ckptd.worker.entry import ConfigError
 from ckptd.worker.faults import Faults
+from ckptd.worker.runtime import ThreadPlan, members_here, thread_plan
 
 _strategy: tf.distribute.Strategy | None = None
 
@@ -42,12 +43,28 @@ def is_chief() -> bool:
     return member_index() == 0
 
 
+def configure_threads(spec: JobSpec) -> ThreadPlan:
+    """Before the first op: TensorFlow's pools sized to this worker's share of the CPUs
+    (resources.threads). The gRPC variables are read when a gang member's server starts (the
+    strategy's creation); one the operator set in the worker's environment wins."""
+    plan = thread_plan(spec.resources.threads, len(os.sched_getaffinity(0)), members_here(spec))
+    tf.config.threading.set_intra_op_parallelism_threads(plan.intra_op)
+    tf.config.threading.set_inter_op_parallelism_threads(plan.inter_op)
+    os.environ.setdefault("TF_GRPC_WORKER_CACHE_QUEUES", str(plan.grpc_queues))
+    os.environ.setdefault("TF_GRPC_WORKER_CACHE_THREADS", str(plan.grpc_threads))
+    return plan
+
+
 def configure_devices(spec: JobSpec) -> None:
-    """Before TensorFlow initialises its devices (the first op): the logical CPU devices a
-    mirrored job without GPUs asks for, and the job's strategy."""
+    """Before TensorFlow initialises its devices (the first op): its thread pools, the logical
+    CPU devices a mirrored job without GPUs asks for, and the job's strategy."""
     global _strategy
+    configure_threads(spec)
     if spec.distribute.strategy == "multi_worker":
-        # The cluster comes from TF_CONFIG (set by the engine that placed the members).
+        # The cluster comes from TF_CONFIG (set by the engine that placed the members). No
+        # timeout unless the job sets one: TensorFlow gives each collective with a timeout a
+        # thread that sleeps that long (base_collective_executor.cc), so a 600 s timeout held
+        # ~10 threads per step for 10 minutes and members aborted (EAGAIN, issue 25).
         timeout = tf.distribute.experimental.CommunicationOptions(
             timeout_seconds=spec.distribute.collective_timeout_seconds
         )

@@ -1,4 +1,5 @@
-"""Process plumbing of a worker: stop signals, the directory lock, heartbeats, the error file."""
+"""Process plumbing of a worker: stop signals, the directory lock, heartbeats, the error file,
+and how many threads TensorFlow may start."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ import socket
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Literal
 
 from ckptd.state.durable import atomic_write_text, write_nondurable
+from ckptd.state.jobspec import JobSpec
 from ckptd.state.protocol import ERROR_FILE, Heartbeat, Phase
 
 
@@ -36,6 +39,33 @@ class StopFlag:
     @property
     def requested(self) -> bool:
         return self.signum is not None
+
+
+@dataclass(frozen=True)
+class ThreadPlan:
+    """TensorFlow's thread pools for one worker. Left alone, each member of a gang on one host
+    sizes every pool to the whole box and its gRPC client keeps 64 completion queues with a
+    polling thread each (TF_GRPC_WORKER_CACHE_QUEUES): ~110 threads per member, most idle."""
+
+    intra_op: int
+    inter_op: int
+    grpc_queues: int  # TF_GRPC_WORKER_CACHE_QUEUES: one polling thread each
+    grpc_threads: int  # TF_GRPC_WORKER_CACHE_THREADS: the pool that runs their callbacks
+
+
+def members_here(spec: JobSpec) -> int:
+    """Workers of this job sharing this host's CPUs. Under Slurm each task's CPU affinity is
+    already its own share, so it counts as one."""
+    d = spec.distribute
+    if d.strategy == "multi_worker" and d.engine == "local":
+        return d.nodes or 1
+    return 1
+
+
+def thread_plan(setting: int | Literal["auto"], cpus: int, members: int) -> ThreadPlan:
+    """`resources.threads`: a number as given, or `auto`, this worker's CPU share (at least 1)."""
+    n = setting if isinstance(setting, int) else max(1, cpus // max(1, members))
+    return ThreadPlan(intra_op=n, inter_op=n, grpc_queues=n, grpc_threads=n)
 
 
 class DirLocked(Exception):
