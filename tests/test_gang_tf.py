@@ -195,3 +195,40 @@ def test_a_gang_submitted_to_the_daemon_survives_a_member_sigkill(tmp_path: Path
         )
     finally:
         d.stop()
+
+
+def _threads(pid: int) -> int | None:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    return next(int(line.split()[1]) for line in text.splitlines() if line.startswith("Threads:"))
+
+
+def test_a_members_threads_stay_within_its_share(tmp_path: Path) -> None:
+    """Issue 25: members aborted when no thread could be created. A per-collective timeout gave
+    each collective a thread sleeping that long (~500 threads per member by step 44 here) and
+    the gRPC client kept 64 polling threads; with the pools sized to the member's CPU share a
+    member's count stays flat (measured 43-48 on 2 CPUs), read from /proc through the run."""
+    home = tmp_path / "threads"
+    proc = start_run(home, str(_job(tmp_path)), faults="step_delay=0.05")
+    run = run_dir(home)
+    share = max(1, len(os.sched_getaffinity(0)) // 2)
+    bound = 80 + 4 * share  # the plan's pools (intra, inter, gRPC queues and callbacks) and a margin
+    seen: dict[int, list[tuple[int, int]]] = {0: [], 1: []}  # member: (step, threads)
+
+    def sample() -> bool:
+        """Every member's thread count at its step now; True once the gang's run has ended."""
+        for i, hb_file in ((0, run / "heartbeat.json"), (1, run / "members" / "1" / "heartbeat.json")):
+            hb = Heartbeat.read(hb_file)
+            n = _threads(hb.pid) if hb is not None and hb.step else None
+            if hb is not None and n is not None:
+                seen[i].append((hb.step, n))
+        return proc.poll() is not None
+
+    wait_for("the gang's run to end", sample, 300, interval=0.05)
+    rc, out = finish(proc)
+    assert rc == 0, out
+    for i, samples in seen.items():
+        assert any(step >= 30 for step, _ in samples), (i, samples[-5:])  # late in the run
+        assert max(n for _, n in samples) <= bound, (i, bound, sorted(samples, key=lambda s: -s[1])[:5])
