@@ -2,12 +2,12 @@
 
 TensorFlow aborts (SIGABRT, no error file) when a thread cannot be created:
 `terminate called after throwing an instance of 'std::system_error' what(): Resource temporarily
-unavailable`. A multi_worker member measured here starts ~500 threads (3 members on 2 cores,
-~300 of them the collective executor's, which grows with collectives waiting for their peers),
-so on a busy box a uid's RLIMIT_NPROC or the unit's TasksMax (systemd's default is 15 % of the
-system's pids) is reached. Transient pressure, not the job's fault: class `resource_limit`,
-retried with backoff, never a crash loop.
-"""
+unavailable` (a std::thread, e.g. PosixEnv::SchedClosureAfter's). Multi_worker members did this
+on a busy box: a collective timeout gave every collective a thread sleeping that long (~9 per
+step, held 600 s), so a member grew to thousands of threads and reached the uid's RLIMIT_NPROC
+or the unit's TasksMax. ckptd.worker.distribute now sets no timeout by default and sizes the
+pools to the member's CPU share (~45 threads per member), but any process can still meet a low
+limit on a crowded box: class `resource_limit`, retried with backoff, never a crash loop."""
 
 from __future__ import annotations
 
