@@ -9,13 +9,14 @@ import signal
 import sys
 from pathlib import Path
 from types import FrameType
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
 from ckptd.daemon import cli_service, cli_store, jobs, logs
 from ckptd.daemon.cli_service import client_call
-from ckptd.daemon.client import SYSTEM_SOCKET, Client, SocketDenied, find_socket, service_home
+from ckptd.daemon.cli_service import die as _die
+from ckptd.daemon.client import Client, SocketDenied, find_socket, service_home, service_socket
 from ckptd.daemon.report import job_report, print_outputs, print_status
 from ckptd.state.jobfile import load_job_file
 from ckptd.state.jobspec import JobSpec
@@ -31,11 +32,6 @@ from ckptd.supervisor.process import RealProcessOps
 from ckptd.supervisor.runner import JobRunner, StopRequests
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
-
-
-def _die(message: str, code: int = EXIT_FAILED) -> NoReturn:
-    click.echo(f"ckptd: {message}", err=True)
-    sys.exit(code)
 
 
 def _load(path: str) -> tuple[JobSpec, bytes]:
@@ -70,7 +66,7 @@ def _existing_store(home: Path, job_id: str | None) -> Store | None:
             return _open_store(service, readonly=True)
         # Not "no jobs": the jobs exist, this user may not see them while the service is down.
         _die(
-            f"the service is not running (no answer on {SYSTEM_SOCKET}) and its store "
+            f"the service is not running (no answer on {service_socket()}) and its store "
             f"{service / 'ckptd.db'} is not readable by you: permission denied. Start it "
             f"(systemctl start ckptd) or ask as root (sudo ckptd --home {service} status)"
         )
@@ -252,6 +248,8 @@ def run(home: Path, job_file: Path | None, resume: str | None, new: bool, progre
 def status(home: Path, job_id: str | None, as_json: bool) -> None:
     """Show all jobs, or one job with its attempts."""
     reports: list[dict[str, Any]]
+    if as_json:  # a refusal too is JSON on stdout: scripts piping to jq see why
+        cli_service.json_errors(home)
     if _daemon_answers(home):  # the daemon's view, with owners and priorities
         got = client_call(home, "GET", f"/v1/jobs/{job_id}" if job_id else "/v1/jobs")
         reports = [got] if job_id else got

@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 import click
 
 from ckptd.daemon import logs
-from ckptd.daemon.client import ApiRefused, Client, DaemonUnavailable, find_socket
+from ckptd.daemon.client import ApiRefused, Client, DaemonUnavailable, SocketDenied, find_socket
 from ckptd.daemon.config import load_config
 from ckptd.daemon.report import best_files
 from ckptd.daemon.service import AlreadyRunning, Daemon
@@ -28,22 +28,43 @@ from ckptd.state.yamlstrict import JobFileError
 EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
 SUBMIT_RETRIES = 3
 FOLLOW_POLL_SECONDS = 0.5
+JSON_ERRORS = "ckptd.json_errors"  # click's context meta: the home whose refusals are also JSON
 
 
-def _die(message: str, code: int = EXIT_FAILED) -> NoReturn:
+def json_errors(home: Path) -> None:
+    """From here on in this command, a refusal is also one JSON object on stdout (`status
+    --json`): a script piping to jq reads why, not an empty stream."""
+    click.get_current_context().meta[JSON_ERRORS] = home
+
+
+def die(message: str, code: int = EXIT_FAILED) -> NoReturn:
+    """One line on stderr, then exit `code` (and the JSON object, after json_errors)."""
     click.echo(f"ckptd: {message}", err=True)
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and JSON_ERRORS in ctx.meta:
+        click.echo(json.dumps(_error_report(message, code, ctx.meta[JSON_ERRORS])))
     sys.exit(code)
+
+
+def _error_report(message: str, code: int, home: Path) -> dict[str, Any]:
+    """The refusal with whether the daemon (or service) answers: up, down, or denied to us."""
+    path = find_socket(home)
+    try:
+        state = "up" if Client(path, timeout=5).available() else "down"
+    except SocketDenied:
+        state = "denied"
+    return {"error": message, "exit_code": code, "service": state, "socket": str(path)}
 
 
 def client_call(home: Path, method: str, url: str, body: dict[str, Any] | None = None) -> Any:
     try:
         return Client(find_socket(home)).call(method, url, body)
     except DaemonUnavailable as e:
-        _die(str(e))
+        die(str(e))
     except ApiRefused as e:
         for problem in e.payload.get("problems", []):
             click.echo(f"  {problem}", err=True)
-        _die(str(e), EXIT_BAD_INPUT if e.status in (400, 403, 404, 409) else EXIT_FAILED)
+        die(str(e), EXIT_BAD_INPUT if e.status in (400, 403, 404, 409) else EXIT_FAILED)
 
 
 @click.command("daemon")
@@ -68,7 +89,7 @@ def daemon_cmd(home: Path, config_file: Path | None) -> None:
         sys.exit(EXIT_BAD_INPUT)
     except (AlreadyRunning, SocketError, StoreError, OSError) as e:
         log.error("daemon.refused", error=str(e))
-        _die(str(e))
+        die(str(e))
 
 
 @click.command()
@@ -107,12 +128,12 @@ def submit(home: Path, job_file: Path, priority: int, key: str | None, wait: boo
             break
         except DaemonUnavailable as e:  # same key: a retry never creates a second job
             if attempt == SUBMIT_RETRIES - 1:
-                _die(str(e))
+                die(str(e))
             time.sleep(1.0)
         except ApiRefused as e:
             for problem in e.payload.get("problems", []):
                 click.echo(f"  {problem}", err=True)
-            _die(str(e), EXIT_BAD_INPUT)
+            die(str(e), EXIT_BAD_INPUT)
     job_id = answer["job"]["id"]
     click.echo(job_id)
     if wait or follow:
@@ -182,23 +203,23 @@ def export(home: Path, job_id: str, which: str | None, output: Path) -> None:
         raise click.UsageError("give --best or --latest")
     if not output.parent.is_dir():
         what = "is not a directory" if output.parent.exists() else "does not exist"
-        _die(f"-o {output}: {output.parent} {what}", EXIT_BAD_INPUT)
+        die(f"-o {output}: {output.parent} {what}", EXIT_BAD_INPUT)
     if not os.access(output.parent, os.W_OK | os.X_OK):
-        _die(f"-o {output}: the directory {output.parent} is not writable by you", EXIT_BAD_INPUT)
+        die(f"-o {output}: the directory {output.parent} is not writable by you", EXIT_BAD_INPUT)
     job = client_call(home, "GET", f"/v1/jobs/{job_id}")
     if which == "best":
         best = best_files(job["outputs"].get("best_template"))  # listed with our own rights
         if not best:
-            _die(f"job {job_id} has no best file yet (best: not configured, or no epoch ended)")
+            die(f"job {job_id} has no best file yet (best: not configured, or no epoch ended)")
         if Path(best[-1]).suffix != output.suffix:
-            _die(
+            die(
                 f"the best file is {Path(best[-1]).name}; name the output *{Path(best[-1]).suffix}",
                 EXIT_BAD_INPUT,
             )
         try:
             shutil.copyfile(best[-1], output)
         except OSError as e:
-            _die(f"cannot copy {best[-1]} to {output}: {e.strerror}")
+            die(f"cannot copy {best[-1]} to {output}: {e.strerror}")
         click.echo(f"{output}: best weights from {best[-1]}")
         return
     # TensorFlow is only ever imported in a worker-side process.
@@ -208,5 +229,5 @@ def export(home: Path, job_id: str, which: str | None, output: Path) -> None:
         text=True,
     )
     if r.returncode != 0:
-        _die(f"export failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+        die(f"export failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
     click.echo(f"{output}: weights of {r.stdout.strip()}")

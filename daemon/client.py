@@ -21,6 +21,27 @@ def service_home() -> Path:
     return Path(os.environ.get("CKPTD_SERVICE_HOME", "/var/lib/ckptd"))
 
 
+def service_socket() -> Path:
+    """The system unit's socket (RuntimeDirectory=ckptd); $CKPTD_SERVICE_SOCKET moves it (tests,
+    a unit installed with another RuntimeDirectory or `socket:`)."""
+    return Path(os.environ.get("CKPTD_SERVICE_SOCKET") or SYSTEM_SOCKET)
+
+
+def _user_unit_socket() -> Path | None:
+    runtime = os.environ.get("XDG_RUNTIME_DIR")  # systemd/user/ckptd.service: RuntimeDirectory=ckptd
+    return Path(runtime) / "ckptd" / SOCKET_NAME if runtime else None
+
+
+def uses_own_home(home: Path) -> bool:
+    """Whether `home` is a per-user state directory its user works with: one they chose
+    (--home, $CKPTD_HOME: not the default) or the default once `ckptd run`/`ckptd daemon` made a
+    store there. Not the service's state directory, even when named with --home."""
+    if home == service_home():
+        return False
+    xdg = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return home != Path(xdg, "ckptd").absolute() or (home / "ckptd.db").exists()
+
+
 class DaemonUnavailable(Exception):
     pass
 
@@ -37,15 +58,34 @@ class ApiRefused(Exception):
 
 def find_socket(home: Path) -> Path:
     """$CKPTD_SOCKET, else the state directory's socket, else your user unit's, else the system
-    service's (the first that exists; the state directory's if none does)."""
+    service's: the first that exists. If none does (systemd removes a stopped service's socket
+    with its RuntimeDirectory), the service's for whoever uses it rather than a home of their
+    own, so that what is down is named; else the state directory's."""
     if os.environ.get("CKPTD_SOCKET"):
         return Path(os.environ["CKPTD_SOCKET"])
-    local = home / SOCKET_NAME
-    candidates = [local]
-    if os.environ.get("XDG_RUNTIME_DIR"):  # systemd/user/ckptd.service: RuntimeDirectory=ckptd
-        candidates.append(Path(os.environ["XDG_RUNTIME_DIR"]) / "ckptd" / SOCKET_NAME)
-    candidates.append(SYSTEM_SOCKET)
-    return next((c for c in candidates if c.exists()), local)
+    local, service = home / SOCKET_NAME, service_socket()
+    candidates = [local, *filter(None, [_user_unit_socket()]), service]
+    found = next((c for c in candidates if c.exists()), None)
+    if found is not None:
+        return found
+    return service if service_home().is_dir() and not uses_own_home(home) else local
+
+
+def down_message(path: Path) -> str:
+    """Why nothing answers on `path`, and what to do: whose daemon it is decides the advice."""
+    if path == service_socket():
+        return f"the ckptd service is not answering at {path}: is it running? `systemctl status ckptd`"
+    if path == _user_unit_socket():
+        return (
+            f"your ckptd user service is not answering at {path}: is it running? "
+            "`systemctl --user status ckptd`"
+        )
+    if os.environ.get("CKPTD_SOCKET"):
+        return f"no ckptd daemon answers at {path} ($CKPTD_SOCKET): is the one you meant running?"
+    return (
+        f"the ckptd daemon is not running (nothing answers on {path}); start yours with "
+        "`ckptd daemon`, or use `ckptd run` without a daemon"
+    )
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -87,10 +127,7 @@ class Client:
             resp = conn.getresponse()
             payload = json.loads(resp.read() or b"{}")
         except (FileNotFoundError, ConnectionRefusedError) as e:
-            raise DaemonUnavailable(
-                f"the ckptd daemon is not running (nothing answers on {self.path}); start it with "
-                "`systemctl start ckptd` or `ckptd daemon`, or use `ckptd run` without a daemon"
-            ) from e
+            raise DaemonUnavailable(down_message(self.path)) from e
         except PermissionError as e:
             raise SocketDenied(
                 f"permission denied on {self.path}: ask an administrator to add you to the "
