@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +34,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 # the product's timing rules.
 SLOWDOWN = 1.0
 
+# The kill-point sweep (tests/test_killsweep.py) runs part SWEEP_SEED % SWEEP_CHUNKS of its matrix;
+# by default the day number, so consecutive days' CI runs walk the whole matrix.
+SWEEP_CHUNKS = 8
+SWEEP_SEED = int(os.environ.get("CKPTD_SWEEP_SEED", str(int(time.time() // 86400))))
+
 
 def slow(seconds: float) -> float:
     """A test deadline, stretched for a loaded box (see SLOWDOWN)."""
@@ -53,7 +59,8 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_report_header(config: pytest.Config) -> str:
     return (
         f"ckptd: cpu hogs {config.getoption('--cpu-hogs')}, test deadlines x{SLOWDOWN:.2f}, "
-        f"timeout {config.option.timeout or config.getini('timeout')} s"
+        f"timeout {config.option.timeout or config.getini('timeout')} s; kill sweep seed "
+        f"{SWEEP_SEED} (part {SWEEP_SEED % SWEEP_CHUNKS} of {SWEEP_CHUNKS}; CKPTD_SWEEP_SEED re-runs it)"
     )
 
 

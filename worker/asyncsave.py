@@ -211,6 +211,9 @@ class AsyncSaver:
     def is_ready(self) -> bool:
         return self._check_ready(block=False)
 
+    def wait_ready(self) -> bool:
+        return self._check_ready(block=True)
+
     def busy(self) -> bool:
         self._check_ready(block=False)
         if self.in_flight is not None:

@@ -187,6 +187,8 @@ class Checkpointing:
         )
         if self.async_saver is not None:
             self.async_saver.prepare(manifest)
+            if self.faults.writer_first:
+                self.async_saver.wait_ready()
         return self._restored(manifest)
 
     def _restore_as_member(self) -> Manifest | None:

@@ -5,6 +5,12 @@ Format: comma-separated `key=value`:
 - `sigkill_at_step=N`, `raise_at_step=N`: SIGKILL itself, or raise RuntimeError, after step N;
 - `sigkill_in_save=N`, `enospc_in_save=N`: inside the save at step N, after TF wrote its files and
   before ckptd's commit;
+- `kill_in_writer=N`: the async writer (process or thread), while it commits the save of step N,
+  kills the training process (a kill landing during an asynchronous save);
+- `kill_in_validation=N`: during the validation that follows training step N;
+- `kill_signal=TERM`: the kills above send SIGTERM (a preemption notice) instead of SIGKILL;
+- `writer_first=1`: wait for the async writer before the first step, so every save is
+  asynchronous (as in a job that outlasts the writer's start; a tiny one saves synchronously);
 - `save_delay=SECONDS`: every save takes that much longer (no heartbeat meanwhile; in async mode
   the writer process's commit does);
 - `val_delay=SECONDS`: every validation batch takes that much longer (a big validation set);
@@ -36,6 +42,10 @@ class Faults:
     raise_at_step: int | None = None
     sigkill_in_save: int | None = None  # kill after TF wrote the save at this step, before commit
     enospc_in_save: int | None = None  # raise ENOSPC there instead
+    kill_in_writer: int | None = None  # the writer kills the trainer while committing step N
+    kill_in_validation: int | None = None  # kill during the validation after step N
+    kill_signal: str = "KILL"  # or TERM: the kills above are then a preemption notice
+    writer_first: int = 0  # wait for the async writer before training
     sigkill_in_restore: str = ""  # "A-B": kill while restoring in attempts A..B
     hang_at_step: int | None = None  # stop making progress (alive, no heartbeat)
     gpu_fault_at_step: int | None = None  # raise a CUDA-like InternalError
@@ -56,7 +66,7 @@ class Faults:
                 float(value)
                 if key in ("step_delay", "save_delay", "val_delay")
                 else value
-                if key == "sigkill_in_restore"
+                if key in ("sigkill_in_restore", "kill_signal")
                 else int(value)
             )
         return cls(**kw)  # type: ignore[arg-type]
@@ -71,21 +81,31 @@ class Faults:
         if self.save_delay:
             time.sleep(self.save_delay)
         if step == self.sigkill_in_save:
-            os.kill(os.getpid(), signal.SIGKILL)
+            self._kill(os.getpid())
         if step == self.enospc_in_save:
             raise OSError(errno.ENOSPC, "No space left on device (injected)")
 
-    def in_writer(self) -> None:
-        """The async writer process, before its commit: only the delay (a slow disk)."""
+    def in_writer(self, step: int, attempt: int) -> None:
+        """The async writer (a child process or a thread of the trainer), before its commit."""
         if self.save_delay:
             time.sleep(self.save_delay)
+        if step == self.kill_in_writer and self._armed(attempt):
+            import multiprocessing
+
+            parent = multiprocessing.parent_process()
+            self._kill(parent.pid if parent is not None and parent.pid else os.getpid())
+
+    def _kill(self, pid: int | None) -> None:
+        os.kill(pid or os.getpid(), signal.SIGTERM if self.kill_signal == "TERM" else signal.SIGKILL)
 
     def unshared_storage_for(self, attempt: int) -> bool:
         return bool(self.unshared_storage) and self._armed(attempt)
 
-    def in_validation(self) -> None:
+    def in_validation(self, step: int, attempt: int) -> None:
         if self.val_delay:
             time.sleep(self.val_delay)
+        if step == self.kill_in_validation and self._armed(attempt):
+            self._kill(os.getpid())
 
     def in_restore(self, attempt: int) -> None:
         if self.sigkill_in_restore:
@@ -99,7 +119,7 @@ class Faults:
         if not self._armed(attempt):
             return
         if step == self.sigkill_at_step:
-            os.kill(os.getpid(), signal.SIGKILL)
+            self._kill(os.getpid())
         if step == self.raise_at_step:
             raise RuntimeError(f"injected fault at step {step}")
         self._device_faults(step)

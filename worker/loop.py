@@ -78,7 +78,14 @@ class Loop:
         )
         self.c = self.ck.c
         self.ends = EpochEnd(
-            model, data, user_callbacks, self.out, beater, self.epochs, fit, self.ck.faults.in_validation
+            model,
+            data,
+            user_callbacks,
+            self.out,
+            beater,
+            self.epochs,
+            fit,
+            lambda: self.ck.faults.in_validation(self.ck.step, beater.hb.attempt),
         )
         self.ck.schedule.epoch_steps = data.steps_per_epoch
         if user_callbacks:

@@ -124,7 +124,7 @@ def _commit(
         expected,
         msg["max_to_keep"],
         msg["keep_every_n_hours"],
-        lambda _step: Faults.from_env().in_writer(),  # test-only: a slow disk
+        lambda step: Faults.from_env().in_writer(step, msg["who"][0]),  # test-only: slow disk, kill
     )
     return {
         "ok": True,

@@ -1,0 +1,255 @@
+"""The kill-point sweep (conformance): every documented route × every kind of kill moment ×
+SIGKILL/SIGTERM × `every_steps` dividing the epoch or not. Each cell kills attempt 1 at its moment;
+the job must end `succeeded` with a final checkpoint identical tensor for tensor to an
+uninterrupted run of the same job (the save counter aside), or the difference must have been
+named at start-up (`exactness.warning`).
+
+The whole matrix is ~190 trainings, too long for one CI run: the cells are dealt, in a fixed
+order, into CHUNKS parts and a run takes part `seed % CHUNKS`, so CHUNKS consecutive seeds cover
+every cell. The seed (default: the day number, so CI walks the matrix day by day) also picks the
+mid-epoch kill step. Both are printed in pytest's header; re-run a cell with
+CKPTD_SWEEP_SEED=<seed>. CKPTD_SWEEP=all runs every cell, CKPTD_SWEEP_REPORT=FILE appends one JSON
+line per cell (docs/porting.md's matrix is made from it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import CSV, EXAMPLE, ROOT, SWEEP_CHUNKS, SWEEP_SEED
+from .procs import events, final_state_hash, finish, run_dir, start_run, status
+
+PROGRAMS = ROOT / "tests" / "programs"
+RESTART = "restart: {max_restarts: 4, backoff_initial_seconds: 0.1, backoff_max_seconds: 0.5}\n"
+CHUNKS = SWEEP_CHUNKS
+SEED = SWEEP_SEED
+
+
+@dataclass(frozen=True)
+class Route:
+    body: str  # the job file's lines (every_steps and restart are added)
+    every: tuple[int, int]  # every_steps dividing the epoch, and not dividing it
+    validates: bool = True  # ckptd runs a validation pass at epoch ends
+    member: str = ""  # a gang: which member a step kill hits
+
+
+ROUTES: dict[str, Route] = {
+    # a script calling ckptd.fit (163 training rows of 16: 11 steps, the last of 3 rows)
+    "fit": Route(f"entrypoint: {PROGRAMS}/mirrored.py\n", (11, 4)),
+    # build() returning a compiled model and arrays; ckptd batches, splits and shuffles
+    "build_arrays": Route(
+        f"model: {EXAMPLE}/model.py:build\nparams: {{csv: {CSV}}}\n"
+        "train: {epochs: 3, batch_size: 32, validation_split: 0.2, seed: 7}\n",
+        (10, 7),
+    ),
+    # build() returning a dataset that reshuffles itself every epoch (768 rows of 64: 12 steps)
+    "build_dataset": Route(
+        f"model: {PROGRAMS}/reshuffle/model.py:build\nparams: {{csv: {CSV}}}\n"
+        "train: {epochs: 3, batch_size: 64, seed: 7}\n",
+        (6, 5),
+        validates=False,
+    ),
+    # build() returning ckptd.fit_args(model, x, y, validation_split=...)
+    "fit_args": Route(f"model: {PROGRAMS}/mirrored.py:build\n", (11, 4)),
+    # a custom GradientTape loop with ckptd.session (640 rows of 32: 20 steps)
+    "session": Route(f"entrypoint: {PROGRAMS}/custom_loop.py\n", (10, 7), validates=False),
+    "mirrored": Route(
+        f"model: {PROGRAMS}/mirrored.py:build\ndistribute: {{strategy: mirrored, replicas: 2}}\n", (11, 4)
+    ),
+    "gang": Route(
+        f"entrypoint: {PROGRAMS}/mirrored.py\ndistribute: {{strategy: multi_worker, nodes: 2}}\n",
+        (11, 4),
+        member="member=1,",
+    ),
+}
+MOMENTS = (
+    "first_step",
+    "mid_epoch",
+    "after_commit",
+    "epoch_last_step",
+    "validation",
+    "async_save",
+    "final_save",
+)
+SIGNALS = ("KILL", "TERM")
+
+
+@dataclass(frozen=True)
+class Cell:
+    route: str
+    moment: str
+    signal: str
+    divides: bool
+
+    @property
+    def every(self) -> int:
+        return ROUTES[self.route].every[0 if self.divides else 1]
+
+    @property
+    def name(self) -> str:
+        return f"{self.route}-{self.moment}-{self.signal}-{'divides' if self.divides else 'nondiv'}"
+
+
+def all_cells() -> list[Cell]:
+    return [
+        Cell(r, m, s, d)
+        for r, route in ROUTES.items()
+        for m in MOMENTS
+        if route.validates or m != "validation"
+        for s in SIGNALS
+        for d in (True, False)
+    ]
+
+
+def chosen() -> list[Cell]:
+    """This run's share: a fixed deal of the matrix into CHUNKS parts, part `SEED % CHUNKS`."""
+    cells = all_cells()
+    random.Random(0).shuffle(cells)  # fixed: the same deal every run, so parts partition it
+    if os.environ.get("CKPTD_SWEEP") == "all":
+        return cells
+    return [c for i, c in enumerate(cells) if i % CHUNKS == SEED % CHUNKS]
+
+
+@dataclass(frozen=True)
+class Shape:
+    """An uninterrupted run's facts: steps per epoch, total steps, its final tensors."""
+
+    run: Path
+    steps_per_epoch: int
+    total: int
+    tensors: dict[str, str]
+
+
+_golden: dict[tuple[str, int], Shape] = {}
+
+
+def _job(directory: Path, route: str, every: int) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    job = directory / "job.yaml"
+    job.write_text(f"name: sweep-{route.replace('_', '-')}\n" + ROUTES[route].body)
+    with job.open("a") as f:
+        f.write(f"checkpoint: {{every_steps: {every}, max_to_keep: 3}}\n" + RESTART)
+    return job
+
+
+def _run(home: Path, job: Path, faults: str = "") -> tuple[Path, dict[str, Any]]:
+    rc, out = finish(start_run(home, str(job), faults=faults), timeout=900)
+    assert rc == 0, out[-4000:]
+    run = run_dir(home)
+    return run, status(home, run.name)
+
+
+def golden(tmp: Path, route: str, every: int) -> Shape:
+    """The uninterrupted run of (route, every_steps), once per test process."""
+    key = (route, every)
+    if key not in _golden:
+        run, st = _run(tmp / "golden", _job(tmp / "golden", route, every))
+        assert st["state"] == "succeeded" and st["attempts"] == 1, st
+        ends = [e for e in events(run) if e["event"] == "epoch.end"]
+        _golden[key] = Shape(run, ends[0]["step"], st["last_committed_step"], final_state_hash(run))
+    return _golden[key]
+
+
+def kill_step(cell: Cell, shape: Shape, rng: random.Random) -> int:
+    """The training step a moment names, for this job's shape (pure; tested below)."""
+    s, e, t = shape.steps_per_epoch, cell.every, shape.total
+    if cell.moment == "first_step":
+        return 1
+    if cell.moment == "mid_epoch":  # after a commit, between two, not on an epoch's edge
+        return rng.choice([k for k in range(e + 1, t) if k % e and k % s])
+    if cell.moment == "after_commit":  # an interval commit inside an epoch where there is one
+        inside = [k for k in range(e, t, e) if k % s]
+        return inside[0] if inside else e
+    if cell.moment in ("epoch_last_step", "validation"):  # an epoch's last step, not the last epoch's
+        return s * rng.randint(1, t // s - 1)
+    if cell.moment == "async_save":  # the first interval save, while the writer commits it
+        return e
+    assert cell.moment == "final_save"
+    return t
+
+
+def faults(cell: Cell, step: int) -> str:
+    key = {
+        "validation": "kill_in_validation",
+        "async_save": "kill_in_writer",
+        "final_save": "kill_in_writer",
+    }.get(cell.moment, "sigkill_at_step")
+    # Only the chief writes checkpoints: a writer kill is its; a step kill hits another member.
+    member = ROUTES[cell.route].member if key != "kill_in_writer" else ""
+    # Saves are asynchronous once the writer has started (seconds); these jobs are shorter.
+    writer = "writer_first=1," if cell.moment in ("after_commit", "async_save", "final_save") else ""
+    return f"{key}={step},kill_signal={cell.signal},{member}{writer}attempt=1"
+
+
+def _report(cell: Cell, step: int, outcome: str, attempts: list[dict[str, Any]]) -> None:
+    path = os.environ.get("CKPTD_SWEEP_REPORT")
+    if path:
+        with open(path, "a") as f:
+            row = {"cell": cell.name, "seed": SEED, "step": step, "outcome": outcome}
+            f.write(json.dumps(row | {"classes": [a["class"] for a in attempts]}) + "\n")
+
+
+@pytest.mark.tf
+@pytest.mark.conformance
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("cell", chosen(), ids=lambda c: c.name)
+def test_kill_point(tmp_path: Path, cell: Cell) -> None:
+    shape = golden(tmp_path, cell.route, cell.every)
+    assert (shape.steps_per_epoch % cell.every == 0) == cell.divides, (shape.steps_per_epoch, cell.every)
+    step = kill_step(cell, shape, random.Random(f"{SEED}-{cell.name}"))
+    run, st = _run(tmp_path / "killed", _job(tmp_path / "killed", cell.route, cell.every), faults(cell, step))
+    attempts = st["attempt_list"]
+    assert st["state"] == "succeeded", st
+    assert st["last_committed_step"] == shape.total, st
+    first = attempts[0]["class"]
+    # A SIGTERM is a preemption (saved, restarted free); one during the final save lands after
+    # the last step and the attempt finishes.
+    term = {"preempted", "succeeded"} if cell.moment == "final_save" else {"preempted"}
+    assert first in ({"killed"} if cell.signal == "KILL" else term), attempts
+    got = final_state_hash(run)
+    differ = sorted(k for k in shape.tensors.keys() | got.keys() if shape.tensors.get(k) != got.get(k))
+    named = [e["cause"] for e in events(run) if e["event"] == "exactness.warning" and e.get("attempt") == 1]
+    _report(cell, step, "identical" if not differ else f"named: {named}" if named else "DIFFERS", attempts)
+    assert not differ or named, f"{cell.name} (kill at step {step}): tensors that differ: {differ}"
+
+
+KILL_STEP_TABLE = [  # (route, moment, divides, steps/epoch, total) -> kill step (rng-free moments)
+    ("build_arrays", "first_step", True, 20, 60, 1),
+    ("build_arrays", "after_commit", False, 20, 60, 7),
+    ("build_arrays", "after_commit", True, 20, 60, 10),
+    ("fit", "after_commit", True, 11, 44, 11),  # every commit is on an epoch's edge
+    ("fit", "async_save", False, 11, 44, 4),
+    ("session", "final_save", True, 20, 80, 80),
+]
+
+
+@pytest.mark.parametrize("route,moment,divides,s,t,want", KILL_STEP_TABLE)
+def test_kill_step_table(route: str, moment: str, divides: bool, s: int, t: int, want: int) -> None:
+    shape = Shape(Path("."), s, t, {})
+    assert kill_step(Cell(route, moment, "KILL", divides), shape, random.Random(0)) == want
+
+
+@pytest.mark.parametrize("moment", ["mid_epoch", "epoch_last_step"])
+def test_random_moments_stay_in_their_place(moment: str) -> None:
+    for seed in range(200):
+        cell = Cell("build_arrays", moment, "KILL", False)
+        k = kill_step(cell, Shape(Path("."), 20, 60, {}), random.Random(seed))
+        if moment == "mid_epoch":
+            assert 7 < k < 60 and k % 7 and k % 20, k
+        else:
+            assert k in (20, 40), k
+
+
+def test_the_parts_partition_the_matrix(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[str] = []
+    for seed in range(CHUNKS):
+        monkeypatch.setattr(__import__(__name__, fromlist=["SEED"]), "SEED", seed)
+        seen += [c.name for c in chosen()]
+    assert sorted(seen) == sorted(c.name for c in all_cells()) and len(seen) == len(set(seen))
