@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from ckptd.daemon import cli_service, cli_store, jobs, logs
+from ckptd.daemon import cli_service, cli_store, jobs, logs, metrics
 from ckptd.daemon.cli_service import client_call
 from ckptd.daemon.cli_service import die as _die
 from ckptd.daemon.client import Client, SocketDenied, find_socket, service_home, service_socket
@@ -184,8 +184,21 @@ def _install_stop_handlers(stops: StopRequests) -> None:
     show_default=True,
     help="Progress bar on a terminal, JSON log lines otherwise.",
 )
+@click.option(
+    "--metrics-address",
+    metavar="HOST:PORT",
+    callback=metrics.check_address,
+    help="Serve Prometheus metrics of this job on HOST:PORT (off unless given).",
+)
 @click.pass_obj
-def run(home: Path, job_file: Path | None, resume: str | None, new: bool, progress: str) -> None:
+def run(
+    home: Path,
+    job_file: Path | None,
+    resume: str | None,
+    new: bool,
+    progress: str,
+    metrics_address: str | None,
+) -> None:
     """Run JOB_FILE in the foreground under supervision until it succeeds or fails.
 
     Run it again after Ctrl-C (same job file, same name) to continue from the last checkpoint.
@@ -213,6 +226,8 @@ def run(home: Path, job_file: Path | None, resume: str | None, new: bool, progre
         log.info("memory.enforcement", how=how, detail=detail)
     held = contain.instance().choice
     log.info("containment", how=held.kind, detail=held.why)
+    if metrics_address:
+        _serve_metrics(home, metrics_address, log)
     store.transition(job.id, JobState.RUNNING, "resumed" if resuming else "started")
     stops = StopRequests()
     _install_stop_handlers(stops)
@@ -239,6 +254,13 @@ def run(home: Path, job_file: Path | None, resume: str | None, new: bool, progre
     if end == JobState.INTERRUPTED:
         click.echo(f"ckptd: stopped; continue with: ckptd run --resume {job.id}", err=True)
     sys.exit({JobState.SUCCEEDED: 0, JobState.INTERRUPTED: EXIT_INTERRUPTED}.get(end, EXIT_FAILED))
+
+
+def _serve_metrics(home: Path, address: str, log: Any) -> None:
+    try:
+        log.info("metrics.serving", address=metrics.serve(address, home), path="/metrics")
+    except OSError as e:
+        _die(f"--metrics-address {address}: cannot serve there: {e.strerror or e}", EXIT_BAD_INPUT)
 
 
 @cli.command()

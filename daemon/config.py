@@ -30,6 +30,8 @@ class DaemonConfig(BaseModel):
     # One idle worker per free slot with TensorFlow imported (~0.5 GB each): jobs start, and
     # failed workers restart, without the ~5 s import.
     warm_workers: bool = False
+    # Prometheus metrics on HOST:PORT (ckptd.daemon.metrics); off unless set (or --metrics-address).
+    metrics_address: str | None = None
 
 
 def load_config(path: Path | None, state: Path) -> DaemonConfig:

@@ -22,7 +22,7 @@ from typing import Any
 
 from structlog.typing import FilteringBoundLogger
 
-from ckptd.daemon import jobs
+from ckptd.daemon import jobs, metrics
 from ckptd.daemon.api import ApiServer
 from ckptd.daemon.backend import ApiBackend, Registry
 from ckptd.daemon.config import DaemonConfig, socket_path
@@ -163,6 +163,9 @@ class Daemon:
             self.log.info("memory.enforcement", how=how, detail=detail)
             held = contain.instance().choice  # how every attempt's processes end with it
             self.log.info("containment", how=held.kind, detail=held.why)
+            if self.config.metrics_address:
+                bound_to = metrics.serve(self.config.metrics_address, self.home)
+                self.log.info("metrics.serving", address=bound_to, path="/metrics")
             self.notifier.send("READY=1", f"MAINPID={os.getpid()}")
             self._loop(store, spool)
             self._shutdown(server, spool, sock)
