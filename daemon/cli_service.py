@@ -140,6 +140,52 @@ def submit(home: Path, job_file: Path, priority: int, key: str | None, wait: boo
         sys.exit(_watch(home, job_id, show=follow, as_json=not sys.stdout.isatty()))
 
 
+def _export_best(job_id: str, template: str | None, output: Path) -> None:
+    best = best_files(template)  # listed with our own rights
+    if not best:
+        die(f"job {job_id} has no best file yet (best: not configured, or no epoch ended)")
+    if Path(best[-1]).suffix != output.suffix:
+        die(
+            f"the best file is {Path(best[-1]).name}; name the output *{Path(best[-1]).suffix}",
+            EXIT_BAD_INPUT,
+        )
+    try:
+        shutil.copyfile(best[-1], output)
+    except OSError as e:
+        die(f"cannot copy {best[-1]} to {output}: {e.strerror}")
+    click.echo(f"{output}: best weights from {best[-1]}")
+
+
+def _refuse_unreadable(home: Path, job: dict[str, Any], where: Path, which: str, output: Path) -> NoReturn:
+    """An admin sees every job through the daemon, but its files stay its owner's (mode 2750,
+    group ckptd): say so, with what the job's events (read by the daemon) say was saved, rather
+    than "no best file"."""
+    saved = _saved_best(home, job["id"]) if which == "best" else []
+    what = f"Its worker saved {len(saved)} best file(s), the newest {saved[-1]}. " if saved else ""
+    die(
+        f"{where} is not readable by you (uid {os.getuid()}): job {job['id']}'s files belong to "
+        f"its owner (uid {job.get('owner_uid')}); an admin may see and cancel any job, not read "
+        f"its files. {what}Export it as root (sudo ckptd export {job['id']} --{which} -o "
+        f"{output}) or ask its owner"
+    )
+
+
+def _saved_best(home: Path, job_id: str) -> list[str]:
+    """The best files the job's `best.saved` events name, oldest first, each once."""
+    saved: dict[str, None] = {}
+    offset = "0"
+    while True:
+        chunk = client_call(home, "GET", f"/v1/jobs/{job_id}/events?offset={offset}")
+        saved.update(
+            (str(ev["path"]), None)
+            for ev in chunk["events"]
+            if ev.get("event") == "best.saved" and ev.get("path")
+        )
+        if not chunk["events"]:
+            return list(saved)
+        offset = chunk["offset"]
+
+
 def _print_event(ev: dict[str, Any], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(ev, separators=(",", ":")))
@@ -207,20 +253,12 @@ def export(home: Path, job_id: str, which: str | None, output: Path) -> None:
     if not os.access(output.parent, os.W_OK | os.X_OK):
         die(f"-o {output}: the directory {output.parent} is not writable by you", EXIT_BAD_INPUT)
     job = client_call(home, "GET", f"/v1/jobs/{job_id}")
+    template = job["outputs"].get("best_template")
+    where = Path(template).parent if which == "best" and template else Path(job["run_dir"])
+    if not os.access(where, os.R_OK | os.X_OK):  # seeing a job (admins) is not reading its files
+        _refuse_unreadable(home, job, where, which, output)
     if which == "best":
-        best = best_files(job["outputs"].get("best_template"))  # listed with our own rights
-        if not best:
-            die(f"job {job_id} has no best file yet (best: not configured, or no epoch ended)")
-        if Path(best[-1]).suffix != output.suffix:
-            die(
-                f"the best file is {Path(best[-1]).name}; name the output *{Path(best[-1]).suffix}",
-                EXIT_BAD_INPUT,
-            )
-        try:
-            shutil.copyfile(best[-1], output)
-        except OSError as e:
-            die(f"cannot copy {best[-1]} to {output}: {e.strerror}")
-        click.echo(f"{output}: best weights from {best[-1]}")
+        _export_best(job_id, template, output)
         return
     # TensorFlow is only ever imported in a worker-side process.
     r = subprocess.run(

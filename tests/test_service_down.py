@@ -30,10 +30,10 @@ SWITCH = os.geteuid() == 0  # as root, run the CLI as nobody: a submitter, not t
 PYTHONPATH = os.pathsep.join([str(ROOT), sysconfig.get_paths()["purelib"]])
 
 
-@pytest.fixture(scope="module")
-def python() -> str:
-    """An interpreter the submitter may run: the venv's may sit under root's 0700 home, then
-    the system's of the same version, given the venv's packages on PYTHONPATH."""
+def interpreter() -> str | None:
+    """An interpreter an unprivileged user may run, with ckptd and the venv's packages on
+    PYTHONPATH: the venv's own may sit under root's 0700 home, then the system's of the same
+    version."""
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     for candidate in (sys.executable, f"/usr/bin/python{version}", f"/usr/local/bin/python{version}"):
         try:
@@ -41,7 +41,12 @@ def python() -> str:
                 return candidate
         except OSError:
             continue
-    pytest.skip("no interpreter here that nobody may run with ckptd importable")
+    return None
+
+
+@pytest.fixture(scope="module")
+def python() -> str:
+    return interpreter() or pytest.skip("no interpreter here that nobody may run with ckptd importable")
 
 
 @pytest.fixture
