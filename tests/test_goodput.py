@@ -1,0 +1,383 @@
+"""Goodput accounting (ckptd.state.goodput): where a job's wall time went.
+
+The pure accounting is table-driven: each case is a job's recorded facts and the seconds each
+part must get. Then the loader on a real store and events file, and one real run with a kill, a
+backoff and a hang whose parts must explain its wall time."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+
+from ckptd.state import goodput as g
+from ckptd.state.goodput import AttemptFacts, Commit, JobFacts
+from ckptd.state.jobfile import load_job_file
+from ckptd.state.jobspec import spec_digest, spec_json
+from ckptd.state.protocol import EVENTS_FILE, Event
+from ckptd.state.states import AttemptClass, JobState
+from ckptd.state.store import Store
+
+from .conftest import write_job
+
+Q, R, B, S = JobState.QUEUED, JobState.RUNNING, JobState.BACKOFF, JobState.SUCCEEDED
+STOPPED = JobState.INTERRUPTED
+
+
+def _a(
+    spawned: float,
+    ended: float | None,
+    klass: AttemptClass | None,
+    first: tuple[float, int] | None,
+    commits: tuple[tuple[int, float, float, str], ...] = (),
+    restored: int | None = None,
+    last: int | None = None,
+    stall: float | None = None,
+) -> AttemptFacts:
+    """`first`: (time, step) of the first training step; `commits`: (step, time, seconds, reason)."""
+    return AttemptFacts(
+        spawned=spawned,
+        ended=ended,
+        klass=None if klass is None else str(klass),
+        training_from=None if first is None else first[0],
+        first_step=0 if first is None else first[1],
+        restored_step=restored,
+        last_step=last,
+        commits=tuple(Commit(*c) for c in commits),
+        interval_stall=stall,
+    )
+
+
+def _i(step: int, at: float, seconds: float = 0.1) -> tuple[int, float, float, str]:
+    return (step, at, seconds, "interval")
+
+
+def _f(step: int, at: float, seconds: float = 0.2, reason: str = "final") -> tuple[int, float, float, str]:
+    return (step, at, seconds, reason)
+
+
+RATE = (13.0 - 9.0) / (40 - 1)  # seconds per step of attempt 1 below: first step 1 at 9, step 40 at 13
+CASES: dict[str, tuple[JobFacts, float, dict[str, float]]] = {
+    # queued 1 s, started in 8 s, trained to step 52 with two interval saves, exited 1 s after the
+    # final commit; the job's end state came 0.1 s after the exit.
+    "clean": (
+        JobFacts(
+            ((0.0, Q), (0.5, R), (15.6, S)),
+            (
+                _a(
+                    1.0,
+                    15.5,
+                    AttemptClass.SUCCEEDED,
+                    (9.0, 1),
+                    (_i(20, 11), _i(40, 13), _f(52, 14.5, 0.3)),
+                    None,
+                    52,
+                    0.4,
+                ),
+            ),
+            True,
+        ),
+        99.0,
+        {
+            "waiting": 1.0,
+            "startup": 8.0,
+            "productive": 5.5 - 0.7,
+            "checkpoint_stall": 0.7,
+            "shutdown": 1.0,
+            "other": 0.1,
+        },
+    ),
+    # killed at step 50, 1 s after the commit of step 40; 1 s of backoff; attempt 2 restores 40.
+    "kill after a commit": (
+        JobFacts(
+            ((0.0, R), (14.1, B), (15.1, R), (26.1, S)),
+            (
+                _a(1.0, 14.0, AttemptClass.KILLED, (9.0, 1), (_i(20, 11), _i(40, 13)), None, 50),
+                _a(15.2, 26.0, AttemptClass.SUCCEEDED, (23.2, 41), (_f(52, 25.2, 0.3),), 40, 52, 0.0),
+            ),
+            True,
+        ),
+        99.0,
+        {
+            "waiting": 2.0,
+            "startup": 8.0,
+            "productive": 4.0 - 0.2 + 2.0 - 0.3,
+            "checkpoint_stall": 0.5,
+            "recomputed": 1.0,
+            "restart": 0.1 + 8.1,
+            "shutdown": 0.8,
+            "other": 0.1,
+        },
+    ),
+    # asynchronous saves: a failed attempt reports no stall, so its interval commits count none
+    "kill, async saves": (
+        JobFacts(
+            ((0.0, R), (14.1, B), (15.1, R), (26.1, S)),
+            (
+                _a(1.0, 14.0, AttemptClass.KILLED, (9.0, 1), (_i(20, 11), _i(40, 13)), None, 50),
+                _a(15.2, 26.0, AttemptClass.SUCCEEDED, (23.2, 41), (_f(52, 25.2, 0.3),), 40, 52, 0.0),
+            ),
+            False,
+        ),
+        99.0,
+        {
+            "waiting": 2.0,
+            "startup": 8.0,
+            "productive": 4.0 + 2.0 - 0.3,
+            "checkpoint_stall": 0.3,
+            "recomputed": 1.0,
+            "restart": 8.2,
+            "shutdown": 0.8,
+            "other": 0.1,
+        },
+    ),
+    # a crash while starting (never trained), 2 s of backoff, then a clean attempt
+    "backoff after a start-up crash": (
+        JobFacts(
+            ((0.0, R), (5.0, B), (7.0, R), (17.6, S)),
+            (
+                _a(1.0, 5.0, AttemptClass.CRASH, None),
+                _a(7.1, 17.6, AttemptClass.SUCCEEDED, (15.1, 1), (_f(20, 17.1, 0.1),), None, 20, 0.0),
+            ),
+            True,
+        ),
+        99.0,
+        {
+            "waiting": 3.0,
+            "startup": 4.0,
+            "restart": 8.1,
+            "productive": 1.9,
+            "checkpoint_stall": 0.1,
+            "shutdown": 0.5,
+        },
+    ),
+    # hung after step 50 (10 steps after the commit of step 40, at the attempt's rate), killed at
+    # 30 after the verdict and the grace: those 10 steps are recomputed, the rest is the hang.
+    "hang": (
+        JobFacts(
+            ((0.0, R), (30.0, B), (31.0, R), (40.5, S)),
+            (
+                _a(1.0, 30.0, AttemptClass.HANG, (9.0, 1), (_i(20, 11), _i(40, 13)), None, 50),
+                _a(31.1, 40.5, AttemptClass.SUCCEEDED, (39.1, 41), (_f(52, 40.1, 0.2),), 40, 52, 0.0),
+            ),
+            True,
+        ),
+        99.0,
+        {
+            "waiting": 2.0,
+            "startup": 8.0,
+            "productive": 4.0 - 0.2 + 1.0 - 0.2,
+            "checkpoint_stall": 0.4,
+            "recomputed": 10 * RATE,
+            "hang": 30.0 - (13.0 + 10 * RATE),
+            "restart": 8.1,
+            "shutdown": 0.4,
+        },
+    ),
+    # the final save found no space: 30 s waiting for it, then the resume from step 20
+    "disk_full wait": (
+        JobFacts(
+            ((0.0, R), (12.0, B), (42.0, R), (52.5, S)),
+            (
+                _a(1.0, 12.0, AttemptClass.DISK_FULL, (9.0, 1), (_i(20, 11),), None, 52),
+                _a(42.1, 52.5, AttemptClass.SUCCEEDED, (50.1, 21), (_f(52, 52.0, 0.2),), 20, 52, 0.0),
+            ),
+            True,
+        ),
+        99.0,
+        {
+            "waiting": 31.0,
+            "startup": 8.0,
+            "productive": 2.0 - 0.1 + 1.9 - 0.2,
+            "checkpoint_stall": 0.3,
+            "recomputed": 1.0,
+            "restart": 8.1,
+            "shutdown": 0.5,
+        },
+    ),
+    # still running: its wall time ends now, its steps since the last commit count as productive
+    "running": (
+        JobFacts(((0.0, R),), (_a(1.0, None, None, (9.0, 1), (_i(20, 11), _i(40, 13)), None, 45),), True),
+        20.0,
+        {"waiting": 1.0, "startup": 8.0, "productive": 11.0 - 0.2, "checkpoint_stall": 0.2},
+    ),
+    # stopped (preemption save), resumed 87 s later: the pause is not the job's time; the
+    # resumed attempt's start is a start-up, not a restart
+    "interrupted and resumed": (
+        JobFacts(
+            ((0.0, R), (12.6, STOPPED), (100.0, R), (111.6, S)),
+            (
+                _a(
+                    1.0,
+                    12.5,
+                    AttemptClass.PREEMPTED,
+                    (9.0, 1),
+                    (_i(20, 11), _f(30, 12.0, 0.2, "preempted")),
+                    None,
+                    30,
+                ),
+                _a(101.0, 111.5, AttemptClass.SUCCEEDED, (109.0, 31), (_f(52, 111.0, 0.2),), 30, 52, 0.0),
+            ),
+            True,
+        ),
+        200.0,
+        {
+            "waiting": 2.0,
+            "startup": 16.0,
+            "productive": 4.5,
+            "checkpoint_stall": 0.5,
+            "shutdown": 1.0,
+            "other": 0.2,
+        },
+    ),
+    # attempt 2 found the commit of step 40 damaged and restored step 20: attempt 1's training
+    # after step 20 (and the save of step 40) was lost too
+    "quarantined commit": (
+        JobFacts(
+            ((0.0, R), (14.0, B), (15.0, R), (28.0, S)),
+            (
+                _a(1.0, 14.0, AttemptClass.KILLED, (9.0, 1), (_i(20, 11), _i(40, 13)), None, 45),
+                _a(15.0, 28.0, AttemptClass.SUCCEEDED, (23.0, 21), (_f(52, 27.0, 0.2),), 20, 52, 0.0),
+            ),
+            True,
+        ),
+        99.0,
+        {
+            "waiting": 2.0,
+            "startup": 8.0,
+            "productive": 2.0 - 0.1 + 4.0 - 0.2,
+            "checkpoint_stall": 0.3,
+            "recomputed": 3.0,
+            "restart": 8.0,
+            "shutdown": 1.0,
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_parts(name: str) -> None:
+    facts, now, want = CASES[name]
+    got = g.account(facts, now)
+    wall = sum(e - s for s, e in g.active_spans(facts.states, now))
+    assert got.wall == pytest.approx(wall, abs=1e-6)
+    assert math.fsum(got.parts().values()) == pytest.approx(got.wall, abs=1e-6)
+    assert got.parts() == pytest.approx({k: want.get(k, 0.0) for k in g.PARTS}, abs=1e-6), name
+    assert got.ratio == pytest.approx(want["productive"] / wall)
+    assert math.fsum(got.waits.values()) == pytest.approx(got.waiting, abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("states", "now", "spans"),
+    [
+        (((0.0, Q), (3.0, R), (9.0, S)), 50.0, [(0.0, 9.0)]),
+        (((0.0, R),), 7.0, [(0.0, 7.0)]),
+        (
+            ((0.0, R), (2.0, B), (3.0, R), (5.0, JobState.FAILED), (20.0, Q), (21.0, R)),
+            30.0,
+            [(0.0, 5.0), (20.0, 30.0)],
+        ),
+        (((0.0, Q), (1.0, JobState.CANCELLED)), 9.0, [(0.0, 1.0)]),
+        (((0.0, R), (4.0, STOPPED)), 100.0, [(0.0, 4.0)]),
+    ],
+)
+def test_active_spans(
+    states: tuple[tuple[float, str], ...], now: float, spans: list[tuple[float, float]]
+) -> None:
+    assert g.active_spans(states, now) == spans
+
+
+def test_waits_by_cause() -> None:
+    facts, now, _ = CASES["disk_full wait"]
+    assert g.account(facts, now).waits == pytest.approx({"queued": 1.0, "backoff": 0.0, "disk_full": 30.0})
+    facts, now, _ = CASES["kill after a commit"]
+    assert g.account(facts, now).waits == pytest.approx({"queued": 1.0, "backoff": 1.0, "disk_full": 0.0})
+
+
+def test_as_dict_and_line() -> None:
+    facts, now, _ = CASES["hang"]
+    got = g.account(facts, now)
+    d = got.as_dict()
+    assert set(d) == {"ratio", "wall", *g.PARTS, "waiting_by_cause"}
+    assert d["ratio"] == round(got.ratio, 4) and d["hang"] == round(got.hang, 3)
+    line = got.line()
+    assert line.startswith(f"goodput {got.ratio:.3f}: productive {got.productive:.1f}s of {got.wall:.1f}s")
+    assert f"hang {got.hang:.1f}s" in line and "other" not in line  # parts under 0.05 s are left out
+
+
+def _ev(kind: Event, attempt: int, ts: float, **data: object) -> str:
+    return json.dumps({"event": str(kind), "ts": ts, "attempt": attempt, **data})
+
+
+def test_gather_reads_the_store_and_the_workers_events(tmp_path: Path) -> None:
+    spec, _ = load_job_file(write_job(tmp_path, mode="sync"))
+    run = tmp_path / "run"
+    run.mkdir()
+    store = Store.open(tmp_path / "state")
+    store.create_job("j", spec.name, spec_json(spec), spec_digest(spec), "job.yaml", str(run))
+    store.transition("j", R)
+    store.start_attempt("j", 11)
+    store.end_attempt(
+        "j",
+        1,
+        exit_code=None,
+        signal=9,
+        klass=AttemptClass.KILLED,
+        evidence="",
+        error_summary=None,
+        restored_step=None,
+        last_step=50,
+    )
+    store.transition("j", B)
+    store.transition("j", R)
+    store.start_attempt("j", 12)
+    lines = [
+        _ev(Event.RESTORE_FRESH, 1, 5.0, reason="no committed checkpoint"),
+        _ev(Event.TRAINING_FIRST_STEP, 1, 9.0, step=1),
+        _ev(Event.CHECKPOINT_COMMITTED, 1, 11.0, step=20, seconds=0.25, reason="interval"),
+        '{"event": "checkpoint.committed", "attempt": 1, "ts": "soon"}',  # the owner's file: anything
+        "not json",
+        _ev(Event.RESTORE_DONE, 2, 20.0, step=20),
+        _ev(Event.TRAINING_FIRST_STEP, 2, 23.0, step=21),
+        _ev(Event.TRAINING_FIRST_STEP, 2, 22.5, step=21),  # a gang's other member: the earliest
+        _ev(Event.CHECKPOINT_COMMITTED, 2, 25.0, step=52, seconds=0.5, reason="final"),
+        _ev(Event.TRAINING_DONE, 2, 25.1, step=52, stall_seconds=0.125),
+    ]
+    (run / EVENTS_FILE).write_text("\n".join(lines) + "\n")
+    facts = g.gather(store, "j")
+    assert facts.sync_saves and [s for _, s in facts.states] == [Q, R, B, R]
+    rows = store.attempts("j")
+    one, two = facts.attempts
+    assert (one.spawned, one.ended, one.klass, one.last_step) == (
+        rows[0].started_at,
+        rows[0].ended_at,
+        "killed",
+        50,
+    )
+    assert (one.training_from, one.first_step, one.restored_step, one.interval_stall) == (9.0, 1, 0, None)
+    assert one.commits == (Commit(20, 11.0, 0.25, "interval"),)
+    assert (two.ended, two.klass, two.training_from, two.first_step, two.restored_step) == (
+        None,
+        None,
+        22.5,
+        21,
+        20,
+    )
+    assert two.commits == (Commit(52, 25.0, 0.5, "final"),) and two.interval_stall == 0.125
+    now = time.time()
+    got = g.of_job(store, "j", now=now)
+    assert got.wall == pytest.approx(now - facts.states[0][0], abs=1e-6)
+    assert math.fsum(got.parts().values()) == pytest.approx(got.wall, abs=1e-6)
+
+
+def test_gather_without_events_file(tmp_path: Path) -> None:
+    spec, _ = load_job_file(write_job(tmp_path, mode="async"))
+    store = Store.open(tmp_path / "state")
+    store.create_job("j", spec.name, spec_json(spec), spec_digest(spec), "job.yaml", str(tmp_path / "gone"))
+    facts = g.gather(store, "j")
+    assert not facts.sync_saves and facts.attempts == () and [s for _, s in facts.states] == [Q]
+    got = g.of_job(store, "j", now=facts.states[0][0] + 5.0)  # queued, nothing started yet
+    assert got.wall == pytest.approx(5.0) and got.waits["queued"] == pytest.approx(5.0) and got.ratio == 0.0
