@@ -10,10 +10,11 @@ from typing import Any
 
 import click
 
+from ckptd.state import goodput
 from ckptd.state.jobspec import JobSpec, spec_from_json
 from ckptd.state.paths import RunDir
 from ckptd.state.protocol import Event
-from ckptd.state.store import Job, Store
+from ckptd.state.store import Attempt, Job, Store
 
 
 def _ts(t: float | None) -> str | None:
@@ -50,34 +51,40 @@ def job_report(store: Store, job: Job, detail: bool) -> dict[str, Any]:
         {"time": _ts(e["ts"]), "kind": e["kind"], **json.loads(e["data_json"] or "{}")} for e in problems[-5:]
     ]
     if detail:
-        members: dict[int, list[dict[str, Any]]] = {}
-        for e in store.events(job.id):
-            if e["kind"] == Event.GANG_MEMBER_ENDED:
-                m = json.loads(e["data_json"] or "{}")
-                members.setdefault(m.get("attempt", 0), []).append(
-                    {k: m.get(k) for k in ("member", "host", "pid", "exit_class", "root_cause")}
-                )
-        report["attempt_list"] = [
-            {
-                "n": a.n,
-                "pid": a.pid,
-                "started_at": _ts(a.started_at),
-                "ended_at": _ts(a.ended_at),
-                "class": str(a.klass) if a.klass else None,
-                "evidence": a.evidence,
-                "exit_code": a.exit_code,
-                "signal": a.signal,
-                "error": a.error_summary,
-                "restored_step": a.restored_step,
-                "last_step": a.last_step,
-                "steps_done": (None if a.last_step is None else max(0, a.last_step - (a.restored_step or 0))),
-                # a multi_worker gang: each member's host and class (the attempt's is the root's)
-                "members": members.get(a.n, []),
-            }
-            for a in attempts
-        ]
+        report["attempt_list"] = _attempt_list(store, job.id, attempts)
         report["outputs"] = outputs(job, spec_from_json(job.spec_json))
+        # Reads the whole events file: for one job's detail only, never for the list of jobs.
+        report["goodput"] = goodput.summary(store, job.id)
     return report
+
+
+def _attempt_list(store: Store, job_id: str, attempts: list[Attempt]) -> list[dict[str, Any]]:
+    members: dict[int, list[dict[str, Any]]] = {}
+    for e in store.events(job_id):
+        if e["kind"] == Event.GANG_MEMBER_ENDED:
+            m = json.loads(e["data_json"] or "{}")
+            members.setdefault(m.get("attempt", 0), []).append(
+                {k: m.get(k) for k in ("member", "host", "pid", "exit_class", "root_cause")}
+            )
+    return [
+        {
+            "n": a.n,
+            "pid": a.pid,
+            "started_at": _ts(a.started_at),
+            "ended_at": _ts(a.ended_at),
+            "class": str(a.klass) if a.klass else None,
+            "evidence": a.evidence,
+            "exit_code": a.exit_code,
+            "signal": a.signal,
+            "error": a.error_summary,
+            "restored_step": a.restored_step,
+            "last_step": a.last_step,
+            "steps_done": (None if a.last_step is None else max(0, a.last_step - (a.restored_step or 0))),
+            # a multi_worker gang: each member's host and class (the attempt's is the root's)
+            "members": members.get(a.n, []),
+        }
+        for a in attempts
+    ]
 
 
 def print_status(reports: list[dict[str, Any]], detail: bool) -> None:
@@ -107,6 +114,8 @@ def print_status(reports: list[dict[str, Any]], detail: bool) -> None:
             for m in a["members"]:
                 root = "  (root cause)" if m["root_cause"] else ""
                 click.echo(f"    member {m['member']} on {m['host']}: pid {m['pid']} {m['exit_class']}{root}")
+        if r.get("goodput"):  # a daemon older than goodput sends none
+            click.echo(f"  {goodput.describe(r['goodput'])}")
         shown = dict(r["outputs"], best_files=best_files(r["outputs"].get("best_template")))
         click.echo(json.dumps(shown, indent=2))
 

@@ -122,12 +122,14 @@ class Goodput:
         out["waiting_by_cause"] = {k: round(v, 3) for k, v in self.waits.items()}
         return out
 
-    def line(self) -> str:
-        """One line for `ckptd status JOB`."""
-        rest = ", ".join(f"{k} {v:.1f}s" for k, v in self.parts().items() if k != "productive" and v >= 0.05)
-        return f"goodput {self.ratio:.3f}: productive {self.productive:.1f}s of {self.wall:.1f}s" + (
-            f"; {rest}" if rest else ""
-        )
+
+def describe(d: dict[str, Any]) -> str:
+    """One line for `ckptd status JOB`, from `summary` (which is what the daemon sends)."""
+    if "error" in d:
+        return str(d["error"])
+    rest = ", ".join(f"{k} {d[k]:.1f}s" for k in PARTS if k != "productive" and d.get(k, 0.0) >= 0.05)
+    head = f"goodput {d['ratio']:.3f}: productive {d['productive']:.1f}s of {d['wall']:.1f}s"
+    return head + (f"; {rest}" if rest else "")
 
 
 # -- the accounting (pure) ----------------------------------------------------------------------
@@ -306,6 +308,15 @@ class _Seen:
 
 def of_job(store: Store, job_id: str, run_root: Path | None = None, now: float | None = None) -> Goodput:
     return account(gather(store, job_id, run_root), time.time() if now is None else now)
+
+
+def summary(store: Store, job_id: str, run_root: Path | None = None) -> dict[str, Any]:
+    """`Goodput.as_dict` for `ckptd status` and the attempts' exit events. Accounting must never
+    stop a supervisor or a status report: what went wrong is reported in its place."""
+    try:
+        return of_job(store, job_id, run_root).as_dict()
+    except Exception as e:
+        return {"error": f"goodput not accounted: {type(e).__name__}: {e}"}
 
 
 def gather(store: Store, job_id: str, run_root: Path | None = None) -> JobFacts:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from ckptd.state import goodput
 from ckptd.state import protocol as p
 from ckptd.state.jobspec import JobSpec, replica_counts
 from ckptd.state.paths import RunDir
@@ -325,7 +326,11 @@ class JobRunner:
             last_step=w.last_step,
         )
         self.display.attempt_ended(n, klass, evidence)
-        self.record_event(p.Event.WORKER_EXITED, attempt=n, exit_class=str(klass), evidence=evidence)
+        # The job's goodput so far: the last attempt's exit event carries the whole job's.
+        gp = goodput.summary(self.store, self.job_id, self.run.root) if self.record else None
+        self.record_event(
+            p.Event.WORKER_EXITED, attempt=n, exit_class=str(klass), evidence=evidence, goodput=gp
+        )
         outcome = AttemptOutcome(klass, w.restored_step, w.committed_step, w.last_step)
         self.history.append(outcome)
         if klass == AttemptClass.GPU_FAULT and self.devices:

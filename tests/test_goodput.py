@@ -8,8 +8,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import signal
+import subprocess
 import time
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,8 +26,10 @@ from ckptd.state.jobspec import spec_digest, spec_json
 from ckptd.state.protocol import EVENTS_FILE, Event
 from ckptd.state.states import AttemptClass, JobState
 from ckptd.state.store import Store
+from ckptd.supervisor.runner import HANG_GRACE_SECONDS
 
-from .conftest import write_job
+from .conftest import ckptd_cmd, env_with, write_job
+from .procs import finish, heartbeat_when, run_dir, start_run, status
 
 Q, R, B, S = JobState.QUEUED, JobState.RUNNING, JobState.BACKOFF, JobState.SUCCEEDED
 STOPPED = JobState.INTERRUPTED
@@ -297,13 +305,13 @@ def test_waits_by_cause() -> None:
     assert g.account(facts, now).waits == pytest.approx({"queued": 1.0, "backoff": 1.0, "disk_full": 0.0})
 
 
-def test_as_dict_and_line() -> None:
+def test_as_dict_and_describe() -> None:
     facts, now, _ = CASES["hang"]
     got = g.account(facts, now)
     d = got.as_dict()
     assert set(d) == {"ratio", "wall", *g.PARTS, "waiting_by_cause"}
     assert d["ratio"] == round(got.ratio, 4) and d["hang"] == round(got.hang, 3)
-    line = got.line()
+    line = g.describe(d)
     assert line.startswith(f"goodput {got.ratio:.3f}: productive {got.productive:.1f}s of {got.wall:.1f}s")
     assert f"hang {got.hang:.1f}s" in line and "other" not in line  # parts under 0.05 s are left out
 
@@ -381,3 +389,61 @@ def test_gather_without_events_file(tmp_path: Path) -> None:
     assert not facts.sync_saves and facts.attempts == () and [s for _, s in facts.states] == [Q]
     got = g.of_job(store, "j", now=facts.states[0][0] + 5.0)  # queued, nothing started yet
     assert got.wall == pytest.approx(5.0) and got.waits["queued"] == pytest.approx(5.0) and got.ratio == 0.0
+
+
+def test_summary_reports_what_went_wrong_in_its_place(tmp_path: Path) -> None:
+    got = g.summary(Store.open(tmp_path), "no-such-job")
+    assert got["error"].startswith("goodput not accounted: StoreError") and g.describe(got) == got["error"]
+
+
+# Every restart waits exactly 1 s (initial = max); a training phase silent for 3 s is a hang.
+RESTART = (
+    "restart: {max_restarts: 3, backoff_initial_seconds: 1.0, backoff_max_seconds: 1.0, "
+    "heartbeat_timeout_seconds: 3, startup_grace_seconds: 120}"
+)
+
+
+def _logged_at(out: str, event: str) -> float:
+    """When `ckptd run` logged `event` (its own clock, not the store's)."""
+    line = next(ln for ln in out.splitlines() if f'"event": "{event}"' in ln)
+    return datetime.fromisoformat(json.loads(line)["timestamp"]).timestamp()
+
+
+@pytest.mark.tf
+def test_a_run_with_a_kill_a_backoff_and_a_hang_is_accounted_to_its_wall_time(tmp_path: Path) -> None:
+    """Attempt 1 is SIGKILLed a few steps after a commit, attempt 2 deadlocks after step 70 (10
+    steps after a commit) until the verdict and the grace, attempt 3 finishes; each restart
+    waits 1 s. The parts must explain the wall time `ckptd run` measured within 1 %."""
+    job = write_job(tmp_path, epochs=2)
+    job.write_text(re.sub(r"(?m)^restart:.*$", RESTART, job.read_text()))
+    home = tmp_path / "home"
+    proc = start_run(home, str(job), faults="step_delay=0.03,hang_at_step=70,attempt=2")
+    hb = heartbeat_when(run_dir(home), lambda h: h.attempt == 1 and h.step >= (h.committed_step or 10**9) + 5)
+    os.kill(hb.pid, signal.SIGKILL)
+    rc, out = finish(proc)
+    assert rc == 0, out
+    st = status(home, run_dir(home).name)
+    assert [a["class"] for a in st["attempt_list"]] == ["killed", "hang", "succeeded"]
+    gp = st["goodput"]
+    measured = _logged_at(out, "job.finished") - _logged_at(out, "job.started")
+    named = math.fsum(v for k, v in gp.items() if k in g.PARTS and k != "other")
+    print(f"goodput {json.dumps(gp)}; measured wall {measured:.3f} s, named parts {named:.3f} s")  # pytest -s
+    assert abs(named - measured) <= 0.01 * measured, (named, measured)
+    assert abs(gp["wall"] - measured) <= 0.01 * measured and gp["other"] <= 0.01 * gp["wall"]
+    assert math.fsum(gp[k] for k in g.PARTS) == pytest.approx(gp["wall"], abs=0.01)  # ms rounding
+    assert gp["recomputed"] > 0 and gp["restart"] > 0 and gp["waiting"] > 0 and gp["checkpoint_stall"] > 0
+    assert 2.0 <= gp["waiting_by_cause"]["backoff"] < 2.5  # two restarts, 1 s each
+    assert 3.0 <= gp["hang"] <= 3.0 + HANG_GRACE_SECONDS + 2.0  # silence to the verdict, then the grace
+    assert gp["ratio"] == pytest.approx(gp["productive"] / gp["wall"], abs=1e-3)
+    exits = [e for e in _supervision_events(home, st["id"]) if e["event"] == Event.WORKER_EXITED]
+    last = exits[-1]["goodput"]  # the job's end event: its goodput up to the last exit
+    assert len(exits) == 3 and last["productive"] == gp["productive"] and last["wall"] <= gp["wall"]
+    shown = subprocess.run(
+        ckptd_cmd("status", st["id"]), env=env_with(home), capture_output=True, text=True, timeout=60
+    )
+    assert f"  {g.describe(gp)}\n" in shown.stdout, shown.stdout + shown.stderr
+
+
+def _supervision_events(home: Path, job_id: str) -> list[dict[str, Any]]:
+    lines = (home / "supervision" / job_id / EVENTS_FILE).read_text().splitlines()
+    return [json.loads(line) for line in lines]
