@@ -123,6 +123,9 @@ class Heartbeat:
     committed_step: int | None = None
     restored_step: int | None = None
     host: str = ""  # where it runs (a gang's members may be on other machines)
+    # The signal of a stop request a gang member received (0: none): the chief saves for the gang,
+    # so the supervisor relays a member's preemption notice to it.
+    stop_requested: int = 0
 
     def to_json(self) -> bytes:
         return json.dumps(self.__dict__, separators=(",", ":")).encode()

@@ -133,6 +133,7 @@ class GangWatch:
     hang: str | None = None
     ended: int = 0
     _term_sent: bool = False
+    _relayed: bool = False
     _kill_at: float | None = None
     _stops_seen: int = 0
 
@@ -175,6 +176,11 @@ class GangWatch:
                 if hb.host and not m.host.startswith("127.0.0.1"):  # placed by Slurm: its node
                     m.host = hb.host
                 m.last_step = hb.step if hb.step is not None else m.last_step
+                if hb.stop_requested and not self._relayed:
+                    # A preemption notice that reached a member only: the chief saves for the
+                    # gang, as if it had been asked itself (restarted, not stopped).
+                    self._relayed = True
+                    self.launch.stop_chief()
             m.silent = now - m.last_change
 
     def _enforce(self) -> None:

@@ -156,3 +156,23 @@ def test_the_previous_attempts_heartbeats_are_not_this_gangs(tmp_path: Path) -> 
     watch.run(lambda: None, 0.5)
     assert watch.hang is None and launch.asked == [], launch.asked
     assert [m.phase for m in members] == [Phase.STARTING, Phase.STARTING]
+
+
+@pytest.mark.parametrize("member,relayed", [(1, ["stop"]), (None, [])])
+def test_a_members_preemption_notice_is_relayed_to_the_chief_once(
+    tmp_path: Path, member: int | None, relayed: list[str]
+) -> None:
+    """A SIGTERM that reached a member other than the chief (its node is being preempted): the
+    chief saves for the gang, so the supervisor asks it, once, as for its own notice."""
+    run = RunDir(tmp_path)
+    for i in range(2):
+        hb = Heartbeat(pid=1, attempt=2, seq=3, phase=Phase.TRAINING, time=0.0, step=5)
+        hb.stop_requested = 15 if i == member else 0
+        run.member(i).root.mkdir(parents=True, exist_ok=True)
+        run.member(i).heartbeat.write_bytes(hb.to_json())
+    clock = _Clock()
+    members = [Member(i, 100 + i, run.member(i), last_change=0.0) for i in range(2)]
+    launch = _Launch(clock, 2, end=3.0)
+    watch = GangWatch(clock, Restart(), members, launch, lambda: 0, 2)  # type: ignore[arg-type]
+    watch.run(lambda: None, 0.5)
+    assert launch.asked == relayed

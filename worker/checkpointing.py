@@ -408,7 +408,10 @@ class Checkpointing:
         if not is_chief():
             # A gang's chief saves for every member. A member that left now could abandon the
             # chief inside a collective before it saved: it trains on until the chief has left
-            # and the supervisor (or srun) ends it.
+            # and the supervisor (or srun) ends it. Its heartbeat says it was asked, so a notice
+            # that reached this member only is relayed to the chief.
+            if not self.beater.hb.stop_requested:
+                self.beater.beat(None, force=True, stop_requested=self.stop.signum or 15)
             return
         self.schedule.closing()  # a pending interval save is coalesced into this one
         if self.dirty:
