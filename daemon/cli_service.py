@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 import click
 
-from ckptd.daemon import logs
+from ckptd.daemon import logs, metrics
 from ckptd.daemon.client import ApiRefused, Client, DaemonUnavailable, SocketDenied, find_socket
 from ckptd.daemon.config import load_config
 from ckptd.daemon.report import best_files
@@ -22,6 +22,7 @@ from ckptd.daemon.service import AlreadyRunning, Daemon
 from ckptd.daemon.sockets import SocketError
 from ckptd.state.jobfile import load_job_file
 from ckptd.state.jobspec import spec_json
+from ckptd.state.protocol import Event
 from ckptd.state.store import StoreError
 from ckptd.state.yamlstrict import JobFileError
 
@@ -74,14 +75,22 @@ def client_call(home: Path, method: str, url: str, body: dict[str, Any] | None =
     type=click.Path(dir_okay=False, path_type=Path),
     help="Daemon settings (default: <state>/daemon.yaml if present).",
 )
+@click.option(
+    "--metrics-address",
+    metavar="HOST:PORT",
+    callback=metrics.check_address,
+    help="Serve Prometheus metrics on HOST:PORT (default: metrics_address in the settings; off).",
+)
 @click.pass_obj
-def daemon_cmd(home: Path, config_file: Path | None) -> None:
+def daemon_cmd(home: Path, config_file: Path | None, metrics_address: str | None) -> None:
     """Run the service in the foreground (systemd runs this): API, queue, spool, recovery."""
     logs.configure(json_lines=not sys.stdout.isatty(), stream=sys.stdout)
     log = logs.get()
     try:
         home.mkdir(parents=True, exist_ok=True)
         config = load_config(config_file, home)
+        if metrics_address:
+            config = config.model_copy(update={"metrics_address": metrics_address})
         sys.exit(Daemon(home, config, log).serve())
     except JobFileError as e:
         for problem in e.problems:
@@ -179,7 +188,7 @@ def _saved_best(home: Path, job_id: str) -> list[str]:
         saved.update(
             (str(ev["path"]), None)
             for ev in chunk["events"]
-            if ev.get("event") == "best.saved" and ev.get("path")
+            if ev.get("event") == Event.BEST_SAVED and ev.get("path")
         )
         if not chunk["events"]:
             return list(saved)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ckptd.daemon.metrics import parse_address
 from ckptd.state.yamlstrict import JobFileError, load_mapping
 
 MAX_CONFIG_BYTES = 64 * 1024
@@ -32,6 +33,13 @@ class DaemonConfig(BaseModel):
     warm_workers: bool = False
     # Prometheus metrics on HOST:PORT (ckptd.daemon.metrics); off unless set (or --metrics-address).
     metrics_address: str | None = None
+
+    @field_validator("metrics_address")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_address(value)  # its MetricsAddressError is a ValueError: one line, naming it
+        return value
 
 
 def load_config(path: Path | None, state: Path) -> DaemonConfig:

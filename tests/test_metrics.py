@@ -138,3 +138,21 @@ def test_a_runs_scrape_follows_a_real_training(tmp_path: Path) -> None:
     finally:
         proc.communicate(timeout=300)
     assert proc.returncode == 0
+
+
+def test_the_daemons_settings_and_option_refuse_a_bad_address(tmp_path: Path) -> None:
+    from ckptd.daemon.config import load_config
+    from ckptd.state.yamlstrict import JobFileError
+
+    (tmp_path / "daemon.yaml").write_text("metrics_address: everywhere\n")
+    with pytest.raises(JobFileError) as e:
+        load_config(None, tmp_path)
+    assert "metrics_address" in e.value.problems[0] and "HOST:PORT" in e.value.problems[0]
+    r = subprocess.run(
+        ckptd_cmd("daemon", "--metrics-address", "[::1]"),
+        env=env_with(tmp_path / "home"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2 and "--metrics-address" in r.stderr, r.stderr
