@@ -15,7 +15,7 @@ import os
 import pwd
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from ckptd.state import goodput
 from ckptd.state import protocol as p
 from ckptd.state.paths import RunDir
 from ckptd.state.states import JobState
@@ -126,9 +127,8 @@ class Families:
 class JobsCollector(Collector):
     """Collected at each scrape; one lock, as scrapes may come on several server threads."""
 
-    def __init__(self, home: Path, extra: Callable[[Store, Job], dict[str, float]] | None = None) -> None:
+    def __init__(self, home: Path) -> None:
         self.home = home
-        self.extra = extra  # more per-job gauges (goodput), name -> value
         self.follows: dict[str, Follow] = {}
         self.users: dict[int, str] = {}
         self.lock = threading.Lock()
@@ -200,9 +200,21 @@ class JobsCollector(Collector):
         fams.gauge("ckptd_job_restarts", "Attempts after the first.", labels, max(0, len(attempts) - 1))
         self._commits(store, job, labels, fams)
         self._progress(job, labels, fams)
-        if self.extra is not None:
-            for name, value in self.extra(store, job).items():
-                fams.gauge(name, "See ckptd.state.goodput.", labels, value)
+        self._goodput(store, job, labels, fams)
+
+    def _goodput(self, store: Store, job: Job, labels: list[str], fams: Families) -> None:
+        gp = goodput.summary(store, job.id)
+        if "error" in gp:  # reported by `ckptd status`; a scrape goes on without it
+            return
+        fams.gauge("ckptd_job_goodput_ratio", "Productive training time / wall time.", labels, gp["ratio"])
+        for part in goodput.PARTS:
+            fams.gauge(
+                "ckptd_job_time_seconds",
+                "The job's wall time by part (goodput).",
+                [*labels, part],
+                gp[part],
+                ("part",),
+            )
 
     def _commits(self, store: Store, job: Job, labels: list[str], fams: Families) -> None:
         rows = store.checkpoints(job.id)
@@ -250,11 +262,11 @@ class JobsCollector(Collector):
             fams.gauge("ckptd_job_worker_rss_bytes", "The worker's resident memory.", labels, hb.rss_bytes)
 
 
-def serve(address: str, home: Path, extra: Callable[[Store, Job], dict[str, float]] | None = None) -> str:
+def serve(address: str, home: Path) -> str:
     """Start serving /metrics on a daemon thread; returns the address bound (port 0: any)."""
     host, port = parse_address(address)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(JobsCollector(home, extra))
+    registry.register(JobsCollector(home))
     ProcessCollector(registry=registry)  # this process's CPU and memory: the daemon's footprint
     server, _ = start_http_server(port, host, registry=registry)
     bound_host, bound_port = server.server_address[:2]

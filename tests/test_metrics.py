@@ -93,7 +93,10 @@ def test_the_daemons_scrape_moves_as_a_job_trains(tmp_path: Path) -> None:
         assert _value(later, "ckptd_queue_length") == 0
         assert (_value(later, "process_resident_memory_bytes") or 0) > 0  # the daemon's own
         labels = {k for series in later.values() for got, _ in series for k in got}
-        assert labels <= {"job", "name", "user", "state", "class"}, labels  # no paths, no params
+        assert labels <= {"job", "name", "user", "state", "class", "part"}, labels  # no paths, no params
+        ratio = _value(later, "ckptd_job_goodput_ratio", job=job_id)
+        parts = [v for got, v in later["ckptd_job_time_seconds"] if got["job"] == job_id]
+        assert ratio is not None and 0 <= ratio <= 1 and len(parts) >= 5 and sum(parts) > 0
         d.api("POST", f"/v1/jobs/{job_id}/cancel")
         d.wait_state(job_id, "cancelled")
         done = scrape(address)
