@@ -13,8 +13,10 @@ import click
 from ckptd.state import goodput
 from ckptd.state.jobspec import JobSpec, spec_from_json
 from ckptd.state.paths import RunDir
-from ckptd.state.protocol import Event
+from ckptd.state.protocol import Event, Heartbeat, Phase
+from ckptd.state.states import JobState
 from ckptd.state.store import Attempt, Job, Store
+from ckptd.supervisor.policy import silence_limit, suspect
 
 
 def _ts(t: float | None) -> str | None:
@@ -42,6 +44,8 @@ def job_report(store: Store, job: Job, detail: bool) -> dict[str, Any]:
     }
     attempts = store.attempts(job.id)
     report["attempts"] = len(attempts)
+    if job.state == JobState.RUNNING and attempts:
+        report["live"] = live(store, job, attempts[-1])
     problems = [
         e
         for e in store.events(job.id)
@@ -56,6 +60,48 @@ def job_report(store: Store, job: Job, detail: bool) -> dict[str, Any]:
         # Reads the whole events file: for one job's detail only, never for the list of jobs.
         report["goodput"] = goodput.summary(store, job.id)
     return report
+
+
+def live(store: Store, job: Job, attempt: Attempt, now: float | None = None) -> dict[str, Any]:
+    """A running attempt as its heartbeat shows it: where it is, its last commit, how long it
+    has been silent, and whether that is longer than normal for its phase (`suspect`), long
+    before the hang verdict."""
+    now = time.time() if now is None else now
+    run = RunDir(Path(job.run_dir))
+    hb = Heartbeat.read(run.heartbeat, run.root)
+    if hb is None or hb.attempt != attempt.n:  # this attempt has not beaten yet: starting
+        phase, silent, step, expect = str(Phase.STARTING), now - attempt.started_at, None, None
+    else:
+        phase, silent, step, expect = hb.phase, now - hb.time, hb.step, hb.expect_seconds
+    restart = spec_from_json(job.spec_json).restart
+    commits = store.checkpoints(job.id)
+    return {
+        "attempt": attempt.n,
+        "phase": phase,
+        "step": step,
+        "last_commit_step": commits[-1]["step"] if commits else None,
+        "last_commit_age_seconds": round(now - commits[-1]["committed_at"], 1) if commits else None,
+        "silent_seconds": round(max(0.0, silent), 1),
+        "normal_seconds": expect,
+        "hang_verdict_seconds": silence_limit(phase, restart),
+        "suspect": suspect(phase, max(0.0, silent), expect, restart),
+    }
+
+
+def describe_live(v: dict[str, Any]) -> str:
+    commit = (
+        f"last commit step {v['last_commit_step']} {v['last_commit_age_seconds']:.0f} s ago"
+        if v["last_commit_step"] is not None
+        else "no commit yet"
+    )
+    line = (
+        f"attempt {v['attempt']} {v['phase']} step={v['step']}, {commit}, silent {v['silent_seconds']:.1f} s"
+    )
+    if v["suspect"]:
+        normal = f"{v['normal_seconds']:.0f} s" if v["normal_seconds"] is not None else "a quarter of it"
+        verdict = f"hang verdict at {v['hang_verdict_seconds']:.0f} s"
+        line += f" — SUSPECT: longer than normal for {v['phase']} ({normal}); {verdict}"
+    return line
 
 
 def _attempt_list(store: Store, job_id: str, attempts: list[Attempt]) -> list[dict[str, Any]]:
@@ -93,10 +139,13 @@ def print_status(reports: list[dict[str, Any]], detail: bool) -> None:
     for r in reports:
         step = r["last_committed_step"]
         owner = f"owner={_user(r['owner_uid'])} " if r.get("owner_uid") is not None else ""
+        state = r["state"] + (" suspect" if (r.get("live") or {}).get("suspect") else "")
         click.echo(
-            f"{r['id']:<40} {r['state']:<12} {owner}attempts={r['attempts']:<3} "
+            f"{r['id']:<40} {state:<12} {owner}attempts={r['attempts']:<3} "
             f"committed_step={'-' if step is None else step}" + (f"  ({r['reason']})" if r["reason"] else "")
         )
+        if r.get("live"):
+            click.echo(f"  live: {describe_live(r['live'])}")
         for prob in r["checkpoint_problems"]:
             click.echo(
                 f"  {prob['kind']} at step {prob.get('step')}: {prob.get('error') or prob.get('reason')}"

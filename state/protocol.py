@@ -126,6 +126,9 @@ class Heartbeat:
     # The signal of a stop request a gang member received (0: none): the chief saves for the gang,
     # so the supervisor relays a member's preemption notice to it.
     stop_requested: int = 0
+    # The worker's own bound on the gap to its next beat in this phase (10x its recent gaps, at
+    # least EXPECT_FLOOR): what `ckptd status` calls normal. None: no basis yet (a phase's first).
+    expect_seconds: float | None = None
 
     def to_json(self) -> bytes:
         return json.dumps(self.__dict__, separators=(",", ":")).encode()

@@ -95,6 +95,16 @@ def silence_limit(phase: str, r: Restart) -> float:
     return limits[phase]  # a Phase missing from the table fails its test
 
 
+SUSPECT_SHARE = 0.25  # of the hang verdict's limit, where the worker gave no expectation
+
+
+def suspect(phase: str, silent: float, expect: float | None, r: Restart) -> bool:
+    """Silent longer than is normal for its phase (the worker's own expectation, else a quarter
+    of the verdict's limit): shown in `ckptd status` long before the hang verdict."""
+    limit = silence_limit(phase, r)
+    return silent > min(limit, expect if expect is not None else limit * SUSPECT_SHARE)
+
+
 def _classify(o: ExitObservation) -> tuple[C, str]:
     if o.exit_code == p.EXIT_OK:  # a clean exit wins over any verdict reached while waiting
         return C.SUCCEEDED, "training finished"

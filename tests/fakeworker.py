@@ -4,7 +4,8 @@ It does what the supervisor observes of a real worker: holds the checkpoint lock
 step loop, appends `checkpoint.committed` events, saves and exits 75 on SIGTERM, records its exit
 code. Selected with CKPTD_WORKER_MODULE=tests.fakeworker (daemon tests only; the real worker is
 exercised by the TensorFlow tests). FAKE_STEPS and FAKE_STEP_SECONDS shape the run;
-FAKE_CRASH_AT=N makes attempt 1 crash at step N; FAKE_SAVE_SECONDS slows the save on SIGTERM;
+FAKE_CRASH_AT=N makes attempt 1 crash at step N (FAKE_HANG_AT=N: hang there);
+FAKE_SAVE_SECONDS slows the save on SIGTERM;
 FAKE_ESCAPE=1 starts a setsid child and a double-forked grandchild (tests/escaper.py).
 With --warm it waits for its hand-over line like a warm worker (ckptd.supervisor.warm).
 """
@@ -63,9 +64,12 @@ def main() -> int:
     )
     code = p.EXIT_OK
     crash_at = int(os.environ.get("FAKE_CRASH_AT", "0")) if attempt == 1 else 0
+    hang_at = int(os.environ.get("FAKE_HANG_AT", "0")) if attempt == 1 else 0
     for step in range((committed or 0) + 1, total + 1):
         if step == crash_at:
             raise RuntimeError(f"fake crash at step {step}")
+        if step == hang_at:
+            time.sleep(3600)  # alive, no heartbeat: a deadlock
         time.sleep(pause)
         hb.seq, hb.step, hb.time = hb.seq + 1, step, time.time()
         write_nondurable(run.heartbeat, hb.to_json())

@@ -135,6 +135,9 @@ def _rss() -> int | None:
         return None
 
 
+EXPECT_FLOOR = 5.0  # seconds: below this, silence is scheduling noise on a loaded box
+
+
 class Beater:
     """Writes the heartbeat file from the training loop, at most every `interval` seconds
     (phase changes always go out at once)."""
@@ -150,12 +153,15 @@ class Beater:
             host=socket.gethostname(),
         )
         self._last = 0.0
+        self._call = 0.0  # the previous beat() of this phase (written or not)
+        self._gap: float | None = None  # its recent gaps, smoothed
 
     def beat(self, phase: str | None = None, force: bool = False, **fields: Any) -> None:
         for k, v in fields.items():
             setattr(self.hb, k, v)
         now = time.monotonic()
         changed = phase is not None and phase != self.hb.phase
+        self._expect(now, changed)
         if phase is not None:
             self.hb.phase = phase
         if not (force or changed or now - self._last >= self.interval):
@@ -168,6 +174,16 @@ class Beater:
             write_nondurable(self.path, self.hb.to_json())
         except OSError:  # a full disk: the next beat tries again (a long outage reads as a hang)
             self._last = 0.0
+
+    def _expect(self, now: float, changed: bool) -> None:
+        """What is normal for this phase: 10x the smoothed gap between its beats (steps, batches)."""
+        if changed:
+            self._gap = None
+        elif self._call:
+            gap = now - self._call
+            self._gap = gap if self._gap is None else 0.8 * self._gap + 0.2 * gap
+        self._call = now
+        self.hb.expect_seconds = None if self._gap is None else round(max(EXPECT_FLOOR, 10 * self._gap), 3)
 
 
 def write_error_file(attempt_dir: Path, exc: BaseException, **context: Any) -> None:
