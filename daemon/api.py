@@ -7,6 +7,8 @@
     POST /v1/jobs/ID/cancel              cancel (queued, running, backing off, interrupted, failed)
     GET  /v1/jobs/ID/checkpoints[?all=1] committed checkpoints
     GET  /v1/jobs/ID/events?offset=W:S   the worker's and the supervisor's events from the offsets
+    POST /v1/drain                       admins: start no job; {"running": "stop"|"finish"}
+    POST /v1/undrain                     admins: start jobs again
                                          the previous answer gave (for `ckptd logs -f`)
 
 The caller's uid, gid and groups come from SO_PEERCRED and SO_PEERGROUPS, never from the request:
@@ -66,6 +68,8 @@ class Backend(Protocol):
         self, store: Store, peer: Peer, job_id: str, include_retired: bool
     ) -> list[dict[str, Any]]: ...
     def events(self, store: Store, peer: Peer, job_id: str, cursor: str) -> dict[str, Any]: ...
+    def drain(self, peer: Peer, body: dict[str, Any]) -> dict[str, Any]: ...
+    def undrain(self, peer: Peer) -> dict[str, Any]: ...
 
 
 def peer_of(sock: socket.socket) -> Peer:
@@ -259,6 +263,8 @@ class Handler(BaseHTTPRequestHandler):
             return 200, b.jobs(store, peer)
         if route == ("POST", "jobs"):
             return b.submit(store, peer, self._body())
+        if route in (("POST", "drain"), ("POST", "undrain")):
+            return 200, b.drain(peer, self._body()) if route[1] == "drain" else b.undrain(peer)
         if len(parts) < 3 or parts[1] != "jobs":
             raise ApiError(404, f"no such endpoint {method} {url.path}")
         job_id = parts[2]

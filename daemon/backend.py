@@ -18,6 +18,7 @@ from structlog.typing import FilteringBoundLogger
 
 from ckptd.daemon import mounts
 from ckptd.daemon.api import ApiError, Peer, iter_lines
+from ckptd.daemon.drain import MODES, Drainer
 from ckptd.daemon.jobs import create_run, supervision_dir
 from ckptd.daemon.report import job_report
 from ckptd.daemon.running import RunningJob, ask_stop
@@ -54,9 +55,10 @@ class ApiBackend:
         wake: threading.Event,
         health: Callable[[], dict[str, Any]],
         log: FilteringBoundLogger,
+        drainer: Drainer,
     ) -> None:
         self.home, self.registry, self.admin_group = home, registry, admin_group
-        self.wake, self._health, self.log = wake, health, log
+        self.wake, self._health, self.log, self.drainer = wake, health, log, drainer
         self._pool: queue.SimpleQueue[Store] = queue.SimpleQueue()
 
     @contextmanager
@@ -218,6 +220,29 @@ class ApiBackend:
                 ) from e
         self.log.info("job.cancelled", job_id=job_id, by_uid=peer.uid)
         return 200, {"job_id": job_id, "state": str(job.state)}
+
+    def drain(self, peer: Peer, body: dict[str, Any]) -> dict[str, Any]:
+        """Admins only: no job starts; running ones save and stop (back to the queue) or finish."""
+        self._admin_only(peer, "drain")
+        running = body.get("running", "stop")
+        if running not in MODES:
+            raise ApiError(400, f"running: {running!r}; one of {', '.join(MODES)}")
+        with self.registry.lock:  # the main loop starts jobs under the same lock
+            out = self.drainer.drain(running, f"uid {peer.uid}", list(self.registry.running.values()))
+        self.wake.set()
+        return out
+
+    def undrain(self, peer: Peer) -> dict[str, Any]:
+        self._admin_only(peer, "undrain")
+        out = self.drainer.undrain(f"uid {peer.uid}")
+        self.wake.set()
+        return out
+
+    def _admin_only(self, peer: Peer, what: str) -> None:
+        if not self._is_admin(peer) and peer.uid != 0:
+            raise ApiError(
+                403, f"uid {peer.uid} may not {what} the service; root or group {self.admin_group} may"
+            )
 
     def _is_admin(self, peer: Peer) -> bool:
         try:

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from ckptd.daemon import cli_service, cli_store, jobs, logs, metrics
+from ckptd.daemon import cli_admin, cli_service, cli_store, jobs, logs, metrics
 from ckptd.daemon.cli_service import client_call
 from ckptd.daemon.cli_service import die as _die
 from ckptd.daemon.client import Client, SocketDenied, find_socket, service_home, service_socket
@@ -332,6 +332,8 @@ for _command in (
     cli_service.export,
     cli_store.recover,
     cli_store.backup,
+    cli_admin.drain,
+    cli_admin.undrain,
 ):
     cli.add_command(_command)
 

@@ -24,6 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from ckptd.daemon import drain
 from ckptd.state import goodput
 from ckptd.state import protocol as p
 from ckptd.state.paths import RunDir
@@ -153,6 +154,8 @@ class JobsCollector(Collector):
             value=sum(j.state == JobState.QUEUED for j in jobs),
         )
         yield self._attempt_classes(store)
+        drained = int(drain.read(self.home) is not None)
+        yield GaugeMetricFamily("ckptd_drained", "1 while `ckptd drain` holds: no job starts.", value=drained)
         live = [j for j in jobs if j.state in LIVE]
         for gone in set(self.follows) - {j.id for j in live}:
             del self.follows[gone]

@@ -36,6 +36,7 @@ class RunningJob:
     stops: StopRequests = field(default_factory=StopRequests)
     thread: threading.Thread | None = None
     end: JobState | None = None
+    drained: bool = False  # stopped by `ckptd drain`: back to the queue when it has stopped
 
 
 def start_job(

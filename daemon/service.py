@@ -16,6 +16,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -26,6 +27,7 @@ from ckptd.daemon import jobs, metrics
 from ckptd.daemon.api import ApiServer
 from ckptd.daemon.backend import ApiBackend, Registry
 from ckptd.daemon.config import DaemonConfig, socket_path
+from ckptd.daemon.drain import Drainer
 from ckptd.daemon.notify import Notifier
 from ckptd.daemon.recovery import recover
 from ckptd.daemon.running import RunningJob, ask_stop, start_job
@@ -123,6 +125,7 @@ class Daemon:
         self.gpus = detect_gpus()
         self.slots = slot_count(config.max_concurrent_jobs, self.gpus)
         self.warm = WarmPool(home, log)
+        self.drainer = Drainer(home, log)
         self.queued = 0
         self._status = ""
 
@@ -144,7 +147,13 @@ class Daemon:
             self._recover(store)
             sock = socket_path(self.config, self.home)
             backend = ApiBackend(
-                self.home, self.registry, self.config.admin_group, self.wake, self.health, self.log
+                self.home,
+                self.registry,
+                self.config.admin_group,
+                self.wake,
+                self.health,
+                self.log,
+                self.drainer,
             )
             server = bound(sock, lambda: ApiServer(str(sock), backend), group)
             threading.Thread(
@@ -251,6 +260,7 @@ class Daemon:
             "queued": self.queued,
             "warm_workers": self.warm.size(),
             "stopping": bool(self.signals),
+            "drain": asdict(self.drainer.state) if self.drainer.state else None,
         }
 
     def _loop(self, store: Store, spool: Spool | None) -> None:
@@ -258,7 +268,7 @@ class Daemon:
         while not self.signals:
             now = time.monotonic()
             self.notifier.watchdog(now)
-            self._reap()
+            self._guarded("reap", lambda: self._reap(store))
             woken = self.wake.is_set()
             self.wake.clear()
             if spool is not None and (woken or now - last_scan >= SPOOL_SCAN_SECONDS):
@@ -277,15 +287,18 @@ class Daemon:
             self.log.error("daemon.loop_error", step=what, error=f"{type(e).__name__}: {e}")
             self.wake.wait(LOOP_SECONDS)
 
-    def _reap(self) -> None:
+    def _reap(self, store: Store) -> None:
         with self.registry.lock:
             for job_id, rj in list(self.registry.running.items()):
                 if rj.thread is not None and not rj.thread.is_alive():
+                    self.drainer.requeue(store, rj)
                     del self.registry.running[job_id]
 
     def _schedule(self, store: Store) -> None:
         queue = managed_jobs(store, frozenset({JobState.QUEUED}))
         self.queued = len(queue)
+        if self.drainer.active:  # ckptd drain: nothing starts until undrain
+            return
         with self.registry.lock:
             running = self.registry.running
             busy = {d for rj in running.values() for d in rj.devices}
