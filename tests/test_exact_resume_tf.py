@@ -273,3 +273,17 @@ def test_custom_loop_sigterm_on_an_epochs_last_step_resumes_bit_identical(tmp_pa
     assert attempts[1]["restored_step"] == 20
     assert final_state_hash(run) == final_state_hash(clean)
     assert (run / "history.csv").read_text() == (clean / "history.csv").read_text()
+
+
+def test_custom_loop_sigterm_in_the_epoch_end_code_keeps_it_whole(tmp_path: Path) -> None:
+    """A SIGTERM during the epoch-end code: stopping inside epoch_done committed the metric
+    before the program's reset_state(), which the resume then skipped (epoch 1's accuracy
+    counted epoch 0's batches too). The next step_done stops instead."""
+    clean = _clean_run(tmp_path, "custom_loop")
+    extra = f"params: {{sigterm_at_epoch_end: 0, marker: {tmp_path / 'sigterm-sent'}}}\n"
+    run = _run(tmp_path / "term", _epoch_end_job(tmp_path, extra))
+    attempts = status(tmp_path / "term", run.name)["attempt_list"]
+    assert [a["class"] for a in attempts] == ["preempted", "succeeded"]
+    assert attempts[1]["restored_step"] == 21
+    assert (run / "history.csv").read_text() == (clean / "history.csv").read_text()
+    assert final_state_hash(run) == final_state_hash(clean)

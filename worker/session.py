@@ -163,8 +163,9 @@ class Session:
         self.ck.epoch_done()
         self.ck.c.host.assign(self.host.dumps())
         self.beater.beat(Phase.TRAINING, force=True, epoch=self.epoch, logs=values)
-        if self.stop.requested:
-            self.ck.preempt()
+        # No preemption save here, though a SIGTERM may be waiting: the program's own epoch-end
+        # code after this call (a metric's reset_state) would be in no commit, and a resume
+        # skips it. The next step_done, or finish, saves and stops.
         return self.host.stopped_early
 
     def finish(self) -> None:

@@ -50,6 +50,9 @@ for epoch in range(sess.epoch, 4):  # ckptd: was range(epochs)
         loss = train_step(xb, yb)
         sigterm_once(sess.step + 1)
         sess.step_done(loss=float(loss))  # ckptd
+    if ckptd.params().get("sigterm_at_epoch_end") == epoch and not Path(ckptd.params()["marker"]).exists():
+        Path(ckptd.params()["marker"]).touch()  # a preemption during the epoch-end code
+        os.kill(os.getpid(), signal.SIGTERM)
     # ckptd: the epoch's figures from the session (a resume may start after the epoch's last step)
     sess.epoch_done({"loss": sess.logs["loss"], "accuracy": float(accuracy.result())})
     accuracy.reset_state()
