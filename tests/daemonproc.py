@@ -48,9 +48,11 @@ class DaemonProc:
         return dict(self.api("GET", f"/v1/jobs/{job_id}"))
 
     def wait_state(self, job_id: str, *states: str, timeout: float = 60) -> dict[str, Any]:
-        return wait_for(
-            f"job {job_id} in {states}", lambda: (j := self.job(job_id))["state"] in states and j, timeout
-        )
+        def probe() -> dict[str, Any] | None:
+            j = self.job(job_id)
+            return j if j["state"] in states else None
+
+        return wait_for(f"job {job_id} in {states}", probe, timeout)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         self.proc.send_signal(sig)
