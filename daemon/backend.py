@@ -20,7 +20,7 @@ from ckptd.daemon import mounts
 from ckptd.daemon.api import ApiError, Peer, iter_lines
 from ckptd.daemon.drain import MODES, Drainer
 from ckptd.daemon.jobs import create_run, supervision_dir
-from ckptd.daemon.report import job_report
+from ckptd.daemon.report import job_report, live
 from ckptd.daemon.running import RunningJob, ask_stop
 from ckptd.daemon.schedule import may_act
 from ckptd.state import submissions
@@ -81,7 +81,10 @@ class ApiBackend:
                 return
 
     def health(self) -> dict[str, Any]:
-        return self._health()
+        out = self._health()
+        with self.store() as store:  # running but silent longer than normal (ckptd status)
+            out["suspect"] = [j for j in out["running"] if _suspect(store, j)]
+        return out
 
     # -- reads ----------------------------------------------------------------------------------
 
@@ -341,3 +344,11 @@ def submit_job(
         ),
         owner,
     )
+
+
+def _suspect(store: Store, job_id: str) -> bool:
+    try:
+        job, attempts = store.job(job_id), store.attempts(job_id)
+        return bool(attempts) and bool(live(store, job, attempts[-1])["suspect"])
+    except (StoreError, OSError, ValueError):  # gone or unreadable meanwhile: not news here
+        return False

@@ -83,6 +83,7 @@ def test_a_hung_worker_is_suspect_long_before_its_verdict(tmp_path: Path) -> Non
         live = moving["live"]
         assert live["phase"] == "training" and live["suspect"] is False and live["silent_seconds"] < 5
         assert live["hang_verdict_seconds"] == 40
+        assert d.api("GET", "/v1/health")["suspect"] == []
         seen = wait_for(
             "suspect", lambda: (s := _status(home, job_id)).get("live", {}).get("suspect") and s, 60
         )
@@ -90,6 +91,7 @@ def test_a_hung_worker_is_suspect_long_before_its_verdict(tmp_path: Path) -> Non
         # A quarter of the 40 s verdict (the fake worker gives no expectation of its own).
         assert seen["state"] == "running" and 10 <= live["silent_seconds"] < 40, live
         assert live["step"] == 29 and live["last_commit_step"] == 20, live
+        assert d.api("GET", "/v1/health")["suspect"] == [job_id]
         text = subprocess.run(
             ckptd_cmd("status"), env=env_with(home), capture_output=True, text=True, timeout=60
         ).stdout
