@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ckptd.daemon.metrics import parse_address
+from ckptd.state.runretention import FinishedRetention
 from ckptd.state.yamlstrict import JobFileError, load_mapping
 
 MAX_CONFIG_BYTES = 64 * 1024
@@ -33,6 +34,9 @@ class DaemonConfig(BaseModel):
     warm_workers: bool = False
     # Prometheus metrics on HOST:PORT (ckptd.daemon.metrics); off unless set (or --metrics-address).
     metrics_address: str | None = None
+    # Removal of finished jobs' checkpoints or run directories (ckptd.state.runretention, applied
+    # by ckptd.daemon.retention_runs); absent, nothing is ever removed.
+    finished_retention: FinishedRetention | None = None
 
     @field_validator("metrics_address")
     @classmethod

@@ -14,6 +14,7 @@ from ckptd.state import goodput
 from ckptd.state.jobspec import JobSpec, spec_from_json
 from ckptd.state.paths import RunDir
 from ckptd.state.protocol import Event, Heartbeat, Phase
+from ckptd.state.runretention import describe_removal
 from ckptd.state.states import JobState
 from ckptd.state.store import Attempt, Job, Store
 from ckptd.supervisor.policy import silence_limit, suspect
@@ -46,11 +47,14 @@ def job_report(store: Store, job: Job, detail: bool) -> dict[str, Any]:
     report["attempts"] = len(attempts)
     if job.state == JobState.RUNNING and attempts:
         report["live"] = live(store, job, attempts[-1])
+    events = store.events(job.id)
     problems = [
         e
-        for e in store.events(job.id)
+        for e in events
         if e["kind"] in (Event.CHECKPOINT_FAILED, Event.CHECKPOINT_QUARANTINED, Event.CHECKPOINT_COALESCED)
     ]
+    if removed := [e for e in events if e["kind"] == Event.RETENTION_REMOVED]:  # daemon/retention_runs.py
+        report["retention"] = {"time": _ts(removed[-1]["ts"]), **json.loads(removed[-1]["data_json"] or "{}")}
     report["checkpoint_problems"] = [
         {"time": _ts(e["ts"]), "kind": e["kind"], **json.loads(e["data_json"] or "{}")} for e in problems[-5:]
     ]
@@ -146,6 +150,8 @@ def print_status(reports: list[dict[str, Any]], detail: bool) -> None:
         )
         if r.get("live"):
             click.echo(f"  live: {describe_live(r['live'])}")
+        if r.get("retention"):
+            click.echo(f"  {describe_removal(r['retention'])}")
         for prob in r["checkpoint_problems"]:
             click.echo(
                 f"  {prob['kind']} at step {prob.get('step')}: {prob.get('error') or prob.get('reason')}"

@@ -30,6 +30,7 @@ from ckptd.daemon.config import DaemonConfig, socket_path
 from ckptd.daemon.drain import Drainer
 from ckptd.daemon.notify import Notifier
 from ckptd.daemon.recovery import recover
+from ckptd.daemon.retention_runs import RunRetention
 from ckptd.daemon.running import RunningJob, ask_stop, start_job
 from ckptd.daemon.schedule import Queued, pick_jobs, slot_count, warm_wanted
 from ckptd.daemon.sockets import bound
@@ -128,6 +129,7 @@ class Daemon:
         self.drainer = Drainer(home, log)
         self.queued = 0
         self._status = ""
+        self.retention = RunRetention(home, config.finished_retention, log)
 
     def _record_signal(self, signum: int, _frame: FrameType | None) -> None:
         # Only record; the main loop acts within LOOP_SECONDS. Not wake.set(): the handler runs in
@@ -276,6 +278,7 @@ class Daemon:
                 last_scan = now
             self._guarded("schedule", lambda: self._schedule(store))
             self._guarded("warm", lambda: self._keep_warm(store))
+            self._guarded("retention", lambda: self.retention.step(store, self.registry))
             self._report_status()
             self.wake.wait(LOOP_SECONDS)
 

@@ -101,6 +101,7 @@ class Event(StrEnum):
     # The store: a run directory it did not know, put back by `ckptd recover --adopt`.
     JOB_ADOPTED = "job.adopted"
     STORE_ORPHANS = "store.orphan_runs"
+    RETENTION_REMOVED = "retention.removed"  # a finished job's checkpoints or run directory went
 
 
 @dataclass
