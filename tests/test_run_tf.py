@@ -463,8 +463,9 @@ def test_a_nan_weight_with_a_finite_loss_is_never_committed(
     assert "weight" in error and committed and max(committed) < 13 <= refused, (error, committed)
     if mode == "sync":
         assert refused == 15 and committed == [5, 10], (error, committed)
-    else:  # the writer names the weight; on a busy box its saves may coalesce (a later step)
-        assert "unused" in error, error
+    else:  # the writer names the weight; on a busy box its saves may coalesce past the epoch's
+        # end, where the loop's own check (at every epoch end) finds it first: never committed
+        assert "unused" in error or "a weight is NaN" in error, error
 
 
 def test_an_early_stopping_monitor_that_does_not_exist_is_named_once(tmp_path: Path) -> None:
