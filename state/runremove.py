@@ -112,10 +112,10 @@ def _remove_names(fd: int, names: list[str], out: Removed) -> None:
 def _measure(fd: int, name: str) -> tuple[int, int]:
     """Files and bytes below directory `name` (symlinks counted, never followed)."""
     files = size = 0
-    for _, _, names, dfd in os.fwalk(name, dir_fd=fd, follow_symlinks=False):
-        for n in names:
+    for _, dirs, names, dfd in os.fwalk(name, dir_fd=fd, follow_symlinks=False):
+        for n in dirs + names:  # a symlink to a directory is listed with the directories
             st = os.stat(n, dir_fd=dfd, follow_symlinks=False)
-            files += 1
+            files += not stat.S_ISDIR(st.st_mode)
             size += st.st_size if stat.S_ISREG(st.st_mode) else 0
     return files, size
 
