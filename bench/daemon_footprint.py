@@ -71,13 +71,13 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
     home = tmp / "home"
     home.mkdir()
     fill(home, tmp, args.jobs)
-    steps = str(int(args.seconds / 0.05) * 4)
+    steps = str(int(args.seconds / args.step_seconds) * 4)
     d = start_daemon(
         home,
         config=("metrics_address: 127.0.0.1:0\n" if args.metrics else "")
         + f"max_concurrent_jobs: {args.live}\n",
         FAKE_STEPS=steps,
-        FAKE_STEP_SECONDS="0.05",
+        FAKE_STEP_SECONDS=str(args.step_seconds),
     )
     try:
         address = args.metrics and wait_for(
@@ -117,13 +117,17 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--scrape", type=float, default=1.0)
     ap.add_argument(
+        "--step-seconds", type=float, default=0.25, help="fake worker step (heartbeat; commit per 10)"
+    )
+    ap.add_argument(
         "--no-metrics", dest="metrics", action="store_false", help="the baseline: no metrics served"
     )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="ckptd-footprint-") as tmp:
         r = measure(args, Path(tmp))
     how = f"metrics scraped every {args.scrape} s" if args.metrics else "no metrics"
-    print(f"daemon, {args.jobs} finished jobs, {args.live} live (fake workers), {how}, {args.seconds:.0f} s")
+    live = f"{args.live} live (fake workers, {args.step_seconds} s steps)"
+    print(f"daemon, {args.jobs} finished jobs, {live}, {how}, {args.seconds:.0f} s")
     print(f"{'daemon RSS, max (MB)':<36}{r['rss_max_mb']:>10.1f}   <= 60 MB")
     print(f"{'daemon CPU (% of a core)':<36}{r['cpu_pct']:>10.2f}   <= 1 %")
     print(f"{'scrapes / bytes per scrape':<36}{r['scrapes']:>10.0f} / {r['scrape_bytes']:.0f}")
