@@ -88,7 +88,10 @@ def reclaim_run(run: RunDir, owner: Owner) -> bool:
     directories, which inherit `jobs/`'s group and setgid bit (no chmod with S_ISGID: the unit's
     RestrictSUIDSGID= refuses it). Only the daemon could write there until now, so nothing in it
     was planted by a user. False if it already was the owner's."""
-    st = run.root.lstat()
+    try:
+        st = run.root.lstat()
+    except FileNotFoundError:  # removed by finished_retention (remove: run_dir): nothing to hand over
+        return False
     if st.st_uid == owner.uid or not stat.S_ISDIR(st.st_mode):
         return False
     old = run.root.with_name(run.root.name + ".legacy")

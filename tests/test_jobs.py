@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -37,3 +38,13 @@ def test_works_for_recognises_a_warm_worker_by_its_directory(tmp_path: Path) -> 
         for p in procs:
             p.kill()
             p.wait()
+
+
+def test_a_run_directory_retention_removed_is_not_reclaimed(tmp_path: Path) -> None:
+    """A failed job whose run directory finished_retention removed: nothing to hand over, and
+    no error at every daemon start."""
+    from ckptd.daemon.jobs import reclaim_run
+    from ckptd.state.paths import RunDir
+    from ckptd.state.submissions import account_owner
+
+    assert reclaim_run(RunDir(tmp_path / "jobs" / "gone"), account_owner(os.getuid())) is False
