@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from ckptd.daemon import cli_admin, cli_service, cli_store, jobs, logs, metrics
+from ckptd.daemon import cli_admin, cli_report, cli_service, cli_store, jobs, logs, metrics
 from ckptd.daemon.cli_service import client_call
 from ckptd.daemon.cli_service import die as _die
 from ckptd.daemon.client import Client, SocketDenied, find_socket, service_home, service_socket
@@ -334,6 +334,7 @@ for _command in (
     cli_store.backup,
     cli_admin.drain,
     cli_admin.undrain,
+    cli_report.report,
 ):
     cli.add_command(_command)
 
