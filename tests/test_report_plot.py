@@ -227,7 +227,8 @@ def test_report_of_a_service_job(tmp_path: Path) -> None:
     assert got.returncode == 0, got.stderr
     svg = (tmp_path / "svc.svg").read_text()
     ET.fromstring(svg)
-    for word in ("attempt 1 crash", "attempt 2 succeeded, last step 40", "goodput", "commit"):
+    # The last step is the store's, from the last heartbeat seen: 39 or 40 as the box is loaded.
+    for word in ("attempt 1 crash", "attempt 2 succeeded, last step", "goodput", "commit"):
         assert word in svg, word
 
 
