@@ -9,17 +9,12 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
-ROUTES = ("fit", "build_arrays", "build_dataset", "fit_args", "session", "mirrored", "gang")
-MOMENTS = (
-    "first_step",
-    "mid_epoch",
-    "after_commit",
-    "epoch_last_step",
-    "validation",
-    "async_save",
-    "final_save",
-)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.test_killsweep import MOMENTS, ROUTES
+
 VARIANTS = ("KILL-divides", "KILL-nondiv", "TERM-divides", "TERM-nondiv")
 
 
