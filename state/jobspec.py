@@ -245,6 +245,26 @@ class Distribute(_Strict):
         default_factory=list, max_length=64
     )
 
+    # The job's shape, asked in one place rather than by comparing strategy strings everywhere.
+    @property
+    def is_gang(self) -> bool:
+        """Several member workers trained in step (multi_worker, engine local or slurm)."""
+        return self.strategy == "multi_worker"
+
+    @property
+    def is_mirrored(self) -> bool:
+        """One worker process with several replicas (MirroredStrategy)."""
+        return self.strategy == "mirrored"
+
+    @property
+    def members(self) -> int:
+        """Worker processes per attempt: a gang's nodes, else the one worker."""
+        return (self.nodes or 2) if self.is_gang else 1
+
+    @property
+    def on_slurm(self) -> bool:
+        return self.is_gang and self.engine == "slurm"
+
 
 class JobSpec(_Strict):
     name: str = Field(pattern=NAME_RE)
