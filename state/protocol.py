@@ -95,6 +95,7 @@ class Event(StrEnum):
     WORKER_WARM_ASSIGNED = "worker.warm_assigned"
     WORKER_ADOPTED = "worker.adopted"
     WORKER_EXITED = "worker.exited"
+    HEARTBEAT_MISSED = "heartbeat.missed"  # the hang verdict: shown, then the stop escalates
     GANG_MEMBER_ENDED = "gang.member_ended"
     WORKER_RESTARTING = "worker.restarting"
     GPU_EXCLUDED = "gpu.excluded"

@@ -413,7 +413,7 @@ class JobRunner:
                 )
                 self.display.event(
                     {
-                        "event": "heartbeat.missed",
+                        "event": p.Event.HEARTBEAT_MISSED,
                         "attempt": w.n,
                         "pid": w.pid,
                         "phase": w.phase,

@@ -11,7 +11,7 @@ import pytest
 
 from ckptd.state.jobspec import JobSpec, spec_digest, spec_json
 from ckptd.state.paths import RunDir
-from ckptd.state.protocol import Heartbeat, append_event
+from ckptd.state.protocol import Event, Heartbeat, append_event
 from ckptd.state.states import AttemptClass, JobState
 from ckptd.state.store import Store
 from ckptd.supervisor.process import ExitStatus
@@ -226,7 +226,7 @@ def test_hang_is_detected_and_killed(tmp_path: Path) -> None:
     # stacks first, wake a stopped worker, ask politely, then kill after the grace period
     assert sigs[:4] == [signal.SIGUSR1, signal.SIGCONT, signal.SIGTERM, signal.SIGKILL]
     assert "stacks" in (first.evidence or "")
-    missed = [e for e in runner.display.events if e["event"] == "heartbeat.missed"]  # type: ignore[attr-defined]
+    missed = [e for e in runner.display.events if e["event"] == Event.HEARTBEAT_MISSED]  # type: ignore[attr-defined]
     assert len(missed) == 1 and missed[0]["phase"] == "starting"
 
 
