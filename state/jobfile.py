@@ -22,7 +22,7 @@ def _format_validation(source: str, err: ValidationError) -> list[str]:
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown field (check the spelling; see the job file reference in README.md)"
+            msg = "unknown field (check the spelling; see the job file reference, docs/job-files.md)"
         elif e["type"] == "missing":
             msg = "required field is missing"
         given = e.get("input")

@@ -39,7 +39,7 @@ def _refuse_foreign(path: Path, size: int) -> None:
     if len(head) < SQLITE_HEADER or not head.startswith(SQLITE_MAGIC):
         raise StoreError(
             f"job store {path} is not an SQLite database ({size} bytes, starts {head[:16]!r}); "
-            "it was left untouched. Restore it from a backup (README: 'Backing up the store'), or "
+            "it was left untouched. Restore it from a backup (docs/service.md: 'Backing up the store'), or "
             "move it aside to start with an empty store (run directories stay in "
             f"{path.parent / 'jobs'}; `ckptd recover --adopt` queues them again)"
         )

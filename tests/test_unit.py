@@ -67,7 +67,7 @@ def test_unit_security_exposure_is_low(tmp_path: Path) -> None:
     m = re.search(r"Overall exposure level for ckptd\.service: ([\d.]+)", r.stdout + r.stderr)
     assert m, r.stdout + r.stderr
     # 3.3 measured: root with four capabilities (SETUID, SETGID, KILL, CHOWN) costs ~0.9 of it,
-    # the price of starting each job as its submitter (README "Trust").
+    # the price of starting each job as its submitter (docs/service.md, "Trust").
     assert float(m.group(1)) <= 3.3, r.stdout
 
 

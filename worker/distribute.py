@@ -158,7 +158,7 @@ def check_gang(strategy: tf.distribute.Strategy, ckdir: Path, attempt: int, step
             f"checkpoint.dir {ckdir} is not shared by the gang: a member cannot read the chief's "
             "files there. With members on several machines, the run directory and "
             "checkpoint.dir must be on one shared file system (NFS, Lustre, ...) that honours "
-            "fsync and rename; see README, Several machines"
+            "fsync and rename; see docs/distribution.md, Several machines"
         )
     steps = sorted({r[1] for r in rows})
     if len(steps) > 1:

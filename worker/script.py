@@ -111,6 +111,5 @@ def run_entrypoint(runner: ScriptRunner, path: str) -> None:
     if runner.loop is None:
         raise ConfigError(
             f"entrypoint {script.name} finished without calling ckptd.fit(...) "
-            "or ckptd.session(...): nothing was trained (see README, 'Porting a "
-            "program')"
+            "or ckptd.session(...): nothing was trained (see docs/porting.md)"
         )

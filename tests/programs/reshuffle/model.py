@@ -1,5 +1,5 @@
 """A model: job whose build() shuffles its own dataset (issue 26): ds.shuffle(256) reshuffles on
-every iteration, then the examples are returned unbatched as the README asks. params.variant:
+every iteration, then the examples are returned unbatched as docs/job-files.md asks. params.variant:
 default, seeded (shuffle(256, seed=5)), map_before / map_after (a map around the shuffle), py
 (a tf.py_function in the map: a cause ckptd must name)."""
 
