@@ -22,6 +22,8 @@ from pydantic import (
     model_validator,
 )
 
+from ckptd.state.memspec import Memory
+
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 ENTRY_RE = re.compile(r"^(?P<target>[^:\s]+):(?P<func>[A-Za-z_][A-Za-z0-9_]*)$")
 FORMAT_FIELD_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::[^{}]*)?\}")
@@ -98,6 +100,8 @@ class Checkpoint(_Strict):
     # loop sees only part of a large checkpoint's cost (~55 % of a 104 MB commit's on 2 cores;
     # the rest falls outside the save's window), and the true cost should stay within 2 %.
     async_overhead_budget: float = Field(0.01, gt=0.0, le=1.0)
+    # A second, cheaper tier: snapshots in RAM that outlive the worker (docs/memory-tier.md).
+    memory: Memory | None = None
 
     @field_validator("dir")
     @classmethod
@@ -115,6 +119,8 @@ class Checkpoint(_Strict):
                 "checkpoint.every_steps: auto paces asynchronous saves by their measured cost; "
                 "set mode: async, or give a number of steps"
             )
+        if self.memory is not None:
+            self.memory.check_against(self.mode, self.every_steps)
         return self
 
 
