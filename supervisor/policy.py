@@ -126,16 +126,22 @@ def _classify(o: ExitObservation) -> tuple[C, str]:
         if o.error_type == THREAD_ABORT:  # its stderr: a thread could not be created
             return C.RESOURCE_LIMIT, f"died of {name}: {o.error_message}"
         return C.CRASH, f"died of {name}"
-    codes = {  # EXIT_OK is decided first, above
-        p.EXIT_PREEMPTED: (C.PREEMPTED, "saved a checkpoint on request and stopped"),
-        p.EXIT_CONFIG: (C.CONFIG_ERROR, o.error_message or "configuration error"),
-        p.EXIT_LOCKED: (C.CONFIG_ERROR, o.error_message or "checkpoint directory in use"),
-        p.EXIT_NO_VALID_CHECKPOINT: (C.CONFIG_ERROR, o.error_message or "no valid checkpoint"),
-        p.EXIT_NONFINITE: (C.NAN_LOSS, o.error_message or "the loss or weights became non-finite"),
-    }
-    if o.exit_code in codes:
-        return codes[o.exit_code]
+    if o.exit_code in EXIT_CLASSES:
+        klass, default = EXIT_CLASSES[o.exit_code]
+        # A preemption is a stop as asked: it writes no error file whose message could say more.
+        return klass, (o.error_message if klass != C.PREEMPTED else None) or default
     return _classify_error(o)
+
+
+# The worker's own exit codes (ckptd.worker.errors), with what is said when its error file says
+# nothing. EXIT_OK is decided first, in _classify.
+EXIT_CLASSES: dict[int, tuple[C, str]] = {
+    p.EXIT_PREEMPTED: (C.PREEMPTED, "saved a checkpoint on request and stopped"),
+    p.EXIT_CONFIG: (C.CONFIG_ERROR, "configuration error"),
+    p.EXIT_LOCKED: (C.CONFIG_ERROR, "checkpoint directory in use"),
+    p.EXIT_NO_VALID_CHECKPOINT: (C.CONFIG_ERROR, "no valid checkpoint"),
+    p.EXIT_NONFINITE: (C.NAN_LOSS, "the loss or weights became non-finite"),
+}
 
 
 class Action(StrEnum):
@@ -160,7 +166,9 @@ class Decision:
     counts_against_budget: bool = False
 
 
-NEVER_RETRY = frozenset({C.CONFIG_ERROR})
+# The classes of the exits ckptd.state.protocol.NOT_RETRIED names (the worker reads that table
+# too): one fact, not two lists to keep in step.
+NEVER_RETRY = frozenset(EXIT_CLASSES[code][0] for code in p.NOT_RETRIED)
 FREE_RESTART = frozenset({C.PREEMPTED, C.LOST, C.PEER_LOST})
 
 

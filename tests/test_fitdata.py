@@ -102,7 +102,7 @@ def test_batched_dataset_resume_replays_the_reshuffle() -> None:
     ],
 )
 def test_bad_data_is_a_config_error_naming_the_cause(kw: dict[str, Any], fragment: str) -> None:
-    from ckptd.worker.entry import ConfigError
+    from ckptd.worker.errors import ConfigError
 
     with pytest.raises(ConfigError, match=fragment):
         _data(**kw).first_batch()
@@ -113,7 +113,7 @@ def test_legacy_build_dataset_that_looks_batched_names_unbatch() -> None:
 
     from ckptd.state.jobspec import Train
     from ckptd.worker.data import Batches
-    from ckptd.worker.entry import ConfigError
+    from ckptd.worker.errors import ConfigError
 
     ds = tf.data.Dataset.from_tensor_slices((np.zeros((8, 2)), np.zeros(8))).batch(4)
     with pytest.raises(ConfigError, match=r"\.unbatch\(\)"):
@@ -130,7 +130,7 @@ def test_model_checkpoint_and_early_stopping_map_onto_the_job() -> None:
     import keras
 
     from ckptd.worker.callbacks import map_callbacks
-    from ckptd.worker.entry import ConfigError
+    from ckptd.worker.errors import ConfigError
 
     keep = keras.callbacks.ReduceLROnPlateau()
     spec, kept, notes = map_callbacks(

@@ -147,7 +147,8 @@ def test_a_model_naming_a_directory_says_so(tmp_path: Path, name: str) -> None:
 def test_the_worker_says_a_model_naming_a_directory_is_one(tmp_path: Path) -> None:
     """The daemon does not look at the path (the CLI and the worker do, with the submitter's
     rights): the worker's config_error names it too."""
-    from ckptd.worker.entry import ConfigError, load_callable
+    from ckptd.worker.entry import load_callable
+    from ckptd.worker.errors import ConfigError
 
     (tmp_path / "models").mkdir()
     with pytest.raises(ConfigError, match=r"models is a directory; name the Python file in it"):

@@ -15,7 +15,8 @@ def test_a_stale_attempt_is_fenced_and_commits_nothing(tmp_path: Path) -> None:
     import tensorflow as tf
 
     from ckptd.state import ckptfiles as cf
-    from ckptd.worker.keeper import Fenced, Keeper
+    from ckptd.worker.errors import Fenced
+    from ckptd.worker.keeper import Keeper
 
     v = tf.Variable(1.0)
     ckpt = tf.train.Checkpoint(v=v)

@@ -65,7 +65,7 @@ def test_format_filepath_is_one_based() -> None:
     ],
 )
 def test_format_filepath_names_an_unknown_field_as_a_config_error(template: str, name: str | None) -> None:
-    from ckptd.worker.entry import ConfigError
+    from ckptd.worker.errors import ConfigError
 
     logs = {"loss": 0.5, "val_accuracy": 0.75}
     if name is not None:

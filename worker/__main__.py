@@ -26,7 +26,8 @@ from ckptd.state.jobfile import resolved_params
 from ckptd.state.jobspec import JobSpec, spec_from_json
 from ckptd.state.paths import MemberRunDir, RunDir
 from ckptd.state.protocol import Phase
-from ckptd.worker.runtime import log_to
+from ckptd.worker.errors import CheckDone, ConfigError, SpareReleased, WorkerEnd
+from ckptd.worker.runtime import log_to, write_error_file
 
 if TYPE_CHECKING:
     from ckptd.worker.loop import Loop
@@ -85,13 +86,13 @@ def _start(loop: Any) -> None:
 
 
 def train(loop: Any) -> int:
-    from ckptd.worker.checkpointing import Preempted
-
     try:
         _start(loop)
         loop.train()
-    except Preempted:
-        return p.EXIT_PREEMPTED
+    except WorkerEnd as e:
+        if e.recorded:  # recorded by _dispatch
+            raise
+        return e.exit_code  # preempted: saved and stopped as asked
     finally:
         loop.close()
     return p.EXIT_OK
@@ -100,8 +101,7 @@ def train(loop: Any) -> int:
 def _run_entrypoint(run: RunDir, attempt: int, spare: bool, holder: list[Any]) -> int:
     """An `entrypoint:` job: run the user's script; its ckptd.fit / ckptd.session call comes
     back here (via `ready`) to wait as a hot spare, lock and restore."""
-    from ckptd.worker.checkpointing import Preempted
-    from ckptd.worker.script import ScriptRunner, SpareReleased, run_entrypoint
+    from ckptd.worker.script import ScriptRunner, run_entrypoint
     from ckptd.worker.session import Session
 
     spec, beater, stop, writer = _basics(run, attempt)
@@ -118,10 +118,6 @@ def _run_entrypoint(run: RunDir, attempt: int, spare: bool, holder: list[Any]) -
         run_entrypoint(runner, spec.entrypoint)
         if isinstance(runner.loop, Session):
             runner.loop.finish()  # a custom loop that did not call sess.finish()
-    except Preempted:
-        return p.EXIT_PREEMPTED
-    except SpareReleased:
-        return p.EXIT_OK
     finally:
         if runner.loop is not None:
             runner.loop.close()
@@ -178,12 +174,6 @@ def _warm() -> int:
 
 
 def _dispatch(run: RunDir, mode: str) -> int:
-    from ckptd.worker.checkpointing import NonFinite
-    from ckptd.worker.entry import ConfigError
-    from ckptd.worker.keeper import NoValidCheckpoint
-    from ckptd.worker.runtime import DirLocked, write_error_file
-    from ckptd.worker.setup import CheckDone
-
     spare = mode == "--spare"
     attempt = 0 if spare else int(mode)
     holder: list[Any] = []  # the loop, once built: its step goes into the error record
@@ -195,26 +185,8 @@ def _dispatch(run: RunDir, mode: str) -> int:
         if spare and _become_assigned(run, loop) is None:
             return p.EXIT_OK
         return train(loop)
-    except CheckDone as done:
-        print(p.CHECK_PREFIX + json.dumps({"inexact": done.causes}), flush=True)
-        return p.EXIT_OK
-    except NonFinite as e:
-        attempt = holder[0].beater.hb.attempt if holder else attempt
-        run.attempt_dir(attempt).mkdir(parents=True, exist_ok=True)
-        write_error_file(run.attempt_dir(attempt), e, step=e.step)
-        print(f"ckptd worker: {e}", file=sys.stderr)
-        return p.EXIT_NONFINITE
-    except (ConfigError, DirLocked, NoValidCheckpoint) as e:
-        attempt = holder[0].beater.hb.attempt if holder else attempt
-        run.attempt_dir(attempt).mkdir(parents=True, exist_ok=True)
-        write_error_file(run.attempt_dir(attempt), e)
-        print(f"ckptd worker: {e}", file=sys.stderr)
-        codes = {
-            ConfigError: p.EXIT_CONFIG,
-            DirLocked: p.EXIT_LOCKED,
-            NoValidCheckpoint: p.EXIT_NO_VALID_CHECKPOINT,
-        }
-        return codes[type(e)]
+    except WorkerEnd as e:
+        return _ended(run, holder[0].beater.hb.attempt if holder else attempt, e)
     except Exception as e:
         attempt = holder[0].beater.hb.attempt if holder else attempt
         run.attempt_dir(attempt).mkdir(parents=True, exist_ok=True)
@@ -228,9 +200,21 @@ def _dispatch(run: RunDir, mode: str) -> int:
             )
             write_error_file(run.attempt_dir(attempt), err, step=step)
             traceback.print_exc()
-            return p.EXIT_CONFIG
+            return err.exit_code
         write_error_file(run.attempt_dir(attempt), e, step=step)
         raise  # the traceback goes to the attempt's stderr log as well; exit status 1
+
+
+def _ended(run: RunDir, attempt: int, e: WorkerEnd) -> int:
+    """The exit code a worker-ending error or stop carries (ckptd.worker.errors); an error is
+    recorded first, for the supervisor to classify."""
+    if isinstance(e, CheckDone):  # `ckptd validate --build` reads the verdict on stdout
+        print(p.CHECK_PREFIX + json.dumps({"inexact": e.causes}), flush=True)
+    if e.recorded:
+        run.attempt_dir(attempt).mkdir(parents=True, exist_ok=True)
+        write_error_file(run.attempt_dir(attempt), e, **e.context)
+        print(f"ckptd worker: {e}", file=sys.stderr)
+    return e.exit_code
 
 
 # Errors of the program itself (shapes, names, types), not of the machine (memory, I/O, devices):

@@ -27,7 +27,7 @@ import keras
 import numpy as np
 
 from ckptd.state.jobspec import Best, EarlyStopping, JobSpec
-from ckptd.worker.entry import ConfigError
+from ckptd.worker.errors import ConfigError
 
 _SKIP_ATTRS = {"model", "_model", "params", "validation_data"}
 # Attributes that on_train_begin derives from the files on disk: theirs wins on resume.

@@ -23,8 +23,9 @@ from ckptd.state.paths import RunDir
 from ckptd.state.protocol import EVENTS_FILE, NAN_RESTARTS_ENV, Event, Phase, append_event
 from ckptd.worker.asyncsave import AsyncSaver
 from ckptd.worker.distribute import check_gang, is_chief, job_strategy, multi_worker
+from ckptd.worker.errors import Fenced, NonFinite, Preempted, SaveFailed
 from ckptd.worker.faults import Faults
-from ckptd.worker.keeper import Fenced, Keeper, SaveFailed, restore_readonly
+from ckptd.worker.keeper import Keeper, restore_readonly
 from ckptd.worker.prep import Counters
 from ckptd.worker.runtime import Beater, StopFlag
 from ckptd.worker.saveschedule import SaveSchedule
@@ -36,21 +37,6 @@ class Saved(StrEnum):
     DONE = "done"  # committed (sync) or handed to the writer (async)
     BUSY = "busy"  # async interval save: the writer is busy or paces; try again later
     FAILED = "failed"  # an interval save that failed (reported); training goes on
-
-
-class Preempted(BaseException):
-    """Stopped on SIGTERM/SIGINT after saving: 0 steps lost. A BaseException, so that a user
-    script's `except Exception` around ckptd.fit cannot swallow it."""
-
-
-class NonFinite(BaseException):
-    """The loss or the weights became NaN/inf: never committed (it would rotate finite
-    checkpoints away); the attempt ends nan_loss (ckptd.state.protocol.EXIT_NONFINITE). A
-    BaseException, like Preempted, so a script's `except Exception` cannot train on."""
-
-    def __init__(self, step: int, what: str) -> None:
-        super().__init__(f"{what} at step {step}; the last finite commit is kept")
-        self.step = step
 
 
 class Checkpointing:

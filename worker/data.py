@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from ckptd.state.jobspec import Train
-from ckptd.worker.entry import ConfigError
+from ckptd.worker.errors import ConfigError
 
 ArrayPair = tuple[Any, Any]
 

@@ -25,7 +25,7 @@ import tensorflow as tf
 from ckptd.state.durable import atomic_write_text
 from ckptd.state.jobspec import JobSpec
 from ckptd.state.protocol import MEMBER_ENV, SLURM_PORT_BASE_ENV
-from ckptd.worker.entry import ConfigError
+from ckptd.worker.errors import ConfigError
 from ckptd.worker.faults import Faults
 from ckptd.worker.runtime import ThreadPlan, members_here, thread_plan
 

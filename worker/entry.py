@@ -18,10 +18,7 @@ from typing import Any
 
 from ckptd.state.jobspec import ENTRY_RE
 from ckptd.worker.api import FitArgs
-
-
-class ConfigError(Exception):
-    """The job cannot run as configured (not retried)."""
+from ckptd.worker.errors import ConfigError
 
 
 @dataclass
@@ -104,7 +101,7 @@ def check_model(model: Any, where: str) -> None:
         raise ConfigError(
             f"{where}: the model is not compiled; call model.compile(...) first, as model.fit requires"
         )
-    from ckptd.worker.distribute import check_strategy
+    from ckptd.worker.distribute import check_strategy  # imports TensorFlow: entry stays free of it
 
     if problem := check_strategy(model, where):
         raise ConfigError(problem)

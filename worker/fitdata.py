@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from ckptd.worker.api import FitArgs
-from ckptd.worker.entry import ConfigError
+from ckptd.worker.errors import ConfigError
 from ckptd.worker.fitplan import EpochPlan, epoch_plan
 from ckptd.worker.pipestate import PipelineState
 

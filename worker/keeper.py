@@ -26,6 +26,7 @@ from ckptd.state import ckptfiles as cf
 from ckptd.state.durable import atomic_write_text, fsync_dir, fsync_file
 from ckptd.state.protocol import Event
 from ckptd.state.retention import Committed, to_delete
+from ckptd.worker.errors import Fenced, NoValidCheckpoint, SaveFailed
 
 Log = Callable[..., None]
 
@@ -43,14 +44,6 @@ LEGACY_NAMES = (
     "metrics",
 )
 LEGACY_MARKER = "keras_rng/.ATTRIBUTES/VARIABLE_VALUE"
-
-
-class NoValidCheckpoint(Exception):
-    pass
-
-
-class SaveFailed(Exception):
-    """A checkpoint could not be committed; the previous commit is intact."""
 
 
 class Keeper:
@@ -235,11 +228,6 @@ class CommitPoint:
     step_in_epoch: int
     metrics: dict[str, float]
     who: tuple[int, int, int] = (0, 1, 1)  # generation (attempt), world size, replicas
-
-
-class Fenced(Exception):
-    """A newer attempt of the job has committed: this worker belongs to a stale gang (its
-    supervisor was lost and a new gang started) and must not commit or go on."""
 
 
 def commit_written(

@@ -21,6 +21,7 @@ from typing import Any, Literal
 from ckptd.state.durable import atomic_write_text, write_nondurable
 from ckptd.state.jobspec import JobSpec
 from ckptd.state.protocol import ERROR_FILE, Heartbeat, Phase
+from ckptd.worker.errors import ConfigError, DirLocked
 
 
 class StopFlag:
@@ -68,15 +69,9 @@ def thread_plan(setting: int | Literal["auto"], cpus: int, members: int) -> Thre
     return ThreadPlan(intra_op=n, inter_op=n, grpc_queues=n, grpc_threads=n)
 
 
-class DirLocked(Exception):
-    pass
-
-
 def output_dir(directory: Path, field: str) -> None:
     """Create an output directory with the job owner's rights (the worker's); a refusal is the
     job's configuration, not a crash to retry."""
-    from ckptd.worker.entry import ConfigError
-
     try:
         directory.mkdir(parents=True, exist_ok=True)
         if not os.access(directory, os.W_OK | os.X_OK):

@@ -21,16 +21,11 @@ from ckptd.state.jobspec import JobSpec
 from ckptd.state.paths import RunDir
 from ckptd.state.protocol import CHECK_ENV
 from ckptd.worker import api
-from ckptd.worker.checkpointing import Preempted
-from ckptd.worker.entry import ConfigError
+from ckptd.worker.errors import CheckDone, ConfigError, WorkerEnd
 from ckptd.worker.loop import report_exactness
 from ckptd.worker.runtime import Beater, StopFlag
-from ckptd.worker.setup import CheckDone, make_loop, session_causes
+from ckptd.worker.setup import make_loop, session_causes
 from ckptd.worker.writer import Writer
-
-
-class SpareReleased(BaseException):
-    """A hot spare told to exit while the script waited in its fit call."""
 
 
 class ScriptRunner(api.Runner):
@@ -94,7 +89,7 @@ def run_entrypoint(runner: ScriptRunner, path: str) -> None:
     except SystemExit as e:
         if e.code not in (None, 0):
             raise
-    except (Preempted, SpareReleased, CheckDone, ConfigError):
+    except WorkerEnd:  # a stop, or an error that already says what it is
         raise
     except FileNotFoundError as e:
         if runner.loop is None:

@@ -21,7 +21,7 @@ from ckptd.state.jobspec import JobSpec
 from ckptd.state.paths import RunDir
 from ckptd.state.protocol import Event, Phase
 from ckptd.worker.checkpointing import Checkpointing
-from ckptd.worker.entry import ConfigError
+from ckptd.worker.errors import ConfigError
 from ckptd.worker.hoststate import HostState
 from ckptd.worker.outputs import EpochOutputs
 from ckptd.worker.prep import floats, make_trackers

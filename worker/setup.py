@@ -14,20 +14,13 @@ from ckptd.state.jobspec import JobSpec
 from ckptd.state.paths import RunDir
 from ckptd.state.protocol import CHECK_ENV
 from ckptd.worker.api import FitArgs
-from ckptd.worker.entry import ConfigError, check_model
+from ckptd.worker.entry import check_model
+from ckptd.worker.errors import CheckDone, ConfigError
 from ckptd.worker.runtime import Beater, StopFlag
 from ckptd.worker.writer import Writer
 
 if TYPE_CHECKING:
     from ckptd.worker.loop import Loop
-
-
-class CheckDone(BaseException):
-    """The set-up of a check run is complete; `causes` says what would make resume inexact."""
-
-    def __init__(self, causes: list[str]) -> None:
-        super().__init__("check done")
-        self.causes = causes
 
 
 def configure_tf(spec: JobSpec) -> None:

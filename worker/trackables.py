@@ -15,11 +15,13 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
+
+from ckptd.worker.distribute import ReplicaFeed, multi_worker, reduce_logs
 
 
 def keras_global_generator(create: bool = True) -> Any:
@@ -137,18 +139,12 @@ class HostRandom:
         self._last = None
 
 
-if TYPE_CHECKING:
-    from ckptd.worker.distribute import ReplicaFeed
-
-
 def make_step_function(model: Any, feed: ReplicaFeed | None = None) -> Callable[[Any], Any]:
     """One training step, built as `model.fit` builds it for the TensorFlow backend
     (keras.src.backend.tensorflow.trainer._make_function): the strategy runs `train_step` on the
     batch fit would hand it, the outputs reduced across replicas. With several replicas, `feed`
     splits the global batch among them as fit's distributed dataset would."""
     from keras.src.backend.tensorflow.trainer import reduce_per_replica
-
-    from ckptd.worker.distribute import multi_worker, reduce_logs
 
     def replica_step(data: Any) -> Any:
         if feed is not None:

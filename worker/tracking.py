@@ -10,6 +10,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from ckptd.worker.errors import ConfigError
+
 Mode = Literal["min", "max"]
 _MAX_HINTS = ("acc", "auc", "precision", "recall", "f1", "fmeasure")
 
@@ -49,8 +51,6 @@ def format_filepath(template: str, epoch: int, logs: dict[str, float]) -> str:
     try:
         return template.format(**fields)
     except KeyError as e:
-        from ckptd.worker.entry import ConfigError  # entry imports the worker's API: keep it lazy
-
         raise ConfigError(
             f"best.filepath: {template!r} names {{{e.args[0]}}}, which this job's logs do not "
             f"hold; the fields available are {', '.join(sorted(fields))}"

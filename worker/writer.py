@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, NotRequired, TypedDict
 
 from ckptd.state import ckptfiles as cf
+from ckptd.worker.errors import Fenced
 
 WRITER_NICENESS = 10
 
@@ -39,7 +40,7 @@ class WriterReply(TypedDict):
     manifest: NotRequired[dict[str, Any]]  # ok
     retired: NotRequired[list[dict[str, Any]]]  # ok
     error: NotRequired[str]  # not ok
-    fenced: NotRequired[bool]  # not ok because a newer attempt has committed (keeper.Fenced)
+    fenced: NotRequired[bool]  # not ok because a newer attempt has committed (errors.Fenced)
     nonfinite: NotRequired[bool]  # not ok because a trainable weight is NaN or infinite
     step: NotRequired[int]
     epoch: NotRequired[int]
@@ -185,7 +186,7 @@ def _handle(
             "seconds": 0.0,
             "number": msg["number"],
             "error": f"{type(e).__name__}: {e}" + (f" (errno {errno})" if errno else ""),
-            "fenced": type(e).__name__ == "Fenced",  # keeper.Fenced (imported with TF)
+            "fenced": isinstance(e, Fenced),
             "nonfinite": isinstance(e, NonFiniteSnapshot),
         }
     reply["seconds"] = time.monotonic() - t0
