@@ -330,9 +330,9 @@ def gather(store: Store, job_id: str, run_root: Path | None = None) -> JobFacts:
 def _states(events: list[dict[str, Any]]) -> Iterator[tuple[float, str]]:
     for e in events:
         with contextlib.suppress(KeyError, TypeError, ValueError):
-            data = json.loads(e["data_json"] or "{}")
-            if e["kind"] in ("job.created", "job.state"):
-                yield float(e["ts"]), str(JobState(data["state" if e["kind"] == "job.created" else "to"]))
+            data, kind = json.loads(e["data_json"] or "{}"), e["kind"]
+            if kind in (p.Event.JOB_CREATED, p.Event.JOB_STATE):
+                yield float(e["ts"]), str(JobState(data["state" if kind == p.Event.JOB_CREATED else "to"]))
 
 
 def worker_events(run_root: Path) -> dict[int, _Seen]:

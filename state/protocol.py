@@ -31,10 +31,6 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved a checkpoint on SIGTERM/SIGINT and sto
 EXIT_NO_VALID_CHECKPOINT = 76  # committed checkpoints exist but none is restorable
 EXIT_LOCKED = 77  # another worker holds the checkpoint directory
 EXIT_CONFIG = 78  # EX_CONFIG: entrypoint missing, import error, bad params or data
-# Exits a restart cannot help: the job as configured, a directory another worker holds, a
-# history with no restorable commit. The one table of it: the worker's errors
-# (ckptd.worker.errors) and the restart policy (ckptd.supervisor.policy.NEVER_RETRY) read it.
-NOT_RETRIED = frozenset({EXIT_CONFIG, EXIT_LOCKED, EXIT_NO_VALID_CHECKPOINT})
 
 # `ckptd validate --build` runs a worker with CHECK_ENV set: it sets the job up (imports, builds,
 # primes), prints one CHECK_PREFIX line of JSON ({"inexact": [causes]}) and trains nothing.
@@ -59,9 +55,11 @@ class Phase(StrEnum):
 
 
 class Event(StrEnum):
-    """Every kind of line in a job's event streams: the worker's events.jsonl (commits, restores,
-    epochs, outputs) and the supervisor's (its workers' lives). Readers match on these, so a kind
-    cannot be misspelt on one side only; `ckptd logs` shows them all."""
+    """Every kind of event ckptd records: lines of the worker's events.jsonl (commits, restores,
+    epochs, outputs) and of the supervisor's (its workers' lives), and the rows of the store's
+    events table. Writers and readers use these members, never string literals (the values are
+    in users' files and databases: never change one), so a kind cannot be misspelt on one side
+    only; tests/test_vocabulary.py refuses a raw string. `ckptd logs` shows them all."""
 
     # worker: checkpoints and restores
     CHECKPOINT_COMMITTED = "checkpoint.committed"
@@ -103,6 +101,11 @@ class Event(StrEnum):
     GANG_MEMBER_ENDED = "gang.member_ended"
     WORKER_RESTARTING = "worker.restarting"
     GPU_EXCLUDED = "gpu.excluded"
+    # The store's own rows (its events table; `ckptd status` and goodput read them)
+    JOB_CREATED = "job.created"
+    JOB_STATE = "job.state"  # a transition: from, to, reason
+    ATTEMPT_STARTED = "attempt.started"
+    ATTEMPT_ENDED = "attempt.ended"
     # The store: a run directory it did not know, put back by `ckptd recover --adopt`.
     JOB_ADOPTED = "job.adopted"
     STORE_ORPHANS = "store.orphan_runs"

@@ -2,7 +2,8 @@
 
 WAL + FULL makes every committed transaction survive power loss; writes use BEGIN IMMEDIATE so two
 writers serialise on the lock instead of failing mid-transaction. The store records state
-transitions, attempts, committed checkpoints and events; heartbeats never come here.
+transitions, attempts, committed checkpoints and events; heartbeats never come here. The
+database itself (schema, migrations, opening it) is ckptd.state.storedb.
 """
 
 from __future__ import annotations
@@ -11,79 +12,15 @@ import json
 import os
 import sqlite3
 import time
-import urllib.parse
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ckptd.state.protocol import Event
 from ckptd.state.states import AttemptClass, IllegalTransition, JobState, is_legal
+from ckptd.state.storedb import open_db, transaction
 from ckptd.state.storefile import StoreError as StoreError
-from ckptd.state.storefile import private, refuse_unusable
-
-SCHEMA_VERSION = 3
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    state TEXT NOT NULL,
-    spec_json TEXT NOT NULL,
-    spec_digest TEXT NOT NULL,
-    job_file TEXT NOT NULL,
-    run_dir TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    last_committed_step INTEGER,
-    reason TEXT
-);
-CREATE INDEX IF NOT EXISTS jobs_name ON jobs(name, created_at);
-CREATE TABLE IF NOT EXISTS submissions (
-    job_id TEXT PRIMARY KEY REFERENCES jobs(id),
-    owner_uid INTEGER NOT NULL,
-    priority INTEGER NOT NULL DEFAULT 0,
-    submit_key TEXT,
-    submitted_at REAL NOT NULL,
-    owner_gid INTEGER,
-    owner_groups TEXT,
-    UNIQUE (owner_uid, submit_key)
-);
-CREATE TABLE IF NOT EXISTS attempts (
-    job_id TEXT NOT NULL REFERENCES jobs(id),
-    n INTEGER NOT NULL,
-    pid INTEGER,
-    started_at REAL NOT NULL,
-    ended_at REAL,
-    exit_code INTEGER,
-    signal INTEGER,
-    class TEXT,
-    evidence TEXT,
-    error_summary TEXT,
-    restored_step INTEGER,
-    last_step INTEGER,
-    pid_started REAL,
-    PRIMARY KEY (job_id, n)
-);
-CREATE TABLE IF NOT EXISTS checkpoints (
-    job_id TEXT NOT NULL REFERENCES jobs(id),
-    step INTEGER NOT NULL,
-    epoch INTEGER NOT NULL,
-    path TEXT NOT NULL,
-    committed_at REAL NOT NULL,
-    metrics_json TEXT,
-    digest TEXT,
-    retired_at REAL,
-    PRIMARY KEY (job_id, step)
-);
-CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    job_id TEXT,
-    ts REAL NOT NULL,
-    kind TEXT NOT NULL,
-    data_json TEXT
-);
-"""
 
 
 @dataclass(frozen=True)
@@ -131,104 +68,16 @@ def _attempt(row: sqlite3.Row) -> Attempt:
 
 
 class Store:
+    """Jobs, their state transitions, attempts, committed checkpoints and events. Every write is
+    one transaction (ckptd.state.storedb.transaction); a job's state changes only as the one
+    table (ckptd.state.states) allows, checked inside that transaction."""
+
     def __init__(self, path: Path, check: bool = True, threads: bool = False, readonly: bool = False) -> None:
-        """`readonly`: a reader (ckptd status) that never writes the store: opened with SQLite's
-        mode=ro, it neither migrates nor checkpoints a crashed writer's WAL into ckptd.db at close;
-        on a full disk it may fall back to a frozen copy."""
+        """`readonly`: a reader (ckptd status) that never writes the store: it neither migrates
+        nor checkpoints a crashed writer's WAL into ckptd.db at close; on a full disk it may fall
+        back to a frozen copy. `threads`: a pooled connection, used by one thread at a time."""
         self.path, self.check, self.readonly = path, check, readonly
-        path.parent.mkdir(parents=True, exist_ok=True)
-        refuse_unusable(path)
-        try:
-            # threads=True: a pooled connection, used by one thread at a time but not always the same.
-            if not readonly:
-                private(path)
-            fresh = not path.exists()
-            old_umask = os.umask(0o027) if fresh else None  # born private (see storefile.private)
-            target = f"file:{urllib.parse.quote(str(path))}?mode=ro" if readonly else str(path)
-            try:
-                self._db = sqlite3.connect(
-                    target, timeout=10.0, isolation_level=None, check_same_thread=not threads, uri=readonly
-                )
-            finally:
-                if old_umask is not None:
-                    os.umask(old_umask)
-        except sqlite3.Error as e:
-            raise StoreError(f"cannot open job store {path}: {e}") from e
-        # sqlite3 opens with O_CLOEXEC on Linux, so workers never inherit the store's descriptors.
-        self._db.row_factory = sqlite3.Row
-        try:
-            self._configure()
-        except sqlite3.OperationalError as e:
-            self._db.close()
-            if not (readonly and self._frozen_copy()):
-                raise StoreError(f"cannot open job store {path}: {e}") from e
-        except sqlite3.DatabaseError as e:
-            self._db.close()
-            raise StoreError(
-                f"job store {path} is unreadable ({e}); it was left untouched — "
-                "restore it from a backup or move it aside"
-            ) from e
-
-    def _frozen_copy(self) -> bool:
-        """A full disk: WAL mode cannot make its -shm file, so no connection opens. With no
-        -wal file the database file holds everything (nobody writes: a writer keeps a -wal),
-        and it is read as immutable — `ckptd status` works when the disk is full."""
-        wal = self.path.with_name(self.path.name + "-wal")
-        if not self.path.exists() or (wal.exists() and wal.stat().st_size > 0):
-            return False
-        try:
-            self._db = sqlite3.connect(f"file:{self.path}?mode=ro&immutable=1", uri=True)
-            self._db.row_factory = sqlite3.Row
-            self._db.execute("SELECT count(*) FROM jobs").fetchone()
-        except sqlite3.Error:
-            return False
-        return True
-
-    def _configure(self) -> None:
-        db = self._db
-        db.execute("PRAGMA busy_timeout = 10000")
-        # Once per process is enough; extra connections (API threads, job threads) skip it.
-        check = db.execute("PRAGMA integrity_check").fetchall() if self.check else [("ok",)]
-        if [tuple(r) for r in check] != [("ok",)]:
-            detail = "; ".join(str(r[0]) for r in check[:5])
-            raise sqlite3.DatabaseError(f"integrity_check failed: {detail}")
-        # Before anything writes (WAL mode rewrites the header): another program's database.
-        if (
-            not db.execute("PRAGMA user_version").fetchone()[0]
-            and db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-        ):
-            raise sqlite3.DatabaseError("it is an SQLite database of something else (no ckptd schema)")
-        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if mode != "wal":
-            raise sqlite3.DatabaseError(f"cannot enable WAL (journal_mode={mode})")
-        db.execute("PRAGMA synchronous = FULL")
-        db.execute("PRAGMA foreign_keys = ON")
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise sqlite3.DatabaseError(f"store schema {version} is newer than this ckptd ({SCHEMA_VERSION})")
-        if version == SCHEMA_VERSION:
-            return  # nothing to migrate: a reader (ckptd status) writes nothing, even on a full disk
-        if self.readonly:
-            raise sqlite3.DatabaseError(
-                f"store schema {version} is older than this ckptd's ({SCHEMA_VERSION}) and a reader "
-                "does not update it: start the daemon (or ckptd run) once, then ask again"
-            )
-        with self.write():
-            if 0 < version < 3:  # keys become per owner; the owner's gid and groups are kept
-                db.execute("ALTER TABLE submissions RENAME TO submissions_v2")
-            # executescript() would COMMIT first; run the statements inside our transaction.
-            for stmt in filter(str.strip, SCHEMA.split(";")):
-                db.execute(stmt)
-            if 0 < version < 2:  # v1 stores: attempts learn the worker's process start time
-                db.execute("ALTER TABLE attempts ADD COLUMN pid_started REAL")
-            if 0 < version < 3:
-                db.execute(
-                    "INSERT INTO submissions (job_id, owner_uid, priority, submit_key, "
-                    "submitted_at) SELECT job_id, owner_uid, priority, submit_key, "
-                    "submitted_at FROM submissions_v2"
-                )
-                db.execute("DROP TABLE submissions_v2")
-            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        self._db = open_db(path, check, threads, readonly)
 
     @classmethod
     def open(cls, state: Path, check: bool = True, threads: bool = False, readonly: bool = False) -> Store:
@@ -250,26 +99,16 @@ class Store:
             return False
         return not busy
 
-    @contextmanager
-    def write(self) -> Iterator[sqlite3.Connection]:
+    def write(self) -> AbstractContextManager[sqlite3.Connection]:
         """One write transaction: BEGIN IMMEDIATE … COMMIT, rolled back on any exception."""
-        if self._db.in_transaction:
-            yield self._db
-            return
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+        return transaction(self._db)
 
     def _event(
-        self, db: sqlite3.Connection, job_id: str | None, kind: str, data: dict[str, Any] | None = None
+        self, db: sqlite3.Connection, job_id: str | None, kind: Event, data: dict[str, Any] | None = None
     ) -> None:
         db.execute(
             "INSERT INTO events (job_id, ts, kind, data_json) VALUES (?, ?, ?, ?)",
-            (job_id, time.time(), kind, json.dumps(data or {}, sort_keys=True)),
+            (job_id, time.time(), str(kind), json.dumps(data or {}, sort_keys=True)),
         )
 
     # -- jobs ---------------------------------------------------------------------------------
@@ -291,7 +130,7 @@ class Store:
                 " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job_id, name, str(state), spec_json, spec_digest, job_file, run_dir, now, now),
             )
-            self._event(db, job_id, "job.created", {"state": str(state)})
+            self._event(db, job_id, Event.JOB_CREATED, {"state": str(state)})
         return self.job(job_id)
 
     def transition(
@@ -310,7 +149,7 @@ class Store:
                 "UPDATE jobs SET state = ?, updated_at = ?, reason = ? WHERE id = ?",
                 (str(new), time.time(), reason, job_id),
             )
-            self._event(db, job_id, "job.state", {"from": str(old), "to": str(new), "reason": reason})
+            self._event(db, job_id, Event.JOB_STATE, {"from": str(old), "to": str(new), "reason": reason})
         return self.job(job_id)
 
     def job(self, job_id: str) -> Job:
@@ -340,7 +179,7 @@ class Store:
                 "INSERT INTO attempts (job_id, n, pid, started_at, pid_started) VALUES (?, ?, ?, ?, ?)",
                 (job_id, n, pid, time.time(), pid_started),
             )
-            self._event(db, job_id, "attempt.started", {"attempt": n, "pid": pid})
+            self._event(db, job_id, Event.ATTEMPT_STARTED, {"attempt": n, "pid": pid})
         return int(n)
 
     def end_attempt(
@@ -375,7 +214,7 @@ class Store:
                 ),
             )
             self._event(
-                db, job_id, "attempt.ended", {"attempt": n, "class": str(klass), "evidence": evidence}
+                db, job_id, Event.ATTEMPT_ENDED, {"attempt": n, "class": str(klass), "evidence": evidence}
             )
 
     def attempts(self, job_id: str) -> list[Attempt]:
@@ -466,7 +305,7 @@ class Store:
         rows = self._db.execute("SELECT * FROM events WHERE job_id = ? ORDER BY id", (job_id,))
         return [dict(r) for r in rows]
 
-    def add_event(self, job_id: str | None, kind: str, data: dict[str, Any] | None = None) -> None:
+    def add_event(self, job_id: str | None, kind: Event, data: dict[str, Any] | None = None) -> None:
         with self.write() as db:
             self._event(db, job_id, kind, data)
 

@@ -38,7 +38,7 @@ def _apply(store: Store, job_id: str, ev: dict[str, Any], replay: bool) -> None:
         if kind == p.Event.CHECKPOINT_QUARANTINED and ev.get("step") is not None:
             store.retire_checkpoints(job_id, [ev["step"]])
         if not replay:
-            store.add_event(job_id, kind, ev)
+            store.add_event(job_id, p.Event(kind), ev)
 
 
 def catch_up(store: Store, job_id: str, run_root: Path) -> None:
