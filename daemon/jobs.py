@@ -272,7 +272,7 @@ def reconcile_lost(store: Store, job: Job) -> Job:
     if job.state not in STALE:
         return job
     run = RunDir(Path(job.run_dir))
-    gang = spec_of(job).distribute.strategy == "multi_worker"
+    gang = spec_of(job).distribute.is_gang
     finished = False
     for a in store.attempts(job.id):
         if a.ended_at is None:

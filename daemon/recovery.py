@@ -116,7 +116,7 @@ def _reconcile(store: Store, job: Job, lost: list[tuple[str, int, str]]) -> Adop
     run = RunDir(Path(job.run_dir))
     spec = jobs.spec_of(job)
     ckpt_dir = run.checkpoint_dir(spec.checkpoint.dir)
-    gang = spec.distribute.strategy == "multi_worker"
+    gang = spec.distribute.is_gang
     adopted: Adopted | None = None
     finished = False
     for a in store.attempts(job.id):
