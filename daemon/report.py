@@ -74,7 +74,7 @@ def live(store: Store, job: Job, attempt: Attempt, now: float | None = None) -> 
     run = RunDir(Path(job.run_dir))
     hb = Heartbeat.read(run.heartbeat, run.root)
     if hb is None or hb.attempt != attempt.n:  # this attempt has not beaten yet: starting
-        phase, silent, step, expect = str(Phase.STARTING), now - attempt.started_at, None, None
+        phase, silent, step, expect = Phase.STARTING, now - attempt.started_at, None, None
     else:
         phase, silent, step, expect = hb.phase, now - hb.time, hb.step, hb.expect_seconds
     restart = spec_from_json(job.spec_json).restart

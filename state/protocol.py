@@ -112,14 +112,46 @@ class Event(StrEnum):
     RETENTION_REMOVED = "retention.removed"  # a finished job's checkpoints or run directory went
 
 
-@dataclass
+def parse_phase(value: object) -> Phase:
+    """The one place a heartbeat's phase is read. A phase this version does not know (from a
+    newer or older worker across an upgrade, or a damaged file) reads as STARTING: the longest
+    silence limit and never DONE, so a live worker is neither declared hung nor finished for
+    speaking another version's words."""
+    if isinstance(value, Phase):
+        return value  # the worker's own beats: no lookup on the step loop's path
+    try:
+        return Phase(value)  # type: ignore[arg-type]  # a JSON value: anything; refused below
+    except (ValueError, TypeError):
+        return Phase.STARTING
+
+
+class _PhaseField:
+    """Heartbeat.phase: whatever is assigned (the worker's str, a file's JSON value) is parsed
+    into a Phase on the way in, so every reader compares members, and the worker (which sets
+    it from a str) still type-checks. A descriptor rather than __post_init__ because the worker
+    assigns it on every phase change, not only at construction."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: object | None, owner: type | None = None) -> Phase:
+        if obj is None:  # dataclasses ask the class for a default: there is none, a phase is required
+            raise AttributeError(self.name)
+        value: Phase = obj.__dict__[self.name]
+        return value
+
+    def __set__(self, obj: object, value: str) -> None:
+        obj.__dict__[self.name] = parse_phase(value)
+
+
+@dataclass(kw_only=True)
 class Heartbeat:
     """Sent from the training step loop (never from a side thread): it proves progress."""
 
     pid: int
     attempt: int
     seq: int
-    phase: str  # a Phase
+    phase: _PhaseField = _PhaseField()  # reads as a Phase (parse_phase); required
     time: float
     step: int = 0
     epoch: int = 0
