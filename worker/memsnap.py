@@ -1,0 +1,187 @@
+"""Memory-tier snapshots of a tf.train.Checkpoint (docs/memory-tier.md): written from a
+SnapshotPlan's capture into the tier's tmpfs (ckptd.state.memtier), restored exactly by assigning
+the values back to the live objects.
+
+Writing: the plan's capture (O(1), in the step loop) is copied by `SnapshotPlan.fill` straight
+into `values.bin`, a file of the tier mapped into memory, so the snapshot is the plan's shared-
+memory layout byte for byte: one copy of the state, no TF bundle, no fsync (a tmpfs has no disk).
+Restoring assigns every value to its variable, and each string to its object through the same
+`_restore_from_tensors` TF's restore calls. No bundle is written back: that would hold one more
+full copy in RAM beside the tier's own. Keras 3 builds optimizer slots lazily, but the worker
+builds them before any restore, so every key of the plan has its live variable; the plan digest
+(object graph and value layout) proves the snapshot's bytes mean the same variables.
+
+Integration into the saver and the restorer is phase 2; this module only needs the plan.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing import shared_memory
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.protobuf import trackable_object_graph_pb2
+
+from ckptd.state import memtier as mt
+from ckptd.worker.snapshot import SnapshotPlan
+
+
+class SnapshotMismatch(Exception):
+    """The snapshot was taken with another object graph or value layout than the live plan's."""
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where in training a snapshot is, and whose history it continues."""
+
+    lineage: str
+    generation: int
+    step: int
+    epoch: int
+    step_in_epoch: int
+
+
+class _Mapped:
+    """What SnapshotPlan.fill uses of a SharedMemory (its `buf`), over a file of the tier."""
+
+    def __init__(self, buf: memoryview) -> None:
+        self.buf = buf
+
+
+def digest_of_plan(plan: SnapshotPlan) -> str:
+    """The graph's structure and keys, and the value layout. Variables' names (`full_name`) are
+    left out, as TF's own restore ignores them: a model built twice in one process names its
+    layers dense, then dense_1, with the same checkpoint keys."""
+    proto = trackable_object_graph_pb2.TrackableObjectGraph()
+    proto.ParseFromString(plan.object_graph)
+    for node in proto.nodes:
+        for attr in node.attributes:
+            attr.ClearField("full_name")
+    layout = [(s.key, s.dtype, s.shape, s.offset, s.nbytes) for s in plan.slots]
+    return mt.plan_digest(proto.SerializeToString(deterministic=True), layout)
+
+
+def _strings_of(strings: dict[str, Any]) -> mt.Strings:
+    out: mt.Strings = {}
+    for key, value in strings.items():
+        if isinstance(value, bytes):
+            out[key] = ((), [value])
+        else:  # an object array of bytes (a string tensor with a shape)
+            array = np.asarray(value)
+            out[key] = (tuple(array.shape), [bytes(x) for x in array.ravel()])
+    return out
+
+
+def write(tier: Path, plan: SnapshotPlan, captured: list[tuple[str, Any]], at: Position) -> mt.Snap:
+    """Copy a capture into a new snapshot of the tier and commit it (a directory rename). Run
+    it beside training (the copy and the digest read every byte); the capture is the caller's."""
+    building = mt.begin(tier, at.step, at.generation)
+    fd = os.open(
+        building / mt.VALUES, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+    )
+    try:
+        os.ftruncate(fd, plan.nbytes)
+        with mmap.mmap(fd, plan.nbytes) as m:
+            view = memoryview(m)
+            try:
+                strings = plan.fill(cast(shared_memory.SharedMemory, _Mapped(view)), captured)
+                blob = mt.pack_strings(_strings_of(strings))
+                digest = mt.value_digest([view, blob])
+            finally:
+                view.release()
+    finally:
+        os.close(fd)
+    (building / mt.STRINGS).write_bytes(blob)
+    man = mt.MemManifest(
+        at.lineage,
+        at.generation,
+        at.step,
+        at.epoch,
+        at.step_in_epoch,
+        time.time(),
+        digest_of_plan(plan),
+        digest,
+        plan.nbytes,
+        len(blob),
+    )
+    return mt.commit(tier, building, man)
+
+
+def verifier(plan: SnapshotPlan) -> Callable[[mt.Snap], str | None]:
+    """The `verify` of ckptd.state.mempolicy.choose for this worker: the same plan, and values
+    that match their digest."""
+    digest = digest_of_plan(plan)
+
+    def verify(snap: mt.Snap) -> str | None:
+        if snap.manifest.plan_digest != digest:
+            return "taken with another object graph or value layout than this worker's model"
+        return mt.verify(snap)
+
+    return verify
+
+
+def _variables(ckpt: tf.train.Checkpoint, plan: SnapshotPlan) -> dict[str, Any]:
+    """The live variable under each of the plan's plain keys (the plan keeps only their keys)."""
+    proto = trackable_object_graph_pb2.TrackableObjectGraph()
+    proto.ParseFromString(plan.object_graph)
+    out: dict[str, Any] = {}
+    for obj, node in zip(tf.train.TrackableView(ckpt).descendants(), proto.nodes, strict=True):
+        for attr in node.attributes:
+            if attr.checkpoint_key in plan.plain_keys:
+                out[attr.checkpoint_key] = obj
+    return out
+
+
+def restore(snap: mt.Snap, ckpt: tf.train.Checkpoint, plan: SnapshotPlan) -> None:
+    """Put the snapshot's values into the live objects, exactly. Check it first with
+    `verifier(plan)`: a damaged snapshot must be refused before any variable changes."""
+    if snap.manifest.plan_digest != digest_of_plan(plan):
+        raise SnapshotMismatch(f"{snap.path.name}: taken with another object graph or value layout")
+    strings = mt.unpack_strings((snap.path / mt.STRINGS).read_bytes())
+    variables = _variables(ckpt, plan)
+    numeric: dict[str, Any] = {}  # values of objects that serialise themselves
+    fd = os.open(snap.path / mt.VALUES, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        with mmap.mmap(fd, plan.nbytes, prot=mmap.PROT_READ) as m:
+            for s in plan.slots:
+                # A copy, one variable at a time: a tensor made from a view of the mapping may
+                # alias it, and the mapping goes when this returns.
+                value = np.ndarray(s.shape, dtype=s.dtype, buffer=m, offset=s.offset).copy()
+                if s.key in variables:
+                    variables[s.key].assign(value)
+                else:
+                    numeric[s.key] = value
+    finally:
+        os.close(fd)
+    for key, (shape, elems) in strings.items():
+        if key in variables:  # a string variable (host state, generator states)
+            variables[key].assign(_string_value(shape, elems))
+    _restore_others(plan, numeric, strings)
+
+
+def _string_value(shape: tuple[int, ...], elems: list[bytes]) -> Any:
+    return elems[0] if shape == () else np.array(elems, dtype=object).reshape(shape)
+
+
+def _restore_others(plan: SnapshotPlan, numeric: dict[str, Any], strings: mt.Strings) -> None:
+    """Objects that serialise themselves get their values back as TF's restore gives them: a
+    PythonState its string through `deserialize` (TF special-cases it), any other object its
+    tensors through `_restore_from_tensors`."""
+    for obj, attrs in plan.others:
+        values: dict[str, Any] = {}
+        for name, key in attrs:
+            if key in numeric:
+                values[name] = numeric[key]
+            else:
+                values[name] = _string_value(*strings[key])
+        if isinstance(obj, tf.train.experimental.PythonState):
+            obj.deserialize(next(iter(values.values())))
+        else:
+            obj._restore_from_tensors({name: tf.constant(v) for name, v in values.items()})
