@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -62,6 +63,26 @@ def pytest_report_header(config: pytest.Config) -> str:
         f"timeout {config.option.timeout or config.getini('timeout')} s; kill sweep seed "
         f"{SWEEP_SEED} (part {SWEEP_SEED % SWEEP_CHUNKS} of {SWEEP_CHUNKS}; CKPTD_SWEEP_SEED re-runs it)"
     )
+
+
+def _cpu_seconds() -> float:
+    """This process's CPU time and that of its reaped descendants (the workers, writers and
+    daemons a test started and waited for)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
+    """With $CKPTD_TEST_CPU_LOG set, append "CPU-seconds wall-seconds node-id" per test (setup,
+    call and teardown) to that file: on a shared box wall times mislead, CPU seconds do not."""
+    log = os.environ.get("CKPTD_TEST_CPU_LOG")
+    cpu, wall = _cpu_seconds(), time.monotonic()
+    yield
+    if log:
+        line = f"{_cpu_seconds() - cpu:.2f} {time.monotonic() - wall:.2f} {item.nodeid}\n"
+        with open(log, "a") as f:  # one short append per line: xdist workers may share the file
+            f.write(line)
 
 
 @pytest.fixture(scope="session", autouse=True)
