@@ -24,7 +24,7 @@ def _reshuffle_job(tmp: Path, variant: str, extra: str = "") -> Path:
         f"model: {PROGRAMS}/reshuffle/model.py:build\n"
         f"params: {{csv: {PIMA}, variant: {variant}}}\n"
         f"train: {{epochs: 3, batch_size: 32, seed: 7{extra}}}\n"
-        "checkpoint: {every_steps: 10}\n" + RESTART
+        "checkpoint: {every_steps: 10, mode: sync}\n" + RESTART
     )
     return job
 
@@ -51,7 +51,7 @@ def _custom_loop_job(tmp: Path, extra: str) -> Path:
     job = tmp / "custom-loop.yaml"
     job.write_text(
         f"name: custom-loop\nentrypoint: {PROGRAMS}/custom_loop.py\n"
-        f"train: {{deterministic: {extra}}}\ncheckpoint: {{every_steps: 15}}\n" + RESTART
+        f"train: {{deterministic: {extra}}}\ncheckpoint: {{every_steps: 15, mode: sync}}\n" + RESTART
     )
     return job
 

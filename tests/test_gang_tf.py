@@ -28,7 +28,9 @@ def _job(tmp: Path, extra: str = "") -> Path:
     job.write_text(
         f"name: gang\nentrypoint: {PROGRAM}\n"
         "distribute: {strategy: multi_worker, nodes: 2}\n"
-        "checkpoint: {every_steps: 10}\n"
+        # Synchronous saves: the subject is the gang, and an async writer would be one more
+        # process importing TensorFlow per attempt (tests/test_run_tf.py covers async saves).
+        "checkpoint: {every_steps: 10, mode: sync}\n"
         "restart: {max_restarts: 3, backoff_initial_seconds: 0.1, backoff_max_seconds: 0.5" + extra + "}\n"
     )
     return job
