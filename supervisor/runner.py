@@ -1,7 +1,10 @@
-"""Supervise one job: start a worker per attempt, watch it, classify its end, restart or stop.
+"""Supervise one job: run attempts, classify each end, restart or stop.
 
-The loop only observes → decides (ckptd.supervisor.policy) → acts (ProcessOps, the store).
-Signal handlers elsewhere only append to `StopRequests`; this loop dispatches them.
+The attempt loop only observes → decides (ckptd.supervisor.policy) → acts (ProcessOps, the
+store). An attempt's workers are started by ckptd.supervisor.launch and watched by the one loop
+of ckptd.supervisor.attempt, a single worker as a group of one, a gang's members
+(ckptd.supervisor.gangattempt) as a group of K. Signal handlers elsewhere only append to
+`StopRequests`; the watch loop dispatches them.
 """
 
 from __future__ import annotations
@@ -11,18 +14,29 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from ckptd.state import goodput
 from ckptd.state import protocol as p
-from ckptd.state.jobspec import JobSpec, replica_counts
+from ckptd.state.jobspec import JobSpec
 from ckptd.state.paths import RunDir
 from ckptd.state.states import AttemptClass, JobState
 from ckptd.state.store import Store
 from ckptd.supervisor import ledger, nvml
+from ckptd.supervisor.attempt import (
+    HANG_GRACE_SECONDS,
+    POLL_SECONDS,
+    STOP_GRACE_SECONDS,
+    AttemptWatch,
+    Display,
+    Group,
+    LocalGroup,
+    Member,
+    Progress,
+)
 from ckptd.supervisor.evidence import error_summary, file_size, read_error
 from ckptd.supervisor.gangattempt import gang_attempt
-from ckptd.supervisor.gpus import choose_devices, exclude_after_fault
+from ckptd.supervisor.launch import Launcher, NoDevices
 from ckptd.supervisor.policy import (
     Action,
     AttemptOutcome,
@@ -30,25 +44,11 @@ from ckptd.supervisor.policy import (
     classify_exit,
     decide_restart,
     nan_restarts,
-    silence_limit,
 )
-from ckptd.supervisor.process import ExitStatus, ProcessOps, worker_argv
+from ckptd.supervisor.process import ExitStatus, ProcessOps
 
-POLL_SECONDS = 0.05
-STOP_GRACE_SECONDS = 60.0  # a polite stop waits this long for the final save before SIGKILL
-HANG_GRACE_SECONDS = 10.0
-
-
-class NoDevices(Exception):
-    """Not enough healthy GPUs for the job."""
-
-
-class Display(Protocol):
-    def heartbeat(self, hb: p.Heartbeat) -> None: ...
-    def event(self, ev: dict[str, Any]) -> None: ...
-    def attempt_started(self, n: int, pid: int) -> None: ...
-    def attempt_ended(self, n: int, klass: AttemptClass, evidence: str) -> None: ...
-    def restarting(self, delay: float, reason: str) -> None: ...
+# Imported from here by the daemon and tests: the grace periods of the watch loop.
+__all__ = ["HANG_GRACE_SECONDS", "STOP_GRACE_SECONDS", "Adopted", "JobRunner", "NoDevices", "StopRequests"]
 
 
 @dataclass
@@ -70,24 +70,6 @@ class Adopted:
 
     n: int
     pid: int
-
-
-@dataclass
-class Watch:
-    n: int
-    pid: int
-    started: float
-    last_change: float
-    last_seq: int = -1
-    phase: str = p.Phase.STARTING
-    restored_step: int | None = None
-    committed_step: int | None = None
-    last_step: int | None = None
-    term_sent: float | None = None
-    kill_sent: bool = False
-    hang: str | None = None
-    oom: str | None = None
-    stops_seen: int = 0
 
 
 class JobRunner:
@@ -113,18 +95,14 @@ class JobRunner:
         self.history: list[AttemptOutcome] = []
         self.committed_step: int | None = store.job(job_id).last_committed_step
         self.events = p.EventTail(run.root / p.EVENTS_FILE, root=run.root)
-        self.hot_spare = hot_spare
-        self.spare_pid: int | None = None
-        self.spare_env: dict[str, str] = {}
-        self.gpus, self.excluded_gpus = gpus or [], set[int]()
-        self.devices: list[int] = []
+        self.launcher = Launcher(ops, run, spec, hot_spare, gpus or [])
 
     def run_job(self, adopt: Adopted | None = None) -> JobState:
         """Run attempts until the job succeeds, fails or is interrupted. Returns the end state."""
         try:
             return self._run_attempts(adopt)
         finally:
-            self._drop_spare()
+            self.launcher.drop_spare()
 
     def _run_attempts(self, adopt: Adopted | None) -> JobState:
         while True:
@@ -179,88 +157,10 @@ class JobRunner:
 
     # -- one attempt ------------------------------------------------------------------------
 
-    # -- hot spare: a worker with TensorFlow imported and the model built, waiting on stdin ------
-
-    def _start_spare(self, env: dict[str, str]) -> None:
-        sdir = self.run.root / "attempts" / "spare"
-        self.spare_env = env
-        limit = self.spec.resources.memory_limit
-        self.spare_pid = self.ops.take_warm(self.run.root, "--spare", env, limit)
-        if self.spare_pid is None:
-            self.spare_pid = self.ops.spawn(
-                worker_argv(self.run.root, None),
-                self.run.root,
-                sdir / "stdout.log",
-                sdir / "stderr.log",
-                spare=True,
-                env=env,
-                memory_limit=limit,
-            )
-
-    def _take_spare(self, n: int, env: dict[str, str]) -> int | None:
-        pid, self.spare_pid = self.spare_pid, None
-        # A spare started on a device that has since been excluded is no use.
-        if pid is not None and self.spare_env == env and self.ops.assign(pid, n):
-            return pid
-        if pid is not None:
-            self.spare_pid = pid
-            self._drop_spare()
-        return None
-
-    def _drop_spare(self) -> None:
-        if self.spare_pid is None:
-            return
-        self.ops.signal_group(self.spare_pid, signal.SIGKILL)
-        for _ in range(100):  # reap it: no zombie, no orphan
-            if self.ops.poll(self.spare_pid) is not None:
-                break
-            self.ops.sleep(POLL_SECONDS / 5)
-        self.spare_pid = None
-
-    def _device_env(self) -> dict[str, str]:
-        wanted = self.spec.resources.gpus
-        if wanted == 0:
-            return {}
-        chosen = choose_devices(self.gpus, self.excluded_gpus, wanted, replica_counts(self.spec)[1])
-        if chosen is None:
-            raise NoDevices(
-                f"resources.gpus={wanted} (fewest {replica_counts(self.spec)[1]}), but only "
-                f"{len(self.gpus) - len(self.excluded_gpus)} healthy GPU(s) "
-                f"(found {self.gpus}, excluded {sorted(self.excluded_gpus)})"
-            )
-        self.devices = chosen
-        # nvidia-smi's and NVML's indices are in PCI bus order; CUDA's default order is not.
-        return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": ",".join(map(str, chosen))}
-
-    def _launch(self, n: int) -> tuple[int, p.Event | None]:
-        """Start attempt `n`: in the job's hot spare, else in a warm worker, else cold. Returns
-        the pid and which kind of pre-started process took it, if any."""
-        adir = self.run.attempt_dir(n)
-        env = self._device_env()
-        if k := nan_restarts(self.history):  # the worker lowers its learning rate this much
-            env[p.NAN_RESTARTS_ENV] = str(k)
-        limit = self.spec.resources.memory_limit
-        pid = self._take_spare(n, env)
-        how = p.Event.WORKER_SPARE_ASSIGNED if pid is not None else None
-        if pid is None and (pid := self.ops.take_warm(self.run.root, str(n), env, limit)):
-            how = p.Event.WORKER_WARM_ASSIGNED
-        if pid is None:
-            pid = self.ops.spawn(
-                worker_argv(self.run.root, n),
-                self.run.root,
-                adir / "stdout.log",
-                adir / "stderr.log",
-                env=env,
-                memory_limit=limit,
-            )
-        if self.hot_spare:
-            self._start_spare(env)
-        return pid, how
-
     def _start(self) -> tuple[int, int]:
         n = len(self.store.attempts(self.job_id)) + 1
         self.events.offset = file_size(self.run.root / p.EVENTS_FILE)
-        pid, how = self._launch(n)
+        pid, how = self.launcher.single(n, nan_restarts(self.history))
         self.store.start_attempt(self.job_id, pid, self.ops.start_time(pid))
         self.display.attempt_started(n, pid)
         self.record_event(p.Event.WORKER_SPAWNED, attempt=n, pid=pid)
@@ -269,7 +169,7 @@ class JobRunner:
         return n, pid
 
     def _attempt(self, adopt: Adopted | None = None) -> AttemptOutcome:
-        if self.spec.distribute.strategy == "multi_worker":
+        if self.spec.distribute.is_gang:
             return gang_attempt(self)
         if adopt is None:
             n, pid = self._start()
@@ -277,15 +177,16 @@ class JobRunner:
             n, pid = adopt.n, adopt.pid
             self.display.event({"event": p.Event.WORKER_ADOPTED, "attempt": n, "pid": pid})
         adir = self.run.attempt_dir(n)
-        now = self.ops.monotonic()
-        w = Watch(n=n, pid=pid, started=now, last_change=now)
-        status = self._watch(w)
+        w = Progress(n)
+        worker = Member(0, pid, self.run, last_change=self.ops.monotonic())
+        watch = self.watch(w, [worker], LocalGroup(self.ops, [pid]), solo=True)
+        assert worker.status is not None
+        status = worker.status
         if status.exit_code is None and status.signal is None:  # not our child: ask its file
             status = ExitStatus(p.read_exit_code(adir, self.run.root), None)
-        w.oom = w.oom or self.ops.memory_evidence(pid)
+        oom = worker.oom or self.ops.memory_evidence(pid)
         last = p.Heartbeat.read(self.run.heartbeat, self.run.root)  # its last word: DONE?
-        if last is not None and last.attempt == n:
-            w.phase = last.phase
+        phase = last.phase if last is not None and last.attempt == n else worker.phase
         self.drain_events(w)
         err = read_error(self.run.root, adir / p.ERROR_FILE)
         sick = self._sick_devices(status)
@@ -294,26 +195,46 @@ class JobRunner:
             status.signal,
             err.get("type"),
             err.get("message"),
-            w.hang,
-            w.oom,
+            watch.hang,
+            oom,
             nvml.describe(sick),
-            w.phase == p.Phase.DONE,
+            phase == p.Phase.DONE,
         )
         klass, evidence = classify_exit(obs)
         if isinstance(err.get("step"), int):
             w.last_step = err["step"]
-        return self.end_attempt(n, w, status, klass, evidence, error_summary(err), sick)
+        return self.end_attempt(w, status, klass, evidence, error_summary(err), sick)
+
+    def watch(self, w: Progress, members: list[Member], group: Group, solo: bool) -> AttemptWatch:
+        """Watch attempt `w.n`'s workers until all have ended, recording their events as they
+        come. Only a single worker's memory is watched here (a gang's members have no limit)."""
+        watch = AttemptWatch(
+            self.ops,
+            self.spec.restart,
+            members,
+            group,
+            lambda: len(self.stops.signals),
+            w.n,
+            self.display,
+            solo=solo,
+            memory_limit=self.spec.resources.memory_limit if solo else None,
+        )
+        watch.run(lambda: self.drain_events(w))
+        w.last_step = members[0].last_step
+        if w.restored_step is None:
+            w.restored_step = members[0].restored_step
+        return watch
 
     def end_attempt(
         self,
-        n: int,
-        w: Watch,
+        w: Progress,
         status: ExitStatus,
         klass: AttemptClass,
         evidence: str,
         summary: str | None,
         sick: dict[int, str],
     ) -> AttemptOutcome:
+        n = w.n
         self.store.end_attempt(
             self.job_id,
             n,
@@ -333,16 +254,9 @@ class JobRunner:
         )
         outcome = AttemptOutcome(klass, w.restored_step, w.committed_step, w.last_step)
         self.history.append(outcome)
-        if klass == AttemptClass.GPU_FAULT and self.devices:
-            # NVML names the sick device; an error message alone only says "one of these".
-            self.excluded_gpus = exclude_after_fault(
-                self.gpus,
-                self.excluded_gpus,
-                sorted(sick) or self.devices,
-                self.spec.resources.gpus,
-                replica_counts(self.spec)[1],
-            )
-            self.store.add_event(self.job_id, p.Event.GPU_EXCLUDED, {"devices": sorted(self.excluded_gpus)})
+        if klass == AttemptClass.GPU_FAULT and self.launcher.devices:
+            excluded = self.launcher.exclude_sick(sorted(sick))
+            self.store.add_event(self.job_id, p.Event.GPU_EXCLUDED, {"devices": excluded})
         return outcome
 
     def record_event(self, kind: p.Event, **data: Any) -> None:
@@ -351,39 +265,12 @@ class JobRunner:
 
     def _sick_devices(self, status: ExitStatus) -> dict[int, str]:
         """NVML's report on the attempt's GPUs, asked only after an ending that was not clean."""
-        if not self.devices or status.exit_code in (p.EXIT_OK, p.EXIT_PREEMPTED):
+        devices = self.launcher.devices
+        if not devices or status.exit_code in (p.EXIT_OK, p.EXIT_PREEMPTED):
             return {}
-        return self.ops.gpu_problems(self.devices)
+        return self.ops.gpu_problems(devices)
 
-    def _watch(self, w: Watch) -> ExitStatus:
-        while True:
-            status = self.ops.poll(w.pid)
-            if status is not None:
-                return status
-            self._observe(w)
-            self._enforce(w)
-            self.ops.sleep(POLL_SECONDS)
-
-    def _observe(self, w: Watch) -> None:
-        hb = p.Heartbeat.read(self.run.heartbeat, self.run.root)
-        if hb is not None and hb.attempt == w.n and hb.seq != w.last_seq:
-            w.last_seq, w.phase = hb.seq, hb.phase
-            w.last_change = self.ops.monotonic()
-            w.last_step = hb.step
-            if hb.restored_step is not None:
-                w.restored_step = hb.restored_step
-            self.display.heartbeat(hb)
-        self.drain_events(w)
-        limit = self.spec.resources.memory_limit
-        if limit and w.oom is None and not self.ops.memory_enforced(w.pid):  # no cgroup: watch RSS
-            rss = self.ops.rss(w.pid)
-            if rss is not None and rss > limit:
-                w.oom = (
-                    f"anonymous memory (RssAnon+RssShmem) {rss} bytes exceeded resources.memory_limit {limit}"
-                )
-                self.ops.signal_group(w.pid, signal.SIGKILL)
-
-    def drain_events(self, w: Watch) -> None:
+    def drain_events(self, w: Progress) -> None:
         for ev in self.events.read():
             ledger.apply(self.store, self.job_id, ev)
             step = ev.get("step")
@@ -392,40 +279,3 @@ class JobRunner:
             elif ev.get("event") == p.Event.RESTORE_DONE and isinstance(step, int):
                 w.restored_step = w.committed_step = step
             self.display.event(ev)
-
-    def _enforce(self, w: Watch) -> None:
-        now = self.ops.monotonic()
-        if len(self.stops.signals) > w.stops_seen:
-            w.stops_seen = len(self.stops.signals)
-            if w.term_sent is None:
-                self.ops.signal_group(w.pid, signal.SIGTERM)
-                w.term_sent = now
-            else:  # asked twice: stop now
-                self.ops.signal_group(w.pid, signal.SIGKILL)
-                w.kill_sent = True
-        if w.term_sent is None and w.hang is None:
-            limit = silence_limit(w.phase, self.spec.restart)
-            if now - w.last_change > limit:
-                w.hang = (
-                    f"no progress heartbeat for {now - w.last_change:.1f}s in phase "
-                    f"{w.phase} (last step {w.last_step}); Python stacks in "
-                    f"{self.run.attempt_dir(w.n) / 'stderr.log'}"
-                )
-                self.display.event(
-                    {
-                        "event": p.Event.HEARTBEAT_MISSED,
-                        "attempt": w.n,
-                        "pid": w.pid,
-                        "phase": w.phase,
-                        "last_step": w.last_step,
-                        "silent_seconds": round(now - w.last_change, 1),
-                    }
-                )
-                self.ops.signal_pid(w.pid, signal.SIGUSR1)  # faulthandler dumps every stack
-                self.ops.signal_group(w.pid, signal.SIGCONT)  # a stopped worker must see TERM
-                self.ops.signal_group(w.pid, signal.SIGTERM)
-                w.term_sent = now
-        grace = HANG_GRACE_SECONDS if w.hang else STOP_GRACE_SECONDS
-        if w.term_sent is not None and not w.kill_sent and now - w.term_sent > grace:
-            self.ops.signal_group(w.pid, signal.SIGKILL)
-            w.kill_sent = True

@@ -22,7 +22,8 @@ from pathlib import Path
 from ckptd.state import protocol as p
 from ckptd.state.paths import RunDir
 from ckptd.state.safeopen import read_under
-from ckptd.supervisor.gang import Member, free_ports
+from ckptd.supervisor.attempt import Member
+from ckptd.supervisor.gang import free_ports
 from ckptd.supervisor.process import ExitStatus, ProcessOps
 
 # "srun: error: node7: task 1: Killed", "srun: error: vm: tasks 0-1: Terminated",

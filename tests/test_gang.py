@@ -13,9 +13,8 @@ from ckptd.state.jobspec import Restart
 from ckptd.state.paths import RunDir
 from ckptd.state.protocol import Heartbeat, Phase
 from ckptd.state.states import AttemptClass as C
+from ckptd.supervisor.attempt import AttemptWatch, Member
 from ckptd.supervisor.gang import (
-    GangWatch,
-    Member,
     MemberEnd,
     free_ports,
     gang_root,
@@ -152,8 +151,8 @@ def test_the_previous_attempts_heartbeats_are_not_this_gangs(tmp_path: Path) -> 
     restart = Restart(heartbeat_timeout_seconds=4, startup_grace_seconds=300)
     members = [Member(i, 100 + i, run.member(i), last_change=0.0) for i in range(2)]
     launch = _Launch(clock, 2, end=60.0)  # a minute to start: within the start-up grace
-    watch = GangWatch(clock, restart, members, launch, lambda: 0, 2)  # type: ignore[arg-type]
-    watch.run(lambda: None, 0.5)
+    watch = AttemptWatch(clock, restart, members, launch, lambda: 0, 2)  # type: ignore[arg-type]
+    watch.run(lambda: None)
     assert watch.hang is None and launch.asked == [], launch.asked
     assert [m.phase for m in members] == [Phase.STARTING, Phase.STARTING]
 
@@ -173,6 +172,6 @@ def test_a_members_preemption_notice_is_relayed_to_the_chief_once(
     clock = _Clock()
     members = [Member(i, 100 + i, run.member(i), last_change=0.0) for i in range(2)]
     launch = _Launch(clock, 2, end=3.0)
-    watch = GangWatch(clock, Restart(), members, launch, lambda: 0, 2)  # type: ignore[arg-type]
-    watch.run(lambda: None, 0.5)
+    watch = AttemptWatch(clock, Restart(), members, launch, lambda: 0, 2)  # type: ignore[arg-type]
+    watch.run(lambda: None)
     assert launch.asked == relayed
