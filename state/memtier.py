@@ -40,6 +40,7 @@ VALUES = "values.bin"
 STRINGS = "strings.bin"
 QUARANTINE = "quarantine"
 BUILDING = ".building-"
+SPARE = ".spare-values.bin"  # a pruned snapshot's values file, to be written over
 SNAP_RE = re.compile(r"^snap-(\d+)-g(\d+)$")
 DIGEST_ALGO = "crc32"  # stdlib zlib: ~4 GB/s here; the doc gives the candidates measured
 _CHUNK = 16 << 20
@@ -287,18 +288,39 @@ def _mapped(path: Path, expected: int) -> Iterator[memoryview]:
         os.close(fd)
 
 
-def prune(tier: Path, keep: int) -> list[Path]:
+def prune(tier: Path, keep: int, spare: bool = False) -> list[Path]:
     """Remove the oldest complete snapshots beyond `keep` and any debris of unfinished ones
-    (called after a commit, so the newest is complete before an older one goes)."""
+    (called after a commit, so the newest is complete before an older one goes). With `spare`,
+    the first one removed leaves its values.bin as the tier's SPARE, for `take_spare`."""
     good, _ = snapshots(tier)
     removed = [s.path for s in good[: max(len(good) - keep, 0)]]
     for path in removed:
-        _rmtree(tier, path.name)
+        gone = tier / f"{BUILDING}replaced-{path.name}-{time.monotonic_ns()}"
+        os.rename(path, gone)  # un-committed first: no listing sees it without its values
+        if spare and not os.path.lexists(tier / SPARE):
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(gone / VALUES, tier / SPARE)
+        _rmtree(tier, gone.name)
     for entry in os.scandir(tier):
         if entry.name.startswith(BUILDING) and not _building_alive(entry.name):
             _rmtree(tier, entry.name)
             removed.append(Path(entry.path))
     return removed
+
+
+def take_spare(tier: Path, building: Path, nbytes: int) -> bool:
+    """Move the tier's spare values file (a pruned snapshot's, its tmpfs pages still allocated)
+    into `building` if it has the size wanted; a fresh file costs a page fault and a zeroed page
+    per 4 KiB. A spare of another size (the plan changed) is dropped."""
+    try:
+        st = os.lstat(tier / SPARE)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(st.st_mode) or st.st_size != nbytes:
+        os.unlink(tier / SPARE)
+        return False
+    os.rename(tier / SPARE, building / VALUES)
+    return True
 
 
 def _building_alive(name: str) -> bool:

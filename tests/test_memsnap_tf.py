@@ -151,3 +151,29 @@ def test_a_damaged_or_foreign_snapshot_is_not_restored(tier: Path, tmp_path: Pat
     assert "another object graph" in (memsnap.verifier(wider_plan)(older) or "")
     with pytest.raises(memsnap.SnapshotMismatch):
         memsnap.restore(older, wider, wider_plan)
+
+
+def test_a_tier_writer_reuses_pruned_files_and_keeps_n(tier: Path, tmp_path: Path) -> None:
+    from ckptd.worker import memsnap
+
+    ckpt, model, batch = _build(5, width=64)
+    plan = _plan(ckpt, tmp_path)
+    writer = memsnap.TierWriter(tier, plan, keep=2)
+    inodes, states = [], {}
+    try:
+        for step in range(1, 6):
+            _train(ckpt, model, batch, 1)
+            snap = writer.write(plan.capture(), _at(step))
+            inodes.append(os.lstat(snap.path / mt.VALUES).st_ino)
+            states[step] = _state(plan)
+            kept = mt.snapshots(tier)[0]
+            assert [s.manifest.step for s in kept] == list(range(max(1, step - 1), step + 1))
+            assert all(mt.verify(s) is None for s in kept)
+        assert (tier / mt.SPARE).exists() and len(writer.maps) == 3  # keep + the spare
+        assert set(inodes[3:]) <= set(inodes[:3])  # from the fourth on, pruned files are reused
+    finally:
+        writer.close()
+    _train(ckpt, model, batch, 2)
+    for s in mt.snapshots(tier)[0]:
+        memsnap.restore(s, ckpt, plan)
+        assert _state(plan) == states[s.manifest.step]

@@ -397,3 +397,20 @@ def test_dead_branch_is_what_lies_beyond_the_restored_step() -> None:
     snaps = [_s(80, 1), _s(120, 1), _s(140, 2)]
     assert [s.manifest.step for s in dead_branch(snaps, 100)] == [120, 140]
     assert dead_branch(snaps, 140) == []
+
+
+def test_prune_leaves_a_spare_and_take_spare_moves_it_into_a_new_snapshot(root: Path) -> None:
+    tier = _tier(root)
+    for step in (20, 40, 60):
+        _snap(tier, step)
+    oldest = os.lstat(tier / mt.snapshot_name(20, 1) / mt.VALUES).st_ino
+    mt.prune(tier, keep=2, spare=True)
+    assert [s.manifest.step for s in mt.snapshots(tier)[0]] == [40, 60]
+    assert os.lstat(tier / mt.SPARE).st_ino == oldest
+    building = mt.begin(tier, 80, 1)
+    assert not mt.take_spare(tier, building, 99)  # another size: dropped, not reused
+    assert not (tier / mt.SPARE).exists() and not (building / mt.VALUES).exists()
+    _snap(tier, 100)
+    mt.prune(tier, keep=2, spare=True)
+    assert mt.take_spare(tier, building, 100) and (building / mt.VALUES).stat().st_size == 100
+    assert not mt.take_spare(tier, building, 100)  # only one spare

@@ -16,6 +16,7 @@ Integration into the saver and the restorer is phase 2; this module only needs t
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import time
@@ -80,24 +81,35 @@ def _strings_of(strings: dict[str, Any]) -> mt.Strings:
 
 
 def write(tier: Path, plan: SnapshotPlan, captured: list[tuple[str, Any]], at: Position) -> mt.Snap:
-    """Copy a capture into a new snapshot of the tier and commit it (a directory rename). Run
-    it beside training (the copy and the digest read every byte); the capture is the caller's."""
+    """Copy a capture into a new snapshot of the tier, in a fresh file, and commit it. For
+    repeated snapshots use TierWriter, which reuses files and their mappings."""
     building = mt.begin(tier, at.step, at.generation)
-    fd = os.open(
-        building / mt.VALUES, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-    )
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(building / mt.VALUES, flags, 0o600)
     try:
         os.ftruncate(fd, plan.nbytes)
         with mmap.mmap(fd, plan.nbytes) as m:
-            view = memoryview(m)
-            try:
-                strings = plan.fill(cast(shared_memory.SharedMemory, _Mapped(view)), captured)
-                blob = mt.pack_strings(_strings_of(strings))
-                digest = mt.value_digest([view, blob])
-            finally:
-                view.release()
+            return _fill_and_commit(tier, building, m, plan, captured, at)
     finally:
         os.close(fd)
+
+
+def _fill_and_commit(
+    tier: Path,
+    building: Path,
+    m: mmap.mmap,
+    plan: SnapshotPlan,
+    captured: list[tuple[str, Any]],
+    at: Position,
+) -> mt.Snap:
+    """Copy the capture into `m` (building's values.bin, mapped), digest it, commit."""
+    view = memoryview(m)
+    try:
+        strings = plan.fill(cast(shared_memory.SharedMemory, _Mapped(view)), captured)
+        blob = mt.pack_strings(_strings_of(strings))
+        digest = mt.value_digest([view, blob])
+    finally:
+        view.release()
     (building / mt.STRINGS).write_bytes(blob)
     man = mt.MemManifest(
         at.lineage,
@@ -112,6 +124,50 @@ def write(tier: Path, plan: SnapshotPlan, captured: list[tuple[str, Any]], at: P
         len(blob),
     )
     return mt.commit(tier, building, man)
+
+
+class TierWriter:
+    """Writes a worker's snapshots, keeping `keep`, over the files of pruned ones: a fresh tmpfs
+    file costs a page fault and a zeroed page per 4 KiB (0.1-0.3 GB/s measured), a reused file
+    whose mapping this writer still holds is written at memory speed (3.4-7.3 GB/s). Mappings
+    are keyed by inode and dropped as soon as their file leaves the tier, before any new file
+    could get the same inode number."""
+
+    def __init__(self, tier: Path, plan: SnapshotPlan, keep: int) -> None:
+        self.tier, self.plan, self.keep = tier, plan, keep
+        self.maps: dict[int, mmap.mmap] = {}
+
+    def write(self, captured: list[tuple[str, Any]], at: Position) -> mt.Snap:
+        self._forget_gone()
+        building = mt.begin(self.tier, at.step, at.generation)
+        reused = mt.take_spare(self.tier, building, self.plan.nbytes)
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (0 if reused else os.O_CREAT | os.O_EXCL)
+        fd = os.open(building / mt.VALUES, flags, 0o600)
+        try:
+            ino = os.fstat(fd).st_ino
+            if ino not in self.maps:
+                os.ftruncate(fd, self.plan.nbytes)
+                # MAP_POPULATE: the pages are mapped in one call, not faulted in one by one.
+                self.maps[ino] = mmap.mmap(fd, self.plan.nbytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+        finally:
+            os.close(fd)
+        snap = _fill_and_commit(self.tier, building, self.maps[ino], self.plan, captured, at)
+        mt.prune(self.tier, self.keep, spare=True)
+        self._forget_gone()
+        return snap
+
+    def _forget_gone(self) -> None:
+        present = set()
+        for path in [self.tier / mt.SPARE] + [s.path / mt.VALUES for s in mt.snapshots(self.tier)[0]]:
+            with contextlib.suppress(FileNotFoundError):
+                present.add(os.lstat(path).st_ino)
+        for ino in set(self.maps) - present:
+            self.maps.pop(ino).close()
+
+    def close(self) -> None:
+        for m in self.maps.values():
+            m.close()
+        self.maps.clear()
 
 
 def verifier(plan: SnapshotPlan) -> Callable[[mt.Snap], str | None]:
