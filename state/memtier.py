@@ -139,8 +139,12 @@ def _fs_type(fd: int) -> int:
 def _private_dir(path: Path, uid: int, field: str) -> None:
     """Make `path` (0700) if absent, then refuse it unless it is a real directory (no symlink
     anywhere on the way), owned by `uid`, with no group or other access, on a tmpfs."""
-    with contextlib.suppress(FileExistsError):
+    try:
         os.mkdir(path, 0o700)  # never follows a symlink in the last component
+    except FileExistsError:
+        pass
+    except FileNotFoundError as e:
+        raise TierRefused(f"{field}: {path.parent} does not exist; create it or choose another") from e
     try:
         with pinned(path) as fd:
             st, fs = os.fstat(fd), _fs_type(fd)

@@ -414,3 +414,8 @@ def test_prune_leaves_a_spare_and_take_spare_moves_it_into_a_new_snapshot(root: 
     mt.prune(tier, keep=2, spare=True)
     assert mt.take_spare(tier, building, 100) and (building / mt.VALUES).stat().st_size == 100
     assert not mt.take_spare(tier, building, 100)  # only one spare
+
+
+def test_open_tier_names_a_missing_parent(root: Path) -> None:
+    with pytest.raises(mt.TierRefused, match=r"does not exist; create it"):
+        mt.open_tier(str(root / "deeper"), "job-1", os.geteuid())
