@@ -77,7 +77,7 @@ def child(run_root: Path, block_target: int) -> int:
                 "blocks": ab.blocks,
                 "first_commit": ab.first_commit,
                 "block_len": ab.block_len,
-                "stats": loop.ck.stats,
+                "stats": loop.ck.stats.as_dict(),
             }
         )
     )

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, cast
-
 import pytest
 
 from ckptd.state.jobspec import Checkpoint
 from ckptd.state.protocol import Event
-from ckptd.worker.checkpointing import Saved
-from ckptd.worker.saveschedule import Due, SaveSchedule, interval_due, when_due
-
-if TYPE_CHECKING:
-    from ckptd.worker.checkpointing import Checkpointing
+from ckptd.worker.saveschedule import Due, SaveSchedule, ScheduleLink, interval_due, when_due
+from ckptd.worker.savetypes import Saved, SaveReason, SaveStats
 
 
 @pytest.mark.parametrize(
@@ -67,23 +62,41 @@ class _Writer:
         self.in_flight: int | None = None
         self.meter = _Meter()
 
+    def saving(self) -> bool:
+        return self.in_flight is not None
+
     def busy(self) -> bool:
         return self.in_flight is not None
 
-    def next_look(self, now: float, waiting: bool, poll: float) -> float:
+    def next_look(self, now: float, pending: bool, poll: float) -> float:
         return 0.0
+
+    def shift_clocks(self, seconds: float) -> None:
+        pass
 
 
 class _Ck:
-    """What SaveSchedule uses of Checkpointing: saves go to a writer the test frees."""
+    """The saver's side of the schedule's link: saves go to a writer the test frees."""
 
     def __init__(self) -> None:
         self.async_saver = _Writer()
-        self.stats: dict[str, float] = {"due": 0, "poll_seconds": 0.0}
-        self.step, self.committed_step, self.made = 0, None, 0
+        self.stats = SaveStats()
+        self.step, self.made = 0, 0
         self.events: list[dict[str, object]] = []
 
-    def save(self, reason: str) -> Saved:
+    def link(self) -> ScheduleLink:
+        return ScheduleLink(
+            take=self.save,
+            drain=self.drain_async,
+            writer=lambda: self.async_saver,
+            step=lambda: self.step,
+            committed_step=lambda: None,
+            event=self.event,
+            stats=self.stats,
+        )
+
+    def save(self, reason: SaveReason) -> Saved:
+        assert reason is SaveReason.INTERVAL
         if self.async_saver.busy():
             return Saved.BUSY
         self.async_saver.in_flight, self.made = self.step, self.made + 1
@@ -113,7 +126,7 @@ def test_every_due_save_is_made_or_reported(
     ops: list[int | str], epoch_steps: int | None, made: int, coalesced: int
 ) -> None:
     ck = _Ck()
-    sched = SaveSchedule(Checkpoint(every_steps=1, every_seconds=None), cast("Checkpointing", ck))
+    sched = SaveSchedule(Checkpoint(every_steps=1, every_seconds=None), ck.link())
     sched.epoch_steps = epoch_steps
     for op in ops:
         if op == "free":
@@ -128,5 +141,5 @@ def test_every_due_save_is_made_or_reported(
             sched.interval(ck.step, (ck.step - 1) % (epoch_steps or 10**9) + 1)
     reported = sum(int(str(e["coalesced"])) for e in ck.events)
     assert (ck.made, reported) == (made, coalesced)
-    assert ck.made + reported == ck.stats["due"]
+    assert ck.made + reported == ck.stats.due
     assert all(e["event"] == Event.CHECKPOINT_COALESCED for e in ck.events)

@@ -1,5 +1,6 @@
 """The worker's exit contract: each worker-ending error's exit code, and one 'never retried' fact
-that the worker's errors and the supervisor's policy both read."""
+that the worker's errors and the supervisor's policy both read; no import cycle hidden in a
+function of the worker package."""
 
 from __future__ import annotations
 
@@ -67,3 +68,43 @@ def test_the_errors_module_is_a_leaf_without_tensorflow() -> None:
         check=True,
     )
     assert out.stdout.strip() == "False"
+
+
+def _imports(path: Path) -> tuple[set[str], set[str]]:
+    """The ckptd.worker modules a module imports at its top, and inside its functions."""
+    top: set[str] = set()
+    lazy: set[str] = set()
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                continue
+            if isinstance(child, ast.ImportFrom) and (child.module or "").startswith("ckptd.worker"):
+                module = child.module or ""
+                names = [f"{module}.{a.name}" for a in child.names] if module == "ckptd.worker" else [module]
+                (lazy if in_function else top).update(n.split(".")[2] for n in names)
+            visit(child, in_function or isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef))
+
+    visit(ast.parse(path.read_text()), False)
+    return top, lazy
+
+
+def test_no_import_cycle_hides_inside_a_function() -> None:
+    """Imports inside functions are for keeping TensorFlow out (the writer's fork, a cheap
+    ckptd.worker.api), never to dodge a cycle: a module imported lazily never imports its
+    importer back."""
+    graph = {f.stem: _imports(f) for f in WORKER.glob("*.py")}
+
+    def reaches(start: str) -> set[str]:
+        seen: set[str] = set()
+        todo = [start]
+        while todo:
+            for nxt in graph.get(todo.pop(), (set(), set()))[0]:
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return seen
+
+    cycles = [(m, n) for m, (_, lazy) in graph.items() for n in lazy if m in reaches(n) | {n}]
+    assert cycles == []
+    assert not [m for m in graph if m in reaches(m)]

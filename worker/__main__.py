@@ -31,6 +31,7 @@ from ckptd.worker.runtime import log_to, write_error_file
 
 if TYPE_CHECKING:
     from ckptd.worker.loop import Loop
+    from ckptd.worker.looptypes import TrainingLoop
 
 
 def _basics(run: RunDir, attempt: int) -> tuple[JobSpec, Any, Any, Any]:
@@ -74,7 +75,7 @@ def prepare(run: RunDir, attempt: int) -> Loop:
     return make_loop(spec, run, built.model, data, beater, stop, writer)
 
 
-def _start(loop: Any) -> None:
+def _start(loop: TrainingLoop) -> None:
     """Check the output directories, lock the checkpoint directory (held until exit), restore."""
     from ckptd.worker.runtime import lock_dir, output_dir
 
@@ -85,7 +86,7 @@ def _start(loop: Any) -> None:
     loop.restore()
 
 
-def train(loop: Any) -> int:
+def train(loop: Loop) -> int:
     try:
         _start(loop)
         loop.train()
@@ -98,7 +99,7 @@ def train(loop: Any) -> int:
     return p.EXIT_OK
 
 
-def _run_entrypoint(run: RunDir, attempt: int, spare: bool, holder: list[Any]) -> int:
+def _run_entrypoint(run: RunDir, attempt: int, spare: bool, holder: list[TrainingLoop]) -> int:
     """An `entrypoint:` job: run the user's script; its ckptd.fit / ckptd.session call comes
     back here (via `ready`) to wait as a hot spare, lock and restore."""
     from ckptd.worker.script import ScriptRunner, run_entrypoint
@@ -107,7 +108,7 @@ def _run_entrypoint(run: RunDir, attempt: int, spare: bool, holder: list[Any]) -
     spec, beater, stop, writer = _basics(run, attempt)
     assert spec.entrypoint is not None
 
-    def ready(loop: Any) -> None:
+    def ready(loop: TrainingLoop) -> None:
         holder.append(loop)
         if spare and _become_assigned(run, loop) is None:
             raise SpareReleased()
@@ -124,7 +125,7 @@ def _run_entrypoint(run: RunDir, attempt: int, spare: bool, holder: list[Any]) -
     return p.EXIT_OK
 
 
-def _become_assigned(run: RunDir, loop: Any) -> int | None:
+def _become_assigned(run: RunDir, loop: TrainingLoop) -> int | None:
     """A hot spare, built and primed: say so, then wait to be named an attempt."""
     # Tell whoever watches (benchmarks, operators) that this spare is warm.
     (run.root / "attempts" / "spare").mkdir(parents=True, exist_ok=True)
@@ -176,7 +177,7 @@ def _warm() -> int:
 def _dispatch(run: RunDir, mode: str) -> int:
     spare = mode == "--spare"
     attempt = 0 if spare else int(mode)
-    holder: list[Any] = []  # the loop, once built: its step goes into the error record
+    holder: list[TrainingLoop] = []  # the loop, once built: its step goes into the error record
     try:
         if spec_from_json(run.spec_file.read_text()).entrypoint is not None:
             return _run_entrypoint(run, attempt, spare, holder)

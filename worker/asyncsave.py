@@ -204,6 +204,10 @@ class AsyncSaver:
         self.next_number += 1
         return number
 
+    def saving(self) -> bool:
+        """A save is in flight (captured, not yet answered)."""
+        return self.in_flight is not None
+
     def died(self) -> bool:
         """The writer process is gone (the save in flight failed with it)."""
         return self.dead

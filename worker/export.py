@@ -10,23 +10,26 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ckptd.state import ckptfiles as cf
 from ckptd.state.jobfile import resolved_params
 from ckptd.state.jobspec import spec_from_json
 from ckptd.state.paths import RunDir
 
+if TYPE_CHECKING:
+    from ckptd.worker.looptypes import TrainingLoop
+
 EXIT_OK, EXIT_NONE = 0, 1
 
 
 class _Ready(BaseException):
-    def __init__(self, loop: Any) -> None:
+    def __init__(self, loop: TrainingLoop) -> None:
         super().__init__("ready")
         self.loop = loop
 
 
-def _loop_for(run: RunDir, scratch: Path) -> Any:
+def _loop_for(run: RunDir, scratch: Path) -> TrainingLoop:
     """The job's loop (or custom-loop session), built as its worker builds it but for reading
     only: no async writer, no signal handlers, heartbeats into `scratch` (never the job's own
     heartbeat, which a running worker owns), nothing restored."""
@@ -47,7 +50,7 @@ def _loop_for(run: RunDir, scratch: Path) -> Any:
         return make_loop(spec, run, built.model, data, beater, stop, None)
     os.chdir(run.root)  # as for its worker: files the script makes land in its run directory
 
-    def ready(loop: Any) -> None:
+    def ready(loop: TrainingLoop) -> None:
         raise _Ready(loop)  # the script stops in its fit / session call
 
     try:
@@ -70,7 +73,7 @@ def export_latest(run: RunDir, out: Path) -> str:
     def skipped(m: cf.Manifest, problem: str) -> None:
         print(f"ckptd export: skipping checkpoint {m.number}: {problem}", file=sys.stderr)
 
-    m = restore_readonly(ckdir, loop.ck.ckpt, skipped)
+    m = restore_readonly(ckdir, loop.ck.state.ckpt, skipped)
     if m is None:
         raise LookupError(f"no verified checkpoint in {ckdir}")
     save_weights_file(loop.model, out)

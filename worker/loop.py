@@ -1,8 +1,8 @@
 """ckptd's fit loop: restore → train steps → checkpoint → epoch end → final save.
 
 The Loop runs steps and heartbeats; ckptd.worker.checkpointing makes and restores the commits
-(and its ckptd.worker.saveschedule decides when); ckptd.worker.epochend does validation,
-callbacks, best file and early stopping. Everything that affects the result lives in the
+(through its restorer and saver; ckptd.worker.saveschedule decides when); ckptd.worker.epochend
+does validation, callbacks, best file and early stopping. Everything that affects the result lives in the
 checkpoint."""
 
 from __future__ import annotations
@@ -87,9 +87,9 @@ class Loop:
             fit,
             lambda: self.ck.faults.in_validation(self.ck.step, beater.hb.attempt),
         )
-        self.ck.schedule.epoch_steps = data.steps_per_epoch
+        self.ck.defer_to_epoch_end(data.steps_per_epoch)
         if user_callbacks:
-            self.ck.before_save.append(lambda: self.callbacks_var.assign(self.ends.state()))
+            self.ck.capture_before_save(lambda: self.callbacks_var.assign(self.ends.state()))
         self.ck.c.epoch.assign(fit.initial_epoch if fit is not None else 0)
         # Called before every training step (benchmarks mark blocks of steps with it).
         self.before_step: list[Callable[[], None]] = []
@@ -131,7 +131,7 @@ class Loop:
         resumed = self.ck.committed_step is not None
         self.ends.begin(int(self.c.epoch.numpy()), self.callbacks_var.numpy().decode() if resumed else None)
         self._announce()
-        self.ck.schedule.start()
+        self.ck.start()
         self.beater.beat(
             Phase.TRAINING, force=True, epochs=self.epochs, steps_per_epoch=self.data.steps_per_epoch
         )
@@ -172,7 +172,7 @@ class Loop:
             logs = floats(self.step_fn(data))
             self.ck.count(logs)
             self._beat_step(epoch, t_epoch, start)
-            if self.ck.stats["steps"] == 0 and not self.first_step_seen:
+            if self.ck.stats.steps == 0 and not self.first_step_seen:
                 self.first_step_seen = True  # recovery time ends here (benchmarks)
                 self.event(Event.TRAINING_FIRST_STEP, step=self.ck.step)
             callbacks.on_train_batch_end(i, logs)
@@ -180,8 +180,8 @@ class Loop:
             if self.model.stop_training:
                 break
         self.host.train_seconds += time.monotonic() - t_epoch
-        self.ck.stats["loop_seconds"] += time.monotonic() - t_epoch
-        self.ck.stats["steps"] += int(self.c.step_in_epoch.numpy()) - start
+        self.ck.stats.loop_seconds += time.monotonic() - t_epoch
+        self.ck.stats.steps += int(self.c.step_in_epoch.numpy()) - start
         self.epoch_end(epoch)
 
     def _beat_step(self, epoch: int, t_epoch: float, start: int) -> None:
@@ -201,7 +201,7 @@ class Loop:
         logs = self.ends.run(epoch, self.ck.step, self.ck.last_logs, self.event)
         self.ck.epoch_done()
         self._sync_host()
-        self.ck.schedule.epoch_recorded()
+        self.ck.epoch_recorded()
         self.beater.beat(Phase.TRAINING, force=True, epoch=epoch + 1, logs=logs)
 
     def close(self) -> None:
@@ -217,5 +217,5 @@ class Loop:
             step=self.ck.step,
             epochs=len(self.host.history),
             stopped_early=self.host.stopped_early,
-            **{k: round(v, 6) for k, v in self.ck.stats.items()},
+            **{k: round(v, 6) for k, v in self.ck.stats.as_dict().items()},
         )

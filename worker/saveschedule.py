@@ -1,5 +1,5 @@
 """When the step loop takes an interval save: the decisions, apart from how a save is made
-(ckptd.worker.checkpointing).
+(ckptd.worker.saver, reached through the ScheduleLink's callbacks).
 
 - A save is due at every `every_steps`-th step and whenever `every_seconds` have passed.
 - In the fit loop, a save due on an epoch's last step waits for the epoch end (after validation
@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from ckptd.state.jobspec import Checkpoint
 from ckptd.state.protocol import Event
-
-if TYPE_CHECKING:
-    from ckptd.worker.checkpointing import Checkpointing
+from ckptd.worker.savetypes import Saved, SaveReason, SaveStats
 
 # While a save is in flight the step loop looks at the writer (a pipe poll) at most this often:
 # a poll every step costs a measurable share of a small model's step; a reply noticed 2 ms late
@@ -42,6 +42,35 @@ class Due(StrEnum):
     NOW = "now"
     EPOCH_END = "epoch_end"  # at this epoch's end, once its row is recorded
     PENDING = "pending"  # already waiting for the writer: it stays one save
+
+
+class Meter(Protocol):
+    def step(self, seconds: float, in_flight: bool) -> None: ...
+    def stalled(self, seconds: float) -> None: ...
+
+
+class PacedWriter(Protocol):
+    """What the schedule reads of the async writer's link (ckptd.worker.asyncsave.AsyncSaver)."""
+
+    @property
+    def meter(self) -> Meter: ...
+    def saving(self) -> bool: ...
+    def busy(self) -> bool: ...
+    def next_look(self, now: float, pending: bool, poll: float) -> float: ...
+    def shift_clocks(self, seconds: float) -> None: ...
+
+
+@dataclass
+class ScheduleLink:
+    """The schedule's hold on the saver: callbacks and what it reads, not the saver itself."""
+
+    take: Callable[[SaveReason], Saved]  # make an interval save now (or find the writer busy)
+    drain: Callable[[bool], bool]  # collect the async writer's reply (wait for it if True)
+    writer: Callable[[], PacedWriter | None]  # the async writer's link, once opened
+    step: Callable[[], int]
+    committed_step: Callable[[], int | None]
+    event: Callable[..., None]
+    stats: SaveStats
 
 
 def interval_due(
@@ -67,8 +96,8 @@ def _asked(spec: Checkpoint) -> str:
 
 
 class SaveSchedule:
-    def __init__(self, spec: Checkpoint, ck: Checkpointing) -> None:
-        self.spec, self.ck = spec, ck
+    def __init__(self, spec: Checkpoint, link: ScheduleLink) -> None:
+        self.spec, self.link = spec, link
         # Set by the fit loop only: custom loops (sessions) have no epoch end to defer to.
         self.epoch_steps: int | None = None
         self.last_save = time.monotonic()
@@ -87,15 +116,16 @@ class SaveSchedule:
         self.last_save = time.monotonic()
 
     def after_step(self, step_seconds: float) -> None:
-        if self.ck.async_saver is not None:
-            self._look_at_writer(step_seconds)
+        writer = self.link.writer()
+        if writer is not None:
+            self._look_at_writer(writer, step_seconds)
 
     def interval(self, step: int, step_in_epoch: int) -> None:
         """The step is counted (and a stop request dealt with): take the save if due."""
         now = time.monotonic()
         if not interval_due(step, now - self.last_save, self.spec.every_steps, self.spec.every_seconds):
             return
-        self.ck.stats["due"] += 1
+        self.link.stats.due += 1
         where = when_due(step_in_epoch, self.epoch_steps, self.pending)
         if where is Due.EPOCH_END:
             self.due_at_epoch_end = True
@@ -127,11 +157,9 @@ class SaveSchedule:
             self.coalesced += 1
 
     def _take(self) -> None:
-        from ckptd.worker.checkpointing import Saved
-
         if not self.enabled:
             return
-        outcome = self.ck.save("interval")
+        outcome = self.link.take(SaveReason.INTERVAL)
         if outcome is not Saved.FAILED:
             # Busy: the writer has one in flight or paces, save when it may. Either way the
             # next step works out when to look at the writer again.
@@ -143,16 +171,16 @@ class SaveSchedule:
     def _report_coalesced(self, final: bool = False) -> None:
         """The interval the job asked for was not met: say what was achieved (at once the
         first time, then at most once a minute, and before the final save)."""
-        step, now = self.ck.step, time.monotonic()
+        step, now = self.link.step(), time.monotonic()
         since, self._taken_step = self._taken_step, step
         if not self.coalesced:
             return
         if since is None:  # nothing taken yet in this attempt: since the restored commit
-            since = self.ck.committed_step or 0
+            since = self.link.committed_step() or 0
         if not final and self._reported_at is not None and now - self._reported_at < REPORT_SECONDS:
             return
         asked = _asked(self.spec)
-        self.ck.event(
+        self.link.event(
             Event.CHECKPOINT_COALESCED,
             step=step,
             since_step=since,
@@ -170,21 +198,19 @@ class SaveSchedule:
                 file=sys.stderr,
                 flush=True,
             )
-        self.ck.stats["coalesced"] = self.ck.stats.get("coalesced", 0) + self.coalesced
+        self.link.stats.coalesced = (self.link.stats.coalesced or 0) + self.coalesced
         self.coalesced, self._reported_at = 0, now
 
-    def _look_at_writer(self, step_seconds: float) -> None:
-        saver = self.ck.async_saver
-        assert saver is not None
-        saver.meter.step(step_seconds, saver.in_flight is not None)
+    def _look_at_writer(self, saver: PacedWriter, step_seconds: float) -> None:
+        saver.meter.step(step_seconds, saver.saving())
         now = time.monotonic()
         if now < self.poll_at:
             return
-        self.ck.drain_async(block=False)
+        self.link.drain(False)
         may_save = self.pending and not saver.busy()
         self.poll_at = saver.next_look(now, self.pending and not may_save, ASYNC_POLL_SECONDS)
         looked = time.monotonic() - now
-        self.ck.stats["poll_seconds"] += looked
+        self.link.stats.poll_seconds += looked
         saver.meter.stalled(looked)
         if may_save:
             self._take()
@@ -192,7 +218,7 @@ class SaveSchedule:
     def settle(self) -> None:
         """Benchmarks: wait for the save in flight and drop a pending one, so that a block of
         steps is charged with the saves it started."""
-        self.ck.drain_async(block=True)
+        self.link.drain(True)
         self.pending = False
 
     def set_enabled(self, on: bool) -> None:
@@ -204,7 +230,7 @@ class SaveSchedule:
             self.settle()
             self._off_since = now
         elif on and not self.enabled and self._off_since is not None:
-            saver = self.ck.async_saver
+            saver = self.link.writer()
             if saver is not None:
                 saver.shift_clocks(now - self._off_since)
         self.enabled = on

@@ -23,6 +23,7 @@ from ckptd.state.protocol import CHECK_ENV
 from ckptd.worker import api
 from ckptd.worker.errors import CheckDone, ConfigError, WorkerEnd
 from ckptd.worker.loop import report_exactness
+from ckptd.worker.looptypes import TrainingLoop
 from ckptd.worker.runtime import Beater, StopFlag
 from ckptd.worker.setup import make_loop, session_causes
 from ckptd.worker.writer import Writer
@@ -39,12 +40,12 @@ class ScriptRunner(api.Runner):
         beater: Beater,
         stop: StopFlag,
         writer: Writer | None,
-        start: Callable[[Any], None],
+        start: Callable[[TrainingLoop], None],
     ) -> None:
         self.spec, self.run, self.beater, self.stop, self.writer = spec, run, beater, stop, writer
         self.params = resolved_params(spec)
         self.start = start
-        self.loop: Any = None  # the loop or session, once the script handed its model over
+        self.loop: TrainingLoop | None = None  # once the script handed its model over
 
     def _once(self, what: str) -> None:
         if self.loop is not None:
@@ -55,9 +56,10 @@ class ScriptRunner(api.Runner):
 
     def fit(self, args: api.FitArgs) -> Any:
         self._once("ckptd.fit")
-        self.loop = make_loop(self.spec, self.run, args.model, args, self.beater, self.stop, self.writer)
-        self.start(self.loop)
-        return self.loop.train()
+        loop = make_loop(self.spec, self.run, args.model, args, self.beater, self.stop, self.writer)
+        self.loop = loop
+        self.start(loop)
+        return loop.train()
 
     def session(self, trackables: dict[str, Any]) -> Any:
         from ckptd.worker.session import Session
@@ -71,10 +73,11 @@ class ScriptRunner(api.Runner):
                 "ckptd.session() needs the objects to checkpoint, e.g. "
                 "ckptd.session(model=model, optimizer=optimizer)"
             )
-        self.loop = Session(self.spec, self.run, trackables, self.beater, self.stop, self.writer)
-        self.start(self.loop)
-        report_exactness(self.loop.event, causes)  # the run says what validate --build says
-        return self.loop
+        sess = Session(self.spec, self.run, trackables, self.beater, self.stop, self.writer)
+        self.loop = sess
+        self.start(sess)
+        report_exactness(sess.event, causes)  # the run says what validate --build says
+        return sess
 
 
 def run_entrypoint(runner: ScriptRunner, path: str) -> None:

@@ -108,7 +108,7 @@ class Session:
             self.restored = True
         self.out.write_history()
         self.beater.beat(Phase.TRAINING, force=True)
-        self.ck.schedule.start()
+        self.ck.start()
         self._t_step = time.monotonic()
         return manifest
 
