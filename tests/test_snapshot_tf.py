@@ -126,7 +126,7 @@ def test_snapshots_go_to_a_ready_writer_and_the_layout_is_sent_once(tmp_path: Pa
         assert second["step"] == 40 and "slots" not in second  # the layout went with the first
         fake_writer.close()  # the writer dies with a save in flight
         reply = saver.poll(block=True)
-        assert reply is not None and not reply["ok"] and "died" in reply["error"] and saver.dead
+        assert reply is not None and not reply["ok"] and "died" in reply["error"] and saver.died()
     finally:
         saver.close()
 
@@ -175,7 +175,7 @@ def test_thread_writer_commits_the_capture_and_refuses_a_nan_weight(
     )
     saver.prepare(None)
     try:
-        assert saver.thread is not None and saver.shm is None
+        assert saver.link.thread is not None and saver.layout.shm is None
         wait_for("the thread writer to be ready", saver.is_ready, 5)
         _train(model, step, batch, 2)
         expected = [np.array(v) for v in model.trainable_variables + model.optimizer.variables]

@@ -19,6 +19,7 @@ import shutil
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from multiprocessing import shared_memory
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -89,6 +90,94 @@ class InFlight(TypedDict):
     reason: str
 
 
+@dataclass
+class PacingClocks:
+    """When the next interval save may begin: with every_steps: auto, the later of the writer's
+    wall-time share and the training-time budget, capped by every_seconds (ckptd.state.pacing);
+    else at once (the job file's interval, exactly)."""
+
+    writer_share: float
+    budget: float
+    longest: float | None
+    paced: bool = False  # every_steps: auto (set when the restorer opens the directory)
+    meter: CostMeter = field(default_factory=CostMeter)
+    last_start: float | None = None  # the last save's capture
+    last_done: float | None = None  # its reply
+    last_seconds: float = 0.0  # the writer's time for it
+
+    def start_time(self) -> float:
+        if not self.paced:
+            return -math.inf
+        return paced_start_time(
+            writer_start_time(self.last_done, self.last_seconds, self.writer_share),
+            budget_start_time(self.last_start, self.meter.cost, self.budget),
+            self.last_start,
+            self.longest,
+        )
+
+    def shift(self, seconds: float) -> None:
+        if self.last_start is not None:
+            self.last_start += seconds
+        if self.last_done is not None:
+            self.last_done += seconds
+
+
+@dataclass
+class Layout:
+    """The snapshot's layout: learnt once per attempt, sent to the writer with the first save."""
+
+    plan: SnapshotPlan | None = None
+    shm: shared_memory.SharedMemory | None = None  # the process writer's copy of the state
+    graph_sent: bool = False
+
+
+class WriterLink:
+    """The pipe to the writer (a process, or a ThreadWriter of this process for large states) and
+    what is known of its end: ready once it has imported TensorFlow, dead once it is gone."""
+
+    def __init__(self, proc: Any, conn: Connection[Any, Any] | ThreadWriter) -> None:
+        self.proc, self.conn = proc, conn
+        self.thread: ThreadWriter | None = None  # replaces the process for large states
+        self.ready = False
+        self.dead = False
+        # Connection.poll(0) builds a selector per call (~10 µs); the step loop asks often.
+        self.poller = select.poll()
+        self.poller.register(self.conn.fileno(), select.POLLIN)
+
+    def readable(self, timeout: float | None) -> bool:
+        if timeout == 0:
+            return bool(self.poller.poll(0))
+        return self.conn.poll(timeout)
+
+    def use_thread(self, directory: Path) -> None:
+        """Stop the writer process (it may still be importing TensorFlow) and write from a thread."""
+        proc = self.proc
+        if isinstance(proc, multiprocessing.process.BaseProcess):
+            proc.kill()
+            proc.join(timeout=30)
+        self.poller.unregister(self.conn.fileno())
+        self.conn.close()
+        self.thread = ThreadWriter(directory)
+        self.conn, self.ready, self.dead = self.thread, False, False
+        self.poller.register(self.conn.fileno(), select.POLLIN)
+
+    def hear_ready(self, block: bool) -> None:
+        if not self.ready and not self.dead and self.readable(WRITER_START_TIMEOUT if block else 0):
+            try:
+                self.conn.recv()
+                self.ready = True
+            except (EOFError, OSError):
+                self.dead = True  # died while starting: the loop falls back to synchronous saves
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, BrokenPipeError):
+            self.conn.send({"op": "stop"})
+        self.proc.join(timeout=30)
+        if self.thread is not None:
+            self.thread.join(timeout=30)
+            self.thread.close()
+
+
 class AsyncSaver:
     def __init__(
         self,
@@ -104,36 +193,21 @@ class AsyncSaver:
     ) -> None:
         self.ckpt, self.dir = ckpt, directory
         self.retention = {"max_to_keep": max_to_keep, "keep_every_n_hours": keep_every_n_hours}
-        self.paced = False  # every_steps: auto (set by Checkpointing.open)
         self.who = (0, 1, 1)  # generation, world size, replicas (keeper.CommitPoint): set at open
         # The writer is best started before the worker imports TensorFlow, so both imports
         # overlap (see ckptd.worker.__main__); otherwise start it now.
-        self.proc, conn = writer or start_writer(directory)
-        self.conn: Connection[Any, Any] | ThreadWriter = conn
-        self.thread: ThreadWriter | None = None  # replaces the process for large states
+        self.link = WriterLink(*(writer or start_writer(directory)))
         self.finite = finite  # the weights the writer checks before committing
-        self.ready = False
-        self.writer_share, self.budget, self.longest = writer_share, budget, longest
-        self.meter = CostMeter()
-        self.last_start: float | None = None
-        self.plan: SnapshotPlan | None = None
-        self.shm: shared_memory.SharedMemory | None = None
+        self.pacing = PacingClocks(writer_share, budget, longest)
+        self.layout = Layout()
         self.in_flight: InFlight | None = None
         self.unsent: dict[str, Any] | None = None  # the in-flight message, until the writer is ready
-        self.graph_sent = False
-        self.dead = False
-        self.last_done: float | None = None
-        self.last_seconds = 0.0
         self.filler = Filler()
         self.next_number = 1
-        # Connection.poll(0) builds a selector per call (~10 µs); the step loop asks often.
-        self.poller = select.poll()
-        self.poller.register(self.conn.fileno(), select.POLLIN)
 
-    def _readable(self, timeout: float | None) -> bool:
-        if timeout == 0:
-            return bool(self.poller.poll(0))
-        return self.conn.poll(timeout)
+    @property
+    def meter(self) -> CostMeter:
+        return self.pacing.meter
 
     def prepare(self, restored: cf.Manifest | None) -> None:
         """Learn the checkpoint's object graph (from the restored checkpoint, or from one
@@ -147,9 +221,9 @@ class AsyncSaver:
             graph = object_graph_of(str(self.dir / restored.prefix))
         else:
             graph = object_graph_now(self.ckpt) or self._probe_graph()
-        self.plan = SnapshotPlan(self.ckpt, graph, self.finite)
-        if self.plan.nbytes >= THREAD_WRITER_BYTES:
-            self._use_thread_writer()
+        plan = self.layout.plan = SnapshotPlan(self.ckpt, graph, self.finite)
+        if plan.nbytes >= THREAD_WRITER_BYTES:
+            self.link.use_thread(self.dir)
             return
         # One segment name per checkpoint directory: a worker killed with SIGKILL cannot unlink
         # its segment, so the next one (holding the directory lock) removes the stale one.
@@ -158,7 +232,7 @@ class AsyncSaver:
             stale = shared_memory.SharedMemory(name=name)
             stale.close()
             stale.unlink()
-        self.shm = shared_memory.SharedMemory(name=name, create=True, size=self.plan.nbytes)
+        self.layout.shm = shared_memory.SharedMemory(name=name, create=True, size=plan.nbytes)
 
     def _probe_graph(self) -> bytes:
         """The object graph from one throw-away synchronous write (if TF's internals moved)."""
@@ -168,36 +242,20 @@ class AsyncSaver:
         shutil.rmtree(probe, ignore_errors=True)
         return graph
 
-    def _use_thread_writer(self) -> None:
-        """Stop the writer process (it may still be importing TensorFlow) and write from a thread."""
-        proc = self.proc
-        if isinstance(proc, multiprocessing.process.BaseProcess):
-            proc.kill()
-            proc.join(timeout=30)
-        self.poller.unregister(self.conn.fileno())
-        self.conn.close()
-        self.thread = ThreadWriter(self.dir)
-        self.conn, self.ready, self.dead = self.thread, False, False
-        self.poller.register(self.conn.fileno(), select.POLLIN)
-
     def _check_ready(self, block: bool) -> bool:
-        if not self.ready and not self.dead and self._readable(WRITER_START_TIMEOUT if block else 0):
-            try:
-                self.conn.recv()
-                self.ready = True
-            except (EOFError, OSError):
-                self.dead = True  # died while starting: the loop falls back to synchronous saves
-        if self.ready and self.unsent is not None and self.filler.done(block):
+        link = self.link
+        link.hear_ready(block)
+        if link.ready and self.unsent is not None and self.filler.done(block):
             # Sent only now: the snapshot is complete, and a large message would block on a
             # full pipe nobody reads yet.
             self.unsent["strings"] = self.filler.strings
             if self.filler.error is None:
                 try:
-                    self.conn.send(self.unsent)
+                    link.conn.send(self.unsent)
                     self.unsent = None
                 except OSError:  # BrokenPipeError: the writer died while idle
-                    self.dead = True
-        return self.ready
+                    link.dead = True
+        return link.ready
 
     def take_number(self) -> int:
         number = self.next_number
@@ -210,7 +268,7 @@ class AsyncSaver:
 
     def died(self) -> bool:
         """The writer process is gone (the save in flight failed with it)."""
-        return self.dead
+        return self.link.dead
 
     def is_ready(self) -> bool:
         return self._check_ready(block=False)
@@ -222,43 +280,28 @@ class AsyncSaver:
         self._check_ready(block=False)
         if self.in_flight is not None:
             return True
-        return time.monotonic() < self.start_time()
-
-    def start_time(self) -> float:
-        """When the next interval save may begin: with every_steps: auto, the later of the
-        writer's wall-time share and the training-time budget, capped by every_seconds
-        (ckptd.state.pacing); else at once (the job file's interval, exactly)."""
-        if not self.paced:
-            return -math.inf
-        return paced_start_time(
-            writer_start_time(self.last_done, self.last_seconds, self.writer_share),
-            budget_start_time(self.last_start, self.meter.cost, self.budget),
-            self.last_start,
-            self.longest,
-        )
+        return time.monotonic() < self.pacing.start_time()
 
     def shift_clocks(self, seconds: float) -> None:
         """Pacing as if the last `seconds` had not been (benchmarks that pause saving)."""
-        if self.last_start is not None:
-            self.last_start += seconds
-        if self.last_done is not None:
-            self.last_done += seconds
+        self.pacing.shift(seconds)
 
     def next_look(self, now: float, pending: bool, poll: float) -> float:
         """When the step loop should look at the writer again (see ckptd.state.pacing)."""
-        return next_look(now, self.in_flight is not None, pending, self.start_time(), poll)
+        return next_look(now, self.in_flight is not None, pending, self.pacing.start_time(), poll)
 
     def submit(
         self, step: int, epoch: int, step_in_epoch: int, metrics: dict[str, float], reason: str
     ) -> None:
         """Capture now; copy and hand over in the background (see Filler), or hand the captured
         tensors themselves to the thread writer."""
-        assert self.plan is not None and self.in_flight is None
-        self.last_start = time.monotonic()
-        captured = self.plan.capture()
+        plan = self.layout.plan
+        assert plan is not None and self.in_flight is None
+        self.pacing.last_start = time.monotonic()
+        captured = plan.capture()
         number = self.take_number()
         self.in_flight = {"number": number, "step": step, "epoch": epoch, "reason": reason}
-        assert self.ready  # until then saves are synchronous (Checkpointing._save_async)
+        assert self.link.ready  # until then saves are synchronous (saver.Saver._save_async)
         msg: dict[str, Any] = {
             "number": number,
             "step": step,
@@ -268,19 +311,19 @@ class AsyncSaver:
             "who": self.who,
             **self.retention,
         }
-        if not self.graph_sent:
+        if not self.layout.graph_sent:
             # The layout never changes during an attempt: the writer keeps it after the first save.
-            msg["slots"] = [(s.key, s.dtype, s.shape, s.offset) for s in self.plan.slots]
-            msg["object_graph"] = self.plan.object_graph
-            msg["finite"] = self.plan.finite_keys
-            self.graph_sent = True
+            msg["slots"] = [(s.key, s.dtype, s.shape, s.offset) for s in plan.slots]
+            msg["object_graph"] = plan.object_graph
+            msg["finite"] = plan.finite_keys
+            self.layout.graph_sent = True
         self.unsent = msg
-        if self.thread is not None:
+        if self.link.thread is not None:
             msg["captured"] = captured
         else:
-            assert self.shm is not None
-            msg["shm"] = self.shm.name
-            self.filler.start(self.plan, self.shm, captured)
+            assert self.layout.shm is not None
+            msg["shm"] = self.layout.shm.name
+            self.filler.start(plan, self.layout.shm, captured)
         self._check_ready(block=False)
 
     def poll(self, block: bool) -> WriterReply | None:
@@ -288,44 +331,44 @@ class AsyncSaver:
         if self.in_flight is None:
             return None
         self._check_ready(block)
-        reply: WriterReply
-        failed: WriterReply = {"ok": False, "seconds": 0.0, "number": self.in_flight["number"]}
-        if self.filler.error is not None:
-            reply = failed | {"error": f"snapshot failed: {self.filler.error}"}
-        elif self.unsent is not None and not (block or self.dead):
+        reply = self._reply(block, {"ok": False, "seconds": 0.0, "number": self.in_flight["number"]})
+        if reply is None:
             return None
-        elif self.unsent is not None:
-            reply = failed | {
-                "error": "the checkpoint writer process died"
-                if self.ready
-                else "the checkpoint writer process did not start"
-            }
-        elif not self._readable(None if block else 0):
-            return None
-        else:
-            try:
-                reply = self.conn.recv()
-            except (EOFError, OSError):
-                self.dead = True
-                reply = failed | {"error": "the checkpoint writer process died"}
-        self.last_done, self.last_seconds = time.monotonic(), reply["seconds"]
+        self.pacing.last_done, self.pacing.last_seconds = time.monotonic(), reply["seconds"]
         # Final and preemption saves are waited for at once: their cost is not an interval's.
-        self.meter.save_done(counted=reply["ok"] and self.in_flight["reason"] == "interval")
+        self.pacing.meter.save_done(counted=reply["ok"] and self.in_flight["reason"] == "interval")
         flight = self.in_flight
         reply["step"], reply["epoch"], reply["reason"] = (flight["step"], flight["epoch"], flight["reason"])
         self.in_flight = self.unsent = None
         self.filler.error = None
         return reply
 
+    def _reply(self, block: bool, failed: WriterReply) -> WriterReply | None:
+        link = self.link
+        if self.filler.error is not None:
+            return failed | {"error": f"snapshot failed: {self.filler.error}"}
+        if self.unsent is not None and not (block or link.dead):
+            return None
+        if self.unsent is not None:
+            return failed | {
+                "error": "the checkpoint writer process died"
+                if link.ready
+                else "the checkpoint writer process did not start"
+            }
+        if not link.readable(None if block else 0):
+            return None
+        try:
+            reply: WriterReply = link.conn.recv()
+            return reply
+        except (EOFError, OSError):
+            link.dead = True
+            return failed | {"error": "the checkpoint writer process died"}
+
     def close(self) -> None:
         self.filler.done(block=True)  # the thread reads the segment unlinked below
-        with contextlib.suppress(OSError, BrokenPipeError):
-            self.conn.send({"op": "stop"})
-        self.proc.join(timeout=30)
-        if self.thread is not None:
-            self.thread.join(timeout=30)
-            self.thread.close()
-        if self.shm is not None:
-            self.shm.close()
+        self.link.close()
+        shm = self.layout.shm
+        if shm is not None:
+            shm.close()
             with contextlib.suppress(FileNotFoundError):
-                self.shm.unlink()
+                shm.unlink()

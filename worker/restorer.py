@@ -63,7 +63,7 @@ class Restorer:
                 finite=s.weights,
             )
             saver.who = keeper.who
-            saver.paced = ck.every_steps == "auto"
+            saver.pacing.paced = ck.every_steps == "auto"
         return Storage(keeper, saver)
 
     def restore(self) -> tuple[Manifest | None, Storage | None]:

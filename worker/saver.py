@@ -118,7 +118,7 @@ class Saver:
     def _save_async(self, reason: SaveReason) -> bool:
         saver = self.async_saver
         assert saver is not None
-        if saver.dead or (not saver.is_ready() and not saver.saving()):
+        if saver.died() or (not saver.is_ready() and not saver.saving()):
             # No save waits for the writer's TensorFlow import (seconds at worker start, far
             # more on a loaded box): until the writer is ready, saves are synchronous, so a
             # kill meanwhile still finds the commits every_steps asked for.
