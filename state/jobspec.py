@@ -391,7 +391,12 @@ def _check_plain(value: Any, path: str) -> None:
 
 
 def spec_json(spec: JobSpec) -> str:
-    return json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    d = spec.model_dump(mode="json")
+    # A job without a memory tier keeps the text (and digest) it had before the section existed,
+    # so `ckptd run` still resumes jobs created by an older ckptd.
+    if d["checkpoint"].get("memory") is None:
+        del d["checkpoint"]["memory"]
+    return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
 
 def spec_digest(spec: JobSpec) -> str:
