@@ -31,6 +31,10 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved a checkpoint on SIGTERM/SIGINT and sto
 EXIT_NO_VALID_CHECKPOINT = 76  # committed checkpoints exist but none is restorable
 EXIT_LOCKED = 77  # another worker holds the checkpoint directory
 EXIT_CONFIG = 78  # EX_CONFIG: entrypoint missing, import error, bad params or data
+# Exits a restart cannot help: the job as configured, a directory another worker holds, a
+# history with no restorable commit. The one table of it: the worker's errors
+# (ckptd.worker.errors) and the restart policy (ckptd.supervisor.policy.NEVER_RETRY) read it.
+NOT_RETRIED = frozenset({EXIT_CONFIG, EXIT_LOCKED, EXIT_NO_VALID_CHECKPOINT})
 
 # `ckptd validate --build` runs a worker with CHECK_ENV set: it sets the job up (imports, builds,
 # primes), prints one CHECK_PREFIX line of JSON ({"inexact": [causes]}) and trains nothing.
