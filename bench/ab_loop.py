@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from ckptd.state.ckptfiles import Manifest
-from ckptd.worker.loop import Loop
+from ckptd.worker.fit.loop import Loop
 
 # ABBA: on, off, off, on, on, off, off, on, ...
 PATTERN = (True, False, False, True)

@@ -3,7 +3,7 @@
 For each size: a model `Input(256) -> Dense(W) -> Dense(1)` with Adam sized to S GB of state
 (bench/large_model.py's "wide" kind, built directly), one training step, then, each alone on an
 otherwise idle worker: the capture (the step loop's stall), the copy into the tier with its CRC32
-(ckptd.worker.memsnap.write into a fresh file; a TierWriter over a reused one), the
+(ckptd.worker.checkpoint.memsnap.write into a fresh file; a TierWriter over a reused one), the
 tier's verification (read + CRC32), the restore by assignment,
 and for comparison a TF bundle of the same state written to disk and fsynced (ckpt.write + fsync
 of each file). Training-time cost beside a running step loop is phase 2's A/B bench.
@@ -27,8 +27,8 @@ import numpy as np
 import tensorflow as tf
 
 from ckptd.state import memtier as mt
-from ckptd.worker import memsnap
-from ckptd.worker.snapshot import SnapshotPlan, object_graph_now
+from ckptd.worker.checkpoint import memsnap
+from ckptd.worker.checkpoint.snapshot import SnapshotPlan, object_graph_now
 
 
 def _model(state_gb: float) -> tuple[tf.train.Checkpoint, keras.Model]:

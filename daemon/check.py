@@ -1,7 +1,7 @@
 """`ckptd validate --build`: set a job up in a worker process, as a run would, and report.
 
 The worker imports the job's code, builds the model and its data, primes it on the first batch
-and inspects what it found (ckptd.worker.exactness), then stops before touching a checkpoint.
+and inspects what it found (ckptd.worker.fit.exactness), then stops before touching a checkpoint.
 So a user learns before a long run whether the program runs under ckptd at all, and every reason
 a resumed run of it might not be bit-identical. This process never imports TensorFlow.
 """

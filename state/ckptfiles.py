@@ -89,7 +89,7 @@ def build_manifest(
     The index records each tensor's shard, offset, size and CRC32C, and TF checks that CRC32C on
     every read (a flipped bit is a DataLossError), so hashing the index covers the data files'
     content as well; hashing the data files too cost the writer 60 ms of CPU per 100 MB commit,
-    taken from training on a 2-core box. Restores read every tensor (ckptd.worker.keeper)."""
+    taken from training on a 2-core box. Restores read every tensor (ckptd.worker.checkpoint.keeper)."""
     files: dict[str, dict[str, Any]] = {}
     total = hashlib.sha256()
     for f in files_of(directory, number):

@@ -1,11 +1,11 @@
-"""The step loop's measurement of what asynchronous saves cost (ckptd.worker.costmeter), fed with
+"""The step loop's measurement of what asynchronous saves cost (ckptd.worker.checkpoint.costmeter), fed with
 made-up step durations: no TensorFlow, no clock."""
 
 from __future__ import annotations
 
 import pytest
 
-from ckptd.worker.costmeter import SAVE_COST_WEIGHT, CostMeter
+from ckptd.worker.checkpoint.costmeter import SAVE_COST_WEIGHT, CostMeter
 
 IDLE = 0.0006
 

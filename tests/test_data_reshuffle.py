@@ -1,4 +1,4 @@
-"""ckptd.worker.data: a build() dataset the program shuffles itself (reshuffle_each_iteration=True,
+"""ckptd.worker.data.batches: a build() dataset the program shuffles itself (reshuffle_each_iteration=True,
 seeded or not, shuffle before or after a map, with or without a validation split) gives a resumed
 process the same batches as an uninterrupted one (issue 26, part 2)."""
 
@@ -42,7 +42,7 @@ def _batches(variant: str, split: float, shuffle: bool) -> Any:
     import keras
 
     from ckptd.state.jobspec import Train
-    from ckptd.worker.data import Batches
+    from ckptd.worker.data.batches import Batches
 
     keras.utils.set_random_seed(3)  # as configure_tf does in every worker, before build()
     cfg = Train(batch_size=10, validation_split=split, shuffle=shuffle)

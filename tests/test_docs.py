@@ -15,8 +15,8 @@ from .conftest import ROOT
 PACKAGES = ("daemon", "supervisor", "state", "worker")
 README_LIMIT = 16_000
 
-# A module as the map writes it: `worker/loop.py`, `worker/sub/x.py`. Not preceded by a path
-# character, so `ckptd/worker/loop.py` or `tests/worker/x.py` are not read as a module name.
+# A module as the map writes it: `worker/fit/loop.py`, `worker/sub/x.py`. Not preceded by a path
+# character, so `ckptd/worker/fit/loop.py` or `tests/worker/x.py` are not read as a module name.
 _MODULE = re.compile(r"(?<![\w/.-])(?:" + "|".join(PACKAGES) + r")/(?:\w+/)*\w+\.py\b")
 _FENCE = re.compile(r"^\s*(```|~~~)")
 _LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
@@ -142,14 +142,16 @@ def test_module_map_helpers_catch_a_missing_and_a_stale_module(tmp_path: Path) -
         tmp_path,
         {
             "worker/__init__.py": "",
-            "worker/loop.py": "",
+            "worker/fit/loop.py": "",
             "worker/sub/deep.py": "",
             "state/store.py": "",
         },
     )
-    on_map = "| 8 | training | `worker/loop.py`, `state/store.py`, `worker/gone.py`; see ckptd/worker/x.py |"
-    assert modules_under(tmp_path) == {"worker/loop.py", "worker/sub/deep.py", "state/store.py"}
-    assert modules_named(on_map) == {"worker/loop.py", "state/store.py", "worker/gone.py"}
+    on_map = (
+        "| 8 | training | `worker/fit/loop.py`, `state/store.py`, `worker/gone.py`; see ckptd/worker/x.py |"
+    )
+    assert modules_under(tmp_path) == {"worker/fit/loop.py", "worker/sub/deep.py", "state/store.py"}
+    assert modules_named(on_map) == {"worker/fit/loop.py", "state/store.py", "worker/gone.py"}
     assert modules_under(tmp_path) - modules_named(on_map) == {"worker/sub/deep.py"}
     assert modules_named(on_map) - modules_under(tmp_path) == {"worker/gone.py"}
 

@@ -1,4 +1,4 @@
-"""ckptd.worker.exactness: the static checks name what an exact resume cannot replay, and only that
+"""ckptd.worker.fit.exactness: the static checks name what an exact resume cannot replay, and only that
 (the experiments behind each rule: notes/exactness-findings.md)."""
 
 from __future__ import annotations
@@ -51,13 +51,13 @@ def _exact_datasets() -> dict[str, Any]:
 def determinism_on(monkeypatch: pytest.MonkeyPatch) -> None:
     # ckptd's worker enables op determinism; doing it for real would change every later test in this
     # process (unseeded random ops raise), so report it as on to the module under test only.
-    from ckptd.worker import exactness
+    from ckptd.worker.fit import exactness
 
     monkeypatch.setattr(exactness, "op_determinism_enabled", lambda: True)
 
 
 def test_exact_datasets_are_not_flagged(determinism_on: None) -> None:
-    from ckptd.worker.exactness import dataset_risks
+    from ckptd.worker.fit.exactness import dataset_risks
 
     for what, ds in _exact_datasets().items():
         assert dataset_risks(ds.batch(4).prefetch(2)) == [], what
@@ -70,7 +70,7 @@ def _gen() -> Iterator[int]:
 def test_from_generator_is_flagged(determinism_on: None) -> None:
     import tensorflow as tf
 
-    from ckptd.worker.exactness import dataset_risks
+    from ckptd.worker.fit.exactness import dataset_risks
 
     ds = tf.data.Dataset.from_generator(_gen, output_signature=tf.TensorSpec([], tf.int64)).batch(2)
     risks = dataset_risks(ds)
@@ -81,7 +81,7 @@ def test_python_in_map_is_flagged(determinism_on: None) -> None:
     import numpy as np
     import tensorflow as tf
 
-    from ckptd.worker.exactness import dataset_risks
+    from ckptd.worker.fit.exactness import dataset_risks
 
     ds = _range().map(lambda x: tf.numpy_function(lambda: np.float32(np.random.rand()), [], tf.float32))
     risks = dataset_risks(ds.batch(2))
@@ -91,7 +91,7 @@ def test_python_in_map_is_flagged(determinism_on: None) -> None:
 def test_generator_in_map_is_flagged(determinism_on: None) -> None:
     import tensorflow as tf
 
-    from ckptd.worker.exactness import dataset_risks
+    from ckptd.worker.fit.exactness import dataset_risks
 
     g = tf.random.Generator.from_seed(1)
     risks = dataset_risks(_range().map(lambda x: _f(x) + g.uniform([])).batch(2))
@@ -102,7 +102,7 @@ def test_keras_random_layer_in_map_is_flagged(determinism_on: None) -> None:
     import keras
     import tensorflow as tf
 
-    from ckptd.worker.exactness import dataset_risks
+    from ckptd.worker.fit.exactness import dataset_risks
 
     flip = keras.layers.RandomFlip("horizontal", seed=3)
     ds = _range().map(lambda x: flip(tf.fill([2, 2, 1], _f(x)), training=True)).batch(2)
@@ -111,15 +111,15 @@ def test_keras_random_layer_in_map_is_flagged(determinism_on: None) -> None:
 
 
 def test_file_cache_is_flagged(tmp_path: Path, determinism_on: None) -> None:
-    from ckptd.worker.exactness import dataset_risks
+    from ckptd.worker.fit.exactness import dataset_risks
 
     risks = dataset_risks(_range().cache(str(tmp_path / "c")).batch(2))
     assert len(risks) == 1 and "lockfile" in risks[0], risks
 
 
 def test_nondeterministic_order_flagged_only_without_op_determinism(monkeypatch: pytest.MonkeyPatch) -> None:
-    from ckptd.worker import exactness
-    from ckptd.worker.exactness import dataset_risks
+    from ckptd.worker.fit import exactness
+    from ckptd.worker.fit.exactness import dataset_risks
 
     ds = _range().map(lambda x: x + 1, num_parallel_calls=2, deterministic=False).batch(2)
     monkeypatch.setattr(exactness, "op_determinism_enabled", lambda: False)
@@ -170,7 +170,7 @@ def test_custom_train_step_with_tf_random_normal_is_flagged() -> None:
     import keras
     import tensorflow as tf
 
-    from ckptd.worker.exactness import graph_risks
+    from ckptd.worker.fit.exactness import graph_risks
 
     class Noisy(keras.Model):  # type: ignore[misc]
         def train_step(self, data: Any) -> Any:
@@ -184,7 +184,7 @@ def test_custom_train_step_with_tf_random_normal_is_flagged() -> None:
 def test_dropout_model_is_not_flagged() -> None:
     import keras
 
-    from ckptd.worker.exactness import graph_risks
+    from ckptd.worker.fit.exactness import graph_risks
 
     assert graph_risks(_fitted(keras.Model, dropout=True).train_function) == []
 
@@ -192,7 +192,7 @@ def test_dropout_model_is_not_flagged() -> None:
 def test_tf_function_and_concrete_function() -> None:
     import tensorflow as tf
 
-    from ckptd.worker.exactness import graph_risks
+    from ckptd.worker.fit.exactness import graph_risks
 
     noisy = tf.function(lambda x: x + tf.random.uniform([2]))
     clean = tf.function(lambda x: x + tf.random.stateless_uniform([2], seed=[1, 2]))
@@ -212,7 +212,7 @@ def test_python_data_sources() -> None:
     import keras
     import numpy as np
 
-    from ckptd.worker.exactness import python_data_risks
+    from ckptd.worker.fit.exactness import python_data_risks
 
     class Plain(keras.utils.PyDataset):  # type: ignore[misc]
         def __len__(self) -> int:

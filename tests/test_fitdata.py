@@ -14,7 +14,7 @@ pytestmark = pytest.mark.tf
 
 def _data(**kw: Any) -> Any:
     from ckptd.worker.api import fit_args
-    from ckptd.worker.fitdata import FitData
+    from ckptd.worker.data.fitdata import FitData
 
     return FitData(fit_args(None, **kw), seed=7)
 
@@ -112,7 +112,7 @@ def test_legacy_build_dataset_that_looks_batched_names_unbatch() -> None:
     import tensorflow as tf
 
     from ckptd.state.jobspec import Train
-    from ckptd.worker.data import Batches
+    from ckptd.worker.data.batches import Batches
     from ckptd.worker.errors import ConfigError
 
     ds = tf.data.Dataset.from_tensor_slices((np.zeros((8, 2)), np.zeros(8))).batch(4)
@@ -129,8 +129,8 @@ def _spec(extra: str = "") -> Any:
 def test_model_checkpoint_and_early_stopping_map_onto_the_job() -> None:
     import keras
 
-    from ckptd.worker.callbacks import map_callbacks
     from ckptd.worker.errors import ConfigError
+    from ckptd.worker.fit.callbacks import map_callbacks
 
     keep = keras.callbacks.ReduceLROnPlateau()
     spec, kept, notes = map_callbacks(
@@ -161,7 +161,7 @@ def test_model_checkpoint_and_early_stopping_map_onto_the_job() -> None:
 def test_callback_state_round_trip_and_csv_cut(tmp_path: Path) -> None:
     import keras
 
-    from ckptd.worker import callbacks as cbs
+    from ckptd.worker.fit import callbacks as cbs
 
     class Counter(keras.callbacks.Callback):
         def __init__(self) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ckptd.worker.fitplan import EpochPlan, epoch_plan, should_validate, validations_between
+from ckptd.worker.data.fitplan import EpochPlan, epoch_plan, should_validate, validations_between
 
 
 @pytest.mark.parametrize(

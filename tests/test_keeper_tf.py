@@ -1,4 +1,4 @@
-"""The commit protocol's fence (ckptd.worker.keeper): a manifest records which attempt committed
+"""The commit protocol's fence (ckptd.worker.checkpoint.keeper): a manifest records which attempt committed
 it; a worker of an older attempt (a stale gang whose supervisor was lost) finds a newer commit
 and stops instead of committing."""
 
@@ -15,8 +15,8 @@ def test_a_stale_attempt_is_fenced_and_commits_nothing(tmp_path: Path) -> None:
     import tensorflow as tf
 
     from ckptd.state import ckptfiles as cf
+    from ckptd.worker.checkpoint.keeper import Keeper
     from ckptd.worker.errors import Fenced
-    from ckptd.worker.keeper import Keeper
 
     v = tf.Variable(1.0)
     ckpt = tf.train.Checkpoint(v=v)

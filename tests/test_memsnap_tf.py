@@ -1,4 +1,4 @@
-"""Memory-tier snapshots with TensorFlow (ckptd.worker.memsnap): a small Keras model trained a few
+"""Memory-tier snapshots with TensorFlow (ckptd.worker.checkpoint.memsnap): a small Keras model trained a few
 steps, snapshotted into the tier, trained on into another state, then restored (into itself and
 into a freshly built twin) bit for bit: every weight, optimizer slot, counter, generator and
 string."""
@@ -64,7 +64,7 @@ def _build(seed: int, width: int = 16) -> tuple[Any, Any, Any]:
 
 
 def _plan(ckpt: Any, tmp_path: Path) -> Any:
-    from ckptd.worker.snapshot import SnapshotPlan, object_graph_now
+    from ckptd.worker.checkpoint.snapshot import SnapshotPlan, object_graph_now
 
     _ = ckpt.save_counter  # created lazily by TF; the worker creates it before planning
     graph = object_graph_now(ckpt)
@@ -92,13 +92,13 @@ def _state(plan: Any) -> dict[str, bytes]:
 
 
 def _at(step: int, generation: int = 1) -> Any:
-    from ckptd.worker.memsnap import Position
+    from ckptd.worker.checkpoint.memsnap import Position
 
     return Position("job-1@x", generation, step, 0, step)
 
 
 def test_restore_from_memory_is_bit_identical(tier: Path, tmp_path: Path) -> None:
-    from ckptd.worker import memsnap
+    from ckptd.worker.checkpoint import memsnap
 
     ckpt, model, batch = _build(3)
     plan = _plan(ckpt, tmp_path)
@@ -129,7 +129,7 @@ def test_restore_from_memory_is_bit_identical(tier: Path, tmp_path: Path) -> Non
 
 
 def test_a_damaged_or_foreign_snapshot_is_not_restored(tier: Path, tmp_path: Path) -> None:
-    from ckptd.worker import memsnap
+    from ckptd.worker.checkpoint import memsnap
 
     ckpt, model, batch = _build(3)
     plan = _plan(ckpt, tmp_path)
@@ -154,7 +154,7 @@ def test_a_damaged_or_foreign_snapshot_is_not_restored(tier: Path, tmp_path: Pat
 
 
 def test_a_tier_writer_reuses_pruned_files_and_keeps_n(tier: Path, tmp_path: Path) -> None:
-    from ckptd.worker import memsnap
+    from ckptd.worker.checkpoint import memsnap
 
     ckpt, model, batch = _build(5, width=64)
     plan = _plan(ckpt, tmp_path)

@@ -43,6 +43,6 @@ def test_daemon_side_does_not_import_tensorflow() -> None:
 
 def test_worker_side_does_import_tensorflow() -> None:
     """Control: the check above can fail."""
-    code = "import sys, ckptd.worker.loop; sys.exit(0 if 'tensorflow' in sys.modules else 1)"
+    code = "import sys, ckptd.worker.fit.loop; sys.exit(0 if 'tensorflow' in sys.modules else 1)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=slow(120))
     assert r.returncode == 0

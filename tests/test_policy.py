@@ -73,7 +73,7 @@ CLASSIFY = [
         ExitObservation(
             1,
             None,
-            "ckptd.worker.keeper.SaveFailed",
+            "ckptd.worker.checkpoint.keeper.SaveFailed",
             "ResourceExhaustedError: ...; No space left on device (errno 28)",
         ),
         C.DISK_FULL,

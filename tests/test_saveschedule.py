@@ -1,4 +1,4 @@
-"""When interval saves are due (ckptd.worker.saveschedule): pure decisions, table-driven."""
+"""When interval saves are due (ckptd.worker.checkpoint.saveschedule): pure decisions, table-driven."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 
 from ckptd.state.jobspec import Checkpoint
 from ckptd.state.protocol import Event
-from ckptd.worker.saveschedule import Due, SaveSchedule, ScheduleLink, interval_due, when_due
-from ckptd.worker.savetypes import Saved, SaveReason, SaveStats
+from ckptd.worker.checkpoint.saveschedule import Due, SaveSchedule, ScheduleLink, interval_due, when_due
+from ckptd.worker.checkpoint.savetypes import Saved, SaveReason, SaveStats
 
 
 @pytest.mark.parametrize(

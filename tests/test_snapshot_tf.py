@@ -1,4 +1,4 @@
-"""Async snapshots (ckptd.worker.snapshot / asyncsave): a capture freezes the values of its instant
+"""Async snapshots (ckptd.worker.checkpoint.snapshot / asyncsave): a capture freezes the values of its instant
 at O(1) cost (TensorFlow copies a variable's buffer before updating it while a capture holds it),
 so the copy into shared memory may overlap the next training steps, inline or in a thread."""
 
@@ -20,7 +20,7 @@ def _setup(tmp_path: Path, width: int) -> tuple[Any, Any, Any, Any]:
     import numpy as np
     import tensorflow as tf
 
-    from ckptd.worker.snapshot import SnapshotPlan, object_graph_of
+    from ckptd.worker.checkpoint.snapshot import SnapshotPlan, object_graph_of
 
     keras.utils.set_random_seed(3)
     model = keras.Sequential(
@@ -60,7 +60,7 @@ def _train(model: Any, step: Any, batch: Any, n: int) -> None:
 def test_capture_freezes_values_while_training_goes_on(tmp_path: Path, width: int) -> None:
     import numpy as np
 
-    from ckptd.worker.asyncsave import FILL_IN_THREAD_BYTES, Filler
+    from ckptd.worker.checkpoint.asyncsave import FILL_IN_THREAD_BYTES, Filler
 
     plan, model, step, batch = _setup(tmp_path, width)
     assert (plan.nbytes >= FILL_IN_THREAD_BYTES) is (width > 1000)
@@ -99,7 +99,7 @@ def test_snapshots_go_to_a_ready_writer_and_the_layout_is_sent_once(tmp_path: Pa
 
     import tensorflow as tf
 
-    from ckptd.worker.asyncsave import AsyncSaver
+    from ckptd.worker.checkpoint.asyncsave import AsyncSaver
 
     _, model, step, _ = _setup(tmp_path, 16)
     ckpt = tf.train.Checkpoint(model=model, optimizer=model.optimizer, step=step, note=tf.Variable("epoch 0"))
@@ -136,7 +136,7 @@ def test_the_object_graph_is_known_without_writing_the_state(tmp_path: Path) -> 
     write of the whole state (minutes of disk time at GB scale)."""
     import tensorflow as tf
 
-    from ckptd.worker.snapshot import object_graph_now, object_graph_of
+    from ckptd.worker.checkpoint.snapshot import object_graph_now, object_graph_of
 
     _, model, step, _ = _setup(tmp_path, 16)
     ckpt = tf.train.Checkpoint(model=model, optimizer=model.optimizer, step=step, note=tf.Variable("x"))
@@ -157,7 +157,7 @@ def test_thread_writer_commits_the_capture_and_refuses_a_nan_weight(
     import tensorflow as tf
 
     from ckptd.state import ckptfiles as cf
-    from ckptd.worker import asyncsave
+    from ckptd.worker.checkpoint import asyncsave
 
     monkeypatch.setattr(asyncsave, "THREAD_WRITER_BYTES", 0)
     _, model, step, batch = _setup(tmp_path, 16)
@@ -201,7 +201,7 @@ def test_thread_writer_commits_the_capture_and_refuses_a_nan_weight(
 def test_a_thread_writer_that_dies_looks_like_a_dead_writer_process(tmp_path: Path) -> None:
     """A bug that kills the writer thread closes its end of the reply pipe: the training side
     sees EOF ("the writer died": saves go synchronous), not a save to wait for forever."""
-    from ckptd.worker.writer import ThreadWriter
+    from ckptd.worker.checkpoint.writer import ThreadWriter
 
     writer = ThreadWriter(tmp_path)
     assert writer.poll(5) and writer.recv() == {"ready": True}

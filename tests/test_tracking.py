@@ -1,10 +1,10 @@
-"""ckptd.worker.tracking: best-file and early-stopping decisions, Keras's semantics."""
+"""ckptd.worker.fit.tracking: best-file and early-stopping decisions, Keras's semantics."""
 
 from __future__ import annotations
 
 import pytest
 
-from ckptd.worker.tracking import BestTracker, EarlyStopper, format_filepath, resolve_mode
+from ckptd.worker.fit.tracking import BestTracker, EarlyStopper, format_filepath, resolve_mode
 
 
 @pytest.mark.parametrize(

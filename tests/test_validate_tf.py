@@ -1,4 +1,4 @@
-"""Epoch-end validation (ckptd.worker.validate) reports what `model.evaluate()` would, on the
+"""Epoch-end validation (ckptd.worker.fit.validate) reports what `model.evaluate()` would, on the
 Pima example's own validation split, fed as arrays and as a tf.data.Dataset."""
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ def test_validation_matches_model_evaluate(as_dataset: bool) -> None:
     import tensorflow as tf
 
     from ckptd.state.jobspec import Train
-    from ckptd.worker.data import Batches
-    from ckptd.worker.validate import evaluate
+    from ckptd.worker.data.batches import Batches
+    from ckptd.worker.fit.validate import evaluate
 
     model, vx, vy, np = _pima()
     cfg = Train(epochs=1, batch_size=10)

@@ -30,7 +30,7 @@ def test_weights_files_round_trip(tmp_path: Path, name: str) -> None:
     import keras
     import numpy as np
 
-    from ckptd.worker.h5export import save_weights_file
+    from ckptd.worker.checkpoint.h5export import save_weights_file
 
     a = _model()
     target = tmp_path / "sub" / name
@@ -48,7 +48,7 @@ def test_weights_files_round_trip(tmp_path: Path, name: str) -> None:
 def test_keras2_layout_attributes(tmp_path: Path) -> None:
     import h5py
 
-    from ckptd.worker.h5export import save_weights_file
+    from ckptd.worker.checkpoint.h5export import save_weights_file
 
     save_weights_file(_model(), tmp_path / "w.hdf5")
     with h5py.File(tmp_path / "w.hdf5") as f:
@@ -96,7 +96,7 @@ def test_tf_data_input_resumes_exactly(tmp_path: Path) -> None:
 
 
 def test_corrupt_hdf5_is_reported_not_hung(tmp_path: Path) -> None:
-    from ckptd.worker.h5export import check_readable, save_weights_file
+    from ckptd.worker.checkpoint.h5export import check_readable, save_weights_file
 
     good = tmp_path / "w.hdf5"
     save_weights_file(_model(), good)

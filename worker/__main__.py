@@ -30,13 +30,13 @@ from ckptd.worker.errors import CheckDone, ConfigError, SpareReleased, WorkerEnd
 from ckptd.worker.runtime import log_to, write_error_file
 
 if TYPE_CHECKING:
-    from ckptd.worker.loop import Loop
-    from ckptd.worker.looptypes import TrainingLoop
+    from ckptd.worker.fit.loop import Loop
+    from ckptd.worker.fit.looptypes import TrainingLoop
 
 
 def _basics(run: RunDir, attempt: int) -> tuple[JobSpec, Any, Any, Any]:
     """The spec, heartbeat, stop flag and (async) writer, with TensorFlow configured."""
-    from ckptd.worker.writer import start_writer  # no TensorFlow here
+    from ckptd.worker.checkpoint.writer import start_writer  # no TensorFlow here
 
     spec = spec_from_json(run.spec_file.read_text())
     # Start the async writer first: its TensorFlow import overlaps with ours.
@@ -102,8 +102,8 @@ def train(loop: Loop) -> int:
 def _run_entrypoint(run: RunDir, attempt: int, spare: bool, holder: list[TrainingLoop]) -> int:
     """An `entrypoint:` job: run the user's script; its ckptd.fit / ckptd.session call comes
     back here (via `ready`) to wait as a hot spare, lock and restore."""
+    from ckptd.worker.fit.session import Session
     from ckptd.worker.script import ScriptRunner, run_entrypoint
-    from ckptd.worker.session import Session
 
     spec, beater, stop, writer = _basics(run, attempt)
     assert spec.entrypoint is not None
@@ -154,7 +154,7 @@ def _warm() -> int:
     import keras  # noqa: F401  (the point: pay for the imports before there is a job)
     import tensorflow  # noqa: F401
 
-    from ckptd.worker import loop  # noqa: F401
+    from ckptd.worker.fit import loop  # noqa: F401
 
     Path(f"{os.getpid()}.ready").write_text("")  # in the pool's directory: for operators, tests
     line = sys.stdin.readline()

@@ -166,10 +166,10 @@ def strategy() -> Any:
 def session(**trackables: Any) -> Any:
     """Checkpointing for a custom training loop: restores the newest verified commit into the
     given objects (anything `tf.train.Checkpoint` tracks: models, optimizers, variables) and
-    returns a `ckptd.worker.session.Session`. Outside ckptd: a session that only counts."""
+    returns a `ckptd.worker.fit.session.Session`. Outside ckptd: a session that only counts."""
     if _runner is not None:
         return _runner.session(trackables)
-    from ckptd.worker.session import DetachedSession
+    from ckptd.worker.fit.session import DetachedSession
 
     return DetachedSession()
 

@@ -18,7 +18,7 @@ from ckptd.state.jobspec import spec_from_json
 from ckptd.state.paths import RunDir
 
 if TYPE_CHECKING:
-    from ckptd.worker.looptypes import TrainingLoop
+    from ckptd.worker.fit.looptypes import TrainingLoop
 
 EXIT_OK, EXIT_NONE = 0, 1
 
@@ -61,8 +61,8 @@ def _loop_for(run: RunDir, scratch: Path) -> TrainingLoop:
 
 
 def export_latest(run: RunDir, out: Path) -> str:
-    from ckptd.worker.h5export import save_weights_file
-    from ckptd.worker.keeper import restore_readonly
+    from ckptd.worker.checkpoint.h5export import save_weights_file
+    from ckptd.worker.checkpoint.keeper import restore_readonly
 
     with tempfile.TemporaryDirectory(prefix="ckptd-export-") as scratch:
         loop = _loop_for(run, Path(scratch))

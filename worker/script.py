@@ -21,12 +21,12 @@ from ckptd.state.jobspec import JobSpec
 from ckptd.state.paths import RunDir
 from ckptd.state.protocol import CHECK_ENV
 from ckptd.worker import api
+from ckptd.worker.checkpoint.writer import Writer
 from ckptd.worker.errors import CheckDone, ConfigError, WorkerEnd
-from ckptd.worker.loop import report_exactness
-from ckptd.worker.looptypes import TrainingLoop
+from ckptd.worker.fit.loop import report_exactness
+from ckptd.worker.fit.looptypes import TrainingLoop
 from ckptd.worker.runtime import Beater, StopFlag
 from ckptd.worker.setup import make_loop, session_causes
-from ckptd.worker.writer import Writer
 
 
 class ScriptRunner(api.Runner):
@@ -62,7 +62,7 @@ class ScriptRunner(api.Runner):
         return loop.train()
 
     def session(self, trackables: dict[str, Any]) -> Any:
-        from ckptd.worker.session import Session
+        from ckptd.worker.fit.session import Session
 
         self._once("ckptd.session")
         causes = session_causes(self.spec)

@@ -14,13 +14,13 @@ from ckptd.state.jobspec import JobSpec
 from ckptd.state.paths import RunDir
 from ckptd.state.protocol import CHECK_ENV
 from ckptd.worker.api import FitArgs
+from ckptd.worker.checkpoint.writer import Writer
 from ckptd.worker.entry import check_model
 from ckptd.worker.errors import CheckDone, ConfigError
 from ckptd.worker.runtime import Beater, StopFlag
-from ckptd.worker.writer import Writer
 
 if TYPE_CHECKING:
-    from ckptd.worker.loop import Loop
+    from ckptd.worker.fit.loop import Loop
 
 
 def configure_tf(spec: JobSpec) -> None:
@@ -52,11 +52,11 @@ def make_loop(
 ) -> Loop:
     """A primed Loop. `data_args` is a fit call's arguments, or the legacy (train, validation)
     that build() returned."""
-    from ckptd.worker.data import Batches
+    from ckptd.worker.checkpoint.trackables import make_step_function, prime
+    from ckptd.worker.data.batches import Batches
+    from ckptd.worker.data.fitdata import FitData
     from ckptd.worker.distribute import ReplicaFeed, multi_worker, replicas
-    from ckptd.worker.fitdata import FitData
-    from ckptd.worker.loop import Loop
-    from ckptd.worker.trackables import make_step_function, prime
+    from ckptd.worker.fit.loop import Loop
 
     fit = data_args if isinstance(data_args, FitArgs) else None
     where = "ckptd.fit()" if fit is not None else "build()"
@@ -93,9 +93,9 @@ def make_loop(
 def exactness_causes(spec: JobSpec, data: Any, step_fn: Any) -> list[str]:
     """Why a resumed run of this job might not end bit-identical to an uninterrupted one:
     ckptd says so at start-up instead of differing silently."""
-    from ckptd.worker import exactness
-    from ckptd.worker.data import Batches
-    from ckptd.worker.fitdata import DatasetSource, FitData, PySource
+    from ckptd.worker.data.batches import Batches
+    from ckptd.worker.data.fitdata import DatasetSource, FitData, PySource
+    from ckptd.worker.fit import exactness
 
     causes = spec_causes(spec)
     sources = [data.train, data.validation] if isinstance(data, FitData) else []

@@ -1,7 +1,7 @@
 """The fit loop's callbacks and epoch-end decisions: whether this epoch validates
 (`validation_freq`), the callbacks' hooks, the epoch's row, best file and early stopping
-(ckptd.worker.outputs), and whether a callback stopped training. Training steps and saves are
-the Loop's (ckptd.worker.loop)."""
+(ckptd.worker.fit.outputs), and whether a callback stopped training. Training steps and saves are
+the Loop's (ckptd.worker.fit.loop)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from typing import Any
 import keras
 
 from ckptd.state.protocol import Event, Phase
-from ckptd.worker import callbacks as cbs
-from ckptd.worker.fitplan import should_validate, validations_between
-from ckptd.worker.outputs import EpochOutputs
+from ckptd.worker.data.fitplan import should_validate, validations_between
+from ckptd.worker.fit import callbacks as cbs
+from ckptd.worker.fit.outputs import EpochOutputs
+from ckptd.worker.fit.validate import evaluate
 from ckptd.worker.runtime import Beater
-from ckptd.worker.validate import evaluate
 
 
 class EpochEnd:

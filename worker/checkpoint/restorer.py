@@ -12,11 +12,11 @@ import tensorflow as tf
 
 from ckptd.state.ckptfiles import Manifest
 from ckptd.state.protocol import NAN_RESTARTS_ENV, Event, Phase
-from ckptd.worker.asyncsave import AsyncSaver
-from ckptd.worker.ckptstate import CheckpointState
+from ckptd.worker.checkpoint.asyncsave import AsyncSaver
+from ckptd.worker.checkpoint.ckptstate import CheckpointState
+from ckptd.worker.checkpoint.keeper import Keeper, restore_readonly
+from ckptd.worker.checkpoint.writer import Writer
 from ckptd.worker.distribute import check_gang, is_chief, job_strategy, multi_worker
-from ckptd.worker.keeper import Keeper, restore_readonly
-from ckptd.worker.writer import Writer
 
 
 @dataclass

@@ -20,14 +20,14 @@ from ckptd.state.ckptfiles import Manifest
 from ckptd.state.jobspec import JobSpec
 from ckptd.state.paths import RunDir
 from ckptd.state.protocol import Event, Phase
-from ckptd.worker.checkpointing import Checkpointing
+from ckptd.worker.checkpoint.checkpointing import Checkpointing
+from ckptd.worker.checkpoint.hoststate import HostState
+from ckptd.worker.checkpoint.trackables import as_trackable, model_state_variables
+from ckptd.worker.checkpoint.writer import Writer
 from ckptd.worker.errors import ConfigError
-from ckptd.worker.hoststate import HostState
-from ckptd.worker.outputs import EpochOutputs
-from ckptd.worker.prep import floats, make_trackers
+from ckptd.worker.fit.outputs import EpochOutputs
+from ckptd.worker.fit.prep import floats, make_trackers
 from ckptd.worker.runtime import Beater, StopFlag
-from ckptd.worker.trackables import as_trackable, model_state_variables
-from ckptd.worker.writer import Writer
 
 
 def _state_variables(trackables: dict[str, Any]) -> list[Any]:

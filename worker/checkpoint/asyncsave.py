@@ -29,9 +29,9 @@ import tensorflow as tf
 
 from ckptd.state import ckptfiles as cf
 from ckptd.state.pacing import budget_start_time, next_look, paced_start_time, writer_start_time
-from ckptd.worker.costmeter import CostMeter
-from ckptd.worker.snapshot import SnapshotPlan, object_graph_now, object_graph_of
-from ckptd.worker.writer import ThreadWriter, Writer, WriterReply, start_writer
+from ckptd.worker.checkpoint.costmeter import CostMeter
+from ckptd.worker.checkpoint.snapshot import SnapshotPlan, object_graph_now, object_graph_of
+from ckptd.worker.checkpoint.writer import ThreadWriter, Writer, WriterReply, start_writer
 
 WRITER_START_TIMEOUT = 120.0
 # From this size of state on, the writer is a thread of the training process (ThreadWriter): the

@@ -31,7 +31,7 @@ import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
 from ckptd.state import memtier as mt
-from ckptd.worker.snapshot import SnapshotPlan
+from ckptd.worker.checkpoint.snapshot import SnapshotPlan
 
 
 class SnapshotMismatch(Exception):

@@ -2,7 +2,7 @@
 
 TF's own async checkpointing breaks with Keras 3 models on the second save, and a writer *thread*
 competes with training for the GIL. Here the training loop stalls only to copy every checkpointed
-value into shared memory; a writer process (ckptd.worker.writer) writes the very same tensor bundle
+value into shared memory; a writer process (ckptd.worker.checkpoint.writer) writes the very same tensor bundle
 with SaveV2 under the same keys and object graph, so `Checkpoint.restore` reads it like any other.
 
 Keys and values come from the checkpoint's object graph (the `_CHECKPOINTABLE_OBJECT_GRAPH` proto of

@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from ckptd.state.jobspec import JobSpec
-from ckptd.worker.tracking import BestTracker, EarlyStopper, resolve_mode
+from ckptd.worker.fit.tracking import BestTracker, EarlyStopper, resolve_mode
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from ckptd.worker.tracking import BestTracker, EarlyStopper
+from ckptd.worker.fit.tracking import BestTracker, EarlyStopper
 
 
 @dataclass

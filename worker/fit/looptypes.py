@@ -1,6 +1,6 @@
 """What the worker's entry (ckptd.worker.__main__), the script runner (ckptd.worker.script) and
 `ckptd export` (ckptd.worker.export) need of a training loop: ckptd's fit loop
-(ckptd.worker.loop.Loop) or a custom loop's session (ckptd.worker.session.Session).
+(ckptd.worker.fit.loop.Loop) or a custom loop's session (ckptd.worker.fit.session.Session).
 
 Free of TensorFlow at run time (the types it names are imported for the type checker only), so
 the worker's entry can name it before its TensorFlow import.
@@ -15,8 +15,8 @@ if TYPE_CHECKING:
     from ckptd.state.jobspec import JobSpec
     from ckptd.state.paths import RunDir
     from ckptd.state.protocol import Event
-    from ckptd.worker.checkpointing import Checkpointing
-    from ckptd.worker.prep import Counters
+    from ckptd.worker.checkpoint.checkpointing import Checkpointing
+    from ckptd.worker.fit.prep import Counters
     from ckptd.worker.runtime import Beater
 
 

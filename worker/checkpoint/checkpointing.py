@@ -1,10 +1,11 @@
 """A job's checkpointing inside the training process, as the step loops see it: restore, count
 steps, close epochs, save when due, stop on a preemption, the final commit.
 
-Shared by ckptd's own fit loop (ckptd.worker.loop) and by custom training loops
-(ckptd.worker.session). The work is done by three parts: the state they share
-(ckptd.worker.ckptstate), the restorer (ckptd.worker.restorer), the saver (ckptd.worker.saver),
-with the interval saves' timing decided by ckptd.worker.saveschedule.
+Shared by ckptd's own fit loop (ckptd.worker.fit.loop) and by custom training loops
+(ckptd.worker.fit.session). The work is done by three parts: the state they share
+(ckptd.worker.checkpoint.ckptstate), the restorer (ckptd.worker.checkpoint.restorer), the saver
+(ckptd.worker.checkpoint.saver),
+with the interval saves' timing decided by ckptd.worker.checkpoint.saveschedule.
 """
 
 from __future__ import annotations
@@ -16,15 +17,15 @@ from ckptd.state.ckptfiles import Manifest
 from ckptd.state.jobspec import JobSpec
 from ckptd.state.paths import RunDir
 from ckptd.state.protocol import Event
-from ckptd.worker.ckptstate import CheckpointState
+from ckptd.worker.checkpoint.ckptstate import CheckpointState
+from ckptd.worker.checkpoint.restorer import Restorer
+from ckptd.worker.checkpoint.saver import Saver
+from ckptd.worker.checkpoint.saveschedule import SaveSchedule, ScheduleLink
+from ckptd.worker.checkpoint.savetypes import SaveStats
+from ckptd.worker.checkpoint.writer import Writer
 from ckptd.worker.faults import Faults
-from ckptd.worker.prep import Counters
-from ckptd.worker.restorer import Restorer
+from ckptd.worker.fit.prep import Counters
 from ckptd.worker.runtime import Beater, StopFlag
-from ckptd.worker.saver import Saver
-from ckptd.worker.saveschedule import SaveSchedule, ScheduleLink
-from ckptd.worker.savetypes import SaveStats
-from ckptd.worker.writer import Writer
 
 
 class Checkpointing:

@@ -18,9 +18,9 @@ import numpy as np
 import tensorflow as tf
 
 from ckptd.worker.api import FitArgs
+from ckptd.worker.data.fitplan import EpochPlan, epoch_plan
+from ckptd.worker.data.pipestate import PipelineState
 from ckptd.worker.errors import ConfigError
-from ckptd.worker.fitplan import EpochPlan, epoch_plan
-from ckptd.worker.pipestate import PipelineState
 
 
 def _to_array(value: Any) -> Any:
@@ -269,7 +269,7 @@ class FitData:
         self.steps_per_epoch = args.steps_per_epoch if args.steps_per_epoch else self.train.num_batches
 
     def state_variables(self) -> list[Any]:
-        """What the checkpoint must carry for the pipeline (see ckptd.worker.pipestate)."""
+        """What the checkpoint must carry for the pipeline (see ckptd.worker.data.pipestate)."""
         return self.train.state.variables() if isinstance(self.train, DatasetSource) else []
 
     def plan(self, epoch: int) -> EpochPlan:

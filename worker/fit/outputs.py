@@ -17,10 +17,10 @@ from ckptd.state import ckptfiles as cf
 from ckptd.state.durable import atomic_write_text
 from ckptd.state.paths import RunDir
 from ckptd.state.protocol import Event
-from ckptd.worker.h5export import check_readable, save_weights_file
-from ckptd.worker.hoststate import HostState
-from ckptd.worker.prep import history_csv
-from ckptd.worker.tracking import better_of
+from ckptd.worker.checkpoint.h5export import check_readable, save_weights_file
+from ckptd.worker.checkpoint.hoststate import HostState
+from ckptd.worker.fit.prep import history_csv
+from ckptd.worker.fit.tracking import better_of
 
 
 class EpochOutputs:

@@ -1,5 +1,5 @@
 """When the step loop takes an interval save: the decisions, apart from how a save is made
-(ckptd.worker.saver, reached through the ScheduleLink's callbacks).
+(ckptd.worker.checkpoint.saver, reached through the ScheduleLink's callbacks).
 
 - A save is due at every `every_steps`-th step and whenever `every_seconds` have passed.
 - In the fit loop, a save due on an epoch's last step waits for the epoch end (after validation
@@ -28,7 +28,7 @@ from typing import Protocol
 
 from ckptd.state.jobspec import Checkpoint
 from ckptd.state.protocol import Event
-from ckptd.worker.savetypes import Saved, SaveReason, SaveStats
+from ckptd.worker.checkpoint.savetypes import Saved, SaveReason, SaveStats
 
 # While a save is in flight the step loop looks at the writer (a pipe poll) at most this often:
 # a poll every step costs a measurable share of a small model's step; a reply noticed 2 ms late
@@ -50,7 +50,7 @@ class Meter(Protocol):
 
 
 class PacedWriter(Protocol):
-    """What the schedule reads of the async writer's link (ckptd.worker.asyncsave.AsyncSaver)."""
+    """What the schedule reads of the async writer's link (ckptd.worker.checkpoint.asyncsave.AsyncSaver)."""
 
     @property
     def meter(self) -> Meter: ...

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from ckptd.worker.distribute import ReplicaFeed, multi_worker, reduce_logs, replicas
-from ckptd.worker.prep import floats
+from ckptd.worker.fit.prep import floats
 
 
 def evaluate(

@@ -15,12 +15,12 @@ import tensorflow as tf
 
 from ckptd.state.ckptfiles import Manifest
 from ckptd.state.protocol import Event, Phase
-from ckptd.worker.asyncsave import AsyncSaver
-from ckptd.worker.ckptstate import CheckpointState
+from ckptd.worker.checkpoint.asyncsave import AsyncSaver
+from ckptd.worker.checkpoint.ckptstate import CheckpointState
+from ckptd.worker.checkpoint.restorer import Storage
+from ckptd.worker.checkpoint.savetypes import Saved, SaveReason, SaveStats
 from ckptd.worker.distribute import is_chief
 from ckptd.worker.errors import Fenced, NonFinite, Preempted, SaveFailed
-from ckptd.worker.restorer import Storage
-from ckptd.worker.savetypes import Saved, SaveReason, SaveStats
 
 INTERVAL = SaveReason.INTERVAL
 

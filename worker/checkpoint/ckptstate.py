@@ -1,7 +1,8 @@
 """What the restorer and the saver of a job's checkpointing share inside the training process:
 the checkpoint object and the counters it tracks, the run's position and the events about it.
 
-ckptd.worker.restorer fills it from the newest valid commit; ckptd.worker.saver commits it.
+ckptd.worker.checkpoint.restorer fills it from the newest valid commit; ckptd.worker.checkpoint.saver
+commits it.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import tensorflow as tf
 from ckptd.state.jobspec import JobSpec
 from ckptd.state.paths import RunDir
 from ckptd.state.protocol import EVENTS_FILE, Event, append_event
+from ckptd.worker.checkpoint.trackables import HostRandom, keras_global_generator, untracked_variables
 from ckptd.worker.faults import Faults
-from ckptd.worker.prep import Counters
+from ckptd.worker.fit.prep import Counters
 from ckptd.worker.runtime import Beater, StopFlag
-from ckptd.worker.trackables import HostRandom, keras_global_generator, untracked_variables
 
 
 class CheckpointState:

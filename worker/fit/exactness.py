@@ -197,7 +197,7 @@ def _state_risks(fn_nodes: list[NodeDef], state_restored: bool) -> list[str]:
     ops = [n.op for n in fn_nodes]
     risks: list[str] = []
     if state_restored:
-        # ckptd.worker.pipestate snapshots the pipeline's integer variables per pass and
+        # ckptd.worker.data.pipestate snapshots the pipeline's integer variables per pass and
         # restores them on resume: generator and seed-generator state in ds.map replays.
         ops = [op for op in ops if op not in GENERATOR_OPS | VARIABLE_WRITE_OPS]
     # map_tf_generator: the Generator's state advances per element and replaying iterator creations
@@ -270,7 +270,8 @@ def dataset_risks(ds: tf.data.Dataset, state_restored: bool = False) -> list[str
     """One sentence per cause that makes ckptd's resume of this (batched) dataset inexact.
 
     Exact, hence not reported: shuffle with or without a seed, reshuffle_each_iteration either way
-    (ckptd.worker.fitdata and ckptd.worker.data replay the iterator creations before a resumed pass),
+    (ckptd.worker.data.fitdata and ckptd.worker.data.batches replay the iterator creations before a
+    resumed pass),
     Dataset.random / sample_from_datasets, legacy random ops (tf.random.uniform) and stateless ops in map,
     parallel map, interleave(deterministic=False) under op determinism, in-memory cache."""
     try:

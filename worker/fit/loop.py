@@ -1,7 +1,7 @@
 """ckptd's fit loop: restore → train steps → checkpoint → epoch end → final save.
 
-The Loop runs steps and heartbeats; ckptd.worker.checkpointing makes and restores the commits
-(through its restorer and saver; ckptd.worker.saveschedule decides when); ckptd.worker.epochend
+The Loop runs steps and heartbeats; ckptd.worker.checkpoint.checkpointing makes and restores the commits
+(through its restorer and saver; ckptd.worker.checkpoint.saveschedule decides when); ckptd.worker.fit.epochend
 does validation, callbacks, best file and early stopping. Everything that affects the result lives in the
 checkpoint."""
 
@@ -18,16 +18,16 @@ from ckptd.state.ckptfiles import Manifest
 from ckptd.state.jobspec import JobSpec
 from ckptd.state.paths import RunDir
 from ckptd.state.protocol import Event, Phase
-from ckptd.worker import callbacks as cbs
-from ckptd.worker.checkpointing import Checkpointing
+from ckptd.worker.checkpoint.checkpointing import Checkpointing
+from ckptd.worker.checkpoint.hoststate import HostState
+from ckptd.worker.checkpoint.trackables import model_state_variables, replica_parts
+from ckptd.worker.checkpoint.writer import Writer
 from ckptd.worker.distribute import ReplicaFeed, replicas
-from ckptd.worker.epochend import EpochEnd
-from ckptd.worker.hoststate import HostState
-from ckptd.worker.outputs import EpochOutputs
-from ckptd.worker.prep import floats, make_trackers
+from ckptd.worker.fit import callbacks as cbs
+from ckptd.worker.fit.epochend import EpochEnd
+from ckptd.worker.fit.outputs import EpochOutputs
+from ckptd.worker.fit.prep import floats, make_trackers
 from ckptd.worker.runtime import Beater, StopFlag
-from ckptd.worker.trackables import model_state_variables, replica_parts
-from ckptd.worker.writer import Writer
 
 
 def report_exactness(event: Any, causes: list[str]) -> None:

@@ -1,5 +1,5 @@
 """The asynchronous checkpoint writer: a separate process that writes snapshots taken by the
-training process (ckptd.worker.snapshot) and commits them with the same protocol as synchronous
+training process (ckptd.worker.checkpoint.snapshot) and commits them with the same protocol as synchronous
 saves (fsync files and directory, verify, durable manifest, retention after commit).
 
 For large states the writer is a thread of the training process instead (ThreadWriter).
@@ -103,9 +103,9 @@ def _commit(
     """Check, write and commit one snapshot given as (checkpoint key, tensor) pairs."""
     import tensorflow as tf
 
+    from ckptd.worker.checkpoint.keeper import CommitPoint, commit_written
+    from ckptd.worker.checkpoint.snapshot import OBJECT_GRAPH_KEY
     from ckptd.worker.faults import Faults
-    from ckptd.worker.keeper import CommitPoint, commit_written
-    from ckptd.worker.snapshot import OBJECT_GRAPH_KEY
 
     _check_finite(named, layout.get("finite", {}))
     if "graph" not in layout:
