@@ -157,13 +157,9 @@ class JobRunner:
 
     # -- one attempt ------------------------------------------------------------------------
 
-    def begin_attempt(self) -> int:
-        """The next attempt's number; its events are the ones appended from now on."""
-        self.events.offset = file_size(self.run.root / p.EVENTS_FILE)
-        return len(self.store.attempts(self.job_id)) + 1
-
     def _start(self) -> tuple[int, int]:
-        n = self.begin_attempt()
+        n = len(self.store.attempts(self.job_id)) + 1
+        self.events.offset = file_size(self.run.root / p.EVENTS_FILE)
         pid, how = self.launcher.single(n, nan_restarts(self.history))
         self.store.start_attempt(self.job_id, pid, self.ops.start_time(pid))
         self.display.attempt_started(n, pid)
