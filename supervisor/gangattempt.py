@@ -10,7 +10,7 @@ from ckptd.state import protocol as p
 from ckptd.state.states import AttemptClass
 from ckptd.supervisor import gang
 from ckptd.supervisor.attempt import Member, Progress
-from ckptd.supervisor.evidence import error_summary, file_size, read_error
+from ckptd.supervisor.evidence import error_summary, read_error
 from ckptd.supervisor.policy import AttemptOutcome
 
 if TYPE_CHECKING:  # the runner calls in here; only its type is needed
@@ -19,8 +19,7 @@ if TYPE_CHECKING:  # the runner calls in here; only its type is needed
 
 def gang_attempt(runner: JobRunner) -> AttemptOutcome:
     """A multi_worker attempt: every member started, ended together, judged as one."""
-    n = len(runner.store.attempts(runner.job_id)) + 1
-    runner.events.offset = file_size(runner.run.root / p.EVENTS_FILE)
+    n = runner.begin_attempt()
     members, group = runner.launcher.gang(n, runner.job_id)
     for m in members:
         runner.record_event(p.Event.WORKER_SPAWNED, attempt=n, pid=m.pid, member=m.index, host=m.host)

@@ -157,9 +157,13 @@ class JobRunner:
 
     # -- one attempt ------------------------------------------------------------------------
 
-    def _start(self) -> tuple[int, int]:
-        n = len(self.store.attempts(self.job_id)) + 1
+    def begin_attempt(self) -> int:
+        """The next attempt's number; its events are the ones appended from now on."""
         self.events.offset = file_size(self.run.root / p.EVENTS_FILE)
+        return len(self.store.attempts(self.job_id)) + 1
+
+    def _start(self) -> tuple[int, int]:
+        n = self.begin_attempt()
         pid, how = self.launcher.single(n, nan_restarts(self.history))
         self.store.start_attempt(self.job_id, pid, self.ops.start_time(pid))
         self.display.attempt_started(n, pid)

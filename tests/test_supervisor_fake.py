@@ -15,7 +15,7 @@ from ckptd.state.protocol import Event, Heartbeat, append_event
 from ckptd.state.states import AttemptClass, JobState
 from ckptd.state.store import Store
 from ckptd.supervisor.process import ExitStatus
-from ckptd.supervisor.runner import JobRunner, StopRequests
+from ckptd.supervisor.runner import Adopted, JobRunner, StopRequests
 
 
 @dataclass
@@ -394,3 +394,19 @@ def test_bare_sigkill_is_killed_not_guessed(tmp_path: Path) -> None:
     runner, _ops, store = _runner(tmp_path, [exits_after(1, None, signal.SIGKILL), exits_after(1, 0)])
     assert runner.run_job() == JobState.SUCCEEDED
     assert store.attempts("j")[0].klass == AttemptClass.KILLED
+
+
+def test_an_adopted_worker_is_watched_and_its_exit_code_file_read(tmp_path: Path) -> None:
+    """A worker left by a previous daemon is not our child: its end has no status, its
+    exit_code file has the code. Nothing is spawned for it; the next attempt is."""
+    runner, ops, store = _runner(tmp_path, [exits_after(1, 0)])
+    store.start_attempt("j", 555, 1.0)
+    ops.live[555] = (exits_after(2, None), 0.0)  # ends without a status we could reap
+    runner.run.attempt_dir(1).mkdir(parents=True)
+    (runner.run.attempt_dir(1) / "exit_code").write_text("1")
+    assert runner.run_job(Adopted(1, 555)) == JobState.SUCCEEDED
+    first, second = store.attempts("j")
+    assert (first.pid, first.klass, first.exit_code) == (555, AttemptClass.CRASH, 1)
+    assert second.pid == 1001 and second.klass == AttemptClass.SUCCEEDED
+    adopted = [e for e in runner.display.events if e["event"] == Event.WORKER_ADOPTED]  # type: ignore[attr-defined]
+    assert adopted == [{"event": Event.WORKER_ADOPTED, "attempt": 1, "pid": 555}]
