@@ -19,7 +19,7 @@ TIER_ROOTS = re.compile(r"^(/dev/shm|/run/user/[0-9]+)/[^/]")
 # tiers, but training does not take or restore memory snapshots yet. Until it does, a job that asks
 # for the tier is refused rather than silently running without the protection it asked for; the
 # section's own checks are tested with this switched on, as phase 2 will switch it.
-AVAILABLE = False
+AVAILABLE = True
 
 
 class Memory(BaseModel):
@@ -71,4 +71,15 @@ class Memory(BaseModel):
                 f"checkpoint.memory.every_steps: {self.every_steps} is not fewer than "
                 f"checkpoint.every_steps: {durable_every_steps}, so a memory snapshot would never "
                 "be newer than the durable commit; make it smaller, or remove checkpoint.memory"
+            )
+
+    def check_distribute(self, is_gang: bool) -> None:
+        """A gang's members each restore the chief's state: from its tier they would need the
+        chief's snapshot on every member's node and an agreement on it (docs/memory-tier.md,
+        "Gangs"), which is not built yet. One process (also mirrored over several devices) is."""
+        if is_gang:
+            raise ValueError(
+                "checkpoint.memory: not available with distribute.strategy: multi_worker yet "
+                "(a gang restores from durable commits only); remove checkpoint.memory, or run "
+                "the job as one process (strategy: mirrored uses every device of one box)"
             )

@@ -27,7 +27,7 @@ import sys
 import time
 import zlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,9 @@ class MemManifest:
     nbytes: int  # of values.bin
     strings_nbytes: int
     version: int = 1
+    # The last step's logs, as a durable manifest keeps them: the epoch's logs if the snapshot
+    # fell on an epoch's last step (a custom loop's epoch end comes after it).
+    metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -310,6 +313,13 @@ def prune(tier: Path, keep: int, spare: bool = False) -> list[Path]:
             _rmtree(tier, entry.name)
             removed.append(Path(entry.path))
     return removed
+
+
+def remove_snapshot(tier: Path, path: Path) -> None:
+    """Remove one snapshot, un-committed first (renamed out of the listing), then its files."""
+    gone = tier / f"{BUILDING}replaced-{path.name}-{time.monotonic_ns()}"
+    os.rename(path, gone)
+    _rmtree(tier, gone.name)
 
 
 def take_spare(tier: Path, building: Path, nbytes: int) -> bool:

@@ -77,6 +77,12 @@ class Event(StrEnum):
     RESTORE_DONE = "restore.done"
     RESTORE_FRESH = "restore.fresh"
     RESTORE_SKIPPED = "restore.skipped"
+    # worker: the memory tier (docs/memory-tier.md)
+    MEMORY_SNAPSHOTS = "memory.snapshots"  # taken since the last report (throttled)
+    MEMORY_FAILED = "memory.failed"
+    MEMORY_QUARANTINED = "memory.quarantined"
+    MEMORY_IGNORED = "memory.ignored"  # snapshots a restore passed over, with why
+    MEMORY_UNAVAILABLE = "memory.unavailable"  # the tier could not be opened: durable only
     # worker: training, epochs, outputs
     NAN_LEARNING_RATE_LOWERED = "nan.learning_rate_lowered"
     NAN_LEARNING_RATE_NOT_FOUND = "nan.learning_rate_not_found"
@@ -105,6 +111,9 @@ class Event(StrEnum):
     GANG_MEMBER_ENDED = "gang.member_ended"
     WORKER_RESTARTING = "worker.restarting"
     GPU_EXCLUDED = "gpu.excluded"
+    # The job ended and its memory tier (docs/memory-tier.md) could not be removed: its RAM stays
+    # used until a reboot or a manual removal; the job's end is unchanged.
+    MEMORY_TIER_REMOVE_FAILED = "memory.tier_remove_failed"
     # The store's own rows (its events table; `ckptd status` and goodput read them)
     JOB_CREATED = "job.created"
     JOB_STATE = "job.state"  # a transition: from, to, reason
@@ -174,6 +183,17 @@ class Heartbeat:
     # The worker's own bound on the gap to its next beat in this phase (10x its recent gaps, at
     # least EXPECT_FLOOR): what `ckptd status` calls normal. None: no basis yet (a phase's first).
     expect_seconds: float | None = None
+    # RAM held by the job's memory tier (docs/memory-tier.md): the tmpfs bytes of its snapshots,
+    # quarantine included, as the worker last measured them; 0 without a tier. `ckptd status`
+    # shows it; the supervisor's accounting measures the tier itself.
+    memory_tier_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        # Read tolerantly, as every field a newer or older worker may send or not: anything but
+        # a non-negative int (a damaged file, another version's shape) reads as 0.
+        v = self.memory_tier_bytes
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            self.memory_tier_bytes = 0
 
     def to_json(self) -> bytes:
         return json.dumps(self.__dict__, separators=(",", ":")).encode()

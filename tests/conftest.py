@@ -2,9 +2,11 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -156,3 +158,12 @@ def env_with(home: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["CKPTD_HOME"] = str(home)
     return env
+
+
+@pytest.fixture
+def tier_root() -> Iterator[Path]:
+    """A memory-tier root of the test's own under /dev/shm (a tier must be on a tmpfs), removed
+    afterwards whatever the test left in it."""
+    root = Path("/dev/shm") / f"ckptd-test-{uuid.uuid4().hex[:12]}"
+    yield root
+    shutil.rmtree(root, ignore_errors=True)

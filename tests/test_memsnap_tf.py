@@ -6,9 +6,6 @@ string."""
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +18,8 @@ pytestmark = pytest.mark.tf
 
 
 @pytest.fixture
-def tier() -> Iterator[Path]:
-    root = Path("/dev/shm") / f"ckptd-test-{uuid.uuid4().hex[:12]}"
-    yield mt.open_tier(str(root), "job-1", os.geteuid())
-    shutil.rmtree(root, ignore_errors=True)
+def tier(tier_root: Path) -> Path:
+    return mt.open_tier(str(tier_root), "job-1", os.geteuid())
 
 
 def _build(seed: int, width: int = 16) -> tuple[Any, Any, Any]:
@@ -177,3 +172,28 @@ def test_a_tier_writer_reuses_pruned_files_and_keeps_n(tier: Path, tmp_path: Pat
     for s in mt.snapshots(tier)[0]:
         memsnap.restore(s, ckpt, plan)
         assert _state(plan) == states[s.manifest.step]
+
+
+def test_a_snapshot_with_a_nan_weight_is_never_committed(tier: Path, tmp_path: Path) -> None:
+    """restart.on_nan restores the newest state: it must not be the broken one."""
+    import numpy as np
+
+    from ckptd.worker.checkpoint import memsnap
+    from ckptd.worker.checkpoint.snapshot import SnapshotPlan, object_graph_now
+    from ckptd.worker.checkpoint.writer import NonFiniteSnapshot
+
+    ckpt, model, batch = _build(4)
+    _ = ckpt.save_counter
+    graph = object_graph_now(ckpt)
+    assert graph is not None
+    plan = SnapshotPlan(ckpt, graph, finite=model.trainable_variables)
+    assert plan.finite_keys
+    _train(ckpt, model, batch, 1)
+    memsnap.write(tier, plan, plan.capture(), _at(1))
+    kernel = model.trainable_variables[0]
+    value = kernel.numpy()
+    value[0, 0] = np.nan
+    kernel.assign(value)
+    with pytest.raises(NonFiniteSnapshot, match="NaN or infinite"):
+        memsnap.write(tier, plan, plan.capture(), _at(2))
+    assert [s.manifest.step for s in mt.snapshots(tier)[0]] == [1]

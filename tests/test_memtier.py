@@ -55,14 +55,19 @@ def tier_available(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(memspec, "AVAILABLE", True)
 
 
-def test_the_section_is_refused_until_training_uses_it() -> None:
+def test_a_gang_is_refused_the_tier() -> None:
+    """A gang's members restore the chief's state: from a tier that is not built yet."""
     with pytest.raises(JobFileError) as e:
         parse_job(
-            f"{GOOD}checkpoint: {{every_steps: 5000, memory: {{every_steps: 20}}}}\n".encode(),
+            f"{GOOD}checkpoint: {{every_steps: 5000, memory: {{every_steps: 20}}}}\n"
+            "distribute: {strategy: multi_worker, nodes: 2}\n".encode(),
             "job.yaml",
             Path("."),
         )
-    assert any("checkpoint.memory: the memory tier is not available" in p for p in e.value.problems)
+    assert any(
+        "checkpoint.memory: not available with distribute.strategy: multi_worker" in p
+        for p in e.value.problems
+    ), e.value.problems
 
 
 def test_a_spec_without_the_tier_keeps_its_old_digest() -> None:

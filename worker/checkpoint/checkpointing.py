@@ -22,6 +22,7 @@ from ckptd.worker.checkpoint.restorer import Restorer
 from ckptd.worker.checkpoint.saver import Saver
 from ckptd.worker.checkpoint.saveschedule import SaveSchedule, ScheduleLink
 from ckptd.worker.checkpoint.savetypes import SaveStats
+from ckptd.worker.checkpoint.tiersave import TierSaver
 from ckptd.worker.checkpoint.writer import Writer
 from ckptd.worker.faults import Faults
 from ckptd.worker.fit.prep import Counters
@@ -56,6 +57,7 @@ class Checkpointing:
             ),
         )
         self.saver.closing = self.schedule.closing
+        self.tier: TierSaver | None = None  # the memory tier's snapshots, from restore() on
 
     # -- what the loops read ------------------------------------------------------------------
 
@@ -96,10 +98,20 @@ class Checkpointing:
 
     # -- what the loops do --------------------------------------------------------------------
 
-    def restore(self) -> Manifest | None:
-        """Restore the newest valid commit into the checkpoint's objects (None: fresh start)."""
-        manifest, self.saver.store = self.restorer.restore()
-        return manifest
+    @property
+    def restored_step(self) -> int | None:
+        return self.state.restored_step
+
+    def restore(self) -> int | None:
+        """Restore the newest verified state of either tier into the checkpoint's objects; its
+        step (None: a fresh start). Then memory snapshots are taken if the job has a tier."""
+        _, self.saver.store = self.restorer.restore()
+        if self.restorer.tier is not None:
+            t, memory = self.restorer.tier, self.state.spec.checkpoint.memory
+            assert memory is not None
+            self.tier = TierSaver(self.state, memory, t.tier, t.plan, t.lineage)
+            self.tier.epoch_steps = self.schedule.epoch_steps
+        return self.state.restored_step
 
     def capture_before_save(self, capture: Callable[[], None]) -> None:
         """State kept outside TF variables: `capture` writes it into them before each save."""
@@ -108,6 +120,8 @@ class Checkpointing:
     def defer_to_epoch_end(self, epoch_steps: int | None) -> None:
         """The fit loop's epochs: a save due on an epoch's last step waits for its end."""
         self.schedule.epoch_steps = epoch_steps
+        if self.tier is not None:
+            self.tier.epoch_steps = epoch_steps
 
     def start(self) -> None:
         """Training starts now: every_seconds counts from here."""
@@ -127,6 +141,8 @@ class Checkpointing:
         if s.stop.requested:
             self.preempt()
         self.schedule.interval(s.step, s.step_in_epoch)
+        if self.tier is not None:
+            self.tier.after_step(s.step, s.step_in_epoch)
         s.faults.after_step(s.step, s.attempt)
 
     def epoch_done(self) -> None:
@@ -138,6 +154,8 @@ class Checkpointing:
     def epoch_recorded(self) -> None:
         """The fit loop's epoch end is complete: a save due on its last step is taken now."""
         self.schedule.epoch_recorded()
+        if self.tier is not None:
+            self.tier.epoch_recorded()
 
     def preempt(self) -> None:
         self.saver.preempt()
@@ -147,4 +165,6 @@ class Checkpointing:
         self.saver.finish()
 
     def close(self) -> None:
+        if self.tier is not None:
+            self.tier.close()
         self.saver.close()

@@ -51,7 +51,8 @@ class CheckpointState:
         # Seed-generator states and whatever else the objects' graphs do not reach.
         self.ckpt.untracked = untracked_variables(self.ckpt, state_variables)
         self.faults = Faults.from_env()
-        self.committed_step: int | None = None
+        self.committed_step: int | None = None  # the newest durable commit's
+        self.restored_step: int | None = None  # where this attempt started, from either tier
         self.dirty = False  # trained (or an epoch closed) since the last commit
         self.last_logs: dict[str, float] = {}
         # State kept outside TF variables, written into the checkpoint's variables per save.

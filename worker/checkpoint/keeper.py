@@ -89,14 +89,27 @@ class Keeper:
 
     # -- restore --------------------------------------------------------------------------
 
-    def restore(self) -> cf.Manifest | None:
-        """Restore the newest valid committed checkpoint; None if none was ever committed."""
+    def _scan(self) -> tuple[list[cf.Manifest], int]:
+        """The committed manifests (oldest first), after quarantining the unreadable ones (how
+        many)."""
         manifests, bad = cf.read_manifests(self.dir)
         # New commits are numbered after every existing one, whatever TF's save counter says
         # (a checkpoint restored through another object graph does not carry it).
         self.next_number = max([m.number for m in manifests] + list(bad) + [0]) + 1
         for number, reason in bad.items():
             self._quarantine(number, None, reason)
+        return manifests, len(bad)
+
+    def head(self) -> cf.Manifest | None:
+        """The newest committed manifest, not restored (the memory tier may restore a newer
+        state over it); numbering and TF's state file as after a restore."""
+        manifests, _ = self._scan()
+        cf.write_state_file(self.dir, manifests)
+        return manifests[-1] if manifests else None
+
+    def restore(self) -> cf.Manifest | None:
+        """Restore the newest valid committed checkpoint; None if none was ever committed."""
+        manifests, bad = self._scan()
         marker = cf.read_restore_marker(self.dir)
         for m in reversed(manifests):
             if marker.get("number") == m.number and marker["count"] >= 2:
@@ -111,7 +124,7 @@ class Keeper:
         cf.clear_restore_marker(self.dir)
         if manifests or bad:
             raise NoValidCheckpoint(
-                f"{len(manifests) + len(bad)} committed checkpoint(s) in {self.dir}, none valid "
+                f"{len(manifests) + bad} committed checkpoint(s) in {self.dir}, none valid "
                 f"(see {self.dir / cf.QUARANTINE}); refusing to restart from step 0"
             )
         cf.write_state_file(self.dir, [])

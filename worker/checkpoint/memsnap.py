@@ -21,7 +21,7 @@ import mmap
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing import shared_memory
 from pathlib import Path
 from typing import Any, cast
@@ -32,6 +32,7 @@ from tensorflow.core.protobuf import trackable_object_graph_pb2
 
 from ckptd.state import memtier as mt
 from ckptd.worker.checkpoint.snapshot import SnapshotPlan
+from ckptd.worker.checkpoint.writer import NonFiniteSnapshot
 
 
 class SnapshotMismatch(Exception):
@@ -47,6 +48,7 @@ class Position:
     step: int
     epoch: int
     step_in_epoch: int
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 class _Mapped:
@@ -106,6 +108,7 @@ def _fill_and_commit(
     view = memoryview(m)
     try:
         strings = plan.fill(cast(shared_memory.SharedMemory, _Mapped(view)), captured)
+        _check_finite(view, plan)
         blob = mt.pack_strings(_strings_of(strings))
         digest = mt.value_digest([view, blob])
     finally:
@@ -122,8 +125,22 @@ def _fill_and_commit(
         digest,
         plan.nbytes,
         len(blob),
+        metrics=dict(at.metrics),
     )
     return mt.commit(tier, building, man)
+
+
+def _check_finite(view: memoryview, plan: SnapshotPlan) -> None:
+    """The trainable weights of a snapshot must be finite, as for a durable commit (the writer's
+    check_numerics): restart.on_nan restores the newest state, which must not be the broken one.
+    In chunks, so the check allocates a few MB, not a mask the size of the model."""
+    for slot in plan.slots:
+        if slot.key not in plan.finite_keys:
+            continue
+        flat = np.ndarray(slot.shape, dtype=slot.dtype, buffer=view, offset=slot.offset).reshape(-1)
+        for i in range(0, flat.size, 1 << 20):
+            if not np.isfinite(flat[i : i + (1 << 20)]).all():
+                raise NonFiniteSnapshot(f"weight {plan.finite_keys[slot.key]} is NaN or infinite")
 
 
 class TierWriter:

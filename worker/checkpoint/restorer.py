@@ -10,8 +10,10 @@ from dataclasses import dataclass
 
 import tensorflow as tf
 
+from ckptd.state import memtier as mt
 from ckptd.state.ckptfiles import Manifest
 from ckptd.state.protocol import NAN_RESTARTS_ENV, Event, Phase
+from ckptd.worker.checkpoint import tierrestore
 from ckptd.worker.checkpoint.asyncsave import AsyncSaver
 from ckptd.worker.checkpoint.ckptstate import CheckpointState
 from ckptd.worker.checkpoint.keeper import Keeper, restore_readonly
@@ -32,6 +34,7 @@ class Restorer:
     def __init__(self, state: CheckpointState, writer: Writer | None = None) -> None:
         self.s = state
         self.writer = writer  # started early (ckptd.worker.__main__), handed to the AsyncSaver
+        self.tier: tierrestore.TierSetup | None = None  # the memory tier, if the job has one
 
     def open(self) -> Storage:
         """Touch the checkpoint directory only now, with its lock held: a hot spare builds its
@@ -73,7 +76,7 @@ class Restorer:
         if not is_chief():
             return self._restore_as_member(), None
         store = self.open()
-        manifest = store.keeper.restore()  # quarantines damaged commits before GC sees them
+        manifest, snap = self._restore_either(store)
         if restarts := int(os.environ.get(NAN_RESTARTS_ENV, "0")):  # restart.on_nan: restart
             self.lower_learning_rate(restarts, self.s.spec.restart.nan_lr_factor)
         removed = store.keeper.collect_garbage()
@@ -81,10 +84,30 @@ class Restorer:
             self.s.event(Event.CHECKPOINT_GC, removed=removed)
         self._inventory(store.keeper)
         if store.async_saver is not None:
-            store.async_saver.prepare(manifest)
+            # After a memory restore the durable head was not verified: the graph comes from
+            # the live objects instead.
+            store.async_saver.prepare(manifest if snap is None else None)
             if self.s.faults.writer_first:
                 store.async_saver.wait_ready()
+        if snap is not None:
+            return self._restored_memory(snap, manifest), store
         return self._restored(manifest), store
+
+    def _restore_either(self, store: Storage) -> tuple[Manifest | None, mt.Snap | None]:
+        """The newest verified state of either tier: (the durable commit restored, None), or
+        (the newest durable commit, not restored; the memory snapshot restored)."""
+        if self.s.spec.checkpoint.memory is not None and not self.s.spec.distribute.is_gang:
+            self.tier = tierrestore.open_tier(self.s)
+        if self.tier is not None:
+            head = store.keeper.head()
+            snap = tierrestore.restore(self.s, self.tier, head)
+            if snap is not None:
+                tierrestore.drop_dead_branch(self.s, self.tier, snap.manifest.step)
+                return head, snap
+        manifest = store.keeper.restore()  # quarantines damaged commits before GC sees them
+        if self.tier is not None:
+            tierrestore.drop_dead_branch(self.s, self.tier, manifest.step if manifest is not None else 0)
+        return manifest, None
 
     def _inventory(self, keeper: Keeper) -> None:
         """What is on disk, for the supervisor's store: commits and retirements made after it
@@ -124,8 +147,14 @@ class Restorer:
         s.host_random.apply()
         # The last step's logs become the epoch's logs if the commit fell on its last step.
         s.last_logs = dict(manifest.metrics)
-        s.committed_step = manifest.step
-        s.event(Event.RESTORE_DONE, number=manifest.number, step=manifest.step, epoch=manifest.epoch)
+        s.committed_step = s.restored_step = manifest.step
+        s.event(
+            Event.RESTORE_DONE,
+            source="durable",
+            number=manifest.number,
+            step=manifest.step,
+            epoch=manifest.epoch,
+        )
         s.beater.beat(
             restored_step=manifest.step,
             committed_step=manifest.step,
@@ -133,6 +162,26 @@ class Restorer:
             epoch=manifest.epoch,
         )
         return manifest
+
+    def _restored_memory(self, snap: mt.Snap, head: Manifest | None) -> Manifest | None:
+        """Restored from a memory snapshot: not yet durable, so the next final or preemption
+        save commits it (dirty), and `committed_step` stays the durable one's."""
+        s, m = self.s, snap.manifest
+        s.host_random.apply()
+        s.last_logs = dict(m.metrics)
+        s.committed_step = head.step if head is not None else None
+        s.restored_step = m.step
+        s.dirty = True
+        s.event(
+            Event.RESTORE_DONE,
+            source="memory",
+            snapshot=snap.path.name,
+            step=m.step,
+            epoch=m.epoch,
+            durable_step=s.committed_step,
+        )
+        s.beater.beat(restored_step=m.step, committed_step=s.committed_step, step=m.step, epoch=m.epoch)
+        return head
 
     def lower_learning_rate(self, restarts: int, factor: float) -> None:
         """restart.on_nan: restart: the k-th attempt after a non-finite one trains at

@@ -14,7 +14,6 @@ from typing import Any
 
 import tensorflow as tf
 
-from ckptd.state.ckptfiles import Manifest
 from ckptd.state.jobspec import JobSpec
 from ckptd.state.paths import RunDir
 from ckptd.state.protocol import Event, Phase
@@ -102,16 +101,16 @@ class Loop:
     def event(self, kind: Event, **data: Any) -> None:
         self.ck.event(kind, **data)
 
-    def restore(self) -> Manifest | None:
-        manifest = self.ck.restore()
-        if manifest is not None:
+    def restore(self) -> int | None:
+        restored = self.ck.restore()
+        if restored is not None:
             self.host = HostState.loads(self.c.host.numpy().decode(), self.host.best, self.host.early)
             self.out.host = self.host
             self.out.merge_best_sidecar()
             self._replicas_now()
             self._sync_host()
         self.out.write_history()
-        return manifest
+        return restored
 
     def _replicas_now(self) -> None:
         now = replicas(self.model.distribute_strategy)
@@ -128,7 +127,7 @@ class Loop:
 
     def train(self) -> Any:
         """Train to the end; returns the History (every epoch, also before a restart)."""
-        resumed = self.ck.committed_step is not None
+        resumed = self.ck.restored_step is not None
         self.ends.begin(int(self.c.epoch.numpy()), self.callbacks_var.numpy().decode() if resumed else None)
         self._announce()
         self.ck.start()

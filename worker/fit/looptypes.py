@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from ckptd.state.ckptfiles import Manifest
     from ckptd.state.jobspec import JobSpec
     from ckptd.state.paths import RunDir
     from ckptd.state.protocol import Event
@@ -35,8 +34,9 @@ class TrainingLoop(Protocol):
     def model(self) -> Any: ...  # the keras.Model `ckptd export` writes (a session may have none)
 
     def event(self, kind: Event, **data: Any) -> None: ...
-    def restore(self) -> Manifest | None:
-        """Lock held: restore the newest valid commit (None: a fresh start)."""
+    def restore(self) -> int | None:
+        """Lock held: restore the newest verified state of either tier; its step (None: a
+        fresh start)."""
 
     def finish(self) -> None:
         """The final commit."""

@@ -16,7 +16,6 @@ from typing import Any
 
 import keras
 
-from ckptd.state.ckptfiles import Manifest
 from ckptd.state.jobspec import JobSpec
 from ckptd.state.paths import RunDir
 from ckptd.state.protocol import Event, Phase
@@ -98,10 +97,10 @@ class Session:
     def event(self, kind: Event, **data: Any) -> None:
         self.ck.event(kind, **data)
 
-    def restore(self) -> Manifest | None:
+    def restore(self) -> int | None:
         """Called by the worker before the program gets the session."""
-        manifest = self.ck.restore()
-        if manifest is not None:
+        restored = self.ck.restore()
+        if restored is not None:
             self.host = HostState.loads(self.ck.c.host.numpy().decode(), self.host.best, self.host.early)
             self.out.host = self.host
             self.out.merge_best_sidecar()
@@ -110,7 +109,7 @@ class Session:
         self.beater.beat(Phase.TRAINING, force=True)
         self.ck.start()
         self._t_step = time.monotonic()
-        return manifest
+        return restored
 
     @property
     def step(self) -> int:
