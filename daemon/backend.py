@@ -32,7 +32,7 @@ from ckptd.state.states import TERMINAL, JobState
 from ckptd.state.store import Job, Store, StoreError
 from ckptd.state.submissions import Owner
 from ckptd.state.yamlstrict import JobFileError
-from ckptd.supervisor import identity
+from ckptd.supervisor import identity, tier
 
 CANCEL_DIRECTLY = frozenset({JobState.QUEUED, JobState.INTERRUPTED, JobState.FAILED})
 MAX_EVENTS_CHUNK = 256 * 1024
@@ -222,6 +222,11 @@ class ApiBackend:
                     state=str(store.job(job_id).state),
                 ) from e
         self.log.info("job.cancelled", job_id=job_id, by_uid=peer.uid)
+        # No supervisor will remove its memory tier (left by an attempt before a drain or a
+        # daemon restart requeued it): removed here, as the job's owner.
+        owner_of = submissions.owner_of(sub) if sub is not None else None
+        if owner_of is not None and (t := tier.for_job(spec_from_json(job.spec_json), job_id, owner_of)):
+            tier.remove_logged(t, job_id, self.log)
         return 200, {"job_id": job_id, "state": str(job.state)}
 
     def drain(self, peer: Peer, body: dict[str, Any]) -> dict[str, Any]:

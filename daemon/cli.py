@@ -25,7 +25,7 @@ from ckptd.state.protocol import EVENTS_FILE
 from ckptd.state.states import RESUMABLE, STALE, JobState
 from ckptd.state.store import Job, Store, StoreError
 from ckptd.state.yamlstrict import JobFileError
-from ckptd.supervisor import cgroups, contain
+from ckptd.supervisor import cgroups, contain, identity, tier
 from ckptd.supervisor.display import BarDisplay, LogDisplay
 from ckptd.supervisor.gpus import detect_gpus
 from ckptd.supervisor.process import RealProcessOps
@@ -244,6 +244,7 @@ def run(
             hot_spare=spec.restart.hot_spare,
             gpus=gpus,
             record=jobs.supervision_dir(home, job.id) / EVENTS_FILE,
+            tier=tier.for_job(spec, job.id, identity.me()),
         ).run_job()
     final = store.job(job.id)
     log.info(

@@ -4,6 +4,10 @@ A worker left by a previous daemon (killed, crashed) is adopted when three facts
 alive with the recorded start time, its command line names this job's run directory, and the job's
 checkpoint lock is held. Otherwise its attempt is closed as `lost` and the job is queued again; it
 resumes from its newest committed checkpoint. Never two workers on one job.
+
+Also the memory tiers (docs/memory-tier.md) of jobs that ended while no supervisor was there to
+remove them: a daemon killed between a job's end and the removal, a job cancelled while queued
+whose removal failed.
 """
 
 from __future__ import annotations
@@ -16,14 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+from structlog.typing import FilteringBoundLogger
 
 from ckptd.daemon import jobs
 from ckptd.state.paths import RunDir
 from ckptd.state.safeopen import read_under
 from ckptd.state.states import STALE, AttemptClass, JobState
 from ckptd.state.store import Attempt, Job, Store
-from ckptd.state.submissions import managed_jobs
-from ckptd.supervisor import ledger
+from ckptd.state.submissions import managed_jobs, owner_of, submission
+from ckptd.supervisor import ledger, tier
 from ckptd.supervisor.runner import Adopted
 
 START_TIME_SLACK = 1.0  # psutil's create_time is derived from boot time and clock ticks
@@ -158,3 +163,30 @@ def recover(store: Store) -> Recovered:
         if job.id not in requeued:
             requeued.append(job.id)
     return Recovered(adopted, requeued, lost)
+
+
+# Ended daemon jobs that asked for a memory tier: a JSON null (no tier) reads as SQL NULL.
+_TIER_JOBS = (
+    "SELECT j.id FROM jobs j JOIN submissions s ON s.job_id = j.id WHERE j.state IN ({marks})"
+    " AND json_extract(j.spec_json, '$.checkpoint.memory') IS NOT NULL ORDER BY j.id"
+)
+
+
+def ended_tiers(store: Store) -> list[tuple[str, tier.OwnedTier]]:
+    """The memory tiers still there of daemon jobs in an end state (tier.END_STATES)."""
+    states = sorted(str(s) for s in tier.END_STATES)
+    found = []
+    for row in store.query(_TIER_JOBS.format(marks=",".join("?" * len(states))), tuple(states)):
+        sub = submission(store, row["id"])
+        try:
+            t = tier.for_job(jobs.spec_of(store.job(row["id"])), row["id"], owner_of(sub)) if sub else None
+        except ValueError:  # a stored spec this ckptd cannot read: leave the job alone
+            continue
+        if t is not None and os.path.lexists(t.path):  # lstat only: nothing of it is opened
+            found.append((row["id"], t))
+    return found
+
+
+def remove_ended_tiers(store: Store, log: FilteringBoundLogger) -> None:
+    for job_id, t in ended_tiers(store):
+        tier.remove_logged(t, job_id, log)

@@ -73,10 +73,12 @@ def live(store: Store, job: Job, attempt: Attempt, now: float | None = None) -> 
     now = time.time() if now is None else now
     run = RunDir(Path(job.run_dir))
     hb = Heartbeat.read(run.heartbeat, run.root)
+    tier = 0
     if hb is None or hb.attempt != attempt.n:  # this attempt has not beaten yet: starting
         phase, silent, step, expect = Phase.STARTING, now - attempt.started_at, None, None
     else:
         phase, silent, step, expect = hb.phase, now - hb.time, hb.step, hb.expect_seconds
+        tier = hb.memory_tier_bytes
     restart = spec_from_json(job.spec_json).restart
     commits = store.checkpoints(job.id)
     return {
@@ -89,6 +91,7 @@ def live(store: Store, job: Job, attempt: Attempt, now: float | None = None) -> 
         "normal_seconds": expect,
         "hang_verdict_seconds": silence_limit(phase, restart),
         "suspect": suspect(phase, max(0.0, silent), expect, restart),
+        "memory_tier_bytes": tier,  # the worker's word (docs/memory-tier.md); 0 without a tier
     }
 
 
@@ -101,6 +104,8 @@ def describe_live(v: dict[str, Any]) -> str:
     line = (
         f"attempt {v['attempt']} {v['phase']} step={v['step']}, {commit}, silent {v['silent_seconds']:.1f} s"
     )
+    if v.get("memory_tier_bytes"):  # .get: a daemon older than the memory tier sends none
+        line += f", memory tier {v['memory_tier_bytes'] / 2**20:.1f} MiB"
     if v["suspect"]:
         normal = f"{v['normal_seconds']:.0f} s" if v["normal_seconds"] is not None else "a quarter of it"
         verdict = f"hang verdict at {v['hang_verdict_seconds']:.0f} s"

@@ -23,6 +23,7 @@ from ckptd.state.paths import RunDir
 from ckptd.state.states import TERMINAL, JobState
 from ckptd.state.store import Store
 from ckptd.state.submissions import Owner
+from ckptd.supervisor import tier
 from ckptd.supervisor.display import LogDisplay
 from ckptd.supervisor.process import RealProcessOps
 from ckptd.supervisor.runner import Adopted, JobRunner, StopRequests
@@ -58,7 +59,7 @@ def start_job(
     ops = RealProcessOps(warm, first, owner, mine)
     rj.thread = threading.Thread(
         target=_supervise,
-        args=(home, rj, spec, RunDir(run_dir), mine, log, adopt, ops),
+        args=(home, rj, spec, RunDir(run_dir), mine, log, adopt, ops, tier.for_job(spec, job_id, owner)),
         name=f"job-{job_id}",
         daemon=True,
     )
@@ -75,6 +76,7 @@ def _supervise(
     log: FilteringBoundLogger,
     adopt: Adopted | None,
     ops: RealProcessOps,
+    job_tier: tier.OwnedTier | None,
 ) -> None:
     store = Store.open(home, check=False)
     lock_fd = None
@@ -92,6 +94,7 @@ def _supervise(
             hot_spare=spec.restart.hot_spare,
             gpus=rj.devices,
             record=mine / p.EVENTS_FILE,
+            tier=job_tier,
         )
         rj.end = runner.run_job(adopt)
         job = store.job(rj.job_id)

@@ -29,7 +29,7 @@ from ckptd.daemon.backend import ApiBackend, Registry
 from ckptd.daemon.config import DaemonConfig, socket_path
 from ckptd.daemon.drain import Drainer
 from ckptd.daemon.notify import Notifier
-from ckptd.daemon.recovery import recover
+from ckptd.daemon.recovery import recover, remove_ended_tiers
 from ckptd.daemon.retention_runs import RunRetention
 from ckptd.daemon.running import RunningJob, ask_stop, start_job
 from ckptd.daemon.schedule import Queued, pick_jobs, slot_count, warm_wanted
@@ -218,6 +218,7 @@ class Daemon:
             )
         for job_id in found.requeued:
             self.log.info("job.requeued", job_id=job_id, reason="daemon restarted")
+        remove_ended_tiers(store, self.log)
         self._report_orphans(store)
 
     def _report_orphans(self, store: Store) -> None:

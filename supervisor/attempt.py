@@ -133,6 +133,7 @@ class AttemptWatch:
     display: Display | None = None
     solo: bool = False
     memory_limit: int | None = None  # watched by RSS where no cgroup enforces it
+    tier_bytes: Callable[[], int] | None = None  # the job's memory tier: counted with the RSS
     hang: str | None = None
     ended: int = 0
     _term_sent: float | None = None
@@ -211,10 +212,15 @@ class AttemptWatch:
             if not limit or m.status is not None or m.oom is not None or self.ops.memory_enforced(m.pid):
                 continue
             rss = self.ops.rss(m.pid)
-            if rss is not None and rss > limit:
-                m.oom = (
-                    f"anonymous memory (RssAnon+RssShmem) {rss} bytes exceeded resources.memory_limit {limit}"
-                )
+            if rss is None:
+                continue
+            # The tier's tmpfs pages outlive the worker but are the job's memory all the same.
+            tier = self.tier_bytes() if self.tier_bytes is not None else 0
+            if rss + tier > limit:
+                used = f"anonymous memory (RssAnon+RssShmem) {rss} bytes"
+                if tier:
+                    used += f" + memory tier {tier} bytes"
+                m.oom = f"{used} exceeded resources.memory_limit {limit}"
                 m.kill_sent = True
                 self.group.kill(m.index)
 

@@ -12,6 +12,7 @@ from ckptd.state import protocol as p
 from ckptd.state.states import AttemptClass
 
 _QUIET_EVENTS = {p.Event.EPOCH_END}
+_WARNING_EVENTS = {p.Event.MEMORY_TIER_REMOVE_FAILED}  # the supervisor's own trouble, not the job's
 
 
 def _fmt_logs(logs: dict[str, float]) -> str:
@@ -30,7 +31,7 @@ class LogDisplay:
     def event(self, ev: dict[str, Any]) -> None:
         ev = dict(ev)
         kind = ev.pop("event", "worker.event")
-        self.log.info(kind, **ev)
+        (self.log.warning if kind in _WARNING_EVENTS else self.log.info)(kind, **ev)
 
     def attempt_started(self, n: int, pid: int) -> None:
         self.log.info(p.Event.WORKER_SPAWNED, attempt=n, pid=pid)

@@ -46,6 +46,7 @@ from ckptd.supervisor.policy import (
     nan_restarts,
 )
 from ckptd.supervisor.process import ExitStatus, ProcessOps
+from ckptd.supervisor.tier import Tier, TierMeter, ends_tier
 
 # Imported from here by the daemon and tests: the grace periods of the watch loop.
 __all__ = ["HANG_GRACE_SECONDS", "STOP_GRACE_SECONDS", "Adopted", "JobRunner", "NoDevices", "StopRequests"]
@@ -86,23 +87,41 @@ class JobRunner:
         hot_spare: bool = False,
         gpus: list[int] | None = None,
         record: Path | None = None,
+        tier: Tier | None = None,
     ) -> None:
         """`record`: the supervisor's own events file (never in the owner's run directory),
-        where each attempt's start, end and restart are kept for `ckptd logs`."""
+        where each attempt's start, end and restart are kept for `ckptd logs`. `tier`: the job's
+        memory tier (ckptd.supervisor.tier.for_job), None for a job without one."""
         self.store, self.job_id, self.spec, self.run = store, job_id, spec, run
         self.record = record
         self.ops, self.display, self.stops, self.jitter = ops, display, stops, jitter
         self.history: list[AttemptOutcome] = []
         self.committed_step: int | None = store.job(job_id).last_committed_step
         self.events = p.EventTail(run.root / p.EVENTS_FILE, root=run.root)
-        self.launcher = Launcher(ops, run, spec, hot_spare, gpus or [])
+        self.tier = tier
+        self.launcher = Launcher(ops, run, spec, hot_spare, gpus or [], tier.bytes if tier else None)
 
     def run_job(self, adopt: Adopted | None = None) -> JobState:
         """Run attempts until the job succeeds, fails or is interrupted. Returns the end state."""
         try:
-            return self._run_attempts(adopt)
+            end = self._run_attempts(adopt)
         finally:
             self.launcher.drop_spare()
+        self._end_tier(end)
+        return end
+
+    def _end_tier(self, end: JobState) -> None:
+        """Remove the memory tier once no attempt follows (ckptd.supervisor.tier.ends_tier). A
+        failure is reported and never changes the job's end: its RAM is lost until a reboot, its
+        training is not."""
+        if self.tier is None or not ends_tier(end):
+            return
+        try:
+            self.tier.remove()
+        except OSError as e:
+            ev = {"event": p.Event.MEMORY_TIER_REMOVE_FAILED, "tier": str(self.tier.path), "error": str(e)}
+            self.display.event(ev)
+            self.record_event(p.Event.MEMORY_TIER_REMOVE_FAILED, tier=ev["tier"], error=ev["error"])
 
     def _run_attempts(self, adopt: Adopted | None) -> JobState:
         while True:
@@ -211,7 +230,9 @@ class JobRunner:
 
     def watch(self, w: Progress, members: list[Member], group: Group, solo: bool) -> AttemptWatch:
         """Watch attempt `w.n`'s workers until all have ended, recording their events as they
-        come. Only a single worker's memory is watched here (a gang's members have no limit)."""
+        come. Only a single worker's memory is watched here (a gang's members have no limit);
+        its memory tier counts with it, measured every few seconds (TierMeter)."""
+        meter = TierMeter(self.tier.bytes, self.ops.monotonic) if solo and self.tier else None
         watch = AttemptWatch(
             self.ops,
             self.spec.restart,
@@ -222,6 +243,7 @@ class JobRunner:
             self.display,
             solo=solo,
             memory_limit=self.spec.resources.memory_limit if solo else None,
+            tier_bytes=meter,
         )
         watch.run(lambda: self.drain_events(w))
         w.last_step = members[0].last_step
