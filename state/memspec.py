@@ -15,13 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 TIER_ROOTS = re.compile(r"^(/dev/shm|/run/user/[0-9]+)/[^/]")
 
 
-# Phase 1 of the memory tier (issue 29) landed the section, the tier's files and the choice across
-# tiers, but training does not take or restore memory snapshots yet. Until it does, a job that asks
-# for the tier is refused rather than silently running without the protection it asked for; the
-# section's own checks are tested with this switched on, as phase 2 will switch it.
-AVAILABLE = True
-
-
 class Memory(BaseModel):
     # The same strictness as every other section of the job file (ckptd.state.jobspec._Strict).
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
@@ -51,11 +44,6 @@ class Memory(BaseModel):
 
     def check_against(self, mode: str, durable_every_steps: int | Literal["auto"] | None) -> None:
         """The section beside the durable one it sits under (called by jobspec.Checkpoint)."""
-        if not AVAILABLE:
-            raise ValueError(
-                "checkpoint.memory: the memory tier is not available in this version yet (its "
-                "design: docs/memory-tier.md); remove checkpoint.memory"
-            )
         # The tier reuses the asynchronous path's O(1) capture and off-loop copy; with
         # mode: sync each snapshot would stall the step loop for a full copy of the state.
         if mode != "async":

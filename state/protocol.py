@@ -187,13 +187,19 @@ class Heartbeat:
     # quarantine included, as the worker last measured them; 0 without a tier. `ckptd status`
     # shows it; the supervisor's accounting measures the tier itself.
     memory_tier_bytes: int = 0
+    # The step of this attempt's newest memory snapshot (None: none yet): progress that no
+    # durable commit shows yet, which the restart policy counts (supervisor/policy.py).
+    memory_step: int | None = None
 
     def __post_init__(self) -> None:
         # Read tolerantly, as every field a newer or older worker may send or not: anything but
-        # a non-negative int (a damaged file, another version's shape) reads as 0.
+        # a non-negative int (a damaged file, another version's shape) reads as 0 (or None).
         v = self.memory_tier_bytes
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             self.memory_tier_bytes = 0
+        s = self.memory_step
+        if not isinstance(s, int) or isinstance(s, bool) or s < 0:
+            self.memory_step = None
 
     def to_json(self) -> bytes:
         return json.dumps(self.__dict__, separators=(",", ":")).encode()

@@ -54,6 +54,7 @@ class Member:
     phase: str = p.Phase.STARTING
     last_step: int | None = None
     restored_step: int | None = None
+    memory_step: int | None = None  # its newest memory snapshot's step
     status: ExitStatus | None = None
     exit_order: int | None = None  # 0 for the first to exit on its own
     silent: float = 0.0
@@ -71,6 +72,7 @@ class Progress:
     restored_step: int | None = None
     committed_step: int | None = None
     last_step: int | None = None
+    memory_step: int | None = None  # its newest memory snapshot's step
 
 
 class Group(Protocol):
@@ -197,6 +199,8 @@ class AttemptWatch:
                 m.last_step = hb.step if hb.step is not None else m.last_step
                 if hb.restored_step is not None:
                     m.restored_step = hb.restored_step
+                if hb.memory_step is not None:
+                    m.memory_step = hb.memory_step
                 if m.index == 0 and self.display is not None:
                     self.display.heartbeat(hb)
                 if hb.stop_requested and m.index != 0 and not self._relayed:

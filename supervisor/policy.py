@@ -156,6 +156,7 @@ class AttemptOutcome:
     restored_step: int | None  # the checkpoint step it started from (None: from scratch)
     committed_step: int | None  # the newest committed step when it ended
     last_step: int | None  # the last step its heartbeat reported
+    memory_step: int | None = None  # its newest memory snapshot's step (docs/memory-tier.md)
 
 
 @dataclass(frozen=True)
@@ -173,9 +174,12 @@ FREE_RESTART = frozenset({C.PREEMPTED, C.LOST, C.PEER_LOST})
 
 
 def _made_progress(a: AttemptOutcome) -> bool:
-    if a.committed_step is None:
+    """It saved beyond what it restored: a durable commit, or a memory snapshot (the next
+    attempt restores it unless the machine goes down)."""
+    saved = max((s for s in (a.committed_step, a.memory_step) if s is not None), default=None)
+    if saved is None:
         return False
-    return a.restored_step is None or a.committed_step > a.restored_step
+    return a.restored_step is None or saved > a.restored_step
 
 
 def failures_without_progress(history: list[AttemptOutcome]) -> int:

@@ -246,7 +246,7 @@ class JobRunner:
             tier_bytes=meter,
         )
         watch.run(lambda: self.drain_events(w))
-        w.last_step = members[0].last_step
+        w.last_step, w.memory_step = members[0].last_step, members[0].memory_step
         if w.restored_step is None:
             w.restored_step = members[0].restored_step
         return watch
@@ -278,7 +278,7 @@ class JobRunner:
         self.record_event(
             p.Event.WORKER_EXITED, attempt=n, exit_class=str(klass), evidence=evidence, goodput=gp
         )
-        outcome = AttemptOutcome(klass, w.restored_step, w.committed_step, w.last_step)
+        outcome = AttemptOutcome(klass, w.restored_step, w.committed_step, w.last_step, w.memory_step)
         self.history.append(outcome)
         if klass == AttemptClass.GPU_FAULT and self.launcher.devices:
             excluded = self.launcher.exclude_sick(sorted(sick))

@@ -197,3 +197,26 @@ def test_a_snapshot_with_a_nan_weight_is_never_committed(tier: Path, tmp_path: P
     with pytest.raises(NonFiniteSnapshot, match="NaN or infinite"):
         memsnap.write(tier, plan, plan.capture(), _at(2))
     assert [s.manifest.step for s in mt.snapshots(tier)[0]] == [1]
+
+
+@pytest.mark.parametrize(
+    ("limit", "nbytes", "keep", "fits"),
+    [(None, 10**12, 2, True), (2**40, 2**20, 2, True), (2**30, 2**28, 3, False), (2**30, 2**28, 2, None)],
+)
+def test_a_tier_that_would_pass_the_memory_limit_is_not_used(
+    limit: int | None, nbytes: int, keep: int, fits: bool | None
+) -> None:
+    """keep snapshots and the spare beside the worker's own RSS, against resources.memory_limit."""
+    from types import SimpleNamespace
+
+    import psutil
+
+    from ckptd.worker.checkpoint.tierrestore import _does_not_fit
+
+    s: Any = SimpleNamespace(spec=SimpleNamespace(resources=SimpleNamespace(memory_limit=limit)))
+    rss = psutil.Process().memory_info().rss
+    expected = fits if fits is not None else rss + nbytes * (keep + 1) <= (limit or 0)
+    why = _does_not_fit(s, nbytes, keep)
+    assert (why is None) == expected, why
+    if why is not None:
+        assert "resources.memory_limit" in why and f"{keep} snapshots" in why

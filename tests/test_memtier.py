@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from ckptd.state import memspec
 from ckptd.state import memtier as mt
 from ckptd.state.jobfile import parse_job
 from ckptd.state.jobspec import spec_from_json, spec_json
@@ -49,12 +48,6 @@ SPEC_GOOD = [
 ]
 
 
-@pytest.fixture
-def tier_available(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The section's checks as phase 2 will use them (today the section is refused whole)."""
-    monkeypatch.setattr(memspec, "AVAILABLE", True)
-
-
 def test_a_gang_is_refused_the_tier() -> None:
     """A gang's members restore the chief's state: from a tier that is not built yet."""
     with pytest.raises(JobFileError) as e:
@@ -76,7 +69,6 @@ def test_a_spec_without_the_tier_keeps_its_old_digest() -> None:
     assert spec_from_json(spec_json(spec)) == spec
 
 
-@pytest.mark.usefixtures("tier_available")
 @pytest.mark.parametrize(("section", "fragment"), SPEC_BAD)
 def test_bad_memory_section_is_rejected_naming_the_field(section: str, fragment: str) -> None:
     with pytest.raises(JobFileError) as e:
@@ -85,7 +77,6 @@ def test_bad_memory_section_is_rejected_naming_the_field(section: str, fragment:
     assert all(p.startswith("job.yaml") for p in e.value.problems)
 
 
-@pytest.mark.usefixtures("tier_available")
 @pytest.mark.parametrize(("section", "want"), SPEC_GOOD)
 def test_good_memory_section(section: str, want: tuple[int, int, str | None]) -> None:
     m = parse_job(f"{GOOD}checkpoint: {section}\n".encode(), "job.yaml", Path(".")).checkpoint.memory

@@ -101,9 +101,13 @@ POLICY = Restart(max_restarts=2, backoff_initial_seconds=1, backoff_max_seconds=
 
 
 def A(
-    klass: C, restored: int | None = None, committed: int | None = None, last: int | None = None
+    klass: C,
+    restored: int | None = None,
+    committed: int | None = None,
+    last: int | None = None,
+    memory: int | None = None,
 ) -> AttemptOutcome:
-    return AttemptOutcome(klass, restored, committed, last)
+    return AttemptOutcome(klass, restored, committed, last, memory)
 
 
 DECIDE = [
@@ -115,6 +119,11 @@ DECIDE = [
     # progress (committed beyond restored) resets the budget
     ([A(C.CRASH, last=5), A(C.CRASH, last=6), A(C.KILLED, 0, 100, 150)], Action.RESTART),
     ([A(C.KILLED, None, 20, 30)] * 5, Action.RESTART),
+    # a memory snapshot beyond the restored step is progress too (the next attempt restores it),
+    ([A(C.CRASH, last=5), A(C.CRASH, last=6), A(C.KILLED, 100, 100, 150, memory=145)], Action.RESTART),
+    ([A(C.KILLED, 100, 100, 150, memory=145)] * 5, Action.RESTART),
+    # one at or before it is not
+    ([A(C.CRASH, 100, 100, 104, memory=100)] * 3, Action.FAIL),
     # preempted and lost never spend budget
     ([A(C.CRASH, last=1), A(C.CRASH, last=2), A(C.PREEMPTED), A(C.LOST)], Action.RESTART),
     # same class at the same step three times: crash loop, even inside a bigger budget

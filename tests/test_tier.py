@@ -21,7 +21,7 @@ from ckptd.daemon.api import Peer
 from ckptd.daemon.backend import ApiBackend, Registry
 from ckptd.daemon.drain import Drainer
 from ckptd.daemon.report import describe_live
-from ckptd.state import memspec, memtier
+from ckptd.state import memtier
 from ckptd.state.jobspec import JobSpec, spec_digest, spec_json
 from ckptd.state.protocol import Event, Heartbeat
 from ckptd.state.states import JobState
@@ -102,7 +102,6 @@ def test_meter_measures_at_most_every_few_seconds() -> None:
 
 
 def _spec(memory: dict[str, object] | None, monkeypatch: pytest.MonkeyPatch) -> JobSpec:
-    monkeypatch.setattr(memspec, "AVAILABLE", True)
     ckpt: dict[str, object] = {"mode": "async", "every_steps": 100}
     if memory is not None:
         ckpt["memory"] = memory

@@ -222,7 +222,8 @@ def restore(snap: mt.Snap, ckpt: tf.train.Checkpoint, plan: SnapshotPlan) -> Non
     numeric: dict[str, Any] = {}  # values of objects that serialise themselves
     fd = os.open(snap.path / mt.VALUES, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        with mmap.mmap(fd, plan.nbytes, prot=mmap.PROT_READ) as m:
+        # MAP_POPULATE: the pages are mapped in one call, not faulted in one 4 KiB page at a time.
+        with mmap.mmap(fd, plan.nbytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ) as m:
             for s in plan.slots:
                 # A copy, one variable at a time: a tensor made from a view of the mapping may
                 # alias it, and the mapping goes when this returns.

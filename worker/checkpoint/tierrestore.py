@@ -16,6 +16,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from ckptd.state import memtier as mt
 from ckptd.state.ckptfiles import Manifest
 from ckptd.state.durable import write_nondurable
@@ -58,7 +60,29 @@ def open_tier(s: CheckpointState) -> TierSetup | None:
         s.event(Event.MEMORY_UNAVAILABLE, error="this TensorFlow has no object graph before a save")
         return None
     plan = SnapshotPlan(s.ckpt, graph, s.weights)
+    if (why := _does_not_fit(s, plan.nbytes, spec.keep)) is not None:
+        s.event(
+            Event.MEMORY_UNAVAILABLE, error=why, hint="durable commits only; lower checkpoint.memory.keep"
+        )
+        return None
     return TierSetup(tier, plan, mt.lineage_of(job_id, s.checkpoint_dir()))
+
+
+def _does_not_fit(s: CheckpointState, nbytes: int, keep: int) -> str | None:
+    """Why `keep` snapshots and the spare beside this worker's memory would pass
+    resources.memory_limit (the tier counts against it): then the tier is better off than an
+    out-of-memory kill at the first snapshots. None if they fit, or there is no limit."""
+    limit = s.spec.resources.memory_limit
+    if limit is None:
+        return None
+    rss, tier_bytes = psutil.Process().memory_info().rss, nbytes * (keep + 1)
+    if rss + tier_bytes <= limit:
+        return None
+    return (
+        f"the tier needs {tier_bytes / 2**20:.0f} MiB ({keep} snapshots and a spare)"
+        f" beside this worker's {rss / 2**20:.0f} MiB: more than "
+        f"resources.memory_limit ({limit / 2**20:.0f} MiB)"
+    )
 
 
 def _durable_head(manifest: Manifest | None) -> DurableHead | None:

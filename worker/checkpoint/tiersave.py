@@ -145,6 +145,8 @@ class TierSaver:
             st.total += 1
             st.seconds += r.seconds
             st.last_step = r.step
+            # Not forced: it goes out with the next regular beat (the restart policy's progress).
+            self.s.beater.beat(None, memory_step=r.step)
         now = time.monotonic()
         if self._reported_at is None or now - self._reported_at >= REPORT_SECONDS:
             self.report(now)
