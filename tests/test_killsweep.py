@@ -1,5 +1,8 @@
 """The kill-point sweep (conformance): every documented route × every kind of kill moment ×
-SIGKILL/SIGTERM × `every_steps` dividing the epoch or not. Each cell kills attempt 1 at its moment;
+SIGKILL/SIGTERM × `every_steps` dividing the epoch or not; and, with a memory tier snapshotting
+every step (docs/memory-tier.md), SIGKILLs at the moments that matter to it: mid-epoch, an epoch's
+end, during a snapshot's copy, just after its commit, and during a restore from it (routes but
+the gang, which has no tier). Each cell kills attempt 1 at its moment;
 the job must end `succeeded` with a final checkpoint identical tensor for tensor to an
 uninterrupted run of the same job (the save counter aside), or the difference must have been
 named at start-up (`exactness.warning`).
@@ -84,6 +87,14 @@ MOMENTS = (
     "final_save",
 )
 SIGNALS = ("KILL", "TERM")
+TIER_MOMENTS = (
+    "mid_epoch",
+    "epoch_last_step",
+    "validation",
+    "memory_copy",
+    "memory_commit",
+    "memory_restore",
+)
 
 
 @dataclass(frozen=True)
@@ -92,6 +103,7 @@ class Cell:
     moment: str
     signal: str
     divides: bool
+    tier: bool = False  # a memory tier, a snapshot every step
 
     @property
     def every(self) -> int:
@@ -99,11 +111,12 @@ class Cell:
 
     @property
     def name(self) -> str:
-        return f"{self.route}-{self.moment}-{self.signal}-{'divides' if self.divides else 'nondiv'}"
+        tier = "-tier" if self.tier else ""
+        return f"{self.route}-{self.moment}-{self.signal}-{'divides' if self.divides else 'nondiv'}{tier}"
 
 
 def all_cells() -> list[Cell]:
-    return [
+    plain = [
         Cell(r, m, s, d)
         for r, route in ROUTES.items()
         for m in MOMENTS
@@ -111,6 +124,15 @@ def all_cells() -> list[Cell]:
         for s in SIGNALS
         for d in (True, False)
     ]
+    tier = [
+        Cell(r, m, "KILL", d, tier=True)
+        for r, route in ROUTES.items()
+        if not route.member
+        for m in TIER_MOMENTS
+        if route.validates or m != "validation"
+        for d in (True, False)
+    ]
+    return plain + tier
 
 
 def chosen() -> list[Cell]:
@@ -135,12 +157,13 @@ class Shape:
 _golden: dict[tuple[str, int], Shape] = {}
 
 
-def _job(directory: Path, route: str, every: int) -> Path:
+def _job(directory: Path, route: str, every: int, tier: Path | None = None) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     job = directory / "job.yaml"
     job.write_text(f"name: sweep-{route.replace('_', '-')}\n" + ROUTES[route].body)
+    memory = f", memory: {{every_steps: 1, dir: {tier}}}" if tier is not None else ""
     with job.open("a") as f:
-        f.write(f"checkpoint: {{every_steps: {every}, max_to_keep: 3}}\n" + RESTART)
+        f.write(f"checkpoint: {{every_steps: {every}, max_to_keep: 3{memory}}}\n" + RESTART)
     return job
 
 
@@ -167,7 +190,7 @@ def kill_step(cell: Cell, shape: Shape, rng: random.Random) -> int:
     s, e, t = shape.steps_per_epoch, cell.every, shape.total
     if cell.moment == "first_step":
         return 1
-    if cell.moment == "mid_epoch":  # after a commit, between two, not on an epoch's edge
+    if cell.moment.startswith(("mid_epoch", "memory_")):  # after a commit, between two, not on an edge
         return rng.choice([k for k in range(e + 1, t) if k % e and k % s])
     if cell.moment == "after_commit":  # an interval commit inside an epoch where there is one
         inside = [k for k in range(e, t, e) if k % s]
@@ -185,6 +208,10 @@ def faults(cell: Cell, step: int) -> str:
         "validation": "kill_in_validation",
         "async_save": "kill_in_writer",
         "final_save": "kill_in_writer",
+        "memory_copy": "kill_in_memory",
+        "memory_commit": "kill_after_memory",
+        # killed after a snapshot's commit, then again while attempt 2 restores it
+        "memory_restore": "sigkill_in_restore=2,kill_after_memory",
     }.get(cell.moment, "sigkill_at_step")
     # Only the chief writes checkpoints: a writer kill is its; a step kill hits another member.
     member = ROUTES[cell.route].member if key != "kill_in_writer" else ""
@@ -205,11 +232,12 @@ def _report(cell: Cell, step: int, outcome: str, attempts: list[dict[str, Any]])
 @pytest.mark.conformance
 @pytest.mark.timeout(1800)
 @pytest.mark.parametrize("cell", chosen(), ids=lambda c: c.name)
-def test_kill_point(tmp_path: Path, cell: Cell) -> None:
-    shape = golden(tmp_path, cell.route, cell.every)
+def test_kill_point(tmp_path: Path, tier_root: Path, cell: Cell) -> None:
+    shape = golden(tmp_path, cell.route, cell.every)  # without a tier: the tier changes nothing
     assert (shape.steps_per_epoch % cell.every == 0) == cell.divides, (shape.steps_per_epoch, cell.every)
     step = kill_step(cell, shape, random.Random(f"{SEED}-{cell.name}"))
-    run, st = _run(tmp_path / "killed", _job(tmp_path / "killed", cell.route, cell.every), faults(cell, step))
+    job = _job(tmp_path / "killed", cell.route, cell.every, tier_root if cell.tier else None)
+    run, st = _run(tmp_path / "killed", job, faults(cell, step))
     attempts = st["attempt_list"]
     assert st["state"] == "succeeded", st
     assert st["last_committed_step"] == shape.total, st
@@ -224,6 +252,17 @@ def test_kill_point(tmp_path: Path, cell: Cell) -> None:
     named = [e["cause"] for e in events(run) if e["event"] == "exactness.warning" and e.get("attempt") == 1]
     _report(cell, step, "identical" if not differ else f"named: {named}" if named else "DIFFERS", attempts)
     assert not differ or named, f"{cell.name} (kill at step {step}): tensors that differ: {differ}"
+    if cell.moment in ("memory_commit", "memory_restore"):
+        # Killed just after a snapshot's commit: a later attempt restores from memory, unless
+        # that snapshot was no newer than a durable commit (snapshots due while one is being
+        # written are skipped, so the kill may come at a durable commit's step).
+        seen = events(run)
+        sources = [e.get("source") for e in seen if e["event"] == "restore.done"]
+        passed = [s["why"] for e in seen if e["event"] == "memory.ignored" for s in e["snapshots"]]
+        assert "memory" in sources or (passed and all("not newer" in why for why in passed)), (
+            sources,
+            passed,
+        )
 
 
 KILL_STEP_TABLE = [  # (route, moment, divides, steps/epoch, total) -> kill step (rng-free moments)

@@ -8,6 +8,9 @@ Format: comma-separated `key=value`:
 - `kill_in_writer=N`: the async writer (process or thread), while it commits the save of step N,
   kills the training process (a kill landing during an asynchronous save);
 - `kill_in_validation=N`: during the validation that follows training step N;
+- `kill_in_memory=N`, `kill_after_memory=N`: the memory tier's writer thread kills the training
+  process once the first snapshot of step N or later is copied, before its commit (rename), or
+  just after it;
 - `kill_signal=TERM`: the kills above send SIGTERM (a preemption notice) instead of SIGKILL;
 - `writer_first=1`: wait for the async writer before the first step, so every save is
   asynchronous (as in a job that outlasts the writer's start; a tiny one saves synchronously);
@@ -44,6 +47,8 @@ class Faults:
     enospc_in_save: int | None = None  # raise ENOSPC there instead
     kill_in_writer: int | None = None  # the writer kills the trainer while committing step N
     kill_in_validation: int | None = None  # kill during the validation after step N
+    kill_in_memory: int | None = None  # the tier's writer, the snapshot of step N copied, uncommitted
+    kill_after_memory: int | None = None  # the tier's writer, just after committing step N
     kill_signal: str = "KILL"  # or TERM: the kills above are then a preemption notice
     writer_first: int = 0  # wait for the async writer before training
     sigkill_in_restore: str = ""  # "A-B": kill while restoring in attempts A..B
@@ -94,6 +99,14 @@ class Faults:
 
             parent = multiprocessing.parent_process()
             self._kill(parent.pid if parent is not None and parent.pid else os.getpid())
+
+    def in_memory(self, step: int, attempt: int, committed: bool) -> None:
+        """The memory tier's writer thread, before (committed False) and after a snapshot's
+        commit."""
+        # At or after step N: a snapshot due while the previous one is being written is skipped.
+        at = self.kill_after_memory if committed else self.kill_in_memory
+        if at is not None and step >= at and self._armed(attempt):
+            self._kill(os.getpid())
 
     def _kill(self, pid: int | None) -> None:
         os.kill(pid or os.getpid(), signal.SIGTERM if self.kill_signal == "TERM" else signal.SIGKILL)

@@ -103,6 +103,7 @@ def _fill_and_commit(
     plan: SnapshotPlan,
     captured: list[tuple[str, Any]],
     at: Position,
+    before_commit: Callable[[], None] = lambda: None,
 ) -> mt.Snap:
     """Copy the capture into `m` (building's values.bin, mapped), digest it, commit."""
     view = memoryview(m)
@@ -127,6 +128,7 @@ def _fill_and_commit(
         len(blob),
         metrics=dict(at.metrics),
     )
+    before_commit()  # test-only faults: a kill with the snapshot complete but not committed
     return mt.commit(tier, building, man)
 
 
@@ -150,8 +152,15 @@ class TierWriter:
     are keyed by inode and dropped as soon as their file leaves the tier, before any new file
     could get the same inode number."""
 
-    def __init__(self, tier: Path, plan: SnapshotPlan, keep: int) -> None:
+    def __init__(
+        self,
+        tier: Path,
+        plan: SnapshotPlan,
+        keep: int,
+        fault: Callable[[int, bool], None] = lambda s, c: None,
+    ) -> None:
         self.tier, self.plan, self.keep = tier, plan, keep
+        self.fault = fault  # test-only (ckptd.worker.faults): (step, committed yet)
         self.maps: dict[int, mmap.mmap] = {}
 
     def write(self, captured: list[tuple[str, Any]], at: Position) -> mt.Snap:
@@ -168,7 +177,10 @@ class TierWriter:
                 self.maps[ino] = mmap.mmap(fd, self.plan.nbytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
         finally:
             os.close(fd)
-        snap = _fill_and_commit(self.tier, building, self.maps[ino], self.plan, captured, at)
+        snap = _fill_and_commit(
+            self.tier, building, self.maps[ino], self.plan, captured, at, lambda: self.fault(at.step, False)
+        )
+        self.fault(at.step, True)
         mt.prune(self.tier, self.keep, spare=True)
         self._forget_gone()
         return snap

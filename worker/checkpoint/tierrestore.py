@@ -144,6 +144,7 @@ def restore(s: CheckpointState, t: TierSetup, head: Manifest | None) -> mt.Snap 
         marker, json.dumps({"name": snap.path.name, "count": _tries(t.tier, snap.path.name) + 1}).encode()
     )
     try:
+        s.faults.in_restore(s.attempt)  # test-only: a kill while restoring
         memsnap.restore(snap, s.ckpt, t.plan)
     except Exception as e:
         _quarantine(s, t.tier, snap.path, snap.manifest.step, f"restore failed: {type(e).__name__}: {e}")

@@ -74,7 +74,9 @@ class TierSaver:
     ) -> None:
         self.s, self.spec, self.tier, self.lineage = state, spec, tier, lineage
         self.plan = plan
-        self.writer = TierWriter(tier, plan, spec.keep)
+        self.writer = TierWriter(
+            tier, plan, spec.keep, lambda step, done: state.faults.in_memory(step, state.attempt, done)
+        )
         self.epoch_steps: int | None = None  # set by the fit loop (defer_to_epoch_end)
         self.due_at_epoch_end = False
         self.stats = TierStats()
