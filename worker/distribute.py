@@ -60,7 +60,7 @@ def configure_devices(spec: JobSpec) -> None:
     CPU devices a mirrored job without GPUs asks for, and the job's strategy."""
     global _strategy
     configure_threads(spec)
-    if spec.distribute.strategy == "multi_worker":
+    if spec.distribute.is_gang:
         # The cluster comes from TF_CONFIG (set by the engine that placed the members). No
         # timeout unless the job sets one: TensorFlow gives each collective with a timeout a
         # thread that sleeps that long (base_collective_executor.cc), so a 600 s timeout held
@@ -72,7 +72,7 @@ def configure_devices(spec: JobSpec) -> None:
             cluster_resolver=_slurm_resolver(spec), communication_options=timeout
         )
         return
-    if spec.distribute.strategy != "mirrored":
+    if not spec.distribute.is_mirrored:
         _strategy = None
         return
     if spec.resources.gpus == 0:

@@ -58,8 +58,8 @@ def members_here(spec: JobSpec) -> int:
     """Workers of this job sharing this host's CPUs. Under Slurm each task's CPU affinity is
     already its own share, so it counts as one."""
     d = spec.distribute
-    if d.strategy == "multi_worker" and d.engine == "local":
-        return d.nodes or 1
+    if d.is_gang and not d.on_slurm:
+        return d.members
     return 1
 
 
