@@ -180,6 +180,14 @@ def open_tier(configured: str | None, job_id: str, uid: int) -> Path:
     return tier
 
 
+def write_private(path: Path, data: bytes) -> None:
+    """A new file of a snapshot being built, 0600 whatever the umask: a snapshot's files are
+    its owner's alone, as its directories are."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with open(fd, "wb") as f:
+        f.write(data)
+
+
 def begin(tier: Path, step: int, generation: int) -> Path:
     """A fresh private directory to build a snapshot in; not a snapshot until `commit`."""
     path = tier / f"{BUILDING}{snapshot_name(step, generation)}-{os.getpid()}-{time.monotonic_ns()}"
@@ -191,7 +199,7 @@ def commit(tier: Path, building: Path, manifest: MemManifest) -> Snap:
     """Write the manifest, then rename the directory into place: the snapshot's commit. A
     snapshot of the same step and generation already there is replaced only after the new one
     is complete."""
-    write_nondurable(building / MANIFEST, manifest.to_json().encode())
+    write_private(building / MANIFEST, manifest.to_json().encode())
     final = tier / manifest.name
     with contextlib.suppress(FileNotFoundError):
         old = tier / f"{BUILDING}replaced-{manifest.name}-{time.monotonic_ns()}"

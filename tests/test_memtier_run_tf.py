@@ -4,8 +4,11 @@ signals, and every resume must end bit-identical to an uninterrupted run."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,9 @@ MEMORY_EVERY = 5
 DURABLE_EVERY = 100
 
 
-def _job(tmp_path: Path, root: Path) -> Path:
+def tier_job(tmp_path: Path, root: Path) -> Path:
+    """The golden job (write_job, GOLDEN_EPOCHS) with durable commits every DURABLE_EVERY steps
+    and a memory tier under `root` every MEMORY_EVERY (also tests/test_trust.py's)."""
     job = write_job(tmp_path, epochs=GOLDEN_EPOCHS, every_steps=DURABLE_EVERY, mode="async")
     text = job.read_text().replace(
         "mode: async}", f"mode: async, memory: {{every_steps: {MEMORY_EVERY}, dir: {root}}}}}"
@@ -37,7 +42,7 @@ def test_sigkill_resumes_from_the_memory_tier_bit_identical(
     tmp_path: Path, tier_root: Path, golden: dict[str, str]
 ) -> None:
     home = tmp_path / "home"
-    proc = start_run(home, str(_job(tmp_path, tier_root)), faults="step_delay=0.02")
+    proc = start_run(home, str(tier_job(tmp_path, tier_root)), faults="step_delay=0.02")
     run = run_dir(home)
     hb = heartbeat_when(run, lambda h: h.attempt == 1 and h.step >= 130)
     os.kill(hb.pid, signal.SIGKILL)
@@ -67,7 +72,7 @@ def test_a_damaged_snapshot_is_quarantined_and_the_previous_one_restores(
     """Supervisor and worker both SIGKILLed, the newest snapshot's values damaged in RAM: the
     same `ckptd run` again quarantines it and resumes from the snapshot before it."""
     home = tmp_path / "home"
-    job = _job(tmp_path, tier_root)
+    job = tier_job(tmp_path, tier_root)
     proc = start_run(home, str(job), faults="step_delay=0.02")
     run = run_dir(home)
     hb = heartbeat_when(run, lambda h: h.attempt == 1 and h.step >= 130)
@@ -90,3 +95,52 @@ def test_a_damaged_snapshot_is_quarantined_and_the_previous_one_restores(
     restored = _events(run, "restore.done")[-1]
     assert restored["source"] == "memory" and restored["snapshot"] == snaps[0].name, restored
     assert final_state_hash(run) == golden
+
+
+@pytest.fixture
+def full_tmpfs(tier_root: Path) -> Iterator[Path]:
+    """A tier root that is a tmpfs of its own, 64 KiB and filled up before the job starts: every
+    snapshot meets ENOSPC, whatever the model's size. Unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    tier_root.mkdir(mode=0o700)
+    cmd = ["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(tier_root)]
+    mounted = subprocess.run(cmd, capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs at {tier_root}: {mounted.stderr.strip()}")
+    try:
+        fd = os.open(tier_root / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            with contextlib.suppress(OSError):  # ENOSPC: full
+                while os.write(fd, bytes(4096)):
+                    pass
+        finally:
+            os.close(fd)
+        assert os.statvfs(tier_root).f_bavail == 0
+        yield tier_root
+    finally:
+        subprocess.run(["umount", str(tier_root)], check=True)
+
+
+def test_a_full_tmpfs_fails_the_snapshots_not_the_job(
+    tmp_path: Path, full_tmpfs: Path, golden: dict[str, str]
+) -> None:
+    home = tmp_path / "home"
+    rc, out = finish(start_run(home, str(tier_job(tmp_path, full_tmpfs))))
+    assert rc == 0, out
+    run = run_dir(home)
+    attempts = status(home, run.name)["attempt_list"]
+    assert [a["class"] for a in attempts] == ["succeeded"], attempts  # no worker died of it
+    failed = _events(run, "memory.failed")
+    assert failed and all("No space left" in e["error"] for e in failed), failed
+    # Every due snapshot failed, or was skipped while the one before it was failing.
+    reports = _events(run, "memory.snapshots")
+    taken, busy, lost = (sum(int(e[k]) for e in reports) for k in ("taken", "busy", "failed"))
+    assert taken == 0 and lost and busy + lost == GOLDEN_EPOCHS * 52 // MEMORY_EVERY, reports
+    steps = [e["step"] for e in _events(run, "checkpoint.committed")]
+    # Durable commits go on (one due while the one before is written may be coalesced).
+    final = GOLDEN_EPOCHS * 52
+    assert steps[0] == DURABLE_EVERY and steps[-1] == final, steps
+    assert set(steps) <= {DURABLE_EVERY, 2 * DURABLE_EVERY, final}, steps
+    assert final_state_hash(run) == golden
+    assert not os.path.lexists(full_tmpfs / run.name), out  # the tier still goes with the job

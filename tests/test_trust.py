@@ -7,10 +7,13 @@ daemon does not do for A; what A's job makes is A's; B sees none of it through t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
 import shutil
+import signal
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -27,7 +30,8 @@ from ckptd.state.submissions import Owner, account_owner
 
 from .conftest import CSV, EXAMPLE
 from .daemonproc import DaemonProc, start_daemon
-from .procs import as_uid, wait_for
+from .procs import as_uid, events, final_state_hash, heartbeat_when, wait_for
+from .test_memtier_run_tf import DURABLE_EVERY, tier_job
 
 ROOT = Path(__file__).resolve().parent.parent
 USERS = ("ckptdtesta", "ckptdtestb")
@@ -191,8 +195,14 @@ def _job_text(
 
 
 @pytest.fixture
+def faults() -> str:
+    """CKPTD_FAULTS for the daemon's workers (none); a test changes it by parametrizing `faults`."""
+    return ""
+
+
+@pytest.fixture
 def daemon(
-    python: str, base: Path, users: tuple[Owner, Owner], request: pytest.FixtureRequest
+    python: str, base: Path, users: tuple[Owner, Owner], faults: str, request: pytest.FixtureRequest
 ) -> Iterator[DaemonProc]:
     fake = "tf" not in request.keywords
     warm = "warm" in request.node.name
@@ -205,6 +215,7 @@ def daemon(
         FAKE_WHOAMI="whoami.json",
         FAKE_STEPS="30",
         FAKE_STEP_SECONDS="0.01",
+        CKPTD_FAULTS=faults,
     )
     try:
         yield d
@@ -545,3 +556,63 @@ def test_a_run_directory_from_before_the_upgrade_becomes_its_owners(
     assert (run / "job.yaml").stat().st_uid == a.uid and not run.with_name(run.name + ".legacy").exists()
     assert (run / "attempts" / "0001" / "stdout.log").read_text().startswith("from before")
     assert "job.run_dir_reclaimed" in d.output()
+
+
+def _tier_modes(tier: Path) -> dict[str, tuple[int, str]]:
+    """Owner and `ls -l` mode of the tier and everything in it, by path relative to it; what a
+    prune removes meanwhile is left out."""
+    found = {}
+    for top, dirs, files in os.walk(tier):
+        for path in (top, *(os.path.join(top, n) for n in dirs + files)):
+            with contextlib.suppress(FileNotFoundError):
+                st = os.lstat(path)
+                found[os.path.relpath(path, tier)] = (st.st_uid, stat.filemode(st.st_mode))
+    return found
+
+
+@pytest.mark.tf
+@pytest.mark.parametrize("faults", ["step_delay=0.02"])
+def test_a_memory_tier_is_its_submitters_alone_and_goes_with_the_job(
+    daemon: DaemonProc,
+    users: tuple[Owner, Owner],
+    base: Path,
+    tier_root: Path,
+    golden: dict[str, str],
+) -> None:
+    """docs/memory-tier.md: the worker, as A, keeps its snapshots in a tier only A may enter; a
+    SIGKILLed worker's successor resumes from it; the job's end removes it, as A."""
+    a, b = users
+    mine = _owned_dir(base / "a-tier", a)
+    job = tier_job(mine, tier_root)
+    _owned_file(job, job.read_text(), a)
+    job_id = _submit(daemon, a, job)["ok"]["job"]["id"]
+    run = Path(daemon.job(job_id)["run_dir"])
+    tier = tier_root / job_id
+
+    def snapshotted() -> dict[str, tuple[int, str]] | None:
+        modes = _tier_modes(tier)
+        return modes if any(p.endswith("values.bin") for p in modes) else None
+
+    seen = wait_for("a snapshot in the tier", snapshotted, 180)
+    root = tier_root.stat()
+    assert (root.st_uid, stat.filemode(root.st_mode)) == (a.uid, "drwx------")
+    assert {uid for uid, _ in seen.values()} == {a.uid}, seen
+    assert {mode for _, mode in seen.values()} == {"drwx------", "-rw-------"}, seen
+    values = tier / next(p for p in seen if p.endswith("values.bin"))
+    assert "ok" in as_user(a, lambda: os.listdir(tier))
+    for peek in (lambda: os.listdir(tier_root), lambda: os.listdir(tier), lambda: values.read_bytes()):
+        got = as_user(b, peek)
+        assert "PermissionError" in got.get("exc", ""), got
+    hb = heartbeat_when(run, lambda h: h.attempt == 1 and h.step >= DURABLE_EVERY + 30, 180)
+    os.kill(hb.pid, signal.SIGKILL)
+    end = _wait_end(daemon, job_id, timeout=300)
+    assert end["state"] == "succeeded", daemon.output()
+    assert [x["class"] for x in end["attempt_list"]] == ["killed", "succeeded"], end["attempt_list"]
+    restored = [e for e in events(run) if e["event"] == "restore.done" and e["attempt"] == 2]
+    assert restored and restored[0]["source"] == "memory", restored
+    assert restored[0]["step"] > DURABLE_EVERY, restored
+    assert final_state_hash(run) == golden
+    # Removed at the job's end, as A, just after the job is recorded as succeeded.
+    wait_for("the tier's removal", lambda: not os.path.lexists(tier), 60)
+    assert tier_root.is_dir()  # the root is A's: only the job's directory goes
+    assert "memory.tier_remove_failed" not in (run / "events.jsonl").read_text() + daemon.output()

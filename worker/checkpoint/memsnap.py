@@ -89,11 +89,20 @@ def write(tier: Path, plan: SnapshotPlan, captured: list[tuple[str, Any]], at: P
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(building / mt.VALUES, flags, 0o600)
     try:
-        os.ftruncate(fd, plan.nbytes)
+        _allocate(fd, plan.nbytes)
         with mmap.mmap(fd, plan.nbytes) as m:
             return _fill_and_commit(tier, building, m, plan, captured, at)
     finally:
         os.close(fd)
+
+
+def _allocate(fd: int, nbytes: int) -> None:
+    """Size the values file and reserve its pages now: a full tmpfs then fails here with ENOSPC
+    (a failed snapshot), not later with SIGBUS on the first store into a page of the mapping
+    that the tmpfs cannot give (the worker killed)."""
+    os.ftruncate(fd, nbytes)
+    if nbytes:
+        os.posix_fallocate(fd, 0, nbytes)
 
 
 def _fill_and_commit(
@@ -114,7 +123,7 @@ def _fill_and_commit(
         digest = mt.value_digest([view, blob])
     finally:
         view.release()
-    (building / mt.STRINGS).write_bytes(blob)
+    mt.write_private(building / mt.STRINGS, blob)
     man = mt.MemManifest(
         at.lineage,
         at.generation,
@@ -172,7 +181,7 @@ class TierWriter:
         try:
             ino = os.fstat(fd).st_ino
             if ino not in self.maps:
-                os.ftruncate(fd, self.plan.nbytes)
+                _allocate(fd, self.plan.nbytes)
                 # MAP_POPULATE: the pages are mapped in one call, not faulted in one by one.
                 self.maps[ino] = mmap.mmap(fd, self.plan.nbytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
         finally:
