@@ -412,11 +412,13 @@ def test_a_nan_loss_is_never_committed(tmp_path: Path, on_nan: str) -> None:
     job = tmp_path / "job.yaml"
     job.write_text(
         "name: nan\nentrypoint: train.py\n"
-        "checkpoint: {every_steps: 5, max_to_keep: 2}\n"
+        "checkpoint: {every_steps: 5, max_to_keep: 2, mode: sync}\n"
         f"restart: {{on_nan: {on_nan}, nan_lr_factor: 0.1, "
         "backoff_initial_seconds: 0.1, backoff_max_seconds: 0.2}\n"
     )
     home = tmp_path / "home"
+    # Synchronous saves: each due save is made at its step, so the steps below are exact (the
+    # async writer's refusal of a non-finite snapshot: the nan_weight test below).
     rc, out = finish(start_run(home, str(job)))
     run = run_dir(home)
     st = status(home, run.name)
@@ -452,6 +454,8 @@ def test_a_nan_weight_with_a_finite_loss_is_never_committed(
         f"name: nanw\nentrypoint: train.py\ncheckpoint: {{every_steps: 5, max_to_keep: 2, mode: {mode}}}\n"
     )
     home = tmp_path / "home"
+    # Synchronous saves: each due save is made at its step, so the steps below are exact (the
+    # async writer's refusal of a non-finite snapshot: the nan_weight test below).
     rc, out = finish(start_run(home, str(job)))
     run = run_dir(home)
     st = status(home, run.name)
@@ -509,7 +513,10 @@ def test_async_saves_honour_every_steps_and_say_when_the_disk_cannot_keep_up(tmp
     skipped. With a writer slower than the interval (save_delay 1 s at 0.01 s a step): saves
     coalesce, and the job says so in its events and its status."""
     home = tmp_path / "fast"
-    rc, out = finish(start_run(home, str(write_job(tmp_path, epochs=2, every_steps=20, mode="async"))))
+    # 0.2 s between due saves: a writer keeps up (at Pima's 0.6 ms steps, 12 ms apart, it need
+    # not on a busy box, and the saves then coalesce as the second half checks).
+    job = write_job(tmp_path, epochs=2, every_steps=20, mode="async")
+    rc, out = finish(start_run(home, str(job), faults="step_delay=0.01"))
     assert rc == 0, out
     commits = [e for e in events(run_dir(home)) if e["event"] == "checkpoint.committed"]
     assert [e["step"] for e in commits if e["reason"] == "interval"] == [20, 40, 60, 80, 100], commits

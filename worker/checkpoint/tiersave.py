@@ -84,6 +84,7 @@ class TierSaver:
         self._results: queue.SimpleQueue[_Result] = queue.SimpleQueue()
         self._in_flight = False
         self._reported_at: float | None = None
+        self._failure_reported = False
         self._bytes_at = 0.0
         self.tier_bytes = 0
         self._thread = threading.Thread(target=self._serve, name="ckptd-memory-tier", daemon=True)
@@ -138,9 +139,9 @@ class TierSaver:
         st = self.stats
         if r.error:
             st.failed += 1
-            first = not st.last_error
             st.last_error = r.error
-            if first:  # then within the throttled reports
+            if not self._failure_reported:  # once; then within the throttled reports
+                self._failure_reported = True
                 self.s.event(Event.MEMORY_FAILED, step=r.step, error=r.error, tier=str(self.tier))
         else:
             st.taken += 1

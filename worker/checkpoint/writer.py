@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from functools import partial
-from multiprocessing import shared_memory
+from multiprocessing import resource_tracker, shared_memory
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, NotRequired, TypedDict
@@ -209,11 +209,14 @@ def writer_main(conn: Connection, directory: str) -> None:
     # (it waits for the save in flight); SIGUSR1 asks the worker for stacks, not the writer.
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(s, signal.SIG_IGN)
-    # TensorFlow's import first, at normal priority: until it is done every save is synchronous
-    # (Checkpointing._save_async), and niced on a busy box it took minutes.
+    # Imported already (the process was forked after the import; spawned, it imports it now):
+    # until the writer is ready every save is synchronous (Checkpointing._save_async).
     import tensorflow as tf
 
     tf.config.threading.set_intra_op_parallelism_threads(1)
+    # Start the runtime (devices, the eager context: ~1 s) before saying ready, so that "ready"
+    # means a save can start now; else the first async save pays it while saves pile up.
+    tf.debugging.check_numerics(tf.zeros(()), "warm-up")
     # Then background work yields the CPU to training when both want it (2 cores are common):
     # a commit lands a little later instead of every step running slower.
     os.nice(WRITER_NICENESS)
@@ -229,8 +232,8 @@ def writer_main(conn: Connection, directory: str) -> None:
         if msg.get("op") == "stop":
             return
         if shm is None or shm.name != msg["shm"]:
-            # A spawned child shares its parent's resource tracker: attaching registers nothing
-            # new, and the training process, which created the segment, unlinks it.
+            # The writer shares its parent's resource tracker (start_writer): attaching
+            # registers nothing new, and the training process, which created it, unlinks it.
             shm = shared_memory.SharedMemory(name=msg["shm"])
             layout.pop("views", None)  # they view the previous segment
         if "object_graph" in msg:  # the first save of the attempt carries the layout
@@ -307,7 +310,13 @@ Writer = tuple[multiprocessing.process.BaseProcess, Connection]
 
 
 def start_writer(directory: Path) -> Writer:
-    ctx = multiprocessing.get_context("spawn")  # never fork a process that runs TensorFlow
+    """Fork the writer process. Only before TensorFlow's runtime is initialised (the worker
+    forks it right after the import, before any op): a process that has run TensorFlow, and
+    above all one that has touched a GPU, must never be forked."""
+    # The writer attaches to the segment the training process creates: with one resource
+    # tracker between them, attaching registers nothing the writer's exit would unlink.
+    resource_tracker.ensure_running()
+    ctx = multiprocessing.get_context("fork")
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=writer_main, args=(child, str(directory)), daemon=True, name="ckptd-writer")
     proc.start()
