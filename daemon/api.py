@@ -222,6 +222,7 @@ def _too_many(conn: socket.socket, limit: int) -> None:
 
 class Handler(BaseHTTPRequestHandler):
     server: ApiServer
+    _body_read = False  # whether a route read the request's body
     timeout = REQUEST_SECONDS  # no single read outlasts the whole request's time either
     protocol_version = "HTTP/1.1"
     server_version = "ckptd"
@@ -239,6 +240,7 @@ class Handler(BaseHTTPRequestHandler):
         self._dispatch("POST")
 
     def _dispatch(self, method: str) -> None:
+        self._body_read = False
         try:
             peer = peer_of(self.request)
             with self.server.backend.store() as store:
@@ -247,7 +249,18 @@ class Handler(BaseHTTPRequestHandler):
             status, payload = e.status, {"error": str(e), **e.extra}
         except Exception as e:  # the daemon must keep serving whatever one request does
             status, payload = 500, {"error": f"internal error: {type(e).__name__}: {e}"}
+        self._discard_body()
         self._reply(status, payload)
+
+    def _discard_body(self) -> None:
+        """Read a body no route read (`undrain`, a 403 or 404) before answering: a client sends
+        its body after its headers, and one descheduled between the two would find the socket
+        closed and see a broken pipe instead of the answer."""
+        length = self.headers.get("Content-Length", "")
+        if self._body_read or not length.isdigit() or int(length) > MAX_BODY:
+            return
+        with contextlib.suppress(OSError):
+            self.rfile.read(int(length))
 
     def _route(self, method: str, store: Store, peer: Peer) -> tuple[int, Any]:
         url = urlsplit(self.path)
@@ -285,6 +298,7 @@ class Handler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length", "")
         if not length.isdigit() or int(length) > MAX_BODY:
             raise ApiError(400, f"a JSON body of at most {MAX_BODY} bytes with Content-Length")
+        self._body_read = True
         try:
             body = json.loads(self.rfile.read(int(length)))
         except ValueError as e:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -159,3 +160,19 @@ def test_a_uid_over_its_limit_gets_a_429_it_can_read(server: Path) -> None:
     r = as_uid(OTHER, OTHER, lambda: _over_the_limit(server))
     assert r.get("status") == 429 and "too many connections" in json.dumps(r), r
     assert Client(server, timeout=5).call("GET", "/v1/health") == {"ok": True}  # root: never limited
+
+
+def test_an_answer_waits_for_a_body_no_route_read(server: Path) -> None:
+    """A 404 (or a 403, or `undrain`) is decided before any route reads the body. http.client
+    sends the body after the headers: a client descheduled between the two found the socket
+    closed and saw a broken pipe instead of the answer (CI, test_only_admins_may_drain)."""
+    body = b'{"x": 1}'
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(server))
+        s.sendall(b"POST /v1/nowhere HTTP/1.1\r\nHost: ckptd\r\nContent-Length: %d\r\n\r\n" % len(body))
+        readable, _, _ = select.select([s], [], [], 1.0)
+        assert not readable, "answered and closed before the body was sent"
+        s.sendall(body)
+        with s.makefile("rb") as f:
+            answer = f.read()
+    assert answer.startswith(b"HTTP/1.1 404") and b"no such endpoint" in answer, answer
