@@ -25,7 +25,8 @@ from .procs import (
 pytestmark = pytest.mark.tf
 PROGRAMS = ROOT / "tests" / "programs"
 
-# program, job-file lines, step after which attempt 1 kills itself (between two commits)
+# program, job-file lines, step after which attempt 1 kills itself (between two commits: saves are
+# asynchronous, so the kill waits for the first commit to land, as it may not on a loaded box)
 CASES = {
     "random_layers": ("entrypoint: {dir}/random_layers.py\ncheckpoint: {{every_steps: 15}}\n", 37),
     "vae_dataset": ("entrypoint: {dir}/vae_dataset.py\ncheckpoint: {{every_steps: 10}}\n", 33),
@@ -87,7 +88,9 @@ LONG = {"vae_dataset", "multi_io", "gan"}
 def test_sigkill_mid_run_resumes_bit_identical(tmp_path: Path, name: str) -> None:
     job = _job(tmp_path, name)
     clean = _clean_run(tmp_path, name)
-    killed = _run(tmp_path / "killed", job, faults=f"sigkill_at_step={CASES[name][1]},attempt=1")
+    killed = _run(
+        tmp_path / "killed", job, faults=f"sigkill_at_step={CASES[name][1]},commit_first=1,attempt=1"
+    )
     attempts = status(tmp_path / "killed", killed.name)["attempt_list"]
     assert [a["class"] for a in attempts] == ["killed", "succeeded"]
     assert attempts[1]["restored_step"] and attempts[1]["restored_step"] > 0
@@ -255,7 +258,9 @@ def test_custom_loop_commit_on_an_epochs_last_step_resumes_bit_identical(tmp_pat
     """Issue 26: the commit at step 20 is taken in step_done, before epoch_done; the resumed
     program runs no batch of epoch 0 and must still end its epoch (and the run) exactly."""
     clean = _clean_run(tmp_path, "custom_loop")
-    killed = _run(tmp_path / "killed", _epoch_end_job(tmp_path), faults="sigkill_at_step=25,attempt=1")
+    killed = _run(
+        tmp_path / "killed", _epoch_end_job(tmp_path), faults="sigkill_at_step=25,commit_first=1,attempt=1"
+    )
     attempts = status(tmp_path / "killed", killed.name)["attempt_list"]
     assert [a["class"] for a in attempts] == ["killed", "succeeded"]
     assert attempts[1]["restored_step"] == 20

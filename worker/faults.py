@@ -3,6 +3,10 @@
 Format: comma-separated `key=value`:
 - `step_delay=SECONDS`: sleep after every step (a tiny model made slow enough to hit mid-interval);
 - `sigkill_at_step=N`, `raise_at_step=N`: SIGKILL itself, or raise RuntimeError, after step N;
+- `commit_first=1`: `sigkill_at_step` fires at the first step from N on at which a durable commit
+  exists, waiting at each for the asynchronous save in flight to land (on a loaded box a commit
+  can land many steps after its step, or only at the run's end: a kill before it would test a
+  fresh start, not a resume);
 - `sigkill_in_save=N`, `enospc_in_save=N`: inside the save at step N, after TF wrote its files and
   before ckptd's commit;
 - `kill_in_writer=N`: the async writer (process or thread), while it commits the save of step N,
@@ -33,6 +37,7 @@ import errno
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -42,6 +47,7 @@ class Faults:
     save_delay: float = 0.0  # every save takes this much longer (a big model on a slow disk)
     val_delay: float = 0.0  # every validation batch takes this much longer
     sigkill_at_step: int | None = None
+    commit_first: int = 0  # sigkill_at_step waits for a durable commit
     raise_at_step: int | None = None
     sigkill_in_save: int | None = None  # kill after TF wrote the save at this step, before commit
     enospc_in_save: int | None = None  # raise ENOSPC there instead
@@ -126,12 +132,12 @@ class Faults:
             if int(low) <= attempt <= int(high or low):
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    def after_step(self, step: int, attempt: int) -> None:
+    def after_step(self, step: int, attempt: int, committed: Callable[[], int | None] = lambda: None) -> None:
         if self.step_delay:
             time.sleep(self.step_delay)
         if not self._armed(attempt):
             return
-        if step == self.sigkill_at_step:
+        if self._kill_now(step, committed):
             self._kill(os.getpid())
         if step == self.raise_at_step:
             raise RuntimeError(f"injected fault at step {step}")
@@ -145,6 +151,13 @@ class Faults:
                 hog.append(bytearray(64 * 2**20))
                 hog[-1][::4096] = b"x" * len(hog[-1][::4096])  # touch every page
                 time.sleep(0.01)
+
+    def _kill_now(self, step: int, committed: Callable[[], int | None]) -> bool:
+        if self.sigkill_at_step is None:
+            return False
+        if self.commit_first:
+            return step >= self.sigkill_at_step and committed() is not None
+        return step == self.sigkill_at_step
 
     def _device_faults(self, step: int) -> None:
         import tensorflow as tf

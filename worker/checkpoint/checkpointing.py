@@ -143,7 +143,13 @@ class Checkpointing:
         self.schedule.interval(s.step, s.step_in_epoch)
         if self.tier is not None:
             self.tier.after_step(s.step, s.step_in_epoch)
-        s.faults.after_step(s.step, s.attempt)
+        s.faults.after_step(s.step, s.attempt, self._landed_commit)
+
+    def _landed_commit(self) -> int | None:
+        """The newest durable commit once the save in flight, if any, has landed: what a test
+        fault that kills "after a commit" waits for (only asked when such a fault is set)."""
+        self.saver.drain_async(block=True)
+        return self.state.committed_step
 
     def epoch_done(self) -> None:
         self.saver.check_finite()
