@@ -394,7 +394,11 @@ def test_a_daemon_without_root_runs_only_its_own_users_jobs(
         )
     sock = home / "ckptd.sock"
     try:
-        wait_for("A's daemon", lambda: proc.poll() is not None or sock.exists(), 60)
+        # Until it answers: the daemon chmods its socket after bind(), and a chmod of ours
+        # in between would be undone.
+        wait_for(
+            "A's daemon", lambda: proc.poll() is not None or (sock.exists() and Client(sock).available()), 60
+        )
         os.chmod(sock, 0o666)  # as if B could reach it: the daemon itself must refuse
         d = DaemonProc(home, proc, base / "a-daemon.log", sock)  # type: ignore[arg-type]
         jb = _owned_file(_owned_dir(base / "b-solo", b) / "job.yaml", _job_text("solo"), b)
