@@ -232,13 +232,17 @@ def run(
     stops = StopRequests()
     _install_stop_handlers(stops)
     gpus = detect_gpus() if spec.resources.gpus else []
-    with BarDisplay() if use_bar else contextlib.nullcontext(LogDisplay(log)) as display:
+    ops = RealProcessOps()
+    with (
+        BarDisplay() if use_bar else contextlib.nullcontext(LogDisplay(log)) as display,
+        contextlib.closing(ops),
+    ):
         end = JobRunner(
             store,
             job.id,
             spec,
             run_dir,
-            RealProcessOps(),
+            ops,
             display,
             stops,
             hot_spare=spec.restart.hot_spare,

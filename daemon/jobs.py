@@ -159,14 +159,15 @@ def lock_job(where: Path) -> int:
 
 def works_for(proc: psutil.Process, run: RunDir) -> bool:
     """Whether `proc` is a worker of `run`: its command line names the run directory, or it is a
-    warm worker (ckptd.supervisor.warm) that was handed this run and moved into it."""
+    warm worker (ckptd.supervisor.warm) or one forked by a job's fork server
+    (ckptd.supervisor.zygote) that was handed this run and moved into it."""
     try:
         cmd = proc.cmdline()
         if worker_module() not in cmd:
             return False
         if str(run.root) in cmd:
             return True
-        if "--warm" not in cmd:
+        if "--warm" not in cmd and "--zygote" not in cmd:  # a worker forked by a zygote has its argv
             return False
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return False

@@ -106,6 +106,7 @@ def _supervise(
         rj.end = _fail(store, rj.job_id, f"supervisor error: {type(e).__name__}: {e}")
     finally:
         ops.release_unused()
+        ops.close()
         if lock_fd is not None:
             os.close(lock_fd)
         store.close()

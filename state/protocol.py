@@ -105,6 +105,7 @@ class Event(StrEnum):
     # supervisor
     WORKER_SPAWNED = "worker.spawned"
     WORKER_WARM_ASSIGNED = "worker.warm_assigned"
+    WORKER_FORKED = "worker.forked"  # by the job's fork server: no import (ckptd.supervisor.zygote)
     WORKER_ADOPTED = "worker.adopted"
     WORKER_EXITED = "worker.exited"
     HEARTBEAT_MISSED = "heartbeat.missed"  # the hang verdict: shown, then the stop escalates

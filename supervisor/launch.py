@@ -1,7 +1,8 @@
 """Starting an attempt's workers, and the devices they run on.
 
 A single worker starts in the job's hot spare (a worker with TensorFlow imported and the model
-built, waiting on stdin), else in one of the daemon's warm workers, else cold. A gang starts as
+built, waiting on stdin), else in one of the daemon's warm workers, else forked by the job's fork
+server (ckptd.supervisor.zygote), else cold. A gang starts as
 K local processes with their TF_CONFIG (engine local) or as one `srun` step (engine slurm,
 ckptd.supervisor.slurm). Either way the supervisor gets a `Group` to watch
 (ckptd.supervisor.attempt). GPUs are chosen among the healthy ones; a GPU fault excludes some.
@@ -50,8 +51,8 @@ class Launcher:
     # -- a single worker -------------------------------------------------------------------
 
     def single(self, n: int, nan_restarts: int) -> tuple[int, p.Event | None]:
-        """Start attempt `n`: in the job's hot spare, else in a warm worker, else cold. Returns
-        the pid and which kind of pre-started process took it, if any."""
+        """Start attempt `n`: in the job's hot spare, else in a warm worker, else forked by the
+        job's fork server, else cold. Returns the pid and which of these took it, if not cold."""
         env = self._device_env()
         if nan_restarts:  # the worker lowers its learning rate this much
             env[p.NAN_RESTARTS_ENV] = str(nan_restarts)
@@ -60,6 +61,8 @@ class Launcher:
         how = p.Event.WORKER_SPARE_ASSIGNED if pid is not None else None
         if pid is None and (pid := self.ops.take_warm(self.run.root, str(n), env, limit)):
             how = p.Event.WORKER_WARM_ASSIGNED
+        if pid is None and (pid := self.ops.fork(self.run.root, str(n), env, limit)):
+            how = p.Event.WORKER_FORKED
         if pid is None:
             pid = self._cold(n, env, limit)
         if self.hot_spare:

@@ -19,7 +19,7 @@ import psutil
 
 from ckptd.state.protocol import CONTAINED_ENV
 from ckptd.state.submissions import Owner
-from ckptd.supervisor import cgroups, contain, identity, kmsg, nvml, warm
+from ckptd.supervisor import cgroups, contain, identity, kmsg, nvml, warm, zygote
 from ckptd.supervisor.warm import WarmPool
 
 # Never hand these to a worker: systemd's notify socket and watchdog belong to the daemon.
@@ -45,6 +45,9 @@ class ProcessOps(Protocol):
     ) -> int: ...
     def assign(self, pid: int, attempt: int) -> bool: ...
     def take_warm(
+        self, run_dir: Path, mode: str, env: dict[str, str], memory_limit: int | None = None
+    ) -> int | None: ...
+    def fork(
         self, run_dir: Path, mode: str, env: dict[str, str], memory_limit: int | None = None
     ) -> int | None: ...
     def memory_enforced(self, pid: int) -> bool: ...
@@ -110,7 +113,7 @@ class RealProcessOps:
         self.warm, self.first = warm, first
         self.owner = owner or identity.me()
         self.launch_dir = launch_dir
-        self._procs: dict[int, subprocess.Popen[bytes]] = {}
+        self._procs: dict[int, subprocess.Popen[bytes] | zygote.Forked] = {}
         self._cgroups: dict[int, cgroups.MemoryCgroup] = {}
         self._oom: dict[int, str] = {}
         self._spawned_at: dict[int, float] = {}  # CLOCK_MONOTONIC, to match kernel-log records
@@ -119,6 +122,8 @@ class RealProcessOps:
         self.containment = contain.instance()
         self._trees: dict[int, contain.Tree] = {}  # every process of the attempt (ckptd.supervisor.contain)
         self._tokens: dict[int, str] = {}
+        self._zygote: zygote.Zygote | None = None  # the job's fork server, once started
+        self._no_zygote = not zygote.wanted(worker_module())
 
     def spawn(
         self,
@@ -133,10 +138,7 @@ class RealProcessOps:
         if self.launch_dir is not None:  # the run directory is the owner's: never open there
             stdout = stderr = self.launch_dir / "launch.log"
         stdout.parent.mkdir(parents=True, exist_ok=True)
-        token = self.containment.token()
-        env = {**(env or {}), contain.TOKEN_ENV: token}  # the subreaper's mark on the tree
-        if self.containment.choice.base is not None:  # it waits to be in its cgroup (see _track)
-            env[CONTAINED_ENV] = "1"
+        token, env = self._contained(env or {})
         with open(stdout, "ab") as out, open(stderr, "ab") as err:
             # Own session and process group: a terminal's Ctrl-C reaches only the supervisor,
             # which asks the worker to save; and killing the group leaves no orphan behind.
@@ -163,13 +165,59 @@ class RealProcessOps:
         self._track(proc, memory_limit, token)
         return proc.pid
 
+    def _contained(self, env: dict[str, str]) -> tuple[str, dict[str, str]]:
+        """A new attempt's token, and `env` with it: the subreaper's mark on the tree, and (with
+        cgroups) the word to wait until it is in its cgroup (see _track)."""
+        token = self.containment.token()
+        env = {**env, contain.TOKEN_ENV: token}
+        if self.containment.choice.base is not None:
+            env[CONTAINED_ENV] = "1"
+        return token, env
+
+    def fork(
+        self, run_dir: Path, mode: str, env: dict[str, str], memory_limit: int | None = None
+    ) -> int | None:
+        """Attempt `mode`'s worker, forked by the job's fork server (ckptd.supervisor.zygote),
+        started on first use; None if there is none (the caller then starts one cold)."""
+        server = self._server(run_dir)
+        if server is None:
+            return None
+        token, env = self._contained(env)
+        pid = server.fork(run_dir, mode, env)
+        if pid is None:  # it died: attempts start cold from now on
+            self.close()
+            self._no_zygote = True
+            return None
+        self._track(zygote.Forked(pid, server), memory_limit, token)
+        if memory_limit and pid not in self._cgroups:  # the import is the zygote's, as a warm worker's
+            self._rss_base[pid] = self._raw_rss(pid) or 0
+        return pid
+
+    def _server(self, run_dir: Path) -> zygote.Zygote | None:
+        if self._zygote is None and not self._no_zygote:
+            log = self.launch_dir / "launch.log" if self.launch_dir else run_dir / "attempts" / "zygote.log"
+            env = worker_env() | identity.owner_env(self.owner)
+            self._zygote = zygote.start(
+                worker_module(), run_dir, log, env, **identity.popen_kwargs(self.owner)
+            )
+            self._no_zygote = self._zygote is None
+        return self._zygote
+
+    def close(self) -> None:
+        """The job ended: its fork server goes (the workers it forked are gone or on their own)."""
+        if self._zygote is not None:
+            self._zygote.close()
+            self._zygote = None
+
     def release_unused(self) -> None:
         """The warm worker set aside for this job was never used (it failed before starting)."""
         if self.first is not None:
             warm.kill(self.first, self.warm.dir_of(self.owner) if self.warm else None)
             self.first = None
 
-    def _track(self, proc: subprocess.Popen[bytes], memory_limit: int | None, token: str = "") -> None:
+    def _track(
+        self, proc: subprocess.Popen[bytes] | zygote.Forked, memory_limit: int | None, token: str = ""
+    ) -> None:
         self._procs[proc.pid] = proc
         self._spawned_at[proc.pid] = time.monotonic()
         outer = cgroups.enclosing()  # the worker's too, unless _limit moves it into its own
@@ -279,6 +327,11 @@ class RealProcessOps:
                 self.end_tree(pid)
             return None if alive else ExitStatus(None, None)
         rc = proc.poll()
+        if rc is None and isinstance(proc, zygote.Forked) and proc.lost():
+            del self._procs[pid]  # its zygote died first: as for an adopted worker, no exit code
+            self.end_tree(pid)
+            self._release_cgroup(pid)
+            return ExitStatus(None, None)
         if rc is None:
             if (tree := self._trees.get(pid)) is not None:
                 tree.look()

@@ -46,6 +46,11 @@ class FakeOps:
     warm: list[int] = field(default_factory=list)  # the daemon's warm workers
     warm_taken: list[tuple[int, str]] = field(default_factory=list)
 
+    def fork(
+        self, run_dir: Path, mode: str, env: dict[str, str], memory_limit: int | None = None
+    ) -> int | None:
+        return None  # no fork server: attempts start cold (or warm), as scripted
+
     def take_warm(
         self, run_dir: Path, mode: str, env: dict[str, str], memory_limit: int | None = None
     ) -> int | None:

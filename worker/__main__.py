@@ -6,6 +6,8 @@ the model, then waits for one line on stdin naming the attempt to take over; rec
 failure then skips the import and the build (EOF on stdin: exit quietly).
 `python -m ckptd.worker --warm` imports only, then waits for a JSON line naming the run directory
 and mode (see ckptd.supervisor.warm).
+`python -m ckptd.worker --zygote` imports only, then forks each attempt's worker on request (a
+job's fork server, ckptd.worker.zygote).
 """
 
 from __future__ import annotations
@@ -179,6 +181,14 @@ def _warm() -> int:
     return main([job["run"], job["mode"]])
 
 
+def _zygote() -> int:
+    """A job's fork server; in each forked child, the worker of the attempt it asked for."""
+    from ckptd.worker.zygote import serve
+
+    work = serve()
+    return p.EXIT_OK if work is None else main(list(work))
+
+
 def _dispatch(run: RunDir, mode: str) -> int:
     spare = mode == "--spare"
     attempt = 0 if spare else int(mode)
@@ -250,8 +260,12 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args == ["--warm"]:
         return _warm()
+    if args == ["--zygote"]:
+        return _zygote()
     if len(args) != 2 or not (args[1] == "--spare" or args[1].isdigit()):
-        print("usage: python -m ckptd.worker (RUN_DIR (ATTEMPT | --spare) | --warm)", file=sys.stderr)
+        print(
+            "usage: python -m ckptd.worker (RUN_DIR (ATTEMPT | --spare) | --warm | --zygote)", file=sys.stderr
+        )
         return p.EXIT_CONFIG
     p.wait_contained()  # every process of the attempt is the attempt's (ckptd.supervisor.contain)
     # Fatal signals print every thread's Python stack; the supervisor sends SIGUSR1 before it

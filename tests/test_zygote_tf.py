@@ -1,0 +1,126 @@
+"""A job's fork server (ckptd.supervisor.zygote): its attempts fork from one process that imported
+TensorFlow once; its end, and a fork server that dies, cost no attempt and no job."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+from pathlib import Path
+
+import psutil
+import pytest
+
+from ckptd.supervisor import zygote
+
+from .conftest import ROOT, write_job
+from .procs import finish, heartbeat_when, run_dir, start_run, status, wait_for
+
+pytestmark = pytest.mark.tf
+PROGRAMS = ROOT / "tests" / "programs"
+
+
+def _parent(pid: int) -> psutil.Process:
+    parent = psutil.Process(pid).parent()
+    assert parent is not None
+    return parent
+
+
+def _forked(out: str) -> list[int]:
+    """The attempts the fork server started, from `ckptd run`'s JSON progress."""
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return [e["attempt"] for e in lines if e.get("event") == "worker.forked"]
+
+
+def test_every_attempt_forks_from_one_import_and_the_server_ends_with_the_job(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    proc = start_run(home, str(write_job(tmp_path, epochs=4)), faults="step_delay=0.02")
+    run = run_dir(home)
+    first = heartbeat_when(run, lambda h: h.attempt == 1 and (h.committed_step or 0) >= 20)
+    zygote = _parent(first.pid)
+    assert "--zygote" in zygote.cmdline() and zygote.pid != proc.pid
+    os.kill(first.pid, signal.SIGKILL)
+    second = heartbeat_when(run, lambda h: h.attempt == 2 and h.pid != first.pid)
+    assert _parent(second.pid).pid == zygote.pid  # the same import serves the restart
+    rc, out = finish(proc)
+    assert rc == 0, out
+    attempts = status(home, run.name)["attempt_list"]
+    assert [a["class"] for a in attempts] == ["killed", "succeeded"]  # SIGKILL, as the zygote saw it
+    assert attempts[1]["restored_step"] >= 20
+    assert _forked(out) == [1, 2]
+    # The attempts' own logs start after the import: TensorFlow's import banner is only the server's.
+    assert "oneDNN" in (run / "attempts" / "zygote.log").read_text()
+    for n in ("0001", "0002"):
+        assert "oneDNN" not in (run / "attempts" / n / "stderr.log").read_text()
+    wait_for(
+        "the fork server's end", lambda: not zygote.is_running() or zygote.status() == psutil.STATUS_ZOMBIE
+    )
+
+
+def test_a_fork_server_that_dies_costs_no_attempt(tmp_path: Path) -> None:
+    """Kill the server under a running worker, then the worker: the supervisor never gets that
+    exit code (`lost`, from the worker's own records), and the next attempt starts cold."""
+    home = tmp_path / "home"
+    proc = start_run(home, str(write_job(tmp_path, epochs=4)), faults="step_delay=0.02")
+    run = run_dir(home)
+    first = heartbeat_when(run, lambda h: h.attempt == 1 and (h.committed_step or 0) >= 20)
+    _parent(first.pid).kill()
+    os.kill(first.pid, signal.SIGKILL)
+    rc, out = finish(proc)
+    assert rc == 0, out
+    attempts = status(home, run.name)["attempt_list"]
+    assert [a["class"] for a in attempts] == ["lost", "succeeded"], attempts
+    assert attempts[1]["restored_step"] >= 20
+    assert _forked(out) == [1]
+    assert "oneDNN" in (run / "attempts" / "0002" / "stderr.log").read_text()  # a cold start
+
+
+@pytest.mark.parametrize(
+    ("module", "switch", "forks"),
+    [
+        ("ckptd.worker", None, True),
+        ("ckptd.worker", "1", True),
+        ("ckptd.worker", "0", False),  # an operator's way back to a fresh import per attempt
+        ("tests.fakeworker", None, False),  # a protocol-speaking fake has no fork server
+    ],
+)
+def test_who_forks(monkeypatch: pytest.MonkeyPatch, module: str, switch: str | None, forks: bool) -> None:
+    if switch is None:
+        monkeypatch.delenv("CKPTD_ZYGOTE", raising=False)
+    else:
+        monkeypatch.setenv("CKPTD_ZYGOTE", switch)
+    assert zygote.wanted(module) is forks
+
+
+@pytest.mark.parametrize("containment", ["auto", "subreaper"])
+def test_a_forked_workers_escaped_children_end_with_its_attempt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, containment: str
+) -> None:
+    """A forked worker is not the supervisor's child; what it starts outside its session is
+    still the attempt's (its cgroup, or the subreaper's sweep by token)."""
+    monkeypatch.setenv("CKPTD_CONTAINMENT", containment)
+    job = tmp_path / "escaping.yaml"
+    job.write_text(
+        f"name: escaping\nentrypoint: {PROGRAMS / 'escaping.py'}\ncheckpoint: {{every_steps: 4}}\n"
+    )
+    home = tmp_path / "home"
+    rc, out = finish(start_run(home, str(job)))
+    assert rc == 0, out
+    assert _forked(out) == [1]
+    run = run_dir(home)
+    escapees = [int(p) for p in (run / "escapees.txt").read_text().split()]
+    assert len(escapees) == 2
+    try:
+        wait_for("the escapees' end", lambda: all(_gone(p) for p in escapees), 30)
+    finally:
+        for pid in escapees:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
