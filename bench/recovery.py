@@ -1,10 +1,13 @@
 """Recovery benchmark: cold start, crash detection and recovery after `kill -9` of the worker,
-cold and with the hot spare, and the supervisor's own footprint. Prints a table of medians.
+cold, forked by the job's fork server, with the hot spare and in a warm worker, and the
+supervisor's own footprint. Prints a table of medians.
 
     python bench/recovery.py [--repeats 5]
 
-Each repeat runs the Pima example three times, interleaved: under `ckptd run` (foreground
-supervisor) with `restart.hot_spare: false` ("cold") and `true` ("spare"), and under `ckptd daemon`
+Each repeat runs the Pima example four times, interleaved: under `ckptd run` (foreground
+supervisor) with `restart.hot_spare: false`, every attempt imported afresh (`CKPTD_ZYGOTE=0`,
+"cold") or forked by the job's fork server (the default, "forked"), with `true` ("spare"), and
+under `ckptd daemon`
 with `warm_workers: true` and two slots, so a warm worker (as the job's user) waits in the free one
 ("warm"). The
 harness SIGKILLs the worker after its second committed checkpoint and measures, from the job store
@@ -32,7 +35,7 @@ from typing import Any
 import psutil
 from benchjob import heartbeat, pima_job  # bench/ is on sys.path when a script runs
 
-MODES = ("cold", "spare", "warm")
+MODES = ("cold", "forked", "spare", "warm")
 
 
 def _job(directory: Path, spare: bool) -> Path:
@@ -67,6 +70,8 @@ def _ckptd(env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
 def one_run(tmp: Path, mode: str) -> dict[str, float]:
     home = tmp / f"home-{mode}-{time.monotonic_ns()}"
     env = dict(os.environ, CKPTD_HOME=str(home), CKPTD_FAULTS="step_delay=0.01")
+    if mode == "cold":
+        env["CKPTD_ZYGOTE"] = "0"
     job = _job(tmp, mode == "spare")
     if mode == "warm":
         home.mkdir(parents=True)
@@ -152,7 +157,7 @@ def main() -> None:
     def med(mode: str, key: str) -> float:
         return statistics.median(r[key] for r in results[mode])
 
-    cold = statistics.median([r["cold_start"] for r in results["cold"] + results["spare"]])
+    cold = statistics.median([r["cold_start"] for r in results["cold"]])
     print(f"\nrecovery after kill -9 of the worker (medians of {args.repeats}, {os.cpu_count()} cores)")
     print(f"{'measure':<44}{'seconds':>10}{'x cold start':>14}   target")
     rows = [
@@ -160,6 +165,8 @@ def main() -> None:
         ("start in a warm worker (spawn -> first step)", med("warm", "cold_start"), None, ""),
         ("crash noticed (kill -> attempt recorded)", med("cold", "noticed"), None, "<= 0.2 s"),
         ("cold recovery (kill -> first step)", med("cold", "recovery"), 1.1, "<= 1.1x"),
+        ("forked recovery (kill -> first step)", med("forked", "recovery"), None, ""),
+        ("start of a forked job (spawn -> first step)", med("forked", "cold_start"), None, ""),
         ("hot-spare recovery (kill -> first step)", med("spare", "recovery"), 0.25, "<= 0.25x"),
         ("warm-worker recovery (kill -> first step)", med("warm", "recovery"), None, ""),
     ]

@@ -171,7 +171,8 @@ class Launcher:
 
     def _local_gang(self, n: int, count: int, argv: list[str], gpus: list[int]) -> tuple[list[Member], Group]:
         """The local engine: `count` members of attempt `n` on 127.0.0.1, member 0 the chief,
-        each with its own share of `gpus` (none: CPU only)."""
+        each with its own share of `gpus` (none: CPU only), forked by the job's fork server
+        (else cold)."""
         hosts = [f"127.0.0.1:{port}" for port in free_ports(count)]
         per = len(gpus) // count
         members = []
@@ -181,7 +182,9 @@ class Launcher:
                 env |= {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus[i * per : (i + 1) * per]))
             adir = self.run.member(i).attempt_dir(n)
-            pid = self.ops.spawn(argv, self.run.root, adir / "stdout.log", adir / "stderr.log", env=env)
+            pid = self.ops.fork(self.run.root, str(n), env) or self.ops.spawn(
+                argv, self.run.root, adir / "stdout.log", adir / "stderr.log", env=env
+            )
             members.append(
                 Member(i, pid, self.run.member(i), last_change=self.ops.monotonic(), host=hosts[i])
             )
