@@ -40,7 +40,10 @@ def start(module: str, run_dir: Path, log: Path, env: dict[str, str], **popen: A
         return None
 
 
-READY_SECONDS = 600.0  # the import, on a loaded box (a cold worker has no tighter bound)
+# The import, on a loaded box: the default heartbeat timeout, within which a cold worker must
+# show a first sign of life too (a zygote that hangs in its import is given up, and the attempt
+# starts cold, where a hang is judged as usual).
+READY_SECONDS = 120.0
 FORK_SECONDS = 60.0
 
 
