@@ -166,7 +166,7 @@ def main() -> None:
         ("crash noticed (kill -> attempt recorded)", med("cold", "noticed"), None, "<= 0.2 s"),
         ("cold recovery (kill -> first step)", med("cold", "recovery"), 1.1, "<= 1.1x"),
         ("forked recovery (kill -> first step)", med("forked", "recovery"), None, ""),
-        ("start of a forked job (spawn -> first step)", med("forked", "cold_start"), None, ""),
+        ("a forked attempt (fork -> first step)", med("forked", "cold_start"), None, ""),
         ("hot-spare recovery (kill -> first step)", med("spare", "recovery"), 0.25, "<= 0.25x"),
         ("warm-worker recovery (kill -> first step)", med("warm", "recovery"), None, ""),
     ]
