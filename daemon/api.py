@@ -256,11 +256,16 @@ class Handler(BaseHTTPRequestHandler):
         """Read a body no route read (`undrain`, a 403 or 404) before answering: a client sends
         its body after its headers, and one descheduled between the two would find the socket
         closed and see a broken pipe instead of the answer."""
-        length = self.headers.get("Content-Length", "")
-        if self._body_read or not length.isdigit() or int(length) > MAX_BODY:
+        length = self._content_length()
+        if self._body_read or length is None:
             return
         with contextlib.suppress(OSError):
-            self.rfile.read(int(length))
+            self.rfile.read(length)
+
+    def _content_length(self) -> int | None:
+        """The request's Content-Length, if it is a number of at most MAX_BODY bytes."""
+        length = self.headers.get("Content-Length", "")
+        return int(length) if length.isdigit() and int(length) <= MAX_BODY else None
 
     def _route(self, method: str, store: Store, peer: Peer) -> tuple[int, Any]:
         url = urlsplit(self.path)
@@ -295,12 +300,12 @@ class Handler(BaseHTTPRequestHandler):
         raise ApiError(404, f"no such endpoint {method} {url.path}")
 
     def _body(self) -> dict[str, Any]:
-        length = self.headers.get("Content-Length", "")
-        if not length.isdigit() or int(length) > MAX_BODY:
+        length = self._content_length()
+        if length is None:
             raise ApiError(400, f"a JSON body of at most {MAX_BODY} bytes with Content-Length")
         self._body_read = True
         try:
-            body = json.loads(self.rfile.read(int(length)))
+            body = json.loads(self.rfile.read(length))
         except ValueError as e:
             raise ApiError(400, f"the body is not JSON: {e}") from e
         except RecursionError as e:  # [[[[…]]]] a million deep
