@@ -98,6 +98,7 @@ def main() -> int:
 def warm() -> int:
     Path(f"{os.getpid()}.ready").write_text("")
     line = sys.stdin.readline()
+    Path(f"{os.getpid()}.ready").unlink(missing_ok=True)  # as ckptd.worker --warm: taken, no longer waiting
     if not line.strip():
         return p.EXIT_OK
     job = json.loads(line)
