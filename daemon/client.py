@@ -88,6 +88,23 @@ def down_message(path: Path) -> str:
     )
 
 
+def _exchange(
+    conn: _UnixConnection, method: str, url: str, data: bytes | None, headers: dict[str, str]
+) -> http.client.HTTPResponse:
+    """Send the request, then read the answer. A daemon may answer before it has read the
+    request (a 429 written at accept) and close: the send then fails on a broken pipe, but the
+    answer is in this socket's buffer, and it is what the user needs to see."""
+    try:
+        conn.request(method, url, body=data, headers=headers)
+    except (BrokenPipeError, ConnectionResetError):
+        if conn.sock is None:
+            raise
+        early = http.client.HTTPResponse(conn.sock, method=method)
+        early.begin()  # no answer there: the same OSError/HTTPException as before
+        return early
+    return conn.getresponse()
+
+
 class _UnixConnection(http.client.HTTPConnection):
     def __init__(self, path: Path, timeout: float) -> None:
         super().__init__("ckptd", timeout=timeout)
@@ -123,8 +140,7 @@ class Client:
         data = json.dumps(body).encode() if body is not None else None
         headers = {"Content-Type": "application/json"} if data is not None else {}
         try:
-            conn.request(method, url, body=data, headers=headers)
-            resp = conn.getresponse()
+            resp = _exchange(conn, method, url, data, headers)
             payload = json.loads(resp.read() or b"{}")
         except (FileNotFoundError, ConnectionRefusedError) as e:
             raise DaemonUnavailable(down_message(self.path)) from e

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from ckptd.daemon.api import ApiServer, Peer
-from ckptd.daemon.client import Client
+from ckptd.daemon.client import ApiRefused, Client
 
 from .conftest import slow
 from .procs import as_uid
@@ -160,6 +160,32 @@ def test_a_uid_over_its_limit_gets_a_429_it_can_read(server: Path) -> None:
     r = as_uid(OTHER, OTHER, lambda: _over_the_limit(server))
     assert r.get("status") == 429 and "too many connections" in json.dumps(r), r
     assert Client(server, timeout=5).call("GET", "/v1/health") == {"ok": True}  # root: never limited
+
+
+def test_a_refusal_sent_before_the_request_was_read_still_reaches_the_client(tmp_path: Path) -> None:
+    """The 429 is written at accept, without reading the request (CI, the test above): a client
+    whose send then failed on a broken pipe showed "did not answer properly", not the refusal.
+    A body larger than the socket's buffer makes the broken pipe certain."""
+    path = tmp_path / "api.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(path))
+        listener.listen(1)
+
+        def refuse_at_accept() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                body = b'{"error": "full"}'
+                conn.sendall(
+                    b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+                )
+
+        t = threading.Thread(target=refuse_at_accept)
+        t.start()
+        with pytest.raises(ApiRefused) as refused:
+            Client(path, timeout=5).call("POST", "/v1/jobs", {"blob": "x" * (8 << 20)})
+        t.join()
+    assert refused.value.status == 429
 
 
 def test_an_answer_waits_for_a_body_no_route_read(server: Path) -> None:
