@@ -14,8 +14,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -33,12 +35,23 @@ def wanted(module: str) -> bool:
 
 def start(module: str, run_dir: Path, log: Path, env: dict[str, str], **popen: Any) -> Zygote | None:
     """A fork server for `run_dir`'s attempts, ready; None if it cannot start (the cold start that
-    follows then says why, e.g. an interpreter the job's owner may not run)."""
+    follows then says why, e.g. an interpreter the job's owner may not run). With
+    $CKPTD_FORK_SERVER, and no change of user to make, the shared one listening there."""
+    shared = os.environ.get(SHARED_ENV)
+    if shared and set(popen) == {"umask"}:  # its user is ours: it may fork our workers
+        with contextlib.suppress(OSError, psutil.Error):
+            server = SharedZygote.connect(Path(shared), env, popen["umask"])
+            if server is not None:
+                return server
     try:
         return Zygote.start([sys.executable, "-m", module, "--zygote"], run_dir, log, env, **popen)
     except OSError:
         return None
 
+
+# A fork server shared by the supervisors of one user (ckptd.worker.zygote, --listen): the test
+# suite's, so that each test does not pay an import its attempts then fork from.
+SHARED_ENV = "CKPTD_FORK_SERVER"
 
 # The import, on a loaded box: the default heartbeat timeout, within which a cold worker must
 # show a first sign of life too (a zygote that hangs in its import is given up, and the attempt
@@ -48,11 +61,12 @@ FORK_SECONDS = 60.0
 
 
 class Zygote:
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
-        assert proc.stdout is not None
+    def __init__(self, proc: subprocess.Popen[bytes] | None) -> None:
         self.proc = proc
-        self._out = proc.stdout.fileno()
-        os.set_blocking(self._out, False)
+        if proc is not None:
+            assert proc.stdout is not None
+            self._out = proc.stdout.fileno()
+            os.set_blocking(self._out, False)
         self._pending = b""
         self._messages: list[dict[str, Any]] = []
         self._exits: dict[int, int] = {}
@@ -82,15 +96,22 @@ class Zygote:
 
     def fork(self, run_dir: Path, mode: str, env: dict[str, str]) -> int | None:
         """The pid of a new worker for attempt `mode` with `env` added; None if the zygote is gone."""
-        assert self.proc.stdin is not None
         try:
-            self.proc.stdin.write(
-                (json.dumps({"run": str(run_dir), "mode": mode, "env": env}) + "\n").encode()
-            )
-            self.proc.stdin.flush()
+            self._send((json.dumps(self._request(run_dir, mode, env)) + "\n").encode())
         except OSError:
             return None
         return self._await("forked", FORK_SECONDS)
+
+    def _request(self, run_dir: Path, mode: str, env: dict[str, str]) -> dict[str, Any]:
+        return {"run": str(run_dir), "mode": mode, "env": env}
+
+    def _send(self, data: bytes) -> None:
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+
+    def _read(self) -> bytes:
+        return os.read(self._out, 65536)
 
     def returncode(self, pid: int) -> int | None:
         """A forked worker's exit code (subprocess's convention), once the zygote reported it."""
@@ -99,10 +120,11 @@ class Zygote:
 
     def alive(self) -> bool:
         self._pump(0)
-        return not self._eof and self.proc.poll() is None
+        return not self._eof and self.proc is not None and self.proc.poll() is None
 
     def close(self) -> None:
         """Kill it (only it: each worker it forked has a session of its own) and reap it."""
+        assert self.proc is not None
         with contextlib.suppress(ProcessLookupError):
             self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
@@ -131,7 +153,7 @@ class Zygote:
             return
         while True:
             try:
-                chunk = os.read(self._out, 65536)
+                chunk = self._read()
             except BlockingIOError:
                 break
             if not chunk:
@@ -145,6 +167,71 @@ class Zygote:
                 self._exits[int(message["exited"])] = int(message["code"])
             else:
                 self._messages.append(message)
+
+
+class SharedZygote(Zygote):
+    """The shared fork server ($CKPTD_FORK_SERVER), spoken to over a connection of this job's:
+    its requests carry the whole environment a job's own zygote would have been started with."""
+
+    def __init__(self, sock: socket.socket, environ: dict[str, str], umask: int) -> None:
+        super().__init__(None)
+        self.sock, self.environ, self.umask = sock, environ, umask
+        self._out = sock.fileno()
+
+    @classmethod
+    def connect(cls, path: Path, environ: dict[str, str], umask: int) -> SharedZygote | None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.settimeout(FORK_SECONDS)
+            sock.connect(str(path))
+            # No timeout from here: with one, Python waits it out where a MSG_DONTWAIT read of
+            # an empty socket should raise BlockingIOError (reads follow a select anyway).
+            sock.settimeout(None)
+        except OSError:
+            sock.close()
+            raise
+        zygote = cls(sock, environ, umask)
+        pid = zygote._await("ready", FORK_SECONDS)
+        if pid is None or not same_context(pid):
+            zygote.close()
+            return None
+        return zygote
+
+    def _request(self, run_dir: Path, mode: str, env: dict[str, str]) -> dict[str, Any]:
+        return super()._request(run_dir, mode, env) | {"environ": self.environ, "umask": self.umask}
+
+    def _send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _read(self) -> bytes:
+        return self.sock.recv(65536, socket.MSG_DONTWAIT)
+
+    def alive(self) -> bool:
+        self._pump(0)
+        return not self._eof
+
+    def close(self) -> None:
+        """Hang up (the server lives on; the workers it forked for this job are on their own)."""
+        self.sock.close()
+
+
+NAMESPACES = ("mnt", "net", "pid", "ipc", "uts", "user", "cgroup")
+RLIMITS = [getattr(resource, n) for n in dir(resource) if n.startswith("RLIMIT_")]
+
+
+def same_context(pid: int) -> bool:
+    """Whether a worker forked by `pid` runs where one forked by a zygote of ours would: the
+    same user, namespaces (a test's private tmpfs is a mount namespace of its supervisor's),
+    cgroup (an enclosing memory limit), resource limits and niceness."""
+    me, other = psutil.Process(), psutil.Process(pid)
+    if me.uids() != other.uids() or me.gids() != other.gids() or me.nice() != other.nice():
+        return False
+    for ns in NAMESPACES:
+        if os.stat(f"/proc/self/ns/{ns}").st_ino != os.stat(f"/proc/{pid}/ns/{ns}").st_ino:
+            return False
+    if Path("/proc/self/cgroup").read_text() != Path(f"/proc/{pid}/cgroup").read_text():
+        return False
+    return all(me.rlimit(r) == other.rlimit(r) for r in RLIMITS)
 
 
 class Forked:

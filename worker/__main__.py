@@ -181,11 +181,12 @@ def _warm() -> int:
     return main([job["run"], job["mode"]])
 
 
-def _zygote() -> int:
-    """A job's fork server; in each forked child, the worker of the attempt it asked for."""
+def _zygote(listen: str | None) -> int:
+    """A job's fork server (or, listening, a user's shared one); in each forked child, the
+    worker of the attempt it asked for."""
     from ckptd.worker.zygote import serve
 
-    work = serve()
+    work = serve(listen)
     return p.EXIT_OK if work is None else main(list(work))
 
 
@@ -260,11 +261,13 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args == ["--warm"]:
         return _warm()
-    if args == ["--zygote"]:
-        return _zygote()
+    if args[:1] == ["--zygote"] and (len(args) == 1 or (len(args) == 3 and args[1] == "--listen")):
+        return _zygote(args[2] if len(args) == 3 else None)
     if len(args) != 2 or not (args[1] == "--spare" or args[1].isdigit()):
         print(
-            "usage: python -m ckptd.worker (RUN_DIR (ATTEMPT | --spare) | --warm | --zygote)", file=sys.stderr
+            "usage: python -m ckptd.worker "
+            "(RUN_DIR (ATTEMPT | --spare) | --warm | --zygote [--listen SOCKET])",
+            file=sys.stderr,
         )
         return p.EXIT_CONFIG
     p.wait_contained()  # every process of the attempt is the attempt's (ckptd.supervisor.contain)
