@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
+import select
 import shutil
 import subprocess
 import sys
@@ -10,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,9 +72,14 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 def _cpu_seconds() -> float:
     """This process's CPU time and that of its reaped descendants (the workers, writers and
-    daemons a test started and waited for)."""
+    daemons a test started and waited for), the shared fork server's workers included."""
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+    total = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+    if _FORK_SERVER:
+        with contextlib.suppress(psutil.Error):
+            t = psutil.Process(_FORK_SERVER[0]).cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+    return total
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -85,6 +93,50 @@ def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
         line = f"{_cpu_seconds() - cpu:.2f} {time.monotonic() - wall:.2f} {item.nodeid}\n"
         with open(log, "a") as f:  # one short append per line: xdist workers may share the file
             f.write(line)
+
+
+# The pid of this test process's shared fork server, once started (for _cpu_seconds).
+_FORK_SERVER: list[int] = []
+
+
+@pytest.fixture(scope="session")
+def fork_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One fork server per test process (`ckptd.worker --zygote --listen`, $CKPTD_FORK_SERVER):
+    the attempts of every `tf` test fork from it, as a job's attempts fork from its own zygote,
+    instead of each test's job paying ~3.7 CPU-seconds of import in a zygote of its own. A test
+    marked `own_fork_server` (the zygote's own tests) keeps the job's own."""
+    sock = tmp_path_factory.mktemp("forkserver") / "fork.sock"
+    with open(sock.parent / "server.log", "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ckptd.worker", "--zygote", "--listen", str(sock)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            start_new_session=True,  # a test's kill of its own process group never reaches it
+        )
+    assert proc.stdout is not None and proc.stdin is not None
+    try:
+        ready = select.select([proc.stdout], [], [], slow(120))[0]
+        assert ready and b"ready" in proc.stdout.readline(), f"no fork server: see {log.name}"
+        _FORK_SERVER.append(proc.pid)
+        yield sock
+    finally:
+        _FORK_SERVER.clear()
+        proc.stdin.close()  # its EOF: it exits; the workers it forked are gone with their tests
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+
+
+@pytest.fixture(autouse=True)
+def _shared_fork_server(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    if request.node.get_closest_marker("tf") and not request.node.get_closest_marker("own_fork_server"):
+        from ckptd.supervisor.zygote import SHARED_ENV
+
+        monkeypatch.setenv(SHARED_ENV, str(request.getfixturevalue("fork_server")))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -6,7 +6,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import psutil
@@ -17,7 +20,7 @@ from ckptd.supervisor import zygote
 from .conftest import ROOT, write_job
 from .procs import finish, heartbeat_when, run_dir, start_run, status, wait_for
 
-pytestmark = pytest.mark.tf
+pytestmark = [pytest.mark.tf, pytest.mark.own_fork_server]
 PROGRAMS = ROOT / "tests" / "programs"
 
 
@@ -124,3 +127,60 @@ def _gone(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+def test_a_shared_fork_server_serves_each_job_with_its_own_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """$CKPTD_FORK_SERVER (the suite's speed-up): two jobs at once fork from one server; each
+    worker gets its own supervisor's environment (a fault set for one job only fires in it) and
+    exit code; the server outlives its jobs and ends at EOF on its stdin."""
+    sock = tmp_path / "fork.sock"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "ckptd.worker", "--zygote", "--listen", str(sock)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert server.stdin is not None and server.stdout is not None
+    try:
+        assert b"ready" in server.stdout.readline()
+        monkeypatch.setenv(zygote.SHARED_ENV, str(sock))
+        fault = "sigkill_at_step=30,attempt=1"
+        killed = start_run(tmp_path / "a", str(write_job(tmp_path / "a", epochs=2)), faults=fault)
+        plain = start_run(tmp_path / "b", str(write_job(tmp_path / "b", epochs=2)))
+        for proc, home, classes in ((killed, "a", ["killed", "succeeded"]), (plain, "b", ["succeeded"])):
+            rc, out = finish(proc)
+            assert rc == 0, out
+            assert len(_forked(out)) == len(classes)
+            attempts = status(tmp_path / home, run_dir(tmp_path / home).name)["attempt_list"]
+            assert [a["class"] for a in attempts] == classes  # the SIGKILL, as the server saw it
+        assert server.poll() is None
+        assert not list((tmp_path / "a" / "jobs").glob("*/attempts/zygote.log"))  # no job's own server
+        server.stdin.close()
+        assert server.wait(timeout=30) == 0
+    finally:
+        server.kill()
+        server.wait()
+        server.stdout.close()
+
+
+@pytest.mark.parametrize(
+    ("prefix", "same"),
+    [
+        ([], True),
+        (["nice", "-n", "5"], False),  # its workers would run at another priority
+        (["prlimit", "--nofile=64:64"], False),  # ... with other resource limits
+        (["unshare", "-m"], False),  # ... in another mount namespace (a test's private tmpfs)
+    ],
+)
+def test_a_shared_fork_server_is_used_only_from_its_own_context(prefix: list[str], same: bool) -> None:
+    if prefix and (shutil.which(prefix[0]) is None or (prefix[0] == "unshare" and os.geteuid() != 0)):
+        pytest.skip(f"needs {prefix[0]} (and root for unshare)")
+    other = subprocess.Popen([*prefix, "sleep", "60"])
+    try:
+        wait_for("the process's context", lambda: psutil.Process(other.pid).name() == "sleep", 30)
+        assert zygote.same_context(other.pid) is same
+    finally:
+        other.kill()
+        other.wait()
