@@ -29,3 +29,25 @@ def test_a_step_kill_fires_at_its_step_or_once_a_commit_exists(
 def test_commit_first_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CKPTD_FAULTS", "sigkill_at_step=37,commit_first=1,attempt=1")
     assert Faults.from_env() == Faults(sigkill_at_step=37, commit_first=1, attempt=1)
+
+
+@pytest.mark.parametrize(
+    ("faults", "step", "attempt", "waits"),
+    [
+        (Faults(kill_in_memory=10), 12, 1, False),  # no guard asked
+        (Faults(kill_in_memory=10, memory_first=1), 9, 1, False),  # not before step N
+        (Faults(kill_in_memory=10, memory_first=1), 10, 1, True),
+        (Faults(kill_after_memory=10, memory_first=1), 50, 1, True),  # every step from N on
+        (Faults(kill_after_memory=10, memory_first=1, attempt=1), 50, 2, False),  # disarmed
+        (Faults(sigkill_at_step=10, memory_first=1), 50, 1, False),  # no memory kill to wait for
+    ],
+)
+def test_the_step_loop_waits_for_the_tier_from_a_memory_kill_step_on(
+    faults: Faults, step: int, attempt: int, waits: bool
+) -> None:
+    assert faults.waits_for_memory(step, attempt) is waits
+
+
+def test_memory_first_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CKPTD_FAULTS", "kill_in_memory=7,memory_first=1,attempt=1")
+    assert Faults.from_env() == Faults(kill_in_memory=7, memory_first=1, attempt=1)

@@ -15,6 +15,9 @@ Format: comma-separated `key=value`:
 - `kill_in_memory=N`, `kill_after_memory=N`: the memory tier's writer thread kills the training
   process once the first snapshot of step N or later is copied, before its commit (rename), or
   just after it;
+- `memory_first=1`: from step N of `kill_in_memory`/`kill_after_memory` on, the step loop waits at
+  each step for the snapshot in flight to be written (on a loaded box the niced writer thread may
+  copy none of step N or later before the job ends: the kill would never fire);
 - `kill_signal=TERM`: the kills above send SIGTERM (a preemption notice) instead of SIGKILL;
 - `writer_first=1`: wait for the async writer before the first step, so every save is
   asynchronous (as in a job that outlasts the writer's start; a tiny one saves synchronously);
@@ -55,6 +58,7 @@ class Faults:
     kill_in_validation: int | None = None  # kill during the validation after step N
     kill_in_memory: int | None = None  # the tier's writer, the snapshot of step N copied, uncommitted
     kill_after_memory: int | None = None  # the tier's writer, just after committing step N
+    memory_first: int = 0  # the step loop waits for the tier's writer from that step on
     kill_signal: str = "KILL"  # or TERM: the kills above are then a preemption notice
     writer_first: int = 0  # wait for the async writer before training
     sigkill_in_restore: str = ""  # "A-B": kill while restoring in attempts A..B
@@ -113,6 +117,11 @@ class Faults:
         at = self.kill_after_memory if committed else self.kill_in_memory
         if at is not None and step >= at and self._armed(attempt):
             self._kill(os.getpid())
+
+    def waits_for_memory(self, step: int, attempt: int) -> bool:
+        """Whether the step loop waits, after `step`, for the snapshot in flight (memory_first)."""
+        at = [n for n in (self.kill_in_memory, self.kill_after_memory) if n is not None]
+        return bool(self.memory_first) and bool(at) and step >= min(at) and self._armed(attempt)
 
     def _kill(self, pid: int | None) -> None:
         os.kill(pid or os.getpid(), signal.SIGTERM if self.kill_signal == "TERM" else signal.SIGKILL)

@@ -143,6 +143,8 @@ class Checkpointing:
         self.schedule.interval(s.step, s.step_in_epoch)
         if self.tier is not None:
             self.tier.after_step(s.step, s.step_in_epoch)
+            if s.faults.waits_for_memory(s.step, s.attempt):
+                self.tier.drain()
         s.faults.after_step(s.step, s.attempt, self._landed_commit)
 
     def _landed_commit(self) -> int | None:

@@ -119,6 +119,12 @@ class TierSaver:
         self._in_flight = True
         self._inbox.put((self.plan.capture(), at))
 
+    def drain(self) -> None:
+        """Wait for the snapshot in flight, if any (a test fault's guard: ckptd.worker.faults)."""
+        if self._in_flight:
+            self._in_flight = False
+            self._count(self._results.get())
+
     def _collect(self) -> None:
         """Results of the writer thread, read in the step loop (events and heartbeats are
         written from here only)."""
