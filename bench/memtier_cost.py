@@ -2,7 +2,7 @@
 
 For each size: a model `Input(256) -> Dense(W) -> Dense(1)` with Adam sized to S GB of state
 (bench/large_model.py's "wide" kind, built directly), one training step, then, each alone on an
-otherwise idle worker: the capture (the step loop's stall), the copy into the tier with its CRC32
+otherwise idle worker: the capture (the step loop's stall), the copy into the tier with its digest (xxh3_128)
 (ckptd.worker.checkpoint.memsnap.write into a fresh file; a TierWriter over a reused one), the
 tier's verification (read + CRC32), the restore by assignment,
 and for comparison a TF bundle of the same state written to disk and fsynced (ckpt.write + fsync
@@ -81,12 +81,14 @@ def measure(state_gb: float, disk: Path) -> dict[str, float]:
         out["stall_ms"] = 1000 * min(stalls)
         at = memsnap.Position("bench@x", 1, 1, 0, 1)
         snap: list[mt.Snap] = []
+        # A capture is consumed by the copy (SnapshotPlan.fill): each write gets its own.
         out["write_s"] = _timed(lambda: snap.append(memsnap.write(tier, plan, captured, at)))
         # A TierWriter's steady state: keep 1, so from the third write on the file is a reused one.
         writer = memsnap.TierWriter(tier, plan, keep=1)
         try:
             reused = []
             for n in (2, 3, 4):
+                captured = plan.capture()
                 t = time.perf_counter()
                 writer.write(captured, memsnap.Position("bench@x", 1, n, 0, n))
                 reused.append(time.perf_counter() - t)
@@ -113,8 +115,8 @@ def main() -> None:
     ap.add_argument("--disk", type=Path, default=Path.cwd())
     args = ap.parse_args()
     print(
-        "| state | stall (capture) | copy + CRC32 into the tier, fresh file | the same, reused file "
-        "| verify (read + CRC32) "
+        "| state | stall (capture) | copy + digest into the tier, fresh file | the same, reused file "
+        "| verify (read + digest) "
         "| restore by assignment | TF bundle + fsync to disk | tier RAM |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import xxhash
+
 from ckptd.state.ckptfiles import DirectoryMoved, pinned
 from ckptd.state.durable import write_nondurable
 
@@ -42,7 +44,9 @@ QUARANTINE = "quarantine"
 BUILDING = ".building-"
 SPARE = ".spare-values.bin"  # a pruned snapshot's values file, to be written over
 SNAP_RE = re.compile(r"^snap-(\d+)-g(\d+)$")
-DIGEST_ALGO = "crc32"  # stdlib zlib: ~4 GB/s here; the doc gives the candidates measured
+# xxh3_128: ~8x less CPU than zlib's CRC32 here (docs/memory-tier.md, "Verification"), the
+# largest part of a snapshot's CPU otherwise. CRC32 snapshots (written before it) still verify.
+DIGEST_ALGO = "xxh3_128"
 _CHUNK = 16 << 20
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -60,7 +64,7 @@ class MemManifest:
     step_in_epoch: int
     wall_time: float
     plan_digest: str  # the object graph and the value layout (plan_digest below)
-    value_digest: str  # "crc32:<hex>" over values.bin, then strings.bin
+    value_digest: str  # "xxh3_128:<hex>" (or "crc32:<hex>") over values.bin, then strings.bin
     nbytes: int  # of values.bin
     strings_nbytes: int
     version: int = 1
@@ -119,14 +123,27 @@ def plan_digest(object_graph: bytes, layout: Iterable[tuple[str, str, tuple[int,
     return h.hexdigest()
 
 
-def value_digest(buffers: Iterable[Any]) -> str:
-    """CRC32 of the buffers in turn (chunked: zlib releases the GIL on large inputs)."""
-    crc = 0
+def value_digest(buffers: Iterable[Any], algo: str = DIGEST_ALGO) -> str:
+    """The digest of the buffers in turn, as `ALGO:<hex>`; chunked, so the step loop gets the
+    GIL between chunks. `algo` is the manifest's, to verify a snapshot written with another."""
+    if algo == "crc32":
+        crc = 0
+        for view in _chunks(buffers):
+            crc = zlib.crc32(view, crc)
+        return f"crc32:{crc:08x}"
+    if algo != "xxh3_128":
+        raise ValueError(f"unknown value digest algorithm {algo!r}")
+    h = xxhash.xxh3_128()
+    for view in _chunks(buffers):
+        h.update(view)
+    return f"xxh3_128:{h.hexdigest()}"
+
+
+def _chunks(buffers: Iterable[Any]) -> Iterator[memoryview]:
     for buf in buffers:
         view = memoryview(buf).cast("B")
         for i in range(0, len(view), _CHUNK):
-            crc = zlib.crc32(view[i : i + _CHUNK], crc)
-    return f"{DIGEST_ALGO}:{crc:08x}"
+            yield view[i : i + _CHUNK]
 
 
 def _fs_type(fd: int) -> int:
@@ -274,7 +291,7 @@ def verify(snap: Snap) -> str | None:
             _mapped(snap.path / VALUES, man.nbytes) as values,
             _mapped(snap.path / STRINGS, man.strings_nbytes) as strings,
         ):
-            digest = value_digest([values, strings])
+            digest = value_digest([values, strings], man.value_digest.partition(":")[0])
     except (OSError, ValueError) as e:
         return f"{e}"
     if digest != man.value_digest:

@@ -103,7 +103,12 @@ def _tier(root: Path) -> Path:
 
 
 def _snap(
-    tier: Path, step: int, gen: int = 1, values: bytes = b"v" * 100, lineage: str = "job-1@x"
+    tier: Path,
+    step: int,
+    gen: int = 1,
+    values: bytes = b"v" * 100,
+    lineage: str = "job-1@x",
+    digest: str | None = None,
 ) -> mt.Snap:
     strings = mt.pack_strings({"host": ((), [b"state"]), "arr": ((2,), [b"a", b"bc"])})
     building = mt.begin(tier, step, gen)
@@ -117,7 +122,7 @@ def _snap(
         step,
         0.0,
         "plan",
-        mt.value_digest([values, strings]),
+        digest or mt.value_digest([values, strings]),
         len(values),
         len(strings),
     )
@@ -198,6 +203,29 @@ def test_snapshot_round_trip_and_verify(root: Path) -> None:
         "arr": ((2,), [b"a", b"bc"]),
     }
     assert mt.read_manifest(s.path) == s.manifest
+
+
+@pytest.mark.parametrize(
+    ("algo", "damaged", "reason"),
+    [
+        ("xxh3_128", False, None),  # today's
+        ("crc32", False, None),  # written before xxh3_128: still verifies
+        ("crc32", True, "value digest crc32:"),
+        ("xxh3_128", True, "value digest xxh3_128:"),
+        ("md5", False, "unknown value digest algorithm 'md5'"),
+    ],
+)
+def test_verify_uses_the_manifests_digest_algorithm(
+    root: Path, algo: str, damaged: bool, reason: str | None
+) -> None:
+    strings = mt.pack_strings({"host": ((), [b"state"]), "arr": ((2,), [b"a", b"bc"])})
+    digest = f"md5:{'0' * 32}" if algo == "md5" else mt.value_digest([b"v" * 100, strings], algo)
+    assert digest.startswith(f"{algo}:")
+    s = _snap(_tier(root), 40, digest=digest)
+    if damaged:
+        (s.path / mt.VALUES).write_bytes(b"w" + b"v" * 99)
+    got = mt.verify(s)
+    assert got == reason if reason is None else reason in str(got)
 
 
 DAMAGE = [

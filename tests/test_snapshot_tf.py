@@ -86,6 +86,24 @@ def test_capture_freezes_values_while_training_goes_on(tmp_path: Path, width: in
     assert b"epoch 0" in strings.values()  # string variables travel in the message
 
 
+def test_fill_lets_go_of_each_value_once_copied(tmp_path: Path) -> None:
+    """Each captured tensor is dropped from the list once it is in shared memory: a value still
+    held makes the next training step copy the variable first (TF's copy-on-write)."""
+    plan = _setup(tmp_path, 16)[0]
+    captured = plan.capture()
+    expected = _values_now(plan)
+    shm = shared_memory.SharedMemory(create=True, size=plan.nbytes)
+    try:
+        strings = plan.fill(shm, captured)
+        got = _read_shm(plan, shm)
+    finally:
+        shm.close()
+        shm.unlink()
+    assert len(captured) == len(plan.plain_keys) + sum(len(a) for _, a in plan.others)
+    assert all(value is None for _, value in captured), captured
+    assert all((got[k] == expected[k]).all() for k in got) and b"epoch 0" in strings.values()
+
+
 class _NoProcess:
     def join(self, timeout: float | None = None) -> None:
         pass

@@ -114,15 +114,15 @@ class SnapshotPlan:
         return out
 
     @staticmethod
-    def _values(captured: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
-        out = []
-        for key, t in captured:
-            if isinstance(t, tf.Tensor):
-                # np.asarray views the tensor's buffer; .numpy() would copy it.
-                out.append((key, t.numpy() if t.dtype == tf.string else np.asarray(t)))
-            else:
-                out.append((key, t))
-        return out
+    def _value_of(t: Any) -> Any:
+        if isinstance(t, tf.Tensor):
+            # np.asarray views the tensor's buffer; .numpy() would copy it.
+            return t.numpy() if t.dtype == tf.string else np.asarray(t)
+        return t
+
+    @classmethod
+    def _values(cls, captured: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+        return [(key, cls._value_of(t)) for key, t in captured]
 
     def fill(
         self,
@@ -130,10 +130,15 @@ class SnapshotPlan:
         captured: list[tuple[str, Any]],
     ) -> dict[str, Any]:
         """Copy the captured numeric values into `shm` (numpy releases the GIL for large
-        copies); return the string values (small) by key."""
+        copies); return the string values (small) by key. Consumes `captured`: each value is
+        dropped from the list once copied, so that the next training step updates it in place
+        instead of copying it first (TF's copy-on-write copies only a buffer still shared)."""
         strings: dict[str, Any] = {}
         slots = {s.key: s for s in self.slots}
-        for key, value in self._values(captured):
+        for i, (key, t) in enumerate(captured):
+            captured[i] = (key, None)
+            value = self._value_of(t)
+            del t
             slot = slots.get(key)
             if slot is None:
                 strings[key] = value
@@ -142,4 +147,5 @@ class SnapshotPlan:
                 raise PlanMismatch(f"{key}: shape or dtype changed since the plan was made")
             dst = np.ndarray(slot.shape, dtype=slot.dtype, buffer=shm.buf, offset=slot.offset)
             np.copyto(dst, value)
+            del value
         return strings
