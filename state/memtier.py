@@ -133,10 +133,19 @@ def value_digest(buffers: Iterable[Any], algo: str = DIGEST_ALGO) -> str:
         return f"crc32:{crc:08x}"
     if algo != "xxh3_128":
         raise ValueError(f"unknown value digest algorithm {algo!r}")
-    h = xxhash.xxh3_128()
+    h = value_hasher()
     for view in _chunks(buffers):
         h.update(view)
-    return f"xxh3_128:{h.hexdigest()}"
+    return sealed(h)
+
+
+def value_hasher() -> xxhash.xxh3_128:
+    """A streaming value digest (DIGEST_ALGO), for a writer that digests as it copies."""
+    return xxhash.xxh3_128()
+
+
+def sealed(hasher: xxhash.xxh3_128) -> str:
+    return f"{DIGEST_ALGO}:{hasher.hexdigest()}"
 
 
 def _chunks(buffers: Iterable[Any]) -> Iterator[memoryview]:
@@ -156,11 +165,13 @@ def _fs_type(fd: int) -> int:
     return int.from_bytes(buf.raw[: ctypes.sizeof(ctypes.c_long)], sys.byteorder)
 
 
-def _private_dir(path: Path, uid: int, field: str) -> None:
-    """Make `path` (0700) if absent, then refuse it unless it is a real directory (no symlink
-    anywhere on the way), owned by `uid`, with no group or other access, on a tmpfs."""
+def _private_dir(path: Path, uid: int, field: str, create: bool = True) -> None:
+    """Make `path` (0700) if absent (else FileNotFoundError, unless `create`), then refuse it
+    unless it is a real directory (no symlink anywhere on the way), owned by `uid`, with no
+    group or other access, on a tmpfs."""
     try:
-        os.mkdir(path, 0o700)  # never follows a symlink in the last component
+        if create:
+            os.mkdir(path, 0o700)  # never follows a symlink in the last component
     except FileExistsError:
         pass
     except FileNotFoundError as e:
@@ -189,11 +200,12 @@ def _private_dir(path: Path, uid: int, field: str) -> None:
         )
 
 
-def open_tier(configured: str | None, job_id: str, uid: int) -> Path:
-    """The job's tier directory, made and checked (run by the worker, as the job's user)."""
+def open_tier(configured: str | None, job_id: str, uid: int, create: bool = True) -> Path:
+    """The job's tier directory, made and checked (run by the worker, as the job's user).
+    Without `create` (a gang member reading its chief's tier), FileNotFoundError if absent."""
     tier = tier_dir(configured, job_id, uid)
-    _private_dir(tier.parent, uid, "checkpoint.memory.dir")
-    _private_dir(tier, uid, "checkpoint.memory.dir")
+    _private_dir(tier.parent, uid, "checkpoint.memory.dir", create)
+    _private_dir(tier, uid, "checkpoint.memory.dir", create)
     return tier
 
 

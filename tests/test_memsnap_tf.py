@@ -220,3 +220,31 @@ def test_a_tier_that_would_pass_the_memory_limit_is_not_used(
     assert (why is None) == expected, why
     if why is not None:
         assert "resources.memory_limit" in why and f"{keep} snapshots" in why
+
+
+@pytest.mark.parametrize("order", ["in order", "out of order"])
+def test_the_digest_taken_while_copying_is_the_files(order: str) -> None:
+    """The writer digests each chunk as it copies it; the result must be what verify computes
+    over the file (alignment padding included), also if chunks come out of offset order."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from ckptd.worker.checkpoint.memsnap import _Sealer
+    from ckptd.worker.checkpoint.snapshot import Slot
+
+    slots = [Slot("a", "<f4", (3,), 0, 12), Slot("b", "<f4", (5,), 64, 20), Slot("c", "<f4", (2,), 128, 8)]
+    plan = SimpleNamespace(finite_keys={"b": "dense/kernel"})
+    buf = bytearray(b"\x07" * 192)  # padding bytes that are not zero must be digested too
+    view = memoryview(buf)
+    sealer = _Sealer(view, plan)  # type: ignore[arg-type]
+    for slot in slots if order == "in order" else reversed(slots):
+        dst = np.ndarray(slot.shape, dtype=slot.dtype, buffer=view, offset=slot.offset)
+        dst[:] = np.arange(slot.shape[0], dtype=np.float32) + slot.offset
+        sealer.chunk(slot, 0, dst)
+        del dst
+    assert sealer.digest(b"strings") == mt.value_digest([bytes(buf), b"strings"])
+    bad = np.ndarray((5,), dtype="<f4", buffer=view, offset=64)
+    bad[2] = np.nan
+    with pytest.raises(Exception, match="dense/kernel is NaN"):
+        _Sealer(view, plan).chunk(slots[1], 0, bad)  # type: ignore[arg-type]

@@ -31,7 +31,7 @@ import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
 from ckptd.state import memtier as mt
-from ckptd.worker.checkpoint.snapshot import SnapshotPlan
+from ckptd.worker.checkpoint.snapshot import Slot, SnapshotPlan
 from ckptd.worker.checkpoint.writer import NonFiniteSnapshot
 
 
@@ -117,10 +117,11 @@ def _fill_and_commit(
     """Copy the capture into `m` (building's values.bin, mapped), digest it, commit."""
     view = memoryview(m)
     try:
-        strings = plan.fill(cast(shared_memory.SharedMemory, _Mapped(view)), captured)
-        _check_finite(view, plan)
+        sealer = _Sealer(view, plan)
+        strings = plan.fill(cast(shared_memory.SharedMemory, _Mapped(view)), captured, sealer.chunk)
         blob = mt.pack_strings(_strings_of(strings))
-        digest = mt.value_digest([view, blob])
+        digest = sealer.digest(blob)
+        del sealer
     finally:
         view.release()
     mt.write_private(building / mt.STRINGS, blob)
@@ -141,17 +142,38 @@ def _fill_and_commit(
     return mt.commit(tier, building, man)
 
 
-def _check_finite(view: memoryview, plan: SnapshotPlan) -> None:
-    """The trainable weights of a snapshot must be finite, as for a durable commit (the writer's
-    check_numerics): restart.on_nan restores the newest state, which must not be the broken one.
-    In chunks, so the check allocates a few MB, not a mask the size of the model."""
-    for slot in plan.slots:
-        if slot.key not in plan.finite_keys:
-            continue
-        flat = np.ndarray(slot.shape, dtype=slot.dtype, buffer=view, offset=slot.offset).reshape(-1)
-        for i in range(0, flat.size, 1 << 20):
-            if not np.isfinite(flat[i : i + (1 << 20)]).all():
-                raise NonFiniteSnapshot(f"weight {plan.finite_keys[slot.key]} is NaN or infinite")
+class _Sealer:
+    """The value digest and the finite check of a snapshot, done chunk by chunk as `fill` copies
+    it, while each chunk is still in the CPU's cache: the copy, not three passes over memory,
+    is then a snapshot's cost (the digest equals `memtier.value_digest` over the file's bytes,
+    padding included, which is what `memtier.verify` recomputes)."""
+
+    def __init__(self, view: memoryview, plan: SnapshotPlan) -> None:
+        self.view, self.plan = view, plan
+        self.hasher = mt.value_hasher()
+        self.at = 0  # bytes of the file digested so far
+        self.in_order = True
+
+    def chunk(self, slot: Slot, start: int, copied: np.ndarray) -> None:
+        # The trainable weights must be finite, as for a durable commit (the writer's
+        # check_numerics): restart.on_nan restores the newest state, never the broken one.
+        if slot.key in self.plan.finite_keys and not np.isfinite(copied).all():
+            raise NonFiniteSnapshot(f"weight {self.plan.finite_keys[slot.key]} is NaN or infinite")
+        offset = slot.offset + start
+        if not self.in_order or offset < self.at:
+            self.in_order = False  # digested again from the file at the end
+            return
+        # From the alignment padding before the chunk to its end: the chunk's bytes are still
+        # in the cache, read through the mapping it was just copied into.
+        self.hasher.update(self.view[self.at : offset + copied.nbytes])
+        self.at = offset + copied.nbytes
+
+    def digest(self, strings: bytes) -> str:
+        if not self.in_order:
+            return mt.value_digest([self.view, strings])
+        self.hasher.update(self.view[self.at :])
+        self.hasher.update(strings)
+        return mt.sealed(self.hasher)
 
 
 class TierWriter:

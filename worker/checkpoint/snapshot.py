@@ -12,7 +12,7 @@ a checkpoint written by TF): node i of the proto is the i-th object of the bread
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 from typing import Any
@@ -128,11 +128,17 @@ class SnapshotPlan:
         self,
         shm: shared_memory.SharedMemory,
         captured: list[tuple[str, Any]],
+        chunk_done: Callable[[Slot, int, np.ndarray], None] | None = None,
     ) -> dict[str, Any]:
         """Copy the captured numeric values into `shm` (numpy releases the GIL for large
         copies); return the string values (small) by key. Consumes `captured`: each value is
         dropped from the list once copied, so that the next training step updates it in place
-        instead of copying it first (TF's copy-on-write copies only a buffer still shared)."""
+        instead of copying it first (TF's copy-on-write copies only a buffer still shared).
+
+        With `chunk_done`, each value is copied in chunks of FILL_CHUNK bytes, in the order of
+        the slots' offsets, and `chunk_done(slot, byte offset in the slot, copied chunk)` is
+        called after each: a digest or a check of the chunk then reads it from the CPU's cache,
+        not from memory again."""
         strings: dict[str, Any] = {}
         slots = {s.key: s for s in self.slots}
         for i, (key, t) in enumerate(captured):
@@ -146,6 +152,23 @@ class SnapshotPlan:
             if value.dtype.str != slot.dtype or value.shape != slot.shape:
                 raise PlanMismatch(f"{key}: shape or dtype changed since the plan was made")
             dst = np.ndarray(slot.shape, dtype=slot.dtype, buffer=shm.buf, offset=slot.offset)
-            np.copyto(dst, value)
+            if chunk_done is None:
+                np.copyto(dst, value)
+            else:
+                _copy_in_chunks(slot, dst, value, chunk_done)
             del value
         return strings
+
+
+FILL_CHUNK = 512 << 10  # well inside a core's L2 cache
+
+
+def _copy_in_chunks(
+    slot: Slot, dst: np.ndarray, value: np.ndarray, chunk_done: Callable[[Slot, int, np.ndarray], None]
+) -> None:
+    flat_dst, flat_src = dst.reshape(-1), np.ascontiguousarray(value).reshape(-1)
+    step = max(1, FILL_CHUNK // max(1, dst.itemsize))
+    for start in range(0, flat_dst.size, step):
+        chunk = flat_dst[start : start + step]
+        np.copyto(chunk, flat_src[start : start + step])
+        chunk_done(slot, start * dst.itemsize, chunk)

@@ -8,15 +8,15 @@ commits it (ckptd.worker.checkpoint.memsnap.TierWriter).
 - At most one snapshot is in flight: one due while the previous is still being written is
   skipped and counted (`busy` in the report), never queued: the next one is due soon.
 - A snapshot whose loss or weights are not finite is never committed.
+- The writer thread runs at the step loop's priority (the durable writer is niced): a snapshot's
+  lag is the work a kill loses.
 - Reports are throttled (a small model takes several snapshots a second): the first snapshot,
   then one `memory.snapshots` event a minute, and the last at close.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import queue
 import threading
 import time
@@ -30,7 +30,6 @@ from ckptd.state.protocol import Event
 from ckptd.worker.checkpoint.ckptstate import CheckpointState
 from ckptd.worker.checkpoint.memsnap import Position, TierWriter
 from ckptd.worker.checkpoint.snapshot import SnapshotPlan
-from ckptd.worker.checkpoint.writer import WRITER_NICENESS
 
 REPORT_SECONDS = 60.0
 BYTES_EVERY_SECONDS = 5.0  # the tier's size in the heartbeat: a directory walk, not per step
@@ -173,9 +172,10 @@ class TierSaver:
     # -- the writer thread ----------------------------------------------------------------
 
     def _serve(self) -> None:
-        # Linux nices threads one by one: the copy yields the CPU to the step loop.
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
+        # Not niced, unlike the durable writer: how long a snapshot takes is the work a kill
+        # loses, and a niced thread beside a step loop that holds every core waits seconds for
+        # its CPU (1 GB, every 4 steps: 0.8-4.9 s per snapshot niced, 0.36-1.0 s not). Its CPU
+        # (a copy and a digest) is bounded by `every_steps` either way.
         while (job := self._inbox.get()) is not None:
             captured, at = job
             t0 = time.monotonic()
