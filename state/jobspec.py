@@ -279,7 +279,7 @@ class JobSpec(_Strict):
             )
         check_distribute(self.distribute, self.resources.gpus)
         if self.checkpoint.memory is not None:
-            self.checkpoint.memory.check_distribute(self.distribute.is_gang)
+            self.checkpoint.memory.check_distribute(self.distribute.on_slurm)
         if self.best:
             for key in FORMAT_FIELD_RE.findall(self.best.filepath):
                 if key != "epoch" and not re.fullmatch(r"(val_)?[A-Za-z_][A-Za-z0-9_]*", key):

@@ -99,3 +99,30 @@ def dead_branch(snaps: Sequence[Snap], restored_step: int) -> list[Snap]:
     from an earlier state, so they belong to a history that will not be continued; removing
     them keeps the newest snapshot on the live branch."""
     return [s for s in snaps if s.manifest.step > restored_step]
+
+
+# A gang agrees on its chief's snapshot in two all-gathers (ckptd.worker.checkpoint.tiergang):
+# rows of [is chief, step, generation], then one vote per member.
+NO_SNAPSHOT = -1
+
+
+def gang_row(chief: bool, chosen: tuple[int, int] | None) -> list[int]:
+    """A member's row of the first all-gather; only the chief's names a snapshot."""
+    step, generation = chosen if chief and chosen is not None else (NO_SNAPSHOT, NO_SNAPSHOT)
+    return [int(chief), step, generation]
+
+
+def gang_proposal(rows: Sequence[Sequence[int]]) -> tuple[int, int] | None:
+    """The chief's (step, generation) from the gathered rows (one per replica, so a member with
+    several devices appears several times), or None if it chose no snapshot."""
+    chief = [tuple(row[1:3]) for row in rows if row[0] == 1]
+    if not chief or len(set(chief)) != 1:
+        raise ValueError(f"not one chief among the gang's rows: {rows}")
+    step, generation = chief[0]
+    return None if step == NO_SNAPSHOT else (step, generation)
+
+
+def gang_agrees(votes: Sequence[Sequence[int]]) -> bool:
+    """Every member holds the chief's snapshot, verified: only then does the gang restore it
+    (a gang split across two states would train on silently different weights)."""
+    return bool(votes) and all(v[0] == 1 for v in votes)

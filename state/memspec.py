@@ -61,13 +61,13 @@ class Memory(BaseModel):
                 "be newer than the durable commit; make it smaller, or remove checkpoint.memory"
             )
 
-    def check_distribute(self, is_gang: bool) -> None:
-        """A gang's members each restore the chief's state: from its tier they would need the
-        chief's snapshot on every member's node and an agreement on it (docs/memory-tier.md,
-        "Gangs"), which is not built yet. One process (also mirrored over several devices) is."""
-        if is_gang:
+    def check_distribute(self, on_slurm: bool) -> None:
+        """A gang on one box restores from its chief's tier (every member reads it, and they
+        agree before restoring: docs/memory-tier.md, "Gangs"). On Slurm the chief's node would
+        keep its tier after the job: no supervisor runs there to remove it."""
+        if on_slurm:
             raise ValueError(
-                "checkpoint.memory: not available with distribute.strategy: multi_worker yet "
-                "(a gang restores from durable commits only); remove checkpoint.memory, or run "
-                "the job as one process (strategy: mirrored uses every device of one box)"
+                "checkpoint.memory: not available with distribute.engine: slurm yet (the chief's "
+                "node would keep the tier's RAM after the job); remove checkpoint.memory, or run "
+                "the gang with engine: local"
             )

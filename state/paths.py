@@ -23,6 +23,10 @@ class RunDir:
     root: Path
 
     @property
+    def job_id(self) -> str:
+        return self.root.name
+
+    @property
     def job_file(self) -> Path:
         return self.root / "job.yaml"
 
@@ -71,6 +75,10 @@ class RunDir:
 @dataclass(frozen=True)
 class MemberRunDir(RunDir):
     job_root: Path
+
+    @property
+    def job_id(self) -> str:
+        return self.job_root.name
 
     @property
     def spec_file(self) -> Path:

@@ -127,7 +127,6 @@ def all_cells() -> list[Cell]:
     tier = [
         Cell(r, m, "KILL", d, tier=True)
         for r, route in ROUTES.items()
-        if not route.member
         for m in TIER_MOMENTS
         if route.validates or m != "validation"
         for d in (True, False)
@@ -213,8 +212,10 @@ def faults(cell: Cell, step: int) -> str:
         # killed after a snapshot's commit, then again while attempt 2 restores it
         "memory_restore": "sigkill_in_restore=2,kill_after_memory",
     }.get(cell.moment, "sigkill_at_step")
-    # Only the chief writes checkpoints: a writer kill is its; a step kill hits another member.
-    member = ROUTES[cell.route].member if key != "kill_in_writer" else ""
+    # Only the chief writes checkpoints and snapshots: a writer's kill is its; a step kill hits
+    # another member.
+    chiefs = key == "kill_in_writer" or cell.moment.startswith("memory_")
+    member = "" if chiefs else ROUTES[cell.route].member
     # Saves are asynchronous once the writer has started (seconds); these jobs are shorter.
     writer = "writer_first=1," if cell.moment in ("after_commit", "async_save", "final_save") else ""
     # The tier's writer is niced: on a loaded box the job could end before it copies step N.
@@ -266,6 +267,44 @@ def test_kill_point(tmp_path: Path, tier_root: Path, cell: Cell) -> None:
             sources,
             passed,
         )
+
+
+@pytest.mark.tf
+@pytest.mark.conformance
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("unshared", [False, True], ids=["one-box", "member-elsewhere"])
+def test_a_gang_restores_its_chiefs_snapshot_only_if_every_member_holds_it(
+    tmp_path: Path, tier_root: Path, unshared: bool
+) -> None:
+    """The chief is killed just after a snapshot's commit, mid-epoch. Its members on one box
+    read its tier and the gang restores the snapshot; when a member cannot see it (as on another
+    node) the whole gang restores the durable tier instead. Both end bit-identical to the run
+    without a kill."""
+    cell = Cell("gang", "memory_commit", "KILL", True, tier=True)  # commits at epoch ends only
+    shape = golden(tmp_path, cell.route, cell.every)
+    step = shape.steps_per_epoch + 9  # the snapshot is newer than any commit, landed or not
+    job = _job(tmp_path / "killed", cell.route, cell.every, tier_root)
+    extra = ",unshared_tier=1" if unshared else ""
+    run, st = _run(tmp_path / "killed", job, faults(cell, step) + extra)
+    assert st["state"] == "succeeded" and st["attempt_list"][0]["class"] == "killed", st
+    assert final_state_hash(run) == shape.tensors
+    chief, member = (
+        [e for e in evs if e.get("attempt") == 2] for evs in (events(run), events(run / "members/1"))
+    )
+    starts = [[e for e in evs if e["event"] in ("restore.done", "restore.fresh")] for evs in (chief, member)]
+    assert all(len(s) == 1 for s in starts), starts
+    sources = [s[0].get("source", "fresh") for s in starts]
+    ignored = [
+        [s["why"] for e in evs if e["event"] == "memory.ignored" for s in e["snapshots"]]
+        for evs in (chief, member)
+    ]
+    if unshared:  # the durable commit of epoch 1's end if it landed before the kill, else none
+        assert sources[0] == sources[1] != "memory", starts
+        assert any(why.startswith("gang: a member cannot read") for why in ignored[0]), ignored
+        assert any(why.startswith("FileNotFoundError") for why in ignored[1]), ignored
+    else:
+        assert sources == ["memory", "memory"], starts
+        assert starts[0][0]["step"] == starts[1][0]["step"] >= step, starts
 
 
 KILL_STEP_TABLE = [  # (route, moment, divides, steps/epoch, total) -> kill step (rng-free moments)

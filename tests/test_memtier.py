@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from ckptd.state import mempolicy
 from ckptd.state import memtier as mt
 from ckptd.state.jobfile import parse_job
 from ckptd.state.jobspec import spec_from_json, spec_json
@@ -48,18 +49,24 @@ SPEC_GOOD = [
 ]
 
 
-def test_a_gang_is_refused_the_tier() -> None:
-    """A gang's members restore the chief's state: from a tier that is not built yet."""
+@pytest.mark.parametrize(
+    ("distribute", "refused"),
+    [
+        ("{strategy: multi_worker, nodes: 2}", False),  # one box: the members read the chief's tier
+        ("{strategy: multi_worker, nodes: 2, engine: local}", False),
+        ("{strategy: mirrored, replicas: 2}", False),
+        ("{strategy: multi_worker, nodes: 2, engine: slurm}", True),  # nobody removes it there
+    ],
+)
+def test_a_gang_has_the_tier_on_one_box_only(distribute: str, refused: bool) -> None:
+    text = f"{GOOD}checkpoint: {{every_steps: 5000, memory: {{every_steps: 20}}}}\ndistribute: {distribute}\n"
+    if not refused:
+        assert parse_job(text.encode(), "job.yaml", Path(".")).checkpoint.memory is not None
+        return
     with pytest.raises(JobFileError) as e:
-        parse_job(
-            f"{GOOD}checkpoint: {{every_steps: 5000, memory: {{every_steps: 20}}}}\n"
-            "distribute: {strategy: multi_worker, nodes: 2}\n".encode(),
-            "job.yaml",
-            Path("."),
-        )
+        parse_job(text.encode(), "job.yaml", Path("."))
     assert any(
-        "checkpoint.memory: not available with distribute.strategy: multi_worker" in p
-        for p in e.value.problems
+        "checkpoint.memory: not available with distribute.engine: slurm" in p for p in e.value.problems
     ), e.value.problems
 
 
@@ -469,3 +476,42 @@ def test_prune_leaves_a_spare_and_take_spare_moves_it_into_a_new_snapshot(root: 
 def test_open_tier_names_a_missing_parent(root: Path) -> None:
     with pytest.raises(mt.TierRefused, match=r"does not exist; create it"):
         mt.open_tier(str(root / "deeper"), "job-1", os.geteuid())
+
+
+@pytest.mark.parametrize(
+    ("chief", "chosen", "row"),
+    [
+        (True, (40, 2), [1, 40, 2]),
+        (True, None, [1, -1, -1]),
+        (False, None, [0, -1, -1]),
+        (False, (40, 2), [0, -1, -1]),  # only the chief's choice counts
+    ],
+)
+def test_gang_row(chief: bool, chosen: tuple[int, int] | None, row: list[int]) -> None:
+    assert mempolicy.gang_row(chief, chosen) == row
+
+
+@pytest.mark.parametrize(
+    ("rows", "want"),
+    [
+        ([[1, 40, 2], [0, -1, -1]], (40, 2)),
+        ([[0, -1, -1], [1, 40, 2], [1, 40, 2]], (40, 2)),  # a member's rows are per replica
+        ([[1, -1, -1], [0, -1, -1]], None),  # the chief chose the durable tier
+        ([[0, -1, -1], [0, -1, -1]], ValueError),  # no chief
+        ([[1, 40, 2], [1, 44, 2]], ValueError),  # two
+    ],
+)
+def test_gang_proposal(rows: list[list[int]], want: object) -> None:
+    if want is ValueError:
+        with pytest.raises(ValueError, match="not one chief"):
+            mempolicy.gang_proposal(rows)
+    else:
+        assert mempolicy.gang_proposal(rows) == want
+
+
+@pytest.mark.parametrize(
+    ("votes", "agrees"),
+    [([[1], [1]], True), ([[1], [0]], False), ([[0], [1], [1]], False), ([], False)],
+)
+def test_gang_agrees_only_when_every_member_holds_the_snapshot(votes: list[list[int]], agrees: bool) -> None:
+    assert mempolicy.gang_agrees(votes) is agrees

@@ -129,7 +129,7 @@ def reduce_logs(strategy: tf.distribute.Strategy, outputs: Any) -> Any:
     return keras.tree.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), outputs)
 
 
-def _gather(strategy: tf.distribute.Strategy, values: list[int]) -> list[list[int]]:
+def gather(strategy: tf.distribute.Strategy, values: list[int]) -> list[list[int]]:
     """Every member's `values` (one row per replica), through one all-gather."""
     per = strategy.experimental_distribute_values_from_function(lambda _ctx: tf.constant([values], tf.int64))
     return [[int(x) for x in row] for row in strategy.gather(per, axis=0).numpy()]
@@ -142,15 +142,15 @@ def check_gang(strategy: tf.distribute.Strategy, ckdir: Path, attempt: int, step
     probe = ckdir / f".gang-probe-{attempt}"
     if is_chief():
         atomic_write_text(probe, f"{secrets.randbits(62)}\n")  # durable: fsynced, renamed
-    _gather(strategy, [0])  # a barrier: the probe exists before anyone looks
+    gather(strategy, [0])  # a barrier: the probe exists before anyone looks
     if Faults.from_env().unshared_storage_for(attempt):  # test-only: as if on a local disk
         probe = probe.with_name(probe.name + ".on-another-disk")
     try:
         seen = int(probe.read_text())
     except (OSError, ValueError):
         seen = -1
-    rows = _gather(strategy, [seen, step])
-    _gather(strategy, [0])  # every member has looked: the chief removes the probe
+    rows = gather(strategy, [seen, step])
+    gather(strategy, [0])  # every member has looked: the chief removes the probe
     if is_chief():
         probe.unlink(missing_ok=True)
     if len({r[0] for r in rows}) > 1 or rows[0][0] < 0:

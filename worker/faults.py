@@ -30,7 +30,9 @@ Format: comma-separated `key=value`:
 - `attempt=K`: apply kills and errors only in attempt K;
 - `member=M`: only in gang member M of a multi_worker job (step delays apply to every member);
 - `unshared_storage=1`: the member does not see the chief's files (as on a machine whose
-  checkpoint.dir is a local disk).
+  checkpoint.dir is a local disk);
+- `unshared_tier=1`: members other than the chief do not see its memory tier (as on another
+  node), in every attempt (not limited by `attempt` or `member`).
 Never set it in production: it exists so every failure class is testable on a machine without a GPU.
 """
 
@@ -69,6 +71,7 @@ class Faults:
     attempt: int | None = None
     member: int | None = None
     unshared_storage: int = 0
+    unshared_tier: int = 0  # a gang member looks for the chief's tier as if on another node
 
     @classmethod
     def from_env(cls) -> Faults:
@@ -128,6 +131,9 @@ class Faults:
 
     def unshared_storage_for(self, attempt: int) -> bool:
         return bool(self.unshared_storage) and self._armed(attempt)
+
+    def unshared_tier_for(self) -> bool:
+        return bool(self.unshared_tier)
 
     def in_validation(self, step: int, attempt: int) -> None:
         if self.val_delay:

@@ -13,7 +13,7 @@ import tensorflow as tf
 from ckptd.state import memtier as mt
 from ckptd.state.ckptfiles import Manifest
 from ckptd.state.protocol import NAN_RESTARTS_ENV, Event, Phase
-from ckptd.worker.checkpoint import tierrestore
+from ckptd.worker.checkpoint import memsnap, tiergang, tierrestore
 from ckptd.worker.checkpoint.asyncsave import AsyncSaver
 from ckptd.worker.checkpoint.ckptstate import CheckpointState
 from ckptd.worker.checkpoint.keeper import Keeper, restore_readonly
@@ -96,18 +96,32 @@ class Restorer:
     def _restore_either(self, store: Storage) -> tuple[Manifest | None, mt.Snap | None]:
         """The newest verified state of either tier: (the durable commit restored, None), or
         (the newest durable commit, not restored; the memory snapshot restored)."""
-        if self.s.spec.checkpoint.memory is not None and not self.s.spec.distribute.is_gang:
-            self.tier = tierrestore.open_tier(self.s)
-        if self.tier is not None:
-            head = store.keeper.head()
-            snap = tierrestore.restore(self.s, self.tier, head)
-            if snap is not None:
-                tierrestore.drop_dead_branch(self.s, self.tier, snap.manifest.step)
-                return head, snap
+        s = self.s
+        if s.spec.checkpoint.memory is not None:
+            self.tier = tierrestore.open_tier(s)
+        head = store.keeper.head() if self.tier is not None else None
+        snap = tierrestore.choose_snapshot(s, self.tier, head) if self.tier is not None else None
+        if s.spec.checkpoint.memory is not None and s.spec.distribute.is_gang:
+            snap = self._agreed(snap)
+        if self.tier is not None and snap is not None:
+            tierrestore.restore(s, self.tier, snap)
+            tierrestore.drop_dead_branch(s, self.tier, snap.manifest.step)
+            return head, snap
         manifest = store.keeper.restore()  # quarantines damaged commits before GC sees them
         if self.tier is not None:
-            tierrestore.drop_dead_branch(self.s, self.tier, manifest.step if manifest is not None else 0)
+            tierrestore.drop_dead_branch(s, self.tier, manifest.step if manifest is not None else 0)
         return manifest, None
+
+    def _agreed(self, snap: mt.Snap | None) -> mt.Snap | None:
+        """The chief's snapshot if every member of the gang can restore it too."""
+        agreed = tiergang.agree(self.s, snap)
+        if snap is not None and agreed.snapshot is None:
+            m = snap.manifest
+            self.s.event(
+                Event.MEMORY_IGNORED,
+                snapshots=[{"step": m.step, "generation": m.generation, "why": f"gang: {agreed.why_not}"}],
+            )
+        return agreed.snapshot
 
     def _inventory(self, keeper: Keeper) -> None:
         """What is on disk, for the supervisor's store: commits and retirements made after it
@@ -127,8 +141,14 @@ class Restorer:
         )
 
     def _restore_as_member(self) -> Manifest | None:
-        """A gang member other than the chief reads the chief's newest valid commit; the chief
-        alone quarantines, collects garbage and commits."""
+        """A gang member other than the chief restores the snapshot the gang agreed on, or
+        reads the chief's newest valid commit; the chief alone quarantines, collects garbage and
+        commits."""
+        if self.s.spec.checkpoint.memory is not None:
+            agreed = tiergang.agree(self.s, None)
+            if agreed.snapshot is not None and agreed.plan is not None:
+                memsnap.restore(agreed.snapshot, self.s.ckpt, agreed.plan)
+                return self._restored_memory(agreed.snapshot, None)
         manifest = restore_readonly(
             self.s.checkpoint_dir(),
             self.s.ckpt,
@@ -167,6 +187,9 @@ class Restorer:
         """Restored from a memory snapshot: not yet durable, so the next final or preemption
         save commits it (dirty), and `committed_step` stays the durable one's."""
         s, m = self.s, snap.manifest
+        strategy = job_strategy()
+        if multi_worker(strategy):
+            check_gang(strategy, s.checkpoint_dir(), s.attempt, m.step)
         s.host_random.apply()
         s.last_logs = dict(m.metrics)
         s.committed_step = head.step if head is not None else None

@@ -46,7 +46,7 @@ def open_tier(s: CheckpointState) -> TierSetup | None:
     tier cannot hold snapshots here. A tier that is unsafe to use is the job file's problem."""
     spec = s.spec.checkpoint.memory
     assert spec is not None
-    job_id = s.run.root.name  # <state>/jobs/<job-id>: the supervisor removes the same tier
+    job_id = s.run.job_id  # <state>/jobs/<job-id>: the supervisor removes the same tier
     try:
         tier = mt.open_tier(spec.dir, job_id, os.getuid())
     except mt.TierRefused as e:
@@ -54,18 +54,24 @@ def open_tier(s: CheckpointState) -> TierSetup | None:
     except OSError as e:
         s.event(Event.MEMORY_UNAVAILABLE, error=f"{type(e).__name__}: {e}", hint="durable commits only")
         return None
-    _ = s.ckpt.save_counter  # created lazily; a durable save's object graph has it
-    graph = object_graph_now(s.ckpt)
-    if graph is None:
+    plan = plan_of(s)
+    if plan is None:
         s.event(Event.MEMORY_UNAVAILABLE, error="this TensorFlow has no object graph before a save")
         return None
-    plan = SnapshotPlan(s.ckpt, graph, s.weights)
     if (why := _does_not_fit(s, plan.nbytes, spec.keep)) is not None:
         s.event(
             Event.MEMORY_UNAVAILABLE, error=why, hint="durable commits only; lower checkpoint.memory.keep"
         )
         return None
     return TierSetup(tier, plan, mt.lineage_of(job_id, s.checkpoint_dir()))
+
+
+def plan_of(s: CheckpointState) -> SnapshotPlan | None:
+    """The layout of this worker's snapshots (every member of a gang makes the same); None if
+    this TensorFlow cannot give the object graph before a save."""
+    _ = s.ckpt.save_counter  # created lazily; a durable save's object graph has it
+    graph = object_graph_now(s.ckpt)
+    return SnapshotPlan(s.ckpt, graph, s.weights) if graph is not None else None
 
 
 def _does_not_fit(s: CheckpointState, nbytes: int, keep: int) -> str | None:
@@ -132,13 +138,14 @@ def _quarantine(s: CheckpointState, tier: Path, path: Path, step: int | None, wh
     s.event(Event.MEMORY_QUARANTINED, snapshot=path.name, step=step, reason=why, to=str(dest))
 
 
-def restore(s: CheckpointState, t: TierSetup, head: Manifest | None) -> mt.Snap | None:
-    """Restore the newest verified snapshot newer than the durable `head` into the live objects;
-    None if the durable tier is to be restored instead (nothing changed)."""
-    choice = _choose(s, t, head)
-    snap = choice.snapshot
-    if snap is None:
-        return None
+def choose_snapshot(s: CheckpointState, t: TierSetup, head: Manifest | None) -> mt.Snap | None:
+    """The newest verified snapshot newer than the durable `head`; None if the durable tier is
+    to be restored instead. Damaged ones are quarantined on the way."""
+    return _choose(s, t, head).snapshot
+
+
+def restore(s: CheckpointState, t: TierSetup, snap: mt.Snap) -> None:
+    """Put `snap` (chosen by `choose_snapshot`) into the live objects."""
     marker = t.tier / MARKER
     write_nondurable(
         marker, json.dumps({"name": snap.path.name, "count": _tries(t.tier, snap.path.name) + 1}).encode()
@@ -152,7 +159,6 @@ def restore(s: CheckpointState, t: TierSetup, head: Manifest | None) -> mt.Snap 
     finally:
         with contextlib.suppress(FileNotFoundError):
             marker.unlink()
-    return snap
 
 
 def drop_dead_branch(s: CheckpointState, t: TierSetup, restored_step: int) -> None:
