@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from ckptd.state.protocol import EXIT_CONFIG
 from ckptd.supervisor import zygote
 
 from .conftest import ROOT, write_job
@@ -184,3 +185,21 @@ def test_a_shared_fork_server_is_used_only_from_its_own_context(prefix: list[str
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_listen_path_already_taken_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    """Bound before TensorFlow's import: the error comes at once."""
+    taken = tmp_path / "sock"
+    taken.write_text("")
+    out = subprocess.run(
+        [sys.executable, "-m", "ckptd.worker", "--zygote", "--listen", str(taken)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert out.returncode == EXIT_CONFIG, out
+    assert out.stderr.strip().splitlines() == [
+        f"python -m ckptd.worker --zygote --listen {taken}: Address already in use; "
+        "remove a stale socket there or choose another path"
+    ], out.stderr

@@ -184,9 +184,13 @@ def _warm() -> int:
 def _zygote(listen: str | None) -> int:
     """A job's fork server (or, listening, a user's shared one); in each forked child, the
     worker of the attempt it asked for."""
-    from ckptd.worker.zygote import serve
+    from ckptd.worker.zygote import ListenError, serve
 
-    work = serve(listen)
+    try:
+        work = serve(listen)
+    except ListenError as e:
+        print(f"python -m ckptd.worker --zygote {e}", file=sys.stderr)
+        return p.EXIT_CONFIG
     return p.EXIT_OK if work is None else main(list(work))
 
 

@@ -53,6 +53,10 @@ class _Peer:
         return [json.loads(line) for line in lines if line.strip()]
 
 
+class ListenError(Exception):
+    """`--listen SOCKET` cannot bind there: one line for its caller, not a traceback."""
+
+
 class _Server:
     def __init__(self, listen: str | None) -> None:
         self.wake_r, self.wake_w = os.pipe()
@@ -66,7 +70,13 @@ class _Server:
             self.peers[STDIN] = _Peer(STDIN, STDOUT)
         else:
             self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.listener.bind(listen)
+            try:
+                self.listener.bind(listen)
+            except OSError as e:
+                self.listener.close()
+                raise ListenError(
+                    f"--listen {listen}: {e.strerror}; remove a stale socket there or choose another path"
+                ) from None
             self.listener.listen(64)
 
     def run(self) -> tuple[str, str] | None:
@@ -156,6 +166,7 @@ def serve(listen: str | None = None) -> tuple[str, str] | None:
     """The zygote's loop. In a forked child it returns the (run directory, attempt) the child is
     to work on, with the child detached from the zygote; in the zygote, None once its
     supervisor (or, shared, whoever started it) is gone."""
+    server = _Server(listen)  # a path it cannot listen on fails now, not after the import
     import tensorflow  # noqa: F401  (and Keras with it: the import each attempt would pay)
 
-    return _Server(listen).run()
+    return server.run()
