@@ -25,16 +25,13 @@ import shutil
 import stat
 import sys
 import time
-import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import xxhash
 
 from ckptd.state.ckptfiles import DirectoryMoved, pinned
 from ckptd.state.durable import write_nondurable
+from ckptd.state.memdigest import value_digest
 
 TMPFS_MAGIC = 0x01021994
 MANIFEST = "manifest.json"
@@ -44,10 +41,6 @@ QUARANTINE = "quarantine"
 BUILDING = ".building-"
 SPARE = ".spare-values.bin"  # a pruned snapshot's values file, to be written over
 SNAP_RE = re.compile(r"^snap-(\d+)-g(\d+)$")
-# xxh3_128: ~8x less CPU than zlib's CRC32 here (docs/memory-tier.md, "Verification"), the
-# largest part of a snapshot's CPU otherwise. CRC32 snapshots (written before it) still verify.
-DIGEST_ALGO = "xxh3_128"
-_CHUNK = 16 << 20
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -121,38 +114,6 @@ def plan_digest(object_graph: bytes, layout: Iterable[tuple[str, str, tuple[int,
     for slot in layout:
         h.update(repr(slot).encode())
     return h.hexdigest()
-
-
-def value_digest(buffers: Iterable[Any], algo: str = DIGEST_ALGO) -> str:
-    """The digest of the buffers in turn, as `ALGO:<hex>`; chunked, so the step loop gets the
-    GIL between chunks. `algo` is the manifest's, to verify a snapshot written with another."""
-    if algo == "crc32":
-        crc = 0
-        for view in _chunks(buffers):
-            crc = zlib.crc32(view, crc)
-        return f"crc32:{crc:08x}"
-    if algo != "xxh3_128":
-        raise ValueError(f"unknown value digest algorithm {algo!r}")
-    h = value_hasher()
-    for view in _chunks(buffers):
-        h.update(view)
-    return sealed(h)
-
-
-def value_hasher() -> xxhash.xxh3_128:
-    """A streaming value digest (DIGEST_ALGO), for a writer that digests as it copies."""
-    return xxhash.xxh3_128()
-
-
-def sealed(hasher: xxhash.xxh3_128) -> str:
-    return f"{DIGEST_ALGO}:{hasher.hexdigest()}"
-
-
-def _chunks(buffers: Iterable[Any]) -> Iterator[memoryview]:
-    for buf in buffers:
-        view = memoryview(buf).cast("B")
-        for i in range(0, len(view), _CHUNK):
-            yield view[i : i + _CHUNK]
 
 
 def _fs_type(fd: int) -> int:
@@ -403,21 +364,20 @@ def quarantine(tier: Path, snap_path: Path, reason: str, keep_values: int = 1) -
 
 
 def tier_bytes(tier: Path) -> int:
-    """RAM the tier holds (the tmpfs pages allocated, quarantine included): counted against
-    resources.memory_limit and shown in status. 0 if there is no tier."""
+    """RAM the tier holds (every file's allocated tmpfs blocks, quarantine included): counted
+    against resources.memory_limit and shown in status; 0 if there is no tier. Through
+    descriptors from / with no symlink followed (a tier that is a symlink raises OSError): the
+    daemon measures as root in a directory its owner may change, and a name swapped for a
+    symlink between two steps of a walk by path would send root's walk anywhere."""
     total = 0
-    stack = [tier]
-    while stack:
-        try:
-            entries = list(os.scandir(stack.pop()))
-        except FileNotFoundError:
-            continue
-        for entry in entries:
-            st = entry.stat(follow_symlinks=False)
-            if stat.S_ISDIR(st.st_mode):
-                stack.append(Path(entry.path))
-            else:
-                total += st.st_blocks * 512
+    try:
+        with pinned(tier) as fd:
+            for _, _, files, dfd in os.fwalk(".", dir_fd=fd):  # follow_symlinks=False
+                for name in files:
+                    with contextlib.suppress(FileNotFoundError):  # a prune meanwhile
+                        total += os.stat(name, dir_fd=dfd, follow_symlinks=False).st_blocks * 512
+    except FileNotFoundError:
+        return 0
     return total
 
 

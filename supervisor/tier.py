@@ -12,7 +12,6 @@ RSS watch walks the tier's directory.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -24,7 +23,6 @@ from typing import Protocol
 from structlog.typing import FilteringBoundLogger
 
 from ckptd.state import memtier
-from ckptd.state.ckptfiles import pinned
 from ckptd.state.jobspec import JobSpec
 from ckptd.state.protocol import Event
 from ckptd.state.states import JobState
@@ -83,7 +81,7 @@ class OwnedTier:
         """The tmpfs blocks the tier holds; 0 if it cannot be read. Accounting is best effort:
         a tier the supervisor cannot measure must not stop the job."""
         try:
-            return blocks_under(self.path)
+            return memtier.tier_bytes(self.path)
         except OSError:
             return 0
 
@@ -110,20 +108,6 @@ class OwnedTier:
             raise OSError(f"removing {self.path} took over {REMOVE_TIMEOUT_SECONDS:.0f} s") from e
         if done.returncode != 0:
             raise OSError(done.stderr.decode(errors="replace").strip()[-2000:] or f"exit {done.returncode}")
-
-
-def blocks_under(path: Path) -> int:
-    """What memtier.tier_bytes counts (every file's allocated blocks), but through descriptors
-    from / with no symlink followed: the daemon measures as root in a directory its owner may
-    change, and a name swapped for a symlink between two steps of a walk by path would send
-    root's walk anywhere (every few seconds, for as long as the job runs)."""
-    total = 0
-    with pinned(path) as fd:
-        for _, _, files, dfd in os.fwalk(".", dir_fd=fd):  # follow_symlinks=False
-            for name in files:
-                with contextlib.suppress(FileNotFoundError):  # a prune meanwhile
-                    total += os.stat(name, dir_fd=dfd, follow_symlinks=False).st_blocks * 512
-    return total
 
 
 def for_job(spec: JobSpec, job_id: str, owner: Owner) -> OwnedTier | None:

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from ckptd.state import memtier as mt
+from ckptd.state.memdigest import value_digest
 from ckptd.state.mempolicy import DurableHead, choose
 
 pytestmark = pytest.mark.tf
@@ -243,7 +244,7 @@ def test_the_digest_taken_while_copying_is_the_files(order: str) -> None:
         dst[:] = np.arange(slot.shape[0], dtype=np.float32) + slot.offset
         sealer.chunk(slot, 0, dst)
         del dst
-    assert sealer.digest(b"strings") == mt.value_digest([bytes(buf), b"strings"])
+    assert sealer.digest(b"strings") == value_digest([bytes(buf), b"strings"])
     bad = np.ndarray((5,), dtype="<f4", buffer=view, offset=64)
     bad[2] = np.nan
     with pytest.raises(Exception, match="dense/kernel is NaN"):

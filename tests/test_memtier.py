@@ -15,6 +15,7 @@ from ckptd.state import mempolicy
 from ckptd.state import memtier as mt
 from ckptd.state.jobfile import parse_job
 from ckptd.state.jobspec import spec_from_json, spec_json
+from ckptd.state.memdigest import value_digest
 from ckptd.state.mempolicy import DurableHead, choose, dead_branch
 from ckptd.state.yamlstrict import JobFileError
 
@@ -129,7 +130,7 @@ def _snap(
         step,
         0.0,
         "plan",
-        digest or mt.value_digest([values, strings]),
+        digest or value_digest([values, strings]),
         len(values),
         len(strings),
     )
@@ -226,7 +227,7 @@ def test_verify_uses_the_manifests_digest_algorithm(
     root: Path, algo: str, damaged: bool, reason: str | None
 ) -> None:
     strings = mt.pack_strings({"host": ((), [b"state"]), "arr": ((2,), [b"a", b"bc"])})
-    digest = f"md5:{'0' * 32}" if algo == "md5" else mt.value_digest([b"v" * 100, strings], algo)
+    digest = f"md5:{'0' * 32}" if algo == "md5" else value_digest([b"v" * 100, strings], algo)
     assert digest.startswith(f"{algo}:")
     s = _snap(_tier(root), 40, digest=digest)
     if damaged:

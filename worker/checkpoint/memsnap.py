@@ -31,6 +31,7 @@ import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
 from ckptd.state import memtier as mt
+from ckptd.state.memdigest import sealed, value_digest, value_hasher
 from ckptd.worker.checkpoint.snapshot import Slot, SnapshotPlan
 from ckptd.worker.checkpoint.writer import NonFiniteSnapshot
 
@@ -145,12 +146,12 @@ def _fill_and_commit(
 class _Sealer:
     """The value digest and the finite check of a snapshot, done chunk by chunk as `fill` copies
     it, while each chunk is still in the CPU's cache: the copy, not three passes over memory,
-    is then a snapshot's cost (the digest equals `memtier.value_digest` over the file's bytes,
+    is then a snapshot's cost (the digest equals `memdigest.value_digest` over the file's bytes,
     padding included, which is what `memtier.verify` recomputes)."""
 
     def __init__(self, view: memoryview, plan: SnapshotPlan) -> None:
         self.view, self.plan = view, plan
-        self.hasher = mt.value_hasher()
+        self.hasher = value_hasher()
         self.at = 0  # bytes of the file digested so far
         self.in_order = True
 
@@ -170,10 +171,10 @@ class _Sealer:
 
     def digest(self, strings: bytes) -> str:
         if not self.in_order:
-            return mt.value_digest([self.view, strings])
+            return value_digest([self.view, strings])
         self.hasher.update(self.view[self.at :])
         self.hasher.update(strings)
-        return mt.sealed(self.hasher)
+        return sealed(self.hasher)
 
 
 class TierWriter:
