@@ -51,3 +51,25 @@ def test_the_step_loop_waits_for_the_tier_from_a_memory_kill_step_on(
 def test_memory_first_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CKPTD_FAULTS", "kill_in_memory=7,memory_first=1,attempt=1")
     assert Faults.from_env() == Faults(kill_in_memory=7, memory_first=1, attempt=1)
+
+
+@pytest.mark.parametrize(
+    ("spec", "attempt", "member", "fires"),
+    [
+        ("2", 2, "0", True),
+        ("2", 3, "0", False),
+        ("2-3", 3, "1", True),  # any member without `:M`
+        ("2-3", 4, "0", False),
+        ("2-3:1", 2, "1", True),
+        ("2-3:1", 2, "0", False),  # only member 1: the chief restores
+        ("2-3:1", 4, "1", False),
+    ],
+)
+def test_a_restore_kill_fires_in_its_attempts_and_member(
+    monkeypatch: pytest.MonkeyPatch, spec: str, attempt: int, member: str, fires: bool
+) -> None:
+    killed: list[int] = []
+    monkeypatch.setenv("CKPTD_MEMBER", member)
+    monkeypatch.setattr("ckptd.worker.faults.os.kill", lambda pid, sig: killed.append(sig))
+    Faults(sigkill_in_restore=spec).in_restore(attempt)
+    assert bool(killed) is fires

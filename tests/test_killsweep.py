@@ -307,6 +307,34 @@ def test_a_gang_restores_its_chiefs_snapshot_only_if_every_member_holds_it(
         assert starts[0][0]["step"] == starts[1][0]["step"] >= step, starts
 
 
+@pytest.mark.tf
+@pytest.mark.conformance
+@pytest.mark.timeout(1200)
+def test_a_snapshot_whose_restore_kills_a_member_twice_is_quarantined(
+    tmp_path: Path, tier_root: Path
+) -> None:
+    """The chief is killed just after a snapshot's commit; then member 1 dies while restoring that
+    snapshot, in attempts 2 and 3, after the chief has restored it. The chief counts a try until
+    every member has restored, so attempt 4 quarantines the snapshot and the gang starts from an
+    older state, and the run still ends bit-identical to the one without a kill."""
+    cell = Cell("gang", "memory_commit", "KILL", True, tier=True)
+    shape = golden(tmp_path, cell.route, cell.every)
+    step = shape.steps_per_epoch + 9
+    job = _job(tmp_path / "killed", cell.route, cell.every, tier_root)
+    run, st = _run(tmp_path / "killed", job, faults(cell, step) + ",sigkill_in_restore=2-3:1")
+    assert st["state"] == "succeeded" and [a["class"] for a in st["attempt_list"]][:3] == ["killed"] * 3, st
+    assert final_state_hash(run) == shape.tensors
+    chief, member = events(run), events(run / "members/1")
+    starts = [
+        {e["attempt"]: e.get("step", 0) for e in evs if e["event"] in ("restore.done", "restore.fresh")}
+        for evs in (chief, member)
+    ]
+    assert 2 not in starts[1] and 3 not in starts[1], starts  # the member died restoring
+    quarantined = [e for e in chief if e["event"] == "memory.quarantined" and e.get("attempt") == 4]
+    assert [e["reason"] for e in quarantined] == ["restoring it killed the worker twice"], quarantined
+    assert starts[0][4] == starts[1][4] < quarantined[0]["step"], (starts, quarantined)
+
+
 KILL_STEP_TABLE = [  # (route, moment, divides, steps/epoch, total) -> kill step (rng-free moments)
     ("build_arrays", "first_step", True, 20, 60, 1),
     ("build_arrays", "after_commit", False, 20, 60, 7),

@@ -24,7 +24,8 @@ Format: comma-separated `key=value`:
 - `save_delay=SECONDS`: every save takes that much longer (no heartbeat meanwhile; in async mode
   the writer process's commit does);
 - `val_delay=SECONDS`: every validation batch takes that much longer (a big validation set);
-- `sigkill_in_restore=A-B`: while restoring, in attempts A..B (not limited by `attempt`);
+- `sigkill_in_restore=A-B[:M]`: while restoring, in attempts A..B (not limited by `attempt` or
+  `member`; `:M` only in gang member M);
 - `hang_at_step`, `gpu_fault_at_step`, `gpu_oom_at_step`, `hog_at_step`: a deadlock, a CUDA-like
   error, a GPU out-of-memory error, unbounded host allocation;
 - `attempt=K`: apply kills and errors only in attempt K;
@@ -63,7 +64,7 @@ class Faults:
     memory_first: int = 0  # the step loop waits for the tier's writer from that step on
     kill_signal: str = "KILL"  # or TERM: the kills above are then a preemption notice
     writer_first: int = 0  # wait for the async writer before training
-    sigkill_in_restore: str = ""  # "A-B": kill while restoring in attempts A..B
+    sigkill_in_restore: str = ""  # "A-B[:M]": kill while restoring in attempts A..B (member M)
     hang_at_step: int | None = None  # stop making progress (alive, no heartbeat)
     gpu_fault_at_step: int | None = None  # raise a CUDA-like InternalError
     gpu_oom_at_step: int | None = None  # raise ResourceExhaustedError
@@ -143,8 +144,10 @@ class Faults:
 
     def in_restore(self, attempt: int) -> None:
         if self.sigkill_in_restore:
-            low, _, high = self.sigkill_in_restore.partition("-")
-            if int(low) <= attempt <= int(high or low):
+            attempts, _, who = self.sigkill_in_restore.partition(":")
+            low, _, high = attempts.partition("-")
+            mine = not who or int(who) == int(os.environ.get("CKPTD_MEMBER", "0"))
+            if int(low) <= attempt <= int(high or low) and mine:
                 os.kill(os.getpid(), signal.SIGKILL)
 
     def after_step(self, step: int, attempt: int, committed: Callable[[], int | None] = lambda: None) -> None:

@@ -147,6 +147,7 @@ class Restorer:
         if self.s.spec.checkpoint.memory is not None:
             agreed = tiergang.agree(self.s, None)
             if agreed.snapshot is not None and agreed.plan is not None:
+                self.s.faults.in_restore(self.s.attempt)  # test-only: a kill while restoring
                 memsnap.restore(agreed.snapshot, self.s.ckpt, agreed.plan)
                 return self._restored_memory(agreed.snapshot, None)
         manifest = restore_readonly(
@@ -190,6 +191,8 @@ class Restorer:
         strategy = job_strategy()
         if multi_worker(strategy):
             check_gang(strategy, s.checkpoint_dir(), s.attempt, m.step)
+        if self.tier is not None:  # the chief's count of tries ends once every member restored
+            tierrestore.restore_done(self.tier.tier)
         s.host_random.apply()
         s.last_logs = dict(m.metrics)
         s.committed_step = head.step if head is not None else None

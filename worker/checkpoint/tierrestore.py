@@ -3,9 +3,9 @@
 ckptd.state.memtier's, the values go back through ckptd.worker.checkpoint.memsnap.
 
 The durable restore is skipped when memory wins (at GB scale it costs seconds to minutes). A
-snapshot whose restore killed the worker twice is quarantined, like a durable commit
-(`.restoring.json` counts the tries); one that fails with an error is quarantined at once and the
-attempt fails, so the next one starts clean: its variables may be half assigned.
+snapshot whose restore killed the worker (in a gang: any member) twice is quarantined, like a
+durable commit (`.restoring.json` counts the tries); one that fails with an error is quarantined
+at once and the attempt fails, so the next one starts clean: its variables may be half assigned.
 """
 
 from __future__ import annotations
@@ -145,7 +145,9 @@ def choose_snapshot(s: CheckpointState, t: TierSetup, head: Manifest | None) -> 
 
 
 def restore(s: CheckpointState, t: TierSetup, snap: mt.Snap) -> None:
-    """Put `snap` (chosen by `choose_snapshot`) into the live objects."""
+    """Put `snap` (chosen by `choose_snapshot`) into the live objects. The try stays counted
+    until `restore_done`: in a gang, after every member has restored it too (`check_gang`), so
+    a snapshot whose restore kills another member twice is quarantined as well."""
     marker = t.tier / MARKER
     write_nondurable(
         marker, json.dumps({"name": snap.path.name, "count": _tries(t.tier, snap.path.name) + 1}).encode()
@@ -155,10 +157,14 @@ def restore(s: CheckpointState, t: TierSetup, snap: mt.Snap) -> None:
         memsnap.restore(snap, s.ckpt, t.plan)
     except Exception as e:
         _quarantine(s, t.tier, snap.path, snap.manifest.step, f"restore failed: {type(e).__name__}: {e}")
+        restore_done(t.tier)
         raise
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            marker.unlink()
+
+
+def restore_done(tier: Path) -> None:
+    """The restore `restore` counted has succeeded (in a gang: on every member)."""
+    with contextlib.suppress(FileNotFoundError):
+        (tier / MARKER).unlink()
 
 
 def drop_dead_branch(s: CheckpointState, t: TierSetup, restored_step: int) -> None:
