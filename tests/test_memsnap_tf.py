@@ -124,6 +124,61 @@ def test_restore_from_memory_is_bit_identical(tier: Path, tmp_path: Path) -> Non
     assert _state(twin_plan) == _state(plan)
 
 
+def _sharing(seed: int) -> tuple[Any, Any]:
+    """Variables that share one buffer with a tensor and with each other, as TF makes them: two
+    made from one tensor adopt its buffer, and scalar constants come from a cache."""
+    import tensorflow as tf
+
+    anchor = tf.random.stateless_normal([50_000], seed=[seed, 1])
+    ckpt = tf.train.Checkpoint(
+        left=tf.Variable(anchor),
+        right=tf.Variable(anchor),
+        step=tf.Variable(0, dtype=tf.int64),
+        epoch=tf.Variable(0, dtype=tf.int64),
+    )
+    return ckpt, anchor
+
+
+def test_a_restore_changes_the_variables_and_nothing_that_shares_their_buffers(
+    tier: Path, tmp_path: Path
+) -> None:
+    """TF copies a shared buffer at a variable's first update; a restore must not write into
+    one either: the tensor the variables were made from and the cached constant 0 stay as they
+    are, and each variable gets its own value. A mirrored variable is restored too."""
+    import numpy as np
+    import tensorflow as tf
+
+    from ckptd.worker.checkpoint import memsnap
+
+    ckpt, _ = _sharing(1)
+    plan = _plan(ckpt, tmp_path)
+    ckpt.left.assign_add(tf.ones([50_000]))
+    ckpt.right.assign_sub(tf.ones([50_000]))
+    ckpt.step.assign(7)
+    ckpt.epoch.assign(3)
+    snap = memsnap.write(tier, plan, plan.capture(), _at(7))
+    taken = _state(plan)
+
+    twin, anchor = _sharing(1)
+    before = anchor.numpy().copy()
+    twin_plan = _plan(twin, tmp_path)
+    memsnap.restore(snap, twin, twin_plan)
+    assert _state(twin_plan) == taken
+    assert np.array_equal(anchor.numpy(), before)
+    assert int(tf.constant(0, tf.int64)) == 0 and int(twin.step) == 7 and int(twin.epoch) == 3
+
+    full, model, batch = _build(3)
+    full_plan = _plan(full, tmp_path)
+    _train(full, model, batch, 2)
+    snap = memsnap.write(tier, full_plan, full_plan.capture(), _at(9))
+    taken = _state(full_plan)
+    with tf.distribute.MirroredStrategy(["/cpu:0"]).scope():
+        mirrored, _, _ = _build(77)
+    mirrored_plan = _plan(mirrored, tmp_path)
+    memsnap.restore(snap, mirrored, mirrored_plan)
+    assert _state(mirrored_plan) == taken
+
+
 def test_a_damaged_or_foreign_snapshot_is_not_restored(tier: Path, tmp_path: Path) -> None:
     from ckptd.worker.checkpoint import memsnap
 
