@@ -29,8 +29,10 @@ import psutil
 
 def wanted(module: str) -> bool:
     """Whether attempts fork from a job's fork server: not for a test's fake worker module, nor
-    where an operator turned it off (CKPTD_ZYGOTE=0: every attempt imports TensorFlow afresh)."""
-    return module == "ckptd.worker" and os.environ.get("CKPTD_ZYGOTE", "1") != "0"
+    where an operator turned it off (CKPTD_ZYGOTE=0, or false/no/off: every attempt imports
+    TensorFlow afresh)."""
+    off = os.environ.get("CKPTD_ZYGOTE", "1").strip().lower() in ("0", "false", "no", "off")
+    return module == "ckptd.worker" and not off
 
 
 def start(module: str, run_dir: Path, log: Path, env: dict[str, str], **popen: Any) -> Zygote | None:

@@ -86,6 +86,10 @@ def test_a_fork_server_that_dies_costs_no_attempt(tmp_path: Path) -> None:
         ("ckptd.worker", None, True),
         ("ckptd.worker", "1", True),
         ("ckptd.worker", "0", False),  # an operator's way back to a fresh import per attempt
+        ("ckptd.worker", "False", False),  # as a unit file or a shell would spell it
+        ("ckptd.worker", " off", False),
+        ("ckptd.worker", "no", False),
+        ("ckptd.worker", "yes", True),
         ("tests.fakeworker", None, False),  # a protocol-speaking fake has no fork server
     ],
 )
