@@ -1,6 +1,7 @@
 """Kernel-log evidence of OOM kills, for workers that die of SIGKILL outside ckptd's own memory
 cgroups: the host ran out of memory, or a limit ckptd did not set (a systemd slice, a container)
-was reached. ckptd's per-attempt cgroups have their own evidence (ckptd.supervisor.cgroups).
+was reached. ckptd's per-attempt cgroups have their own evidence (ckptd.supervisor.cgroups);
+`outside_oom_evidence` also reads the oom_kill counter of the cgroup the worker runs in.
 
 /dev/kmsg returns one record per read(): "PRIORITY,SEQUENCE,MICROSECONDS,FLAGS;MESSAGE", the
 timestamp on the CLOCK_MONOTONIC time line. Reading it needs CAP_SYSLOG where
@@ -16,6 +17,10 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ckptd.supervisor.cgroups import MemoryCgroup
 
 KMSG = Path("/dev/kmsg")
 # Kernels since 5.0 write "Out of memory: Killed process PID (comm) ..." for the host and
@@ -88,3 +93,15 @@ def read_oom_kills(path: Path = KMSG) -> list[OomKill]:
         with contextlib.suppress(OSError):
             os.close(fd)
     return kills
+
+
+def outside_oom_evidence(pid: int, spawned_at: float, outer: tuple[MemoryCgroup, int] | None) -> str:
+    """Outside ckptd's own cgroups (the host's memory, a unit's or container's limit), what tells
+    an OOM kill of `pid` from an operator's kill -9: the kernel log names the pid; the enclosing
+    cgroup's oom_kill counter (readable without CAP_SYSLOG) says one of its members was killed."""
+    found = []
+    if (line := evidence_for(read_oom_kills(), pid, spawned_at)) is not None:
+        found.append(line)
+    if outer is not None and (now := outer[0].oom_kills()) > outer[1]:
+        found.append(f"oom_kill of enclosing cgroup {outer[0].path} rose {outer[1]}→{now} during the attempt")
+    return "; ".join(found)

@@ -86,18 +86,6 @@ def worker_argv(run_dir: Path, attempt: int | None) -> list[str]:
     ]
 
 
-def _outside_oom_evidence(pid: int, spawned_at: float, outer: tuple[cgroups.MemoryCgroup, int] | None) -> str:
-    """Outside ckptd's own cgroups (the host's memory, a unit's or container's limit), what tells
-    an OOM kill of `pid` from an operator's kill -9: the kernel log names the pid; the enclosing
-    cgroup's oom_kill counter (readable without CAP_SYSLOG) says one of its members was killed."""
-    found = []
-    if (line := kmsg.evidence_for(kmsg.read_oom_kills(), pid, spawned_at)) is not None:
-        found.append(line)
-    if outer is not None and (now := outer[0].oom_kills()) > outer[1]:
-        found.append(f"oom_kill of enclosing cgroup {outer[0].path} rose {outer[1]}→{now} during the attempt")
-    return "; ".join(found)
-
-
 class RealProcessOps:
     def __init__(
         self,
@@ -347,7 +335,7 @@ class RealProcessOps:
         self._rss_base.pop(pid, None)
         spawned_at, outer = self._spawned_at.pop(pid, 0.0), self._outer.pop(pid, None)
         if rc == -signal.SIGKILL and pid not in self._oom:
-            evidence = _outside_oom_evidence(pid, spawned_at, outer)
+            evidence = kmsg.outside_oom_evidence(pid, spawned_at, outer)
             if evidence:
                 self._oom[pid] = evidence
         return ExitStatus(rc, None) if rc >= 0 else ExitStatus(None, -rc)
