@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +16,33 @@ def state_dir() -> Path:
         return Path(env.split(":")[0]).absolute()
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "ckptd"
+
+
+SHM_DIR = Path("/dev/shm")
+
+
+def async_segment_name(checkpoint_dir: Path) -> str:
+    """The POSIX shared-memory name of the async saver's copy of the state (a worker's, for its
+    writer process): one per checkpoint directory, so whoever holds the directory next, the next
+    attempt or the supervisor at the job's end, can find a killed worker's segment and remove it."""
+    return "ckptd-" + hashlib.sha256(str(checkpoint_dir.resolve()).encode()).hexdigest()[:20]
+
+
+def remove_segment(checkpoint_dir: Path, uid: int) -> bool:
+    """Unlink the async saver's segment of a job whose workers ran as `uid`, if one is left: a
+    next attempt would remove it, but none follows a job's end. Only a regular file `uid` owns:
+    the name can be guessed, and another user's file there is not this job's. No race with the
+    check: in /dev/shm (sticky) no one but `uid` (and root) can replace a file of `uid`'s.
+    True if one was removed."""
+    path = SHM_DIR / async_segment_name(checkpoint_dir)
+    try:
+        st = path.lstat()
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != uid:
+            return False
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from typing import Protocol
 
 import psutil
 
+from ckptd.state.paths import remove_segment
 from ckptd.state.protocol import CONTAINED_ENV
 from ckptd.state.submissions import Owner
 from ckptd.supervisor import cgroups, contain, identity, kmsg, nvml, warm, zygote
@@ -59,6 +60,7 @@ class ProcessOps(Protocol):
     def signal_pid(self, pid: int, sig: int) -> None: ...
     def rss(self, pid: int) -> int | None: ...  # what counts against memory_limit
     def stopped(self, pid: int) -> bool: ...  # SIGSTOPped or held by a tracer
+    def remove_segment(self, checkpoint_dir: Path) -> bool: ...  # a killed worker's, at the end
     def monotonic(self) -> float: ...
     def sleep(self, seconds: float) -> None: ...
 
@@ -386,6 +388,9 @@ class RealProcessOps:
             return int(info.rss - getattr(info, "shared", 0))
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             return None
+
+    def remove_segment(self, checkpoint_dir: Path) -> bool:
+        return remove_segment(checkpoint_dir, self.owner.uid)
 
     def monotonic(self) -> float:
         return time.monotonic()

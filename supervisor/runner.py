@@ -9,6 +9,7 @@ of ckptd.supervisor.attempt, a single worker as a group of one, a gang's members
 
 from __future__ import annotations
 
+import contextlib
 import random
 import signal
 from collections.abc import Callable
@@ -111,10 +112,15 @@ class JobRunner:
         return end
 
     def _end_tier(self, end: JobState) -> None:
-        """Remove the memory tier once no attempt follows (ckptd.supervisor.tier.ends_tier). A
+        """Remove the memory tier and the async saver's segment once no attempt follows
+        (ckptd.supervisor.tier.ends_tier): a worker killed after its final commit leaves both. A
         failure is reported and never changes the job's end: its RAM is lost until a reboot, its
         training is not."""
-        if self.tier is None or not ends_tier(end):
+        if not ends_tier(end):
+            return
+        with contextlib.suppress(OSError):  # not the owner's to remove, or /dev/shm is gone
+            self.ops.remove_segment(self.run.checkpoint_dir(self.spec.checkpoint.dir))
+        if self.tier is None:
             return
         try:
             self.tier.remove()

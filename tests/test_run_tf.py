@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from ckptd.state.paths import SHM_DIR, async_segment_name
+
 from .conftest import CSV, EXAMPLE, GOLDEN_EPOCHS, ckptd_cmd, env_with, write_job
 from .procs import (
     events,
@@ -261,10 +263,21 @@ def test_async_saves_resume_bit_identical(
     assert a2["restored_step"] is not None and a2["restored_step"] >= 60  # async commits landed
     assert _history_epochs(run) == list(range(EPOCHS))
     assert final_state_hash(run) == golden
-    import hashlib
+    assert not (SHM_DIR / async_segment_name(run / "checkpoints")).exists()  # the stale one, gone
 
-    name = "ckptd-" + hashlib.sha256(str((run / "checkpoints").resolve()).encode()).hexdigest()[:20]
-    assert not Path("/dev/shm", name).exists()  # the stale segment of the killed worker is gone
+
+def test_a_worker_killed_after_its_final_commit_leaves_no_segment(tmp_path: Path) -> None:
+    """A worker killed once its final commit is in (phase done) finishes the job: no attempt
+    follows to reuse its async saver's shared memory, so the supervisor removes it at the job's
+    end. At GB scale it would hold the state's size in RAM until a reboot."""
+    home = tmp_path / "home"
+    job = write_job(tmp_path, epochs=1, mode="async")
+    rc, out = finish(start_run(home, str(job), faults="writer_first=1,kill_when_done=1"))
+    run = run_dir(home)
+    assert rc == 0, out
+    (attempt,) = status(home, run.name)["attempt_list"]
+    assert attempt["class"] == "succeeded" and "then: killed by SIGKILL" in attempt["evidence"], attempt
+    assert not (SHM_DIR / async_segment_name(run / "checkpoints")).exists()
 
 
 @pytest.mark.timing

@@ -43,6 +43,7 @@ class FakeOps:
     gpu_queries: list[list[int]] = field(default_factory=list)
     next_pid: int = 1000
 
+    segments_removed: list[Path] = field(default_factory=list)  # checkpoint dirs, at job ends
     warm: list[int] = field(default_factory=list)  # the daemon's warm workers
     warm_taken: list[tuple[int, str]] = field(default_factory=list)
 
@@ -130,6 +131,10 @@ class FakeOps:
 
     def stopped(self, pid: int) -> bool:
         return False
+
+    def remove_segment(self, checkpoint_dir: Path) -> bool:
+        self.segments_removed.append(checkpoint_dir)
+        return True
 
     def monotonic(self) -> float:
         return self.now

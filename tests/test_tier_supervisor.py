@@ -61,7 +61,7 @@ class LimitOps(FakeOps):
 def _runner(
     tmp_path: Path,
     scripts: list[Script],
-    t: FakeTier,
+    t: FakeTier | None,
     limit: int = 2 * GiB,
     stops: StopRequests | None = None,
 ) -> tuple[JobRunner, LimitOps, Store]:
@@ -70,7 +70,8 @@ def _runner(
         spec.model_dump() | {"resources": spec.resources.model_dump() | {"memory_limit": limit}}
     )
     ops = LimitOps(run, scripts)
-    t.clock = ops
+    if t is not None:
+        t.clock = ops
     display = _NullDisplay()
     runner = JobRunner(store, "j", spec, run, ops, display, stops or StopRequests(), lambda: 0.0, tier=t)
     return runner, ops, store
@@ -101,9 +102,17 @@ def test_the_tier_goes_when_no_attempt_follows(tmp_path: Path, end: JobState, re
         script, stops = _stopped(cancel=end == JobState.CANCELLED)
         scripts = [script]
     t = FakeTier(size=10 * MiB)
-    runner, _ops, _store = _runner(tmp_path, scripts, t, stops=stops)
+    runner, ops, _store = _runner(tmp_path, scripts, t, stops=stops)
     assert runner.run_job() == end
     assert t.removed == removed
+    # The async saver's segment goes with it (a worker killed after its final commit leaves it).
+    assert ops.segments_removed == [runner.run.checkpoint_dir(runner.spec.checkpoint.dir)] * removed
+
+
+def test_a_job_without_a_tier_still_loses_its_segment_at_the_end(tmp_path: Path) -> None:
+    runner, ops, _store = _runner(tmp_path, [exits_after(1, 0)], None)
+    assert runner.run_job() == JobState.SUCCEEDED
+    assert ops.segments_removed == [runner.run.checkpoint_dir(runner.spec.checkpoint.dir)]
 
 
 def test_a_failed_removal_is_reported_and_the_job_still_succeeds(tmp_path: Path) -> None:

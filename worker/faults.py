@@ -18,6 +18,8 @@ Format: comma-separated `key=value`:
 - `memory_first=1`: from step N of `kill_in_memory`/`kill_after_memory` on, the step loop waits at
   each step for the snapshot in flight to be written (on a loaded box the niced writer thread may
   copy none of step N or later before the job ends: the kill would never fire);
+- `kill_when_done=1`: once the final commit is in and the heartbeat says so (phase done), as the
+  worker is about to exit: the supervisor counts the job as finished, and no attempt follows;
 - `kill_signal=TERM`: the kills above send SIGTERM (a preemption notice) instead of SIGKILL;
 - `writer_first=1`: wait for the async writer before the first step, so every save is
   asynchronous (as in a job that outlasts the writer's start; a tiny one saves synchronously);
@@ -62,6 +64,7 @@ class Faults:
     kill_in_memory: int | None = None  # the tier's writer, the snapshot of step N copied, uncommitted
     kill_after_memory: int | None = None  # the tier's writer, just after committing step N
     memory_first: int = 0  # the step loop waits for the tier's writer from that step on
+    kill_when_done: int = 0  # kill after the final commit and the done heartbeat
     kill_signal: str = "KILL"  # or TERM: the kills above are then a preemption notice
     writer_first: int = 0  # wait for the async writer before training
     sigkill_in_restore: str = ""  # "A-B[:M]": kill while restoring in attempts A..B (member M)
@@ -140,6 +143,10 @@ class Faults:
         if self.val_delay:
             time.sleep(self.val_delay)
         if step == self.kill_in_validation and self._armed(attempt):
+            self._kill(os.getpid())
+
+    def when_done(self, attempt: int) -> None:
+        if self.kill_when_done and self._armed(attempt):
             self._kill(os.getpid())
 
     def in_restore(self, attempt: int) -> None:

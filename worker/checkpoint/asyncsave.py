@@ -10,7 +10,6 @@ and its message is sent once the writer says it is ready.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import multiprocessing
 import os
@@ -29,6 +28,7 @@ import tensorflow as tf
 
 from ckptd.state import ckptfiles as cf
 from ckptd.state.pacing import budget_start_time, next_look, paced_start_time, writer_start_time
+from ckptd.state.paths import async_segment_name
 from ckptd.worker.checkpoint.costmeter import CostMeter
 from ckptd.worker.checkpoint.snapshot import SnapshotPlan, object_graph_now, object_graph_of
 from ckptd.worker.checkpoint.writer import ThreadWriter, Writer, WriterReply, start_writer
@@ -178,6 +178,17 @@ class WriterLink:
             self.thread.close()
 
 
+def _claim_segment(name: str, nbytes: int) -> shared_memory.SharedMemory:
+    """A new segment under `name`. A worker killed with SIGKILL cannot unlink its segment, so the
+    next one (holding the directory lock) removes the stale one; at the job's end the supervisor
+    does (ckptd.state.paths.remove_segment)."""
+    with contextlib.suppress(FileNotFoundError):
+        stale = shared_memory.SharedMemory(name=name)
+        stale.close()
+        stale.unlink()
+    return shared_memory.SharedMemory(name=name, create=True, size=nbytes)
+
+
 class AsyncSaver:
     def __init__(
         self,
@@ -225,14 +236,13 @@ class AsyncSaver:
         if plan.nbytes >= THREAD_WRITER_BYTES:
             self.link.use_thread(self.dir)
             return
-        # One segment name per checkpoint directory: a worker killed with SIGKILL cannot unlink
-        # its segment, so the next one (holding the directory lock) removes the stale one.
-        name = "ckptd-" + hashlib.sha256(str(self.dir.resolve()).encode()).hexdigest()[:20]
-        with contextlib.suppress(FileNotFoundError):
-            stale = shared_memory.SharedMemory(name=name)
-            stale.close()
-            stale.unlink()
-        self.layout.shm = shared_memory.SharedMemory(name=name, create=True, size=plan.nbytes)
+        try:
+            self.layout.shm = _claim_segment(async_segment_name(self.dir), plan.nbytes)
+        except PermissionError:
+            # The name is another user's: it can be guessed from a checkpoint directory's path,
+            # and another user's file in /dev/shm (sticky) can be neither opened nor removed.
+            # The thread writer needs no segment, so the job runs on, as fast for its saves.
+            self.link.use_thread(self.dir)
 
     def _probe_graph(self) -> bytes:
         """The object graph from one throw-away synchronous write (if TF's internals moved)."""

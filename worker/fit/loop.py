@@ -211,6 +211,7 @@ class Loop:
         self.ck.finish()
         self.ends.end()
         self.beater.beat(Phase.DONE, force=True)
+        self.ck.faults.when_done(self.ck.state.attempt)  # test-only: a kill after the final commit
         self.event(
             Event.TRAINING_DONE,
             step=self.ck.step,

@@ -175,6 +175,7 @@ class Session:
         self.out.restore_best_weights(self.ck.dirty)
         self.ck.finish()
         self.beater.beat(Phase.DONE, force=True)
+        self.ck.faults.when_done(self.ck.state.attempt)  # test-only: a kill after the final commit
         self.ck.event(
             Event.TRAINING_DONE,
             step=self.ck.step,
