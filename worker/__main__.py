@@ -12,15 +12,18 @@ job's fork server, ckptd.worker.zygote).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import faulthandler
 import json
+import logging
 import os
 import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ckptd.state import protocol as p
 from ckptd.state.durable import atomic_write_text
@@ -302,6 +305,24 @@ def _record_exit(run: RunDir, mode: str, code: int) -> None:
             atomic_write_text(run.attempt_dir(attempt) / p.EXIT_FILE, f"{code}\n")
 
 
+def exit_now(code: int) -> NoReturn:
+    """End the worker without the interpreter's teardown. With TensorFlow loaded, freeing every
+    module and object one by one took ~0.8 s of CPU after the last line of a Keras program on
+    a 2-core box, at the end of every attempt (a finished job, a stop, a crash it reported),
+    and nothing in it is the job's: its commits, events and exit file are durable by then.
+    What a normal exit promises is kept: atexit handlers run (the program's, TensorFlow's,
+    multiprocessing's, logging's) and stdio is flushed. A non-daemon thread still running
+    (a program's own) is waited for as Python would: then the exit is the normal one."""
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-    sys.exit(main())
+    exit_now(main())
