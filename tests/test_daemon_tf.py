@@ -19,6 +19,7 @@ from .procs import events, final_state_hash, wait_for
 pytestmark = pytest.mark.tf
 
 
+@pytest.mark.conformance  # a daemon stop and restart around a full-length job: ~45 CPU-seconds
 def test_stop_resume_export(tmp_path: Path, golden: dict[str, str]) -> None:
     home = tmp_path / "home"
     d = start_daemon(home, fake=False, CKPTD_FAULTS="step_delay=0.01")

@@ -78,8 +78,10 @@ def _clean_run(tmp: Path, name: str) -> Path:
 
 
 # Slow cases run with the conformance corpus (CI runs both); the default run keeps one program
-# per mechanism: seed generators and callbacks, state inside a tf.data map, a custom loop.
-LONG = {"vae_dataset", "multi_io", "gan"}
+# per mechanism: seed generators and callbacks, state inside a tf.data map, a custom loop. The
+# mirrored programs are there too: the kill-point sweep's mirrored route and the gang tests
+# cover that mechanism in the default run.
+LONG = {"vae_dataset", "multi_io", "gan", "mirrored", "mirrored_build_async"}
 
 
 @pytest.mark.parametrize(

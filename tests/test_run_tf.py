@@ -144,6 +144,7 @@ def test_an_unknown_best_filepath_field_is_a_config_error_in_one_attempt(tmp_pat
     assert "best.filepath" in a["error"] and "{nosuchfield}" in a["error"]
 
 
+@pytest.mark.conformance  # the tutorial's full 150 epochs: ~45 CPU-seconds
 def test_example_best_weights_load_and_reach_70_percent(tmp_path: Path) -> None:
     """The tutorial's fixed-name variant, full length: `model.load_weights` reads the HDF5 file."""
     home = tmp_path / "home"
