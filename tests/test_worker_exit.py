@@ -13,7 +13,8 @@ import pytest
 
 def _run(tmp_path: Path, body: str) -> subprocess.CompletedProcess[str]:
     script = tmp_path / "prog.py"
-    script.write_text("import atexit, sys, threading, time\nfrom ckptd.worker.__main__ import exit_now\n" + body)
+    head = "import atexit, sys, threading, time\nfrom ckptd.worker.__main__ import exit_now\n"
+    script.write_text(head + body)
     return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
 
 
