@@ -113,12 +113,14 @@ class JobRunner:
 
     def _end_tier(self, end: JobState) -> None:
         """Remove the memory tier and the async saver's segment once no attempt follows
-        (ckptd.supervisor.tier.ends_tier): a worker killed after its final commit leaves both. A
-        failure is reported and never changes the job's end: its RAM is lost until a reboot, its
-        training is not."""
+        (ckptd.supervisor.tier.ends_tier): a worker killed after its final commit leaves both.
+        Neither failure changes the job's end: its RAM is lost until a reboot, its training is
+        not. The tier's failure is reported; the segment's is not (ckptd.state.paths.
+        remove_segment already passes over a missing file or another user's, so only an I/O
+        error of the tmpfs is left)."""
         if not ends_tier(end):
             return
-        with contextlib.suppress(OSError):  # not the owner's to remove, or /dev/shm is gone
+        with contextlib.suppress(OSError):
             self.ops.remove_segment(self.run.checkpoint_dir(self.spec.checkpoint.dir))
         if self.tier is None:
             return
