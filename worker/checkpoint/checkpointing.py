@@ -16,7 +16,7 @@ from typing import Any
 from ckptd.state.ckptfiles import Manifest
 from ckptd.state.jobspec import JobSpec
 from ckptd.state.paths import RunDir
-from ckptd.state.protocol import Event
+from ckptd.state.protocol import Event, Phase
 from ckptd.worker.checkpoint.ckptstate import CheckpointState
 from ckptd.worker.checkpoint.restorer import Restorer
 from ckptd.worker.checkpoint.saver import Saver
@@ -171,6 +171,11 @@ class Checkpointing:
     def finish(self) -> None:
         """The final commit (if anything changed since the last one), waited for."""
         self.saver.finish()
+
+    def mark_done(self) -> None:
+        """The done heartbeat, once the final commit is in and the program's end ran."""
+        self.state.beater.beat(Phase.DONE, force=True)
+        self.faults.when_done(self.state.attempt)  # test-only: a kill after the final commit
 
     def close(self) -> None:
         if self.tier is not None:

@@ -210,8 +210,7 @@ class Loop:
         self.out.restore_best_weights(self.ck.dirty)
         self.ck.finish()
         self.ends.end()
-        self.beater.beat(Phase.DONE, force=True)
-        self.ck.faults.when_done(self.ck.state.attempt)  # test-only: a kill after the final commit
+        self.ck.mark_done()
         self.event(
             Event.TRAINING_DONE,
             step=self.ck.step,

@@ -174,8 +174,7 @@ class Session:
         self.finished = True
         self.out.restore_best_weights(self.ck.dirty)
         self.ck.finish()
-        self.beater.beat(Phase.DONE, force=True)
-        self.ck.faults.when_done(self.ck.state.attempt)  # test-only: a kill after the final commit
+        self.ck.mark_done()
         self.ck.event(
             Event.TRAINING_DONE,
             step=self.ck.step,
