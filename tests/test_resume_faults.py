@@ -67,6 +67,15 @@ STATE_FILE_DAMAGE: dict[str, Callable[[Path], None]] = {
 }
 
 
+# Damages whose failure path another one already walks in the default run (the same reason: a
+# short file, a missing file, an unreadable state file) run with `-m conformance` (CI runs both).
+TWINS = {"index half", "index zero-length", "data missing", "state file empty", "state file missing"}
+
+
+def _kinds(damage: dict[str, object]) -> list[object]:
+    return [pytest.param(k, marks=pytest.mark.conformance) if k in TWINS else k for k in sorted(damage)]
+
+
 def _worker(run: Path, attempt: int = 9) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "ckptd.worker", str(run), str(attempt)],
@@ -76,7 +85,7 @@ def _worker(run: Path, attempt: int = 9) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.parametrize("kind", sorted(CK_DAMAGE))
+@pytest.mark.parametrize("kind", _kinds(CK_DAMAGE))
 def test_damaged_newest_is_quarantined_and_previous_restored(
     tmp_path: Path, finished: tuple[Path, dict[str, str]], kind: str
 ) -> None:
@@ -97,7 +106,7 @@ def test_damaged_newest_is_quarantined_and_previous_restored(
     assert final_state_hash(run) == golden  # 140 → 156 recomputed identically
 
 
-@pytest.mark.parametrize("kind", sorted(STATE_FILE_DAMAGE))
+@pytest.mark.parametrize("kind", _kinds(STATE_FILE_DAMAGE))
 def test_state_file_is_never_trusted(
     tmp_path: Path, finished: tuple[Path, dict[str, str]], kind: str
 ) -> None:
